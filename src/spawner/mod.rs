@@ -1,0 +1,1 @@
+//! The spawner: isolated job worker processes (in progress).

@@ -1,0 +1,63 @@
+//! Memory and CPU figures of a process, read from `/proc`.
+
+/// Memory of one process in KiB, from `/proc/PID/smaps_rollup` (RSS, PSS) and `status`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Memory {
+    /// Resident set size.
+    pub rss_kb: u64,
+    /// Proportional set size: private pages plus a fair share of shared ones.
+    pub pss_kb: u64,
+    /// Unique set size: pages only this process maps.
+    pub uss_kb: u64,
+    /// Resident pages shared with another process.
+    pub shared_kb: u64,
+}
+
+/// Reads RSS, PSS, USS of `pid` from `smaps_rollup` (costly: walks the page tables).
+pub fn memory(pid: i32) -> Option<Memory> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let mut m = Memory::default();
+    let (mut private_clean, mut private_dirty, mut shared_clean, mut shared_dirty) = (0, 0, 0, 0);
+    for line in text.lines() {
+        let mut parts = line.split_whitespace();
+        let (Some(key), Some(value)) = (parts.next(), parts.next()) else { continue };
+        let value: u64 = value.parse().unwrap_or(0);
+        match key {
+            "Rss:" => m.rss_kb = value,
+            "Pss:" => m.pss_kb = value,
+            "Private_Clean:" => private_clean = value,
+            "Private_Dirty:" => private_dirty = value,
+            "Shared_Clean:" => shared_clean = value,
+            "Shared_Dirty:" => shared_dirty = value,
+            _ => {}
+        }
+    }
+    m.uss_kb = private_clean + private_dirty;
+    m.shared_kb = shared_clean + shared_dirty;
+    Some(m)
+}
+
+/// Resident set size of `pid` in KiB, from `/proc/PID/statm` (cheap).
+pub fn rss_kb(pid: i32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * page_size_kb())
+}
+
+/// CPU time (user + system) of `pid` in seconds, from `/proc/PID/stat`.
+pub fn cpu_seconds(pid: i32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(14 - 3)?.parse().ok()?;
+    let stime: u64 = fields.get(15 - 3)?.parse().ok()?;
+    Some((utime + stime) as f64 / clock_ticks() as f64)
+}
+
+fn page_size_kb() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().map(|p| p as u64 / 1024).unwrap_or(4)
+}
+
+fn clock_ticks() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().map(|t| t as u64).unwrap_or(100)
+}

@@ -1,0 +1,1 @@
+//! Unsafe wrappers used only by the spawner.
