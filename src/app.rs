@@ -1,0 +1,216 @@
+//! The application API: the [`App`] trait and the [`Handler`] a worker serves.
+//!
+//! An app has two start-up phases. [`App::preload`] runs once in the generation-0 mold: load what
+//! every worker shares copy-on-write (tables, models, indexes). [`App::boot`] runs in each worker
+//! after the fork: open what must be per process (connection pools, runtimes' clients), and return
+//! the [`Handler`] that serves requests. Nothing in this module depends on the worker's internals.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::BodyExt;
+
+use crate::config::Config;
+
+/// Boxed error type used at the service boundary.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The request type a worker hands to the app's service.
+pub type Request = http::Request<hyper::body::Incoming>;
+/// The response body type of [`Handler::http`] services, after boxing.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+/// A boxed, cloneable HTTP service.
+pub type HttpService = tower::util::BoxCloneService<Request, http::Response<Body>, Infallible>;
+/// A boxed raw stream handler.
+pub type StreamHandler = Arc<dyn Fn(Connection) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// A user application served by tine.
+///
+/// `Self` is the state that `preload` builds in the mold; every worker forked from that mold sees it
+/// copy-on-write. Read shared data through plain references, not per-request `Arc` clones: a
+/// reference-count increment is a write that un-shares the page (see docs/FORK_SAFETY.md).
+pub trait App: Sized + 'static {
+    /// Checks the configuration before anything starts (`tine check`, and `serve` before binding).
+    fn check(config: &Config) -> anyhow::Result<()> {
+        let _ = config;
+        Ok(())
+    }
+
+    /// Builds the shared state, once, in the generation-0 mold.
+    fn preload(ctx: &Context) -> anyhow::Result<Self>;
+
+    /// Builds the per-process handler, in each worker.
+    fn boot(&self, worker: &Worker) -> anyhow::Result<Handler>;
+
+    /// Runs in a worker that is being promoted to the mold of a new generation, after its runtime
+    /// is gone and before it forks anything: close what must not be inherited by new workers.
+    fn before_mold(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// What `preload` sees: the configuration.
+#[derive(Debug)]
+pub struct Context {
+    pub(crate) config: Config,
+}
+
+impl Context {
+    /// The running configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+}
+
+/// What `boot` sees: which worker this is.
+#[derive(Debug)]
+pub struct Worker {
+    pub(crate) nr: u32,
+    pub(crate) generation: u32,
+    pub(crate) config: Config,
+}
+
+static FORK_SAFE: AtomicBool = AtomicBool::new(true);
+
+impl Worker {
+    /// The worker number (`worker[N]` in `ps`).
+    pub fn nr(&self) -> u32 {
+        self.nr
+    }
+
+    /// The generation of the mold this worker was forked from.
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// The running configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Marks this process as no longer safe to fork (for example after starting a thread or
+    /// opening a connection that children must not share): it will never be promoted to a mold.
+    pub fn mark_not_fork_safe() {
+        FORK_SAFE.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether this process may still be promoted to a mold.
+    pub fn is_fork_safe() -> bool {
+        FORK_SAFE.load(Ordering::Relaxed)
+    }
+}
+
+/// What a worker serves: an HTTP service or a raw stream handler.
+#[derive(Clone)]
+pub enum Handler {
+    /// Any `tower::Service` over HTTP requests, such as an axum `Router`.
+    Http(HttpService),
+    /// A function called with every accepted connection.
+    Stream(StreamHandler),
+}
+
+impl std::fmt::Debug for Handler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Handler::Http(_) => "Handler::Http",
+            Handler::Stream(_) => "Handler::Stream",
+        })
+    }
+}
+
+impl Handler {
+    /// Serves HTTP with `service` (for example an axum `Router`). Service errors become 500.
+    pub fn http<S, B>(service: S) -> Handler
+    where
+        S: tower::Service<Request, Response = http::Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        use tower::ServiceExt;
+        let service = tower::service_fn(move |req: Request| {
+            let call = service.clone().oneshot(req);
+            async move {
+                Ok::<_, Infallible>(match call.await {
+                    Ok(r) => r.map(|b| b.map_err(Into::into).boxed_unsync()),
+                    Err(e) => {
+                        let e: BoxError = e.into();
+                        tracing::error!(error = %e, "service error");
+                        let mut resp = http::Response::new(full(Bytes::from_static(b"internal server error\n")));
+                        *resp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+                        resp
+                    }
+                })
+            }
+        });
+        Handler::Http(tower::util::BoxCloneService::new(service))
+    }
+
+    /// Serves raw connections: `handler` is called with each accepted connection.
+    pub fn stream<F, Fut>(handler: F) -> Handler
+    where
+        F: Fn(Connection) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        Handler::Stream(Arc::new(move |c| Box::pin(handler(c))))
+    }
+}
+
+/// A complete response body from bytes.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    http_body_util::Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+}
+
+/// An accepted connection handed to a [`Handler::Stream`].
+#[derive(Debug)]
+pub enum Connection {
+    /// A TCP connection.
+    Tcp(tokio::net::TcpStream),
+    /// A unix stream connection.
+    Unix(tokio::net::UnixStream),
+}
+
+impl tokio::io::AsyncRead for Connection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Connection::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Connection::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Connection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Connection::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Connection::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Connection::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Connection::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Connection::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Connection::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}

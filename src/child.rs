@@ -1,0 +1,50 @@
+//! The sequence every child runs right after its fork, in DESIGN.md's order.
+
+use std::os::fd::RawFd;
+
+use nix::sys::signal::Signal;
+use nix::unistd::{getppid, setpgid, Pid};
+
+use crate::sys::process;
+
+/// Runs the after-fork sequence: own process group, close inherited fds not in `keep`, reset
+/// signals, parent-death signal, check the parent is `monitor`. Exits the process on failure.
+///
+/// A worker forked through a mold's double fork is re-parented to the monitor (a subreaper) only
+/// when the middle process exits, so it first waits, briefly, to be the monitor's child: setting the
+/// parent-death signal earlier would tie it to the middle process.
+pub fn after_fork(monitor: Pid, keep: &[RawFd]) {
+    // A terminal's Ctrl-C goes to the foreground process group: only the monitor's.
+    let _ = setpgid(Pid::from_raw(0), Pid::from_raw(0));
+    let mut keep = keep.to_vec();
+    keep.extend([0, 1, 2]);
+    if process::close_fds_except(&keep).is_err() {
+        process::exit_now(70);
+    }
+    if process::reset_signals().is_err() {
+        process::exit_now(70);
+    }
+    // Rust's runtime ignores SIGPIPE so that writes to closed sockets are errors, not deaths.
+    let _ = process::ignore_signal(Signal::SIGPIPE);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while getppid() != monitor {
+        if std::time::Instant::now() > until {
+            process::exit_now(71);
+        }
+        std::thread::yield_now();
+    }
+    if process::set_parent_death_signal(Signal::SIGKILL).is_err() {
+        process::exit_now(70);
+    }
+    // The monitor may have died between the check above and the prctl.
+    if getppid() != monitor {
+        process::exit_now(71);
+    }
+}
+
+/// Runs `f` in a forked child and ends the process: a panic must never unwind into the parent's
+/// code, which would then run on in the child.
+pub fn run_child(f: impl FnOnce() -> i32) -> ! {
+    let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(101);
+    process::exit_now(code)
+}

@@ -1,0 +1,134 @@
+//! The command line: `tine serve`, `tine check`, `tine ctl`. [`run`] gives any binary built on
+//! tine this whole CLI for its own [`App`].
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::OnceLock;
+
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+
+use crate::app::App;
+use crate::config::{Config, ConfigError, Options};
+
+#[derive(Parser)]
+#[command(name = "tine", version, about = "A preforking, reforking application server", propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start the server (monitor, mold and workers).
+    Serve(ServeArgs),
+    /// Validate the configuration and exit, starting nothing.
+    Check(ServeArgs),
+    /// Send a command to a running server: status [--json], scale N, stop [--quick],
+    /// kill-worker NR, refork.
+    Ctl(CtlArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML config file; every key is also a flag (kebab-case) and a TINE_* variable.
+    #[arg(long, short = 'c', env = "TINE_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    options: Options,
+}
+
+#[derive(Args)]
+struct CtlArgs {
+    /// The server's control socket.
+    #[arg(long, env = "TINE_CONTROL_SOCKET", default_value = "tine.sock")]
+    control_socket: PathBuf,
+    /// The command and its arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+static ARGV: OnceLock<Vec<OsString>> = OnceLock::new();
+
+/// The command line this process started with (saved before the process title overwrote it).
+pub fn saved_argv() -> &'static [OsString] {
+    ARGV.get().map(Vec::as_slice).unwrap_or(&[])
+}
+
+/// Gives every option of `serve` and `check` its `TINE_<KEY>` environment variable.
+fn with_env_names(cmd: clap::Command) -> clap::Command {
+    cmd.mut_args(|arg| {
+        let id = arg.get_id().as_str();
+        if arg.get_long().is_none() || id == "config" {
+            return arg;
+        }
+        let name: &'static str = Box::leak(format!("TINE_{}", id.to_uppercase()).into_boxed_str());
+        arg.env(name)
+    })
+}
+
+fn load(args: ServeArgs) -> Result<Config, ConfigError> {
+    let file = match &args.config {
+        Some(path) => Options::from_file(path)?,
+        None => Options::default(),
+    };
+    args.options.or(file).resolve()
+}
+
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("tine: error: {message}");
+    ExitCode::from(2)
+}
+
+/// Runs the tine command line for app `A`: `serve`, `check` and `ctl`.
+///
+/// Call it first thing in `main`, before any thread exists (the monitor forks).
+pub fn run<A: App>() -> ExitCode {
+    let _ = ARGV.set(std::env::args_os().collect());
+    let cmd = Cli::command().mut_subcommand("serve", with_env_names).mut_subcommand("check", with_env_names);
+    let cli = match cmd.try_get_matches().and_then(|m| Cli::from_arg_matches(&m)) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    match cli.command {
+        Cmd::Serve(args) => {
+            let config = match load(args) {
+                Ok(c) => c,
+                Err(e) => return fail(e),
+            };
+            if let Err(e) = crate::log::init(config.log_format, &config.log_level) {
+                return fail(e);
+            }
+            crate::sys::proctitle::init();
+            match crate::monitor::run::<A>(config) {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => {
+                    tracing::error!("{e}");
+                    eprintln!("tine: error: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            }
+        }
+        Cmd::Check(args) => {
+            let config = match load(args) {
+                Ok(c) => c,
+                Err(e) => return fail(e),
+            };
+            if let Err(e) = A::check(&config) {
+                return fail(format!("{e:#}"));
+            }
+            println!("configuration ok");
+            ExitCode::SUCCESS
+        }
+        Cmd::Ctl(args) => match crate::control::request(&args.control_socket, &args.command.join(" ")) {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tine ctl: {e}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}

@@ -1,0 +1,525 @@
+//! Configuration: one set of options, read from a TOML file, `TINE_*` environment variables and
+//! command-line flags, in that rising order of precedence (flag > env > file > default).
+//!
+//! [`Options`] is the single list of keys: clap reads it from flags and the environment, serde from
+//! the file (`snake_case` keys; the flag is the same name in kebab-case). [`Config`] is the
+//! validated result with every default filled in.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A bad configuration: names the key, the value and what was expected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML or has an unknown key or a bad value.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, which names the key.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("invalid value {value:?} for `{key}`: expected {expected}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// The value given.
+        value: String,
+        /// What would have been accepted.
+        expected: String,
+    },
+}
+
+/// A listening address: `HOST:PORT`, `[::1]:PORT` or `unix:/path`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ListenAddr {
+    /// A TCP address.
+    Tcp(std::net::SocketAddr),
+    /// A unix stream socket path.
+    Unix(PathBuf),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a path, e.g. unix:/run/tine.sock".into());
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        if let Ok(addr) = s.parse() {
+            return Ok(ListenAddr::Tcp(addr));
+        }
+        // `localhost:8080` and other names: resolve once, take the first address.
+        use std::net::ToSocketAddrs;
+        match s.to_socket_addrs().ok().and_then(|mut a| a.next()) {
+            Some(addr) if s.contains(':') => Ok(ListenAddr::Tcp(addr)),
+            _ => Err(format!("{s:?} is not HOST:PORT, [IPv6]:PORT or unix:/path")),
+        }
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A duration given as seconds (`30`, `1.5`) or with a unit (`500ms`, `30s`, `2m`, `1h`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seconds(pub Duration);
+
+impl FromStr for Seconds {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let value: f64 = num
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not a duration (e.g. 30, 1.5, 500ms, 30s, 2m)"))?;
+        let scale = match unit {
+            "" | "s" => 1.0,
+            "ms" => 0.001,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(format!("{s:?} has an unknown unit (use ms, s, m or h)")),
+        };
+        if !(value * scale).is_finite() || value < 0.0 {
+            return Err(format!("{s:?} is not a non-negative duration"));
+        }
+        Ok(Seconds(Duration::from_secs_f64(value * scale)))
+    }
+}
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Float(f64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(Seconds(Duration::from_secs(n))),
+            Raw::Float(f) => format!("{f}").parse().map_err(serde::de::Error::custom),
+            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// `refork_after`: request counts that trigger the next promotion (see docs/REFORKING.md).
+///
+/// `50,100,1000` refork after 50 requests of generation 0, 100 of generation 1 and 1000 of every
+/// later one; `3000,false` reforks once and then never again; an empty list turns it off.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReforkAfter {
+    /// The thresholds, one per generation.
+    pub thresholds: Vec<u64>,
+    /// Whether the last threshold repeats for every later generation.
+    pub repeat_last: bool,
+}
+
+impl ReforkAfter {
+    /// The request count that triggers a refork out of `generation`, if any.
+    pub fn threshold(&self, generation: u32) -> Option<u64> {
+        match self.thresholds.get(generation as usize) {
+            Some(t) => Some(*t),
+            None if self.repeat_last => self.thresholds.last().copied(),
+            None => None,
+        }
+    }
+
+    fn from_items(items: Vec<String>) -> Result<Self, String> {
+        let mut out = ReforkAfter { thresholds: Vec::new(), repeat_last: true };
+        let n = items.len();
+        for (i, item) in items.into_iter().enumerate() {
+            let item = item.trim().to_string();
+            if item.is_empty() {
+                continue;
+            }
+            if item == "false" && i + 1 == n {
+                out.repeat_last = false;
+            } else {
+                let v: u64 = item.parse().map_err(|_| {
+                    format!("{item:?} is not a request count (a list like 50,100,1000 that may end with false)")
+                })?;
+                if v == 0 {
+                    return Err("request counts must be at least 1".into());
+                }
+                out.thresholds.push(v);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl FromStr for ReforkAfter {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::from_items(s.split(',').map(str::to_string).collect())
+    }
+}
+
+impl<'de> Deserialize<'de> for ReforkAfter {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Item {
+            N(u64),
+            B(bool),
+        }
+        let items = Vec::<Item>::deserialize(d)?;
+        let mut text = Vec::new();
+        for item in items {
+            match item {
+                Item::N(n) => text.push(n.to_string()),
+                Item::B(false) => text.push("false".into()),
+                Item::B(true) => return Err(serde::de::Error::custom("only `false` may end the list")),
+            }
+        }
+        ReforkAfter::from_items(text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// How a reload replaces the running generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReloadStrategy {
+    /// Start each replacement before retiring the old worker (capacity never dips).
+    #[default]
+    Surge,
+    /// Retire an old worker first, then start its replacement (memory stays flat).
+    RetireFirst,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+macro_rules! options {
+    ($( $(#[doc = $doc:literal])* $(#[arg($($arg:tt)*)])? $name:ident : $ty:ty ),* $(,)?) => {
+        /// Every configuration key, each optional: the same struct is read from flags and
+        /// environment (clap; each flag's variable is `TINE_` + the key in upper case) and from the
+        /// config file (serde); [`Options::or`] layers them.
+        #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct Options {
+            $(
+                $(#[doc = $doc])*
+                #[arg(long $(, $($arg)*)?)]
+                pub $name: Option<$ty>,
+            )*
+        }
+
+        impl Options {
+            /// Takes each key from `self` if set, else from `lower`.
+            pub fn or(self, lower: Options) -> Options {
+                Options { $( $name: self.$name.or(lower.$name), )* }
+            }
+        }
+    };
+}
+
+options! {
+    /// Address to listen on: HOST:PORT, [::1]:PORT or unix:/path (repeatable) [default: 127.0.0.1:8080]
+    #[arg(value_delimiter = ',', num_args = 1, action = clap::ArgAction::Append)]
+    listen: Vec<ListenAddr>,
+    /// Number of worker processes [default: one per CPU]
+    workers: usize,
+    /// Upper bound on workers; sizes the scoreboard [default: 64]
+    max_workers: usize,
+    /// Built-in reference app to serve: hello, static or cache-demo [default: hello]
+    app: String,
+    /// Directory served by the `static` app
+    root: PathBuf,
+    /// Number of keys of the `cache-demo` app [default: 1024]
+    keys: u64,
+    /// Block size in KiB of the `cache-demo` app [default: 256]
+    block_kb: u64,
+    /// Control socket path [default: tine.sock in the working directory]
+    control_socket: PathBuf,
+    /// Write the monitor's pid here (atomically; removed on exit)
+    pid_file: PathBuf,
+    /// Listen queue length [default: 1024]
+    backlog: i32,
+    /// Set SO_REUSEPORT, to share the port with another instance [default: false]
+    #[arg(num_args = 0..=1, default_missing_value = "true")]
+    reuseport: bool,
+    /// Set TCP_NODELAY on accepted connections [default: true]
+    #[arg(num_args = 0..=1, default_missing_value = "true")]
+    nodelay: bool,
+    /// Permission bits of unix listening sockets, octal [default: 660]
+    unix_mode: String,
+    /// Seconds a graceful stop waits for in-flight requests before SIGKILL [default: 30]
+    graceful_timeout: Seconds,
+    /// Seconds a client may take to send the request head (slowloris guard) [default: 10]
+    header_read_timeout: Seconds,
+    /// Largest request head in bytes; larger gets 431 [default: 16384, at least 8192]
+    max_header_bytes: usize,
+    /// Serve HTTP/2 with prior knowledge next to HTTP/1.1 [default: true]
+    #[arg(num_args = 0..=1, default_missing_value = "true")]
+    http2: bool,
+    /// Tokio worker threads per worker process; 1 is a current-thread runtime [default: 1]
+    worker_threads: usize,
+    /// Add an `x-tine-worker: PID` header to every response (for tests) [default: false]
+    #[arg(num_args = 0..=1, default_missing_value = "true")]
+    debug_headers: bool,
+    /// Enable the reference app's debug routes (/sleep/MS, /spin, /leak/KB, /crash) [default: false]
+    #[arg(num_args = 0..=1, default_missing_value = "true")]
+    debug_routes: bool,
+    /// Consecutive failed spawns before the monitor gives up and exits [default: 10]
+    max_consecutive_spawn_errors: u32,
+    /// Seconds a new process may take to report ready [default: 30]
+    spawn_timeout: Seconds,
+    /// Seconds without a heartbeat before a worker is asked to exit [default: 30]
+    timeout: Seconds,
+    /// Seconds after `timeout` before a hung worker is killed [default: 5]
+    timeout_cleanup: Seconds,
+    /// Seconds a request may run before it gets 504 (0 = no limit) [default: 0]
+    request_timeout: Seconds,
+    /// Recycle a worker after this many requests (0 = never) [default: 0]
+    max_requests: u64,
+    /// Add up to this many requests to max_requests per worker, at random [default: 0]
+    max_requests_jitter: u64,
+    /// Recycle a worker whose RSS exceeds this many MiB (0 = no limit) [default: 0]
+    max_rss_mb: u64,
+    /// Recycle a worker whose PSS exceeds this many MiB (0 = no limit) [default: 0]
+    max_pss_mb: u64,
+    /// Recycle a worker after this much CPU time in seconds (0 = no limit) [default: 0]
+    max_cpu_seconds: u64,
+    /// Recycle a worker after this long (0 = no limit) [default: 0]
+    max_lifetime: Seconds,
+    /// Refork after these request counts, e.g. 50,100,1000 or 3000,false [default: off]
+    refork_after: ReforkAfter,
+    /// Old-generation workers replaced at once during a rollout [default: 1]
+    refork_max_unavailable: usize,
+    /// How reload replaces workers [default: surge]
+    #[arg(value_enum)]
+    reload_strategy: ReloadStrategy,
+    /// Prometheus metrics address, served by the monitor (HOST:PORT) [default: off]
+    metrics_listen: std::net::SocketAddr,
+    /// Log format [default: plain]
+    #[arg(value_enum)]
+    log_format: LogFormat,
+    /// Log filter, e.g. info or tine=debug [default: info]
+    log_level: String,
+}
+
+/// The validated configuration with every default filled in.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listening addresses.
+    pub listen: Vec<ListenAddr>,
+    /// Workers to run.
+    pub workers: usize,
+    /// Upper bound on workers.
+    pub max_workers: usize,
+    /// Reference app name.
+    pub app: String,
+    /// Static app root.
+    pub root: Option<PathBuf>,
+    /// cache-demo keys.
+    pub keys: u64,
+    /// cache-demo block size in KiB.
+    pub block_kb: u64,
+    /// Control socket path.
+    pub control_socket: PathBuf,
+    /// Pid file.
+    pub pid_file: Option<PathBuf>,
+    /// Listen backlog.
+    pub backlog: i32,
+    /// SO_REUSEPORT.
+    pub reuseport: bool,
+    /// TCP_NODELAY on accepted sockets.
+    pub nodelay: bool,
+    /// Unix socket permission bits.
+    pub unix_mode: u32,
+    /// Graceful stop limit.
+    pub graceful_timeout: Duration,
+    /// Request head read limit.
+    pub header_read_timeout: Duration,
+    /// Request head size limit.
+    pub max_header_bytes: usize,
+    /// HTTP/2 prior knowledge.
+    pub http2: bool,
+    /// Runtime threads per worker.
+    pub worker_threads: usize,
+    /// Debug response header.
+    pub debug_headers: bool,
+    /// Debug routes of the reference app.
+    pub debug_routes: bool,
+    /// Spawn failures before giving up.
+    pub max_consecutive_spawn_errors: u32,
+    /// Ready deadline for new processes.
+    pub spawn_timeout: Duration,
+    /// Heartbeat timeout.
+    pub timeout: Duration,
+    /// Grace after the heartbeat timeout.
+    pub timeout_cleanup: Duration,
+    /// Per-request limit (zero: none).
+    pub request_timeout: Duration,
+    /// Requests before recycling (0: never).
+    pub max_requests: u64,
+    /// Random extra requests.
+    pub max_requests_jitter: u64,
+    /// RSS limit in MiB (0: none).
+    pub max_rss_mb: u64,
+    /// PSS limit in MiB (0: none).
+    pub max_pss_mb: u64,
+    /// CPU limit in seconds (0: none).
+    pub max_cpu_seconds: u64,
+    /// Lifetime limit (zero: none).
+    pub max_lifetime: Duration,
+    /// Refork thresholds.
+    pub refork_after: ReforkAfter,
+    /// Rollout width.
+    pub refork_max_unavailable: usize,
+    /// Reload strategy.
+    pub reload_strategy: ReloadStrategy,
+    /// Metrics address.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter.
+    pub log_level: String,
+}
+
+impl Options {
+    /// Reads a config file.
+    pub fn from_file(path: &Path) -> Result<Options, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().replace('\n', " ").split_whitespace().collect::<Vec<_>>().join(" "),
+        })
+    }
+
+    /// Validates and fills in defaults.
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        fn invalid(key: &'static str, value: impl fmt::Debug, expected: &str) -> ConfigError {
+            ConfigError::Invalid { key, value: format!("{value:?}"), expected: expected.into() }
+        }
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let max_workers = self.max_workers.unwrap_or(64);
+        if max_workers == 0 || max_workers > 4096 {
+            return Err(invalid("max_workers", max_workers, "a number from 1 to 4096"));
+        }
+        let workers = self.workers.unwrap_or(cpus.min(max_workers));
+        if workers == 0 || workers > max_workers {
+            return Err(invalid("workers", workers, &format!("a number from 1 to max_workers ({max_workers})")));
+        }
+        let app = self.app.unwrap_or_else(|| "hello".into());
+        let backlog = self.backlog.unwrap_or(1024);
+        if backlog <= 0 {
+            return Err(invalid("backlog", backlog, "a positive number"));
+        }
+        let unix_mode_text = self.unix_mode.unwrap_or_else(|| "660".into());
+        let unix_mode = u32::from_str_radix(unix_mode_text.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| invalid("unix_mode", &unix_mode_text, "octal permission bits like 660"))?;
+        let max_header_bytes = self.max_header_bytes.unwrap_or(16 * 1024);
+        if !(8192..=1 << 20).contains(&max_header_bytes) {
+            return Err(invalid("max_header_bytes", max_header_bytes, "a size from 8192 to 1048576"));
+        }
+        let worker_threads = self.worker_threads.unwrap_or(1);
+        if worker_threads == 0 || worker_threads > 256 {
+            return Err(invalid("worker_threads", worker_threads, "a number from 1 to 256"));
+        }
+        let mut listen = self.listen.unwrap_or_default();
+        if listen.is_empty() {
+            listen.push(ListenAddr::Tcp(([127, 0, 0, 1], 8080).into()));
+        }
+        let max_consecutive_spawn_errors = self.max_consecutive_spawn_errors.unwrap_or(10);
+        if max_consecutive_spawn_errors == 0 {
+            return Err(invalid("max_consecutive_spawn_errors", 0, "at least 1"));
+        }
+        let refork_max_unavailable = self.refork_max_unavailable.unwrap_or(1);
+        if refork_max_unavailable == 0 {
+            return Err(invalid("refork_max_unavailable", 0, "at least 1"));
+        }
+        let secs = |v: Option<Seconds>, default: u64| v.map(|s| s.0).unwrap_or(Duration::from_secs(default));
+        let timeout = secs(self.timeout, 30);
+        if timeout.is_zero() {
+            return Err(invalid("timeout", timeout, "a positive duration"));
+        }
+        let spawn_timeout = secs(self.spawn_timeout, 30);
+        if spawn_timeout.is_zero() {
+            return Err(invalid("spawn_timeout", spawn_timeout, "a positive duration"));
+        }
+        Ok(Config {
+            listen,
+            workers,
+            max_workers,
+            app,
+            root: self.root,
+            keys: self.keys.unwrap_or(1024),
+            block_kb: self.block_kb.unwrap_or(256),
+            control_socket: self.control_socket.unwrap_or_else(|| PathBuf::from("tine.sock")),
+            pid_file: self.pid_file,
+            backlog,
+            reuseport: self.reuseport.unwrap_or(false),
+            nodelay: self.nodelay.unwrap_or(true),
+            unix_mode,
+            graceful_timeout: secs(self.graceful_timeout, 30),
+            header_read_timeout: secs(self.header_read_timeout, 10),
+            max_header_bytes,
+            http2: self.http2.unwrap_or(true),
+            worker_threads,
+            debug_headers: self.debug_headers.unwrap_or(false),
+            debug_routes: self.debug_routes.unwrap_or(false),
+            max_consecutive_spawn_errors,
+            spawn_timeout,
+            timeout,
+            timeout_cleanup: secs(self.timeout_cleanup, 5),
+            request_timeout: secs(self.request_timeout, 0),
+            max_requests: self.max_requests.unwrap_or(0),
+            max_requests_jitter: self.max_requests_jitter.unwrap_or(0),
+            max_rss_mb: self.max_rss_mb.unwrap_or(0),
+            max_pss_mb: self.max_pss_mb.unwrap_or(0),
+            max_cpu_seconds: self.max_cpu_seconds.unwrap_or(0),
+            max_lifetime: secs(self.max_lifetime, 0),
+            refork_after: self.refork_after.unwrap_or_default(),
+            refork_max_unavailable,
+            reload_strategy: self.reload_strategy.unwrap_or_default(),
+            metrics_listen: self.metrics_listen,
+            log_format: self.log_format.unwrap_or_default(),
+            log_level: self.log_level.unwrap_or_else(|| "info".into()),
+        })
+    }
+}

@@ -1,0 +1,305 @@
+//! The control socket: a unix socket (mode 0600, peer uid checked) that takes one-line commands
+//! from `tine ctl` and answers with text or JSON. Served by the monitor's poll loop, never blocking
+//! it: a client that sends garbage or too much gets an error reply and is closed.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use serde_json::json;
+
+use crate::monitor::{Kind, Monitor, Phase};
+use crate::sys::meminfo;
+
+/// Longest command line accepted.
+const MAX_COMMAND: usize = 1024;
+
+/// The listening control socket and its connected clients.
+pub(crate) struct ControlServer {
+    listener: UnixListener,
+    path: PathBuf,
+    clients: Vec<Client>,
+}
+
+struct Client {
+    stream: UnixStream,
+    buf: Vec<u8>,
+    since: Instant,
+}
+
+/// A complete command from a client.
+pub(crate) struct Request {
+    pub client: UnixStream,
+    pub command: Result<String, String>,
+}
+
+/// A reply: success with output, or an error message.
+pub(crate) type Reply = Result<String, String>;
+
+impl ControlServer {
+    /// Binds the socket with mode 0600.
+    pub(crate) fn bind(path: &Path) -> io::Result<ControlServer> {
+        crate::listener::remove_stale_socket(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("control socket {}: {e}", path.display())))?;
+        let listener = UnixListener::bind(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("control socket {}: {e}", path.display())))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        listener.set_nonblocking(true)?;
+        Ok(ControlServer { listener, path: path.to_owned(), clients: Vec::new() })
+    }
+
+    pub(crate) fn listener_fd(&self) -> BorrowedFd<'_> {
+        self.listener.as_fd()
+    }
+
+    pub(crate) fn client_fds(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
+        self.clients.iter().map(|c| c.stream.as_fd())
+    }
+
+    /// Accepts pending clients; refuses those of another user (root is always allowed).
+    pub(crate) fn accept(&mut self) {
+        while let Ok((stream, _)) = self.listener.accept() {
+            let allowed = match getsockopt(&stream, PeerCredentials) {
+                Ok(cred) => cred.uid() == 0 || cred.uid() == nix::unistd::geteuid().as_raw(),
+                Err(_) => false,
+            };
+            if !allowed {
+                tracing::warn!("control socket: refused a client of another user");
+                let _ = reply_to(stream, Err("permission denied: only root or the server's owner may use the control socket".into()));
+                continue;
+            }
+            if stream.set_nonblocking(true).is_ok() {
+                self.clients.retain(|c| c.since.elapsed() < Duration::from_secs(10));
+                if self.clients.len() < 32 {
+                    self.clients.push(Client { stream, buf: Vec::new(), since: Instant::now() });
+                }
+            }
+        }
+    }
+
+    /// Reads from client `i`; returns its command once a whole line (or an error) is in.
+    pub(crate) fn read(&mut self, i: usize) -> Option<Request> {
+        let client = self.clients.get_mut(i)?;
+        let mut chunk = [0u8; 512];
+        let done = loop {
+            match client.stream.read(&mut chunk) {
+                Ok(0) => break true,
+                Ok(n) => {
+                    client.buf.extend_from_slice(&chunk[..n]);
+                    if client.buf.contains(&b'\n') || client.buf.len() > MAX_COMMAND {
+                        break true;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,
+                Err(_) => break true,
+            }
+        };
+        if !done {
+            return None;
+        }
+        let client = self.clients.remove(i);
+        let command = if client.buf.len() > MAX_COMMAND {
+            Err(format!("command longer than {MAX_COMMAND} bytes"))
+        } else {
+            let line = client.buf.split(|b| *b == b'\n').next().unwrap_or_default();
+            match std::str::from_utf8(line) {
+                Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+                Ok(_) => Err("empty command".into()),
+                Err(_) => Err("command is not UTF-8".into()),
+            }
+        };
+        Some(Request { client: client.stream, command })
+    }
+
+    pub(crate) fn reply(&self, client: UnixStream, reply: Reply) {
+        let _ = reply_to(client, reply);
+    }
+
+    pub(crate) fn cleanup(self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn reply_to(mut stream: UnixStream, reply: Reply) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_write_timeout(Some(Duration::from_secs(1)))?;
+    let text = match reply {
+        Ok(out) => format!("OK\n{out}"),
+        Err(e) => format!("ERR {e}\n"),
+    };
+    stream.write_all(text.as_bytes())
+}
+
+/// Runs one command against the monitor.
+pub(crate) fn handle(m: &mut Monitor, command: Result<String, String>) -> Reply {
+    let command = command?;
+    let words: Vec<&str> = command.split_whitespace().collect();
+    match words.as_slice() {
+        ["status"] => Ok(status_text(m)),
+        ["status", "--json"] => Ok(format!("{}\n", status_json(m))),
+        ["scale", n] => {
+            let n: usize = n.parse().map_err(|_| format!("scale: {n:?} is not a number"))?;
+            if n == 0 || n > m.config.max_workers {
+                return Err(format!("scale: {n} is out of range 1..={}", m.config.max_workers));
+            }
+            let target = m.scale(n, "ctl scale");
+            Ok(format!("workers: {target}\n"))
+        }
+        ["stop"] => {
+            m.stop(true, "ctl stop");
+            Ok("stopping\n".into())
+        }
+        ["stop", "--quick"] => {
+            m.stop(false, "ctl stop --quick");
+            Ok("stopping quickly\n".into())
+        }
+        ["kill-worker", nr] => {
+            let nr: u32 = nr.parse().map_err(|_| format!("kill-worker: {nr:?} is not a worker number"))?;
+            let slot = m
+                .children
+                .iter()
+                .find(|(_, c)| c.kind == Kind::Worker && c.nr == nr && !c.is_retiring())
+                .map(|(s, _)| *s)
+                .ok_or_else(|| format!("kill-worker: no worker {nr}"))?;
+            m.kill_child(slot, "ctl kill-worker");
+            Ok(format!("killed worker {nr}\n"))
+        }
+        ["refork"] => {
+            crate::monitor::request_refork_from_ctl(m);
+            Ok("refork requested\n".into())
+        }
+        ["reload"] => Err("reload is not implemented yet".into()),
+        _ => Err(format!(
+            "unknown command {command:?}; expected status [--json], scale N, stop [--quick], kill-worker NR, refork"
+        )),
+    }
+}
+
+/// One row of the status table.
+struct Row {
+    role: &'static str,
+    nr: Option<u32>,
+    pid: i32,
+    generation: u32,
+    state: String,
+    requests: u64,
+    uptime_s: u64,
+    mem: meminfo::Memory,
+}
+
+fn rows(m: &Monitor) -> Vec<Row> {
+    let pid = std::process::id() as i32;
+    let generation = m.current_mold().map(|(_, c)| c.generation).unwrap_or(0);
+    let mut rows = vec![Row {
+        role: "monitor",
+        nr: None,
+        pid,
+        generation,
+        state: if m.is_running() { "running".into() } else { "stopping".into() },
+        requests: 0,
+        uptime_s: m.started.elapsed().as_secs(),
+        mem: meminfo::memory(pid).unwrap_or_default(),
+    }];
+    let mut children: Vec<_> = m.children.iter().filter(|(_, c)| c.pid.is_some()).collect();
+    children.sort_by_key(|(_, c)| (c.kind == Kind::Worker, c.nr, c.generation));
+    for (slot, c) in children {
+        let view = m.board.read(*slot);
+        let state = match &c.phase {
+            Phase::Retiring { .. } => "retiring".to_string(),
+            Phase::Starting => "starting".to_string(),
+            Phase::Promoting => "promoting".to_string(),
+            Phase::Ready => view.as_ref().map(|v| v.state.name().to_string()).unwrap_or_else(|| "ready".into()),
+        };
+        rows.push(Row {
+            role: c.kind.name(),
+            nr: (c.kind == Kind::Worker).then_some(c.nr),
+            pid: c.pid_raw(),
+            generation: c.generation,
+            state,
+            requests: view.map(|v| v.requests).unwrap_or(0),
+            uptime_s: c.started.elapsed().as_secs(),
+            mem: meminfo::memory(c.pid_raw()).unwrap_or_default(),
+        });
+    }
+    rows
+}
+
+fn shared_percent(mem: &meminfo::Memory) -> f64 {
+    if mem.rss_kb == 0 {
+        0.0
+    } else {
+        100.0 * mem.shared_kb as f64 / mem.rss_kb as f64
+    }
+}
+
+fn status_text(m: &Monitor) -> String {
+    let mut out = format!(
+        "{:<8} {:>3} {:>8} {:>4} {:<10} {:>10} {:>8} {:>9} {:>9} {:>9} {:>7}\n",
+        "ROLE", "NR", "PID", "GEN", "STATE", "REQUESTS", "UPTIME", "RSS_KB", "PSS_KB", "USS_KB", "SHARED"
+    );
+    let rows = rows(m);
+    let total_pss: u64 = rows.iter().map(|r| r.mem.pss_kb).sum();
+    for r in &rows {
+        out.push_str(&format!(
+            "{:<8} {:>3} {:>8} {:>4} {:<10} {:>10} {:>7}s {:>9} {:>9} {:>9} {:>6.1}%\n",
+            r.role,
+            r.nr.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
+            r.pid,
+            r.generation,
+            r.state,
+            r.requests,
+            r.uptime_s,
+            r.mem.rss_kb,
+            r.mem.pss_kb,
+            r.mem.uss_kb,
+            shared_percent(&r.mem)
+        ));
+    }
+    out.push_str(&format!("total PSS: {total_pss} KiB; workers: target {}\n", m.target));
+    out
+}
+
+/// The status as JSON: `{"processes": [...], "target": N, "total_pss_kb": N}`.
+pub(crate) fn status_json(m: &Monitor) -> serde_json::Value {
+    let rows = rows(m);
+    let total_pss: u64 = rows.iter().map(|r| r.mem.pss_kb).sum();
+    let processes: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "role": r.role,
+                "nr": r.nr,
+                "pid": r.pid,
+                "generation": r.generation,
+                "state": r.state,
+                "requests": r.requests,
+                "uptime_s": r.uptime_s,
+                "rss_kb": r.mem.rss_kb,
+                "pss_kb": r.mem.pss_kb,
+                "uss_kb": r.mem.uss_kb,
+                "shared_percent": (shared_percent(&r.mem) * 10.0).round() / 10.0,
+            })
+        })
+        .collect();
+    json!({ "processes": processes, "target": m.target, "total_pss_kb": total_pss })
+}
+
+/// The client side (`tine ctl`): sends `command`, returns the reply.
+pub fn request(path: &Path, command: &str) -> Result<String, String> {
+    let mut stream = UnixStream::connect(path).map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    stream.write_all(format!("{command}\n").as_bytes()).map_err(|e| e.to_string())?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).map_err(|e| format!("reading the reply: {e}"))?;
+    if let Some(body) = reply.strip_prefix("OK\n") {
+        Ok(body.to_string())
+    } else if let Some(err) = reply.strip_prefix("ERR ") {
+        Err(err.trim_end().to_string())
+    } else {
+        Err(format!("unexpected reply: {reply:?}"))
+    }
+}

@@ -1,0 +1,118 @@
+//! The messages between the monitor and its children.
+//!
+//! One message per `SOCK_SEQPACKET` packet: a little-endian `u16` format version, then the
+//! message in postcard's compact binary encoding. A packet of another version is never parsed:
+//! the receiver retires that peer instead (see DESIGN.md, reload).
+
+use serde::{Deserialize, Serialize};
+
+/// The wire format version of [`Command`] and [`Report`].
+pub const WIRE_VERSION: u16 = 1;
+
+/// What the monitor tells a child.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// To a mold: fork worker `nr` of your generation; its channel travels with this message.
+    SpawnWorker {
+        /// Worker number.
+        nr: u32,
+        /// Scoreboard slot the worker writes.
+        slot: u32,
+    },
+    /// To a worker or mold: stop. Graceful: finish in-flight requests first.
+    Stop {
+        /// Drain first (true) or exit at once (false).
+        graceful: bool,
+    },
+    /// To a worker: become the mold of `generation`.
+    Promote {
+        /// The new generation.
+        generation: u32,
+        /// The scoreboard slot the new mold writes.
+        slot: u32,
+    },
+}
+
+/// What a child tells the monitor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Report {
+    /// First message of a new process on its channel.
+    Hello {
+        /// Its pid.
+        pid: i32,
+    },
+    /// The process is ready: a mold can fork, a worker serves.
+    Ready,
+    /// From a mold: worker `nr` was forked with this pid.
+    Spawned {
+        /// Scoreboard slot, which identifies the spawn request.
+        slot: u32,
+        /// The new worker's pid.
+        pid: i32,
+    },
+    /// From a mold: the fork of the worker in `slot` failed.
+    SpawnFailed {
+        /// Scoreboard slot of the request.
+        slot: u32,
+        /// Why.
+        error: String,
+    },
+    /// From a process about to exit on purpose, with the reason.
+    Exiting {
+        /// Why.
+        reason: String,
+    },
+    /// From a worker being promoted: it could not become a mold and stays a worker (or exits).
+    PromotionFailed {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Why a packet could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// Too short to hold a version.
+    #[error("packet of {0} bytes is too short")]
+    Short(usize),
+    /// Another format version.
+    #[error("wire version {0} (this build speaks {WIRE_VERSION})")]
+    Version(u16),
+    /// Not a valid message of this version.
+    #[error("malformed message: {0}")]
+    Malformed(#[from] postcard::Error),
+}
+
+/// Encodes a message as one packet.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    let mut out = WIRE_VERSION.to_le_bytes().to_vec();
+    // Serializing these plain enums into a Vec cannot fail.
+    out.extend(postcard::to_stdvec(msg).unwrap_or_default());
+    out
+}
+
+/// Decodes one packet.
+pub fn decode<'a, T: Deserialize<'a>>(packet: &'a [u8]) -> Result<T, DecodeError> {
+    if packet.len() < 2 {
+        return Err(DecodeError::Short(packet.len()));
+    }
+    let version = u16::from_le_bytes([packet[0], packet[1]]);
+    if version != WIRE_VERSION {
+        return Err(DecodeError::Version(version));
+    }
+    Ok(postcard::from_bytes(&packet[2..])?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_garbage() {
+        let msg = Command::SpawnWorker { nr: 3, slot: 7 };
+        assert_eq!(decode::<Command>(&encode(&msg)).unwrap(), msg);
+        assert!(matches!(decode::<Command>(&[1]), Err(DecodeError::Short(1))));
+        assert!(matches!(decode::<Command>(&[9, 0, 0]), Err(DecodeError::Version(9))));
+        assert!(matches!(decode::<Report>(&[1, 0, 200, 200, 200]), Err(DecodeError::Malformed(_))));
+    }
+}

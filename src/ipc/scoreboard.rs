@@ -1,0 +1,331 @@
+//! The scoreboard: one shared, sealed memfd with a slot per process.
+//!
+//! The monitor creates it before the first fork; every child inherits the mapping and writes only
+//! its own slot; the monitor reads them all. Every word is an atomic, and a slot is published under
+//! a sequence counter (odd while being written), so a reader sees a consistent copy or retries.
+//! Nothing read from it is trusted: a reader validates every field.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::sys::shm::SharedWords;
+
+/// Format version of the layout below.
+pub const SCOREBOARD_VERSION: u64 = 1;
+const MAGIC: u64 = u64::from_le_bytes(*b"tinesb\0\0");
+const HEADER_WORDS: usize = 8;
+/// Words per slot: 256 bytes, four cache lines.
+pub const SLOT_WORDS: usize = 32;
+/// Bytes of the in-flight request's method and path kept in a slot.
+pub const REQUEST_TEXT_BYTES: usize = 15 * 8;
+
+// Word offsets inside a slot.
+const SEQ: usize = 0;
+const PID: usize = 1;
+const ROLE: usize = 2;
+const GENERATION: usize = 3;
+const NR: usize = 4;
+const STATE: usize = 5;
+const HEARTBEAT_MS: usize = 6;
+const REQUESTS: usize = 7;
+const IN_FLIGHT: usize = 8;
+const OLDEST_START_MS: usize = 9;
+const FORK_SAFE: usize = 10;
+const STARTED_MS: usize = 11;
+const TEXT: usize = 16;
+
+/// The role of the process in a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Slot unused.
+    Free = 0,
+    /// A mold.
+    Mold = 1,
+    /// A worker.
+    Worker = 2,
+}
+
+/// What a process in a slot is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Starting up (boot or preload).
+    Booting = 0,
+    /// Serving, no request in flight.
+    Ready = 1,
+    /// Serving at least one request.
+    Busy = 2,
+    /// Draining before exit.
+    Draining = 3,
+    /// A mold, ready to fork.
+    Mold = 4,
+    /// Being promoted to a mold.
+    Promoting = 5,
+}
+
+impl State {
+    /// The lower-case name used in status output.
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Booting => "booting",
+            State::Ready => "ready",
+            State::Busy => "busy",
+            State::Draining => "draining",
+            State::Mold => "mold",
+            State::Promoting => "promoting",
+        }
+    }
+
+    fn from_word(w: u64) -> Option<State> {
+        Some(match w {
+            0 => State::Booting,
+            1 => State::Ready,
+            2 => State::Busy,
+            3 => State::Draining,
+            4 => State::Mold,
+            5 => State::Promoting,
+            _ => return None,
+        })
+    }
+}
+
+/// A consistent copy of one slot, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotView {
+    /// Process id written by the owner.
+    pub pid: i32,
+    /// Generation.
+    pub generation: u32,
+    /// Worker number.
+    pub nr: u32,
+    /// State.
+    pub state: State,
+    /// Last heartbeat, ms on the monotonic clock.
+    pub heartbeat_ms: u64,
+    /// Requests served.
+    pub requests: u64,
+    /// Requests in flight.
+    pub in_flight: u64,
+    /// Start of the request in flight (ms, monotonic), 0 if none.
+    pub oldest_start_ms: u64,
+    /// Method and path of the latest request in flight.
+    pub request: String,
+    /// Whether the process may be promoted.
+    pub fork_safe: bool,
+}
+
+/// Milliseconds on the system-wide monotonic clock (comparable between processes).
+pub fn now_ms() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap_or(nix::sys::time::TimeSpec::new(0, 0));
+    ts.tv_sec() as u64 * 1000 + ts.tv_nsec() as u64 / 1_000_000
+}
+
+static GLOBAL: std::sync::OnceLock<Scoreboard> = std::sync::OnceLock::new();
+
+/// Installs the process-wide scoreboard (the monitor, before its first fork; children inherit it).
+pub fn install(board: Scoreboard) -> &'static Scoreboard {
+    let _ = GLOBAL.set(board);
+    global()
+}
+
+/// The process-wide scoreboard.
+///
+/// # Panics
+/// If [`install`] was not called first: a programming error, never a run-time condition.
+pub fn global() -> &'static Scoreboard {
+    GLOBAL.get().expect("scoreboard installed by the monitor before the first fork")
+}
+
+/// The shared scoreboard.
+pub struct Scoreboard {
+    mem: SharedWords,
+    capacity: usize,
+}
+
+impl Scoreboard {
+    /// Creates a scoreboard with `capacity` slots.
+    pub fn create(capacity: usize) -> io::Result<Scoreboard> {
+        let mem = SharedWords::create("tine-scoreboard", HEADER_WORDS + capacity * SLOT_WORDS)?;
+        let w = mem.words();
+        w[0].store(MAGIC, Ordering::Relaxed);
+        w[1].store(SCOREBOARD_VERSION, Ordering::Relaxed);
+        w[2].store(capacity as u64, Ordering::Relaxed);
+        w[3].store(SLOT_WORDS as u64, Ordering::Release);
+        Ok(Scoreboard { mem, capacity })
+    }
+
+    /// Number of slots.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The memfd (for handing over across a re-exec).
+    pub fn fd(&self) -> &std::os::fd::OwnedFd {
+        self.mem.fd()
+    }
+
+    fn words(&self, slot: usize) -> &[AtomicU64] {
+        let start = HEADER_WORDS + slot * SLOT_WORDS;
+        &self.mem.words()[start..start + SLOT_WORDS]
+    }
+
+    /// Clears a slot so a new process can claim it (monitor only).
+    pub fn clear(&self, slot: usize) {
+        if slot >= self.capacity {
+            return;
+        }
+        let w = self.words(slot);
+        let seq = w[SEQ].load(Ordering::Relaxed);
+        w[SEQ].store(seq | 1, Ordering::Relaxed);
+        for word in &w[1..] {
+            word.store(0, Ordering::Relaxed);
+        }
+        w[SEQ].store((seq | 1) + 1, Ordering::Release);
+    }
+
+    /// The writer handle of `slot`, for the process that owns it.
+    pub fn slot(&self, slot: usize) -> Option<SlotWriter<'_>> {
+        (slot < self.capacity).then(|| SlotWriter { w: self.words(slot) })
+    }
+
+    /// Reads `slot` consistently; `None` if free, torn for too long, or invalid.
+    pub fn read(&self, slot: usize) -> Option<SlotView> {
+        if slot >= self.capacity {
+            return None;
+        }
+        let w = self.words(slot);
+        for _ in 0..100 {
+            let before = w[SEQ].load(Ordering::Acquire);
+            if before & 1 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let copy: Vec<u64> = w.iter().map(|x| x.load(Ordering::Relaxed)).collect();
+            std::sync::atomic::fence(Ordering::Acquire);
+            if w[SEQ].load(Ordering::Relaxed) != before {
+                continue;
+            }
+            if copy[ROLE] == Role::Free as u64 {
+                return None;
+            }
+            let mut text: Vec<u8> = copy[TEXT..TEXT + REQUEST_TEXT_BYTES / 8].iter().flat_map(|x| x.to_le_bytes()).collect();
+            text.retain(|b| *b != 0);
+            return Some(SlotView {
+                pid: i32::try_from(copy[PID]).ok()?,
+                generation: u32::try_from(copy[GENERATION]).ok()?,
+                nr: u32::try_from(copy[NR]).ok()?,
+                state: State::from_word(copy[STATE])?,
+                heartbeat_ms: copy[HEARTBEAT_MS],
+                requests: copy[REQUESTS],
+                in_flight: copy[IN_FLIGHT],
+                oldest_start_ms: copy[OLDEST_START_MS],
+                request: String::from_utf8_lossy(&text).into_owned(),
+                fork_safe: copy[FORK_SAFE] == 0,
+            });
+        }
+        None
+    }
+}
+
+/// Writes one slot; used by the process that owns it.
+#[derive(Clone, Copy)]
+pub struct SlotWriter<'a> {
+    w: &'a [AtomicU64],
+}
+
+impl SlotWriter<'_> {
+    /// Runs `f` with the slot locked: the sequence counter is odd meanwhile. Taking it with a
+    /// compare-exchange makes writes from several threads of one worker safe too.
+    fn write(&self, f: impl FnOnce(&[AtomicU64])) {
+        let mut seq = self.w[SEQ].load(Ordering::Relaxed);
+        loop {
+            if seq & 1 == 1 {
+                std::hint::spin_loop();
+                seq = self.w[SEQ].load(Ordering::Relaxed);
+                continue;
+            }
+            match self.w[SEQ].compare_exchange_weak(seq, seq | 1, Ordering::Acquire, Ordering::Relaxed) {
+                Ok(_) => break,
+                Err(current) => seq = current,
+            }
+        }
+        std::sync::atomic::fence(Ordering::Release);
+        f(self.w);
+        self.w[SEQ].store((seq | 1) + 1, Ordering::Release);
+    }
+
+    /// Claims the slot for a process.
+    pub fn claim(&self, pid: i32, role: Role, generation: u32, nr: u32, state: State) {
+        let now = now_ms();
+        self.write(|w| {
+            for word in &w[1..] {
+                word.store(0, Ordering::Relaxed);
+            }
+            w[PID].store(pid as u64, Ordering::Relaxed);
+            w[ROLE].store(role as u64, Ordering::Relaxed);
+            w[GENERATION].store(generation as u64, Ordering::Relaxed);
+            w[NR].store(nr as u64, Ordering::Relaxed);
+            w[STATE].store(state as u64, Ordering::Relaxed);
+            w[HEARTBEAT_MS].store(now, Ordering::Relaxed);
+            w[STARTED_MS].store(now, Ordering::Relaxed);
+        });
+    }
+
+    /// Sets the state.
+    pub fn set_state(&self, state: State) {
+        self.write(|w| w[STATE].store(state as u64, Ordering::Relaxed));
+    }
+
+    /// Refreshes the heartbeat.
+    pub fn heartbeat(&self) {
+        self.w[HEARTBEAT_MS].store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Marks the process as not fork-safe.
+    pub fn set_not_fork_safe(&self) {
+        self.w[FORK_SAFE].store(1, Ordering::Relaxed);
+    }
+
+    /// Records the start of a request: its method and path, and that one more is in flight.
+    pub fn begin_request(&self, method: &str, path: &str) {
+        let now = now_ms();
+        self.write(|w| {
+            let in_flight = w[IN_FLIGHT].load(Ordering::Relaxed);
+            w[IN_FLIGHT].store(in_flight + 1, Ordering::Relaxed);
+            w[OLDEST_START_MS].store(now, Ordering::Relaxed);
+            w[STATE].store(State::Busy as u64, Ordering::Relaxed);
+            let mut text = [0u8; REQUEST_TEXT_BYTES];
+            let mut n = 0;
+            for part in [method.as_bytes(), b" ", path.as_bytes()] {
+                let take = part.len().min(REQUEST_TEXT_BYTES - n);
+                text[n..n + take].copy_from_slice(&part[..take]);
+                n += take;
+            }
+            for (i, chunk) in text.chunks(8).enumerate() {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(chunk);
+                w[TEXT + i].store(u64::from_le_bytes(b), Ordering::Relaxed);
+            }
+        });
+    }
+
+    /// Records the end of a request.
+    pub fn end_request(&self) {
+        self.write(|w| {
+            let in_flight = w[IN_FLIGHT].load(Ordering::Relaxed).saturating_sub(1);
+            w[IN_FLIGHT].store(in_flight, Ordering::Relaxed);
+            w[REQUESTS].store(w[REQUESTS].load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            if in_flight == 0 {
+                w[OLDEST_START_MS].store(0, Ordering::Relaxed);
+                if w[STATE].load(Ordering::Relaxed) == State::Busy as u64 {
+                    w[STATE].store(State::Ready as u64, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+}
+
+/// How long ago `ms` was, on the monotonic clock.
+pub fn age(ms: u64) -> Duration {
+    Duration::from_millis(now_ms().saturating_sub(ms))
+}

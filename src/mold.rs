@@ -1,0 +1,155 @@
+//! The mold: the template process of a generation. It serves nothing; on the monitor's request it
+//! forks a worker as a sibling (fork, fork again, the middle process exits, the grandchild is
+//! re-parented to the monitor, a subreaper).
+
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use nix::sys::wait::waitpid;
+use nix::unistd::Pid;
+
+use crate::app::{App, Context};
+use crate::child;
+use crate::config::Config;
+use crate::ipc::channel::{Channel, ChannelError};
+use crate::ipc::message::{Command, Report};
+use crate::ipc::scoreboard::{self, Role, State};
+use crate::listener::Listener;
+use crate::sys::process::{self, Forked};
+use crate::worker;
+
+/// What a mold needs.
+pub(crate) struct Start<'a> {
+    pub monitor: Pid,
+    pub generation: u32,
+    pub slot: usize,
+    pub channel: Channel,
+    pub listeners: &'a [Listener],
+    pub config: &'a Config,
+}
+
+/// Entry of the generation-0 mold, right after the monitor's fork: preload, then serve as mold.
+pub(crate) fn run_generation_zero<A: App>(start: Start<'_>) -> i32 {
+    set_identity(&start);
+    let ctx = Context { config: start.config.clone() };
+    let mut app = match A::preload(&ctx) {
+        Ok(app) => app,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "preload failed");
+            let _ = start.channel.send(&Report::Exiting { reason: format!("preload failed: {e:#}") }, &[]);
+            return 4;
+        }
+    };
+    run(&mut app, start)
+}
+
+fn set_identity(start: &Start<'_>) {
+    crate::sys::proctitle::set(&format!("tine mold (gen:{})", start.generation));
+    crate::sys::process::set_thread_name("tine-mold");
+    crate::log::set_process_tag(format!("mold gen:{}", start.generation));
+    if let Some(slot) = scoreboard::global().slot(start.slot) {
+        slot.claim(std::process::id() as i32, Role::Mold, start.generation, 0, State::Mold);
+    }
+}
+
+/// The mold loop: fork workers on request until told to stop or the monitor goes away.
+pub(crate) fn run<A: App>(app: &mut A, start: Start<'_>) -> i32 {
+    set_identity(&start);
+    let pid = std::process::id() as i32;
+    if start.channel.send(&Report::Hello { pid }, &[]).is_err() || start.channel.send(&Report::Ready, &[]).is_err() {
+        return 72;
+    }
+    tracing::debug!("mold ready");
+    let mut fork_failures = 0;
+    loop {
+        let received = match start.channel.recv::<Command>(true) {
+            Ok(Some(r)) => r,
+            Ok(None) => return 0,
+            Err(ChannelError::Io(e)) => {
+                tracing::error!(error = %e, "mold channel failed");
+                return 72;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "bad message from the monitor");
+                continue;
+            }
+        };
+        match received.msg {
+            Command::SpawnWorker { nr, slot } => {
+                let Some(fd) = received.fds.into_iter().next() else {
+                    let _ = start.channel.send(&Report::SpawnFailed { slot, error: "no channel passed".into() }, &[]);
+                    continue;
+                };
+                match spawn_worker(app, &start, nr, slot, Channel::from_fd(fd)) {
+                    Ok(()) => fork_failures = 0,
+                    Err(e) => {
+                        fork_failures += 1;
+                        tracing::error!(error = %e, nr, "fork failed");
+                        let _ = start.channel.send(&Report::SpawnFailed { slot, error: e.to_string() }, &[]);
+                        if fork_failures >= 2 {
+                            // The monitor notices and makes a fresh generation-0 mold.
+                            return 75;
+                        }
+                    }
+                }
+            }
+            Command::Stop { .. } => return 0,
+            Command::Promote { .. } => tracing::warn!("ignoring Promote sent to a mold"),
+        }
+    }
+}
+
+/// Forks worker `nr` as a sibling: the middle process reports the worker's pid and exits at once.
+fn spawn_worker<A: App>(app: &mut A, start: &Start<'_>, nr: u32, slot: u32, channel: Channel) -> std::io::Result<()> {
+    match process::fork()? {
+        Forked::Parent(middle) => {
+            drop(channel);
+            let _ = waitpid(middle, None);
+            Ok(())
+        }
+        Forked::Child => child::run_child(|| match process::fork() {
+            Ok(Forked::Parent(worker)) => {
+                let _ = start.channel.send(&Report::Spawned { slot, pid: worker.as_raw() }, &[]);
+                0
+            }
+            Ok(Forked::Child) => child::run_child(|| {
+                let mut keep: Vec<_> = start.listeners.iter().map(Listener::raw_fd).collect();
+                keep.push(channel.as_raw_fd());
+                child::after_fork(start.monitor, &keep);
+                let outcome = worker::run(
+                    app,
+                    worker::Start {
+                        nr,
+                        generation: start.generation,
+                        slot: slot as usize,
+                        channel,
+                        listeners: start.listeners,
+                        config: start.config,
+                    },
+                );
+                match outcome {
+                    worker::Outcome::Exit(code) => code,
+                    worker::Outcome::Promote { generation, slot, channel } => become_mold(app, start, generation, slot, channel),
+                }
+            }),
+            Err(e) => {
+                let _ = start.channel.send(&Report::SpawnFailed { slot, error: e.to_string() }, &[]);
+                1
+            }
+        }),
+    }
+}
+
+/// A worker whose runtime is gone becomes the mold of `generation`.
+fn become_mold<A: App>(app: &mut A, parent: &Start<'_>, generation: u32, slot: usize, channel: Channel) -> i32 {
+    if let Err(e) = app.before_mold() {
+        let _ = channel.send(&Report::PromotionFailed { reason: format!("before_mold failed: {e:#}") }, &[]);
+        return 0;
+    }
+    if let Err(e) = process::await_single_threaded(Duration::from_secs(1)) {
+        let _ = channel.send(&Report::PromotionFailed { reason: e.to_string() }, &[]);
+        return 0;
+    }
+    let start = Start { monitor: parent.monitor, generation, slot, channel, listeners: parent.listeners, config: parent.config };
+    run(app, start)
+}

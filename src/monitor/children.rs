@@ -1,0 +1,99 @@
+//! The monitor's table of children: one entry per scoreboard slot in use.
+
+use std::time::Instant;
+
+use nix::unistd::Pid;
+
+use crate::ipc::channel::Channel;
+
+/// The role of a child.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Mold,
+    Worker,
+}
+
+impl Kind {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Kind::Mold => "mold",
+            Kind::Worker => "worker",
+        }
+    }
+}
+
+/// Where a child is in its life, as the monitor sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Forked or requested, not ready yet.
+    Starting,
+    /// Serving (worker) or able to fork (mold).
+    Ready,
+    /// A worker asked to become a mold.
+    Promoting,
+    /// Asked to stop; killed at `kill_at` if still alive.
+    Retiring { reason: String, kill_at: Instant },
+}
+
+/// One child process.
+#[derive(Debug)]
+pub(crate) struct Child {
+    /// None until the mold reports the fork (or the worker says hello).
+    pub pid: Option<Pid>,
+    pub kind: Kind,
+    pub nr: u32,
+    pub generation: u32,
+    /// None once the child closed its end.
+    pub channel: Option<Channel>,
+    pub phase: Phase,
+    pub started: Instant,
+    /// Set when a limit was reached: a replacement is started, then this one is retired.
+    pub recycle: Option<String>,
+    /// Requests after which this worker is recycled (max_requests plus its jitter), 0 = never.
+    pub max_requests: u64,
+    /// When its PSS was last read (PSS is costly to read).
+    pub pss_checked: Option<Instant>,
+    /// Graceful stop already asked for by the hang detector.
+    pub hang_warned: bool,
+    /// The generation this worker becomes the mold of, while promoting.
+    pub promoted_generation: u32,
+}
+
+impl Child {
+    pub(crate) fn new(kind: Kind, nr: u32, generation: u32, channel: Channel) -> Child {
+        Child {
+            pid: None,
+            kind,
+            nr,
+            generation,
+            channel: Some(channel),
+            phase: Phase::Starting,
+            started: Instant::now(),
+            recycle: None,
+            max_requests: 0,
+            pss_checked: None,
+            hang_warned: false,
+            promoted_generation: 0,
+        }
+    }
+
+    pub(crate) fn is_retiring(&self) -> bool {
+        matches!(self.phase, Phase::Retiring { .. })
+    }
+
+    /// A worker that counts towards the target: not leaving.
+    pub(crate) fn is_active_worker(&self) -> bool {
+        self.kind == Kind::Worker && !self.is_retiring() && self.recycle.is_none() && self.phase != Phase::Promoting
+    }
+
+    pub(crate) fn pid_raw(&self) -> i32 {
+        self.pid.map(|p| p.as_raw()).unwrap_or(0)
+    }
+
+    pub(crate) fn label(&self) -> String {
+        match self.kind {
+            Kind::Mold => format!("mold (gen:{})", self.generation),
+            Kind::Worker => format!("worker[{}] (gen:{})", self.nr, self.generation),
+        }
+    }
+}

@@ -1,0 +1,725 @@
+//! The monitor: a single-threaded poll loop that keeps the tree alive.
+//!
+//! It never runs app code and never starts a thread (it forks). One `poll` covers the signalfd,
+//! one channel per child, the control socket and a timer; every decision is made in
+//! [`Monitor::reconcile`], which compares the table of children with the target and acts.
+
+mod children;
+mod limits;
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::app::App;
+use crate::child;
+use crate::config::Config;
+use crate::control::{self, ControlServer};
+use crate::ipc::channel::{Channel, ChannelError};
+use crate::ipc::message::{Command, Report};
+use crate::ipc::scoreboard::{self, Scoreboard};
+use crate::listener::Listener;
+use crate::mold;
+use crate::sys::process::{self, Forked};
+
+pub(crate) use children::{Child, Kind, Phase};
+
+/// Why the monitor could not start or had to give up.
+#[derive(Debug, thiserror::Error)]
+pub enum MonitorError {
+    /// The configuration or the app's check refused to start (exit code 2).
+    #[error("{0}")]
+    Config(String),
+    /// A system call failed while starting.
+    #[error("{what}: {source}")]
+    Setup {
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Children kept failing to start.
+    #[error("giving up after {0} consecutive failed spawns: {1}")]
+    SpawnErrors(u32, String),
+}
+
+impl MonitorError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            MonitorError::Config(_) => 2,
+            MonitorError::Setup { .. } => 2,
+            MonitorError::SpawnErrors(..) => 1,
+        }
+    }
+}
+
+fn setup(what: &'static str) -> impl FnOnce(std::io::Error) -> MonitorError {
+    move |source| MonitorError::Setup { what, source }
+}
+
+/// What the loop is doing overall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Running,
+    Stopping { graceful: bool, deadline: Instant },
+}
+
+/// The monitor's state.
+pub(crate) struct Monitor {
+    pub(crate) config: Config,
+    pub(crate) listeners: Vec<Listener>,
+    pub(crate) board: &'static Scoreboard,
+    signals: SignalFd,
+    pub(crate) control: Option<ControlServer>,
+    /// Children by scoreboard slot.
+    pub(crate) children: BTreeMap<usize, Child>,
+    pub(crate) target: usize,
+    mode: Mode,
+    pid: Pid,
+    pub(crate) started: Instant,
+    spawn_errors: u32,
+    last_spawn_error: String,
+    backoff_until: Option<Instant>,
+    announced_ready: bool,
+    title: String,
+    pid_file: Option<PathBuf>,
+    /// Restarts by reason, for metrics.
+    pub(crate) restarts: BTreeMap<String, u64>,
+    spawn_mold: fn(&mut Monitor) -> std::io::Result<()>,
+    last_limits: Instant,
+}
+
+/// Runs the server with app `A` until it is stopped. Returns the exit code.
+pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
+    A::check(&config).map_err(|e| MonitorError::Config(format!("{e:#}")))?;
+    let listeners = Listener::bind_all(&config).map_err(|e| MonitorError::Config(e.to_string()))?;
+    let control = ControlServer::bind(&config.control_socket).map_err(|e| MonitorError::Config(e.to_string()))?;
+    let capacity = config.max_workers + config.refork_max_unavailable + 2;
+    let board = scoreboard::install(Scoreboard::create(capacity).map_err(setup("cannot create the scoreboard"))?);
+    let mut mask = SigSet::empty();
+    for sig in HANDLED_SIGNALS {
+        mask.add(sig);
+    }
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)
+        .map_err(|e| setup("cannot block signals")(e.into()))?;
+    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .map_err(|e| setup("cannot create the signalfd")(e.into()))?;
+    process::set_child_subreaper().map_err(setup("cannot become a subreaper"))?;
+    let pid_file = config.pid_file.clone();
+    if let Some(path) = &pid_file {
+        write_pid_file(path).map_err(setup("cannot write the pid file"))?;
+    }
+    crate::log::set_process_tag("monitor".into());
+    let addrs: Vec<String> = listeners.iter().map(|l| l.addr().to_string()).collect();
+    tracing::info!(listen = addrs.join(","), workers = config.workers, app = %config.app, "starting");
+    let mut monitor = Monitor {
+        target: config.workers,
+        config,
+        listeners,
+        board,
+        signals,
+        control: Some(control),
+        children: BTreeMap::new(),
+        mode: Mode::Running,
+        pid: nix::unistd::getpid(),
+        started: Instant::now(),
+        spawn_errors: 0,
+        last_spawn_error: String::new(),
+        backoff_until: None,
+        announced_ready: false,
+        title: String::new(),
+        pid_file,
+        restarts: BTreeMap::new(),
+        spawn_mold: fork_mold::<A>,
+        last_limits: Instant::now(),
+    };
+    let result = monitor.run_loop();
+    monitor.cleanup();
+    result
+}
+
+/// Signals the monitor reads from its signalfd.
+const HANDLED_SIGNALS: [Signal; 10] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGQUIT,
+    Signal::SIGHUP,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGTTIN,
+    Signal::SIGTTOU,
+    Signal::SIGCHLD,
+    Signal::SIGWINCH,
+];
+
+fn write_pid_file(path: &std::path::Path) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{}\n", std::process::id()))?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Forks the generation-0 mold (monomorphized per app).
+fn fork_mold<A: App>(m: &mut Monitor) -> std::io::Result<()> {
+    let slot = m.free_slot().ok_or_else(|| std::io::Error::other("no free scoreboard slot"))?;
+    let (mine, theirs) = Channel::pair()?;
+    m.board.clear(slot);
+    match process::fork()? {
+        Forked::Parent(pid) => {
+            drop(theirs);
+            let mut c = Child::new(Kind::Mold, 0, 0, mine);
+            c.pid = Some(pid);
+            tracing::info!(pid = pid.as_raw(), "forked mold (gen:0)");
+            m.children.insert(slot, c);
+            Ok(())
+        }
+        Forked::Child => child::run_child(|| {
+            let mut keep: Vec<_> = m.listeners.iter().map(Listener::raw_fd).collect();
+            keep.push(theirs.as_raw_fd());
+            child::after_fork(m.pid, &keep);
+            mold::run_generation_zero::<A>(mold::Start {
+                monitor: m.pid,
+                generation: 0,
+                slot,
+                channel: theirs,
+                listeners: &m.listeners,
+                config: &m.config,
+            })
+        }),
+    }
+}
+
+impl Monitor {
+    fn run_loop(&mut self) -> Result<u8, MonitorError> {
+        self.reconcile()?;
+        loop {
+            let timeout = self.poll_timeout();
+            let ready = self.wait(timeout);
+            for source in ready {
+                match source {
+                    Source::Signals => self.on_signals(),
+                    Source::Child(slot) => self.on_child_readable(slot),
+                    Source::Control => self.on_control(),
+                    Source::ControlClient(i) => self.on_control_client(i),
+                }
+            }
+            self.reap();
+            self.check_limits();
+            if let Mode::Stopping { deadline, .. } = self.mode {
+                if self.children.is_empty() {
+                    tracing::info!("stopped");
+                    return Ok(0);
+                }
+                if Instant::now() >= deadline {
+                    self.kill_everything();
+                    tracing::info!("stopped (remaining processes killed at the deadline)");
+                    return Ok(0);
+                }
+            }
+            self.reconcile()?;
+            self.update_title();
+        }
+    }
+
+    /// Polls every source once; returns those that are readable.
+    fn wait(&mut self, timeout: Duration) -> Vec<Source> {
+        let mut sources = vec![Source::Signals];
+        let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
+        for (slot, c) in &self.children {
+            if let Some(ch) = &c.channel {
+                sources.push(Source::Child(*slot));
+                fds.push(PollFd::new(ch.as_fd(), PollFlags::POLLIN));
+            }
+        }
+        if let Some(control) = &self.control {
+            sources.push(Source::Control);
+            fds.push(PollFd::new(control.listener_fd(), PollFlags::POLLIN));
+            for (i, fd) in control.client_fds().enumerate() {
+                sources.push(Source::ControlClient(i));
+                fds.push(PollFd::new(fd, PollFlags::POLLIN));
+            }
+        }
+        let ms = timeout.as_millis().min(60_000) as u16;
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) | Err(_) => Vec::new(),
+            Ok(_) => fds
+                .iter()
+                .zip(sources)
+                .filter(|(fd, _)| fd.revents().is_some_and(|r| !r.is_empty()))
+                .map(|(_, s)| s)
+                .collect(),
+        }
+    }
+
+    fn poll_timeout(&self) -> Duration {
+        let mut t = Duration::from_millis(250);
+        let now = Instant::now();
+        if let Some(b) = self.backoff_until {
+            t = t.min(b.saturating_duration_since(now));
+        }
+        if let Mode::Stopping { deadline, .. } = self.mode {
+            t = t.min(deadline.saturating_duration_since(now)).min(Duration::from_millis(50));
+        }
+        t.max(Duration::from_millis(1))
+    }
+
+    fn on_signals(&mut self) {
+        while let Ok(Some(info)) = self.signals.read_signal() {
+            let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else { continue };
+            match sig {
+                Signal::SIGCHLD => {} // reaped after every wake-up
+                Signal::SIGINT => self.stop(false, "SIGINT"),
+                Signal::SIGTERM | Signal::SIGQUIT => self.stop(true, sig.as_str()),
+                Signal::SIGTTIN => {
+                    self.scale(self.target + 1, "SIGTTIN");
+                }
+                Signal::SIGTTOU => {
+                    self.scale(self.target.saturating_sub(1), "SIGTTOU");
+                }
+                Signal::SIGUSR1 => tracing::info!("SIGUSR1: logs go to stderr; nothing to reopen"),
+                Signal::SIGUSR2 => self.refork("SIGUSR2"),
+                Signal::SIGHUP => tracing::warn!("SIGHUP: in-place reload is not implemented yet; ignoring"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Changes the number of workers, within 1..=max_workers. Returns the new target.
+    pub(crate) fn scale(&mut self, n: usize, why: &str) -> usize {
+        if self.mode != Mode::Running {
+            return self.target;
+        }
+        let n = n.clamp(1, self.config.max_workers);
+        if n != self.target {
+            tracing::info!(from = self.target, to = n, "{why}: scaling");
+            self.target = n;
+        }
+        n
+    }
+
+    /// Starts a graceful or quick stop of the whole tree.
+    pub(crate) fn stop(&mut self, graceful: bool, why: &str) {
+        if let Mode::Stopping { graceful: was_graceful, .. } = self.mode {
+            if was_graceful && !graceful {
+                tracing::info!("{why}: quick stop");
+            } else {
+                return;
+            }
+        } else {
+            tracing::info!(graceful, "{why}: stopping");
+        }
+        let wait = if graceful { self.config.graceful_timeout } else { Duration::from_secs(1) };
+        self.mode = Mode::Stopping { graceful, deadline: Instant::now() + wait };
+        let slots: Vec<usize> = self.children.keys().copied().collect();
+        for slot in slots {
+            if graceful {
+                self.retire(slot, "stop");
+            } else if let Some(c) = self.children.get(&slot) {
+                if let Some(pid) = c.pid {
+                    let _ = kill(pid, Signal::SIGTERM);
+                }
+            }
+        }
+    }
+
+    /// Asks a child to stop gracefully; it is killed if still alive after graceful_timeout.
+    pub(crate) fn retire(&mut self, slot: usize, reason: &str) {
+        let grace = self.config.graceful_timeout;
+        let Some(c) = self.children.get_mut(&slot) else { return };
+        if c.is_retiring() {
+            return;
+        }
+        tracing::info!(nr = c.nr, pid = c.pid_raw(), generation = c.generation, reason, "retiring {}", c.kind.name());
+        let sent = c.channel.as_ref().is_some_and(|ch| ch.send(&Command::Stop { graceful: true }, &[]).is_ok());
+        if !sent {
+            if let Some(pid) = c.pid {
+                let _ = kill(pid, Signal::SIGTERM);
+            }
+        }
+        c.phase = Phase::Retiring { reason: reason.to_string(), kill_at: Instant::now() + grace };
+    }
+
+    /// Kills a child at once, logging why.
+    pub(crate) fn kill_child(&mut self, slot: usize, reason: &str) {
+        let Some(c) = self.children.get_mut(&slot) else { return };
+        let request = self.board.read(slot).filter(|v| v.in_flight > 0).map(|v| v.request).unwrap_or_default();
+        tracing::warn!(
+            nr = c.nr,
+            pid = c.pid_raw(),
+            generation = c.generation,
+            reason,
+            request = %request,
+            "killing {}",
+            c.kind.name()
+        );
+        match c.pid {
+            Some(pid) => {
+                let _ = kill(pid, Signal::SIGKILL);
+                c.phase = Phase::Retiring { reason: reason.to_string(), kill_at: Instant::now() };
+            }
+            None => {
+                // Requested from the mold but never reported: forget it.
+                self.children.remove(&slot);
+                self.board.clear(slot);
+            }
+        }
+    }
+
+    fn refork(&mut self, why: &str) {
+        tracing::info!("{why}: refork requested");
+        crate::monitor::limits::request_refork(self);
+    }
+
+    fn on_child_readable(&mut self, slot: usize) {
+        loop {
+            let Some(c) = self.children.get_mut(&slot) else { return };
+            let Some(ch) = &c.channel else { return };
+            match ch.recv::<Report>(false) {
+                Ok(Some(r)) => self.on_report(slot, r.msg),
+                Ok(None) => {
+                    // The child closed its end: it is exiting. SIGCHLD follows.
+                    c.channel = None;
+                    return;
+                }
+                Err(ChannelError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(ChannelError::Decode(crate::ipc::message::DecodeError::Version(v))) => {
+                    tracing::warn!(slot, version = v, "child speaks another wire version; retiring it");
+                    self.retire(slot, "wire version");
+                    return;
+                }
+                Err(e) => {
+                    // Broken peer: replace it, never trust it again.
+                    c.channel = None;
+                    let reason = format!("malformed message: {e}");
+                    self.kill_child(slot, &reason);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_report(&mut self, slot: usize, report: Report) {
+        let Some(c) = self.children.get_mut(&slot) else { return };
+        match report {
+            Report::Hello { pid } => {
+                if c.pid.is_none() && pid > 1 {
+                    c.pid = Some(Pid::from_raw(pid));
+                }
+            }
+            Report::Ready => {
+                if c.phase == Phase::Starting || c.phase == Phase::Promoting {
+                    let was_promoting = c.phase == Phase::Promoting;
+                    let elapsed = c.started.elapsed();
+                    c.phase = Phase::Ready;
+                    tracing::info!(
+                        pid = c.pid_raw(),
+                        elapsed_ms = elapsed.as_millis() as u64,
+                        "{} ready",
+                        c.label()
+                    );
+                    self.spawn_errors = 0;
+                    let (kind, nr) = (c.kind, c.nr);
+                    if kind == Kind::Worker && !was_promoting {
+                        self.retire_replaced(nr, slot);
+                    } else {
+                        limits::on_mold_ready(self, slot);
+                    }
+                }
+            }
+            Report::Spawned { slot: worker_slot, pid } => {
+                if let Some(w) = self.children.get_mut(&(worker_slot as usize)) {
+                    if w.pid.is_none() && pid > 1 {
+                        w.pid = Some(Pid::from_raw(pid));
+                    }
+                }
+            }
+            Report::SpawnFailed { slot: worker_slot, error } => {
+                tracing::error!(error, "mold could not fork a worker");
+                self.children.remove(&(worker_slot as usize));
+                self.spawn_failed(error);
+            }
+            Report::Exiting { reason } => {
+                tracing::warn!(reason, "{} exiting", c.label());
+                self.last_spawn_error = reason;
+            }
+            Report::PromotionFailed { reason } => {
+                tracing::warn!(reason, "{} cannot be promoted", c.label());
+                limits::on_promotion_failed(self, slot);
+            }
+        }
+    }
+
+    /// A new worker `nr` is ready: retire the worker it replaces, if any.
+    fn retire_replaced(&mut self, nr: u32, new_slot: usize) {
+        let old = self
+            .children
+            .iter()
+            .find(|(s, c)| **s != new_slot && c.kind == Kind::Worker && c.nr == nr && c.recycle.is_some() && !c.is_retiring())
+            .map(|(s, c)| (*s, c.recycle.clone().unwrap_or_default()));
+        if let Some((slot, reason)) = old {
+            if reason == limits::PROMOTE {
+                limits::promote(self, slot);
+            } else {
+                self.retire(slot, &reason);
+            }
+        }
+    }
+
+    fn spawn_failed(&mut self, error: String) {
+        self.spawn_errors += 1;
+        self.last_spawn_error = error;
+        let exp = self.spawn_errors.saturating_sub(1).min(6);
+        let delay = Duration::from_millis(100 << exp).min(Duration::from_secs(5));
+        self.backoff_until = Some(Instant::now() + delay);
+    }
+
+    /// Reaps every child that exited, logs why, and counts failed starts.
+    fn reap(&mut self) {
+        loop {
+            let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(s) => s,
+            };
+            let (pid, how) = match status {
+                WaitStatus::Exited(pid, code) => (pid, format!("exit code {code}")),
+                WaitStatus::Signaled(pid, sig, core) => {
+                    (pid, format!("signal {}{}", sig.as_str(), if core { " (core dumped)" } else { "" }))
+                }
+                _ => continue,
+            };
+            let Some(slot) = self.children.iter().find(|(_, c)| c.pid == Some(pid)).map(|(s, _)| *s) else {
+                tracing::info!(pid = pid.as_raw(), how, "reaped an orphan");
+                continue;
+            };
+            let c = self.children.remove(&slot).expect("slot found above");
+            self.board.clear(slot);
+            let expected = c.is_retiring() || self.mode != Mode::Running;
+            let reason = match &c.phase {
+                Phase::Retiring { reason, .. } => reason.clone(),
+                _ => "died".to_string(),
+            };
+            if expected {
+                tracing::info!(pid = pid.as_raw(), nr = c.nr, generation = c.generation, reason, how, "{} exited", c.kind.name());
+            } else {
+                tracing::warn!(pid = pid.as_raw(), nr = c.nr, generation = c.generation, how, "{} died", c.kind.name());
+            }
+            if self.mode == Mode::Running {
+                *self.restarts.entry(if expected { reason } else { "died".into() }).or_default() += 1;
+                if c.phase == Phase::Starting {
+                    self.spawn_failed(format!("{} exited before it was ready ({how})", c.label()));
+                }
+                if c.phase == Phase::Promoting {
+                    limits::on_promotion_failed(self, slot);
+                }
+            }
+        }
+    }
+
+    fn free_slot(&self) -> Option<usize> {
+        (0..self.board.capacity()).find(|s| !self.children.contains_key(s))
+    }
+
+    /// The mold that new workers come from: the newest ready one.
+    pub(crate) fn current_mold(&self) -> Option<(usize, &Child)> {
+        self.children
+            .iter()
+            .filter(|(_, c)| c.kind == Kind::Mold && c.phase == Phase::Ready)
+            .max_by_key(|(_, c)| c.generation)
+            .map(|(s, c)| (*s, c))
+    }
+
+    /// Compares the table with the target and acts: get a mold, start missing workers, retire
+    /// extra ones, kill what outlived its deadline.
+    fn reconcile(&mut self) -> Result<(), MonitorError> {
+        let now = Instant::now();
+        // Deadlines: retiring children past their grace, children that never got ready.
+        let overdue: Vec<(usize, String)> = self
+            .children
+            .iter()
+            .filter_map(|(s, c)| match &c.phase {
+                Phase::Retiring { kill_at, reason } if now >= *kill_at && c.pid.is_some() => {
+                    Some((*s, format!("{reason}: still alive after graceful_timeout")))
+                }
+                Phase::Starting | Phase::Promoting if c.started.elapsed() > self.config.spawn_timeout => {
+                    Some((*s, "not ready within spawn_timeout".to_string()))
+                }
+                _ => None,
+            })
+            .collect();
+        for (slot, reason) in overdue {
+            let starting = self.children.get(&slot).is_some_and(|c| !c.is_retiring());
+            self.kill_child(slot, &reason);
+            if starting {
+                self.spawn_failed(reason);
+            }
+        }
+        if self.mode != Mode::Running {
+            return Ok(());
+        }
+        if self.spawn_errors >= self.config.max_consecutive_spawn_errors {
+            let error = MonitorError::SpawnErrors(self.spawn_errors, self.last_spawn_error.clone());
+            tracing::error!("{error}");
+            self.stop(false, "spawn errors");
+            self.kill_everything();
+            return Err(error);
+        }
+        if self.backoff_until.is_some_and(|b| now < b) {
+            return Ok(());
+        }
+        self.backoff_until = None;
+        // A mold, always.
+        let has_mold = self.children.values().any(|c| c.kind == Kind::Mold && !c.is_retiring());
+        if !has_mold {
+            if let Err(e) = (self.spawn_mold)(self) {
+                tracing::error!(error = %e, "cannot fork the mold");
+                self.spawn_failed(e.to_string());
+            }
+            return Ok(());
+        }
+        // Retire extra workers: the highest numbers first.
+        let mut active: Vec<(u32, usize)> =
+            self.children.iter().filter(|(_, c)| c.is_active_worker()).map(|(s, c)| (c.nr, *s)).collect();
+        active.sort();
+        while active.len() > self.target {
+            let (_, slot) = active.pop().expect("non-empty");
+            self.retire(slot, "scaled down");
+        }
+        // Start missing workers from the current mold.
+        let Some((mold_slot, mold)) = self.current_mold() else { return Ok(()) };
+        let generation = mold.generation;
+        let used: Vec<u32> = active.iter().map(|(nr, _)| *nr).collect();
+        let mut missing: Vec<u32> = (0..self.target as u32).filter(|nr| !used.contains(nr)).collect();
+        missing.truncate(self.target.saturating_sub(active.len()));
+        for nr in missing {
+            if let Err(e) = self.request_worker(mold_slot, nr, generation) {
+                tracing::error!(error = %e, nr, "cannot request a worker");
+                self.spawn_failed(e.to_string());
+                break;
+            }
+        }
+        self.announce_ready();
+        Ok(())
+    }
+
+    fn request_worker(&mut self, mold_slot: usize, nr: u32, generation: u32) -> std::io::Result<()> {
+        let slot = self.free_slot().ok_or_else(|| std::io::Error::other("no free scoreboard slot"))?;
+        let (mine, theirs) = Channel::pair()?;
+        self.board.clear(slot);
+        let mold = self.children.get(&mold_slot).and_then(|m| m.channel.as_ref()).ok_or_else(|| std::io::Error::other("mold channel closed"))?;
+        mold.send(&Command::SpawnWorker { nr, slot: slot as u32 }, &[theirs.as_fd()])?;
+        let mut c = Child::new(Kind::Worker, nr, generation, mine);
+        c.max_requests = limits::max_requests_for(&self.config, slot);
+        self.children.insert(slot, c);
+        Ok(())
+    }
+
+    fn announce_ready(&mut self) {
+        if self.announced_ready {
+            return;
+        }
+        let ready = self.children.values().filter(|c| c.kind == Kind::Worker && c.phase == Phase::Ready).count();
+        if ready >= self.target {
+            self.announced_ready = true;
+            let addrs: Vec<String> = self.listeners.iter().map(|l| l.addr().to_string()).collect();
+            tracing::info!(workers = ready, listen = addrs.join(","), "tine ready");
+        }
+    }
+
+    fn update_title(&mut self) {
+        let generation = self.current_mold().map(|(_, m)| m.generation).unwrap_or(0);
+        let ready = self.children.values().filter(|c| c.kind == Kind::Worker && c.phase == Phase::Ready).count();
+        let title = format!("tine monitor (gen:{generation} workers:{ready}/{})", self.target);
+        if title != self.title {
+            crate::sys::proctitle::set(&title);
+            self.title = title;
+        }
+    }
+
+    /// SIGKILLs every child, known or adopted orphan, and reaps them.
+    fn kill_everything(&mut self) {
+        for c in self.children.values() {
+            if let Some(pid) = c.pid {
+                let _ = kill(pid, Signal::SIGKILL);
+            }
+        }
+        for pid in own_children() {
+            let _ = kill(pid, Signal::SIGKILL);
+        }
+        let until = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < until {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => std::thread::sleep(Duration::from_millis(5)),
+                Ok(_) => {}
+                Err(_) => break, // ECHILD: none left
+            }
+        }
+        self.children.clear();
+    }
+
+    fn cleanup(&mut self) {
+        for pid in own_children() {
+            let _ = kill(pid, Signal::SIGKILL);
+        }
+        for l in &self.listeners {
+            l.cleanup();
+        }
+        if let Some(control) = self.control.take() {
+            control.cleanup();
+        }
+        if let Some(path) = &self.pid_file {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    fn on_control(&mut self) {
+        if let Some(control) = &mut self.control {
+            control.accept();
+        }
+    }
+
+    fn on_control_client(&mut self, i: usize) {
+        let Some(mut control) = self.control.take() else { return };
+        if let Some(request) = control.read(i) {
+            let reply = control::handle(self, request.command);
+            control.reply(request.client, reply);
+        }
+        self.control = Some(control);
+    }
+
+    pub(crate) fn is_running(&self) -> bool {
+        self.mode == Mode::Running
+    }
+}
+
+/// A readable poll source.
+enum Source {
+    Signals,
+    Child(usize),
+    Control,
+    ControlClient(usize),
+}
+
+/// Children of this process, from `/proc/self/task/*/children` (includes adopted orphans).
+fn own_children() -> Vec<Pid> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for t in tasks.flatten() {
+            if let Ok(text) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(text.split_whitespace().filter_map(|p| p.parse().ok()).map(Pid::from_raw));
+            }
+        }
+    }
+    out
+}
+
+/// `tine ctl refork`.
+pub(crate) fn request_refork_from_ctl(m: &mut Monitor) {
+    m.refork("ctl refork");
+}

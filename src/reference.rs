@@ -1,0 +1,177 @@
+//! The reference apps of the `tine` binary: `hello` (the benchmark app), `static` (files under
+//! `--root`) and `cache-demo` (lazily warmed blocks that make reforking's memory effect visible).
+
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use tine::app::{full, Body, Request};
+use tine::{App, Config, Context, Handler, Worker};
+
+/// The app selected by `--app`.
+pub enum Reference {
+    Hello { debug_routes: bool },
+    Static { root: PathBuf },
+    CacheDemo { table: &'static [OnceLock<Block>], block_kb: u64 },
+}
+
+/// One memoized block of the cache demo: its bytes and their checksum.
+pub struct Block {
+    bytes: &'static [u8],
+    checksum: u64,
+}
+
+impl App for Reference {
+    fn check(config: &Config) -> anyhow::Result<()> {
+        match config.app.as_str() {
+            "hello" => Ok(()),
+            "static" => {
+                let root = config.root.as_ref().context("invalid value for `root`: the static app needs --root DIR")?;
+                if !root.is_dir() {
+                    bail!("invalid value {:?} for `root`: expected an existing directory", root.display().to_string());
+                }
+                Ok(())
+            }
+            "cache-demo" => {
+                if config.keys == 0 || config.keys > 1 << 20 {
+                    bail!("invalid value {} for `keys`: expected 1 to 1048576", config.keys);
+                }
+                if config.block_kb == 0 || config.block_kb > 1 << 16 {
+                    bail!("invalid value {} for `block_kb`: expected 1 to 65536", config.block_kb);
+                }
+                Ok(())
+            }
+            other => bail!("invalid value {other:?} for `app`: expected hello, static or cache-demo"),
+        }
+    }
+
+    fn preload(ctx: &Context) -> anyhow::Result<Self> {
+        let config = ctx.config();
+        Ok(match config.app.as_str() {
+            "static" => {
+                let root = config.root.clone().context("static app needs a root")?;
+                Reference::Static { root: root.canonicalize().with_context(|| format!("root {}", root.display()))? }
+            }
+            "cache-demo" => {
+                // The table of empty cells is shared by every worker; a worker fills the cells it
+                // needs. Leaked to give plain `&'static` reads: no reference counts to write.
+                let table: Vec<OnceLock<Block>> = (0..config.keys).map(|_| OnceLock::new()).collect();
+                Reference::CacheDemo { table: Box::leak(table.into_boxed_slice()), block_kb: config.block_kb }
+            }
+            _ => Reference::Hello { debug_routes: config.debug_routes },
+        })
+    }
+
+    fn boot(&self, _worker: &Worker) -> anyhow::Result<Handler> {
+        Ok(match self {
+            Reference::Hello { debug_routes } => {
+                let debug = *debug_routes;
+                Handler::http(tower::service_fn(move |req: Request| hello(req, debug)))
+            }
+            Reference::Static { root } => static_files(root.clone()),
+            Reference::CacheDemo { table, block_kb } => {
+                let (table, block_kb) = (*table, *block_kb);
+                Handler::http(tower::service_fn(move |req: Request| async move { Ok::<_, Infallible>(cache(table, block_kb, &req)) }))
+            }
+        })
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(full(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r
+}
+
+async fn hello(req: Request, debug: bool) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path();
+    if path == "/" {
+        return Ok(text(StatusCode::OK, "hello\n"));
+    }
+    if !debug {
+        return Ok(text(StatusCode::NOT_FOUND, "not found\n"));
+    }
+    let arg = |prefix: &str| path.strip_prefix(prefix).and_then(|n| n.parse::<u64>().ok());
+    Ok(if let Some(ms) = arg("/sleep/") {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        text(StatusCode::OK, "slept\n")
+    } else if path == "/spin" {
+        // Blocks the worker's only thread: what the hang detector is for.
+        #[allow(clippy::empty_loop)]
+        loop {}
+    } else if let Some(kb) = arg("/leak/") {
+        let mut block = vec![0u8; (kb as usize) * 1024];
+        for page in block.chunks_mut(4096) {
+            page[0] = 1;
+        }
+        std::mem::forget(block);
+        text(StatusCode::OK, "leaked\n")
+    } else if path == "/crash" {
+        std::process::abort();
+    } else {
+        text(StatusCode::NOT_FOUND, "not found\n")
+    })
+}
+
+/// Files under `root` through tower-http's `ServeDir` (ranges, ETag/Last-Modified, index files).
+/// `ServeDir` refuses `..` (also percent-encoded); this adds the symlink check: a path that
+/// resolves outside the root is 403.
+fn static_files(root: PathBuf) -> Handler {
+    use tower::ServiceExt;
+    let serve = tower_http::services::ServeDir::new(&root).append_index_html_on_directories(true);
+    Handler::http(tower::service_fn(move |req: Request| {
+        let serve = serve.clone();
+        let escapes = escapes_root(&root, req.uri().path());
+        async move {
+            if escapes {
+                return Ok::<_, Infallible>(text(StatusCode::FORBIDDEN, "forbidden\n"));
+            }
+            let resp = serve.oneshot(req).await?;
+            Ok(resp.map(|b| http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(b, |e| e.into()))))
+        }
+    }))
+}
+
+/// Whether `uri_path` names an existing file whose real path is outside `root` (a symlink out).
+fn escapes_root(root: &Path, uri_path: &str) -> bool {
+    let decoded = percent_encoding::percent_decode_str(uri_path).decode_utf8_lossy();
+    let relative = decoded.trim_start_matches('/');
+    match root.join(relative).canonicalize() {
+        Ok(real) => !real.starts_with(root),
+        Err(_) => false, // missing: ServeDir answers 404
+    }
+}
+
+/// `GET /cache/{k}`: builds block k once in this process, then answers its checksum.
+fn cache(table: &'static [OnceLock<Block>], block_kb: u64, req: &Request) -> Response<Body> {
+    let Some(key) = req.uri().path().strip_prefix("/cache/").and_then(|k| k.parse::<usize>().ok()) else {
+        return text(StatusCode::NOT_FOUND, "try /cache/{key}\n");
+    };
+    let Some(cell) = table.get(key) else {
+        return text(StatusCode::NOT_FOUND, "key out of range\n");
+    };
+    let block = cell.get_or_init(|| build_block(key as u64, block_kb));
+    let mut r = Response::new(full(format!("{key} {:016x} {}\n", block.checksum, block.bytes.len())));
+    *r.status_mut() = StatusCode::OK;
+    r
+}
+
+/// A deterministic pseudo-random block (xorshift seeded by the key), leaked: it lives as long as
+/// the process and is read by plain reference.
+fn build_block(key: u64, block_kb: u64) -> Block {
+    let mut state = key.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut bytes = vec![0u8; (block_kb * 1024) as usize];
+    let mut checksum = 0u64;
+    for chunk in bytes.chunks_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+        checksum = checksum.wrapping_add(state).rotate_left(1);
+    }
+    Block { bytes: Box::leak(bytes.into_boxed_slice()), checksum }
+}

@@ -1,0 +1,277 @@
+//! The wire: versioned messages over `SOCK_SEQPACKET` sockets, with file descriptors.
+//!
+//! One message is one or more packets. Every packet starts with two bytes, the protocol version and
+//! a flag byte (bit 0: more packets follow); the body of the message is the concatenation of the
+//! packets' bodies, encoded with postcard. Descriptors travel with the first packet (SCM_RIGHTS) and
+//! are received with `MSG_CMSG_CLOEXEC`. `MSG_TRUNC` and `MSG_CTRUNC` are checked: a truncated packet
+//! is a protocol error, never a silently shortened message.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
+use serde::{Deserialize, Serialize};
+
+/// Version of the wire format; a peer of another version is refused.
+pub(crate) const VERSION: u8 = 1;
+/// Largest body of one packet; larger messages are split (AF_UNIX datagrams are bounded by the
+/// socket send buffer, about 200 KiB by default).
+const MAX_BODY: usize = 64 * 1024;
+/// Most descriptors one message may carry (the kernel's SCM_MAX_FD is 253).
+pub(crate) const MAX_FDS: usize = 200;
+const FLAG_MORE: u8 = 1;
+
+/// A job call: the registered name of the job type and its serialized value.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Call {
+    /// The stable name the job type was registered under.
+    pub job: String,
+    /// The job, postcard-encoded; descriptors it holds travel beside the message.
+    pub payload: Vec<u8>,
+}
+
+/// Caller → worker.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum ToWorker {
+    /// Run this job and answer with one [`FromWorker`].
+    Run(Call),
+}
+
+/// Why a job failed inside a worker that is still able to talk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum Failure {
+    /// The job panicked; the worker exits after reporting it.
+    Panicked(String),
+    /// The worker could not decode the job.
+    Decode(String),
+    /// The worker could not encode the job's output.
+    Encode(String),
+    /// The worker does not know this job type.
+    UnknownJob(String),
+}
+
+/// Worker → caller.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum FromWorker {
+    /// The job's output, postcard-encoded; descriptors travel beside the message.
+    Done(Vec<u8>),
+    /// The job did not produce an output.
+    Failed(Failure),
+}
+
+/// Pool (in the user's process) → spawner.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum ToSpawner {
+    /// Fork a worker and send back the caller's end of its channel. With a call, the worker runs
+    /// that one job (descriptors beside the message) and exits: one-shot mode.
+    Spawn {
+        /// The job for a one-shot worker.
+        one_shot: Option<Call>,
+    },
+    /// Wait for `pid` to exit (after a SIGKILL if `kill`) and report how it ended.
+    Reap {
+        /// The worker.
+        pid: i32,
+        /// Kill it first.
+        kill: bool,
+    },
+    /// The pool is done with `pid`: reap it whenever it exits (after a SIGKILL if `kill`); no reply.
+    Release {
+        /// The worker.
+        pid: i32,
+        /// Kill it first.
+        kill: bool,
+    },
+}
+
+/// How a process ended, as `waitpid` told the spawner.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) enum Status {
+    /// It exited with this code.
+    Exited(i32),
+    /// A signal killed it.
+    Signaled {
+        /// The signal number.
+        signal: i32,
+        /// Whether it dumped core.
+        core: bool,
+    },
+    /// The spawner could not tell (not its child, or already reaped).
+    Unknown,
+}
+
+/// Spawner → pool.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum FromSpawner {
+    /// The worker runs; the caller's end of its channel is attached.
+    Spawned {
+        /// Its pid.
+        pid: i32,
+    },
+    /// Forking failed.
+    SpawnFailed(String),
+    /// The answer to [`ToSpawner::Reap`].
+    Reaped {
+        /// The worker.
+        pid: i32,
+        /// How it ended.
+        status: Status,
+    },
+}
+
+/// Encodes a message body.
+pub(crate) fn encode<T: Serialize>(msg: &T) -> io::Result<Vec<u8>> {
+    postcard::to_stdvec(msg).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Decodes a message body; malformed input is an error, never a panic.
+pub(crate) fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> io::Result<T> {
+    postcard::from_bytes(body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("malformed message: {e}")))
+}
+
+/// Sends one message, split into packets as needed, with `fds` attached to the first packet.
+///
+/// Blocking: the peer is known to be reading (a worker waits for a job, a caller for its answer).
+/// `MSG_NOSIGNAL` turns a dead peer into `EPIPE` instead of a SIGPIPE.
+pub(crate) fn send(fd: BorrowedFd<'_>, body: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    if fds.len() > MAX_FDS {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("too many descriptors in one message ({} > {MAX_FDS})", fds.len())));
+    }
+    let mut chunks = body.chunks(MAX_BODY).peekable();
+    let mut first = true;
+    if body.is_empty() {
+        return send_packet(fd, &[VERSION, 0], &[], fds);
+    }
+    while let Some(chunk) = chunks.next() {
+        let flags = if chunks.peek().is_some() { FLAG_MORE } else { 0 };
+        let attach: &[RawFd] = if first { fds } else { &[] };
+        send_packet(fd, &[VERSION, flags], chunk, attach)?;
+        first = false;
+    }
+    Ok(())
+}
+
+fn send_packet(fd: BorrowedFd<'_>, header: &[u8; 2], body: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    let iov = [IoSlice::new(header), IoSlice::new(body)];
+    let rights = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
+    loop {
+        match socket::sendmsg::<()>(fd.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(n) if n == header.len() + body.len() => return Ok(()),
+            Ok(n) => {
+                return Err(io::Error::new(io::ErrorKind::WriteZero, format!("short packet: {n} of {} bytes", header.len() + body.len())))
+            }
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// What one receive call produced.
+#[derive(Debug)]
+pub(crate) enum Received {
+    /// A whole message: its body and the descriptors that came with it.
+    Message(Vec<u8>, Vec<OwnedFd>),
+    /// The peer closed its end (for a worker channel: the worker is gone).
+    Eof,
+    /// Nothing to read yet (only with `dontwait`).
+    WouldBlock,
+}
+
+/// Reassembles messages from packets on one socket.
+#[derive(Debug)]
+pub(crate) struct Receiver {
+    scratch: Vec<u8>,
+    cmsg: Vec<u8>,
+    partial: Vec<u8>,
+    fds: Vec<OwnedFd>,
+    in_message: bool,
+}
+
+impl Default for Receiver {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Receiver {
+    /// A receiver with an empty buffer.
+    pub(crate) fn new() -> Self {
+        Receiver { scratch: vec![0; MAX_BODY + 2], cmsg: nix::cmsg_space!([RawFd; MAX_FDS]), partial: Vec::new(), fds: Vec::new(), in_message: false }
+    }
+
+    /// Reads packets until one whole message is in, the peer is gone, or (with `dontwait`) nothing
+    /// more is there yet. A message cut by a `WouldBlock` continues on the next call.
+    pub(crate) fn recv(&mut self, fd: BorrowedFd<'_>, dontwait: bool) -> io::Result<Received> {
+        loop {
+            let mut flags = MsgFlags::MSG_CMSG_CLOEXEC;
+            if dontwait {
+                flags |= MsgFlags::MSG_DONTWAIT;
+            }
+            let mut iov = [IoSliceMut::new(&mut self.scratch)];
+            let msg = match socket::recvmsg::<()>(fd.as_raw_fd(), &mut iov, Some(&mut self.cmsg), flags) {
+                Ok(msg) => msg,
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) => return Ok(Received::WouldBlock),
+                // A peer that dies with unread data in its queue resets the connection.
+                Err(Errno::ECONNRESET) => return Ok(Received::Eof),
+                Err(e) => return Err(e.into()),
+            };
+            let n = msg.bytes;
+            let truncated = msg.flags.contains(MsgFlags::MSG_TRUNC);
+            // Take the descriptors first, whatever else is wrong, so that none leaks.
+            let mut ctrunc = false;
+            let mut got = Vec::new();
+            match msg.cmsgs() {
+                Ok(cmsgs) => {
+                    for c in cmsgs {
+                        if let ControlMessageOwned::ScmRights(raw) = c {
+                            got.extend(raw.into_iter().map(crate::sys::fd::adopt));
+                        }
+                    }
+                }
+                Err(_) => ctrunc = true,
+            }
+            self.fds.append(&mut got);
+            if n == 0 && !self.in_message && self.fds.is_empty() {
+                return Ok(Received::Eof);
+            }
+            if ctrunc || truncated {
+                self.reset();
+                return Err(bad(if ctrunc { "descriptors were truncated (MSG_CTRUNC)" } else { "packet truncated (MSG_TRUNC)" }));
+            }
+            if n < 2 {
+                self.reset();
+                return Err(bad("packet shorter than its header"));
+            }
+            if self.scratch[0] != VERSION {
+                let v = self.scratch[0];
+                self.reset();
+                return Err(bad(&format!("peer speaks wire version {v}, this is version {VERSION}")));
+            }
+            let more = self.scratch[1] & FLAG_MORE != 0;
+            if !more && !self.in_message {
+                // The common case: a message of one packet.
+                let body = self.scratch[2..n].to_vec();
+                return Ok(Received::Message(body, std::mem::take(&mut self.fds)));
+            }
+            self.partial.extend_from_slice(&self.scratch[2..n]);
+            self.in_message = more;
+            if !more {
+                let body = std::mem::take(&mut self.partial);
+                return Ok(Received::Message(body, std::mem::take(&mut self.fds)));
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        self.partial.clear();
+        self.fds.clear();
+        self.in_message = false;
+    }
+}
+
+fn bad(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.to_string())
+}

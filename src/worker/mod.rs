@@ -1,0 +1,195 @@
+//! The worker: serves requests on the inherited listeners until told to stop or to become a mold.
+
+mod http;
+mod stream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use tokio::sync::watch;
+
+use crate::app::{App, Handler, Worker};
+use crate::config::Config;
+use crate::ipc::channel::{Channel, ChannelError};
+use crate::ipc::message::{Command, Report};
+use crate::ipc::scoreboard::{self, Role, SlotWriter, State};
+use crate::listener::Listener;
+
+/// What a worker needs to start, handed over by the mold after the fork.
+pub(crate) struct Start<'a> {
+    pub nr: u32,
+    pub generation: u32,
+    pub slot: usize,
+    pub channel: Channel,
+    pub listeners: &'a [Listener],
+    pub config: &'a Config,
+}
+
+/// How a worker's life ended.
+pub(crate) enum Outcome {
+    /// Exit the process with this code.
+    Exit(i32),
+    /// Become the mold of `generation`, writing scoreboard `slot`; the channel stays.
+    Promote { generation: u32, slot: usize, channel: Channel },
+}
+
+/// What the worker's event loop was asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stop {
+    Running,
+    Graceful,
+    Quick,
+    Promote { generation: u32, slot: u32 },
+}
+
+/// Runs a worker to the end of its life. Called in the freshly forked process, after
+/// `child::after_fork`.
+pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
+    let Start { nr, generation, slot, channel, listeners, config, .. } = start;
+    let title = format!("tine worker[{nr}] (gen:{generation})");
+    crate::sys::proctitle::set(&title);
+    crate::sys::process::set_thread_name(&format!("tine-worker-{nr}"));
+    crate::log::set_process_tag(format!("worker[{nr}] gen:{generation}"));
+    let Some(slot_writer) = scoreboard::global().slot(slot) else {
+        tracing::error!(slot, "scoreboard slot out of range");
+        return Outcome::Exit(72);
+    };
+    let pid = std::process::id() as i32;
+    slot_writer.claim(pid, Role::Worker, generation, nr, State::Booting);
+    if channel.send(&Report::Hello { pid }, &[]).is_err() {
+        return Outcome::Exit(72);
+    }
+    let worker = Worker { nr, generation, config: config.clone() };
+    let handler = match app.boot(&worker) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "boot failed");
+            return Outcome::Exit(3);
+        }
+    };
+    let mut builder = if config.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(config.worker_threads);
+        b
+    };
+    let runtime = match builder.enable_all().thread_name(format!("tine-w{nr}")).build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the runtime");
+            return Outcome::Exit(3);
+        }
+    };
+    let config = Arc::new(config.clone());
+    let (stop, channel) = runtime.block_on(serve(handler, listeners, config.clone(), slot_writer, channel));
+    let Some(channel) = channel else { return Outcome::Exit(0) };
+    match stop {
+        Stop::Promote { generation, slot } => {
+            // The runtime must be gone, threads and all, before this process may fork.
+            runtime.shutdown_timeout(Duration::from_secs(5));
+            Outcome::Promote { generation, slot: slot as usize, channel }
+        }
+        _ => {
+            runtime.shutdown_timeout(Duration::from_millis(100));
+            Outcome::Exit(0)
+        }
+    }
+}
+
+/// Serves until stopped; returns why it stopped.
+async fn serve(
+    handler: Handler,
+    listeners: &[Listener],
+    config: Arc<Config>,
+    slot: SlotWriter<'static>,
+    channel: Channel,
+) -> (Stop, Option<Channel>) {
+    let channel = match crate::sys::fd::register_async(channel) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot register the channel");
+            return (Stop::Quick, None);
+        }
+    };
+    let (stop_tx, stop_rx) = watch::channel(Stop::Running);
+    let mut accept_loops = Vec::new();
+    for listener in listeners {
+        let loop_ = match &handler {
+            Handler::Http(service) => http::spawn_accept_loop(listener, service.clone(), config.clone(), slot, stop_rx.clone()),
+            Handler::Stream(f) => stream::spawn_accept_loop(listener, f.clone(), config.clone(), slot, stop_rx.clone()),
+        };
+        match loop_ {
+            Ok(handle) => accept_loops.push(handle),
+            Err(e) => {
+                tracing::error!(error = %e, listener = %listener.addr(), "cannot serve listener");
+                return (Stop::Quick, None);
+            }
+        }
+    }
+    let heartbeat = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            slot.heartbeat();
+            if !Worker::is_fork_safe() {
+                slot.set_not_fork_safe();
+            }
+        }
+    });
+    slot.set_state(State::Ready);
+    if channel.get_ref().send(&Report::Ready, &[]).is_err() {
+        return (Stop::Quick, None);
+    }
+    let stop = read_commands(&channel).await;
+    heartbeat.abort();
+    if stop == Stop::Quick {
+        return (stop, None);
+    }
+    slot.set_state(State::Draining);
+    let _ = stop_tx.send(stop);
+    // Each accept loop stops accepting, then drains its connections.
+    for handle in accept_loops {
+        let _ = handle.await;
+    }
+    (stop, Some(channel.into_inner()))
+}
+
+/// Reads the monitor's commands until one ends the serving loop.
+async fn read_commands(channel: &AsyncFd<Channel>) -> Stop {
+    loop {
+        let Ok(mut guard) = channel.readable().await else { return Stop::Quick };
+        let received = guard.try_io(|inner| match inner.get_ref().recv::<Command>(false) {
+            Err(ChannelError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => Err(e),
+            other => Ok(other),
+        });
+        let result = match received {
+            Err(_would_block) => continue,
+            Ok(Err(e)) => Err(ChannelError::Io(e)),
+            Ok(Ok(r)) => r,
+        };
+        match result {
+            // The monitor is gone: nobody can supervise this process any more.
+            Ok(None) => return Stop::Quick,
+            Ok(Some(r)) => match r.msg {
+                Command::Stop { graceful: true } => return Stop::Graceful,
+                Command::Stop { graceful: false } => return Stop::Quick,
+                Command::Promote { generation, slot } => {
+                    if Worker::is_fork_safe() {
+                        return Stop::Promote { generation, slot };
+                    }
+                    let report = Report::PromotionFailed { reason: "marked not fork-safe".into() };
+                    let _ = channel.get_ref().send(&report, &[]);
+                }
+                Command::SpawnWorker { .. } => {
+                    tracing::warn!("ignoring SpawnWorker sent to a worker");
+                }
+            },
+            Err(e) => {
+                tracing::error!(error = %e, "bad message from the monitor");
+                return Stop::Quick;
+            }
+        }
+    }
+}
