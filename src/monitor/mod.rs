@@ -6,6 +6,7 @@
 
 mod children;
 mod limits;
+mod refork;
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd};
@@ -374,7 +375,7 @@ impl Monitor {
 
     fn refork(&mut self, why: &str) {
         tracing::info!("{why}: refork requested");
-        crate::monitor::limits::request_refork(self);
+        refork::request_refork(self);
     }
 
     fn on_child_readable(&mut self, slot: usize) {
@@ -418,18 +419,18 @@ impl Monitor {
                     let was_promoting = c.phase == Phase::Promoting;
                     let elapsed = c.started.elapsed();
                     c.phase = Phase::Ready;
-                    tracing::info!(
-                        pid = c.pid_raw(),
-                        elapsed_ms = elapsed.as_millis() as u64,
-                        "{} ready",
+                    let label = if was_promoting {
+                        format!("mold (gen:{}, promoted from worker[{}])", c.promoted_generation, c.nr)
+                    } else {
                         c.label()
-                    );
+                    };
+                    tracing::info!(pid = c.pid_raw(), elapsed_ms = elapsed.as_millis() as u64, "{label} ready");
                     self.spawn_errors = 0;
                     let (kind, nr) = (c.kind, c.nr);
                     if kind == Kind::Worker && !was_promoting {
                         self.retire_replaced(nr, slot);
                     } else {
-                        limits::on_mold_ready(self, slot);
+                        refork::on_mold_ready(self, slot);
                     }
                 }
             }
@@ -451,7 +452,7 @@ impl Monitor {
             }
             Report::PromotionFailed { reason } => {
                 tracing::warn!(reason, "{} cannot be promoted", c.label());
-                limits::on_promotion_failed(self, slot);
+                refork::on_promotion_failed(self, slot);
             }
         }
     }
@@ -464,8 +465,8 @@ impl Monitor {
             .find(|(s, c)| **s != new_slot && c.kind == Kind::Worker && c.nr == nr && c.recycle.is_some() && !c.is_retiring())
             .map(|(s, c)| (*s, c.recycle.clone().unwrap_or_default()));
         if let Some((slot, reason)) = old {
-            if reason == limits::PROMOTE {
-                limits::promote(self, slot);
+            if reason == refork::PROMOTE {
+                refork::promote(self, slot);
             } else {
                 self.retire(slot, &reason);
             }
@@ -516,7 +517,7 @@ impl Monitor {
                     self.spawn_failed(format!("{} exited before it was ready ({how})", c.label()));
                 }
                 if c.phase == Phase::Promoting {
-                    limits::on_promotion_failed(self, slot);
+                    refork::on_promotion_failed(self, slot);
                 }
             }
         }

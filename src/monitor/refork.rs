@@ -1,0 +1,155 @@
+//! Reforking: promotion of a warm worker to the mold of the next generation, then a paced
+//! rollout of the older workers (replace-then-retire, `refork_max_unavailable` at a time).
+
+use std::time::Instant;
+
+use nix::sys::signal::{kill, Signal};
+
+use super::{Kind, Monitor, Phase};
+use crate::ipc::message::Command;
+
+/// Reason string that marks a worker chosen for promotion (recycled by promotion, not retirement).
+pub(super) const PROMOTE: &str = "promotion to mold";
+
+impl Monitor {
+    /// Workers marked for replacement whose replacement is not ready yet.
+    pub(super) fn replacements_in_flight(&self) -> usize {
+        self.children.values().filter(|c| c.kind == Kind::Worker && c.recycle.is_some() && !c.is_retiring()).count()
+    }
+
+    fn promotion_in_progress(&self) -> bool {
+        self.children.values().any(|c| c.phase == Phase::Promoting || c.recycle.as_deref() == Some(PROMOTE))
+    }
+
+    /// Rolls workers older than the current mold over, a few at a time; retires old molds when
+    /// nothing of their generation is pending.
+    pub(super) fn advance_rollout(&mut self) {
+        let Some((_, mold)) = self.current_mold() else { return };
+        let generation = mold.generation;
+        let width = self.config.refork_max_unavailable;
+        let mut in_flight = self.replacements_in_flight();
+        let old: Vec<usize> = self
+            .children
+            .iter()
+            .filter(|(_, c)| c.kind == Kind::Worker && c.generation < generation && c.is_active_worker() && c.phase == Phase::Ready)
+            .map(|(s, _)| *s)
+            .collect();
+        for slot in old {
+            if in_flight >= width {
+                break;
+            }
+            if let Some(c) = self.children.get_mut(&slot) {
+                tracing::info!(nr = c.nr, pid = c.pid_raw(), from = c.generation, to = generation, "rolling worker to the new generation");
+                c.recycle = Some(format!("rollout to gen:{generation}"));
+                in_flight += 1;
+            }
+        }
+        let old_molds: Vec<(usize, u32)> = self
+            .children
+            .iter()
+            .filter(|(_, c)| c.kind == Kind::Mold && c.generation < generation && !c.is_retiring())
+            .map(|(s, c)| (*s, c.generation))
+            .collect();
+        for (slot, g) in old_molds {
+            let pending = self.children.values().any(|c| c.kind == Kind::Worker && c.generation == g && c.phase == Phase::Starting);
+            if !pending {
+                self.retire(slot, "replaced by a newer mold");
+            }
+        }
+    }
+
+    pub(super) fn check_refork_after(&mut self) {
+        let Some((_, mold)) = self.current_mold() else { return };
+        let generation = mold.generation;
+        let Some(threshold) = self.config.refork_after.threshold(generation) else { return };
+        if self.promotion_in_progress() {
+            return;
+        }
+        // Only once the rollout to this generation is complete.
+        if self.children.values().any(|c| c.kind == Kind::Worker && c.generation < generation) {
+            return;
+        }
+        let warm = self.children.iter().any(|(s, c)| {
+            c.kind == Kind::Worker
+                && c.generation == generation
+                && c.phase == Phase::Ready
+                && self.board.read(*s).is_some_and(|v| v.requests >= threshold && v.fork_safe)
+        });
+        if warm {
+            tracing::info!(generation, threshold, "refork_after reached");
+            request_refork(self);
+        }
+    }
+}
+
+/// Picks the warmest fork-safe worker of the current generation and starts its promotion: a
+/// replacement is started first, then the worker is told to become the next mold.
+pub(super) fn request_refork(m: &mut Monitor) {
+    if !m.is_running() || m.promotion_in_progress() {
+        tracing::info!("a promotion is already in progress");
+        return;
+    }
+    let Some((_, mold)) = m.current_mold() else {
+        tracing::warn!("no ready mold; refork skipped");
+        return;
+    };
+    let generation = mold.generation;
+    let candidate = m
+        .children
+        .iter()
+        .filter(|(_, c)| c.generation == generation && c.kind == Kind::Worker && c.phase == Phase::Ready && c.is_active_worker())
+        .filter_map(|(s, _)| m.board.read(*s).filter(|v| v.fork_safe).map(|v| (v.requests, *s)))
+        .max();
+    let Some((requests, slot)) = candidate else {
+        tracing::warn!("no fork-safe ready worker to promote");
+        return;
+    };
+    if let Some(c) = m.children.get_mut(&slot) {
+        tracing::info!(nr = c.nr, pid = c.pid_raw(), generation, requests, "promoting worker to mold of gen:{}", generation + 1);
+        c.recycle = Some(PROMOTE.into());
+    }
+}
+
+/// Called when the replacement of a worker marked [`PROMOTE`] is ready: tell it to promote.
+pub(super) fn promote(m: &mut Monitor, slot: usize) {
+    let next = m.children.values().filter(|c| c.kind == Kind::Mold).map(|c| c.generation).max().unwrap_or(0) + 1;
+    let Some(c) = m.children.get_mut(&slot) else { return };
+    let sent = c.channel.as_ref().is_some_and(|ch| ch.send(&Command::Promote { generation: next, slot: slot as u32 }, &[]).is_ok());
+    if sent {
+        c.phase = Phase::Promoting;
+        c.promoted_generation = next;
+        c.started = Instant::now();
+    } else {
+        c.recycle = Some("promotion failed".into());
+    }
+}
+
+/// A promoted worker reported ready as a mold: it is the newest mold now; the rollout follows on
+/// the next ticks.
+pub(super) fn on_mold_ready(m: &mut Monitor, slot: usize) {
+    if let Some(c) = m.children.get_mut(&slot) {
+        if c.kind == Kind::Worker {
+            c.kind = Kind::Mold;
+            c.generation = c.promoted_generation;
+            c.recycle = None;
+            tracing::info!(pid = c.pid_raw(), generation = c.generation, "new mold ready; rolling workers over");
+        }
+    }
+}
+
+/// A promotion failed: the old mold stays; the worker is retired if it is still alive.
+pub(super) fn on_promotion_failed(m: &mut Monitor, slot: usize) {
+    if let Some(c) = m.children.get_mut(&slot) {
+        if c.kind == Kind::Worker && (c.phase == Phase::Promoting || c.recycle.as_deref() == Some(PROMOTE)) {
+            c.recycle = Some("promotion failed".into());
+            if c.phase == Phase::Promoting {
+                c.phase = Phase::Ready;
+            }
+            let pid = c.pid;
+            m.retire(slot, "promotion failed");
+            if let Some(pid) = pid {
+                let _ = kill(pid, Signal::SIGCONT);
+            }
+        }
+    }
+}
