@@ -22,7 +22,12 @@ impl Job for Echo {
     type Output = (String, usize, u64, u32);
     fn run(self) -> Self::Output {
         let sum = self.blob.iter().map(|b| *b as u64).sum();
-        (self.text.to_uppercase(), self.blob.len(), sum, std::process::id())
+        (
+            self.text.to_uppercase(),
+            self.blob.len(),
+            sum,
+            std::process::id(),
+        )
     }
 }
 
@@ -96,7 +101,12 @@ impl Job for Greet {
         let mut s = TcpStream::from(self.sock.into_owned());
         let mut line = [0u8; 5];
         let _ = s.read_exact(&mut line);
-        let _ = write!(s, "hello {} from {}", String::from_utf8_lossy(&line), std::process::id());
+        let _ = write!(
+            s,
+            "hello {} from {}",
+            String::from_utf8_lossy(&line),
+            std::process::id()
+        );
         std::process::id()
     }
 }
@@ -152,7 +162,12 @@ fn outcome<T: Serialize>(r: Result<T, Error>) -> serde_json::Value {
 fn alive(pid: u32) -> bool {
     // A zombie is dead for our purposes: it runs nothing.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat.rsplit(')').next().and_then(|r| r.split_whitespace().next()) != Some("Z"),
+        Ok(stat) => {
+            stat.rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next())
+                != Some("Z")
+        }
         Err(_) => false,
     }
 }
@@ -169,7 +184,9 @@ fn wait_gone(pid: u32, patience: Duration) -> bool {
 }
 
 fn fd_count() -> usize {
-    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 fn children_of(pid: i32) -> Vec<u32> {
@@ -177,7 +194,10 @@ fn children_of(pid: i32) -> Vec<u32> {
     if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
         for t in tasks.flatten() {
             if let Ok(text) = std::fs::read_to_string(t.path().join("children")) {
-                out.extend(text.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+                out.extend(
+                    text.split_whitespace()
+                        .filter_map(|p| p.parse::<u32>().ok()),
+                );
             }
         }
     }
@@ -187,7 +207,15 @@ fn children_of(pid: i32) -> Vec<u32> {
 fn main() -> anyhow::Result<()> {
     let scenario = std::env::args().nth(1).unwrap_or_default();
     if scenario == "threads" {
-        let _t = std::thread::Builder::new().name("busy-thread".into()).spawn(|| std::thread::sleep(Duration::from_secs(5)))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let _t = std::thread::Builder::new()
+            .name("busy-thread".into())
+            .spawn(move || {
+                let _ = tx.send(());
+                std::thread::sleep(Duration::from_secs(5))
+            })?;
+        // The thread names itself once it runs.
+        rx.recv()?;
         let r = Spawner::builder().register::<Pid>().start();
         result(json!({"refused": r.is_err(), "message": r.err().map(|e| e.to_string())}));
         println!("DONE");
@@ -202,16 +230,29 @@ fn main() -> anyhow::Result<()> {
         .register::<Greet>()
         .register::<MakePipe>()
         .start()?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     match scenario.as_str() {
         "roundtrip" => {
             let pool = spawner.pool().max_workers(2).build();
             let blob: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
             let sum: u64 = blob.iter().map(|b| *b as u64).sum();
-            result(json!({"case": "blocking", "r": outcome(pool.run_blocking(Echo { text: "héllo".into(), blob: vec![1, 2, 3] }))}));
-            result(json!({"case": "big", "expect_sum": sum, "r": outcome(pool.run_blocking(Echo { text: "big".into(), blob: blob.clone() }))}));
+            result(
+                json!({"case": "blocking", "r": outcome(pool.run_blocking(Echo { text: "héllo".into(), blob: vec![1, 2, 3] }))}),
+            );
+            result(
+                json!({"case": "big", "expect_sum": sum, "r": outcome(pool.run_blocking(Echo { text: "big".into(), blob: blob.clone() }))}),
+            );
             let p = pool.clone();
-            let r = rt.block_on(async move { p.run(Echo { text: "async".into(), blob }).await });
+            let r = rt.block_on(async move {
+                p.run(Echo {
+                    text: "async".into(),
+                    blob,
+                })
+                .await
+            });
             result(json!({"case": "async", "expect_sum": sum, "r": outcome(r)}));
             // Many concurrent callers on 2 workers: every result must come back to its caller.
             let p = pool.clone();
@@ -219,7 +260,13 @@ fn main() -> anyhow::Result<()> {
                 let mut tasks = Vec::new();
                 for i in 0..64u32 {
                     let p = p.clone();
-                    tasks.push(tokio::spawn(async move { p.run(Echo { text: format!("t{i}"), blob: vec![i as u8] }).await }));
+                    tasks.push(tokio::spawn(async move {
+                        p.run(Echo {
+                            text: format!("t{i}"),
+                            blob: vec![i as u8],
+                        })
+                        .await
+                    }));
                 }
                 let mut good = 0;
                 for (i, t) in tasks.into_iter().enumerate() {
@@ -232,7 +279,9 @@ fn main() -> anyhow::Result<()> {
                 good
             });
             result(json!({"case": "concurrent", "good": rs, "live": pool.live_workers()}));
-            result(json!({"case": "unregistered", "r": outcome(pool.run_blocking(NotRegistered)), "unknown": matches!(pool.run_blocking(NotRegistered), Err(Error::UnknownJob { .. }))}));
+            result(
+                json!({"case": "unregistered", "r": outcome(pool.run_blocking(NotRegistered)), "unknown": matches!(pool.run_blocking(NotRegistered), Err(Error::UnknownJob { .. }))}),
+            );
         }
         "crash" => {
             let pool = spawner.pool().max_workers(1).build();
@@ -240,7 +289,9 @@ fn main() -> anyhow::Result<()> {
                 let before = pool.run_blocking(Pid).ok();
                 let r = pool.run_blocking(Crash(how.into()));
                 let after = pool.run_blocking(Pid);
-                result(json!({"case": how, "before": before, "r": outcome(r), "after": outcome(after)}));
+                result(
+                    json!({"case": how, "before": before, "r": outcome(r), "after": outcome(after)}),
+                );
             }
             let p = pool.clone();
             let r = rt.block_on(async move { p.run(Crash("abort".into())).await });
@@ -249,26 +300,52 @@ fn main() -> anyhow::Result<()> {
             result(json!({"case": "async-abort", "r": outcome(r), "after": outcome(after)}));
         }
         "timeout" => {
-            let pool = spawner.pool().max_workers(1).timeout(Duration::from_millis(300)).build();
+            let pool = spawner
+                .pool()
+                .max_workers(1)
+                .timeout(Duration::from_millis(300))
+                .build();
             let t = Instant::now();
             let r = pool.run_blocking(Sleep(10_000));
             let blocking_ms = t.elapsed().as_millis() as u64;
-            let gone = r.as_ref().err().and_then(|e| e.pid()).map(|p| !alive(p as u32));
-            result(json!({"case": "blocking", "r": outcome(r), "ms": blocking_ms, "worker_gone": gone, "after": outcome(pool.run_blocking(Sleep(10)))}));
+            let gone = r
+                .as_ref()
+                .err()
+                .and_then(|e| e.pid())
+                .map(|p| !alive(p as u32));
+            result(
+                json!({"case": "blocking", "r": outcome(r), "ms": blocking_ms, "worker_gone": gone, "after": outcome(pool.run_blocking(Sleep(10)))}),
+            );
             let p = pool.clone();
             let t = Instant::now();
             let r = rt.block_on(async move { p.run(Sleep(10_000)).await });
             let ms = t.elapsed().as_millis() as u64;
-            let gone = r.as_ref().err().and_then(|e| e.pid()).map(|p| !alive(p as u32));
+            let gone = r
+                .as_ref()
+                .err()
+                .and_then(|e| e.pid())
+                .map(|p| !alive(p as u32));
             let p = pool.clone();
             let after = rt.block_on(async move { p.run(Sleep(10)).await });
-            result(json!({"case": "async", "r": outcome(r), "ms": ms, "worker_gone": gone, "after": outcome(after)}));
+            result(
+                json!({"case": "async", "r": outcome(r), "ms": ms, "worker_gone": gone, "after": outcome(after)}),
+            );
         }
         "memory" => {
-            let pool = spawner.pool().max_workers(1).memory_limit_kb(64 * 1024).build();
+            let pool = spawner
+                .pool()
+                .max_workers(1)
+                .memory_limit_kb(64 * 1024)
+                .build();
             let r = pool.run_blocking(Hog(256));
-            let gone = r.as_ref().err().and_then(|e| e.pid()).map(|p| !alive(p as u32));
-            result(json!({"case": "blocking", "r": outcome(r), "worker_gone": gone, "small": outcome(pool.run_blocking(Hog(8)))}));
+            let gone = r
+                .as_ref()
+                .err()
+                .and_then(|e| e.pid())
+                .map(|p| !alive(p as u32));
+            result(
+                json!({"case": "blocking", "r": outcome(r), "worker_gone": gone, "small": outcome(pool.run_blocking(Hog(8)))}),
+            );
             let p = pool.clone();
             let r = rt.block_on(async move { p.run(Hog(256)).await });
             let p = pool.clone();
@@ -280,10 +357,16 @@ fn main() -> anyhow::Result<()> {
             let first = pool.run_blocking(Pid)?;
             let p = pool.clone();
             let t = Instant::now();
-            let cancelled = rt.block_on(async move { tokio::time::timeout(Duration::from_millis(200), p.run(Sleep(30_000))).await.is_err() });
+            let cancelled = rt.block_on(async move {
+                tokio::time::timeout(Duration::from_millis(200), p.run(Sleep(30_000)))
+                    .await
+                    .is_err()
+            });
             let gone = wait_gone(first, Duration::from_secs(2));
             let next = pool.run_blocking(Pid)?;
-            result(json!({"cancelled": cancelled, "first": first, "first_gone": gone, "next": next, "ms": t.elapsed().as_millis() as u64, "live": pool.live_workers()}));
+            result(
+                json!({"cancelled": cancelled, "first": first, "first_gone": gone, "next": next, "ms": t.elapsed().as_millis() as u64, "live": pool.live_workers()}),
+            );
         }
         "fds" => {
             let pool = spawner.pool().max_workers(1).build();
@@ -293,38 +376,56 @@ fn main() -> anyhow::Result<()> {
             let (server_side, _) = listener.accept()?;
             client.write_all(b"probe")?;
             let p = pool.clone();
-            let worker = rt.block_on(async move { p.run(Greet { sock: Fd::new(server_side) }).await })?;
+            let worker = rt.block_on(async move {
+                p.run(Greet {
+                    sock: Fd::new(server_side),
+                })
+                .await
+            })?;
             // The caller's copy closed when the job was sent, the worker's when it returned: EOF.
             let mut answer = String::new();
             client.read_to_string(&mut answer)?;
             let pipe = pool.run_blocking(MakePipe)?;
             let mut text = String::new();
             std::fs::File::from(pipe.into_owned()).read_to_string(&mut text)?;
-            result(json!({"answer": answer, "worker": worker, "me": std::process::id(), "pipe": text}));
+            result(
+                json!({"answer": answer, "worker": worker, "me": std::process::id(), "pipe": text}),
+            );
         }
         "orphans" => {
             let pool = spawner.pool().max_workers(3).build();
-            let idle = pool.run_blocking(Pid)?;
             let p = pool.clone();
-            let busy: Vec<_> = (0..2).map(|_| {
-                let p = p.clone();
-                rt.spawn(async move { p.run(Sleep(60_000)).await })
-            }).collect();
-            // Wait until the two sleepers run: then the spawner has three children.
+            let busy: Vec<_> = (0..2)
+                .map(|_| {
+                    let p = p.clone();
+                    rt.spawn(async move { p.run(Sleep(60_000)).await })
+                })
+                .collect();
+            // Wait until the two sleepers run, then start a third worker that stays idle.
             let until = Instant::now() + Duration::from_secs(5);
-            while children_of(spawner.pid()).len() < 3 && Instant::now() < until {
+            while children_of(spawner.pid()).len() < 2 && Instant::now() < until {
                 std::thread::sleep(Duration::from_millis(5));
             }
-            result(json!({"spawner": spawner.pid(), "workers": children_of(spawner.pid()), "idle": idle}));
+            let idle = pool.run_blocking(Pid)?;
+            result(
+                json!({"spawner": spawner.pid(), "workers": children_of(spawner.pid()), "idle": idle}),
+            );
             println!("READY");
             std::thread::sleep(Duration::from_secs(30));
             drop(busy);
         }
         "leak" => {
-            let n: usize = std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(20_000);
-            let pool = spawner.pool().max_workers(2).max_jobs_per_worker(500).build();
+            let n: usize = std::env::args()
+                .nth(2)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(20_000);
+            let pool = spawner
+                .pool()
+                .max_workers(2)
+                .max_jobs_per_worker(500)
+                .build();
             pool.run_blocking(Pid)?;
-            let fds_before = fd_count();
+            let fds_before = fd_count() - pool.live_workers();
             let mut pids = std::collections::HashSet::new();
             let t = Instant::now();
             let half = n / 2;
@@ -366,7 +467,7 @@ fn main() -> anyhow::Result<()> {
             }
             result(json!({
                 "jobs": n, "errors": async_pids.1, "secs": t.elapsed().as_secs_f64(), "distinct_workers": pids.len(),
-                "fds_before": fds_before, "fds_after": fd_count(), "live": pool.live_workers(),
+                "fds_before": fds_before, "fds_after": fd_count() - pool.live_workers(), "live": pool.live_workers(),
                 "spawner_children": children_of(spawner.pid()).len(),
             }));
         }
@@ -379,9 +480,14 @@ fn main() -> anyhow::Result<()> {
             while children_of(spawner.pid()).len() < 2 && Instant::now() < until {
                 std::thread::sleep(Duration::from_millis(5));
             }
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(spawner.pid()), nix::sys::signal::Signal::SIGKILL)?;
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(spawner.pid()),
+                nix::sys::signal::Signal::SIGKILL,
+            )?;
             let t = Instant::now();
-            let inflight = rt.block_on(async move { tokio::time::timeout(Duration::from_secs(10), inflight).await });
+            let inflight = rt.block_on(async move {
+                tokio::time::timeout(Duration::from_secs(10), inflight).await
+            });
             let inflight = match inflight {
                 Ok(Ok(r)) => outcome(r),
                 _ => json!("hung or failed"),
@@ -390,7 +496,9 @@ fn main() -> anyhow::Result<()> {
             let p = pool.clone();
             let next_async = outcome(rt.block_on(async move { p.run(Pid).await }));
             let fresh = outcome(spawner.pool().build().run_blocking(Pid));
-            result(json!({"before": before, "inflight": inflight, "next": next, "next_async": next_async, "fresh_pool": fresh, "ms": t.elapsed().as_millis() as u64}));
+            result(
+                json!({"before": before, "inflight": inflight, "next": next, "next_async": next_async, "fresh_pool": fresh, "ms": t.elapsed().as_millis() as u64}),
+            );
         }
         "oneshot" => {
             let pool = spawner.pool().one_shot().max_workers(2).build();
@@ -400,12 +508,20 @@ fn main() -> anyhow::Result<()> {
             }
             let crash = outcome(pool.run_blocking(Crash("abort".into())));
             let p = pool.clone();
-            let a = outcome(rt.block_on(async move { p.run(Echo { text: "one".into(), blob: vec![7; 10] }).await }));
+            let a = outcome(rt.block_on(async move {
+                p.run(Echo {
+                    text: "one".into(),
+                    blob: vec![7; 10],
+                })
+                .await
+            }));
             let until = Instant::now() + Duration::from_secs(5);
             while !children_of(spawner.pid()).is_empty() && Instant::now() < until {
                 std::thread::sleep(Duration::from_millis(5));
             }
-            result(json!({"pids": pids, "crash": crash, "async": a, "left": children_of(spawner.pid()).len(), "live": pool.live_workers()}));
+            result(
+                json!({"pids": pids, "crash": crash, "async": a, "left": children_of(spawner.pid()).len(), "live": pool.live_workers()}),
+            );
         }
         other => anyhow::bail!("unknown scenario {other:?}"),
     }

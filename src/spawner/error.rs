@@ -110,7 +110,9 @@ pub enum Error {
         message: String,
     },
     /// The job type was not registered before the spawner started.
-    #[error("job type {name:?} is not registered: register it on the SpawnerBuilder before start()")]
+    #[error(
+        "job type {name:?} is not registered: register it on the SpawnerBuilder before start()"
+    )]
     UnknownJob {
         /// The job type's name.
         name: String,
@@ -183,7 +185,13 @@ impl Error {
 
     /// The kernel's OOM killer took the worker (as far as can be told).
     pub fn is_oom_killed(&self) -> bool {
-        matches!(self, Error::WorkerDied { death: Death::OomKilled, .. })
+        matches!(
+            self,
+            Error::WorkerDied {
+                death: Death::OomKilled,
+                ..
+            }
+        )
     }
 
     /// The job panicked.

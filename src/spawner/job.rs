@@ -43,7 +43,11 @@ fn handle<J: Job>(payload: &[u8], fds: Vec<OwnedFd>) -> Result<Encoded, Failure>
     let job: J = decode(payload, fds).map_err(Failure::Decode)?;
     let output = job.run();
     let (bytes, fds) = encode(&output).map_err(Failure::Encode)?;
-    Ok(Encoded { bytes, fds, _keep: Box::new(output) })
+    Ok(Encoded {
+        bytes,
+        fds,
+        _keep: Box::new(output),
+    })
 }
 
 /// The job types a spawner knows, by name.
@@ -89,7 +93,11 @@ pub(crate) fn encode<T: Serialize>(value: &T) -> Result<(Vec<u8>, Vec<RawFd>), S
     let fds = OUTGOING.with(|o| o.borrow_mut().take()).unwrap_or_default();
     let bytes = result.map_err(|e| e.to_string())?;
     if fds.len() > super::wire::MAX_FDS {
-        return Err(format!("value holds {} descriptors, more than {}", fds.len(), super::wire::MAX_FDS));
+        return Err(format!(
+            "value holds {} descriptors, more than {}",
+            fds.len(),
+            super::wire::MAX_FDS
+        ));
     }
     Ok((bytes, fds))
 }
@@ -158,7 +166,9 @@ impl Serialize for Fd {
         });
         match index {
             Some(i) => s.serialize_u32(i as u32),
-            None => Err(serde::ser::Error::custom("tine::spawner::Fd can only be serialized by the spawner")),
+            None => Err(serde::ser::Error::custom(
+                "tine::spawner::Fd can only be serialized by the spawner",
+            )),
         }
     }
 }
@@ -166,7 +176,13 @@ impl Serialize for Fd {
 impl<'de> Deserialize<'de> for Fd {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let index = u32::deserialize(d)? as usize;
-        let fd = INCOMING.with(|i| i.borrow_mut().as_mut().and_then(|fds| fds.get_mut(index).and_then(Option::take)));
-        fd.map(Fd).ok_or_else(|| serde::de::Error::custom(format!("descriptor #{index} did not come with the message")))
+        let fd = INCOMING.with(|i| {
+            i.borrow_mut()
+                .as_mut()
+                .and_then(|fds| fds.get_mut(index).and_then(Option::take))
+        });
+        fd.map(Fd).ok_or_else(|| {
+            serde::de::Error::custom(format!("descriptor #{index} did not come with the message"))
+        })
     }
 }

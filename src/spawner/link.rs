@@ -38,11 +38,19 @@ struct Chan {
 
 impl Link {
     pub(crate) fn new(pid: Pid, fd: OwnedFd, registry: Registry) -> std::io::Result<Self> {
-        setsockopt(&fd, sockopt::ReceiveTimeout, &TimeVal::new(SPAWNER_PATIENCE.as_secs() as _, 0))?;
+        setsockopt(
+            &fd,
+            sockopt::ReceiveTimeout,
+            &TimeVal::new(SPAWNER_PATIENCE.as_secs() as _, 0),
+        )?;
         Ok(Link {
             pid,
             registry,
-            chan: Mutex::new(Chan { fd: Some(fd), rx: Receiver::new(), gone: None }),
+            chan: Mutex::new(Chan {
+                fd: Some(fd),
+                rx: Receiver::new(),
+                gone: None,
+            }),
             oom_kills: AtomicU64::new(oom_kill_count().unwrap_or(0)),
         })
     }
@@ -56,7 +64,11 @@ impl Link {
     }
 
     /// Sends a request and waits for its answer.
-    pub(crate) fn request(&self, msg: &ToSpawner, fds: &[RawFd]) -> Result<(FromSpawner, Vec<OwnedFd>), Error> {
+    pub(crate) fn request(
+        &self,
+        msg: &ToSpawner,
+        fds: &[RawFd],
+    ) -> Result<(FromSpawner, Vec<OwnedFd>), Error> {
         let mut chan = self.chan.lock().unwrap_or_else(|e| e.into_inner());
         let chan = &mut *chan;
         let body = match wire::encode(msg) {
@@ -74,7 +86,9 @@ impl Link {
                 Err(e) => Err(self.gone(chan, format!("it sent a malformed reply: {e}"))),
             },
             Ok(Received::Eof) => Err(self.gone(chan, "it closed the channel".into())),
-            Ok(Received::WouldBlock) => Err(self.gone(chan, format!("no answer within {SPAWNER_PATIENCE:?}"))),
+            Ok(Received::WouldBlock) => {
+                Err(self.gone(chan, format!("no answer within {SPAWNER_PATIENCE:?}")))
+            }
             Err(e) => Err(self.gone(chan, format!("reading from it failed: {e}"))),
         }
     }
@@ -110,7 +124,10 @@ impl Link {
                         }
                     }
                 }
-                Death::Signaled { signal, core_dumped: core }
+                Death::Signaled {
+                    signal,
+                    core_dumped: core,
+                }
             }
             Status::Unknown => Death::Unknown,
         }
@@ -123,7 +140,10 @@ impl Link {
 
     fn usable<'a>(&self, chan: &'a Chan) -> Result<&'a OwnedFd, Error> {
         if let Some(detail) = &chan.gone {
-            return Err(Error::SpawnerGone { pid: self.pid(), detail: detail.clone() });
+            return Err(Error::SpawnerGone {
+                pid: self.pid(),
+                detail: detail.clone(),
+            });
         }
         Ok(chan.fd.as_ref().expect("fd is only taken on drop"))
     }
@@ -144,7 +164,10 @@ impl Link {
             };
             chan.gone = Some(format!("{what}; {status}"));
         }
-        Error::SpawnerGone { pid: self.pid(), detail: chan.gone.clone().unwrap_or_default() }
+        Error::SpawnerGone {
+            pid: self.pid(),
+            detail: chan.gone.clone().unwrap_or_default(),
+        }
     }
 }
 
@@ -162,7 +185,9 @@ impl Drop for Link {
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
             match waitpid(self.pid, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) if Instant::now() < deadline => std::thread::sleep(Duration::from_micros(200)),
+                Ok(WaitStatus::StillAlive) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_micros(200))
+                }
                 Ok(WaitStatus::StillAlive) => {
                     let _ = kill(self.pid, Signal::SIGKILL);
                     let _ = waitpid(self.pid, None);
@@ -178,6 +203,10 @@ impl Drop for Link {
 fn oom_kill_count() -> Option<u64> {
     let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
     let path = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
-    let events = std::fs::read_to_string(format!("/sys/fs/cgroup{}/memory.events", path.trim())).ok()?;
-    events.lines().find_map(|l| l.strip_prefix("oom_kill ")).and_then(|v| v.trim().parse().ok())
+    let events =
+        std::fs::read_to_string(format!("/sys/fs/cgroup{}/memory.events", path.trim())).ok()?;
+    events
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|v| v.trim().parse().ok())
 }

@@ -95,8 +95,13 @@ impl SpawnerBuilder {
         }
         ensure_single_threaded()?;
         let parent = nix::unistd::getpid();
-        let (mine, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
-            .map_err(std::io::Error::from)?;
+        let (mine, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(std::io::Error::from)?;
         let registry = self.registry.clone();
         match crate::sys::process::fork()? {
             Forked::Child => {
@@ -106,7 +111,9 @@ impl SpawnerBuilder {
             }
             Forked::Parent(pid) => {
                 drop(theirs);
-                Ok(Spawner { link: Arc::new(link::Link::new(pid, mine, registry)?) })
+                Ok(Spawner {
+                    link: Arc::new(link::Link::new(pid, mine, registry)?),
+                })
             }
         }
     }
@@ -138,6 +145,9 @@ impl Spawner {
 
 impl std::fmt::Debug for Spawner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Spawner").field("pid", &self.pid()).field("jobs", self.link.registry()).finish()
+        f.debug_struct("Spawner")
+            .field("pid", &self.pid())
+            .field("jobs", self.link.registry())
+            .finish()
     }
 }

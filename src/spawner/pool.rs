@@ -13,7 +13,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::error::{Error, Side};
 use super::job::{self, Job};
 use super::link::Link;
-use super::wire::{self, Call, Failure, FromSpawner, FromWorker, Received, Receiver, ToSpawner, ToWorker};
+use super::wire::{
+    self, Call, Failure, FromSpawner, FromWorker, Received, Receiver, ToSpawner, ToWorker,
+};
 
 /// The settings of a pool; see [`PoolBuilder`] for what each means.
 #[derive(Debug, Clone)]
@@ -37,7 +39,9 @@ pub struct PoolBuilder {
 
 impl PoolBuilder {
     pub(crate) fn new(link: Arc<Link>) -> Self {
-        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         PoolBuilder {
             link,
             config: Config {
@@ -116,7 +120,10 @@ impl PoolBuilder {
             idle: Mutex::new(Vec::new()),
             live: AtomicUsize::new(0),
         });
-        if let (Some(idle), Ok(rt)) = (inner.config.idle_timeout, tokio::runtime::Handle::try_current()) {
+        if let (Some(idle), Ok(rt)) = (
+            inner.config.idle_timeout,
+            tokio::runtime::Handle::try_current(),
+        ) {
             let weak: Weak<Inner> = Arc::downgrade(&inner);
             let period = (idle / 2).max(Duration::from_millis(10));
             rt.spawn(async move {
@@ -172,7 +179,13 @@ impl Pool {
     /// limit or idle timeout.
     pub async fn run<J: Job>(&self, job: J) -> Result<J::Output, Error> {
         let out = self.encode(&job)?;
-        let permit = self.inner.permits.clone().acquire_owned().await.expect("the semaphore is never closed");
+        let permit = self
+            .inner
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
         let mut busy = self.inner.start(permit, out)?;
         drop(job);
         let (body, fds) = busy.wait_async().await?;
@@ -184,7 +197,8 @@ impl Pool {
         let out = self.encode(&job)?;
         let permit = match self.inner.permits.clone().try_acquire_owned() {
             Ok(p) => p,
-            Err(_) => block_on(self.inner.permits.clone().acquire_owned()).expect("the semaphore is never closed"),
+            Err(_) => block_on(self.inner.permits.clone().acquire_owned())
+                .expect("the semaphore is never closed"),
         };
         let mut busy = self.inner.start(permit, out)?;
         drop(job);
@@ -199,7 +213,11 @@ impl Pool {
         }
         while self.inner.live.load(Ordering::Relaxed) < self.inner.config.min_workers {
             let w = self.inner.spawn(None)?;
-            self.inner.idle.lock().unwrap_or_else(|e| e.into_inner()).push(w);
+            self.inner
+                .idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(w);
         }
         Ok(())
     }
@@ -216,16 +234,33 @@ impl Pool {
 
     /// The pids of the idle workers, most recently used last.
     pub fn idle_pids(&self) -> Vec<i32> {
-        self.inner.idle.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|w| w.pid).collect()
+        self.inner
+            .idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|w| w.pid)
+            .collect()
     }
 
     fn encode<J: Job>(&self, job: &J) -> Result<Outgoing, Error> {
         if self.inner.link.registry().get(J::NAME).is_none() {
-            return Err(Error::UnknownJob { name: J::NAME.to_string() });
+            return Err(Error::UnknownJob {
+                name: J::NAME.to_string(),
+            });
         }
-        let (payload, fds) =
-            job::encode(job).map_err(|message| Error::Serialization { pid: None, side: Side::EncodeJob, message })?;
-        Ok(Outgoing { call: Call { job: J::NAME.to_string(), payload }, fds })
+        let (payload, fds) = job::encode(job).map_err(|message| Error::Serialization {
+            pid: None,
+            side: Side::EncodeJob,
+            message,
+        })?;
+        Ok(Outgoing {
+            call: Call {
+                job: J::NAME.to_string(),
+                payload,
+            },
+            fds,
+        })
     }
 }
 
@@ -233,7 +268,10 @@ impl Drop for Inner {
     fn drop(&mut self) {
         let idle = std::mem::take(self.idle.get_mut().unwrap_or_else(|e| e.into_inner()));
         for w in idle {
-            self.link.notify(&ToSpawner::Release { pid: w.pid, kill: false });
+            self.link.notify(&ToSpawner::Release {
+                pid: w.pid,
+                kill: false,
+            });
         }
     }
 }
@@ -243,11 +281,19 @@ impl Inner {
     fn start(self: &Arc<Self>, permit: OwnedSemaphorePermit, out: Outgoing) -> Result<Busy, Error> {
         if self.config.one_shot {
             let worker = self.spawn(Some(out))?;
-            return Ok(Busy { inner: self.clone(), worker: Some(worker), _permit: permit, started: Instant::now() });
+            return Ok(Busy {
+                inner: self.clone(),
+                worker: Some(worker),
+                _permit: permit,
+                started: Instant::now(),
+            });
         }
         self.shrink();
-        let body = wire::encode(&ToWorker::Run(out.call))
-            .map_err(|e| Error::Serialization { pid: None, side: Side::EncodeJob, message: e.to_string() })?;
+        let body = wire::encode(&ToWorker::Run(out.call)).map_err(|e| Error::Serialization {
+            pid: None,
+            side: Side::EncodeJob,
+            message: e.to_string(),
+        })?;
         // An idle worker may have died meanwhile (killed from outside): the job never reached it,
         // so it is safe to try once more on another one.
         for attempt in 0..2 {
@@ -258,7 +304,14 @@ impl Inner {
                 None => self.spawn(None)?,
             };
             match wire::send(worker.fd.as_fd(), &body, &out.fds) {
-                Ok(()) => return Ok(Busy { inner: self.clone(), worker: Some(worker), _permit: permit, started: Instant::now() }),
+                Ok(()) => {
+                    return Ok(Busy {
+                        inner: self.clone(),
+                        worker: Some(worker),
+                        _permit: permit,
+                        started: Instant::now(),
+                    })
+                }
                 Err(e) => {
                     let pid = worker.pid;
                     self.discard(worker, true);
@@ -277,15 +330,26 @@ impl Inner {
             Some(out) => (Some(out.call), out.fds),
             None => (None, Vec::new()),
         };
-        let (reply, mut got) = self.link.request(&ToSpawner::Spawn { one_shot: call }, &fds)?;
+        let (reply, mut got) = self
+            .link
+            .request(&ToSpawner::Spawn { one_shot: call }, &fds)?;
         match reply {
             FromSpawner::Spawned { pid } if got.len() == 1 => {
                 self.live.fetch_add(1, Ordering::Relaxed);
                 let fd = got.pop().expect("one descriptor");
-                Ok(Worker { pid, fd, rx: Receiver::new(), jobs: 0, last_used: Instant::now() })
+                Ok(Worker {
+                    pid,
+                    fd,
+                    rx: Receiver::new(),
+                    jobs: 0,
+                    last_used: Instant::now(),
+                })
             }
             FromSpawner::SpawnFailed(e) => Err(Error::SpawnFailed(e)),
-            other => Err(self.link.protocol(format!("expected Spawned with one descriptor, got {other:?} with {}", got.len()))),
+            other => Err(self.link.protocol(format!(
+                "expected Spawned with one descriptor, got {other:?} with {}",
+                got.len()
+            ))),
         }
     }
 
@@ -293,8 +357,15 @@ impl Inner {
     fn checkin(&self, mut w: Worker) {
         w.jobs += 1;
         w.last_used = Instant::now();
-        let worn_out = self.config.one_shot || self.config.max_jobs_per_worker.is_some_and(|max| w.jobs >= max);
-        let bloated = self.config.memory_limit_kb.is_some_and(|limit| crate::sys::meminfo::rss_kb(w.pid).is_some_and(|rss| rss > limit));
+        let worn_out = self.config.one_shot
+            || self
+                .config
+                .max_jobs_per_worker
+                .is_some_and(|max| w.jobs >= max);
+        let bloated = self
+            .config
+            .memory_limit_kb
+            .is_some_and(|limit| crate::sys::meminfo::rss_kb(w.pid).is_some_and(|rss| rss > limit));
         if worn_out || bloated {
             self.discard(w, false);
         } else {
@@ -310,12 +381,16 @@ impl Inner {
     }
 
     fn shrink(&self) {
-        let Some(idle_timeout) = self.config.idle_timeout else { return };
+        let Some(idle_timeout) = self.config.idle_timeout else {
+            return;
+        };
         let mut retired = Vec::new();
         {
             let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
             while let Some(oldest) = idle.first() {
-                if oldest.last_used.elapsed() < idle_timeout || self.live.load(Ordering::Relaxed) - retired.len() <= self.config.min_workers {
+                if oldest.last_used.elapsed() < idle_timeout
+                    || self.live.load(Ordering::Relaxed) - retired.len() <= self.config.min_workers
+                {
                     break;
                 }
                 retired.push(idle.remove(0));
@@ -381,7 +456,9 @@ enum Verdict {
 
 impl Busy {
     fn worker(&mut self) -> &mut Worker {
-        self.worker.as_mut().expect("a Busy holds its worker until it is consumed")
+        self.worker
+            .as_mut()
+            .expect("a Busy holds its worker until it is consumed")
     }
 
     fn pid(&self) -> i32 {
@@ -399,8 +476,15 @@ impl Busy {
             return e;
         }
         match verdict {
-            Verdict::Memory(rss_kb) => Error::MemoryLimit { pid, rss_kb, limit_kb: self.inner.config.memory_limit_kb.unwrap_or(0) },
-            _ => Error::Timeout { pid, timeout: self.inner.config.timeout.unwrap_or_default() },
+            Verdict::Memory(rss_kb) => Error::MemoryLimit {
+                pid,
+                rss_kb,
+                limit_kb: self.inner.config.memory_limit_kb.unwrap_or(0),
+            },
+            _ => Error::Timeout {
+                pid,
+                timeout: self.inner.config.timeout.unwrap_or_default(),
+            },
         }
     }
 
@@ -422,7 +506,10 @@ impl Busy {
         let pid = w.pid;
         self.inner.discard(w, true);
         if e.kind() == std::io::ErrorKind::InvalidData {
-            Error::Protocol { pid, detail: e.to_string() }
+            Error::Protocol {
+                pid,
+                detail: e.to_string(),
+            }
         } else {
             Error::Io { pid, source: e }
         }
@@ -445,10 +532,12 @@ impl Busy {
             match w.rx.recv(w.fd.as_fd(), next.is_some()) {
                 Ok(Received::Message(body, fds)) => return Ok((body, fds)),
                 Ok(Received::Eof) => return Err(self.died()),
-                Ok(Received::WouldBlock) => match check(&self.inner.config, self.started, self.pid()) {
-                    Verdict::Wait => {}
-                    verdict => return Err(self.enforce(verdict)),
-                },
+                Ok(Received::WouldBlock) => {
+                    match check(&self.inner.config, self.started, self.pid()) {
+                        Verdict::Wait => {}
+                        verdict => return Err(self.enforce(verdict)),
+                    }
+                }
                 Err(e) => return Err(self.broken(e)),
             }
         }
@@ -456,7 +545,9 @@ impl Busy {
 
     async fn wait_async(&mut self) -> Result<(Vec<u8>, Vec<OwnedFd>), Error> {
         let (cfg, started) = (&self.inner.config, self.started);
-        let Some(Worker { pid, fd, rx, .. }) = self.worker.as_mut() else { unreachable!("worker present") };
+        let Some(Worker { pid, fd, rx, .. }) = self.worker.as_mut() else {
+            unreachable!("worker present")
+        };
         let pid = *pid;
         let outcome = 'wait: {
             let afd = match crate::sys::spawner::watch_readable(fd.as_fd()) {
@@ -510,8 +601,11 @@ impl Busy {
         match reply {
             FromWorker::Done(bytes) => {
                 self.inner.checkin(w);
-                job::decode::<J::Output>(&bytes, fds)
-                    .map_err(|message| Error::Serialization { pid: Some(pid), side: Side::DecodeOutput, message })
+                job::decode::<J::Output>(&bytes, fds).map_err(|message| Error::Serialization {
+                    pid: Some(pid),
+                    side: Side::DecodeOutput,
+                    message,
+                })
             }
             FromWorker::Failed(Failure::Panicked(message)) => {
                 // The worker exits after a panic; make sure of it.
@@ -521,8 +615,16 @@ impl Busy {
             FromWorker::Failed(failure) => {
                 self.inner.checkin(w);
                 Err(match failure {
-                    Failure::Decode(message) => Error::Serialization { pid: Some(pid), side: Side::DecodeJob, message },
-                    Failure::Encode(message) => Error::Serialization { pid: Some(pid), side: Side::EncodeOutput, message },
+                    Failure::Decode(message) => Error::Serialization {
+                        pid: Some(pid),
+                        side: Side::DecodeJob,
+                        message,
+                    },
+                    Failure::Encode(message) => Error::Serialization {
+                        pid: Some(pid),
+                        side: Side::EncodeOutput,
+                        message,
+                    },
                     Failure::UnknownJob(name) => Error::UnknownJob { name },
                     Failure::Panicked(_) => unreachable!("handled above"),
                 })

@@ -16,8 +16,12 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{getppid, setpgid, Pid};
 
 use super::job::Registry;
-use super::wire::{self, Call, Failure, FromSpawner, FromWorker, Received, Receiver, Status, ToSpawner, ToWorker};
-use crate::sys::process::{close_fds_except, exit_now, reset_signals, set_parent_death_signal, set_thread_name, Forked};
+use super::wire::{
+    self, Call, Failure, FromSpawner, FromWorker, Received, Receiver, Status, ToSpawner, ToWorker,
+};
+use crate::sys::process::{
+    close_fds_except, exit_now, reset_signals, set_parent_death_signal, set_thread_name, Forked,
+};
 
 /// Exit code of a process whose own code failed unexpectedly (EX_SOFTWARE).
 const EXIT_INTERNAL: i32 = 70;
@@ -29,10 +33,11 @@ const REAP_PATIENCE: Duration = Duration::from_secs(1);
 
 /// Runs the spawner process; `parent` is the user's process, `ctl` its end of the control channel.
 pub(crate) fn spawner_main(ctl: OwnedFd, registry: Registry, parent: Pid) -> ! {
-    let code = match std::panic::catch_unwind(AssertUnwindSafe(|| spawner_loop(ctl, &registry, parent))) {
-        Ok(()) => 0,
-        Err(_) => EXIT_INTERNAL,
-    };
+    let code =
+        match std::panic::catch_unwind(AssertUnwindSafe(|| spawner_loop(ctl, &registry, parent))) {
+            Ok(()) => 0,
+            Err(_) => EXIT_INTERNAL,
+        };
     exit_now(code)
 }
 
@@ -53,10 +58,17 @@ fn spawner_loop(ctl: OwnedFd, registry: &Registry, parent: Pid) {
     set_thread_name("tine-spawner");
     let me = nix::unistd::getpid();
     let mut rx = Receiver::new();
-    let mut kids = Children { live: HashSet::new(), released: HashSet::new() };
+    let mut kids = Children {
+        live: HashSet::new(),
+        released: HashSet::new(),
+    };
     loop {
         kids.reap_released();
-        let timeout = if kids.released.is_empty() { PollTimeout::NONE } else { PollTimeout::from(5u8) };
+        let timeout = if kids.released.is_empty() {
+            PollTimeout::NONE
+        } else {
+            PollTimeout::from(5u8)
+        };
         let mut fds = [PollFd::new(ctl.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, timeout) {
             Ok(0) => continue,
@@ -82,21 +94,22 @@ fn spawner_loop(ctl: OwnedFd, registry: &Registry, parent: Pid) {
             }
         };
         let reply = match request {
-            ToSpawner::Spawn { one_shot } => {
-                match spawn(registry, me, one_shot, fds) {
-                    Ok((pid, end)) => {
-                        kids.live.insert(pid);
-                        let ok = wire::encode(&FromSpawner::Spawned { pid })
-                            .and_then(|body| wire::send(ctl.as_fd(), &body, &[end.as_raw_fd()]));
-                        if ok.is_err() {
-                            break;
-                        }
-                        continue;
+            ToSpawner::Spawn { one_shot } => match spawn(registry, me, one_shot, fds) {
+                Ok((pid, end)) => {
+                    kids.live.insert(pid);
+                    let ok = wire::encode(&FromSpawner::Spawned { pid })
+                        .and_then(|body| wire::send(ctl.as_fd(), &body, &[end.as_raw_fd()]));
+                    if ok.is_err() {
+                        break;
                     }
-                    Err(e) => FromSpawner::SpawnFailed(e.to_string()),
+                    continue;
                 }
-            }
-            ToSpawner::Reap { pid, kill: k } => FromSpawner::Reaped { pid, status: kids.reap(pid, k) },
+                Err(e) => FromSpawner::SpawnFailed(e.to_string()),
+            },
+            ToSpawner::Reap { pid, kill: k } => FromSpawner::Reaped {
+                pid,
+                status: kids.reap(pid, k),
+            },
             ToSpawner::Release { pid, kill: k } => {
                 if kids.live.contains(&pid) {
                     if k {
@@ -107,7 +120,10 @@ fn spawner_loop(ctl: OwnedFd, registry: &Registry, parent: Pid) {
                 continue;
             }
         };
-        if wire::encode(&reply).and_then(|body| wire::send(ctl.as_fd(), &body, &[])).is_err() {
+        if wire::encode(&reply)
+            .and_then(|body| wire::send(ctl.as_fd(), &body, &[]))
+            .is_err()
+        {
             break;
         }
     }
@@ -122,8 +138,17 @@ fn spawner_loop(ctl: OwnedFd, registry: &Registry, parent: Pid) {
 
 impl Children {
     fn reap_released(&mut self) {
-        let done: Vec<i32> =
-            self.released.iter().copied().filter(|pid| !matches!(waitpid(Pid::from_raw(*pid), Some(WaitPidFlag::WNOHANG)), Ok(WaitStatus::StillAlive))).collect();
+        let done: Vec<i32> = self
+            .released
+            .iter()
+            .copied()
+            .filter(|pid| {
+                !matches!(
+                    waitpid(Pid::from_raw(*pid), Some(WaitPidFlag::WNOHANG)),
+                    Ok(WaitStatus::StillAlive)
+                )
+            })
+            .collect();
         for pid in done {
             self.released.remove(&pid);
             self.live.remove(&pid);
@@ -142,13 +167,22 @@ impl Children {
         let start = Instant::now();
         let mut nap = Duration::from_micros(20);
         loop {
-            let flags = if start.elapsed() < REAP_PATIENCE { Some(WaitPidFlag::WNOHANG) } else { None };
+            let flags = if start.elapsed() < REAP_PATIENCE {
+                Some(WaitPidFlag::WNOHANG)
+            } else {
+                None
+            };
             if flags.is_none() {
                 let _ = kill(target, Signal::SIGKILL);
             }
             match waitpid(target, flags) {
                 Ok(WaitStatus::Exited(_, code)) => return Status::Exited(code),
-                Ok(WaitStatus::Signaled(_, sig, core)) => return Status::Signaled { signal: sig as i32, core },
+                Ok(WaitStatus::Signaled(_, sig, core)) => {
+                    return Status::Signaled {
+                        signal: sig as i32,
+                        core,
+                    }
+                }
                 Ok(_) => {}
                 Err(nix::errno::Errno::EINTR) => {}
                 Err(_) => return Status::Unknown,
@@ -160,13 +194,25 @@ impl Children {
 }
 
 /// Forks one worker; returns its pid and the caller's end of its channel.
-fn spawn(registry: &Registry, me: Pid, one_shot: Option<Call>, fds: Vec<OwnedFd>) -> std::io::Result<(i32, OwnedFd)> {
-    let (caller_end, worker_end) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
+fn spawn(
+    registry: &Registry,
+    me: Pid,
+    one_shot: Option<Call>,
+    fds: Vec<OwnedFd>,
+) -> std::io::Result<(i32, OwnedFd)> {
+    let (caller_end, worker_end) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?;
     match crate::sys::spawner::fork_single_threaded()? {
         Forked::Child => {
             drop(caller_end);
             let job = one_shot.map(|call| (call, fds));
-            let code = std::panic::catch_unwind(AssertUnwindSafe(|| worker_main(worker_end, registry, me, job)));
+            let code = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                worker_main(worker_end, registry, me, job)
+            }));
             exit_now(code.unwrap_or(EXIT_INTERNAL))
         }
         Forked::Parent(pid) => Ok((pid.as_raw(), caller_end)),
@@ -181,7 +227,12 @@ thread_local! {
     static IN_JOB: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-fn worker_main(chan: OwnedFd, registry: &Registry, spawner: Pid, one_shot: Option<(Call, Vec<OwnedFd>)>) -> i32 {
+fn worker_main(
+    chan: OwnedFd,
+    registry: &Registry,
+    spawner: Pid,
+    one_shot: Option<(Call, Vec<OwnedFd>)>,
+) -> i32 {
     if set_parent_death_signal(Signal::SIGKILL).is_err() || getppid() != spawner {
         return 0;
     }

@@ -127,7 +127,12 @@ pub(crate) fn encode<T: Serialize>(msg: &T) -> io::Result<Vec<u8>> {
 
 /// Decodes a message body; malformed input is an error, never a panic.
 pub(crate) fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> io::Result<T> {
-    postcard::from_bytes(body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("malformed message: {e}")))
+    postcard::from_bytes(body).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("malformed message: {e}"),
+        )
+    })
 }
 
 /// Sends one message, split into packets as needed, with `fds` attached to the first packet.
@@ -136,7 +141,13 @@ pub(crate) fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> io::Result<T> {
 /// `MSG_NOSIGNAL` turns a dead peer into `EPIPE` instead of a SIGPIPE.
 pub(crate) fn send(fd: BorrowedFd<'_>, body: &[u8], fds: &[RawFd]) -> io::Result<()> {
     if fds.len() > MAX_FDS {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("too many descriptors in one message ({} > {MAX_FDS})", fds.len())));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "too many descriptors in one message ({} > {MAX_FDS})",
+                fds.len()
+            ),
+        ));
     }
     let mut chunks = body.chunks(MAX_BODY).peekable();
     let mut first = true;
@@ -144,7 +155,11 @@ pub(crate) fn send(fd: BorrowedFd<'_>, body: &[u8], fds: &[RawFd]) -> io::Result
         return send_packet(fd, &[VERSION, 0], &[], fds);
     }
     while let Some(chunk) = chunks.next() {
-        let flags = if chunks.peek().is_some() { FLAG_MORE } else { 0 };
+        let flags = if chunks.peek().is_some() {
+            FLAG_MORE
+        } else {
+            0
+        };
         let attach: &[RawFd] = if first { fds } else { &[] };
         send_packet(fd, &[VERSION, flags], chunk, attach)?;
         first = false;
@@ -160,7 +175,10 @@ fn send_packet(fd: BorrowedFd<'_>, header: &[u8; 2], body: &[u8], fds: &[RawFd])
         match socket::sendmsg::<()>(fd.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
             Ok(n) if n == header.len() + body.len() => return Ok(()),
             Ok(n) => {
-                return Err(io::Error::new(io::ErrorKind::WriteZero, format!("short packet: {n} of {} bytes", header.len() + body.len())))
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    format!("short packet: {n} of {} bytes", header.len() + body.len()),
+                ))
             }
             Err(Errno::EINTR) => continue,
             Err(e) => return Err(e.into()),
@@ -198,7 +216,13 @@ impl Default for Receiver {
 impl Receiver {
     /// A receiver with an empty buffer.
     pub(crate) fn new() -> Self {
-        Receiver { scratch: vec![0; MAX_BODY + 2], cmsg: nix::cmsg_space!([RawFd; MAX_FDS]), partial: Vec::new(), fds: Vec::new(), in_message: false }
+        Receiver {
+            scratch: vec![0; MAX_BODY + 2],
+            cmsg: nix::cmsg_space!([RawFd; MAX_FDS]),
+            partial: Vec::new(),
+            fds: Vec::new(),
+            in_message: false,
+        }
     }
 
     /// Reads packets until one whole message is in, the peer is gone, or (with `dontwait`) nothing
@@ -210,7 +234,12 @@ impl Receiver {
                 flags |= MsgFlags::MSG_DONTWAIT;
             }
             let mut iov = [IoSliceMut::new(&mut self.scratch)];
-            let msg = match socket::recvmsg::<()>(fd.as_raw_fd(), &mut iov, Some(&mut self.cmsg), flags) {
+            let msg = match socket::recvmsg::<()>(
+                fd.as_raw_fd(),
+                &mut iov,
+                Some(&mut self.cmsg),
+                flags,
+            ) {
                 Ok(msg) => msg,
                 Err(Errno::EINTR) => continue,
                 Err(Errno::EAGAIN) => return Ok(Received::WouldBlock),
@@ -239,7 +268,11 @@ impl Receiver {
             }
             if ctrunc || truncated {
                 self.reset();
-                return Err(bad(if ctrunc { "descriptors were truncated (MSG_CTRUNC)" } else { "packet truncated (MSG_TRUNC)" }));
+                return Err(bad(if ctrunc {
+                    "descriptors were truncated (MSG_CTRUNC)"
+                } else {
+                    "packet truncated (MSG_TRUNC)"
+                }));
             }
             if n < 2 {
                 self.reset();
@@ -248,7 +281,9 @@ impl Receiver {
             if self.scratch[0] != VERSION {
                 let v = self.scratch[0];
                 self.reset();
-                return Err(bad(&format!("peer speaks wire version {v}, this is version {VERSION}")));
+                return Err(bad(&format!(
+                    "peer speaks wire version {v}, this is version {VERSION}"
+                )));
             }
             let more = self.scratch[1] & FLAG_MORE != 0;
             if !more && !self.in_message {

@@ -21,8 +21,11 @@ pub fn fork_single_threaded() -> io::Result<Forked> {
 /// Registers a borrowed descriptor with the current tokio runtime's reactor, for readiness.
 ///
 /// Panics outside a tokio runtime (as tokio does).
-pub fn watch_readable(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<tokio::io::unix::AsyncFd<std::os::fd::BorrowedFd<'_>>> {
+pub fn watch_readable(
+    fd: std::os::fd::BorrowedFd<'_>,
+) -> io::Result<tokio::io::unix::AsyncFd<std::os::fd::BorrowedFd<'_>>> {
     // SAFETY: a BorrowedFd is open for its whole lifetime and always names the same descriptor,
     // and the AsyncFd holds that borrow, so it cannot outlive the descriptor it watches.
-    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.map_err(io::Error::from)
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(io::Error::from)
 }
