@@ -255,7 +255,7 @@ macro_rules! options {
 }
 
 options! {
-    /// Address to listen on: HOST:PORT, [::1]:PORT or unix:/path (repeatable) [default: 127.0.0.1:8080]
+    /// Address to listen on: HOST:PORT, `[::1]:PORT` or unix:/path (repeatable) [default: 127.0.0.1:8080]
     #[arg(value_delimiter = ',', num_args = 1, action = clap::ArgAction::Append)]
     listen: Vec<ListenAddr>,
     /// Number of worker processes [default: one per CPU]

@@ -1,4 +1,57 @@
 //! tine: a preforking, reforking application server and process-pool library for Linux.
+//!
+//! # Theory of operation
+//!
+//! A user's app (any `tower::Service` over HTTP, such as an axum `Router`, or a raw stream
+//! handler) runs in N worker processes that share the listening sockets. Four roles:
+//!
+//! ```text
+//! tine monitor (gen:1 workers:4/4)   single-threaded poll loop; never runs app code
+//!  ├─ tine mold (gen:1)              the template: forks workers on request, serves nothing
+//!  ├─ tine worker[0] (gen:1)         serves requests
+//!  └─ tine worker[1] (gen:0)         an older generation, being rolled over
+//! ```
+//!
+//! **Monitor** ([`run`] → `monitor`). Parses the config ([`config`]), binds the listeners
+//! ([`listener`]), creates the scoreboard (a sealed memfd, [`ipc::scoreboard`]) and the control
+//! socket, becomes a child subreaper, blocks its signals and reads them from a signalfd, and forks
+//! the generation-0 mold. Then it loops on one `poll` over the signalfd, one channel per child, the
+//! control socket and a timer. Each wake-up ends in `reconcile`, which compares the table of
+//! children with the target (a mold, N workers) and acts; a tick checks limits and hangs. It never
+//! starts a thread: before every fork the thread count is checked ([`sys::process::fork`]).
+//!
+//! **Mold** (`mold`). Generation 0 is forked by the monitor and runs [`App::preload`] — the
+//! expensive start-up every worker shares copy-on-write. On `SpawnWorker` it forks twice: the
+//! middle process reports the grandchild's pid and exits, so the worker is re-parented to the
+//! monitor and is the mold's sibling. The monitor makes each worker's `SOCK_SEQPACKET` channel and
+//! passes one end through the mold with `SCM_RIGHTS` ([`ipc::channel`], [`ipc::message`]:
+//! versioned, one message per packet; a malformed packet gets the child replaced, never a panic).
+//!
+//! **Worker** (`worker`). Every child runs the same after-fork sequence first: own process group,
+//! close inherited fds, reset signals, parent-death signal, check the parent is the monitor. A
+//! worker registers on its channel, runs [`App::boot`], builds a tokio runtime (current-thread by
+//! default) and serves HTTP/1.1 and HTTP/2 with hyper, or hands connections to a stream handler.
+//! It counts requests and refreshes a heartbeat in its scoreboard slot; the monitor reads those
+//! for hang detection, `max_requests`, memory and CPU limits. A graceful stop drains: no more
+//! accepts, kept-alive connections answer their next request with `Connection: close`.
+//!
+//! **Reforking.** Once a worker is warm (`refork_after`, `SIGUSR2`, `tine ctl refork`) it is
+//! promoted: a replacement starts first, then the worker drains, drops its runtime, runs
+//! [`App::before_mold`], checks it is single-threaded and becomes the mold of generation N+1.
+//! Older workers are then replaced a few at a time, replace-then-retire, so memory warmed at run
+//! time is shared copy-on-write again. Shared data should be read through `&'static` references:
+//! a reference-count increment is a write that un-shares a page.
+//!
+//! **Supervision.** Every death is reaped and explained (exit code, signal, limit, timeout);
+//! replacements back off exponentially on crash loops and the monitor exits after
+//! `max_consecutive_spawn_errors`. Limits end in replace-then-retire, so capacity never dips. If the
+//! monitor dies, the parent-death signal and EOF on the channels take every child with it.
+//!
+//! **Spawner** ([`spawner`]). Separate from the server: a process forked first thing in `main`
+//! that runs typed jobs in pooled, isolated worker processes.
+//!
+//! `unsafe` code lives in [`sys`] only. Signals: `INT` quick stop, `TERM`/`QUIT` graceful stop,
+//! `TTIN`/`TTOU` one worker more/less, `USR2` refork.
 #![deny(missing_docs)]
 
 pub mod app;
