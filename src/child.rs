@@ -24,6 +24,9 @@ pub fn after_fork(monitor: Pid, keep: &[RawFd]) {
     if process::reset_signals().is_err() {
         process::exit_now(70);
     }
+    // systemd's notification socket belongs to the monitor alone. Single-threaded here, so
+    // changing the environment is sound.
+    std::env::remove_var("NOTIFY_SOCKET");
     // Rust's runtime ignores SIGPIPE so that writes to closed sockets are errors, not deaths.
     let _ = process::ignore_signal(Signal::SIGPIPE);
     let until = std::time::Instant::now() + std::time::Duration::from_secs(2);

@@ -337,6 +337,18 @@ options! {
     log_format: LogFormat,
     /// Log filter, e.g. info or tine=debug [default: info]
     log_level: String,
+    /// Append logs (and the children's stdout/stderr) to this file; USR1 reopens it
+    log_file: PathBuf,
+    /// Development mode: reload everything when a file under PATH changes (repeatable)
+    #[arg(num_args = 1, action = clap::ArgAction::Append)]
+    watch: Vec<PathBuf>,
+    /// Development mode: new workers from the current mold when a file under PATH changes (repeatable)
+    #[arg(num_args = 1, action = clap::ArgAction::Append)]
+    watch_boot: Vec<PathBuf>,
+    /// Run the mold and workers as this user (name or uid); the monitor keeps root to bind and signal
+    user: String,
+    /// Run the mold and workers with this group (name or gid) [default: the user's group]
+    group: String,
 }
 
 /// The validated configuration with every default filled in.
@@ -344,6 +356,9 @@ options! {
 pub struct Config {
     /// Listening addresses.
     pub listen: Vec<ListenAddr>,
+    /// Whether `listen` was given (flag, env or file) rather than defaulted: without it, sockets
+    /// passed by systemd socket activation are served instead of the default address.
+    pub listen_given: bool,
     /// Workers to run.
     pub workers: usize,
     /// Upper bound on workers.
@@ -416,6 +431,56 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Log filter.
     pub log_level: String,
+    /// Log file (stderr if none).
+    pub log_file: Option<PathBuf>,
+    /// Paths whose change triggers a full reload.
+    pub watch: Vec<PathBuf>,
+    /// Paths whose change triggers new workers from the current mold.
+    pub watch_boot: Vec<PathBuf>,
+    /// Privileges the children drop to.
+    pub run_as: Option<RunAs>,
+}
+
+/// A uid and gid the children switch to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunAs {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
+fn resolve_run_as(user: Option<String>, group: Option<String>) -> Result<Option<RunAs>, ConfigError> {
+    use nix::unistd::{Group, User};
+    let invalid = |key: &'static str, value: &str, expected: &str| ConfigError::Invalid {
+        key,
+        value: value.to_string(),
+        expected: expected.to_string(),
+    };
+    let Some(user_text) = user else {
+        if let Some(g) = group {
+            return Err(invalid("group", &g, "a group only together with `user`"));
+        }
+        return Ok(None);
+    };
+    let user = match user_text.parse::<u32>() {
+        Ok(uid) => User::from_uid(uid.into()).ok().flatten(),
+        Err(_) => User::from_name(&user_text).ok().flatten(),
+    }
+    .ok_or_else(|| invalid("user", &user_text, "an existing user name or uid"))?;
+    let gid = match group {
+        None => user.gid.as_raw(),
+        Some(g) => match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => Group::from_name(&g)
+                .ok()
+                .flatten()
+                .ok_or_else(|| invalid("group", &g, "an existing group name or gid"))?
+                .gid
+                .as_raw(),
+        },
+    };
+    Ok(Some(RunAs { uid: user.uid.as_raw(), gid }))
 }
 
 impl Options {
@@ -461,6 +526,7 @@ impl Options {
         if worker_threads == 0 || worker_threads > 256 {
             return Err(invalid("worker_threads", worker_threads, "a number from 1 to 256"));
         }
+        let listen_given = self.listen.as_ref().is_some_and(|l| !l.is_empty());
         let mut listen = self.listen.unwrap_or_default();
         if listen.is_empty() {
             listen.push(ListenAddr::Tcp(([127, 0, 0, 1], 8080).into()));
@@ -484,6 +550,7 @@ impl Options {
         }
         Ok(Config {
             listen,
+            listen_given,
             workers,
             max_workers,
             app,
@@ -520,6 +587,10 @@ impl Options {
             metrics_listen: self.metrics_listen,
             log_format: self.log_format.unwrap_or_default(),
             log_level: self.log_level.unwrap_or_else(|| "info".into()),
+            log_file: self.log_file,
+            watch: self.watch.unwrap_or_default(),
+            watch_boot: self.watch_boot.unwrap_or_default(),
+            run_as: resolve_run_as(self.user, self.group)?,
         })
     }
 }

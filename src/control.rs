@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use serde_json::json;
 
-use crate::monitor::{Kind, Monitor, Phase};
+use crate::ipc::scoreboard::{age, SlotView};
+use crate::monitor::{Child, Kind, Monitor, Phase};
 use crate::sys::meminfo;
 
 /// Longest command line accepted.
@@ -43,13 +44,35 @@ pub(crate) type Reply = Result<String, String>;
 impl ControlServer {
     /// Binds the socket with mode 0600.
     pub(crate) fn bind(path: &Path) -> io::Result<ControlServer> {
-        crate::listener::remove_stale_socket(path)
-            .map_err(|e| io::Error::new(e.kind(), format!("control socket {}: {e}", path.display())))?;
-        let listener = UnixListener::bind(path)
-            .map_err(|e| io::Error::new(e.kind(), format!("control socket {}: {e}", path.display())))?;
+        crate::listener::remove_stale_socket(path).map_err(|e| {
+            io::Error::new(e.kind(), format!("control socket {}: {e}", path.display()))
+        })?;
+        let listener = UnixListener::bind(path).map_err(|e| {
+            io::Error::new(e.kind(), format!("control socket {}: {e}", path.display()))
+        })?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         listener.set_nonblocking(true)?;
-        Ok(ControlServer { listener, path: path.to_owned(), clients: Vec::new() })
+        Ok(ControlServer {
+            listener,
+            path: path.to_owned(),
+            clients: Vec::new(),
+        })
+    }
+
+    /// Takes over a control socket handed across a re-exec.
+    pub(crate) fn adopt(fd: std::os::fd::OwnedFd, path: &Path) -> io::Result<ControlServer> {
+        let listener = UnixListener::from(fd);
+        listener.set_nonblocking(true)?;
+        Ok(ControlServer {
+            listener,
+            path: path.to_owned(),
+            clients: Vec::new(),
+        })
+    }
+
+    /// The path the socket is bound to.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
     }
 
     pub(crate) fn listener_fd(&self) -> BorrowedFd<'_> {
@@ -73,9 +96,14 @@ impl ControlServer {
                 continue;
             }
             if stream.set_nonblocking(true).is_ok() {
-                self.clients.retain(|c| c.since.elapsed() < Duration::from_secs(10));
+                self.clients
+                    .retain(|c| c.since.elapsed() < Duration::from_secs(10));
                 if self.clients.len() < 32 {
-                    self.clients.push(Client { stream, buf: Vec::new(), since: Instant::now() });
+                    self.clients.push(Client {
+                        stream,
+                        buf: Vec::new(),
+                        since: Instant::now(),
+                    });
                 }
             }
         }
@@ -112,7 +140,10 @@ impl ControlServer {
                 Err(_) => Err("command is not UTF-8".into()),
             }
         };
-        Some(Request { client: client.stream, command })
+        Some(Request {
+            client: client.stream,
+            command,
+        })
     }
 
     pub(crate) fn reply(&self, client: UnixStream, reply: Reply) {
@@ -124,7 +155,8 @@ impl ControlServer {
     }
 }
 
-fn reply_to(mut stream: UnixStream, reply: Reply) -> io::Result<()> {
+/// Writes a reply and closes the connection.
+pub(crate) fn reply_to(mut stream: UnixStream, reply: Reply) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_write_timeout(Some(Duration::from_secs(1)))?;
     let text = match reply {
@@ -172,63 +204,91 @@ pub(crate) fn handle(m: &mut Monitor, command: Result<String, String>) -> Reply 
             crate::monitor::request_refork_from_ctl(m);
             Ok("refork requested\n".into())
         }
-        ["reload"] => Err("reload is not implemented yet".into()),
         _ => Err(format!(
-            "unknown command {command:?}; expected status [--json], scale N, stop [--quick], kill-worker NR, refork"
+            "unknown command {command:?}; expected status [--json], scale N, stop [--quick], kill-worker NR, refork, reload"
         )),
     }
 }
 
-/// One row of the status table.
-struct Row {
-    role: &'static str,
-    nr: Option<u32>,
-    pid: i32,
-    generation: u32,
-    state: String,
-    requests: u64,
-    uptime_s: u64,
-    mem: meminfo::Memory,
+/// One process of the tree, as `status` and the metrics show it.
+pub(crate) struct ProcessRow {
+    pub role: &'static str,
+    /// Worker number (workers only).
+    pub nr: Option<u32>,
+    pub pid: i32,
+    pub generation: u32,
+    pub state: String,
+    pub requests: u64,
+    pub in_flight: u64,
+    /// Method and path of the oldest request in flight, and how long it has run.
+    pub oldest_request: Option<(String, Duration)>,
+    pub uptime_s: u64,
+    pub mem: meminfo::Memory,
 }
 
-fn rows(m: &Monitor) -> Vec<Row> {
+/// The state of a child as shown to operators: the monitor's phase, refined by the scoreboard.
+pub(crate) fn child_state(c: &Child, view: Option<&SlotView>) -> &'static str {
+    match &c.phase {
+        Phase::Retiring { .. } => "retiring",
+        Phase::Starting => "starting",
+        Phase::Promoting => "promoting",
+        Phase::Ready => view.map(|v| v.state.name()).unwrap_or("ready"),
+    }
+}
+
+/// The monitor, then molds, then workers by number; `memory` reads a process's memory.
+pub(crate) fn process_rows(
+    m: &Monitor,
+    memory: &mut dyn FnMut(i32) -> meminfo::Memory,
+) -> Vec<ProcessRow> {
     let pid = std::process::id() as i32;
     let generation = m.current_mold().map(|(_, c)| c.generation).unwrap_or(0);
-    let mut rows = vec![Row {
+    let mut rows = vec![ProcessRow {
         role: "monitor",
         nr: None,
         pid,
         generation,
-        state: if m.is_running() { "running".into() } else { "stopping".into() },
+        state: if m.is_running() {
+            "running".into()
+        } else {
+            "stopping".into()
+        },
         requests: 0,
+        in_flight: 0,
+        oldest_request: None,
         uptime_s: m.started.elapsed().as_secs(),
-        mem: meminfo::memory(pid).unwrap_or_default(),
+        mem: memory(pid),
     }];
     let mut children: Vec<_> = m.children.iter().filter(|(_, c)| c.pid.is_some()).collect();
     children.sort_by_key(|(_, c)| (c.kind == Kind::Worker, c.nr, c.generation));
     for (slot, c) in children {
-        let view = m.board.read(*slot);
-        let state = match &c.phase {
-            Phase::Retiring { .. } => "retiring".to_string(),
-            Phase::Starting => "starting".to_string(),
-            Phase::Promoting => "promoting".to_string(),
-            Phase::Ready => view.as_ref().map(|v| v.state.name().to_string()).unwrap_or_else(|| "ready".into()),
-        };
-        rows.push(Row {
+        // A slot still holding another pid (not claimed yet) says nothing about this child.
+        let view = m.board.read(*slot).filter(|v| v.pid == c.pid_raw());
+        let oldest_request = view
+            .as_ref()
+            .filter(|v| v.in_flight > 0 && v.oldest_start_ms > 0)
+            .map(|v| (v.request.clone(), age(v.oldest_start_ms)));
+        rows.push(ProcessRow {
             role: c.kind.name(),
             nr: (c.kind == Kind::Worker).then_some(c.nr),
             pid: c.pid_raw(),
             generation: c.generation,
-            state,
-            requests: view.map(|v| v.requests).unwrap_or(0),
+            state: child_state(c, view.as_ref()).to_string(),
+            requests: view.as_ref().map(|v| v.requests).unwrap_or(0),
+            in_flight: view.as_ref().map(|v| v.in_flight).unwrap_or(0),
+            oldest_request,
             uptime_s: c.started.elapsed().as_secs(),
-            mem: meminfo::memory(c.pid_raw()).unwrap_or_default(),
+            mem: memory(c.pid_raw()),
         });
     }
     rows
 }
 
-fn shared_percent(mem: &meminfo::Memory) -> f64 {
+fn rows(m: &Monitor) -> Vec<ProcessRow> {
+    process_rows(m, &mut |pid| meminfo::memory(pid).unwrap_or_default())
+}
+
+pub(crate) fn shared_percent(mem: &meminfo::Memory) -> f64 {
     if mem.rss_kb == 0 {
         0.0
     } else {
@@ -239,7 +299,17 @@ fn shared_percent(mem: &meminfo::Memory) -> f64 {
 fn status_text(m: &Monitor) -> String {
     let mut out = format!(
         "{:<8} {:>3} {:>8} {:>4} {:<10} {:>10} {:>8} {:>9} {:>9} {:>9} {:>7}\n",
-        "ROLE", "NR", "PID", "GEN", "STATE", "REQUESTS", "UPTIME", "RSS_KB", "PSS_KB", "USS_KB", "SHARED"
+        "ROLE",
+        "NR",
+        "PID",
+        "GEN",
+        "STATE",
+        "REQUESTS",
+        "UPTIME",
+        "RSS_KB",
+        "PSS_KB",
+        "USS_KB",
+        "SHARED"
     );
     let rows = rows(m);
     let total_pss: u64 = rows.iter().map(|r| r.mem.pss_kb).sum();
@@ -259,7 +329,10 @@ fn status_text(m: &Monitor) -> String {
             shared_percent(&r.mem)
         ));
     }
-    out.push_str(&format!("total PSS: {total_pss} KiB; workers: target {}\n", m.target));
+    out.push_str(&format!(
+        "total PSS: {total_pss} KiB; workers: target {}\n",
+        m.target
+    ));
     out
 }
 
@@ -282,6 +355,9 @@ pub(crate) fn status_json(m: &Monitor) -> serde_json::Value {
                 "pss_kb": r.mem.pss_kb,
                 "uss_kb": r.mem.uss_kb,
                 "shared_percent": (shared_percent(&r.mem) * 10.0).round() / 10.0,
+                "in_flight": r.in_flight,
+                "oldest_request": r.oldest_request.as_ref().map(|(text, _)| text.clone()),
+                "oldest_request_ms": r.oldest_request.as_ref().map(|(_, age)| age.as_millis() as u64),
             })
         })
         .collect();
@@ -290,11 +366,20 @@ pub(crate) fn status_json(m: &Monitor) -> serde_json::Value {
 
 /// The client side (`tine ctl`): sends `command`, returns the reply.
 pub fn request(path: &Path, command: &str) -> Result<String, String> {
-    let mut stream = UnixStream::connect(path).map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
-    stream.write_all(format!("{command}\n").as_bytes()).map_err(|e| e.to_string())?;
+    let mut stream = UnixStream::connect(path)
+        .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
+    // A reload waits for the new generation to be ready, preload included.
+    let patience = if command.trim() == "reload" { 600 } else { 10 };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(patience)))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(format!("{command}\n").as_bytes())
+        .map_err(|e| e.to_string())?;
     let mut reply = String::new();
-    stream.read_to_string(&mut reply).map_err(|e| format!("reading the reply: {e}"))?;
+    stream
+        .read_to_string(&mut reply)
+        .map_err(|e| format!("reading the reply: {e}"))?;
     if let Some(body) = reply.strip_prefix("OK\n") {
         Ok(body.to_string())
     } else if let Some(err) = reply.strip_prefix("ERR ") {

@@ -62,6 +62,7 @@ mod control;
 pub mod ipc;
 pub mod listener;
 mod log;
+mod metrics;
 mod monitor;
 mod mold;
 pub mod spawner;

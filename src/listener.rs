@@ -69,6 +69,19 @@ impl Listener {
         }
     }
 
+    /// Wraps an inherited listening socket (systemd socket activation, or a re-exec handover),
+    /// telling TCP from unix by its address family.
+    pub fn from_inherited(fd: std::os::fd::OwnedFd) -> io::Result<Listener> {
+        let socket = Socket::from(fd);
+        let local = socket.local_addr()?;
+        if let Some(addr) = local.as_socket() {
+            Ok(Listener::Tcp(socket.into(), ListenAddr::Tcp(addr)))
+        } else {
+            let path = local.as_pathname().map(|p| p.to_path_buf()).unwrap_or_default();
+            Ok(Listener::Unix(std::os::unix::net::UnixListener::from(std::os::fd::OwnedFd::from(socket)), ListenAddr::Unix(path)))
+        }
+    }
+
     /// The descriptor.
     pub fn raw_fd(&self) -> RawFd {
         match self {

@@ -49,6 +49,13 @@ struct CtlArgs {
 }
 
 static ARGV: OnceLock<Vec<OsString>> = OnceLock::new();
+static EXE: OnceLock<PathBuf> = OnceLock::new();
+
+/// The absolute path of the executable, saved at start. A reload runs the file at this path (not
+/// `/proc/self/exe`, which keeps naming the old inode after a rebuild replaced the file).
+pub fn saved_exe() -> &'static std::path::Path {
+    EXE.get().map(PathBuf::as_path).unwrap_or(std::path::Path::new("/proc/self/exe"))
+}
 
 /// The command line this process started with (saved before the process title overwrote it).
 pub fn saved_argv() -> &'static [OsString] {
@@ -85,6 +92,11 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
 /// Call it first thing in `main`, before any thread exists (the monitor forks).
 pub fn run<A: App>() -> ExitCode {
     let _ = ARGV.set(std::env::args_os().collect());
+    if let Ok(exe) = std::env::current_exe() {
+        // After a rebuild replaced the file, the kernel's link names the old inode "(deleted)".
+        let text = exe.to_string_lossy();
+        let _ = EXE.set(PathBuf::from(text.strip_suffix(" (deleted)").unwrap_or(&text).to_string()));
+    }
     let cmd = Cli::command().mut_subcommand("serve", with_env_names).mut_subcommand("check", with_env_names);
     let cli = match cmd.try_get_matches().and_then(|m| Cli::from_arg_matches(&m)) {
         Ok(cli) => cli,
@@ -117,7 +129,7 @@ pub fn run<A: App>() -> ExitCode {
             if let Err(e) = A::check(&config) {
                 return fail(format!("{e:#}"));
             }
-            println!("configuration ok");
+            println!("configuration ok (handover version {})", crate::monitor::HANDOVER_VERSION);
             ExitCode::SUCCESS
         }
         Cmd::Ctl(args) => match crate::control::request(&args.control_socket, &args.command.join(" ")) {

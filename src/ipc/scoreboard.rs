@@ -4,17 +4,35 @@
 //! its own slot; the monitor reads them all. Every word is an atomic, and a slot is published under
 //! a sequence counter (odd while being written), so a reader sees a consistent copy or retries.
 //! Nothing read from it is trusted: a reader validates every field.
+//!
+//! In-flight requests: a worker keeps the exact set of its in-flight requests in its own memory
+//! (unbounded, process-local) and publishes into its fixed-size slot only what the monitor needs:
+//! how many are in flight, and the start, method and path of the *oldest* one. That is what hang
+//! detection must see with `worker_threads > 1`: a spinning handler on one thread does not stop
+//! the tick on another, but its request keeps getting older, whatever starts after it.
+//!
+//! The header also holds the tree's counters that must outlive any one process (and survive a
+//! re-exec, which hands the memfd over): requests served by processes that have gone, and reforks.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::sys::shm::SharedWords;
 
 /// Format version of the layout below.
-pub const SCOREBOARD_VERSION: u64 = 1;
+pub const SCOREBOARD_VERSION: u64 = 2;
 const MAGIC: u64 = u64::from_le_bytes(*b"tinesb\0\0");
 const HEADER_WORDS: usize = 8;
+// Header word offsets (0..4: magic, version, capacity, slot words).
+/// Requests served by processes whose slot was cleared or reclaimed.
+const H_REQUESTS_GONE: usize = 4;
+/// Completed reforks (a promoted worker became a mold).
+const H_REFORKS: usize = 5;
+/// A requests counter larger than this in a slot is garbage, not traffic.
+const MAX_SANE_REQUESTS: u64 = 1 << 48;
 /// Words per slot: 256 bytes, four cache lines.
 pub const SLOT_WORDS: usize = 32;
 /// Bytes of the in-flight request's method and path kept in a slot.
@@ -106,9 +124,9 @@ pub struct SlotView {
     pub requests: u64,
     /// Requests in flight.
     pub in_flight: u64,
-    /// Start of the request in flight (ms, monotonic), 0 if none.
+    /// Start of the oldest tracked request in flight (ms, monotonic), 0 if none.
     pub oldest_start_ms: u64,
-    /// Method and path of the latest request in flight.
+    /// Method and path (truncated) of the oldest request in flight; empty if none.
     pub request: String,
     /// Whether the process may be promoted.
     pub fork_safe: bool,
@@ -116,7 +134,8 @@ pub struct SlotView {
 
 /// Milliseconds on the system-wide monotonic clock (comparable between processes).
 pub fn now_ms() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap_or(nix::sys::time::TimeSpec::new(0, 0));
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .unwrap_or(nix::sys::time::TimeSpec::new(0, 0));
     ts.tv_sec() as u64 * 1000 + ts.tv_nsec() as u64 / 1_000_000
 }
 
@@ -133,13 +152,47 @@ pub fn install(board: Scoreboard) -> &'static Scoreboard {
 /// # Panics
 /// If [`install`] was not called first: a programming error, never a run-time condition.
 pub fn global() -> &'static Scoreboard {
-    GLOBAL.get().expect("scoreboard installed by the monitor before the first fork")
+    GLOBAL
+        .get()
+        .expect("scoreboard installed by the monitor before the first fork")
 }
 
 /// The shared scoreboard.
 pub struct Scoreboard {
     mem: SharedWords,
     capacity: usize,
+    /// This process's in-flight requests (process-local: each forked process has its own copy,
+    /// reset when it claims a slot; only workers use it).
+    requests: Mutex<RequestSet>,
+}
+
+/// The method and path of a request, truncated, NUL-padded.
+type RequestText = [u8; REQUEST_TEXT_BYTES];
+
+/// The exact set of a worker's tracked in-flight requests, oldest first (ids grow with time).
+#[derive(Default)]
+struct RequestSet {
+    next_id: u64,
+    tracked: BTreeMap<u64, (u64, RequestText)>,
+    /// In flight but not subject to the age check (stream connections).
+    untracked: u64,
+}
+
+impl RequestSet {
+    fn in_flight(&self) -> u64 {
+        self.tracked.len() as u64 + self.untracked
+    }
+}
+
+fn request_text(method: &str, path: &str) -> RequestText {
+    let mut text = [0u8; REQUEST_TEXT_BYTES];
+    let mut n = 0;
+    for part in [method.as_bytes(), b" ", path.as_bytes()] {
+        let take = part.len().min(REQUEST_TEXT_BYTES - n);
+        text[n..n + take].copy_from_slice(&part[..take]);
+        n += take;
+    }
+    text
 }
 
 impl Scoreboard {
@@ -151,7 +204,51 @@ impl Scoreboard {
         w[1].store(SCOREBOARD_VERSION, Ordering::Relaxed);
         w[2].store(capacity as u64, Ordering::Relaxed);
         w[3].store(SLOT_WORDS as u64, Ordering::Release);
-        Ok(Scoreboard { mem, capacity })
+        Ok(Scoreboard {
+            mem,
+            capacity,
+            requests: Mutex::new(RequestSet::default()),
+        })
+    }
+
+    /// Requests served by every process whose slot was cleared or reclaimed since the scoreboard
+    /// was created. Add the live slots' counts for the tree's total.
+    pub fn requests_of_gone(&self) -> u64 {
+        self.mem.words()[H_REQUESTS_GONE].load(Ordering::Relaxed)
+    }
+
+    /// Completed reforks since the scoreboard was created.
+    pub fn reforks(&self) -> u64 {
+        self.mem.words()[H_REFORKS].load(Ordering::Relaxed)
+    }
+
+    /// Counts a completed refork (monitor only).
+    pub fn count_refork(&self) {
+        self.mem.words()[H_REFORKS].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Maps a scoreboard handed over across a re-exec; refuses one of another layout version.
+    pub fn adopt(fd: std::os::fd::OwnedFd, capacity: usize) -> io::Result<Scoreboard> {
+        let mem = SharedWords::map(fd, HEADER_WORDS + capacity * SLOT_WORDS)?;
+        let w = mem.words();
+        let header = [0, 1, 2, 3].map(|i| w[i].load(Ordering::Acquire));
+        if header
+            != [
+                MAGIC,
+                SCOREBOARD_VERSION,
+                capacity as u64,
+                SLOT_WORDS as u64,
+            ]
+        {
+            return Err(io::Error::other(format!(
+                "scoreboard header {header:x?} is not version {SCOREBOARD_VERSION}"
+            )));
+        }
+        Ok(Scoreboard {
+            mem,
+            capacity,
+            requests: Mutex::new(RequestSet::default()),
+        })
     }
 
     /// Number of slots.
@@ -177,6 +274,7 @@ impl Scoreboard {
         let w = self.words(slot);
         let seq = w[SEQ].load(Ordering::Relaxed);
         w[SEQ].store(seq | 1, Ordering::Relaxed);
+        move_requests_to_header(w, &self.mem.words()[H_REQUESTS_GONE]);
         for word in &w[1..] {
             word.store(0, Ordering::Relaxed);
         }
@@ -185,7 +283,11 @@ impl Scoreboard {
 
     /// The writer handle of `slot`, for the process that owns it.
     pub fn slot(&self, slot: usize) -> Option<SlotWriter<'_>> {
-        (slot < self.capacity).then(|| SlotWriter { w: self.words(slot) })
+        (slot < self.capacity).then(|| SlotWriter {
+            w: self.words(slot),
+            gone: &self.mem.words()[H_REQUESTS_GONE],
+            requests: &self.requests,
+        })
     }
 
     /// Reads `slot` consistently; `None` if free, torn for too long, or invalid.
@@ -208,7 +310,10 @@ impl Scoreboard {
             if copy[ROLE] == Role::Free as u64 {
                 return None;
             }
-            let mut text: Vec<u8> = copy[TEXT..TEXT + REQUEST_TEXT_BYTES / 8].iter().flat_map(|x| x.to_le_bytes()).collect();
+            let mut text: Vec<u8> = copy[TEXT..TEXT + REQUEST_TEXT_BYTES / 8]
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect();
             text.retain(|b| *b != 0);
             return Some(SlotView {
                 pid: i32::try_from(copy[PID]).ok()?,
@@ -227,13 +332,36 @@ impl Scoreboard {
     }
 }
 
+/// Adds a slot's requests counter to the header's count of requests served by gone processes.
+fn move_requests_to_header(w: &[AtomicU64], gone: &AtomicU64) {
+    let served = w[REQUESTS].swap(0, Ordering::Relaxed);
+    if served <= MAX_SANE_REQUESTS {
+        gone.fetch_add(served, Ordering::Relaxed);
+    }
+}
+
 /// Writes one slot; used by the process that owns it.
 #[derive(Clone, Copy)]
 pub struct SlotWriter<'a> {
     w: &'a [AtomicU64],
+    gone: &'a AtomicU64,
+    requests: &'a Mutex<RequestSet>,
 }
 
-impl SlotWriter<'_> {
+/// A tracked request in flight; ends (and is counted as served) when dropped, however the
+/// request ends, even if its future is dropped half-way.
+pub struct InFlightRequest<'a> {
+    slot: SlotWriter<'a>,
+    id: u64,
+}
+
+impl Drop for InFlightRequest<'_> {
+    fn drop(&mut self) {
+        self.slot.finish_tracked(self.id);
+    }
+}
+
+impl<'a> SlotWriter<'a> {
     /// Runs `f` with the slot locked: the sequence counter is odd meanwhile. Taking it with a
     /// compare-exchange makes writes from several threads of one worker safe too.
     fn write(&self, f: impl FnOnce(&[AtomicU64])) {
@@ -244,7 +372,12 @@ impl SlotWriter<'_> {
                 seq = self.w[SEQ].load(Ordering::Relaxed);
                 continue;
             }
-            match self.w[SEQ].compare_exchange_weak(seq, seq | 1, Ordering::Acquire, Ordering::Relaxed) {
+            match self.w[SEQ].compare_exchange_weak(
+                seq,
+                seq | 1,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => break,
                 Err(current) => seq = current,
             }
@@ -254,10 +387,17 @@ impl SlotWriter<'_> {
         self.w[SEQ].store((seq | 1) + 1, Ordering::Release);
     }
 
-    /// Claims the slot for a process.
+    fn lock_requests(&self) -> std::sync::MutexGuard<'a, RequestSet> {
+        self.requests.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Claims the slot for a process. A promoted worker claims the slot it served from: what it
+    /// served moves to the header's count first, so the tree's total never drops.
     pub fn claim(&self, pid: i32, role: Role, generation: u32, nr: u32, state: State) {
         let now = now_ms();
+        *self.lock_requests() = RequestSet::default();
         self.write(|w| {
+            move_requests_to_header(w, self.gone);
             for word in &w[1..] {
                 word.store(0, Ordering::Relaxed);
             }
@@ -286,42 +426,108 @@ impl SlotWriter<'_> {
         self.w[FORK_SAFE].store(1, Ordering::Relaxed);
     }
 
-    /// Records the start of a request: its method and path, and that one more is in flight.
-    pub fn begin_request(&self, method: &str, path: &str) {
+    /// Starts a tracked request: it counts for hang detection by its age, and the slot shows its
+    /// method and path while it is the oldest in flight. Ends when the returned guard drops.
+    pub fn track_request(&self, method: &str, path: &str) -> InFlightRequest<'a> {
         let now = now_ms();
+        let mut set = self.lock_requests();
+        let id = set.next_id;
+        set.next_id += 1;
+        let entry = (now, request_text(method, path));
+        set.tracked.insert(id, entry);
+        let oldest = set.tracked.len() == 1;
+        let in_flight = set.in_flight();
         self.write(|w| {
-            let in_flight = w[IN_FLIGHT].load(Ordering::Relaxed);
-            w[IN_FLIGHT].store(in_flight + 1, Ordering::Relaxed);
-            w[OLDEST_START_MS].store(now, Ordering::Relaxed);
+            w[IN_FLIGHT].store(in_flight, Ordering::Relaxed);
             w[STATE].store(State::Busy as u64, Ordering::Relaxed);
-            let mut text = [0u8; REQUEST_TEXT_BYTES];
-            let mut n = 0;
-            for part in [method.as_bytes(), b" ", path.as_bytes()] {
-                let take = part.len().min(REQUEST_TEXT_BYTES - n);
-                text[n..n + take].copy_from_slice(&part[..take]);
-                n += take;
+            if oldest {
+                publish_oldest(w, Some(&entry));
             }
-            for (i, chunk) in text.chunks(8).enumerate() {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(chunk);
-                w[TEXT + i].store(u64::from_le_bytes(b), Ordering::Relaxed);
+        });
+        drop(set);
+        InFlightRequest { slot: *self, id }
+    }
+
+    fn finish_tracked(&self, id: u64) {
+        let mut set = self.lock_requests();
+        let was_oldest = set
+            .tracked
+            .first_key_value()
+            .is_some_and(|(first, _)| *first == id);
+        if set.tracked.remove(&id).is_none() {
+            return; // claimed anew meanwhile (the set was reset): nothing of ours to end
+        }
+        let in_flight = set.in_flight();
+        let untracked_only = set.tracked.is_empty() && set.untracked > 0;
+        self.write(|w| {
+            self.count_served(w, in_flight);
+            if was_oldest {
+                publish_oldest(w, set.tracked.first_key_value().map(|(_, v)| v));
+                if untracked_only {
+                    write_text(w, &request_text("STREAM", ""));
+                }
             }
         });
     }
 
-    /// Records the end of a request.
-    pub fn end_request(&self) {
+    /// Records the start of an untracked unit of work (a stream connection: its life is not a
+    /// request's, so its age never counts as a hang). Pair with [`SlotWriter::end_request`].
+    pub fn begin_request(&self, method: &str, path: &str) {
+        let mut set = self.lock_requests();
+        set.untracked += 1;
+        let in_flight = set.in_flight();
+        let show = set.tracked.is_empty();
         self.write(|w| {
-            let in_flight = w[IN_FLIGHT].load(Ordering::Relaxed).saturating_sub(1);
             w[IN_FLIGHT].store(in_flight, Ordering::Relaxed);
-            w[REQUESTS].store(w[REQUESTS].load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-            if in_flight == 0 {
-                w[OLDEST_START_MS].store(0, Ordering::Relaxed);
-                if w[STATE].load(Ordering::Relaxed) == State::Busy as u64 {
-                    w[STATE].store(State::Ready as u64, Ordering::Relaxed);
-                }
+            w[STATE].store(State::Busy as u64, Ordering::Relaxed);
+            if show {
+                write_text(w, &request_text(method, path));
             }
         });
+    }
+
+    /// Records the end of an untracked unit of work started with [`SlotWriter::begin_request`].
+    pub fn end_request(&self) {
+        let mut set = self.lock_requests();
+        set.untracked = set.untracked.saturating_sub(1);
+        let in_flight = set.in_flight();
+        self.write(|w| {
+            self.count_served(w, in_flight);
+            if in_flight == 0 {
+                write_text(w, &[0; REQUEST_TEXT_BYTES]);
+            }
+        });
+    }
+
+    /// Counts one request served and the new in-flight count (under the slot's write lock).
+    fn count_served(&self, w: &[AtomicU64], in_flight: u64) {
+        w[IN_FLIGHT].store(in_flight, Ordering::Relaxed);
+        w[REQUESTS].store(w[REQUESTS].load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        if in_flight == 0 && w[STATE].load(Ordering::Relaxed) == State::Busy as u64 {
+            w[STATE].store(State::Ready as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Publishes the oldest tracked request (or none) into a slot being written.
+fn publish_oldest(w: &[AtomicU64], oldest: Option<&(u64, RequestText)>) {
+    match oldest {
+        Some((start, text)) => {
+            w[OLDEST_START_MS].store(*start, Ordering::Relaxed);
+            write_text(w, text);
+        }
+        None => {
+            w[OLDEST_START_MS].store(0, Ordering::Relaxed);
+            write_text(w, &[0; REQUEST_TEXT_BYTES]);
+        }
+    }
+}
+
+fn write_text(w: &[AtomicU64], text: &RequestText) {
+    for (i, chunk) in text.chunks(8).enumerate() {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(chunk);
+        w[TEXT + i].store(u64::from_le_bytes(b), Ordering::Relaxed);
     }
 }
 

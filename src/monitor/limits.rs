@@ -6,8 +6,30 @@ use std::time::{Duration, Instant};
 use super::{Kind, Monitor, Phase};
 use crate::config::Config;
 use crate::ipc::message::Command;
-use crate::ipc::scoreboard::age;
+use crate::ipc::scoreboard::{age, SlotView};
 use crate::sys::meminfo;
+
+/// Whether a worker is hung, and why: no heartbeat for longer than `timeout`, or, with several
+/// runtime threads, a request in flight for longer than `timeout`. With one thread a blocked
+/// handler stops the tick, so the heartbeat alone is exact, and a slow request that awaits is not
+/// a hang (`request_timeout` bounds it). With several, a handler spinning on one thread leaves the
+/// tick running on another: the age of the oldest request in flight is what shows it.
+pub(super) fn hang(cfg: &Config, view: &SlotView) -> Option<String> {
+    let silent = age(view.heartbeat_ms);
+    if silent > cfg.timeout {
+        return Some(format!("no heartbeat for {:.1} s", silent.as_secs_f64()));
+    }
+    if cfg.worker_threads > 1 && view.in_flight > 0 && view.oldest_start_ms > 0 {
+        let running = age(view.oldest_start_ms);
+        if running > cfg.timeout {
+            return Some(format!(
+                "a request in flight for {:.1} s",
+                running.as_secs_f64()
+            ));
+        }
+    }
+    None
+}
 
 /// max_requests for a new worker, with its jitter (deterministic per slot and time, no RNG state).
 pub(super) fn max_requests_for(config: &Config, slot: usize) -> u64 {
@@ -17,7 +39,10 @@ pub(super) fn max_requests_for(config: &Config, slot: usize) -> u64 {
     let jitter = if config.max_requests_jitter == 0 {
         0
     } else {
-        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos() as u64
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .subsec_nanos() as u64
             ^ (slot as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         seed % (config.max_requests_jitter + 1)
     };
@@ -35,17 +60,22 @@ impl Monitor {
         let mut hung = Vec::new();
         let mut recycle = Vec::new();
         for (slot, c) in &mut self.children {
-            if c.kind != Kind::Worker || c.phase != Phase::Ready || c.recycle.is_some() {
+            // A worker already marked for recycling can still hang while its replacement starts.
+            if c.kind != Kind::Worker || c.phase != Phase::Ready {
                 continue;
             }
-            let Some(view) = self.board.read(*slot) else { continue };
+            let Some(view) = self.board.read(*slot) else {
+                continue;
+            };
             let Some(pid) = c.pid else { continue };
             if view.pid != pid.as_raw() {
                 continue;
             }
-            let silent = age(view.heartbeat_ms);
-            if silent > cfg.timeout {
-                hung.push((*slot, silent, view.request.clone()));
+            if let Some(why) = hang(&cfg, &view) {
+                hung.push((*slot, why, view.request.clone()));
+                continue;
+            }
+            if c.recycle.is_some() {
                 continue;
             }
             if c.max_requests > 0 && view.requests >= c.max_requests {
@@ -60,7 +90,11 @@ impl Monitor {
                     }
                 }
             }
-            if cfg.max_pss_mb > 0 && c.pss_checked.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+            if cfg.max_pss_mb > 0
+                && !c
+                    .pss_checked
+                    .is_some_and(|t| t.elapsed() <= Duration::from_secs(5))
+            {
                 c.pss_checked = Some(Instant::now());
                 if let Some(m) = meminfo::memory(pid.as_raw()) {
                     if m.pss_kb > cfg.max_pss_mb * 1024 {
@@ -87,22 +121,27 @@ impl Monitor {
                 c.hang_warned = false;
             }
         }
-        for (slot, silent, request) in hung {
-            let Some(c) = self.children.get_mut(&slot) else { continue };
+        for (slot, why, request) in hung {
+            let Some(c) = self.children.get_mut(&slot) else {
+                continue;
+            };
             tracing::warn!(
                 nr = c.nr,
                 pid = c.pid_raw(),
                 generation = c.generation,
                 reason = "timeout",
-                silent_s = silent.as_secs(),
+                why,
                 request = %request,
-                "worker is not responding; asking it to exit"
+                "worker is hung; asking it to exit, killing it after timeout_cleanup"
             );
             if let Some(ch) = &c.channel {
                 let _ = ch.send(&Command::Stop { graceful: true }, &[]);
             }
             c.recycle = Some("timeout".into());
-            c.phase = Phase::Retiring { reason: "timeout".into(), kill_at: Instant::now() + cfg.timeout_cleanup };
+            c.phase = Phase::Retiring {
+                reason: "timeout".into(),
+                kill_at: Instant::now() + cfg.timeout_cleanup,
+            };
         }
         // Limits: replace-then-retire, at most refork_max_unavailable replacements at once.
         for (slot, reason) in recycle {
@@ -110,7 +149,13 @@ impl Monitor {
                 break;
             }
             if let Some(c) = self.children.get_mut(&slot) {
-                tracing::info!(nr = c.nr, pid = c.pid_raw(), generation = c.generation, reason, "recycling worker");
+                tracing::info!(
+                    nr = c.nr,
+                    pid = c.pid_raw(),
+                    generation = c.generation,
+                    reason,
+                    "recycling worker"
+                );
                 c.recycle = Some(reason);
             }
         }

@@ -7,6 +7,9 @@
 mod children;
 mod limits;
 mod refork;
+mod reload;
+mod systemd;
+mod watch;
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd};
@@ -31,6 +34,7 @@ use crate::mold;
 use crate::sys::process::{self, Forked};
 
 pub(crate) use children::{Child, Kind, Phase};
+pub(crate) use reload::HANDOVER_VERSION;
 
 /// Why the monitor could not start or had to give up.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +84,8 @@ pub(crate) struct Monitor {
     pub(crate) board: &'static Scoreboard,
     signals: SignalFd,
     pub(crate) control: Option<ControlServer>,
+    /// The Prometheus endpoint (`metrics_listen`), if configured: see `crate::metrics`.
+    pub(crate) metrics: Option<crate::metrics::MetricsServer>,
     /// Children by scoreboard slot.
     pub(crate) children: BTreeMap<usize, Child>,
     pub(crate) target: usize,
@@ -94,17 +100,39 @@ pub(crate) struct Monitor {
     pid_file: Option<PathBuf>,
     /// Restarts by reason, for metrics.
     pub(crate) restarts: BTreeMap<String, u64>,
-    spawn_mold: fn(&mut Monitor) -> std::io::Result<()>,
+    spawn_mold: fn(&mut Monitor, u32) -> std::io::Result<()>,
+    /// A reload under way.
+    reload: Option<reload::Progress>,
+    /// The listeners came from systemd socket activation.
+    activated: bool,
+    notify_socket: Option<String>,
+    /// Watchdog ping interval and last ping.
+    watchdog: Option<(Duration, Instant)>,
+    /// Development mode's file watcher.
+    watcher: Option<watch::Watcher>,
+    /// A boot-only reload under way: when it started and what changed.
+    boot_reload: Option<(Instant, std::path::PathBuf)>,
     last_limits: Instant,
 }
 
 /// Runs the server with app `A` until it is stopped. Returns the exit code.
+///
+/// After a reload's re-exec this same function starts again: it finds the handover left by the
+/// previous image and adopts its sockets, scoreboard and children instead of creating them.
 pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
     A::check(&config).map_err(|e| MonitorError::Config(format!("{e:#}")))?;
-    let listeners = Listener::bind_all(&config).map_err(|e| MonitorError::Config(e.to_string()))?;
-    let control = ControlServer::bind(&config.control_socket).map_err(|e| MonitorError::Config(e.to_string()))?;
-    let capacity = config.max_workers + config.refork_max_unavailable + 2;
-    let board = scoreboard::install(Scoreboard::create(capacity).map_err(setup("cannot create the scoreboard"))?);
+    let handover = reload::take_handover().map_err(MonitorError::Config)?;
+    let (listeners, control, board, activated) = match &handover {
+        Some(h) => adopt_resources(&config, h)?,
+        None => fresh_resources(&config)?,
+    };
+    let board = scoreboard::install(board);
+    // Bound anew after a re-exec too (the old image's socket closes at exec; SO_REUSEADDR).
+    let metrics = config
+        .metrics_listen
+        .map(crate::metrics::MetricsServer::bind)
+        .transpose()
+        .map_err(|e| MonitorError::Config(e.to_string()))?;
     let mut mask = SigSet::empty();
     for sig in HANDLED_SIGNALS {
         mask.add(sig);
@@ -120,7 +148,11 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
     }
     crate::log::set_process_tag("monitor".into());
     let addrs: Vec<String> = listeners.iter().map(|l| l.addr().to_string()).collect();
-    tracing::info!(listen = addrs.join(","), workers = config.workers, app = %config.app, "starting");
+    if handover.is_none() {
+        tracing::info!(listen = addrs.join(","), workers = config.workers, app = %config.app, "starting");
+    } else {
+        tracing::info!(listen = addrs.join(","), workers = config.workers, app = %config.app, "new image running; adopting the tree");
+    }
     let mut monitor = Monitor {
         target: config.workers,
         config,
@@ -128,6 +160,7 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
         board,
         signals,
         control: Some(control),
+        metrics,
         children: BTreeMap::new(),
         mode: Mode::Running,
         pid: nix::unistd::getpid(),
@@ -140,11 +173,98 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
         pid_file,
         restarts: BTreeMap::new(),
         spawn_mold: fork_mold::<A>,
+        reload: None,
+        activated,
+        notify_socket: std::env::var("NOTIFY_SOCKET").ok(),
+        watchdog: systemd::watchdog_interval().map(|i| (i, Instant::now())),
+        watcher: None,
+        boot_reload: None,
         last_limits: Instant::now(),
     };
+    if !monitor.config.watch.is_empty() || !monitor.config.watch_boot.is_empty() {
+        let w = watch::Watcher::new(&monitor.config.watch, &monitor.config.watch_boot, crate::cli::saved_exe())
+            .map_err(|e| MonitorError::Config(e.to_string()))?;
+        monitor.watcher = Some(w);
+    }
+    if let Some(h) = handover {
+        monitor.announced_ready = true;
+        monitor.restarts = h.restarts;
+        monitor.adopt_children(h.children);
+        let waiters = h.waiters.into_iter().map(reload::adopt_waiter).collect();
+        monitor.start_reloaded_generation(h.reload_started_ms, waiters);
+    }
     let result = monitor.run_loop();
     monitor.cleanup();
     result
+}
+
+type Resources = (Vec<Listener>, ControlServer, Scoreboard, bool);
+
+/// Binds (or takes from systemd) the listeners, the control socket and a new scoreboard.
+fn fresh_resources(config: &Config) -> Result<Resources, MonitorError> {
+    let activated = systemd::take_activated_sockets().map_err(MonitorError::Config)?;
+    let from_systemd = !activated.is_empty() && !config.listen_given;
+    let listeners = if from_systemd {
+        activated
+            .into_iter()
+            .map(|(l, name)| {
+                tracing::info!(name, addr = %l.addr(), "serving a socket-activated listener");
+                l
+            })
+            .collect()
+    } else {
+        if !activated.is_empty() {
+            tracing::warn!("`listen` is configured: ignoring the socket-activated listeners");
+        }
+        Listener::bind_all(config).map_err(|e| MonitorError::Config(e.to_string()))?
+    };
+    let control = ControlServer::bind(&config.control_socket).map_err(|e| MonitorError::Config(e.to_string()))?;
+    let capacity = config.max_workers + config.refork_max_unavailable + 2;
+    let board = Scoreboard::create(capacity).map_err(setup("cannot create the scoreboard"))?;
+    Ok((listeners, control, board, from_systemd))
+}
+
+/// Takes the sockets and scoreboard of the previous image; binds only what the new config adds.
+fn adopt_resources(config: &Config, h: &reload::Handover) -> Result<Resources, MonitorError> {
+    let mut handed: Vec<(Listener, bool)> = Vec::new();
+    for l in &h.listeners {
+        let listener = Listener::from_inherited(reload::adopt_fd(l.fd)).map_err(setup("cannot adopt a listener"))?;
+        handed.push((listener, l.activated));
+    }
+    let from_systemd = !config.listen_given && handed.iter().any(|(_, a)| *a);
+    let listeners = if from_systemd {
+        handed.into_iter().map(|(l, _)| l).collect()
+    } else {
+        let mut out = Vec::new();
+        for addr in &config.listen {
+            match handed.iter().position(|(l, _)| l.addr() == *addr) {
+                Some(i) => out.push(handed.remove(i).0),
+                None => out.extend(Listener::bind_all(&Config { listen: vec![addr.clone()], ..config.clone() }).map_err(|e| MonitorError::Config(e.to_string()))?),
+            }
+        }
+        out
+    };
+    let control = match &h.control {
+        Some((fd, path)) if *path == config.control_socket => {
+            ControlServer::adopt(reload::adopt_fd(*fd), path).map_err(setup("cannot adopt the control socket"))?
+        }
+        other => {
+            if let Some((fd, path)) = other {
+                drop(reload::adopt_fd(*fd));
+                let _ = std::fs::remove_file(path);
+            }
+            ControlServer::bind(&config.control_socket).map_err(|e| MonitorError::Config(e.to_string()))?
+        }
+    };
+    let (fd, capacity) = h.scoreboard;
+    let board = match Scoreboard::adopt(reload::adopt_fd(fd), capacity) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot adopt the scoreboard; starting a new one (old children are retired)");
+            Scoreboard::create(config.max_workers + config.refork_max_unavailable + 2).map_err(setup("cannot create the scoreboard"))?
+        }
+    };
+    Ok((listeners, control, board, from_systemd))
 }
 
 /// Signals the monitor reads from its signalfd.
@@ -167,17 +287,18 @@ fn write_pid_file(path: &std::path::Path) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// Forks the generation-0 mold (monomorphized per app).
-fn fork_mold<A: App>(m: &mut Monitor) -> std::io::Result<()> {
+/// Forks a mold that runs `preload` (monomorphized per app): generation 0 at start and when
+/// a mold must be replaced, a new generation on reload.
+fn fork_mold<A: App>(m: &mut Monitor, generation: u32) -> std::io::Result<()> {
     let slot = m.free_slot().ok_or_else(|| std::io::Error::other("no free scoreboard slot"))?;
     let (mine, theirs) = Channel::pair()?;
     m.board.clear(slot);
     match process::fork()? {
         Forked::Parent(pid) => {
             drop(theirs);
-            let mut c = Child::new(Kind::Mold, 0, 0, mine);
+            let mut c = Child::new(Kind::Mold, 0, generation, mine);
             c.pid = Some(pid);
-            tracing::info!(pid = pid.as_raw(), "forked mold (gen:0)");
+            tracing::info!(pid = pid.as_raw(), "forked mold (gen:{generation})");
             m.children.insert(slot, c);
             Ok(())
         }
@@ -187,7 +308,7 @@ fn fork_mold<A: App>(m: &mut Monitor) -> std::io::Result<()> {
             child::after_fork(m.pid, &keep);
             mold::run_generation_zero::<A>(mold::Start {
                 monitor: m.pid,
-                generation: 0,
+                generation,
                 slot,
                 channel: theirs,
                 listeners: &m.listeners,
@@ -209,10 +330,20 @@ impl Monitor {
                     Source::Child(slot) => self.on_child_readable(slot),
                     Source::Control => self.on_control(),
                     Source::ControlClient(i) => self.on_control_client(i),
+                    Source::Watch => {
+                        if let Some(w) = &mut self.watcher {
+                            w.on_readable();
+                        }
+                    }
+                    Source::Metrics => crate::metrics::on_listener(self),
+                    Source::MetricsClient(id) => crate::metrics::on_client(self, id),
                 }
             }
             self.reap();
             self.check_limits();
+            self.check_reload();
+            self.check_watch();
+            systemd::watchdog_tick(self);
             if let Mode::Stopping { deadline, .. } = self.mode {
                 if self.children.is_empty() {
                     tracing::info!("stopped");
@@ -247,6 +378,18 @@ impl Monitor {
                 fds.push(PollFd::new(fd, PollFlags::POLLIN));
             }
         }
+        if let Some(w) = &self.watcher {
+            sources.push(Source::Watch);
+            fds.push(PollFd::new(w.fd(), PollFlags::POLLIN));
+        }
+        if let Some(metrics) = &self.metrics {
+            sources.push(Source::Metrics);
+            fds.push(PollFd::new(metrics.listener_fd(), PollFlags::POLLIN));
+            for (id, fd, events) in metrics.client_fds() {
+                sources.push(Source::MetricsClient(id));
+                fds.push(PollFd::new(fd, events));
+            }
+        }
         let ms = timeout.as_millis().min(60_000) as u16;
         match poll(&mut fds, PollTimeout::from(ms)) {
             Ok(0) | Err(_) => Vec::new(),
@@ -268,6 +411,13 @@ impl Monitor {
         if let Mode::Stopping { deadline, .. } = self.mode {
             t = t.min(deadline.saturating_duration_since(now)).min(Duration::from_millis(50));
         }
+        if let Some(due) = self.watcher.as_ref().and_then(|w| w.deadline()) {
+            t = t.min(due.saturating_duration_since(now));
+        }
+        if self.reload.is_some() || self.boot_reload.is_some() {
+            // Reloads are timed: look at their progress often.
+            t = t.min(Duration::from_millis(5));
+        }
         t.max(Duration::from_millis(1))
     }
 
@@ -286,7 +436,7 @@ impl Monitor {
                 }
                 Signal::SIGUSR1 => tracing::info!("SIGUSR1: logs go to stderr; nothing to reopen"),
                 Signal::SIGUSR2 => self.refork("SIGUSR2"),
-                Signal::SIGHUP => tracing::warn!("SIGHUP: in-place reload is not implemented yet; ignoring"),
+                Signal::SIGHUP => self.reload(None, "SIGHUP"),
                 _ => {}
             }
         }
@@ -316,6 +466,8 @@ impl Monitor {
         } else {
             tracing::info!(graceful, "{why}: stopping");
         }
+        systemd::notify_stopping();
+        self.finish_reload(Err("the server is stopping".into()));
         let wait = if graceful { self.config.graceful_timeout } else { Duration::from_secs(1) };
         self.mode = Mode::Stopping { graceful, deadline: Instant::now() + wait };
         let slots: Vec<usize> = self.children.keys().copied().collect();
@@ -350,7 +502,13 @@ impl Monitor {
     /// Kills a child at once, logging why.
     pub(crate) fn kill_child(&mut self, slot: usize, reason: &str) {
         let Some(c) = self.children.get_mut(&slot) else { return };
-        let request = self.board.read(slot).filter(|v| v.in_flight > 0).map(|v| v.request).unwrap_or_default();
+        // The oldest request in flight, from the scoreboard (only if the slot is this child's).
+        let request = self
+            .board
+            .read(slot)
+            .filter(|v| v.in_flight > 0 && c.pid.is_some_and(|p| p.as_raw() == v.pid))
+            .map(|v| v.request)
+            .unwrap_or_else(|| "none".into());
         tracing::warn!(
             nr = c.nr,
             pid = c.pid_raw(),
@@ -363,7 +521,8 @@ impl Monitor {
         match c.pid {
             Some(pid) => {
                 let _ = kill(pid, Signal::SIGKILL);
-                c.phase = Phase::Retiring { reason: reason.to_string(), kill_at: Instant::now() };
+                // Killed again (and logged again) only if it is somehow still there in a second.
+                c.phase = Phase::Retiring { reason: reason.to_string(), kill_at: Instant::now() + Duration::from_secs(1) };
             }
             None => {
                 // Requested from the mold but never reported: forget it.
@@ -390,6 +549,13 @@ impl Monitor {
                     return;
                 }
                 Err(ChannelError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(ChannelError::Io(e)) => {
+                    // ECONNRESET and the like: the child is gone (killed with unread packets), not
+                    // misbehaving. SIGCHLD follows; the reason it was ended is kept.
+                    tracing::debug!(slot, error = %e, "child channel closed");
+                    c.channel = None;
+                    return;
+                }
                 Err(ChannelError::Decode(crate::ipc::message::DecodeError::Version(v))) => {
                     tracing::warn!(slot, version = v, "child speaks another wire version; retiring it");
                     self.retire(slot, "wire version");
@@ -426,6 +592,9 @@ impl Monitor {
                     };
                     tracing::info!(pid = c.pid_raw(), elapsed_ms = elapsed.as_millis() as u64, "{label} ready");
                     self.spawn_errors = 0;
+                    if was_promoting {
+                        self.board.count_refork();
+                    }
                     let (kind, nr) = (c.kind, c.nr);
                     if kind == Kind::Worker && !was_promoting {
                         self.retire_replaced(nr, slot);
@@ -546,7 +715,8 @@ impl Monitor {
             .iter()
             .filter_map(|(s, c)| match &c.phase {
                 Phase::Retiring { kill_at, reason } if now >= *kill_at && c.pid.is_some() => {
-                    Some((*s, format!("{reason}: still alive after graceful_timeout")))
+                    let grace = if reason == "timeout" { "timeout_cleanup" } else { "graceful_timeout" };
+                    Some((*s, format!("{reason}: still alive after {grace}")))
                 }
                 Phase::Starting | Phase::Promoting if c.started.elapsed() > self.config.spawn_timeout => {
                     Some((*s, "not ready within spawn_timeout".to_string()))
@@ -578,7 +748,7 @@ impl Monitor {
         // A mold, always.
         let has_mold = self.children.values().any(|c| c.kind == Kind::Mold && !c.is_retiring());
         if !has_mold {
-            if let Err(e) = (self.spawn_mold)(self) {
+            if let Err(e) = (self.spawn_mold)(self, 0) {
                 tracing::error!(error = %e, "cannot fork the mold");
                 self.spawn_failed(e.to_string());
             }
@@ -630,6 +800,7 @@ impl Monitor {
             self.announced_ready = true;
             let addrs: Vec<String> = self.listeners.iter().map(|l| l.addr().to_string()).collect();
             tracing::info!(workers = ready, listen = addrs.join(","), "tine ready");
+            systemd::notify_ready(self, "ready");
         }
     }
 
@@ -647,6 +818,7 @@ impl Monitor {
     fn kill_everything(&mut self) {
         for c in self.children.values() {
             if let Some(pid) = c.pid {
+                tracing::warn!(nr = c.nr, pid = pid.as_raw(), generation = c.generation, reason = "stop deadline", "killing {}", c.kind.name());
                 let _ = kill(pid, Signal::SIGKILL);
             }
         }
@@ -688,6 +860,12 @@ impl Monitor {
     fn on_control_client(&mut self, i: usize) {
         let Some(mut control) = self.control.take() else { return };
         if let Some(request) = control.read(i) {
+            if request.command.as_deref() == Ok("reload") {
+                // Answered when the reload completes or fails (possibly by the next image).
+                self.control = Some(control);
+                self.reload(Some(request.client), "ctl reload");
+                return;
+            }
             let reply = control::handle(self, request.command);
             control.reply(request.client, reply);
         }
@@ -701,10 +879,14 @@ impl Monitor {
 
 /// A readable poll source.
 enum Source {
+    Watch,
     Signals,
     Child(usize),
     Control,
     ControlClient(usize),
+    Metrics,
+    /// A metrics client, by its id (stable while others come and go).
+    MetricsClient(u64),
 }
 
 /// Children of this process, from `/proc/self/task/*/children` (includes adopted orphans).

@@ -78,16 +78,6 @@ impl AsyncListener {
     }
 }
 
-/// Decrements the in-flight count when a request ends, however it ends (even if its future is
-/// dropped half-way).
-struct InFlight(SlotWriter<'static>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.end_request();
-    }
-}
-
 pub(super) fn spawn_accept_loop(
     listener: &Listener,
     service: HttpService,
@@ -158,8 +148,9 @@ fn request_service(
     Future = impl std::future::Future<Output = Result<http::Response<crate::app::Body>, std::convert::Infallible>> + Send,
 > + Clone {
     hyper::service::service_fn(move |req: Request| {
-        slot.begin_request(req.method().as_str(), req.uri().path());
-        let guard = InFlight(slot);
+        // Ends (counted, and no longer the oldest in flight) when dropped, however the request
+        // ends: the scoreboard's hang detection sees the oldest request's age.
+        let guard = slot.track_request(req.method().as_str(), req.uri().path());
         let call = service.clone().oneshot(req);
         let config = config.clone();
         async move {

@@ -1,0 +1,844 @@
+//! Prometheus metrics on the optional `metrics_listen` address, served by the monitor's poll loop.
+//!
+//! The monitor is single-threaded and must never block, so this is a deliberately tiny HTTP/1.x
+//! server: non-blocking accept, the request head read with a size cap and a deadline, one
+//! response (`GET /metrics`: the text exposition format; any other path 404, another method 405,
+//! a malformed head 400), then close. Nothing a client sends can panic or stall the monitor; a
+//! bounded number of clients is kept, the oldest dropped first.
+//!
+//! What is exported comes from the monitor's table and the scoreboard: workers by state and
+//! generation, requests (per worker, in flight, the tree's total including exited processes),
+//! restarts by reason, reforks, memory per process (RSS, PSS, USS: `smaps_rollup` walks page
+//! tables, so each process's figures are cached for a few seconds) and the accept-queue depth of
+//! every listener (from the kernel's `sock_diag` netlink interface, which also covers unix
+//! listeners, whose queue `/proc/net/unix` does not show).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use crate::control::{child_state, process_rows};
+use crate::ipc::scoreboard::Scoreboard;
+use crate::listener::Listener;
+use crate::monitor::{Kind, Monitor};
+use crate::sys::meminfo::{self, Memory};
+
+/// Largest request head accepted (request line and headers).
+const MAX_HEAD: usize = 8 * 1024;
+/// Clients kept at once; a new one beyond this evicts the oldest.
+const MAX_CLIENTS: usize = 16;
+/// Time a client has to send its head and read the response.
+const CLIENT_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a process's memory figures are reused.
+const MEMORY_TTL: Duration = Duration::from_secs(5);
+
+/// The metrics listener and its clients.
+pub(crate) struct MetricsServer {
+    listener: TcpListener,
+    clients: Vec<Client>,
+    next_id: u64,
+    memory: HashMap<i32, (Instant, Memory)>,
+    /// Highest total of requests reported: the counter never goes back, even while a promoted
+    /// worker's count moves from its slot to the scoreboard header.
+    requests_high_water: u64,
+}
+
+struct Client {
+    id: u64,
+    stream: TcpStream,
+    head: Vec<u8>,
+    /// The response and how much of it is written, once the head is in.
+    out: Option<(Vec<u8>, usize)>,
+    since: Instant,
+}
+
+/// Whether the poll loop should wait to read from or to write to a client.
+fn interest(c: &Client) -> nix::poll::PollFlags {
+    if c.out.is_some() {
+        nix::poll::PollFlags::POLLOUT
+    } else {
+        nix::poll::PollFlags::POLLIN
+    }
+}
+
+impl MetricsServer {
+    /// Binds `addr` (non-blocking).
+    pub(crate) fn bind(addr: SocketAddr) -> io::Result<MetricsServer> {
+        let listener = TcpListener::bind(addr).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on metrics_listen {addr}: {e}"),
+            )
+        })?;
+        let server = Self::adopt(listener.into())?;
+        if let Ok(bound) = server.local_addr() {
+            tracing::info!(addr = %bound, "serving metrics at http://{bound}/metrics");
+        }
+        Ok(server)
+    }
+
+    /// Takes over a bound metrics listener (for example one handed across a re-exec).
+    pub(crate) fn adopt(fd: OwnedFd) -> io::Result<MetricsServer> {
+        let listener = TcpListener::from(fd);
+        listener.set_nonblocking(true)?;
+        Ok(MetricsServer {
+            listener,
+            clients: Vec::new(),
+            next_id: 0,
+            memory: HashMap::new(),
+            requests_high_water: 0,
+        })
+    }
+
+    /// The address actually bound.
+    pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The listening descriptor, to poll for readability (and to hand over).
+    pub(crate) fn listener_fd(&self) -> BorrowedFd<'_> {
+        self.listener.as_fd()
+    }
+
+    /// Each client's id, descriptor and the events to poll it for.
+    pub(crate) fn client_fds(
+        &self,
+    ) -> impl Iterator<Item = (u64, BorrowedFd<'_>, nix::poll::PollFlags)> {
+        self.clients
+            .iter()
+            .map(|c| (c.id, c.stream.as_fd(), interest(c)))
+    }
+
+    /// Accepts what is pending, dropping expired clients and, past the cap, the oldest.
+    fn accept(&mut self) {
+        self.clients.retain(|c| c.since.elapsed() < CLIENT_DEADLINE);
+        for _ in 0..MAX_CLIENTS {
+            let stream = match self.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    // EMFILE, ECONNABORTED...: try again on the next wake-up, never spin here.
+                    tracing::debug!(error = %e, "metrics: accept failed");
+                    return;
+                }
+            };
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            if self.clients.len() >= MAX_CLIENTS {
+                self.clients.remove(0);
+            }
+            self.next_id += 1;
+            self.clients.push(Client {
+                id: self.next_id,
+                stream,
+                head: Vec::new(),
+                out: None,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Reads client `id`'s head; returns the parsed request once it is complete or bad.
+    fn read_head(&mut self, id: u64) -> Option<Result<Target, Reject>> {
+        let i = self.clients.iter().position(|c| c.id == id)?;
+        let c = &mut self.clients[i];
+        if c.out.is_some() {
+            return None;
+        }
+        let mut chunk = [0u8; 1024];
+        loop {
+            match c.stream.read(&mut chunk) {
+                Ok(0) => {
+                    // The client went away before finishing its head: nobody to answer.
+                    self.clients.remove(i);
+                    return None;
+                }
+                Ok(n) => {
+                    c.head.extend_from_slice(&chunk[..n]);
+                    if let Some(end) = head_end(&c.head) {
+                        return Some(parse_head(&c.head[..end]));
+                    }
+                    if c.head.len() > MAX_HEAD {
+                        return Some(Err(Reject::TooLarge));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.clients.remove(i);
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Queues a response for client `id` and writes what the socket takes now.
+    fn respond(&mut self, id: u64, response: Vec<u8>) {
+        if let Some(c) = self.clients.iter_mut().find(|c| c.id == id) {
+            c.out = Some((response, 0));
+        }
+        self.write(id);
+    }
+
+    /// Writes the rest of client `id`'s response; closes it when done or broken.
+    fn write(&mut self, id: u64) {
+        let Some(i) = self.clients.iter().position(|c| c.id == id) else {
+            return;
+        };
+        let c = &mut self.clients[i];
+        let Some((out, written)) = &mut c.out else {
+            return;
+        };
+        loop {
+            if *written == out.len() {
+                // Drain what the client sent beyond its head, so closing does not reset the
+                // connection before it has read the response.
+                let mut sink = [0u8; 1024];
+                while matches!(c.stream.read(&mut sink), Ok(n) if n > 0) {}
+                let _ = c.stream.shutdown(Shutdown::Write);
+                self.clients.remove(i);
+                return;
+            }
+            match c.stream.write(&out[*written..]) {
+                Ok(0) => break,
+                Ok(n) => *written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        self.clients.remove(i);
+    }
+
+    /// Memory of `pid`, read at most every [`MEMORY_TTL`].
+    fn memory(&mut self, pid: i32) -> Memory {
+        if let Some((at, m)) = self.memory.get(&pid) {
+            if at.elapsed() < MEMORY_TTL {
+                return *m;
+            }
+        }
+        let m = meminfo::memory(pid).unwrap_or_default();
+        self.memory.insert(pid, (Instant::now(), m));
+        m
+    }
+}
+
+/// The listener is readable: accept.
+pub(crate) fn on_listener(m: &mut Monitor) {
+    if let Some(server) = &mut m.metrics {
+        server.accept();
+    }
+}
+
+/// Client `id` is readable or writable: read its head and answer, or write more of the answer.
+pub(crate) fn on_client(m: &mut Monitor, id: u64) {
+    let Some(mut server) = m.metrics.take() else {
+        return;
+    };
+    server
+        .clients
+        .retain(|c| c.since.elapsed() < CLIENT_DEADLINE);
+    let writing = server.clients.iter().any(|c| c.id == id && c.out.is_some());
+    if writing {
+        server.write(id);
+    } else if let Some(request) = server.read_head(id) {
+        let response = match request {
+            Ok(Target::Metrics) => {
+                let body = render(m, &mut server);
+                response(200, "OK", "text/plain; version=0.0.4; charset=utf-8", &body)
+            }
+            Ok(Target::WrongMethod) => response(
+                405,
+                "Method Not Allowed",
+                "text/plain",
+                "only GET /metrics\n",
+            ),
+            Ok(Target::Other) => response(
+                404,
+                "Not Found",
+                "text/plain",
+                "not found: try GET /metrics\n",
+            ),
+            Err(Reject::TooLarge) => {
+                response(400, "Bad Request", "text/plain", "request head too large\n")
+            }
+            Err(Reject::Malformed) => {
+                response(400, "Bad Request", "text/plain", "malformed request\n")
+            }
+        };
+        server.respond(id, response);
+    }
+    m.metrics = Some(server);
+}
+
+/// What a well-formed request asked for.
+#[derive(Debug, PartialEq, Eq)]
+enum Target {
+    Metrics,
+    WrongMethod,
+    Other,
+}
+
+/// Why a request head was refused.
+#[derive(Debug, PartialEq, Eq)]
+enum Reject {
+    TooLarge,
+    Malformed,
+}
+
+/// The length of the head up to and including its blank line, if it is complete.
+fn head_end(buf: &[u8]) -> Option<usize> {
+    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|p| p + 2);
+    match (crlf, lf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Parses the request line of a complete head.
+fn parse_head(head: &[u8]) -> Result<Target, Reject> {
+    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = std::str::from_utf8(line)
+        .map_err(|_| Reject::Malformed)?
+        .trim_end_matches('\r');
+    let mut parts = line.split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(Reject::Malformed);
+    };
+    let token = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    };
+    if !token(method) || !target.starts_with('/') || !matches!(version, "HTTP/1.0" | "HTTP/1.1") {
+        return Err(Reject::Malformed);
+    }
+    let path = target.split(['?', '#']).next().unwrap_or_default();
+    Ok(match (method, path) {
+        ("GET", "/metrics") => Target::Metrics,
+        (_, "/metrics") => Target::WrongMethod,
+        _ => Target::Other,
+    })
+}
+
+fn response(code: u16, reason: &str, content_type: &str, body: &str) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    if code == 405 {
+        out.push_str("Allow: GET\r\n");
+    }
+    out.push_str("\r\n");
+    out.push_str(body);
+    out.into_bytes()
+}
+
+/// A label value, escaped for the text format.
+fn esc(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// A restart reason as a short, stable label: the text before any detail, which carries numbers
+/// (`max_rss_mb (rss 130 MiB)` → `max_rss_mb`, `timeout: still alive…` → `timeout`).
+fn reason_label(reason: &str) -> String {
+    let head = reason.split([':', '(']).next().unwrap_or_default().trim();
+    let mut out = String::new();
+    for ch in head.chars() {
+        let ch = if ch.is_ascii_alphanumeric() {
+            ch.to_ascii_lowercase()
+        } else {
+            '_'
+        };
+        if !(ch == '_' && (out.is_empty() || out.ends_with('_'))) {
+            out.push(ch);
+        }
+    }
+    let out = out.trim_end_matches('_');
+    if out.is_empty() {
+        "unknown".into()
+    } else {
+        out.into()
+    }
+}
+
+/// Writes `# HELP` and `# TYPE` of a metric family.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// The tree's requests: every live slot plus what gone processes served.
+fn total_requests(board: &Scoreboard) -> u64 {
+    // Header first: a count moving from a slot to the header meanwhile is missed, not doubled;
+    // the high-water mark then hides the dip.
+    let gone = board.requests_of_gone();
+    let live: u64 = (0..board.capacity())
+        .filter_map(|s| board.read(s))
+        .map(|v| v.requests)
+        .sum();
+    gone.saturating_add(live)
+}
+
+/// The whole exposition.
+fn render(m: &Monitor, server: &mut MetricsServer) -> String {
+    let mut out = String::with_capacity(4096);
+    let rows = process_rows(m, &mut |pid| server.memory(pid));
+    let live: Vec<i32> = rows.iter().map(|r| r.pid).collect();
+    server.memory.retain(|pid, _| live.contains(pid));
+
+    family(
+        &mut out,
+        "tine_up",
+        "gauge",
+        "1 while the monitor serves (0 while it stops).",
+    );
+    let _ = writeln!(out, "tine_up {}", u8::from(m.is_running()));
+    family(
+        &mut out,
+        "tine_monitor_uptime_seconds",
+        "gauge",
+        "Seconds since the monitor started.",
+    );
+    let _ = writeln!(
+        out,
+        "tine_monitor_uptime_seconds {}",
+        m.started.elapsed().as_secs()
+    );
+    family(
+        &mut out,
+        "tine_generation",
+        "gauge",
+        "Generation of the current mold.",
+    );
+    let _ = writeln!(
+        out,
+        "tine_generation {}",
+        m.current_mold().map(|(_, c)| c.generation).unwrap_or(0)
+    );
+
+    family(
+        &mut out,
+        "tine_workers_target",
+        "gauge",
+        "Workers the monitor keeps running.",
+    );
+    let _ = writeln!(out, "tine_workers_target {}", m.target);
+    family(
+        &mut out,
+        "tine_workers",
+        "gauge",
+        "Worker processes by state and generation.",
+    );
+    let mut by_state: BTreeMap<(&str, u32), u64> = BTreeMap::new();
+    for (slot, c) in m.children.iter().filter(|(_, c)| c.kind == Kind::Worker) {
+        let view = m
+            .board
+            .read(*slot)
+            .filter(|v| c.pid.is_some_and(|p| p.as_raw() == v.pid));
+        *by_state
+            .entry((child_state(c, view.as_ref()), c.generation))
+            .or_default() += 1;
+    }
+    for ((state, generation), n) in &by_state {
+        let _ = writeln!(
+            out,
+            "tine_workers{{state=\"{state}\",generation=\"{generation}\"}} {n}"
+        );
+    }
+
+    family(
+        &mut out,
+        "tine_requests_total",
+        "counter",
+        "Requests served by the tree, exited processes included.",
+    );
+    let total = total_requests(m.board).max(server.requests_high_water);
+    server.requests_high_water = total;
+    let _ = writeln!(out, "tine_requests_total {total}");
+    let workers: Vec<_> = rows.iter().filter(|r| r.role == "worker").collect();
+    family(
+        &mut out,
+        "tine_worker_requests_total",
+        "counter",
+        "Requests served by one worker process.",
+    );
+    for r in &workers {
+        let _ = writeln!(
+            out,
+            "tine_worker_requests_total{{nr=\"{}\",pid=\"{}\",generation=\"{}\"}} {}",
+            r.nr.unwrap_or(0),
+            r.pid,
+            r.generation,
+            r.requests
+        );
+    }
+    family(
+        &mut out,
+        "tine_worker_requests_in_flight",
+        "gauge",
+        "Requests (or stream connections) a worker is serving.",
+    );
+    for r in &workers {
+        let _ = writeln!(
+            out,
+            "tine_worker_requests_in_flight{{nr=\"{}\",pid=\"{}\",generation=\"{}\"}} {}",
+            r.nr.unwrap_or(0),
+            r.pid,
+            r.generation,
+            r.in_flight
+        );
+    }
+    family(
+        &mut out,
+        "tine_worker_oldest_request_seconds",
+        "gauge",
+        "Age of a worker's oldest request in flight (0: none).",
+    );
+    for r in &workers {
+        let age = r
+            .oldest_request
+            .as_ref()
+            .map(|(_, a)| a.as_secs_f64())
+            .unwrap_or(0.0);
+        let _ = writeln!(
+            out,
+            "tine_worker_oldest_request_seconds{{nr=\"{}\",pid=\"{}\",generation=\"{}\"}} {age:.3}",
+            r.nr.unwrap_or(0),
+            r.pid,
+            r.generation
+        );
+    }
+
+    family(
+        &mut out,
+        "tine_restarts_total",
+        "counter",
+        "Processes that ended and were replaced, by reason.",
+    );
+    let mut restarts: BTreeMap<String, u64> = BTreeMap::new();
+    for (reason, n) in &m.restarts {
+        *restarts.entry(reason_label(reason)).or_default() += n;
+    }
+    for (reason, n) in &restarts {
+        let _ = writeln!(out, "tine_restarts_total{{reason=\"{}\"}} {n}", esc(reason));
+    }
+    family(
+        &mut out,
+        "tine_reforks_total",
+        "counter",
+        "Completed reforks: workers promoted to mold.",
+    );
+    let _ = writeln!(out, "tine_reforks_total {}", m.board.reforks());
+
+    let memory_families = [
+        (
+            "tine_process_resident_memory_bytes",
+            "Resident set size (RSS) of a process of the tree.",
+        ),
+        (
+            "tine_process_pss_bytes",
+            "Proportional set size (PSS): private memory plus a fair share of shared pages.",
+        ),
+        (
+            "tine_process_uss_bytes",
+            "Unique set size (USS): memory only this process maps.",
+        ),
+    ];
+    for (i, (name, help)) in memory_families.iter().enumerate() {
+        family(&mut out, name, "gauge", help);
+        for r in &rows {
+            let kb = [r.mem.rss_kb, r.mem.pss_kb, r.mem.uss_kb][i];
+            let nr = r.nr.map(|n| format!(",nr=\"{n}\"")).unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "{name}{{role=\"{}\"{nr},pid=\"{}\",generation=\"{}\"}} {}",
+                r.role,
+                r.pid,
+                r.generation,
+                kb * 1024
+            );
+        }
+    }
+
+    let queues = queue::depths(&m.listeners);
+    family(
+        &mut out,
+        "tine_listen_queue_length",
+        "gauge",
+        "Connections waiting in a listener's accept queue.",
+    );
+    for (listener, q) in m.listeners.iter().zip(&queues) {
+        if let Some(q) = q {
+            let _ = writeln!(
+                out,
+                "tine_listen_queue_length{{listener=\"{}\"}} {}",
+                esc(&listener.addr().to_string()),
+                q.waiting
+            );
+        }
+    }
+    family(
+        &mut out,
+        "tine_listen_queue_limit",
+        "gauge",
+        "A listener's accept queue limit (its effective backlog).",
+    );
+    for (listener, q) in m.listeners.iter().zip(&queues) {
+        if let Some(q) = q {
+            let _ = writeln!(
+                out,
+                "tine_listen_queue_limit{{listener=\"{}\"}} {}",
+                esc(&listener.addr().to_string()),
+                q.limit
+            );
+        }
+    }
+    out
+}
+
+/// Accept-queue depth of listening sockets through `sock_diag` netlink: the kernel dumps only
+/// listening sockets (cheap, unlike `/proc/net/tcp`, which lists every connection), and it
+/// reports unix listeners' queues too. Listeners are matched by socket inode.
+mod queue {
+    use super::*;
+    use nix::sys::socket::{
+        recv, sendto, setsockopt, socket, sockopt, AddressFamily, MsgFlags, NetlinkAddr, SockFlag,
+        SockProtocol, SockType,
+    };
+    use nix::sys::time::TimeVal;
+
+    /// A listener's accept queue: connections waiting, and the limit.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) struct Depth {
+        pub waiting: u32,
+        pub limit: u32,
+    }
+
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLM_F_REQUEST: u16 = 0x1;
+    const NLM_F_DUMP: u16 = 0x300;
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+    const TCP_LISTEN: u32 = 10;
+    const AF_UNIX: u8 = 1;
+    const AF_INET: u8 = 2;
+    const AF_INET6: u8 = 10;
+    const IPPROTO_TCP: u8 = 6;
+    const UDIAG_SHOW_RQLEN: u32 = 0x10;
+    const UNIX_DIAG_RQLEN: u16 = 4;
+
+    /// The depth of each listener, in order; `None` where the kernel did not say.
+    pub(crate) fn depths(listeners: &[Listener]) -> Vec<Option<Depth>> {
+        let inodes: Vec<Option<u64>> = listeners
+            .iter()
+            .map(|l| {
+                nix::sys::stat::fstat(l.as_fd().as_raw_fd())
+                    .ok()
+                    .map(|s| s.st_ino)
+            })
+            .collect();
+        let mut found: HashMap<u64, Depth> = HashMap::new();
+        let has_tcp = listeners.iter().any(|l| matches!(l, Listener::Tcp(..)));
+        let has_unix = listeners.iter().any(|l| matches!(l, Listener::Unix(..)));
+        let mut requests = Vec::new();
+        if has_tcp {
+            requests.push(inet_request(AF_INET));
+            requests.push(inet_request(AF_INET6));
+        }
+        if has_unix {
+            requests.push(unix_request());
+        }
+        for request in requests {
+            match dump(&request, &mut found) {
+                Ok(()) => {}
+                Err(e) => tracing::debug!(error = %e, "metrics: sock_diag failed"),
+            }
+        }
+        inodes
+            .into_iter()
+            .map(|ino| ino.and_then(|i| found.get(&i).copied()))
+            .collect()
+    }
+
+    fn header(payload_len: usize) -> Vec<u8> {
+        let mut h = Vec::with_capacity(16 + payload_len);
+        h.extend_from_slice(&((16 + payload_len) as u32).to_ne_bytes());
+        h.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        h.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+        h.extend_from_slice(&1u32.to_ne_bytes()); // sequence number
+        h.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
+        h
+    }
+
+    /// `struct inet_diag_req_v2` for listening TCP sockets of `family`.
+    fn inet_request(family: u8) -> Vec<u8> {
+        let mut r = header(56);
+        r.extend_from_slice(&[family, IPPROTO_TCP, 0, 0]);
+        r.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+        r.extend_from_slice(&[0u8; 48]); // struct inet_diag_sockid: any
+        r
+    }
+
+    /// `struct unix_diag_req` for listening unix sockets, with their queue lengths.
+    fn unix_request() -> Vec<u8> {
+        let mut r = header(24);
+        r.extend_from_slice(&[AF_UNIX, 0, 0, 0]);
+        r.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+        r.extend_from_slice(&0u32.to_ne_bytes()); // inode: any
+        r.extend_from_slice(&UDIAG_SHOW_RQLEN.to_ne_bytes());
+        r.extend_from_slice(&[0xff; 8]); // cookie: none
+        r
+    }
+
+    fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+        Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
+    }
+
+    fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+        Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+    }
+
+    /// Sends one dump request and collects `inode → depth` until the kernel says done.
+    fn dump(request: &[u8], found: &mut HashMap<u64, Depth>) -> io::Result<()> {
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkSockDiag,
+        )?;
+        // The kernel answers at once; the timeout only guards the monitor against the unexpected.
+        setsockopt(&fd, sockopt::ReceiveTimeout, &TimeVal::new(0, 200_000))?;
+        sendto(
+            fd.as_raw_fd(),
+            request,
+            &NetlinkAddr::new(0, 0),
+            MsgFlags::empty(),
+        )?;
+        let unix = request.get(16) == Some(&AF_UNIX);
+        let mut buf = vec![0u8; 64 * 1024];
+        for _ in 0..10_000 {
+            let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+            let mut at = 0;
+            while at + 16 <= n {
+                let (Some(len), Some(kind)) = (u32_at(&buf, at), u16_at(&buf, at + 4)) else {
+                    break;
+                };
+                let len = len as usize;
+                if len < 16 || at + len > n {
+                    return Err(io::Error::other("malformed netlink message"));
+                }
+                match kind {
+                    NLMSG_DONE => return Ok(()),
+                    NLMSG_ERROR => {
+                        let errno = u32_at(&buf, at + 16).map(|e| -(e as i32)).unwrap_or(0);
+                        return Err(io::Error::from_raw_os_error(errno));
+                    }
+                    SOCK_DIAG_BY_FAMILY => {
+                        let msg = &buf[at + 16..at + len];
+                        let entry = if unix {
+                            parse_unix(msg)
+                        } else {
+                            parse_inet(msg)
+                        };
+                        if let Some((inode, depth)) = entry {
+                            found.insert(inode, depth);
+                        }
+                    }
+                    _ => {}
+                }
+                at += (len + 3) & !3;
+            }
+        }
+        Err(io::Error::other("netlink dump did not end"))
+    }
+
+    /// `struct inet_diag_msg`: for a listener, rqueue is the accept queue, wqueue its limit.
+    fn parse_inet(msg: &[u8]) -> Option<(u64, Depth)> {
+        let waiting = u32_at(msg, 56)?;
+        let limit = u32_at(msg, 60)?;
+        let inode = u32_at(msg, 68)?;
+        Some((u64::from(inode), Depth { waiting, limit }))
+    }
+
+    /// `struct unix_diag_msg` and its `UNIX_DIAG_RQLEN` attribute.
+    fn parse_unix(msg: &[u8]) -> Option<(u64, Depth)> {
+        let inode = u32_at(msg, 4)?;
+        let mut at = 16;
+        while at + 4 <= msg.len() {
+            let len = u16_at(msg, at)? as usize;
+            let kind = u16_at(msg, at + 2)?;
+            if len < 4 {
+                return None;
+            }
+            if kind == UNIX_DIAG_RQLEN {
+                let waiting = u32_at(msg, at + 4)?;
+                let limit = u32_at(msg, at + 8)?;
+                return Some((u64::from(inode), Depth { waiting, limit }));
+            }
+            at += (len + 3) & !3;
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_heads() {
+        assert_eq!(
+            parse_head(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Ok(Target::Metrics)
+        );
+        assert_eq!(
+            parse_head(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n"),
+            Ok(Target::Metrics)
+        );
+        assert_eq!(
+            parse_head(b"POST /metrics HTTP/1.1\r\n\r\n"),
+            Ok(Target::WrongMethod)
+        );
+        assert_eq!(parse_head(b"GET / HTTP/1.1\r\n\r\n"), Ok(Target::Other));
+        assert_eq!(parse_head(b"GET /metrics\r\n\r\n"), Err(Reject::Malformed));
+        assert_eq!(
+            parse_head(b"GET metrics HTTP/1.1\r\n\r\n"),
+            Err(Reject::Malformed)
+        );
+        assert_eq!(
+            parse_head(b"G\xffT /metrics HTTP/1.1\r\n\r\n"),
+            Err(Reject::Malformed)
+        );
+        assert_eq!(
+            parse_head(b"GET /metrics HTTP/2\r\n\r\n"),
+            Err(Reject::Malformed)
+        );
+        assert_eq!(parse_head(b"\r\n\r\n"), Err(Reject::Malformed));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n"), None);
+        assert_eq!(head_end(b"GET / HTTP/1.1\n\nrest"), Some(16));
+    }
+
+    #[test]
+    fn restart_reasons_become_short_labels() {
+        assert_eq!(reason_label("max_rss_mb (rss 130 MiB)"), "max_rss_mb");
+        assert_eq!(
+            reason_label("timeout: still alive after timeout_cleanup"),
+            "timeout"
+        );
+        assert_eq!(reason_label("rollout to gen:3"), "rollout_to_gen");
+        assert_eq!(reason_label("ctl kill-worker"), "ctl_kill_worker");
+        assert_eq!(reason_label(""), "unknown");
+        assert_eq!(esc("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

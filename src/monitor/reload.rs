@@ -1,0 +1,308 @@
+//! Reload without downtime: preflight the executable on disk, re-exec in place handing every fd
+//! over, adopt the children, then fork a fresh preloaded mold and roll every worker over.
+//!
+//! The handover is a JSON document in a memfd whose number travels in `TINE_HANDOVER_FD`; every fd
+//! it names is inherited across `execve` (close-on-exec cleared just before). The PID, the
+//! children (still ours: `execve` keeps them and the subreaper flag) and the listening sockets
+//! stay; only the monitor's code and config change.
+
+use std::collections::BTreeMap;
+use std::ffi::{CString, OsString};
+use std::io::{Read, Seek, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use serde::{Deserialize, Serialize};
+
+use super::{Child, Kind, Monitor, Phase};
+use crate::ipc::channel::Channel;
+use crate::ipc::scoreboard::now_ms;
+
+/// Format version of [`Handover`]; `tine check` prints it so a preflight can refuse a binary that
+/// cannot read this one's handover.
+pub const HANDOVER_VERSION: u32 = 1;
+const HANDOVER_ENV: &str = "TINE_HANDOVER_FD";
+
+/// Everything the next monitor image needs.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Handover {
+    pub version: u32,
+    pub listeners: Vec<HandedListener>,
+    pub control: Option<(RawFd, std::path::PathBuf)>,
+    pub scoreboard: (RawFd, usize),
+    pub children: Vec<HandedChild>,
+    pub target: usize,
+    /// `ctl reload` connections waiting for the outcome.
+    pub waiters: Vec<RawFd>,
+    /// When the reload started (ms on the monotonic clock, which survives exec).
+    pub reload_started_ms: u64,
+    pub restarts: BTreeMap<String, u64>,
+    pub notify_socket: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct HandedListener {
+    pub fd: RawFd,
+    pub addr: String,
+    /// Came from systemd socket activation (served when no `listen` is configured).
+    pub activated: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct HandedChild {
+    pub channel: Option<RawFd>,
+    pub pid: i32,
+    pub worker: bool,
+    pub nr: u32,
+    pub generation: u32,
+    pub slot: usize,
+    pub ready: bool,
+    pub retiring: Option<String>,
+}
+
+/// A reload in progress: who waits for it, and since when.
+pub(crate) struct Progress {
+    pub started_ms: u64,
+    pub waiters: Vec<UnixStream>,
+    /// The generation of the new mold.
+    pub generation: u32,
+    /// When the preloaded mold was forked.
+    pub forked: Instant,
+}
+
+/// Reads and removes the handover left by the previous image, if any.
+pub(crate) fn take_handover() -> Result<Option<Handover>, String> {
+    let Some(value) = std::env::var_os(HANDOVER_ENV) else { return Ok(None) };
+    // Single-threaded here (start of the monitor): changing the environment is sound.
+    std::env::remove_var(HANDOVER_ENV);
+    let fd: RawFd = value.to_string_lossy().parse().map_err(|_| format!("bad {HANDOVER_ENV}"))?;
+    let mut file = std::fs::File::from(crate::sys::fd::adopt(fd));
+    let mut text = String::new();
+    file.rewind().and_then(|_| file.read_to_string(&mut text)).map_err(|e| format!("reading the handover: {e}"))?;
+    let handover: Handover = serde_json::from_str(&text).map_err(|e| format!("handover: {e}"))?;
+    if handover.version != HANDOVER_VERSION {
+        return Err(format!("handover version {} (this build reads {HANDOVER_VERSION})", handover.version));
+    }
+    Ok(Some(handover))
+}
+
+/// Runs the executable on disk in check mode with the same arguments; fails with its message.
+fn preflight() -> Result<(), String> {
+    let exe = crate::cli::saved_exe();
+    let argv = crate::cli::saved_argv();
+    let serve = argv.iter().position(|a| a == "serve").ok_or("the saved command line has no `serve`")?;
+    let mut child = std::process::Command::new(exe)
+        .arg("check")
+        .args(&argv[serve + 1..])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{} check did not finish within 10 s", exe.display()));
+            }
+        }
+    };
+    let mut out = String::new();
+    let mut err = String::new();
+    if let Some(mut s) = child.stdout.take() {
+        let _ = s.read_to_string(&mut out);
+    }
+    if let Some(mut s) = child.stderr.take() {
+        let _ = s.read_to_string(&mut err);
+    }
+    if !status.success() {
+        let why = err.lines().chain(out.lines()).find(|l| !l.trim().is_empty()).unwrap_or("no output").trim().to_string();
+        return Err(format!("new executable refused the configuration ({status}): {why}"));
+    }
+    let wanted = format!("handover version {HANDOVER_VERSION}");
+    if !out.contains(&wanted) {
+        return Err(format!("new executable does not speak {wanted}: {:?}", out.trim()));
+    }
+    Ok(())
+}
+
+fn set_cloexec(fd: RawFd, on: bool) -> nix::Result<()> {
+    fcntl(fd, FcntlArg::F_SETFD(if on { FdFlag::FD_CLOEXEC } else { FdFlag::empty() })).map(|_| ())
+}
+
+impl Monitor {
+    /// `SIGHUP` / `ctl reload`: preflight, then re-exec with the handover. Returns only on failure
+    /// (with everything left as it was), or at once if a reload is already under way.
+    pub(crate) fn reload(&mut self, waiter: Option<UnixStream>, why: &str) {
+        if let Some(progress) = &mut self.reload {
+            tracing::info!("{why}: a reload is already in progress");
+            progress.waiters.extend(waiter);
+            return;
+        }
+        if !self.is_running() {
+            if let Some(w) = waiter {
+                let _ = crate::control::reply_to(w, Err("stopping".into()));
+            }
+            return;
+        }
+        let started_ms = now_ms();
+        tracing::info!("{why}: reloading");
+        super::systemd::notify_reloading(self);
+        let result = preflight().and_then(|()| self.exec_with_handover(started_ms, waiter.as_ref()));
+        // Only failures come back here.
+        let error = result.err().unwrap_or_default();
+        tracing::error!(error, "reload refused; the running service is unchanged");
+        super::systemd::notify_ready(self, "reload failed; old generation serving");
+        if let Some(w) = waiter {
+            let _ = crate::control::reply_to(w, Err(format!("reload failed: {error}")));
+        }
+    }
+
+    fn exec_with_handover(&mut self, started_ms: u64, waiter: Option<&UnixStream>) -> Result<(), String> {
+        let mut handover = Handover {
+            version: HANDOVER_VERSION,
+            listeners: self
+                .listeners
+                .iter()
+                .map(|l| HandedListener { fd: l.raw_fd(), addr: l.addr().to_string(), activated: self.activated })
+                .collect(),
+            control: self.control.as_ref().map(|c| (c.listener_fd().as_raw_fd(), c.path().to_owned())),
+            scoreboard: (self.board.fd().as_raw_fd(), self.board.capacity()),
+            children: Vec::new(),
+            target: self.target,
+            waiters: waiter.iter().map(|w| w.as_raw_fd()).collect(),
+            reload_started_ms: started_ms,
+            restarts: self.restarts.clone(),
+            notify_socket: self.notify_socket.clone(),
+        };
+        for (slot, c) in &self.children {
+            let Some(pid) = c.pid else { continue }; // never reported: its channel closes, it exits
+            handover.children.push(HandedChild {
+                channel: c.channel.as_ref().map(|ch| ch.as_raw_fd()),
+                pid: pid.as_raw(),
+                worker: c.kind == Kind::Worker,
+                nr: c.nr,
+                generation: if c.phase == Phase::Promoting { c.promoted_generation } else { c.generation },
+                slot: *slot,
+                ready: c.phase == Phase::Ready || c.phase == Phase::Promoting,
+                retiring: match &c.phase {
+                    Phase::Retiring { reason, .. } => Some(reason.clone()),
+                    _ => None,
+                },
+            });
+        }
+        let mut fds: Vec<RawFd> = handover.listeners.iter().map(|l| l.fd).collect();
+        fds.extend(handover.control.as_ref().map(|c| c.0));
+        fds.push(handover.scoreboard.0);
+        fds.extend(handover.children.iter().filter_map(|c| c.channel));
+        fds.extend(&handover.waiters);
+        let json = serde_json::to_vec(&handover).map_err(|e| e.to_string())?;
+        let name = CString::new("tine-handover").expect("no NUL");
+        let memfd = nix::sys::memfd::memfd_create(&name, nix::sys::memfd::MemFdCreateFlag::empty()).map_err(|e| e.to_string())?;
+        let mut file = std::fs::File::from(memfd);
+        file.write_all(&json).map_err(|e| format!("writing the handover: {e}"))?;
+        for fd in &fds {
+            set_cloexec(*fd, false).map_err(|e| format!("fd {fd}: {e}"))?;
+        }
+        let exe = crate::cli::saved_exe();
+        let cstr = |s: &std::ffi::OsStr| CString::new(s.as_bytes()).map_err(|e| e.to_string());
+        let path = cstr(exe.as_os_str())?;
+        let argv: Vec<CString> = crate::cli::saved_argv().iter().map(|a| cstr(a)).collect::<Result<_, _>>()?;
+        let mut env: Vec<CString> = Vec::new();
+        for (k, v) in std::env::vars_os() {
+            if k == HANDOVER_ENV {
+                continue;
+            }
+            let mut kv = OsString::from(&k);
+            kv.push("=");
+            kv.push(&v);
+            env.push(cstr(&kv)?);
+        }
+        env.push(CString::new(format!("{HANDOVER_ENV}={}", file.as_raw_fd())).expect("no NUL"));
+        tracing::info!(exe = %exe.display(), children = handover.children.len(), "re-executing with the handover");
+        let error = nix::unistd::execve(&path, &argv, &env).err().map(|e| e.to_string()).unwrap_or_default();
+        // Still here: execve failed. Put the close-on-exec flags back.
+        for fd in &fds {
+            let _ = set_cloexec(*fd, true);
+        }
+        Err(format!("execve {}: {error}", exe.display()))
+    }
+
+    /// Rebuilds the children table from a handover; children that died meanwhile are reaped by
+    /// the loop's first `reap`.
+    pub(crate) fn adopt_children(&mut self, handed: Vec<HandedChild>) {
+        let grace = self.config.graceful_timeout;
+        for h in handed {
+            let channel = h.channel.map(|fd| Channel::from_fd(crate::sys::fd::adopt(fd)));
+            let kind = if h.worker { Kind::Worker } else { Kind::Mold };
+            let Some(channel) = channel else { continue };
+            let mut c = Child::new(kind, h.nr, h.generation, channel);
+            c.pid = Some(nix::unistd::Pid::from_raw(h.pid));
+            c.phase = match h.retiring {
+                Some(reason) => Phase::Retiring { reason, kill_at: Instant::now() + grace },
+                None if h.ready => Phase::Ready,
+                None => Phase::Starting,
+            };
+            self.children.insert(h.slot, c);
+        }
+    }
+
+    /// Forks the preloaded mold of a reload and records the reload as in progress.
+    pub(crate) fn start_reloaded_generation(&mut self, started_ms: u64, waiters: Vec<UnixStream>) {
+        let generation = self.children.values().map(|c| c.generation).max().map(|g| g + 1).unwrap_or(0);
+        self.reload = Some(Progress { started_ms, waiters, generation, forked: Instant::now() });
+        if let Err(e) = (self.spawn_mold)(self, generation) {
+            self.finish_reload(Err(format!("cannot fork the new mold: {e}")));
+        }
+    }
+
+    /// On every tick: is the reload done (every worker of the new generation), or has its mold
+    /// failed (the adopted generation keeps serving)?
+    pub(crate) fn check_reload(&mut self) {
+        let Some(progress) = &self.reload else { return };
+        let generation = progress.generation;
+        let mold = self.children.values().find(|c| c.kind == Kind::Mold && c.generation == generation);
+        let mold_ready = mold.is_some_and(|m| m.phase == Phase::Ready);
+        if mold.is_none() && progress.forked.elapsed() > Duration::from_millis(50) {
+            let why = if self.last_spawn_error.is_empty() { "it exited".to_string() } else { self.last_spawn_error.clone() };
+            self.finish_reload(Err(format!("the new mold failed ({why}); the old generation keeps serving")));
+            return;
+        }
+        let old_left = self.children.values().any(|c| c.kind == Kind::Worker && c.generation < generation);
+        let new_ready = self.children.values().filter(|c| c.kind == Kind::Worker && c.generation == generation && c.phase == Phase::Ready).count();
+        if mold_ready && !old_left && new_ready >= self.target {
+            let ms = now_ms().saturating_sub(progress.started_ms);
+            self.finish_reload(Ok(format!("reloaded in {ms} ms (gen:{generation})\n")));
+        }
+    }
+
+    pub(crate) fn finish_reload(&mut self, outcome: Result<String, String>) {
+        let Some(progress) = self.reload.take() else { return };
+        match &outcome {
+            Ok(msg) => tracing::info!("reload complete: {}", msg.trim()),
+            Err(e) => tracing::error!("reload failed: {e}"),
+        }
+        super::systemd::notify_ready(self, if outcome.is_ok() { "reloaded" } else { "reload failed; old generation serving" });
+        for w in progress.waiters {
+            let _ = crate::control::reply_to(w, outcome.clone());
+        }
+    }
+}
+
+/// Adopts a `ctl reload` connection handed over by the previous image.
+pub(crate) fn adopt_waiter(fd: RawFd) -> UnixStream {
+    UnixStream::from(crate::sys::fd::adopt(fd))
+}
+
+/// Adopts an fd handed over by the previous image.
+pub(crate) fn adopt_fd(fd: RawFd) -> OwnedFd {
+    crate::sys::fd::adopt(fd)
+}
+
