@@ -1,5 +1,11 @@
 //! The reference apps of the `tine` binary: `hello` (the benchmark app), `static` (files under
 //! `--root`) and `cache-demo` (lazily warmed blocks that make reforking's memory effect visible).
+//!
+//! Debug hooks of `hello`, active only with `--debug-routes` (tests use them to make real
+//! failures): the routes `/sleep/MS`, `/spin` (blocks the worker's thread forever), `/leak/KB`
+//! and `/crash` (aborts); and the environment variable `TINE_DEBUG_BOOT_SLEEP_MS`, which makes
+//! every worker's `boot` block that long before it reports ready (a worker that never gets
+//! ready, for `spawn_timeout`).
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -70,6 +76,9 @@ impl App for Reference {
         Ok(match self {
             Reference::Hello { debug_routes } => {
                 let debug = *debug_routes;
+                if debug {
+                    debug_boot_sleep()?;
+                }
                 Handler::http(tower::service_fn(move |req: Request| hello(req, debug)))
             }
             Reference::Static { root } => static_files(root.clone()),
@@ -79,6 +88,17 @@ impl App for Reference {
             }
         })
     }
+}
+
+/// `TINE_DEBUG_BOOT_SLEEP_MS`: blocks this worker's boot (debug routes only).
+fn debug_boot_sleep() -> anyhow::Result<()> {
+    let Ok(value) = std::env::var("TINE_DEBUG_BOOT_SLEEP_MS") else { return Ok(()) };
+    let ms: u64 = value.trim().parse().with_context(|| {
+        format!("invalid value {value:?} for TINE_DEBUG_BOOT_SLEEP_MS: expected milliseconds")
+    })?;
+    tracing::warn!(ms, "TINE_DEBUG_BOOT_SLEEP_MS: sleeping in boot");
+    std::thread::sleep(Duration::from_millis(ms));
+    Ok(())
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {

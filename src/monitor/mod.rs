@@ -818,7 +818,7 @@ impl Monitor {
     fn kill_everything(&mut self) {
         for c in self.children.values() {
             if let Some(pid) = c.pid {
-                tracing::warn!(nr = c.nr, pid = pid.as_raw(), generation = c.generation, reason = "stop deadline", "killing {}", c.kind.name());
+                tracing::warn!(nr = c.nr, pid = pid.as_raw(), generation = c.generation, reason = "stopping: killing what is left", "killing {}", c.kind.name());
                 let _ = kill(pid, Signal::SIGKILL);
             }
         }
