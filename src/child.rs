@@ -5,15 +5,17 @@ use std::os::fd::RawFd;
 use nix::sys::signal::Signal;
 use nix::unistd::{getppid, setpgid, Pid};
 
+use crate::config::RunAs;
 use crate::sys::process;
 
 /// Runs the after-fork sequence: own process group, close inherited fds not in `keep`, reset
-/// signals, parent-death signal, check the parent is `monitor`. Exits the process on failure.
+/// signals, drop privileges to `run_as`, parent-death signal, check the parent is `monitor`.
+/// Exits the process on failure.
 ///
 /// A worker forked through a mold's double fork is re-parented to the monitor (a subreaper) only
 /// when the middle process exits, so it first waits, briefly, to be the monitor's child: setting the
 /// parent-death signal earlier would tie it to the middle process.
-pub fn after_fork(monitor: Pid, keep: &[RawFd]) {
+pub fn after_fork(monitor: Pid, keep: &[RawFd], run_as: Option<RunAs>) {
     // A terminal's Ctrl-C goes to the foreground process group: only the monitor's.
     let _ = setpgid(Pid::from_raw(0), Pid::from_raw(0));
     let mut keep = keep.to_vec();
@@ -29,6 +31,19 @@ pub fn after_fork(monitor: Pid, keep: &[RawFd]) {
     std::env::remove_var("NOTIFY_SOCKET");
     // Rust's runtime ignores SIGPIPE so that writes to closed sockets are errors, not deaths.
     let _ = process::ignore_signal(Signal::SIGPIPE);
+    // Privileges go before the parent-death signal: a uid change clears it.
+    // A worker forked by a mold that already dropped them has nothing left to drop.
+    let already = |uid: u32, gid: u32| nix::unistd::getuid().as_raw() == uid && nix::unistd::getgid().as_raw() == gid;
+    if let Some(RunAs { uid, gid }) = run_as.filter(|r| !already(r.uid, r.gid)) {
+        let gid = nix::unistd::Gid::from_raw(gid);
+        if nix::unistd::setgroups(&[gid]).is_err()
+            || nix::unistd::setgid(gid).is_err()
+            || nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)).is_err()
+        {
+            eprintln!("tine: cannot switch to uid {uid} gid {gid}");
+            process::exit_now(73);
+        }
+    }
     let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
     while getppid() != monitor {
         if std::time::Instant::now() > until {

@@ -112,3 +112,20 @@ fn humantime_now() -> String {
         now.subsec_millis()
     )
 }
+
+/// Opens `path` for appending and makes it this process's stdout and stderr. Returns the open
+/// file, whose descriptor the monitor passes to its children on `SIGUSR1`.
+pub(crate) fn open_log_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    adopt_log_fd(Some(file.try_clone()?.into()));
+    Ok(file)
+}
+
+/// Makes `fd` this process's stdout and stderr (a reopened log file).
+pub(crate) fn adopt_log_fd(fd: Option<std::os::fd::OwnedFd>) {
+    use std::os::fd::AsRawFd;
+    if let Some(fd) = fd {
+        let _ = nix::unistd::dup2(fd.as_raw_fd(), 1);
+        let _ = nix::unistd::dup2(fd.as_raw_fd(), 2);
+    }
+}

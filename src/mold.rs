@@ -94,6 +94,7 @@ pub(crate) fn run<A: App>(app: &mut A, start: Start<'_>) -> i32 {
                 }
             }
             Command::Stop { .. } => return 0,
+            Command::ReopenLogs => crate::log::adopt_log_fd(received.fds.into_iter().next()),
             Command::Promote { .. } => tracing::warn!("ignoring Promote sent to a mold"),
         }
     }
@@ -115,7 +116,7 @@ fn spawn_worker<A: App>(app: &mut A, start: &Start<'_>, nr: u32, slot: u32, chan
             Ok(Forked::Child) => child::run_child(|| {
                 let mut keep: Vec<_> = start.listeners.iter().map(Listener::raw_fd).collect();
                 keep.push(channel.as_raw_fd());
-                child::after_fork(start.monitor, &keep);
+                child::after_fork(start.monitor, &keep, start.config.run_as);
                 let outcome = worker::run(
                     app,
                     worker::Start {

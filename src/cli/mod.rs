@@ -108,6 +108,11 @@ pub fn run<A: App>() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail(e),
             };
+            if let Some(path) = &config.log_file {
+                if let Err(e) = crate::log::open_log_file(path) {
+                    return fail(format!("invalid value {:?} for `log_file`: {e}", path.display().to_string()));
+                }
+            }
             if let Err(e) = crate::log::init(config.log_format, &config.log_level) {
                 return fail(e);
             }

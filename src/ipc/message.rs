@@ -24,6 +24,9 @@ pub enum Command {
         /// Drain first (true) or exit at once (false).
         graceful: bool,
     },
+    /// To a worker or mold: the log file was reopened; its new descriptor comes with this
+    /// message and replaces stdout and stderr.
+    ReopenLogs,
     /// To a worker: become the mold of `generation`.
     Promote {
         /// The new generation.

@@ -305,7 +305,7 @@ fn fork_mold<A: App>(m: &mut Monitor, generation: u32) -> std::io::Result<()> {
         Forked::Child => child::run_child(|| {
             let mut keep: Vec<_> = m.listeners.iter().map(Listener::raw_fd).collect();
             keep.push(theirs.as_raw_fd());
-            child::after_fork(m.pid, &keep);
+            child::after_fork(m.pid, &keep, m.config.run_as);
             mold::run_generation_zero::<A>(mold::Start {
                 monitor: m.pid,
                 generation,
@@ -434,7 +434,7 @@ impl Monitor {
                 Signal::SIGTTOU => {
                     self.scale(self.target.saturating_sub(1), "SIGTTOU");
                 }
-                Signal::SIGUSR1 => tracing::info!("SIGUSR1: logs go to stderr; nothing to reopen"),
+                Signal::SIGUSR1 => self.reopen_logs(),
                 Signal::SIGUSR2 => self.refork("SIGUSR2"),
                 Signal::SIGHUP => self.reload(None, "SIGHUP"),
                 _ => {}
@@ -870,6 +870,25 @@ impl Monitor {
             control.reply(request.client, reply);
         }
         self.control = Some(control);
+    }
+
+    /// `SIGUSR1`: reopens the log file (after rotation) here and in every child.
+    fn reopen_logs(&mut self) {
+        let Some(path) = self.config.log_file.clone() else {
+            tracing::info!("SIGUSR1: no log_file configured; logs go to stderr");
+            return;
+        };
+        match crate::log::open_log_file(&path) {
+            Ok(file) => {
+                for c in self.children.values() {
+                    if let Some(ch) = &c.channel {
+                        let _ = ch.send(&Command::ReopenLogs, &[file.as_fd()]);
+                    }
+                }
+                tracing::info!(path = %path.display(), "SIGUSR1: log file reopened");
+            }
+            Err(e) => tracing::error!(path = %path.display(), error = %e, "SIGUSR1: cannot reopen the log file"),
+        }
     }
 
     pub(crate) fn is_running(&self) -> bool {

@@ -182,6 +182,7 @@ async fn read_commands(channel: &AsyncFd<Channel>) -> Stop {
                     let report = Report::PromotionFailed { reason: "marked not fork-safe".into() };
                     let _ = channel.get_ref().send(&report, &[]);
                 }
+                Command::ReopenLogs => crate::log::adopt_log_fd(r.fds.into_iter().next()),
                 Command::SpawnWorker { .. } => {
                     tracing::warn!("ignoring SpawnWorker sent to a worker");
                 }
