@@ -341,6 +341,8 @@ impl Monitor {
             }
             self.reap();
             self.check_limits();
+            // Event-driven too: the next old worker is replaced as soon as the last one is.
+            self.advance_rollout();
             self.check_reload();
             self.check_watch();
             systemd::watchdog_tick(self);

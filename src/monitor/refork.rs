@@ -27,7 +27,17 @@ impl Monitor {
         let Some((_, mold)) = self.current_mold() else { return };
         let generation = mold.generation;
         let width = self.config.refork_max_unavailable;
+        // A reload with `retire-first` retires an old worker before starting its replacement, so
+        // that memory stays flat; otherwise (surge, and every refork) the replacement comes first.
+        let retire_first = self.reload.is_some() && self.config.reload_strategy == crate::config::ReloadStrategy::RetireFirst;
         let mut in_flight = self.replacements_in_flight();
+        if retire_first {
+            in_flight += self
+                .children
+                .values()
+                .filter(|c| c.kind == Kind::Worker && (c.phase == Phase::Starting || (c.is_retiring() && c.generation < generation)))
+                .count();
+        }
         let old: Vec<usize> = self
             .children
             .iter()
@@ -40,7 +50,12 @@ impl Monitor {
             }
             if let Some(c) = self.children.get_mut(&slot) {
                 tracing::info!(nr = c.nr, pid = c.pid_raw(), from = c.generation, to = generation, "rolling worker to the new generation");
-                c.recycle = Some(format!("rollout to gen:{generation}"));
+                let reason = format!("rollout to gen:{generation}");
+                if retire_first {
+                    self.retire(slot, &reason);
+                } else {
+                    c.recycle = Some(reason);
+                }
                 in_flight += 1;
             }
         }
