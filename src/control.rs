@@ -18,6 +18,8 @@ use crate::sys::meminfo;
 
 /// Longest command line accepted.
 const MAX_COMMAND: usize = 1024;
+/// Clients kept at once while they send their command.
+const MAX_CLIENTS: usize = 32;
 
 /// The listening control socket and its connected clients.
 pub(crate) struct ControlServer {
@@ -86,25 +88,33 @@ impl ControlServer {
     /// Accepts pending clients; refuses those of another user (root is always allowed).
     pub(crate) fn accept(&mut self) {
         while let Ok((stream, _)) = self.listener.accept() {
-            let allowed = match getsockopt(&stream, PeerCredentials) {
-                Ok(cred) => cred.uid() == 0 || cred.uid() == nix::unistd::geteuid().as_raw(),
-                Err(_) => false,
-            };
+            // The socket's mode is only the first fence (a chmod or a shared directory opens it):
+            // the peer's credentials, from the kernel, decide.
+            let cred = getsockopt(&stream, PeerCredentials).ok();
+            let owner = nix::unistd::geteuid().as_raw();
+            let allowed = cred.is_some_and(|c| c.uid() == 0 || c.uid() == owner);
             if !allowed {
-                tracing::warn!("control socket: refused a client of another user");
+                tracing::warn!(
+                    peer_uid = cred.map(|c| c.uid() as i64).unwrap_or(-1),
+                    peer_pid = cred.map(|c| c.pid()).unwrap_or(0),
+                    "control socket: refused a client of another user"
+                );
                 let _ = reply_to(stream, Err("permission denied: only root or the server's owner may use the control socket".into()));
                 continue;
             }
             if stream.set_nonblocking(true).is_ok() {
                 self.clients
                     .retain(|c| c.since.elapsed() < Duration::from_secs(10));
-                if self.clients.len() < 32 {
-                    self.clients.push(Client {
-                        stream,
-                        buf: Vec::new(),
-                        since: Instant::now(),
-                    });
+                // Full of clients that say nothing: the oldest makes room, so a real `ctl` call
+                // always gets through.
+                if self.clients.len() >= MAX_CLIENTS {
+                    self.clients.remove(0);
                 }
+                self.clients.push(Client {
+                    stream,
+                    buf: Vec::new(),
+                    since: Instant::now(),
+                });
             }
         }
     }
@@ -129,8 +139,15 @@ impl ControlServer {
         if !done {
             return None;
         }
-        let client = self.clients.remove(i);
+        let mut client = self.clients.remove(i);
         let command = if client.buf.len() > MAX_COMMAND {
+            // Drain a bounded amount of what is still coming, so that closing with unread data
+            // does not reset the connection before the client reads the error.
+            for _ in 0..64 {
+                if !matches!(client.stream.read(&mut chunk), Ok(n) if n > 0) {
+                    break;
+                }
+            }
             Err(format!("command longer than {MAX_COMMAND} bytes"))
         } else {
             let line = client.buf.split(|b| *b == b'\n').next().unwrap_or_default();
@@ -373,13 +390,25 @@ pub fn request(path: &Path, command: &str) -> Result<String, String> {
     stream
         .set_read_timeout(Some(Duration::from_secs(patience)))
         .map_err(|e| e.to_string())?;
-    stream
-        .write_all(format!("{command}\n").as_bytes())
-        .map_err(|e| e.to_string())?;
-    let mut reply = String::new();
-    stream
-        .read_to_string(&mut reply)
-        .map_err(|e| format!("reading the reply: {e}"))?;
+    // A server that refuses us may close before we finish writing: its reply still counts.
+    let sent = stream.write_all(format!("{command}\n").as_bytes());
+    // Read to EOF; a reset after the reply (the server closed with our bytes unread) still
+    // leaves the reply readable.
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if bytes.is_empty() => return Err(format!("reading the reply: {e}")),
+            Err(_) => break,
+        }
+    }
+    if let (Err(e), true) = (sent, bytes.is_empty()) {
+        return Err(format!("sending the command: {e}"));
+    }
+    let reply = String::from_utf8_lossy(&bytes);
     if let Some(body) = reply.strip_prefix("OK\n") {
         Ok(body.to_string())
     } else if let Some(err) = reply.strip_prefix("ERR ") {

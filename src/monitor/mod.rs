@@ -405,7 +405,8 @@ impl Monitor {
     }
 
     fn poll_timeout(&self) -> Duration {
-        let mut t = Duration::from_millis(250);
+        // The limit checks (hang detection, max_requests, memory) run every 100 ms: wake for them.
+        let mut t = Duration::from_millis(100);
         let now = Instant::now();
         if let Some(b) = self.backoff_until {
             t = t.min(b.saturating_duration_since(now));
