@@ -819,13 +819,30 @@ impl Monitor {
 
     /// SIGKILLs every child, known or adopted orphan, and reaps them.
     fn kill_everything(&mut self) {
-        for c in self.children.values() {
+        for (slot, c) in &self.children {
             if let Some(pid) = c.pid {
-                tracing::warn!(nr = c.nr, pid = pid.as_raw(), generation = c.generation, reason = "stopping: killing what is left", "killing {}", c.kind.name());
+                let request = self
+                    .board
+                    .read(*slot)
+                    .filter(|v| v.in_flight > 0 && v.pid == pid.as_raw())
+                    .map(|v| v.request)
+                    .unwrap_or_else(|| "none".into());
+                tracing::warn!(
+                    nr = c.nr,
+                    pid = pid.as_raw(),
+                    generation = c.generation,
+                    reason = "stopping: killing what is left",
+                    request = %request,
+                    "killing {}",
+                    c.kind.name()
+                );
                 let _ = kill(pid, Signal::SIGKILL);
             }
         }
         for pid in own_children() {
+            if !self.children.values().any(|c| c.pid == Some(pid)) {
+                tracing::warn!(pid = pid.as_raw(), reason = "stopping: an orphan adopted by the monitor", "killing a process");
+            }
             let _ = kill(pid, Signal::SIGKILL);
         }
         let until = Instant::now() + Duration::from_secs(2);
