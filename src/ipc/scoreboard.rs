@@ -535,3 +535,119 @@ fn write_text(w: &[AtomicU64], text: &RequestText) {
 pub fn age(ms: u64) -> Duration {
     Duration::from_millis(now_ms().saturating_sub(ms))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_slot_shows_the_oldest_request_in_flight_whatever_ends_first() {
+        let board = Scoreboard::create(2).expect("memfd");
+        let slot = board.slot(1).unwrap();
+        slot.claim(4242, Role::Worker, 3, 7, State::Ready);
+        let first = slot.track_request("GET", "/spin");
+        let started = board.read(1).unwrap().oldest_start_ms;
+        std::thread::sleep(Duration::from_millis(5));
+        let second = slot.track_request("POST", "/upload");
+        let third = slot.track_request("GET", "/fast");
+        let v = board.read(1).unwrap();
+        assert_eq!(
+            (v.in_flight, v.state, v.request.as_str()),
+            (3, State::Busy, "GET /spin")
+        );
+        assert_eq!(
+            v.oldest_start_ms, started,
+            "newer requests do not move the oldest start"
+        );
+        drop(third);
+        assert_eq!(board.read(1).unwrap().request, "GET /spin");
+        drop(first);
+        let v = board.read(1).unwrap();
+        assert_eq!((v.in_flight, v.request.as_str()), (1, "POST /upload"));
+        assert!(v.oldest_start_ms > started, "the next oldest takes over");
+        drop(second);
+        let v = board.read(1).unwrap();
+        assert_eq!(
+            (v.in_flight, v.oldest_start_ms, v.request.as_str(), v.state),
+            (0, 0, "", State::Ready)
+        );
+        assert_eq!(v.requests, 3);
+        assert_eq!((v.pid, v.generation, v.nr), (4242, 3, 7));
+    }
+
+    #[test]
+    fn untracked_work_counts_but_never_ages_and_long_paths_are_cut() {
+        let board = Scoreboard::create(1).expect("memfd");
+        let slot = board.slot(0).unwrap();
+        slot.claim(10, Role::Worker, 0, 0, State::Ready);
+        slot.begin_request("STREAM", "");
+        let v = board.read(0).unwrap();
+        assert_eq!(
+            (v.in_flight, v.oldest_start_ms, v.request.as_str()),
+            (1, 0, "STREAM ")
+        );
+        let long = format!("/{}", "x".repeat(500));
+        let tracked = slot.track_request("GET", &long);
+        let v = board.read(0).unwrap();
+        assert_eq!(v.in_flight, 2);
+        assert!(v.oldest_start_ms > 0);
+        assert_eq!(v.request.len(), REQUEST_TEXT_BYTES);
+        assert!(v.request.starts_with("GET /xxx"));
+        drop(tracked);
+        slot.end_request();
+        let v = board.read(0).unwrap();
+        assert_eq!((v.in_flight, v.requests, v.state), (0, 2, State::Ready));
+    }
+
+    #[test]
+    fn served_requests_survive_the_slot_being_cleared_or_reclaimed() {
+        let board = Scoreboard::create(2).expect("memfd");
+        let slot = board.slot(0).unwrap();
+        slot.claim(10, Role::Worker, 0, 0, State::Ready);
+        for _ in 0..5 {
+            drop(slot.track_request("GET", "/"));
+        }
+        // A promoted worker claims its slot as a mold: what it served moves to the header.
+        slot.claim(10, Role::Mold, 1, 0, State::Mold);
+        assert_eq!(
+            (board.read(0).unwrap().requests, board.requests_of_gone()),
+            (0, 5)
+        );
+        let other = board.slot(1).unwrap();
+        other.claim(11, Role::Worker, 1, 1, State::Ready);
+        drop(other.track_request("GET", "/"));
+        board.clear(1);
+        board.clear(1);
+        assert_eq!(board.requests_of_gone(), 6, "cleared once, counted once");
+        assert!(board.read(1).is_none());
+        board.count_refork();
+        assert_eq!(board.reforks(), 1);
+    }
+
+    #[test]
+    fn garbage_in_a_slot_reads_as_nothing() {
+        let board = Scoreboard::create(1).expect("memfd");
+        let w = board.words(0);
+        w[ROLE].store(Role::Worker as u64, Ordering::Relaxed);
+        w[STATE].store(99, Ordering::Relaxed);
+        assert!(board.read(0).is_none(), "an unknown state is refused");
+        w[STATE].store(State::Ready as u64, Ordering::Relaxed);
+        w[PID].store(u64::MAX, Ordering::Relaxed);
+        assert!(board.read(0).is_none(), "a pid out of range is refused");
+        w[PID].store(5, Ordering::Relaxed);
+        w[TEXT].store(
+            u64::from_le_bytes(*b"\xff\xfe\0\0\0\0\0\0"),
+            Ordering::Relaxed,
+        );
+        assert_eq!(board.read(0).unwrap().request, "\u{fffd}\u{fffd}");
+        w[SEQ].store(1, Ordering::Relaxed); // a writer died mid-update: the seqlock stays odd
+        assert!(board.read(0).is_none());
+        board.clear(0);
+        assert!(board.read(0).is_none());
+        assert_eq!(
+            w[SEQ].load(Ordering::Relaxed) & 1,
+            0,
+            "clearing releases a stuck slot"
+        );
+    }
+}
