@@ -14,34 +14,51 @@ pub(super) const PROMOTE: &str = "promotion to mold";
 impl Monitor {
     /// Workers marked for replacement whose replacement is not ready yet.
     pub(super) fn replacements_in_flight(&self) -> usize {
-        self.children.values().filter(|c| c.kind == Kind::Worker && c.recycle.is_some() && !c.is_retiring()).count()
+        self.children
+            .values()
+            .filter(|c| c.kind == Kind::Worker && c.recycle.is_some() && !c.is_retiring())
+            .count()
     }
 
     fn promotion_in_progress(&self) -> bool {
-        self.children.values().any(|c| c.phase == Phase::Promoting || c.recycle.as_deref() == Some(PROMOTE))
+        self.children
+            .values()
+            .any(|c| c.phase == Phase::Promoting || c.recycle.as_deref() == Some(PROMOTE))
     }
 
     /// Rolls workers older than the current mold over, a few at a time; retires old molds when
     /// nothing of their generation is pending.
     pub(super) fn advance_rollout(&mut self) {
-        let Some((_, mold)) = self.current_mold() else { return };
+        let Some((_, mold)) = self.current_mold() else {
+            return;
+        };
         let generation = mold.generation;
         let width = self.config.refork_max_unavailable;
         // A reload with `retire-first` retires an old worker before starting its replacement, so
         // that memory stays flat; otherwise (surge, and every refork) the replacement comes first.
-        let retire_first = self.reload.is_some() && self.config.reload_strategy == crate::config::ReloadStrategy::RetireFirst;
+        let retire_first = self.reload.is_some()
+            && self.config.reload_strategy == crate::config::ReloadStrategy::RetireFirst;
         let mut in_flight = self.replacements_in_flight();
         if retire_first {
             in_flight += self
                 .children
                 .values()
-                .filter(|c| c.kind == Kind::Worker && (c.phase == Phase::Starting || (c.is_retiring() && c.generation < generation)))
+                .filter(|c| {
+                    c.kind == Kind::Worker
+                        && (c.phase == Phase::Starting
+                            || (c.is_retiring() && c.generation < generation))
+                })
                 .count();
         }
         let old: Vec<usize> = self
             .children
             .iter()
-            .filter(|(_, c)| c.kind == Kind::Worker && c.generation < generation && c.is_active_worker() && c.phase == Phase::Ready)
+            .filter(|(_, c)| {
+                c.kind == Kind::Worker
+                    && c.generation < generation
+                    && c.is_active_worker()
+                    && c.phase == Phase::Ready
+            })
             .map(|(s, _)| *s)
             .collect();
         for slot in old {
@@ -49,7 +66,13 @@ impl Monitor {
                 break;
             }
             if let Some(c) = self.children.get_mut(&slot) {
-                tracing::info!(nr = c.nr, pid = c.pid_raw(), from = c.generation, to = generation, "rolling worker to the new generation");
+                tracing::info!(
+                    nr = c.nr,
+                    pid = c.pid_raw(),
+                    from = c.generation,
+                    to = generation,
+                    "rolling worker to the new generation"
+                );
                 let reason = format!("rollout to gen:{generation}");
                 if retire_first {
                     self.retire(slot, &reason);
@@ -66,7 +89,10 @@ impl Monitor {
             .map(|(s, c)| (*s, c.generation))
             .collect();
         for (slot, g) in old_molds {
-            let pending = self.children.values().any(|c| c.kind == Kind::Worker && c.generation == g && c.phase == Phase::Starting);
+            let pending = self
+                .children
+                .values()
+                .any(|c| c.kind == Kind::Worker && c.generation == g && c.phase == Phase::Starting);
             if !pending {
                 self.retire(slot, "replaced by a newer mold");
             }
@@ -74,21 +100,32 @@ impl Monitor {
     }
 
     pub(super) fn check_refork_after(&mut self) {
-        let Some((_, mold)) = self.current_mold() else { return };
+        let Some((_, mold)) = self.current_mold() else {
+            return;
+        };
         let generation = mold.generation;
-        let Some(threshold) = self.config.refork_after.threshold(generation) else { return };
+        let Some(threshold) = self.config.refork_after.threshold(generation) else {
+            return;
+        };
         if self.promotion_in_progress() {
             return;
         }
         // Only once the rollout to this generation is complete.
-        if self.children.values().any(|c| c.kind == Kind::Worker && c.generation < generation) {
+        if self
+            .children
+            .values()
+            .any(|c| c.kind == Kind::Worker && c.generation < generation)
+        {
             return;
         }
         let warm = self.children.iter().any(|(s, c)| {
             c.kind == Kind::Worker
-                && c.generation == generation
+                && c.generation >= generation
                 && c.phase == Phase::Ready
-                && self.board.read(*s).is_some_and(|v| v.requests >= threshold && v.fork_safe)
+                && self
+                    .board
+                    .read(*s)
+                    .is_some_and(|v| v.requests >= threshold && v.fork_safe)
         });
         if warm {
             tracing::info!(generation, threshold, "refork_after reached");
@@ -109,27 +146,71 @@ pub(super) fn request_refork(m: &mut Monitor) {
         return;
     };
     let generation = mold.generation;
+    // Workers newer than the current mold exist when a new mold died during its rollout and a
+    // fresh generation-0 mold replaced it: they are as good candidates as the mold's own.
     let candidate = m
         .children
         .iter()
-        .filter(|(_, c)| c.generation == generation && c.kind == Kind::Worker && c.phase == Phase::Ready && c.is_active_worker())
-        .filter_map(|(s, _)| m.board.read(*s).filter(|v| v.fork_safe).map(|v| (v.requests, *s)))
+        .filter(|(_, c)| {
+            c.generation >= generation
+                && c.kind == Kind::Worker
+                && c.phase == Phase::Ready
+                && c.is_active_worker()
+        })
+        .filter_map(|(s, _)| {
+            m.board
+                .read(*s)
+                .filter(|v| v.fork_safe)
+                .map(|v| (v.requests, *s))
+        })
         .max();
     let Some((requests, slot)) = candidate else {
         tracing::warn!("no fork-safe ready worker to promote");
         return;
     };
     if let Some(c) = m.children.get_mut(&slot) {
-        tracing::info!(nr = c.nr, pid = c.pid_raw(), generation, requests, "promoting worker to mold of gen:{}", generation + 1);
+        let (nr, pid, from) = (c.nr, c.pid_raw(), c.generation);
         c.recycle = Some(PROMOTE.into());
+        let next = next_generation(m);
+        tracing::info!(
+            nr,
+            pid,
+            generation = from,
+            requests,
+            "promoting worker to mold of gen:{next}"
+        );
     }
+}
+
+/// The generation a promoted mold gets: one more than any process has or is being promoted to.
+/// Not just one more than the newest mold: after a new mold died during its rollout, its workers
+/// outlive it (the monitor forks a fresh generation-0 mold), and their number must not be reused
+/// for a different mold, whose rollout would then skip them.
+fn next_generation(m: &Monitor) -> u32 {
+    m.children
+        .values()
+        .map(|c| c.generation.max(c.promoted_generation))
+        .max()
+        .unwrap_or(0)
+        + 1
 }
 
 /// Called when the replacement of a worker marked [`PROMOTE`] is ready: tell it to promote.
 pub(super) fn promote(m: &mut Monitor, slot: usize) {
-    let next = m.children.values().filter(|c| c.kind == Kind::Mold).map(|c| c.generation).max().unwrap_or(0) + 1;
-    let Some(c) = m.children.get_mut(&slot) else { return };
-    let sent = c.channel.as_ref().is_some_and(|ch| ch.send(&Command::Promote { generation: next, slot: slot as u32 }, &[]).is_ok());
+    let next = next_generation(m);
+    let Some(c) = m.children.get_mut(&slot) else {
+        return;
+    };
+    let sent = c.channel.as_ref().is_some_and(|ch| {
+        ch.send(
+            &Command::Promote {
+                generation: next,
+                slot: slot as u32,
+            },
+            &[],
+        )
+        .is_ok()
+    });
     if sent {
         c.phase = Phase::Promoting;
         c.promoted_generation = next;
@@ -147,7 +228,11 @@ pub(super) fn on_mold_ready(m: &mut Monitor, slot: usize) {
             c.kind = Kind::Mold;
             c.generation = c.promoted_generation;
             c.recycle = None;
-            tracing::info!(pid = c.pid_raw(), generation = c.generation, "new mold ready; rolling workers over");
+            tracing::info!(
+                pid = c.pid_raw(),
+                generation = c.generation,
+                "new mold ready; rolling workers over"
+            );
         }
     }
 }
@@ -155,7 +240,9 @@ pub(super) fn on_mold_ready(m: &mut Monitor, slot: usize) {
 /// A promotion failed: the old mold stays; the worker is retired if it is still alive.
 pub(super) fn on_promotion_failed(m: &mut Monitor, slot: usize) {
     if let Some(c) = m.children.get_mut(&slot) {
-        if c.kind == Kind::Worker && (c.phase == Phase::Promoting || c.recycle.as_deref() == Some(PROMOTE)) {
+        if c.kind == Kind::Worker
+            && (c.phase == Phase::Promoting || c.recycle.as_deref() == Some(PROMOTE))
+        {
             c.recycle = Some("promotion failed".into());
             if c.phase == Phase::Promoting {
                 c.phase = Phase::Ready;
