@@ -692,6 +692,20 @@ impl Monitor {
                     refork::on_promotion_failed(self, slot);
                 }
             }
+            if c.kind == Kind::Mold {
+                // Workers it was asked for but never reported will not come: forget them now
+                // rather than at spawn_timeout, so the next mold replaces them at once.
+                let lost: Vec<usize> = self
+                    .children
+                    .iter()
+                    .filter(|(_, w)| w.pid.is_none() && w.generation == c.generation)
+                    .map(|(s, _)| *s)
+                    .collect();
+                for s in lost {
+                    self.children.remove(&s);
+                    self.board.clear(s);
+                }
+            }
         }
     }
 
