@@ -75,16 +75,26 @@ pub(crate) struct Progress {
 
 /// Reads and removes the handover left by the previous image, if any.
 pub(crate) fn take_handover() -> Result<Option<Handover>, String> {
-    let Some(value) = std::env::var_os(HANDOVER_ENV) else { return Ok(None) };
+    let Some(value) = std::env::var_os(HANDOVER_ENV) else {
+        return Ok(None);
+    };
     // Single-threaded here (start of the monitor): changing the environment is sound.
     std::env::remove_var(HANDOVER_ENV);
-    let fd: RawFd = value.to_string_lossy().parse().map_err(|_| format!("bad {HANDOVER_ENV}"))?;
+    let fd: RawFd = value
+        .to_string_lossy()
+        .parse()
+        .map_err(|_| format!("bad {HANDOVER_ENV}"))?;
     let mut file = std::fs::File::from(crate::sys::fd::adopt(fd));
     let mut text = String::new();
-    file.rewind().and_then(|_| file.read_to_string(&mut text)).map_err(|e| format!("reading the handover: {e}"))?;
+    file.rewind()
+        .and_then(|_| file.read_to_string(&mut text))
+        .map_err(|e| format!("reading the handover: {e}"))?;
     let handover: Handover = serde_json::from_str(&text).map_err(|e| format!("handover: {e}"))?;
     if handover.version != HANDOVER_VERSION {
-        return Err(format!("handover version {} (this build reads {HANDOVER_VERSION})", handover.version));
+        return Err(format!(
+            "handover version {} (this build reads {HANDOVER_VERSION})",
+            handover.version
+        ));
     }
     Ok(Some(handover))
 }
@@ -93,7 +103,10 @@ pub(crate) fn take_handover() -> Result<Option<Handover>, String> {
 fn preflight() -> Result<(), String> {
     let exe = crate::cli::saved_exe();
     let argv = crate::cli::saved_argv();
-    let serve = argv.iter().position(|a| a == "serve").ok_or("the saved command line has no `serve`")?;
+    let serve = argv
+        .iter()
+        .position(|a| a == "serve")
+        .ok_or("the saved command line has no `serve`")?;
     let mut child = std::process::Command::new(exe)
         .arg("check")
         .args(&argv[serve + 1..])
@@ -110,7 +123,10 @@ fn preflight() -> Result<(), String> {
             _ => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("{} check did not finish within 10 s", exe.display()));
+                return Err(format!(
+                    "{} check did not finish within 10 s",
+                    exe.display()
+                ));
             }
         }
     };
@@ -123,18 +139,37 @@ fn preflight() -> Result<(), String> {
         let _ = s.read_to_string(&mut err);
     }
     if !status.success() {
-        let why = err.lines().chain(out.lines()).find(|l| !l.trim().is_empty()).unwrap_or("no output").trim().to_string();
-        return Err(format!("new executable refused the configuration ({status}): {why}"));
+        let why = err
+            .lines()
+            .chain(out.lines())
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("no output")
+            .trim()
+            .to_string();
+        return Err(format!(
+            "new executable refused the configuration ({status}): {why}"
+        ));
     }
     let wanted = format!("handover version {HANDOVER_VERSION}");
     if !out.contains(&wanted) {
-        return Err(format!("new executable does not speak {wanted}: {:?}", out.trim()));
+        return Err(format!(
+            "new executable does not speak {wanted}: {:?}",
+            out.trim()
+        ));
     }
     Ok(())
 }
 
 fn set_cloexec(fd: RawFd, on: bool) -> nix::Result<()> {
-    fcntl(fd, FcntlArg::F_SETFD(if on { FdFlag::FD_CLOEXEC } else { FdFlag::empty() })).map(|_| ())
+    fcntl(
+        fd,
+        FcntlArg::F_SETFD(if on {
+            FdFlag::FD_CLOEXEC
+        } else {
+            FdFlag::empty()
+        }),
+    )
+    .map(|_| ())
 }
 
 impl Monitor {
@@ -155,29 +190,89 @@ impl Monitor {
         let started_ms = now_ms();
         tracing::info!("{why}: reloading");
         super::systemd::notify_reloading(self);
-        let result = preflight().and_then(|()| self.exec_with_handover(started_ms, waiter.as_ref()));
+        let mut waiters: Vec<UnixStream> = waiter.into_iter().collect();
+        let result = preflight().and_then(|()| {
+            // Control clients already accepted would lose their connection at the exec.
+            self.settle_control_clients(&mut waiters);
+            if !self.is_running() {
+                return Err("the server is stopping".to_string());
+            }
+            self.exec_with_handover(started_ms, &waiters)
+        });
         // Only failures come back here.
         let error = result.err().unwrap_or_default();
         tracing::error!(error, "reload refused; the running service is unchanged");
-        super::systemd::notify_ready(self, "reload failed; old generation serving");
-        if let Some(w) = waiter {
+        if self.is_running() {
+            super::systemd::notify_ready(self, "reload failed; old generation serving");
+        }
+        for w in waiters {
             let _ = crate::control::reply_to(w, Err(format!("reload failed: {error}")));
         }
     }
 
-    fn exec_with_handover(&mut self, started_ms: u64, waiter: Option<&UnixStream>) -> Result<(), String> {
+    /// Answers every control client the loop has accepted but not served yet, before the exec
+    /// closes their connections: `reload` joins this reload's waiters, any other command runs now.
+    /// Clients still in the listener's backlog need nothing: the listener is handed over. A client
+    /// that has not sent its whole command within a few milliseconds is told to retry.
+    fn settle_control_clients(&mut self, waiters: &mut Vec<UnixStream>) {
+        let Some(mut control) = self.control.take() else {
+            return;
+        };
+        let deadline = Instant::now() + Duration::from_millis(50);
+        loop {
+            let mut served = false;
+            for i in (0..control.client_fds().count()).rev() {
+                let Some(request) = control.read(i) else {
+                    continue;
+                };
+                served = true;
+                if request.command.as_deref() == Ok("reload") {
+                    waiters.push(request.client);
+                } else {
+                    let reply = crate::control::handle(self, request.command);
+                    control.reply(request.client, reply);
+                }
+            }
+            if control.client_fds().count() == 0 || Instant::now() >= deadline {
+                break;
+            }
+            if !served {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        for fd in control.client_fds() {
+            let _ = nix::unistd::write(
+                fd,
+                b"ERR the server is re-executing for a reload; try again\n",
+            );
+        }
+        self.control = Some(control);
+    }
+
+    fn exec_with_handover(
+        &mut self,
+        started_ms: u64,
+        waiters: &[UnixStream],
+    ) -> Result<(), String> {
         let mut handover = Handover {
             version: HANDOVER_VERSION,
             listeners: self
                 .listeners
                 .iter()
-                .map(|l| HandedListener { fd: l.raw_fd(), addr: l.addr().to_string(), activated: self.activated })
+                .map(|l| HandedListener {
+                    fd: l.raw_fd(),
+                    addr: l.addr().to_string(),
+                    activated: self.activated,
+                })
                 .collect(),
-            control: self.control.as_ref().map(|c| (c.listener_fd().as_raw_fd(), c.path().to_owned())),
+            control: self
+                .control
+                .as_ref()
+                .map(|c| (c.listener_fd().as_raw_fd(), c.path().to_owned())),
             scoreboard: (self.board.fd().as_raw_fd(), self.board.capacity()),
             children: Vec::new(),
             target: self.target,
-            waiters: waiter.iter().map(|w| w.as_raw_fd()).collect(),
+            waiters: waiters.iter().map(|w| w.as_raw_fd()).collect(),
             reload_started_ms: started_ms,
             restarts: self.restarts.clone(),
             notify_socket: self.notify_socket.clone(),
@@ -189,7 +284,11 @@ impl Monitor {
                 pid: pid.as_raw(),
                 worker: c.kind == Kind::Worker,
                 nr: c.nr,
-                generation: if c.phase == Phase::Promoting { c.promoted_generation } else { c.generation },
+                generation: if c.phase == Phase::Promoting {
+                    c.promoted_generation
+                } else {
+                    c.generation
+                },
                 slot: *slot,
                 ready: c.phase == Phase::Ready || c.phase == Phase::Promoting,
                 retiring: match &c.phase {
@@ -205,16 +304,21 @@ impl Monitor {
         fds.extend(&handover.waiters);
         let json = serde_json::to_vec(&handover).map_err(|e| e.to_string())?;
         let name = CString::new("tine-handover").expect("no NUL");
-        let memfd = nix::sys::memfd::memfd_create(&name, nix::sys::memfd::MemFdCreateFlag::empty()).map_err(|e| e.to_string())?;
+        let memfd = nix::sys::memfd::memfd_create(&name, nix::sys::memfd::MemFdCreateFlag::empty())
+            .map_err(|e| e.to_string())?;
         let mut file = std::fs::File::from(memfd);
-        file.write_all(&json).map_err(|e| format!("writing the handover: {e}"))?;
+        file.write_all(&json)
+            .map_err(|e| format!("writing the handover: {e}"))?;
         for fd in &fds {
             set_cloexec(*fd, false).map_err(|e| format!("fd {fd}: {e}"))?;
         }
         let exe = crate::cli::saved_exe();
         let cstr = |s: &std::ffi::OsStr| CString::new(s.as_bytes()).map_err(|e| e.to_string());
         let path = cstr(exe.as_os_str())?;
-        let argv: Vec<CString> = crate::cli::saved_argv().iter().map(|a| cstr(a)).collect::<Result<_, _>>()?;
+        let argv: Vec<CString> = crate::cli::saved_argv()
+            .iter()
+            .map(|a| cstr(a))
+            .collect::<Result<_, _>>()?;
         let mut env: Vec<CString> = Vec::new();
         for (k, v) in std::env::vars_os() {
             if k == HANDOVER_ENV {
@@ -227,7 +331,10 @@ impl Monitor {
         }
         env.push(CString::new(format!("{HANDOVER_ENV}={}", file.as_raw_fd())).expect("no NUL"));
         tracing::info!(exe = %exe.display(), children = handover.children.len(), "re-executing with the handover");
-        let error = nix::unistd::execve(&path, &argv, &env).err().map(|e| e.to_string()).unwrap_or_default();
+        let error = nix::unistd::execve(&path, &argv, &env)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         // Still here: execve failed. Put the close-on-exec flags back.
         for fd in &fds {
             let _ = set_cloexec(*fd, true);
@@ -240,13 +347,18 @@ impl Monitor {
     pub(crate) fn adopt_children(&mut self, handed: Vec<HandedChild>) {
         let grace = self.config.graceful_timeout;
         for h in handed {
-            let channel = h.channel.map(|fd| Channel::from_fd(crate::sys::fd::adopt(fd)));
+            let channel = h
+                .channel
+                .map(|fd| Channel::from_fd(crate::sys::fd::adopt(fd)));
             let kind = if h.worker { Kind::Worker } else { Kind::Mold };
             let Some(channel) = channel else { continue };
             let mut c = Child::new(kind, h.nr, h.generation, channel);
             c.pid = Some(nix::unistd::Pid::from_raw(h.pid));
             c.phase = match h.retiring {
-                Some(reason) => Phase::Retiring { reason, kill_at: Instant::now() + grace },
+                Some(reason) => Phase::Retiring {
+                    reason,
+                    kill_at: Instant::now() + grace,
+                },
                 None if h.ready => Phase::Ready,
                 None => Phase::Starting,
             };
@@ -256,8 +368,19 @@ impl Monitor {
 
     /// Forks the preloaded mold of a reload and records the reload as in progress.
     pub(crate) fn start_reloaded_generation(&mut self, started_ms: u64, waiters: Vec<UnixStream>) {
-        let generation = self.children.values().map(|c| c.generation).max().map(|g| g + 1).unwrap_or(0);
-        self.reload = Some(Progress { started_ms, waiters, generation, forked: Instant::now() });
+        let generation = self
+            .children
+            .values()
+            .map(|c| c.generation)
+            .max()
+            .map(|g| g + 1)
+            .unwrap_or(0);
+        self.reload = Some(Progress {
+            started_ms,
+            waiters,
+            generation,
+            forked: Instant::now(),
+        });
         if let Err(e) = (self.spawn_mold)(self, generation) {
             self.finish_reload(Err(format!("cannot fork the new mold: {e}")));
         }
@@ -268,15 +391,33 @@ impl Monitor {
     pub(crate) fn check_reload(&mut self) {
         let Some(progress) = &self.reload else { return };
         let generation = progress.generation;
-        let mold = self.children.values().find(|c| c.kind == Kind::Mold && c.generation == generation);
+        let mold = self
+            .children
+            .values()
+            .find(|c| c.kind == Kind::Mold && c.generation == generation);
         let mold_ready = mold.is_some_and(|m| m.phase == Phase::Ready);
         if mold.is_none() && progress.forked.elapsed() > Duration::from_millis(50) {
-            let why = if self.last_spawn_error.is_empty() { "it exited".to_string() } else { self.last_spawn_error.clone() };
-            self.finish_reload(Err(format!("the new mold failed ({why}); the old generation keeps serving")));
+            let why = if self.last_spawn_error.is_empty() {
+                "it exited".to_string()
+            } else {
+                self.last_spawn_error.clone()
+            };
+            self.finish_reload(Err(format!(
+                "the new mold failed ({why}); the old generation keeps serving"
+            )));
             return;
         }
-        let old_left = self.children.values().any(|c| c.kind == Kind::Worker && c.generation < generation);
-        let new_ready = self.children.values().filter(|c| c.kind == Kind::Worker && c.generation == generation && c.phase == Phase::Ready).count();
+        let old_left = self
+            .children
+            .values()
+            .any(|c| c.kind == Kind::Worker && c.generation < generation);
+        let new_ready = self
+            .children
+            .values()
+            .filter(|c| {
+                c.kind == Kind::Worker && c.generation == generation && c.phase == Phase::Ready
+            })
+            .count();
         if mold_ready && !old_left && new_ready >= self.target {
             let ms = now_ms().saturating_sub(progress.started_ms);
             self.finish_reload(Ok(format!("reloaded in {ms} ms (gen:{generation})\n")));
@@ -284,12 +425,21 @@ impl Monitor {
     }
 
     pub(crate) fn finish_reload(&mut self, outcome: Result<String, String>) {
-        let Some(progress) = self.reload.take() else { return };
+        let Some(progress) = self.reload.take() else {
+            return;
+        };
         match &outcome {
             Ok(msg) => tracing::info!("reload complete: {}", msg.trim()),
             Err(e) => tracing::error!("reload failed: {e}"),
         }
-        super::systemd::notify_ready(self, if outcome.is_ok() { "reloaded" } else { "reload failed; old generation serving" });
+        super::systemd::notify_ready(
+            self,
+            if outcome.is_ok() {
+                "reloaded"
+            } else {
+                "reload failed; old generation serving"
+            },
+        );
         for w in progress.waiters {
             let _ = crate::control::reply_to(w, outcome.clone());
         }
@@ -305,4 +455,3 @@ pub(crate) fn adopt_waiter(fd: RawFd) -> UnixStream {
 pub(crate) fn adopt_fd(fd: RawFd) -> OwnedFd {
     crate::sys::fd::adopt(fd)
 }
-

@@ -13,27 +13,50 @@ use crate::listener::Listener;
 /// not misread them. Returns the listeners and their names.
 pub(crate) fn take_activated_sockets() -> Result<Vec<(Listener, String)>, String> {
     let var = |k: &str| std::env::var(k).ok();
-    let (pid, count, names, first) =
-        (var("LISTEN_PID"), var("LISTEN_FDS"), var("LISTEN_FDNAMES"), var("LISTEN_FDS_FIRST_FD"));
+    let (pid, count, names, first) = (
+        var("LISTEN_PID"),
+        var("LISTEN_FDS"),
+        var("LISTEN_FDNAMES"),
+        var("LISTEN_FDS_FIRST_FD"),
+    );
     // Single-threaded here: changing the environment is sound.
-    for k in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_FDS_FIRST_FD"] {
+    for k in [
+        "LISTEN_PID",
+        "LISTEN_FDS",
+        "LISTEN_FDNAMES",
+        "LISTEN_FDS_FIRST_FD",
+    ] {
         std::env::remove_var(k);
     }
-    let (Some(pid), Some(count)) = (pid, count) else { return Ok(Vec::new()) };
+    let (Some(pid), Some(count)) = (pid, count) else {
+        return Ok(Vec::new());
+    };
     if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
         return Ok(Vec::new()); // meant for another process
     }
-    let count: i32 = count.trim().parse().map_err(|_| format!("LISTEN_FDS={count:?} is not a number"))?;
+    let count: i32 = count
+        .trim()
+        .parse()
+        .map_err(|_| format!("LISTEN_FDS={count:?} is not a number"))?;
     let first: i32 = match first {
-        Some(f) => f.trim().parse().map_err(|_| format!("LISTEN_FDS_FIRST_FD={f:?} is not a number"))?,
+        Some(f) => f
+            .trim()
+            .parse()
+            .map_err(|_| format!("LISTEN_FDS_FIRST_FD={f:?} is not a number"))?,
         None => 3,
     };
-    let names: Vec<String> = names.map(|n| n.split(':').map(str::to_string).collect()).unwrap_or_default();
+    let names: Vec<String> = names
+        .map(|n| n.split(':').map(str::to_string).collect())
+        .unwrap_or_default();
     let mut out = Vec::new();
     for i in 0..count {
         let fd = crate::sys::fd::adopt(first + i);
-        let listener = Listener::from_inherited(fd).map_err(|e| format!("socket-activated fd {}: {e}", first + i))?;
-        let name = names.get(i as usize).cloned().unwrap_or_else(|| "unknown".into());
+        let listener = Listener::from_inherited(fd)
+            .map_err(|e| format!("socket-activated fd {}: {e}", first + i))?;
+        let name = names
+            .get(i as usize)
+            .cloned()
+            .unwrap_or_else(|| "unknown".into());
         out.push((listener, name));
     }
     Ok(out)
@@ -60,7 +83,11 @@ pub(crate) fn notify_ready(m: &Monitor, status: &str) {
 
 pub(crate) fn notify_reloading(_m: &Monitor) {
     match NotifyState::monotonic_usec_now() {
-        Ok(now) => send(&[NotifyState::Reloading, now, NotifyState::Status("reloading")]),
+        Ok(now) => send(&[
+            NotifyState::Reloading,
+            now,
+            NotifyState::Status("reloading"),
+        ]),
         Err(_) => send(&[NotifyState::Reloading, NotifyState::Status("reloading")]),
     }
 }

@@ -53,7 +53,11 @@ impl Watcher {
     /// Watches `full` and `boot` paths, and the executable (a rebuilt binary is a full reload).
     pub(crate) fn new(full: &[PathBuf], boot: &[PathBuf], exe: &Path) -> std::io::Result<Watcher> {
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
-        let mut w = Watcher { inotify, watches: HashMap::new(), pending: None };
+        let mut w = Watcher {
+            inotify,
+            watches: HashMap::new(),
+            pending: None,
+        };
         for p in boot {
             w.watch_path(p, Scope::Boot)?;
         }
@@ -88,7 +92,10 @@ impl Watcher {
             }
             Ok(())
         } else {
-            let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let dir = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
             self.add(dir, scope, path.file_name().map(|n| n.to_owned()))
         }
     }
@@ -96,7 +103,11 @@ impl Watcher {
     fn add(&mut self, dir: &Path, scope: Scope, only: Option<OsString>) -> std::io::Result<()> {
         let wd = self.inotify.add_watch(dir, flags())?;
         // One directory may be watched for several reasons: keep the widest.
-        let entry = self.watches.entry(wd).or_insert(Watched { dir: dir.to_path_buf(), scope, only: only.clone() });
+        let entry = self.watches.entry(wd).or_insert(Watched {
+            dir: dir.to_path_buf(),
+            scope,
+            only: only.clone(),
+        });
         if entry.only.is_some() && only.is_none() {
             entry.only = None;
         }
@@ -119,13 +130,19 @@ impl Watcher {
                     self.note(Scope::Full, PathBuf::from("(inotify queue overflow)"));
                     continue;
                 }
-                let Some(w) = self.watches.get(&ev.wd) else { continue };
+                let Some(w) = self.watches.get(&ev.wd) else {
+                    continue;
+                };
                 let Some(name) = ev.name else { continue };
                 if is_noise(&name) || w.only.as_ref().is_some_and(|only| *only != name) {
                     continue;
                 }
                 let (scope, path) = (w.scope, w.dir.join(&name));
-                if ev.mask.contains(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_ISDIR) && w.only.is_none() {
+                if ev
+                    .mask
+                    .contains(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_ISDIR)
+                    && w.only.is_none()
+                {
                     let _ = self.add(&path, scope, None);
                 }
                 self.note(scope, path);
@@ -148,7 +165,9 @@ impl Watcher {
     /// The debounced change, once its window has passed.
     pub(crate) fn take_due(&mut self) -> Option<(Scope, PathBuf)> {
         match &self.pending {
-            Some((due, _, _)) if Instant::now() >= *due => self.pending.take().map(|(_, s, p)| (s, p)),
+            Some((due, _, _)) if Instant::now() >= *due => {
+                self.pending.take().map(|(_, s, p)| (s, p))
+            }
             _ => None,
         }
     }
@@ -157,20 +176,30 @@ impl Watcher {
 /// Editor swap files and build noise that never warrant a reload.
 fn is_noise(name: &std::ffi::OsStr) -> bool {
     let n = name.to_string_lossy();
-    n.starts_with(".#") || n.ends_with('~') || n.ends_with(".swp") || n.ends_with(".swx") || n == ".git" || n == "target"
+    n.starts_with(".#")
+        || n.ends_with('~')
+        || n.ends_with(".swp")
+        || n.ends_with(".swx")
+        || n == ".git"
+        || n == "target"
 }
 
 impl super::Monitor {
     /// Acts on a debounced change, and times a boot-only reload to its end.
     pub(crate) fn check_watch(&mut self) {
         if let Some((since, path)) = &self.boot_reload {
-            let rolling = self.children.values().any(|c| c.recycle.as_deref() == Some(BOOT_RELOAD));
+            let rolling = self
+                .children
+                .values()
+                .any(|c| c.recycle.as_deref() == Some(BOOT_RELOAD));
             if !rolling {
                 tracing::info!(changed = %path.display(), ms = since.elapsed().as_millis() as u64, "boot reload complete");
                 self.boot_reload = None;
             }
         }
-        let Some((scope, path)) = self.watcher.as_mut().and_then(|w| w.take_due()) else { return };
+        let Some((scope, path)) = self.watcher.as_mut().and_then(|w| w.take_due()) else {
+            return;
+        };
         if !self.is_running() {
             return;
         }
