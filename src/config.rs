@@ -548,6 +548,12 @@ impl Options {
         if spawn_timeout.is_zero() {
             return Err(invalid("spawn_timeout", spawn_timeout, "a positive duration"));
         }
+        // Zero would not mean "no limit": hyper (and the worker's first-request deadline) would
+        // close every connection before its first byte.
+        let header_read_timeout = secs(self.header_read_timeout, 10);
+        if header_read_timeout.is_zero() {
+            return Err(invalid("header_read_timeout", header_read_timeout, "a positive duration"));
+        }
         Ok(Config {
             listen,
             listen_given,
@@ -564,7 +570,7 @@ impl Options {
             nodelay: self.nodelay.unwrap_or(true),
             unix_mode,
             graceful_timeout: secs(self.graceful_timeout, 30),
-            header_read_timeout: secs(self.header_read_timeout, 10),
+            header_read_timeout,
             max_header_bytes,
             http2: self.http2.unwrap_or(true),
             worker_threads,

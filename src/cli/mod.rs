@@ -117,10 +117,15 @@ pub fn run<A: App>() -> ExitCode {
                 return fail(e);
             }
             crate::sys::proctitle::init();
+            let logs_to_file = config.log_file.is_some();
             match crate::monitor::run::<A>(config) {
                 Ok(code) => ExitCode::from(code),
                 Err(e) => {
-                    tracing::error!("{e}");
+                    // One line on stderr. The log gets it too only when it goes to a file:
+                    // logging to stderr as well showed every config error twice.
+                    if logs_to_file {
+                        tracing::error!("{e}");
+                    }
                     eprintln!("tine: error: {e}");
                     ExitCode::from(e.exit_code())
                 }

@@ -1,14 +1,17 @@
 //! HTTP serving with hyper: HTTP/1.1 keep-alive, HTTP/2 with prior knowledge, a request-head
 //! timeout and size limit, and graceful drain.
 
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::server::conn::http1;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tower::ServiceExt;
 
@@ -87,52 +90,139 @@ pub(super) fn spawn_accept_loop(
 ) -> io::Result<JoinHandle<()>> {
     let listener = AsyncListener::from_listener(listener)?;
     // The builder lives as long as the worker; leaking it gives connections a 'static borrow.
-    let builder: &'static auto::Builder<TokioExecutor> = Box::leak(Box::new(builder(&config)));
+    let builder: &'static Builder = Box::leak(Box::new(Builder::new(&config)));
     Ok(tokio::spawn(async move {
-        let graceful = GracefulShutdown::new();
+        // Every connection task holds a clone of `open`; `recv` returns None once all have ended.
+        let (open, mut all_closed) = mpsc::channel::<()>(1);
         loop {
             let accepted = tokio::select! {
                 biased;
                 _ = stop.changed() => break,
                 a = listener.accept(config.nodelay) => a,
             };
-            let service = request_service(service.clone(), config.clone(), slot);
+            let first_request = Arc::new(AtomicBool::new(false));
+            let service = request_service(service.clone(), config.clone(), slot, first_request.clone());
+            let life = ConnectionLife {
+                stop: stop.clone(),
+                first_request,
+                patience: config.header_read_timeout,
+                _open: open.clone(),
+            };
             match accepted {
-                Accepted::Tcp(s) => {
-                    let conn = graceful.watch(builder.serve_connection_with_upgrades(TokioIo::new(s), service));
-                    tokio::spawn(async move {
-                        let _ = conn.await;
-                    });
-                }
-                Accepted::Unix(s) => {
-                    let conn = graceful.watch(builder.serve_connection_with_upgrades(TokioIo::new(s), service));
-                    tokio::spawn(async move {
-                        let _ = conn.await;
-                    });
-                }
+                Accepted::Tcp(s) => builder.spawn(TokioIo::new(s), service, life),
+                Accepted::Unix(s) => builder.spawn(TokioIo::new(s), service, life),
             }
         }
         // Stop accepting before draining: the listener's duplicate closes here.
         drop(listener);
         // Kept-alive connections answer their next request with `Connection: close`; idle ones
         // close now. The monitor's graceful_timeout bounds this.
-        graceful.shutdown().await;
+        drop(open);
+        let _ = all_closed.recv().await;
     }))
 }
 
-fn builder(config: &Config) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout)
-        .max_buf_size(config.max_header_bytes)
-        .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
-    if config.http2 {
-        builder
-    } else {
-        builder.http1_only()
+/// The connection builder.
+///
+/// Why two kinds: hyper-util's auto builder ignores `http1_only` in
+/// `serve_connection_with_upgrades` (documented there), so `--http2 false` still spoke HTTP/2;
+/// with HTTP/2 off, hyper's own HTTP/1 builder serves (upgrades included).
+enum Builder {
+    Auto(auto::Builder<TokioExecutor>),
+    Http1(http1::Builder),
+}
+
+impl Builder {
+    fn new(config: &Config) -> Builder {
+        if config.http2 {
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(config.header_read_timeout)
+                .max_buf_size(config.max_header_bytes)
+                .keep_alive(true);
+            builder.http2().timer(TokioTimer::new());
+            Builder::Auto(builder)
+        } else {
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(config.header_read_timeout)
+                .max_buf_size(config.max_header_bytes)
+                .keep_alive(true);
+            Builder::Http1(builder)
+        }
+    }
+
+    /// Serves one connection in a task of its own.
+    fn spawn<I, S>(&'static self, io: TokioIo<I>, service: S, life: ConnectionLife)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        S: hyper::service::Service<Request, Response = http::Response<crate::app::Body>, Error = std::convert::Infallible>
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        match self {
+            Builder::Auto(b) => {
+                let conn = b.serve_connection_with_upgrades(io, service);
+                tokio::spawn(life.drive(conn, |c| c.graceful_shutdown()));
+            }
+            Builder::Http1(b) => {
+                let conn = b.serve_connection(io, service).with_upgrades();
+                tokio::spawn(life.drive(conn, |c| c.graceful_shutdown()));
+            }
+        }
+    }
+}
+
+/// What one connection's task needs besides the connection: the worker's stop signal (to drain),
+/// whether a request has arrived yet, and the drain tracker.
+struct ConnectionLife {
+    stop: watch::Receiver<Stop>,
+    first_request: Arc<AtomicBool>,
+    patience: Duration,
+    _open: mpsc::Sender<()>,
+}
+
+impl ConnectionLife {
+    /// Serves `conn` to its end. When the worker stops, `drain` asks it to finish gracefully.
+    ///
+    /// A connection with no complete request head within `patience` is closed. hyper's own
+    /// `header_read_timeout` does not cover this: the auto builder first reads up to 24 bytes to
+    /// tell HTTP/1 from the HTTP/2 preface, without a timer, so a client that sent nothing (or a
+    /// partial preface) held its connection, and a worker's descriptors, for ever (slowloris).
+    /// Later idle periods of an HTTP/1 connection are hyper's timer's.
+    async fn drive<C: Future>(mut self, conn: C, drain: fn(Pin<&mut C>)) {
+        let mut conn = std::pin::pin!(conn);
+        let mut first_deadline = std::pin::pin!(tokio::time::sleep(self.patience));
+        let mut waiting_first = true;
+        // The drain waits for the first request: the auto builder's graceful shutdown *cancels* a
+        // connection still telling HTTP/1 from HTTP/2, closing it with the client's request
+        // unanswered (a reset or an empty reply while a worker is recycled). Once a request is
+        // in, hyper drains properly (it answers it, with `Connection: close`); a connection that
+        // never sends one is closed at `patience` as usual.
+        let mut stopping = *self.stop.borrow_and_update() != Stop::Running;
+        let mut draining = false;
+        loop {
+            if stopping && !draining && self.first_request.load(Ordering::Relaxed) {
+                draining = true;
+                drain(conn.as_mut());
+            }
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = first_deadline.as_mut(), if waiting_first => {
+                    if !self.first_request.load(Ordering::Relaxed) {
+                        return; // dropping the connection closes the socket
+                    }
+                    waiting_first = false;
+                }
+                _ = self.stop.changed(), if !stopping => stopping = true,
+                // Stopping, and the first request not in yet: look again shortly.
+                _ = tokio::time::sleep(Duration::from_millis(2)), if stopping && !draining => {}
+            }
+        }
     }
 }
 
@@ -141,6 +231,7 @@ fn request_service(
     service: HttpService,
     config: Arc<Config>,
     slot: SlotWriter<'static>,
+    first_request: Arc<AtomicBool>,
 ) -> impl hyper::service::Service<
     Request,
     Response = http::Response<crate::app::Body>,
@@ -148,6 +239,7 @@ fn request_service(
     Future = impl std::future::Future<Output = Result<http::Response<crate::app::Body>, std::convert::Infallible>> + Send,
 > + Clone {
     hyper::service::service_fn(move |req: Request| {
+        first_request.store(true, Ordering::Relaxed);
         // Ends (counted, and no longer the oldest in flight) when dropped, however the request
         // ends: the scoreboard's hang detection sees the oldest request's age.
         let guard = slot.track_request(req.method().as_str(), req.uri().path());

@@ -1,0 +1,201 @@
+//! The examples, run as real programs: `raas` (reverse-a-string over raw TCP) with a real socket
+//! client, and `axum` (an axum Router under tine).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::Signal;
+
+/// One RAAS request: connect, send `input`, (optionally) shut down the writing half, read until
+/// the server closes.
+fn raas(addr: SocketAddr, input: &[u8], shutdown_write: bool) -> String {
+    let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT).expect("connect");
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.write_all(input).expect("send");
+    if shutdown_write {
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)
+        .expect("read until the server closes");
+    String::from_utf8(out).expect("UTF-8 answer")
+}
+
+#[test]
+fn raas_reverses_a_line_per_connection() {
+    let mut server = Launch::example("raas").args(["--workers", "2"]).start();
+    let addr = server.tcp_addr();
+    assert_eq!(
+        raas(addr, b"hello\n", false),
+        "olleh\n",
+        "one line in, reversed, then the server closes"
+    );
+    assert_eq!(
+        raas(addr, b"h\xc3\xa9llo w\xc3\xb6rld\r\n", false),
+        "dlr\u{f6}w oll\u{e9}h\n",
+        "by characters, CRLF accepted"
+    );
+    assert_eq!(
+        raas(addr, b"no newline", true),
+        "enilwen on\n",
+        "a last line ended by EOF"
+    );
+    assert_eq!(raas(addr, b"\n", false), "\n");
+    assert_eq!(
+        raas(addr, b"first\nsecond\n", false),
+        "tsrif\n",
+        "one request per connection"
+    );
+    assert_eq!(raas(addr, b"", true), "", "nothing sent, nothing answered");
+    // The process tree is tine's, with the example binary as its program.
+    let titles: Vec<String> = server.tree().into_iter().map(|p| p.title).collect();
+    assert!(
+        titles.contains(&"tine mold (gen:0)".to_string()),
+        "{titles:?}"
+    );
+    assert!(
+        titles.contains(&"tine worker[1] (gen:0)".to_string()),
+        "{titles:?}"
+    );
+    server.signal(Signal::SIGTERM);
+    assert_eq!(server.exit_code_within(Duration::from_secs(10)), 0);
+}
+
+#[test]
+fn raas_serves_concurrent_clients_across_workers() {
+    let server = Launch::example("raas").args(["--workers", "2"]).start();
+    let addr = server.tcp_addr();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|t| {
+                s.spawn(move || {
+                    for i in 0..25 {
+                        assert!(Instant::now() < deadline, "load took too long");
+                        let input = format!("client {t} request {i} ☃\n");
+                        let expected: String =
+                            input.trim_end().chars().rev().collect::<String>() + "\n";
+                        assert_eq!(raas(addr, input.as_bytes(), false), expected);
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("client thread");
+        }
+    });
+    // Both workers took connections: the scoreboard counts them.
+    let status = server.status();
+    let counts: Vec<u64> = status["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["role"] == "worker")
+        .map(|p| p["requests"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(counts.iter().sum::<u64>(), 200, "{status}");
+    assert!(
+        counts.iter().all(|c| *c > 0),
+        "connections spread over the workers: {counts:?}"
+    );
+}
+
+#[test]
+fn raas_cuts_off_a_client_that_never_finishes_its_line() {
+    let server = Launch::example("raas")
+        .args(["--workers", "1", "--header-read-timeout", "1"])
+        .start();
+    let mut s = TcpStream::connect(server.tcp_addr()).unwrap();
+    s.write_all(b"half a li").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
+    let started = Instant::now();
+    let mut out = Vec::new();
+    let r = s.read_to_end(&mut out);
+    assert!(
+        r.is_ok() || r.as_ref().is_err_and(is_closed_error),
+        "closed by the server, not timed out: {r:?}"
+    );
+    assert!(out.is_empty(), "no answer to an unfinished line: {out:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    // Others are served meanwhile and after.
+    assert_eq!(raas(server.tcp_addr(), b"abc\n", false), "cba\n");
+}
+
+#[test]
+fn raas_long_lines_get_an_error() {
+    let server = Launch::example("raas").args(["--workers", "1"]).start();
+    let long = vec![b'x'; 100 * 1024];
+    let mut s = TcpStream::connect(server.tcp_addr()).unwrap();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    // The server may close before reading everything: a failed write is fine, the answer counts.
+    let _ = s.write_all(&long);
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert!(out.starts_with("error: line longer than"), "{out:?}");
+}
+
+#[test]
+fn axum_router_under_tine() {
+    let mut server = Launch::example("axum")
+        .args(["--workers", "2", "--debug-headers"])
+        .start();
+    let r = server.get("/");
+    assert_eq!((r.status, r.text().as_str()), (200, "hello from axum\n"));
+    let r = server.get("/users/7");
+    assert_eq!(r.status, 200);
+    assert!(r
+        .header("content-type")
+        .is_some_and(|t| t.starts_with("application/json")));
+    let user: serde_json::Value = serde_json::from_slice(&r.body).expect("JSON");
+    assert_eq!(user, serde_json::json!({"id": 7, "name": "user-7"}));
+    assert_eq!(
+        server.get("/users/5000").status,
+        404,
+        "the handler's own 404"
+    );
+    assert_eq!(
+        server.get("/users/not-a-number").status,
+        400,
+        "axum's path rejection"
+    );
+    assert_eq!(server.get("/no/such/route").status, 404);
+    let mut client = Client::connect(&server.addr()).unwrap();
+    let r = client
+        .request(
+            "POST",
+            "/echo",
+            &[("Content-Type", "text/plain")],
+            "some text ✓".as_bytes(),
+        )
+        .unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "some text ✓"));
+    let r = client.request("GET", "/echo", &[], b"").unwrap();
+    assert_eq!(
+        r.status, 405,
+        "method not allowed, on the same kept-alive connection"
+    );
+    // /whoami is answered by the worker whose pid tine's debug header names.
+    let r = client.get("/whoami").unwrap();
+    let who: serde_json::Value = serde_json::from_slice(&r.body).expect("JSON");
+    assert_eq!(who["pid"].as_i64(), r.worker().map(i64::from), "{who}");
+    assert_eq!(who["generation"], 0);
+    // Concurrent load reaches both workers.
+    let workers = server.wait_workers(2, READY_TIMEOUT);
+    let report = load(&server.addr(), "/", 8, 40, false, Duration::from_secs(30));
+    assert_eq!(report.status(200), 320, "{report:?}");
+    assert!(report.by_worker.len() >= 2, "{report:?}");
+    assert!(
+        report.by_worker.keys().all(|p| workers.contains(p)),
+        "{report:?} vs {workers:?}"
+    );
+    server.signal(Signal::SIGTERM);
+    assert_eq!(server.exit_code_within(Duration::from_secs(10)), 0);
+}

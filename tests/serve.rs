@@ -1,0 +1,430 @@
+//! The process tree of `tine serve`: start and stop, titles, load spread over workers, deaths and
+//! replacements, scaling, and the signals that stop the tree.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::Signal;
+
+/// Starts `tine serve --workers N --debug-headers --debug-routes` on a free port.
+fn start(workers: usize) -> Server {
+    Launch::tine()
+        .args([
+            "--workers",
+            &workers.to_string(),
+            "--debug-headers",
+            "--debug-routes",
+        ])
+        .start()
+}
+
+/// One worker with debug routes and a long graceful_timeout (a drain is never cut short).
+fn start_one_draining_worker() -> Server {
+    Launch::tine()
+        .args([
+            "--workers",
+            "1",
+            "--debug-routes",
+            "--graceful-timeout",
+            "20",
+        ])
+        .start()
+}
+
+/// Asserts that every pid is gone within `within`.
+fn assert_all_gone(pids: &[i32], within: Duration, log: &Log) {
+    let left = poll_until(within, || {
+        let alive: Vec<i32> = pids.iter().copied().filter(|p| !gone(*p)).collect();
+        alive.is_empty().then_some(())
+    });
+    if left.is_none() {
+        let alive: Vec<(i32, String)> = pids
+            .iter()
+            .filter(|p| !gone(**p))
+            .map(|p| (*p, title(*p).unwrap_or_default()))
+            .collect();
+        panic!(
+            "still alive after {within:?}: {alive:?}; log:\n{}",
+            log.text()
+        );
+    }
+}
+
+#[test]
+fn starts_serves_and_stops_gracefully() {
+    let mut server = start(2);
+    let r = server.get("/");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "hello\n");
+    assert!(server.control_socket.exists(), "control socket is created");
+    let pids = server.all_pids();
+    assert_eq!(
+        pids.len(),
+        4,
+        "monitor, mold and 2 workers: {:?}",
+        server.tree()
+    );
+    server.signal(Signal::SIGTERM);
+    assert_eq!(
+        server.exit_code_within(Duration::from_secs(10)),
+        0,
+        "graceful stop exits 0"
+    );
+    assert_all_gone(&pids, Duration::from_secs(2), &server.log);
+    assert!(
+        server.log.wait_eof(Duration::from_secs(2)),
+        "no process of the tree holds its stderr"
+    );
+    assert!(
+        !server.control_socket.exists(),
+        "control socket removed on exit"
+    );
+    server.log.wait_for_log("stopped", Duration::from_secs(1));
+}
+
+#[test]
+fn ctl_stop_stops_the_tree() {
+    let mut server = start(1);
+    let pids = server.all_pids();
+    assert_eq!(server.ctl(&["stop"]).expect("ctl stop"), "stopping\n");
+    assert_eq!(server.exit_code_within(Duration::from_secs(10)), 0);
+    assert_all_gone(&pids, Duration::from_secs(2), &server.log);
+}
+
+#[test]
+fn titles_in_ps_show_roles_and_generations() {
+    let server = start(2);
+    server.wait_workers(2, READY_TIMEOUT);
+    // The monitor's title is updated by its loop right after the workers report ready.
+    let monitor = poll_until(Duration::from_secs(5), || {
+        title(server.pid).filter(|t| t == "tine monitor (gen:0 workers:2/2)")
+    });
+    assert!(monitor.is_some(), "monitor title: {:?}", title(server.pid));
+    let tree = server.tree();
+    let mut titles: Vec<&str> = tree.iter().map(|p| p.title.as_str()).collect();
+    titles.sort();
+    assert_eq!(
+        titles,
+        [
+            "tine mold (gen:0)",
+            "tine worker[0] (gen:0)",
+            "tine worker[1] (gen:0)"
+        ],
+        "{tree:?}"
+    );
+    for p in &tree {
+        assert_eq!(
+            p.ppid, server.pid,
+            "{} is a direct child of the monitor (workers are siblings of the mold)",
+            p.title
+        );
+        assert_ne!(
+            p.pgid, server.pid,
+            "{} has a process group of its own",
+            p.title
+        );
+    }
+    // `ps` reads the same thing.
+    let ps = std::process::Command::new("ps")
+        .args(["-o", "args=", "-p", &server.pid.to_string()])
+        .output();
+    if let Ok(out) = ps {
+        if out.status.success() {
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout).trim(),
+                "tine monitor (gen:0 workers:2/2)"
+            );
+        }
+    }
+}
+
+#[test]
+fn concurrent_load_is_served_by_every_worker() {
+    let server = start(2);
+    let workers = server.wait_workers(2, READY_TIMEOUT);
+    let report = load(&server.addr(), "/", 8, 40, false, Duration::from_secs(30));
+    assert!(report.errors.is_empty(), "errors: {:?}", report.errors);
+    assert_eq!(report.status(200), 320, "{report:?}");
+    let pids: Vec<i32> = report.by_worker.keys().copied().collect();
+    assert!(
+        pids.len() >= 2,
+        "requests served by more than one worker: {report:?}"
+    );
+    for pid in &pids {
+        assert!(
+            workers.contains(pid),
+            "pid {pid} of a response is one of the workers {workers:?}"
+        );
+    }
+}
+
+#[test]
+fn a_killed_worker_is_replaced() {
+    let server = start(2);
+    let before = server.wait_workers(2, READY_TIMEOUT);
+    let mark = server.log.mark();
+    signal(before[0], Signal::SIGKILL);
+    server.log.wait_for_log_since(
+        mark,
+        &format!("worker died pid={}", before[0]),
+        Duration::from_secs(5),
+    );
+    let line =
+        server
+            .log
+            .wait_for_log_since(mark, "worker[0] (gen:0) ready", Duration::from_secs(10));
+    let new_pid = pids_in(&line)
+        .into_iter()
+        .last()
+        .expect("pid in the ready line");
+    assert_ne!(new_pid, before[0]);
+    let after = server.wait_workers(2, Duration::from_secs(10));
+    assert_eq!(
+        after,
+        [new_pid, before[1]],
+        "worker[0] replaced, worker[1] untouched"
+    );
+    assert!(gone(before[0]));
+    let report = load(&server.addr(), "/", 4, 10, false, Duration::from_secs(20));
+    assert_eq!(report.status(200), 40, "{report:?}");
+}
+
+#[test]
+fn a_killed_mold_is_replaced_and_workers_keep_serving() {
+    let server = start(2);
+    let workers = server.wait_workers(2, READY_TIMEOUT);
+    let mold = server.with_title("tine mold").first().expect("a mold").pid;
+    let mark = server.log.mark();
+    signal(mold, Signal::SIGKILL);
+    server.log.wait_for_log_since(
+        mark,
+        &format!("mold died pid={mold}"),
+        Duration::from_secs(5),
+    );
+    // The workers keep serving while (and after) the mold is replaced.
+    let report = load(&server.addr(), "/", 4, 10, false, Duration::from_secs(20));
+    assert_eq!(report.status(200), 40, "{report:?}");
+    let line = server
+        .log
+        .wait_for_log_since(mark, "mold (gen:0) ready", Duration::from_secs(10));
+    let new_mold = pids_in(&line).into_iter().last().expect("pid");
+    assert_ne!(new_mold, mold);
+    assert_eq!(
+        server.wait_workers(2, Duration::from_secs(5)),
+        workers,
+        "the workers were not restarted"
+    );
+    // The new mold works: a worker killed now is forked from it.
+    let mark = server.log.mark();
+    signal(workers[1], Signal::SIGKILL);
+    server
+        .log
+        .wait_for_log_since(mark, "worker[1] (gen:0) ready", Duration::from_secs(10));
+    let after = server.wait_workers(2, Duration::from_secs(5));
+    assert_ne!(after[1], workers[1]);
+    let molds = server.with_title("tine mold");
+    assert_eq!(molds.len(), 1, "one mold: {molds:?}");
+    assert_eq!(molds[0].pid, new_mold);
+}
+
+#[test]
+fn monitor_sigkill_takes_the_whole_tree_down_within_a_second() {
+    let mut server = start(2);
+    server.wait_workers(2, READY_TIMEOUT);
+    let children: Vec<i32> = server.tree().iter().map(|p| p.pid).collect();
+    assert_eq!(children.len(), 3);
+    server.signal(Signal::SIGKILL);
+    let killed = Instant::now();
+    server
+        .wait_exit(Duration::from_secs(2))
+        .expect("monitor dies");
+    assert_all_gone(
+        &children,
+        Duration::from_secs(1).saturating_sub(killed.elapsed()),
+        &server.log,
+    );
+}
+
+#[test]
+fn ttin_and_ttou_scale_the_workers() {
+    let server = start(2);
+    server.wait_workers(2, READY_TIMEOUT);
+    server.signal(Signal::SIGTTIN);
+    let three = server.wait_workers(3, Duration::from_secs(10));
+    assert_eq!(server.status()["target"], 3);
+    assert!(poll_until(Duration::from_secs(5), || title(server.pid)
+        .filter(|t| t.ends_with("workers:3/3)")))
+    .is_some());
+    server.signal(Signal::SIGTTOU);
+    server.wait_workers(2, Duration::from_secs(10));
+    server.signal(Signal::SIGTTOU);
+    let one = server.wait_workers(1, Duration::from_secs(10));
+    assert_eq!(one[0], three[0], "the highest numbers are retired first");
+    // Never below one worker. A `ctl` call after the signal is a barrier: the signal is pending
+    // once kill() returns, and the monitor reads its signals before it reads a control command.
+    server.signal(Signal::SIGTTOU);
+    assert_eq!(server.status()["target"], 1);
+    assert_eq!(server.wait_workers(1, Duration::from_secs(5)), [three[0]]);
+    assert!(gone(three[2]) && gone(three[1]), "retired workers exited");
+    assert_eq!(server.get("/").status, 200);
+}
+
+#[test]
+fn ctl_scale_and_kill_worker() {
+    let server = start(1);
+    let before = server.wait_workers(1, READY_TIMEOUT);
+    assert_eq!(
+        server.ctl(&["scale", "3"]).expect("scale 3"),
+        "workers: 3\n"
+    );
+    let three = server.wait_workers(3, Duration::from_secs(10));
+    assert_eq!(three[0], before[0]);
+    let err = server.ctl(&["scale", "0"]).expect_err("scale 0 is refused");
+    assert!(err.contains("out of range"), "{err}");
+    let err = server
+        .ctl(&["scale", "65"])
+        .expect_err("scale above max_workers is refused");
+    assert!(err.contains("out of range"), "{err}");
+    let err = server.ctl(&["frobnicate"]).expect_err("unknown command");
+    assert!(err.contains("unknown command"), "{err}");
+    let mark = server.log.mark();
+    assert_eq!(
+        server.ctl(&["kill-worker", "1"]).expect("kill-worker 1"),
+        "killed worker 1\n"
+    );
+    server
+        .log
+        .wait_for_log_since(mark, "worker[1] (gen:0) ready", Duration::from_secs(10));
+    let after = server.wait_workers(3, Duration::from_secs(10));
+    assert_ne!(after[1], three[1]);
+    assert_eq!((after[0], after[2]), (three[0], three[2]));
+    let text = server.ctl(&["status"]).expect("status");
+    assert!(
+        text.contains("monitor") && text.contains("mold") && text.contains("worker"),
+        "{text}"
+    );
+}
+
+#[test]
+fn term_lets_a_slow_request_finish_then_exits_zero() {
+    let mut server = start_one_draining_worker();
+    let addr = server.addr();
+    let pids = server.all_pids();
+    let slow = std::thread::spawn(move || {
+        let started = Instant::now();
+        (get(&addr, "/sleep/1500"), started.elapsed())
+    });
+    // The request is in flight once the worker's scoreboard slot says busy.
+    server.wait_busy(Duration::from_secs(10));
+    server.signal(Signal::SIGTERM);
+    let (response, took) = slow.join().expect("client thread");
+    let response = response.expect("the in-flight request gets its response");
+    assert_eq!(response.status, 200);
+    assert_eq!(response.text(), "slept\n");
+    assert!(took >= Duration::from_millis(1500), "{took:?}");
+    assert_eq!(server.exit_code_within(Duration::from_secs(10)), 0);
+    assert_all_gone(&pids, Duration::from_secs(2), &server.log);
+}
+
+#[test]
+fn term_stops_accepting_new_connections() {
+    let mut server = start_one_draining_worker();
+    let addr = server.addr();
+    let slow = std::thread::spawn({
+        let addr = addr.clone();
+        move || get(&addr, "/sleep/2000")
+    });
+    server.wait_busy(Duration::from_secs(10));
+    let mark = server.log.mark();
+    server.signal(Signal::SIGTERM);
+    server
+        .log
+        .wait_for_log_since(mark, "retiring worker", Duration::from_secs(5));
+    // While the slow request drains, a new connection is refused or never answered: the workers
+    // closed their listening descriptors and so will the monitor on exit.
+    let late = poll_until(Duration::from_secs(5), || match get(&addr, "/") {
+        Err(e) => Some(e.to_string()),
+        Ok(_) => None, // raced the TERM: try again
+    });
+    assert!(
+        late.is_some(),
+        "a new request after TERM is not served by a draining worker"
+    );
+    assert_eq!(slow.join().unwrap().expect("slow request").status, 200);
+    assert_eq!(server.exit_code_within(Duration::from_secs(10)), 0);
+}
+
+#[test]
+fn int_stops_quickly_without_waiting_for_requests() {
+    let mut server = Launch::tine()
+        .args([
+            "--workers",
+            "2",
+            "--debug-routes",
+            "--graceful-timeout",
+            "30",
+        ])
+        .start();
+    let addr = server.addr();
+    let pids = server.all_pids();
+    let slow = std::thread::spawn(move || get(&addr, "/sleep/8000"));
+    server.wait_busy(Duration::from_secs(10));
+    let sent = Instant::now();
+    server.signal(Signal::SIGINT);
+    let status = server
+        .wait_exit(Duration::from_secs(4))
+        .expect("INT stops within a few seconds, not after the slow request");
+    assert!(
+        sent.elapsed() < Duration::from_secs(3),
+        "quick stop took {:?}",
+        sent.elapsed()
+    );
+    assert_eq!(status.code(), Some(0));
+    assert_all_gone(&pids, Duration::from_secs(1), &server.log);
+    let r = slow.join().unwrap();
+    assert!(
+        r.is_err(),
+        "the slow request was cut short, not answered: {r:?}"
+    );
+}
+
+#[test]
+fn ctrl_c_to_the_foreground_group_reaches_only_the_monitor_and_stops_the_tree() {
+    // A terminal sends SIGINT to its foreground process group: the monitor's (the harness starts
+    // it as a group leader). The children are in groups of their own and are stopped by the
+    // monitor, not by the terminal.
+    let mut server = start(2);
+    server.wait_workers(2, READY_TIMEOUT);
+    let pids = server.all_pids();
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(server.pid), Signal::SIGINT)
+        .expect("killpg");
+    assert_eq!(server.exit_code_within(Duration::from_secs(5)), 0);
+    assert_all_gone(&pids, Duration::from_secs(1), &server.log);
+    server
+        .log
+        .wait_for_log("SIGINT: stopping", Duration::from_secs(1));
+    assert_eq!(
+        server.log.count(" died "),
+        0,
+        "no child died of the SIGINT itself:\n{}",
+        server.log.text()
+    );
+}
+
+#[test]
+fn pid_file_is_written_and_removed() {
+    let dir = TempDir::new();
+    let pid_file = dir.join("tine.pid");
+    let mut server = Launch::tine()
+        .args(["--workers", "1"])
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .start();
+    let text = std::fs::read_to_string(&pid_file).expect("pid file");
+    assert_eq!(text.trim(), server.pid.to_string());
+    server.signal(Signal::SIGTERM);
+    assert_eq!(server.exit_code_within(Duration::from_secs(10)), 0);
+    assert!(!pid_file.exists(), "pid file removed on exit");
+}
