@@ -17,8 +17,11 @@
 //!   kernel copies that page into the child.
 //! - `arc-borrow`: the same `Vec<Arc<Entry>>`, each lookup borrows `&*table[k]`: no write.
 //! - `static-ref`: the entries leaked at preload (`Box::leak`), each lookup reads a `&'static Entry`.
-//! - `arc-clone-boxed`: `Vec<Arc<Vec<u8>>>`: the count sits in a small header allocation apart from
-//!   the bytes, so a clone copies the page of headers (many per page), not the data.
+//! - `arc-clone-boxed`: `Vec<Arc<Vec<u8>>>`: the count sits in a small allocation of its own, apart
+//!   from the bytes. That helps only when the bytes are on other pages: with small entries malloc
+//!   places the count blocks between the byte buffers, every page holds some count, and the
+//!   clones copy everything anyway (try `--entry-bytes 262144`: buffers that large are mmapped
+//!   on their own pages, and only the pages of counts are copied).
 //!
 //! Every fork goes through `tine::sys::process::fork`, which refuses unless the process is
 //! single-threaded; this example starts no thread.
@@ -71,7 +74,7 @@ impl Variant {
             Variant::ArcBorrow => "`let e: &Entry = &table[k]` (same Arcs, no clone)",
             Variant::StaticRef => "`let e: &'static Entry = table[k]` (leaked at preload)",
             Variant::ArcCloneBoxed => {
-                "`Arc::clone` of an `Arc<Vec<u8>>` (count apart from the bytes)"
+                "`Arc::clone` of an `Arc<Vec<u8>>` (count in its own small allocation)"
             }
         }
     }

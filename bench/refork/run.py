@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Reforking memory benchmark: total PSS of tine's process tree with and without reforking.
 
-    bench/refork/run.py                 # ~2 minutes; writes bench/results/refork.{md,json} + refork-pss.svg
-    bench/refork/run.py --quick         # smaller, for trying the harness (report marked as such)
+    bench/refork/run.py                 # ~3 minutes; writes bench/results/refork.{md,json} + refork-pss.svg
+    bench/refork/run.py --quick         # smaller, for trying the harness; writes to bench/results/tmp/
 
 What it does (see bench/refork/README.md for the why of each choice):
   1. builds tine (release) and the load client bench/refork/loadgen (std-only Rust, release);
@@ -17,7 +17,8 @@ What it does (see bench/refork/README.md for the why of each choice):
   4. latency: on the warm refork-mode server, constant paced load for --latency-seconds while
      `tine ctl refork` is issued --latency-reforks times; requests due while a rollout was running
      (from the promotion log line to the exit of the last old worker) are compared with the rest;
-  5. writes the report with the machine, the exact commands, the numbers and the SVG plot.
+  5. sweep: the same traffic with other refork_after values (total PSS only);
+  6. writes the report with the machine, the exact commands, the numbers and the SVG plot.
 
 PSS is read by this script from /proc/PID/smaps_rollup of every process of the tree (the monitor and
 all its descendants, found through /proc/PID/task/*/children), independently of tine's own status.
@@ -181,7 +182,7 @@ def serve_command(args, port, sock, refork_after):
            "--keys", str(args.keys), "--block-kb", str(args.block_kb), "--control-socket", sock]
     if refork_after:
         cmd += ["--refork-after", refork_after]
-    return cmd
+    return cmd + args.serve_args.split()
 
 
 def start_server(cmd, logpath):
@@ -344,7 +345,8 @@ def memory_mode(args, name, refork_after, work, port):
     latency_file = os.path.join(work, f"{name}-latency.txt")
     load = run_load(args, port, args.requests, args.rate, args.seed, latency_file, on_progress)
     log(f"mode {name}: traffic done: {json.dumps(load['summary'])[:300]}")
-    min_gen = 1 if refork_after else 0
+    # Every number before `false` is one promotion.
+    min_gen = len([x for x in refork_after.split(",") if x != "false"]) if refork_after else 0
     t0 = time.monotonic()
     st = wait_for(lambda: settled(sock, min_gen), 60, f"a settled tree of generation >= {min_gen}", interval=0.1)
     settle_s = time.monotonic() - t0
@@ -436,7 +438,7 @@ def svg_plot(off, rf, warm_worker_kb, warm_set_kb, path, n_requests, quick):
     W, H = 860, 500
     ml, mr, mt, mb = 80, 30, 50, 70
     pw, ph = W - ml - mr, H - mt - mb
-    series = [("reforking off", off["samples"], "#c0392b"), ("refork_after", rf["samples"], "#2471a3")]
+    series = [("reforking off", off["samples"], "#c0392b"), (rf.get("label", "refork_after"), rf["samples"], "#2471a3")]
     ymax_mib = max(s["total_pss_kb"] for _, ss, _ in series for s in ss) / 1024
     step = 100 if ymax_mib > 400 else 50
     ytop = (int(ymax_mib / step) + 1) * step
@@ -463,22 +465,24 @@ def svg_plot(off, rf, warm_worker_kb, warm_set_kb, path, n_requests, quick):
     o.append(f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>')
     o.append(f'<text x="{ml + pw / 2}" y="{H - 25}" text-anchor="middle">requests served (whole tree)</text>')
     o.append(f'<text transform="translate(22,{mt + ph / 2}) rotate(-90)" text-anchor="middle">total PSS (MiB)</text>')
-    for label, kb, dash in (("one warm worker", warm_worker_kb, "6,4"), ("1.3x one warm worker (goal)", 1.3 * warm_worker_kb, "2,3"),
-                            ("warm set", warm_set_kb, "10,3,2,3")):
+    # Reference levels; the warm set's label goes left and below its line, the others right and above
+    # (the warm set and one warm worker are a few MiB apart).
+    for label, kb, dash, left in (("one warm worker", warm_worker_kb, "6,4", False),
+                                  ("1.3x one warm worker (goal)", 1.3 * warm_worker_kb, "2,3", False),
+                                  ("warm set", warm_set_kb, "10,3,2,3", True)):
         y = Y(kb / 1024)
         o.append(f'<line x1="{ml}" y1="{y:.1f}" x2="{ml + pw}" y2="{y:.1f}" stroke="#777" stroke-dasharray="{dash}"/>')
-        o.append(f'<text x="{ml + pw - 4}" y="{y - 4:.1f}" text-anchor="end" fill="#555">{label} '
-                 f'({kb / 1024:.0f} MiB)</text>')
-    for r in rf["rollouts"]:
-        for key, text in (("start_us", f"worker[{r['worker']}] promoted ({r['promoted_requests']} req)"),
-                          ("end_us", "rollout done")):
-            if r.get(key):
-                n = time_to_requests(rf["progress"], r[key])
-                if n is not None:
-                    y0 = mt + (14 if key == "start_us" else 28)
-                    o.append(f'<line x1="{X(n):.1f}" y1="{mt}" x2="{X(n):.1f}" y2="{mt + ph}" stroke="#2471a3" '
-                             f'stroke-dasharray="3,3" opacity="0.6"/>')
-                    o.append(f'<text x="{X(n) + 4:.1f}" y="{y0}" fill="#2471a3">{text}</text>')
+        x, anchor, ty = (ml + 6, "start", y + 14) if left else (ml + pw - 4, "end", y - 4)
+        o.append(f'<text x="{x}" y="{ty:.1f}" text-anchor="{anchor}" fill="#555">{label} ({kb / 1024:.0f} MiB)</text>')
+    for i, r in enumerate(rf["rollouts"]):
+        n = time_to_requests(rf["progress"], r["start_us"])
+        if n is None:
+            continue
+        took = f", rollout {(r['end_us'] - r['start_us']) / 1000:.0f} ms" if r.get("end_us") else ""
+        o.append(f'<line x1="{X(n):.1f}" y1="{mt}" x2="{X(n):.1f}" y2="{mt + ph}" stroke="#2471a3" '
+                 f'stroke-dasharray="3,3" opacity="0.6"/>')
+        o.append(f'<text x="{X(n) + 4:.1f}" y="{mt + 14 + 14 * i}" fill="#2471a3">gen:{r["generation"]}: '
+                 f'worker[{r["worker"]}] promoted after {r["promoted_requests"]} requests{took}</text>')
     for label, ss, color in series:
         pts = " ".join(f"{X(s['requests']):.1f},{Y(s['total_pss_kb'] / 1024):.1f}" for s in ss)
         o.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="2"/>')
@@ -539,6 +543,16 @@ def proc_table(final, st):
     return "\n".join(rows)
 
 
+def promotions(rollouts):
+    return ", ".join(f"gen:{r['generation']} ({r['promoted_requests']})" for r in rollouts)
+
+
+LAT_HEADER = [
+    "| window | requests | failed | p50 (due) | p99 (due) | p99.9 (due) | max (due) | p50 (sent) | p99 (sent) |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+]
+
+
 def lat_row(name, s):
     d, t = s["from_due_us"], s["from_sent_us"]
 
@@ -549,7 +563,7 @@ def lat_row(name, s):
             f"{ms(t['p50'])} | {ms(t['p99'])} |")
 
 
-def write_report(args, m, off, rf, lat, out_dir, svg_name):
+def write_report(args, m, off, rf, lat, sweep, out_dir, svg_name):
     warm_set_kb = args.keys * args.block_kb
     off_workers = [p for p in off["final"]["processes"] if "worker[" in p["title"]]
     warm_worker_kb = sum(p["pss_kb"] for p in off_workers) / len(off_workers)
@@ -605,6 +619,19 @@ def write_report(args, m, off, rf, lat, out_dir, svg_name):
         "",
         f"![total PSS against requests]({svg_name})",
         "",
+        "## When to refork: other thresholds, same traffic",
+        "",
+        "A promotion shares what the promoted worker had warmed; what it had not, every new worker builds "
+        "again privately. Same traffic, other `--refork-after` values (each its own run):",
+        "",
+        "| `--refork-after` | promotions (worker's requests at promotion) | mold RSS | total PSS after the traffic | vs reforking off |",
+        "|---|---|---:|---:|---:|",
+        *[f"| `{w['refork_after']}` | {promotions(w['rollouts'])} | "
+          f"{kb_mib(w['mold_rss_kb'])} | {kb_mib(w['total_pss_kb'])} | -{100 * (1 - w['total_pss_kb'] / off_total):.1f}% |"
+          for w in sweep],
+        f"| `{args.refork_after},false` (above) | gen:1 ({promoted['promoted_requests'] if promoted else '?'}) | "
+        f"{kb_mib(mold[0]['rss_kb']) if mold else '?'} | {kb_mib(rf_total)} | -{100 * reduction:.1f}% |",
+        "",
         "## Latency during a rollout vs steady state",
         "",
         f"Constant paced load ({args.rate} req/s, {args.conns} keep-alive connections, random keys, all warm) on the "
@@ -613,8 +640,7 @@ def write_report(args, m, off, rf, lat, out_dir, svg_name):
         "the last old-generation process; \"steady\" = all other requests of the same run. Latency from the due "
         "time (open-loop pacing: includes queueing behind a stall) and from the moment it was sent. Times in ms.",
         "",
-        "| window | requests | failed | p50 (due) | p99 (due) | p99.9 (due) | max (due) | p50 (sent) | p99 (sent) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *LAT_HEADER,
         lat_row("steady", lat["split"]["steady"]),
         lat_row("rollout", lat["split"]["rollout"]),
         "",
@@ -626,8 +652,7 @@ def write_report(args, m, off, rf, lat, out_dir, svg_name):
         "",
         "The refork_after rollout of the memory run (during the warm-up traffic) for comparison:",
         "",
-        "| window | requests | failed | p50 (due) | p99 (due) | p99.9 (due) | max (due) | p50 (sent) | p99 (sent) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *LAT_HEADER,
         lat_row("steady (includes cold first touches)", rf["latency"]["steady"]),
         lat_row("rollout", rf["latency"]["rollout"]),
         "",
@@ -686,8 +711,11 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--sample-every", type=int, default=2000, help="PSS sample every N requests")
     ap.add_argument("--settle", type=float, default=1.0, help="seconds to wait before the final measurement")
-    ap.add_argument("--latency-seconds", type=int, default=24)
-    ap.add_argument("--latency-reforks", type=int, default=5)
+    ap.add_argument("--latency-seconds", type=int, default=30)
+    ap.add_argument("--latency-reforks", type=int, default=20)
+    ap.add_argument("--sweep", default="1000,false;4000,false;1000,4000,12000,false",
+                    help="other refork_after values to measure, ';'-separated ('' for none)")
+    ap.add_argument("--serve-args", default="", help="extra `tine serve` arguments for every run, e.g. '--worker-threads 2'")
     ap.add_argument("--port", type=int, default=18095)
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--skip-build", action="store_true")
@@ -696,6 +724,7 @@ def main():
     if args.quick:
         args.keys, args.block_kb, args.requests, args.refork_after = 256, 64, 12000, 2500
         args.latency_seconds, args.latency_reforks = 6, 2
+        args.sweep = "500,false"
         # A quick run never overwrites the recorded result (bench/results/tmp/ is git-ignored).
         args.out_dir = os.path.join(args.out_dir, "tmp")
     for tool in ("cargo",):
@@ -716,19 +745,26 @@ def main():
         stop_server(proc)
         proc, sock, logpath, rf = memory_mode(args, "refork", f"{args.refork_after},false", work, args.port + 1)
         rf["keys"], rf["block_kb"] = args.keys, args.block_kb
+        rf["label"] = f"--refork-after {args.refork_after},false"
         if not rf["rollouts"]:
             raise RuntimeError("refork_after never triggered; see " + logpath)
         lat = latency_phase(args, proc, sock, logpath, work, args.port + 1)
         stop_server(proc)
+        sweep = []
+        for i, spec in enumerate(args.sweep.split(";") if args.sweep else []):
+            proc, _, _, r = memory_mode(args, f"sweep{i}", spec, work, args.port + 2 + i)
+            stop_server(proc)
+            sweep.append({"refork_after": spec, "total_pss_kb": r["final"]["total_pss_kb"], "rollouts": r["rollouts"],
+                          "mold_rss_kb": sum(p["rss_kb"] for p in r["final"]["processes"] if "mold" in p["title"])})
     finally:
         cleanup()
     svg_name = "refork-pss-quick.svg" if args.quick else "refork-pss.svg"
     off_workers = [p for p in off["final"]["processes"] if "worker[" in p["title"]]
     warm_worker_kb = sum(p["pss_kb"] for p in off_workers) / len(off_workers)
     svg_plot(off, rf, warm_worker_kb, args.keys * args.block_kb, os.path.join(args.out_dir, svg_name), args.requests, args.quick)
-    summary = write_report(args, m, off, rf, lat, args.out_dir, svg_name)
+    summary = write_report(args, m, off, rf, lat, sweep, args.out_dir, svg_name)
     with open(os.path.join(args.out_dir, "refork.json"), "w") as f:
-        json.dump({"args": vars(args), "machine": m, "summary": summary, "off": off, "refork": rf, "latency": lat}, f, indent=1)
+        json.dump({"args": vars(args), "machine": m, "summary": summary, "off": off, "refork": rf, "latency": lat, "sweep": sweep}, f, indent=1)
     log(f"summary: {json.dumps(summary)}")
     log(f"report: {os.path.join(args.out_dir, 'refork.md')}")
     shutil.rmtree(work, ignore_errors=True)
