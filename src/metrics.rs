@@ -20,7 +20,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use crate::control::{child_state, process_rows};
+use crate::control::{child_state, process_rows, ProcessRow};
 use crate::ipc::scoreboard::Scoreboard;
 use crate::listener::Listener;
 use crate::monitor::{Kind, Monitor};
@@ -372,6 +372,9 @@ fn reason_label(reason: &str) -> String {
     }
 }
 
+/// A metric family with one sample per item: name, type, help, and the item's value.
+type Family<T, V> = (&'static str, &'static str, &'static str, fn(&T) -> V);
+
 /// Writes `# HELP` and `# TYPE` of a metric family.
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
@@ -467,57 +470,41 @@ fn render(m: &Monitor, server: &mut MetricsServer) -> String {
     server.requests_high_water = total;
     let _ = writeln!(out, "tine_requests_total {total}");
     let workers: Vec<_> = rows.iter().filter(|r| r.role == "worker").collect();
-    family(
-        &mut out,
-        "tine_worker_requests_total",
-        "counter",
-        "Requests served by one worker process.",
-    );
-    for r in &workers {
-        let _ = writeln!(
-            out,
-            "tine_worker_requests_total{{nr=\"{}\",pid=\"{}\",generation=\"{}\"}} {}",
-            r.nr.unwrap_or(0),
-            r.pid,
-            r.generation,
-            r.requests
-        );
-    }
-    family(
-        &mut out,
-        "tine_worker_requests_in_flight",
-        "gauge",
-        "Requests (or stream connections) a worker is serving.",
-    );
-    for r in &workers {
-        let _ = writeln!(
-            out,
-            "tine_worker_requests_in_flight{{nr=\"{}\",pid=\"{}\",generation=\"{}\"}} {}",
-            r.nr.unwrap_or(0),
-            r.pid,
-            r.generation,
-            r.in_flight
-        );
-    }
-    family(
-        &mut out,
-        "tine_worker_oldest_request_seconds",
-        "gauge",
-        "Age of a worker's oldest request in flight (0: none).",
-    );
-    for r in &workers {
-        let age = r
-            .oldest_request
-            .as_ref()
-            .map(|(_, a)| a.as_secs_f64())
-            .unwrap_or(0.0);
-        let _ = writeln!(
-            out,
-            "tine_worker_oldest_request_seconds{{nr=\"{}\",pid=\"{}\",generation=\"{}\"}} {age:.3}",
-            r.nr.unwrap_or(0),
-            r.pid,
-            r.generation
-        );
+    let per_worker: [Family<ProcessRow, String>; 3] = [
+        (
+            "tine_worker_requests_total",
+            "counter",
+            "Requests served by one worker process.",
+            |r| r.requests.to_string(),
+        ),
+        (
+            "tine_worker_requests_in_flight",
+            "gauge",
+            "Requests (or stream connections) a worker is serving.",
+            |r| r.in_flight.to_string(),
+        ),
+        (
+            "tine_worker_oldest_request_seconds",
+            "gauge",
+            "Age of a worker's oldest request in flight (0: none).",
+            |r| {
+                let age = r.oldest_request.as_ref().map(|(_, a)| a.as_secs_f64());
+                format!("{:.3}", age.unwrap_or(0.0))
+            },
+        ),
+    ];
+    for (name, kind, help, value) in per_worker {
+        family(&mut out, name, kind, help);
+        for r in &workers {
+            let _ = writeln!(
+                out,
+                "{name}{{nr=\"{}\",pid=\"{}\",generation=\"{}\"}} {}",
+                r.nr.unwrap_or(0),
+                r.pid,
+                r.generation,
+                value(r)
+            );
+        }
     }
 
     family(
@@ -572,36 +559,27 @@ fn render(m: &Monitor, server: &mut MetricsServer) -> String {
     }
 
     let queues = queue::depths(&m.listeners);
-    family(
-        &mut out,
-        "tine_listen_queue_length",
-        "gauge",
-        "Connections waiting in a listener's accept queue.",
-    );
-    for (listener, q) in m.listeners.iter().zip(&queues) {
-        if let Some(q) = q {
-            let _ = writeln!(
-                out,
-                "tine_listen_queue_length{{listener=\"{}\"}} {}",
-                esc(&listener.addr().to_string()),
-                q.waiting
-            );
-        }
-    }
-    family(
-        &mut out,
-        "tine_listen_queue_limit",
-        "gauge",
-        "A listener's accept queue limit (its effective backlog).",
-    );
-    for (listener, q) in m.listeners.iter().zip(&queues) {
-        if let Some(q) = q {
-            let _ = writeln!(
-                out,
-                "tine_listen_queue_limit{{listener=\"{}\"}} {}",
-                esc(&listener.addr().to_string()),
-                q.limit
-            );
+    let per_listener: [Family<queue::Depth, u32>; 2] = [
+        (
+            "tine_listen_queue_length",
+            "gauge",
+            "Connections waiting in a listener's accept queue.",
+            |q| q.waiting,
+        ),
+        (
+            "tine_listen_queue_limit",
+            "gauge",
+            "A listener's accept queue limit (its effective backlog).",
+            |q| q.limit,
+        ),
+    ];
+    for (name, kind, help, value) in per_listener {
+        family(&mut out, name, kind, help);
+        for (listener, q) in m.listeners.iter().zip(&queues) {
+            if let Some(q) = q {
+                let addr = esc(&listener.addr().to_string());
+                let _ = writeln!(out, "{name}{{listener=\"{addr}\"}} {}", value(q));
+            }
         }
     }
     out
