@@ -211,6 +211,8 @@ impl ConnectionLife {
                 drain(conn.as_mut());
             }
             tokio::select! {
+                // The connection is the hot branch: poll it first, skip select's random start.
+                biased;
                 _ = conn.as_mut() => return,
                 _ = first_deadline.as_mut(), if waiting_first => {
                     if !self.first_request.load(Ordering::Relaxed) {
