@@ -26,7 +26,8 @@ pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 /// A boxed, cloneable HTTP service.
 pub type HttpService = tower::util::BoxCloneService<Request, http::Response<Body>, Infallible>;
 /// A boxed raw stream handler.
-pub type StreamHandler = Arc<dyn Fn(Connection) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+pub type StreamHandler =
+    Arc<dyn Fn(Connection) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
 /// A user application served by tine.
 ///
@@ -141,7 +142,9 @@ impl Handler {
                     Err(e) => {
                         let e: BoxError = e.into();
                         tracing::error!(error = %e, "service error");
-                        let mut resp = http::Response::new(full(Bytes::from_static(b"internal server error\n")));
+                        let mut resp = http::Response::new(full(Bytes::from_static(
+                            b"internal server error\n",
+                        )));
                         *resp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
                         resp
                     }
@@ -163,7 +166,9 @@ impl Handler {
 
 /// A complete response body from bytes.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    http_body_util::Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+    http_body_util::Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 /// An accepted connection handed to a [`Handler::Stream`].
@@ -200,14 +205,20 @@ impl tokio::io::AsyncWrite for Connection {
         }
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         match self.get_mut() {
             Connection::Tcp(s) => Pin::new(s).poll_flush(cx),
             Connection::Unix(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         match self.get_mut() {
             Connection::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Connection::Unix(s) => Pin::new(s).poll_shutdown(cx),

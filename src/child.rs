@@ -33,7 +33,9 @@ pub fn after_fork(monitor: Pid, keep: &[RawFd], run_as: Option<RunAs>) {
     let _ = process::ignore_signal(Signal::SIGPIPE);
     // Privileges go before the parent-death signal: a uid change clears it.
     // A worker forked by a mold that already dropped them has nothing left to drop.
-    let already = |uid: u32, gid: u32| nix::unistd::getuid().as_raw() == uid && nix::unistd::getgid().as_raw() == gid;
+    let already = |uid: u32, gid: u32| {
+        nix::unistd::getuid().as_raw() == uid && nix::unistd::getgid().as_raw() == gid
+    };
     if let Some(RunAs { uid, gid }) = run_as.filter(|r| !already(r.uid, r.gid)) {
         let gid = nix::unistd::Gid::from_raw(gid);
         if nix::unistd::setgroups(&[gid]).is_err()

@@ -31,21 +31,31 @@ impl Listener {
     /// The configured address (for a TCP port 0, the address actually bound).
     pub fn addr(&self) -> ListenAddr {
         match self {
-            Listener::Tcp(l, a) => l.local_addr().map(ListenAddr::Tcp).unwrap_or_else(|_| a.clone()),
+            Listener::Tcp(l, a) => l
+                .local_addr()
+                .map(ListenAddr::Tcp)
+                .unwrap_or_else(|_| a.clone()),
             Listener::Unix(_, a) => a.clone(),
         }
     }
 
     /// Binds every address of the config.
     pub fn bind_all(cfg: &Config) -> Result<Vec<Listener>, BindError> {
-        cfg.listen.iter().map(|addr| Listener::bind(addr, cfg)).collect()
+        cfg.listen
+            .iter()
+            .map(|addr| Listener::bind(addr, cfg))
+            .collect()
     }
 
     fn bind(addr: &ListenAddr, cfg: &Config) -> Result<Listener, BindError> {
-        let fail = |e: io::Error| BindError { addr: addr.clone(), reason: e.to_string() };
+        let fail = |e: io::Error| BindError {
+            addr: addr.clone(),
+            reason: e.to_string(),
+        };
         match addr {
             ListenAddr::Tcp(sa) => {
-                let socket = Socket::new(Domain::for_address(*sa), Type::STREAM, None).map_err(fail)?;
+                let socket =
+                    Socket::new(Domain::for_address(*sa), Type::STREAM, None).map_err(fail)?;
                 socket.set_reuse_address(true).map_err(fail)?;
                 if cfg.reuseport {
                     socket.set_reuse_port(true).map_err(fail)?;
@@ -60,10 +70,15 @@ impl Listener {
             ListenAddr::Unix(path) => {
                 remove_stale_socket(path).map_err(fail)?;
                 let listener = std::os::unix::net::UnixListener::bind(path).map_err(fail)?;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(cfg.unix_mode)).map_err(fail)?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(cfg.unix_mode))
+                    .map_err(fail)?;
                 // std's bind uses a fixed backlog; set ours.
-                nix::sys::socket::listen(&listener, nix::sys::socket::Backlog::new(cfg.backlog).unwrap_or(nix::sys::socket::Backlog::MAXCONN))
-                    .map_err(|e| fail(e.into()))?;
+                nix::sys::socket::listen(
+                    &listener,
+                    nix::sys::socket::Backlog::new(cfg.backlog)
+                        .unwrap_or(nix::sys::socket::Backlog::MAXCONN),
+                )
+                .map_err(|e| fail(e.into()))?;
                 Ok(Listener::Unix(listener, addr.clone()))
             }
         }
@@ -77,8 +92,14 @@ impl Listener {
         if let Some(addr) = local.as_socket() {
             Ok(Listener::Tcp(socket.into(), ListenAddr::Tcp(addr)))
         } else {
-            let path = local.as_pathname().map(|p| p.to_path_buf()).unwrap_or_default();
-            Ok(Listener::Unix(std::os::unix::net::UnixListener::from(std::os::fd::OwnedFd::from(socket)), ListenAddr::Unix(path)))
+            let path = local
+                .as_pathname()
+                .map(|p| p.to_path_buf())
+                .unwrap_or_default();
+            Ok(Listener::Unix(
+                std::os::unix::net::UnixListener::from(std::os::fd::OwnedFd::from(socket)),
+                ListenAddr::Unix(path),
+            ))
         }
     }
 
@@ -111,12 +132,20 @@ impl AsFd for Listener {
 /// the path is not a socket.
 pub fn remove_stale_socket(path: &std::path::Path) -> io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
-    let Ok(meta) = std::fs::symlink_metadata(path) else { return Ok(()) };
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
     if !meta.file_type().is_socket() {
-        return Err(io::Error::new(io::ErrorKind::AlreadyExists, "path exists and is not a socket"));
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "path exists and is not a socket",
+        ));
     }
     match std::os::unix::net::UnixStream::connect(path) {
-        Ok(_) => Err(io::Error::new(io::ErrorKind::AddrInUse, "another server is listening on this socket")),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "another server is listening on this socket",
+        )),
         Err(_) => std::fs::remove_file(path),
     }
 }

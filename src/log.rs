@@ -19,11 +19,14 @@ pub fn set_process_tag(tag: String) {
 
 /// Installs the global subscriber, writing to stderr. Safe to call once per process image.
 pub fn init(format: LogFormat, filter: &str) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| format!("invalid value {filter:?} for `log_level`: {e}"))?;
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .map_err(|e| format!("invalid value {filter:?} for `log_level`: {e}"))?;
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .event_format(Format { json: format == LogFormat::Json })
+        .event_format(Format {
+            json: format == LogFormat::Json,
+        })
         .finish();
     tracing::subscriber::set_global_default(subscriber).map_err(|e| e.to_string())
 }
@@ -61,7 +64,12 @@ where
     S: tracing::Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(&self, _ctx: &FmtContext<'_, S, N>, mut w: Writer<'_>, event: &tracing::Event<'_>) -> std::fmt::Result {
+    fn format_event(
+        &self,
+        _ctx: &FmtContext<'_, S, N>,
+        mut w: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
         let mut fields = Fields::default();
         event.record(&mut fields);
         let tag = TAG.lock().map(|t| t.clone()).unwrap_or_default();
@@ -80,7 +88,11 @@ where
             }
             writeln!(w, "{}", serde_json::Value::Object(obj))
         } else {
-            let mut line = format!("{time} {:>5} tine {tag} pid={pid}: {}", level.as_str(), fields.message);
+            let mut line = format!(
+                "{time} {:>5} tine {tag} pid={pid}: {}",
+                level.as_str(),
+                fields.message
+            );
             for (k, v) in fields.rest {
                 let _ = write!(line, " {k}={v}");
             }
@@ -91,7 +103,9 @@ where
 
 /// UTC wall-clock time with milliseconds, e.g. `2026-11-22T01:55:06.123Z`.
 fn humantime_now() -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     let secs = now.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -116,7 +130,10 @@ fn humantime_now() -> String {
 /// Opens `path` for appending and makes it this process's stdout and stderr. Returns the open
 /// file, whose descriptor the monitor passes to its children on `SIGUSR1`.
 pub(crate) fn open_log_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
-    let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
     adopt_log_fd(Some(file.try_clone()?.into()));
     Ok(file)
 }

@@ -31,12 +31,19 @@ pub(crate) struct Start<'a> {
 /// Entry of the generation-0 mold, right after the monitor's fork: preload, then serve as mold.
 pub(crate) fn run_generation_zero<A: App>(start: Start<'_>) -> i32 {
     set_identity(&start);
-    let ctx = Context { config: start.config.clone() };
+    let ctx = Context {
+        config: start.config.clone(),
+    };
     let mut app = match A::preload(&ctx) {
         Ok(app) => app,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "preload failed");
-            let _ = start.channel.send(&Report::Exiting { reason: format!("preload failed: {e:#}") }, &[]);
+            let _ = start.channel.send(
+                &Report::Exiting {
+                    reason: format!("preload failed: {e:#}"),
+                },
+                &[],
+            );
             return 4;
         }
     };
@@ -48,7 +55,13 @@ fn set_identity(start: &Start<'_>) {
     crate::sys::process::set_thread_name("tine-mold");
     crate::log::set_process_tag(format!("mold gen:{}", start.generation));
     if let Some(slot) = scoreboard::global().slot(start.slot) {
-        slot.claim(std::process::id() as i32, Role::Mold, start.generation, 0, State::Mold);
+        slot.claim(
+            std::process::id() as i32,
+            Role::Mold,
+            start.generation,
+            0,
+            State::Mold,
+        );
     }
 }
 
@@ -56,7 +69,9 @@ fn set_identity(start: &Start<'_>) {
 pub(crate) fn run<A: App>(app: &mut A, start: Start<'_>) -> i32 {
     set_identity(&start);
     let pid = std::process::id() as i32;
-    if start.channel.send(&Report::Hello { pid }, &[]).is_err() || start.channel.send(&Report::Ready, &[]).is_err() {
+    if start.channel.send(&Report::Hello { pid }, &[]).is_err()
+        || start.channel.send(&Report::Ready, &[]).is_err()
+    {
         return 72;
     }
     tracing::debug!("mold ready");
@@ -77,7 +92,13 @@ pub(crate) fn run<A: App>(app: &mut A, start: Start<'_>) -> i32 {
         match received.msg {
             Command::SpawnWorker { nr, slot } => {
                 let Some(fd) = received.fds.into_iter().next() else {
-                    let _ = start.channel.send(&Report::SpawnFailed { slot, error: "no channel passed".into() }, &[]);
+                    let _ = start.channel.send(
+                        &Report::SpawnFailed {
+                            slot,
+                            error: "no channel passed".into(),
+                        },
+                        &[],
+                    );
                     continue;
                 };
                 match spawn_worker(app, &start, nr, slot, Channel::from_fd(fd)) {
@@ -85,7 +106,13 @@ pub(crate) fn run<A: App>(app: &mut A, start: Start<'_>) -> i32 {
                     Err(e) => {
                         fork_failures += 1;
                         tracing::error!(error = %e, nr, "fork failed");
-                        let _ = start.channel.send(&Report::SpawnFailed { slot, error: e.to_string() }, &[]);
+                        let _ = start.channel.send(
+                            &Report::SpawnFailed {
+                                slot,
+                                error: e.to_string(),
+                            },
+                            &[],
+                        );
                         if fork_failures >= 2 {
                             // The monitor notices and makes a fresh generation-0 mold.
                             return 75;
@@ -101,7 +128,13 @@ pub(crate) fn run<A: App>(app: &mut A, start: Start<'_>) -> i32 {
 }
 
 /// Forks worker `nr` as a sibling: the middle process reports the worker's pid and exits at once.
-fn spawn_worker<A: App>(app: &mut A, start: &Start<'_>, nr: u32, slot: u32, channel: Channel) -> std::io::Result<()> {
+fn spawn_worker<A: App>(
+    app: &mut A,
+    start: &Start<'_>,
+    nr: u32,
+    slot: u32,
+    channel: Channel,
+) -> std::io::Result<()> {
     match process::fork()? {
         Forked::Parent(middle) => {
             drop(channel);
@@ -110,7 +143,13 @@ fn spawn_worker<A: App>(app: &mut A, start: &Start<'_>, nr: u32, slot: u32, chan
         }
         Forked::Child => child::run_child(|| match process::fork() {
             Ok(Forked::Parent(worker)) => {
-                let _ = start.channel.send(&Report::Spawned { slot, pid: worker.as_raw() }, &[]);
+                let _ = start.channel.send(
+                    &Report::Spawned {
+                        slot,
+                        pid: worker.as_raw(),
+                    },
+                    &[],
+                );
                 0
             }
             Ok(Forked::Child) => child::run_child(|| {
@@ -130,11 +169,21 @@ fn spawn_worker<A: App>(app: &mut A, start: &Start<'_>, nr: u32, slot: u32, chan
                 );
                 match outcome {
                     worker::Outcome::Exit(code) => code,
-                    worker::Outcome::Promote { generation, slot, channel } => become_mold(app, start, generation, slot, channel),
+                    worker::Outcome::Promote {
+                        generation,
+                        slot,
+                        channel,
+                    } => become_mold(app, start, generation, slot, channel),
                 }
             }),
             Err(e) => {
-                let _ = start.channel.send(&Report::SpawnFailed { slot, error: e.to_string() }, &[]);
+                let _ = start.channel.send(
+                    &Report::SpawnFailed {
+                        slot,
+                        error: e.to_string(),
+                    },
+                    &[],
+                );
                 1
             }
         }),
@@ -142,15 +191,38 @@ fn spawn_worker<A: App>(app: &mut A, start: &Start<'_>, nr: u32, slot: u32, chan
 }
 
 /// A worker whose runtime is gone becomes the mold of `generation`.
-fn become_mold<A: App>(app: &mut A, parent: &Start<'_>, generation: u32, slot: usize, channel: Channel) -> i32 {
+fn become_mold<A: App>(
+    app: &mut A,
+    parent: &Start<'_>,
+    generation: u32,
+    slot: usize,
+    channel: Channel,
+) -> i32 {
     if let Err(e) = app.before_mold() {
-        let _ = channel.send(&Report::PromotionFailed { reason: format!("before_mold failed: {e:#}") }, &[]);
+        let _ = channel.send(
+            &Report::PromotionFailed {
+                reason: format!("before_mold failed: {e:#}"),
+            },
+            &[],
+        );
         return 0;
     }
     if let Err(e) = process::await_single_threaded(Duration::from_secs(1)) {
-        let _ = channel.send(&Report::PromotionFailed { reason: e.to_string() }, &[]);
+        let _ = channel.send(
+            &Report::PromotionFailed {
+                reason: e.to_string(),
+            },
+            &[],
+        );
         return 0;
     }
-    let start = Start { monitor: parent.monitor, generation, slot, channel, listeners: parent.listeners, config: parent.config };
+    let start = Start {
+        monitor: parent.monitor,
+        generation,
+        slot,
+        channel,
+        listeners: parent.listeners,
+        config: parent.config,
+    };
     run(app, start)
 }

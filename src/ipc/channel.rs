@@ -5,7 +5,8 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use nix::sys::socket::{
-    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType,
 };
 
 use super::message::{decode, encode, DecodeError};
@@ -52,7 +53,12 @@ pub struct Received<T> {
 impl Channel {
     /// A connected pair (close-on-exec; the two ends go to two processes).
     pub fn pair() -> io::Result<(Channel, Channel)> {
-        let (a, b) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
+        let (a, b) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
         Ok((Channel { fd: a }, Channel { fd: b }))
     }
 
@@ -71,16 +77,28 @@ impl Channel {
     pub fn send<T: serde::Serialize>(&self, msg: &T, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
         let packet = encode(msg);
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-        let cmsgs: Vec<ControlMessage> =
-            if raw.is_empty() { Vec::new() } else { vec![ControlMessage::ScmRights(&raw)] };
+        let cmsgs: Vec<ControlMessage> = if raw.is_empty() {
+            Vec::new()
+        } else {
+            vec![ControlMessage::ScmRights(&raw)]
+        };
         let iov = [IoSlice::new(&packet)];
-        sendmsg::<()>(self.fd.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL, None)?;
+        sendmsg::<()>(
+            self.fd.as_raw_fd(),
+            &iov,
+            &cmsgs,
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+            None,
+        )?;
         Ok(())
     }
 
     /// Receives one packet. `Ok(None)` means the peer closed its end. With `block == false`, an
     /// empty socket gives `Err(Io(WouldBlock))`.
-    pub fn recv<T: serde::de::DeserializeOwned>(&self, block: bool) -> Result<Option<Received<T>>, ChannelError> {
+    pub fn recv<T: serde::de::DeserializeOwned>(
+        &self,
+        block: bool,
+    ) -> Result<Option<Received<T>>, ChannelError> {
         let mut buf = [0u8; MAX_PACKET];
         let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_FDS]);
         let mut flags = MsgFlags::MSG_CMSG_CLOEXEC;

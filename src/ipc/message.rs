@@ -114,8 +114,17 @@ mod tests {
     fn round_trip_and_garbage() {
         let msg = Command::SpawnWorker { nr: 3, slot: 7 };
         assert_eq!(decode::<Command>(&encode(&msg)).unwrap(), msg);
-        assert!(matches!(decode::<Command>(&[1]), Err(DecodeError::Short(1))));
-        assert!(matches!(decode::<Command>(&[9, 0, 0]), Err(DecodeError::Version(9))));
-        assert!(matches!(decode::<Report>(&[1, 0, 200, 200, 200]), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            decode::<Command>(&[1]),
+            Err(DecodeError::Short(1))
+        ));
+        assert!(matches!(
+            decode::<Command>(&[9, 0, 0]),
+            Err(DecodeError::Version(9))
+        ));
+        assert!(matches!(
+            decode::<Report>(&[1, 0, 200, 200, 200]),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 }

@@ -83,7 +83,10 @@ impl Child {
 
     /// A worker that counts towards the target: not leaving.
     pub(crate) fn is_active_worker(&self) -> bool {
-        self.kind == Kind::Worker && !self.is_retiring() && self.recycle.is_none() && self.phase != Phase::Promoting
+        self.kind == Kind::Worker
+            && !self.is_retiring()
+            && self.recycle.is_none()
+            && self.phase != Phase::Promoting
     }
 
     pub(crate) fn pid_raw(&self) -> i32 {

@@ -182,8 +182,12 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
         last_limits: Instant::now(),
     };
     if !monitor.config.watch.is_empty() || !monitor.config.watch_boot.is_empty() {
-        let w = watch::Watcher::new(&monitor.config.watch, &monitor.config.watch_boot, crate::cli::saved_exe())
-            .map_err(|e| MonitorError::Config(e.to_string()))?;
+        let w = watch::Watcher::new(
+            &monitor.config.watch,
+            &monitor.config.watch_boot,
+            crate::cli::saved_exe(),
+        )
+        .map_err(|e| MonitorError::Config(e.to_string()))?;
         monitor.watcher = Some(w);
     }
     if let Some(h) = handover {
@@ -218,7 +222,8 @@ fn fresh_resources(config: &Config) -> Result<Resources, MonitorError> {
         }
         Listener::bind_all(config).map_err(|e| MonitorError::Config(e.to_string()))?
     };
-    let control = ControlServer::bind(&config.control_socket).map_err(|e| MonitorError::Config(e.to_string()))?;
+    let control = ControlServer::bind(&config.control_socket)
+        .map_err(|e| MonitorError::Config(e.to_string()))?;
     let capacity = config.max_workers + config.refork_max_unavailable + 2;
     let board = Scoreboard::create(capacity).map_err(setup("cannot create the scoreboard"))?;
     Ok((listeners, control, board, from_systemd))
@@ -228,7 +233,8 @@ fn fresh_resources(config: &Config) -> Result<Resources, MonitorError> {
 fn adopt_resources(config: &Config, h: &reload::Handover) -> Result<Resources, MonitorError> {
     let mut handed: Vec<(Listener, bool)> = Vec::new();
     for l in &h.listeners {
-        let listener = Listener::from_inherited(reload::adopt_fd(l.fd)).map_err(setup("cannot adopt a listener"))?;
+        let listener = Listener::from_inherited(reload::adopt_fd(l.fd))
+            .map_err(setup("cannot adopt a listener"))?;
         handed.push((listener, l.activated));
     }
     let from_systemd = !config.listen_given && handed.iter().any(|(_, a)| *a);
@@ -239,21 +245,29 @@ fn adopt_resources(config: &Config, h: &reload::Handover) -> Result<Resources, M
         for addr in &config.listen {
             match handed.iter().position(|(l, _)| l.addr() == *addr) {
                 Some(i) => out.push(handed.remove(i).0),
-                None => out.extend(Listener::bind_all(&Config { listen: vec![addr.clone()], ..config.clone() }).map_err(|e| MonitorError::Config(e.to_string()))?),
+                None => out.extend(
+                    Listener::bind_all(&Config {
+                        listen: vec![addr.clone()],
+                        ..config.clone()
+                    })
+                    .map_err(|e| MonitorError::Config(e.to_string()))?,
+                ),
             }
         }
         out
     };
     let control = match &h.control {
         Some((fd, path)) if *path == config.control_socket => {
-            ControlServer::adopt(reload::adopt_fd(*fd), path).map_err(setup("cannot adopt the control socket"))?
+            ControlServer::adopt(reload::adopt_fd(*fd), path)
+                .map_err(setup("cannot adopt the control socket"))?
         }
         other => {
             if let Some((fd, path)) = other {
                 drop(reload::adopt_fd(*fd));
                 let _ = std::fs::remove_file(path);
             }
-            ControlServer::bind(&config.control_socket).map_err(|e| MonitorError::Config(e.to_string()))?
+            ControlServer::bind(&config.control_socket)
+                .map_err(|e| MonitorError::Config(e.to_string()))?
         }
     };
     let (fd, capacity) = h.scoreboard;
@@ -261,7 +275,8 @@ fn adopt_resources(config: &Config, h: &reload::Handover) -> Result<Resources, M
         Ok(b) => b,
         Err(e) => {
             tracing::warn!(error = %e, "cannot adopt the scoreboard; starting a new one (old children are retired)");
-            Scoreboard::create(config.max_workers + config.refork_max_unavailable + 2).map_err(setup("cannot create the scoreboard"))?
+            Scoreboard::create(config.max_workers + config.refork_max_unavailable + 2)
+                .map_err(setup("cannot create the scoreboard"))?
         }
     };
     Ok((listeners, control, board, from_systemd))
@@ -290,7 +305,9 @@ fn write_pid_file(path: &std::path::Path) -> std::io::Result<()> {
 /// Forks a mold that runs `preload` (monomorphized per app): generation 0 at start and when
 /// a mold must be replaced, a new generation on reload.
 fn fork_mold<A: App>(m: &mut Monitor, generation: u32) -> std::io::Result<()> {
-    let slot = m.free_slot().ok_or_else(|| std::io::Error::other("no free scoreboard slot"))?;
+    let slot = m
+        .free_slot()
+        .ok_or_else(|| std::io::Error::other("no free scoreboard slot"))?;
     let (mine, theirs) = Channel::pair()?;
     m.board.clear(slot);
     match process::fork()? {
@@ -412,7 +429,9 @@ impl Monitor {
             t = t.min(b.saturating_duration_since(now));
         }
         if let Mode::Stopping { deadline, .. } = self.mode {
-            t = t.min(deadline.saturating_duration_since(now)).min(Duration::from_millis(50));
+            t = t
+                .min(deadline.saturating_duration_since(now))
+                .min(Duration::from_millis(50));
         }
         if let Some(due) = self.watcher.as_ref().and_then(|w| w.deadline()) {
             t = t.min(due.saturating_duration_since(now));
@@ -426,7 +445,9 @@ impl Monitor {
 
     fn on_signals(&mut self) {
         while let Ok(Some(info)) = self.signals.read_signal() {
-            let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else { continue };
+            let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else {
+                continue;
+            };
             match sig {
                 Signal::SIGCHLD => {} // reaped after every wake-up
                 Signal::SIGINT => self.stop(false, "SIGINT"),
@@ -460,7 +481,11 @@ impl Monitor {
 
     /// Starts a graceful or quick stop of the whole tree.
     pub(crate) fn stop(&mut self, graceful: bool, why: &str) {
-        if let Mode::Stopping { graceful: was_graceful, .. } = self.mode {
+        if let Mode::Stopping {
+            graceful: was_graceful,
+            ..
+        } = self.mode
+        {
             if was_graceful && !graceful {
                 tracing::info!("{why}: quick stop");
             } else {
@@ -471,8 +496,15 @@ impl Monitor {
         }
         systemd::notify_stopping();
         self.finish_reload(Err("the server is stopping".into()));
-        let wait = if graceful { self.config.graceful_timeout } else { Duration::from_secs(1) };
-        self.mode = Mode::Stopping { graceful, deadline: Instant::now() + wait };
+        let wait = if graceful {
+            self.config.graceful_timeout
+        } else {
+            Duration::from_secs(1)
+        };
+        self.mode = Mode::Stopping {
+            graceful,
+            deadline: Instant::now() + wait,
+        };
         let slots: Vec<usize> = self.children.keys().copied().collect();
         for slot in slots {
             if graceful {
@@ -488,23 +520,40 @@ impl Monitor {
     /// Asks a child to stop gracefully; it is killed if still alive after graceful_timeout.
     pub(crate) fn retire(&mut self, slot: usize, reason: &str) {
         let grace = self.config.graceful_timeout;
-        let Some(c) = self.children.get_mut(&slot) else { return };
+        let Some(c) = self.children.get_mut(&slot) else {
+            return;
+        };
         if c.is_retiring() {
             return;
         }
-        tracing::info!(nr = c.nr, pid = c.pid_raw(), generation = c.generation, reason, "retiring {}", c.kind.name());
-        let sent = c.channel.as_ref().is_some_and(|ch| ch.send(&Command::Stop { graceful: true }, &[]).is_ok());
+        tracing::info!(
+            nr = c.nr,
+            pid = c.pid_raw(),
+            generation = c.generation,
+            reason,
+            "retiring {}",
+            c.kind.name()
+        );
+        let sent = c
+            .channel
+            .as_ref()
+            .is_some_and(|ch| ch.send(&Command::Stop { graceful: true }, &[]).is_ok());
         if !sent {
             if let Some(pid) = c.pid {
                 let _ = kill(pid, Signal::SIGTERM);
             }
         }
-        c.phase = Phase::Retiring { reason: reason.to_string(), kill_at: Instant::now() + grace };
+        c.phase = Phase::Retiring {
+            reason: reason.to_string(),
+            kill_at: Instant::now() + grace,
+        };
     }
 
     /// Kills a child at once, logging why.
     pub(crate) fn kill_child(&mut self, slot: usize, reason: &str) {
-        let Some(c) = self.children.get_mut(&slot) else { return };
+        let Some(c) = self.children.get_mut(&slot) else {
+            return;
+        };
         // The oldest request in flight, from the scoreboard (only if the slot is this child's).
         let request = self
             .board
@@ -525,7 +574,10 @@ impl Monitor {
             Some(pid) => {
                 let _ = kill(pid, Signal::SIGKILL);
                 // Killed again (and logged again) only if it is somehow still there in a second.
-                c.phase = Phase::Retiring { reason: reason.to_string(), kill_at: Instant::now() + Duration::from_secs(1) };
+                c.phase = Phase::Retiring {
+                    reason: reason.to_string(),
+                    kill_at: Instant::now() + Duration::from_secs(1),
+                };
             }
             None => {
                 // Requested from the mold but never reported: forget it.
@@ -542,7 +594,9 @@ impl Monitor {
 
     fn on_child_readable(&mut self, slot: usize) {
         loop {
-            let Some(c) = self.children.get_mut(&slot) else { return };
+            let Some(c) = self.children.get_mut(&slot) else {
+                return;
+            };
             let Some(ch) = &c.channel else { return };
             match ch.recv::<Report>(false) {
                 Ok(Some(r)) => self.on_report(slot, r.msg),
@@ -560,7 +614,11 @@ impl Monitor {
                     return;
                 }
                 Err(ChannelError::Decode(crate::ipc::message::DecodeError::Version(v))) => {
-                    tracing::warn!(slot, version = v, "child speaks another wire version; retiring it");
+                    tracing::warn!(
+                        slot,
+                        version = v,
+                        "child speaks another wire version; retiring it"
+                    );
                     self.retire(slot, "wire version");
                     return;
                 }
@@ -576,7 +634,9 @@ impl Monitor {
     }
 
     fn on_report(&mut self, slot: usize, report: Report) {
-        let Some(c) = self.children.get_mut(&slot) else { return };
+        let Some(c) = self.children.get_mut(&slot) else {
+            return;
+        };
         match report {
             Report::Hello { pid } => {
                 if c.pid.is_none() && pid > 1 {
@@ -589,11 +649,18 @@ impl Monitor {
                     let elapsed = c.started.elapsed();
                     c.phase = Phase::Ready;
                     let label = if was_promoting {
-                        format!("mold (gen:{}, promoted from worker[{}])", c.promoted_generation, c.nr)
+                        format!(
+                            "mold (gen:{}, promoted from worker[{}])",
+                            c.promoted_generation, c.nr
+                        )
                     } else {
                         c.label()
                     };
-                    tracing::info!(pid = c.pid_raw(), elapsed_ms = elapsed.as_millis() as u64, "{label} ready");
+                    tracing::info!(
+                        pid = c.pid_raw(),
+                        elapsed_ms = elapsed.as_millis() as u64,
+                        "{label} ready"
+                    );
                     self.spawn_errors = 0;
                     if was_promoting {
                         self.board.count_refork();
@@ -606,14 +673,20 @@ impl Monitor {
                     }
                 }
             }
-            Report::Spawned { slot: worker_slot, pid } => {
+            Report::Spawned {
+                slot: worker_slot,
+                pid,
+            } => {
                 if let Some(w) = self.children.get_mut(&(worker_slot as usize)) {
                     if w.pid.is_none() && pid > 1 {
                         w.pid = Some(Pid::from_raw(pid));
                     }
                 }
             }
-            Report::SpawnFailed { slot: worker_slot, error } => {
+            Report::SpawnFailed {
+                slot: worker_slot,
+                error,
+            } => {
                 tracing::error!(error, "mold could not fork a worker");
                 self.children.remove(&(worker_slot as usize));
                 self.spawn_failed(error);
@@ -634,7 +707,13 @@ impl Monitor {
         let old = self
             .children
             .iter()
-            .find(|(s, c)| **s != new_slot && c.kind == Kind::Worker && c.nr == nr && c.recycle.is_some() && !c.is_retiring())
+            .find(|(s, c)| {
+                **s != new_slot
+                    && c.kind == Kind::Worker
+                    && c.nr == nr
+                    && c.recycle.is_some()
+                    && !c.is_retiring()
+            })
             .map(|(s, c)| (*s, c.recycle.clone().unwrap_or_default()));
         if let Some((slot, reason)) = old {
             if reason == refork::PROMOTE {
@@ -662,12 +741,22 @@ impl Monitor {
             };
             let (pid, how) = match status {
                 WaitStatus::Exited(pid, code) => (pid, format!("exit code {code}")),
-                WaitStatus::Signaled(pid, sig, core) => {
-                    (pid, format!("signal {}{}", sig.as_str(), if core { " (core dumped)" } else { "" }))
-                }
+                WaitStatus::Signaled(pid, sig, core) => (
+                    pid,
+                    format!(
+                        "signal {}{}",
+                        sig.as_str(),
+                        if core { " (core dumped)" } else { "" }
+                    ),
+                ),
                 _ => continue,
             };
-            let Some(slot) = self.children.iter().find(|(_, c)| c.pid == Some(pid)).map(|(s, _)| *s) else {
+            let Some(slot) = self
+                .children
+                .iter()
+                .find(|(_, c)| c.pid == Some(pid))
+                .map(|(s, _)| *s)
+            else {
                 tracing::info!(pid = pid.as_raw(), how, "reaped an orphan");
                 continue;
             };
@@ -679,12 +768,30 @@ impl Monitor {
                 _ => "died".to_string(),
             };
             if expected {
-                tracing::info!(pid = pid.as_raw(), nr = c.nr, generation = c.generation, reason, how, "{} exited", c.kind.name());
+                tracing::info!(
+                    pid = pid.as_raw(),
+                    nr = c.nr,
+                    generation = c.generation,
+                    reason,
+                    how,
+                    "{} exited",
+                    c.kind.name()
+                );
             } else {
-                tracing::warn!(pid = pid.as_raw(), nr = c.nr, generation = c.generation, how, "{} died", c.kind.name());
+                tracing::warn!(
+                    pid = pid.as_raw(),
+                    nr = c.nr,
+                    generation = c.generation,
+                    how,
+                    "{} died",
+                    c.kind.name()
+                );
             }
             if self.mode == Mode::Running {
-                *self.restarts.entry(if expected { reason } else { "died".into() }).or_default() += 1;
+                *self
+                    .restarts
+                    .entry(if expected { reason } else { "died".into() })
+                    .or_default() += 1;
                 if c.phase == Phase::Starting {
                     self.spawn_failed(format!("{} exited before it was ready ({how})", c.label()));
                 }
@@ -732,10 +839,16 @@ impl Monitor {
             .iter()
             .filter_map(|(s, c)| match &c.phase {
                 Phase::Retiring { kill_at, reason } if now >= *kill_at && c.pid.is_some() => {
-                    let grace = if reason == "timeout" { "timeout_cleanup" } else { "graceful_timeout" };
+                    let grace = if reason == "timeout" {
+                        "timeout_cleanup"
+                    } else {
+                        "graceful_timeout"
+                    };
                     Some((*s, format!("{reason}: still alive after {grace}")))
                 }
-                Phase::Starting | Phase::Promoting if c.started.elapsed() > self.config.spawn_timeout => {
+                Phase::Starting | Phase::Promoting
+                    if c.started.elapsed() > self.config.spawn_timeout =>
+                {
                     Some((*s, "not ready within spawn_timeout".to_string()))
                 }
                 _ => None,
@@ -763,7 +876,10 @@ impl Monitor {
         }
         self.backoff_until = None;
         // A mold, always.
-        let has_mold = self.children.values().any(|c| c.kind == Kind::Mold && !c.is_retiring());
+        let has_mold = self
+            .children
+            .values()
+            .any(|c| c.kind == Kind::Mold && !c.is_retiring());
         if !has_mold {
             if let Err(e) = (self.spawn_mold)(self, 0) {
                 tracing::error!(error = %e, "cannot fork the mold");
@@ -772,18 +888,26 @@ impl Monitor {
             return Ok(());
         }
         // Retire extra workers: the highest numbers first.
-        let mut active: Vec<(u32, usize)> =
-            self.children.iter().filter(|(_, c)| c.is_active_worker()).map(|(s, c)| (c.nr, *s)).collect();
+        let mut active: Vec<(u32, usize)> = self
+            .children
+            .iter()
+            .filter(|(_, c)| c.is_active_worker())
+            .map(|(s, c)| (c.nr, *s))
+            .collect();
         active.sort();
         while active.len() > self.target {
             let (_, slot) = active.pop().expect("non-empty");
             self.retire(slot, "scaled down");
         }
         // Start missing workers from the current mold.
-        let Some((mold_slot, mold)) = self.current_mold() else { return Ok(()) };
+        let Some((mold_slot, mold)) = self.current_mold() else {
+            return Ok(());
+        };
         let generation = mold.generation;
         let used: Vec<u32> = active.iter().map(|(nr, _)| *nr).collect();
-        let mut missing: Vec<u32> = (0..self.target as u32).filter(|nr| !used.contains(nr)).collect();
+        let mut missing: Vec<u32> = (0..self.target as u32)
+            .filter(|nr| !used.contains(nr))
+            .collect();
         missing.truncate(self.target.saturating_sub(active.len()));
         for nr in missing {
             if let Err(e) = self.request_worker(mold_slot, nr, generation) {
@@ -796,12 +920,29 @@ impl Monitor {
         Ok(())
     }
 
-    fn request_worker(&mut self, mold_slot: usize, nr: u32, generation: u32) -> std::io::Result<()> {
-        let slot = self.free_slot().ok_or_else(|| std::io::Error::other("no free scoreboard slot"))?;
+    fn request_worker(
+        &mut self,
+        mold_slot: usize,
+        nr: u32,
+        generation: u32,
+    ) -> std::io::Result<()> {
+        let slot = self
+            .free_slot()
+            .ok_or_else(|| std::io::Error::other("no free scoreboard slot"))?;
         let (mine, theirs) = Channel::pair()?;
         self.board.clear(slot);
-        let mold = self.children.get(&mold_slot).and_then(|m| m.channel.as_ref()).ok_or_else(|| std::io::Error::other("mold channel closed"))?;
-        mold.send(&Command::SpawnWorker { nr, slot: slot as u32 }, &[theirs.as_fd()])?;
+        let mold = self
+            .children
+            .get(&mold_slot)
+            .and_then(|m| m.channel.as_ref())
+            .ok_or_else(|| std::io::Error::other("mold channel closed"))?;
+        mold.send(
+            &Command::SpawnWorker {
+                nr,
+                slot: slot as u32,
+            },
+            &[theirs.as_fd()],
+        )?;
         let mut c = Child::new(Kind::Worker, nr, generation, mine);
         c.max_requests = limits::max_requests_for(&self.config, slot);
         self.children.insert(slot, c);
@@ -812,10 +953,18 @@ impl Monitor {
         if self.announced_ready {
             return;
         }
-        let ready = self.children.values().filter(|c| c.kind == Kind::Worker && c.phase == Phase::Ready).count();
+        let ready = self
+            .children
+            .values()
+            .filter(|c| c.kind == Kind::Worker && c.phase == Phase::Ready)
+            .count();
         if ready >= self.target {
             self.announced_ready = true;
-            let addrs: Vec<String> = self.listeners.iter().map(|l| l.addr().to_string()).collect();
+            let addrs: Vec<String> = self
+                .listeners
+                .iter()
+                .map(|l| l.addr().to_string())
+                .collect();
             tracing::info!(workers = ready, listen = addrs.join(","), "tine ready");
             systemd::notify_ready(self, "ready");
         }
@@ -823,8 +972,15 @@ impl Monitor {
 
     fn update_title(&mut self) {
         let generation = self.current_mold().map(|(_, m)| m.generation).unwrap_or(0);
-        let ready = self.children.values().filter(|c| c.kind == Kind::Worker && c.phase == Phase::Ready).count();
-        let title = format!("tine monitor (gen:{generation} workers:{ready}/{})", self.target);
+        let ready = self
+            .children
+            .values()
+            .filter(|c| c.kind == Kind::Worker && c.phase == Phase::Ready)
+            .count();
+        let title = format!(
+            "tine monitor (gen:{generation} workers:{ready}/{})",
+            self.target
+        );
         if title != self.title {
             crate::sys::proctitle::set(&title);
             self.title = title;
@@ -855,7 +1011,11 @@ impl Monitor {
         }
         for pid in own_children() {
             if !self.children.values().any(|c| c.pid == Some(pid)) {
-                tracing::warn!(pid = pid.as_raw(), reason = "stopping: an orphan adopted by the monitor", "killing a process");
+                tracing::warn!(
+                    pid = pid.as_raw(),
+                    reason = "stopping: an orphan adopted by the monitor",
+                    "killing a process"
+                );
             }
             let _ = kill(pid, Signal::SIGKILL);
         }
@@ -892,7 +1052,9 @@ impl Monitor {
     }
 
     fn on_control_client(&mut self, i: usize) {
-        let Some(mut control) = self.control.take() else { return };
+        let Some(mut control) = self.control.take() else {
+            return;
+        };
         if let Some(request) = control.read(i) {
             if request.command.as_deref() == Ok("reload") {
                 // Answered when the reload completes or fails (possibly by the next image).
@@ -921,7 +1083,9 @@ impl Monitor {
                 }
                 tracing::info!(path = %path.display(), "SIGUSR1: log file reopened");
             }
-            Err(e) => tracing::error!(path = %path.display(), error = %e, "SIGUSR1: cannot reopen the log file"),
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "SIGUSR1: cannot reopen the log file")
+            }
         }
     }
 
@@ -948,7 +1112,11 @@ fn own_children() -> Vec<Pid> {
     if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
         for t in tasks.flatten() {
             if let Ok(text) = std::fs::read_to_string(t.path().join("children")) {
-                out.extend(text.split_whitespace().filter_map(|p| p.parse().ok()).map(Pid::from_raw));
+                out.extend(
+                    text.split_whitespace()
+                        .filter_map(|p| p.parse().ok())
+                        .map(Pid::from_raw),
+                );
             }
         }
     }

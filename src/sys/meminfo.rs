@@ -20,7 +20,9 @@ pub fn memory(pid: i32) -> Option<Memory> {
     let (mut private_clean, mut private_dirty, mut shared_clean, mut shared_dirty) = (0, 0, 0, 0);
     for line in text.lines() {
         let mut parts = line.split_whitespace();
-        let (Some(key), Some(value)) = (parts.next(), parts.next()) else { continue };
+        let (Some(key), Some(value)) = (parts.next(), parts.next()) else {
+            continue;
+        };
         let value: u64 = value.parse().unwrap_or(0);
         match key {
             "Rss:" => m.rss_kb = value,
@@ -55,9 +57,17 @@ pub fn cpu_seconds(pid: i32) -> Option<f64> {
 }
 
 fn page_size_kb() -> u64 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().map(|p| p as u64 / 1024).unwrap_or(4)
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .map(|p| p as u64 / 1024)
+        .unwrap_or(4)
 }
 
 fn clock_ticks() -> u64 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().map(|t| t as u64).unwrap_or(100)
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map(|t| t as u64)
+        .unwrap_or(100)
 }

@@ -51,7 +51,10 @@ pub fn ensure_single_threaded() -> Result<(), NotSingleThreaded> {
         .map(|(tid, name)| format!("{tid} {name:?}"))
         .collect::<Vec<_>>()
         .join(", ");
-    Err(NotSingleThreaded { count: threads.len(), names })
+    Err(NotSingleThreaded {
+        count: threads.len(),
+        names,
+    })
 }
 
 /// Waits up to `patience` for this process to be single-threaded (exited threads can linger in
@@ -108,7 +111,11 @@ pub fn set_thread_name(name: &str) {
 
 /// Closes every fd of this process that is not in `keep`.
 pub fn close_fds_except(keep: &[RawFd]) -> io::Result<()> {
-    let mut keep: Vec<u32> = keep.iter().filter(|fd| **fd >= 0).map(|fd| *fd as u32).collect();
+    let mut keep: Vec<u32> = keep
+        .iter()
+        .filter(|fd| **fd >= 0)
+        .map(|fd| *fd as u32)
+        .collect();
     keep.sort_unstable();
     keep.dedup();
     let mut first = 0u32;

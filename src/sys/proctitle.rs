@@ -55,7 +55,11 @@ pub fn init() {
     // SAFETY: the process is single-threaded here (documented precondition), so nothing reads
     // `environ` while it is swapped; the new table and its strings are leaked and live forever.
     unsafe { environ = table.as_mut_ptr() };
-    let end = if env_start >= arg_end && env_end > env_start { env_end } else { arg_end };
+    let end = if env_start >= arg_end && env_end > env_start {
+        env_end
+    } else {
+        arg_end
+    };
     *area = Some((arg_start, end - arg_start));
 }
 

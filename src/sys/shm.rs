@@ -29,12 +29,17 @@ impl SharedWords {
     /// Creates a memfd of `words` 64-bit words, seals its size, and maps it shared.
     pub fn create(name: &str, words: usize) -> io::Result<Self> {
         let cname = std::ffi::CString::new(name).map_err(io::Error::other)?;
-        let fd = memfd_create(&cname, MemFdCreateFlag::MFD_ALLOW_SEALING | MemFdCreateFlag::MFD_CLOEXEC)?;
+        let fd = memfd_create(
+            &cname,
+            MemFdCreateFlag::MFD_ALLOW_SEALING | MemFdCreateFlag::MFD_CLOEXEC,
+        )?;
         let bytes = words * 8;
         nix::unistd::ftruncate(&fd, bytes as i64)?;
         fcntl(
             std::os::fd::AsRawFd::as_raw_fd(&fd),
-            FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL),
+            FcntlArg::F_ADD_SEALS(
+                SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
+            ),
         )?;
         Self::map(fd, words)
     }
@@ -44,14 +49,27 @@ impl SharedWords {
         let len = NonZeroUsize::new(words * 8).ok_or_else(|| io::Error::other("empty mapping"))?;
         let actual = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&fd))?.st_size as usize;
         if actual < words * 8 {
-            return Err(io::Error::other("shared memory file is smaller than expected"));
+            return Err(io::Error::other(
+                "shared memory file is smaller than expected",
+            ));
         }
         // SAFETY: a fresh shared mapping of a file we own, with length checked against its size
         // (which is sealed against shrinking); nothing else in this process aliases it.
         let ptr = unsafe {
-            mmap(None, len, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, fd.as_fd(), 0)
+            mmap(
+                None,
+                len,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                fd.as_fd(),
+                0,
+            )
         }?;
-        Ok(SharedWords { fd, ptr: ptr.cast(), words })
+        Ok(SharedWords {
+            fd,
+            ptr: ptr.cast(),
+            words,
+        })
     }
 
     /// The memfd behind the mapping.
