@@ -950,3 +950,117 @@ fn pid_file_survives_a_reload_and_is_removed_on_exit() {
     );
     assert!(!pid_file.exists(), "removed on exit");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Behind nginx (docs/DEPLOYMENT.md)
+
+/// The nginx block of docs/DEPLOYMENT.md (the fenced block that starts with
+/// `# /etc/nginx/conf.d/tine.conf`), pointed at `upstream` and listening on `listen`.
+fn nginx_block_from_the_doc(upstream: &str, listen: &str) -> String {
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/DEPLOYMENT.md"))
+            .expect("docs/DEPLOYMENT.md");
+    let start = doc
+        .find("# /etc/nginx/conf.d/tine.conf")
+        .expect("the nginx block in docs/DEPLOYMENT.md");
+    let block = &doc[start..start + doc[start..].find("```").expect("end of the nginx block")];
+    assert!(
+        block.contains("server 127.0.0.1:8080") && block.contains("listen 80;"),
+        "{block}"
+    );
+    block
+        .replace("server 127.0.0.1:8080", &format!("server {upstream}"))
+        .replace("listen 80;", &format!("listen {listen};"))
+}
+
+#[test]
+fn behind_nginx_with_upstream_keepalive_a_reload_fails_no_request() {
+    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .expect("nginx is installed");
+    let app = AppDir::new(&example_bin("hello_v1"));
+    let upstream = listen_arg();
+    let server = Launch::program(app.exe())
+        .args(["--listen", &upstream, "--workers", "2"])
+        .start();
+    wait_settled(&server, 0, 2);
+
+    let front = listen_arg();
+    let dir = TempDir::new();
+    let d = dir.path().display();
+    let conf = dir.write(
+        "nginx.conf",
+        format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log info;\n\
+             events {{ worker_connections 512; }}\n\
+             http {{\n access_log off;\n client_body_temp_path {d}/body;\n proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fastcgi;\n uwsgi_temp_path {d}/uwsgi;\n scgi_temp_path {d}/scgi;\n{}\n}}\n",
+            nginx_block_from_the_doc(&upstream, &front)
+        ),
+    );
+    let test = std::process::Command::new(&nginx)
+        .arg("-t")
+        .arg("-c")
+        .arg(&conf)
+        .arg("-p")
+        .arg(dir.path())
+        .output()
+        .expect("nginx -t");
+    assert!(
+        test.status.success(),
+        "nginx -t: {}",
+        String::from_utf8_lossy(&test.stderr)
+    );
+    let proxy = Launch::program(nginx)
+        .subcommand(None)
+        .arg("-c")
+        .arg(&conf)
+        .arg("-p")
+        .arg(dir.path())
+        .spawn();
+    let front: Addr = front.parse().unwrap();
+    let up = poll_until(Duration::from_secs(10), || {
+        get(&front, "/").ok().filter(|r| r.status == 200)
+    });
+    assert!(up.is_some(), "nginx answers: {}", proxy.log.text());
+
+    let traffic = Traffic::start(&front, "/", 4);
+    traffic.wait_after(Instant::now(), 50);
+    app.install(&example_bin("hello_v2"));
+    let mark = server.log.mark();
+    server.signal(Signal::SIGHUP);
+    server
+        .log
+        .wait_for_log_since(mark, "reload complete: reloaded in", RELOAD_TIMEOUT);
+    let done_at = Instant::now();
+    traffic.wait_after(done_at, 100);
+    let samples = traffic.finish();
+    let errors = std::fs::read_to_string(dir.join("error.log")).unwrap_or_default();
+    let bad: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| !matches!(&s.result, Ok((200, b)) if b == "hello v1\n" || b == "hello v2\n"))
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "{} of {} requests through nginx failed, e.g. {:?}; nginx error log:\n{errors}",
+        bad.len(),
+        samples.len(),
+        &bad[..bad.len().min(5)]
+    );
+    assert!(samples
+        .iter()
+        .filter(|s| s.start > done_at)
+        .all(|s| body_of(s) == "hello v2\n"));
+    // What nginx saw of the drain (kept-alive upstream connections closed under it, retried).
+    let closed = errors
+        .lines()
+        .filter(|l| l.contains("upstream prematurely closed") || l.contains("reset by peer"))
+        .count();
+    eprintln!(
+        "{} requests through nginx; {closed} upstream connections closed under nginx, retried",
+        samples.len()
+    );
+    drop(proxy);
+}

@@ -63,9 +63,18 @@ pub(crate) fn take_activated_sockets() -> Result<Vec<(Listener, String)>, String
 }
 
 /// The watchdog interval systemd asked for, halved (ping twice per period).
+///
+/// As libsystemd's `sd_watchdog_enabled`: `WATCHDOG_USEC` enables it; `WATCHDOG_PID`, when set,
+/// must name this process (the `sd-notify` crate also requires it to be set). The variables stay:
+/// the pid is the same after a reload's re-exec, which reads them again.
 pub(crate) fn watchdog_interval() -> Option<Duration> {
-    let mut usec = 0;
-    sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 2))
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.trim().parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
+            return None;
+        }
+    }
+    (usec > 0).then(|| Duration::from_micros(usec / 2))
 }
 
 fn send(states: &[NotifyState]) {
