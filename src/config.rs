@@ -157,7 +157,10 @@ impl ReforkAfter {
     }
 
     fn from_items(items: Vec<String>) -> Result<Self, String> {
-        let mut out = ReforkAfter { thresholds: Vec::new(), repeat_last: true };
+        let mut out = ReforkAfter {
+            thresholds: Vec::new(),
+            repeat_last: true,
+        };
         let n = items.len();
         for (i, item) in items.into_iter().enumerate() {
             let item = item.trim().to_string();
@@ -201,7 +204,9 @@ impl<'de> Deserialize<'de> for ReforkAfter {
             match item {
                 Item::N(n) => text.push(n.to_string()),
                 Item::B(false) => text.push("false".into()),
-                Item::B(true) => return Err(serde::de::Error::custom("only `false` may end the list")),
+                Item::B(true) => {
+                    return Err(serde::de::Error::custom("only `false` may end the list"))
+                }
             }
         }
         ReforkAfter::from_items(text).map_err(serde::de::Error::custom)
@@ -450,7 +455,10 @@ pub struct RunAs {
     pub gid: u32,
 }
 
-fn resolve_run_as(user: Option<String>, group: Option<String>) -> Result<Option<RunAs>, ConfigError> {
+fn resolve_run_as(
+    user: Option<String>,
+    group: Option<String>,
+) -> Result<Option<RunAs>, ConfigError> {
     use nix::unistd::{Group, User};
     let invalid = |key: &'static str, value: &str, expected: &str| ConfigError::Invalid {
         key,
@@ -480,33 +488,57 @@ fn resolve_run_as(user: Option<String>, group: Option<String>) -> Result<Option<
                 .as_raw(),
         },
     };
-    Ok(Some(RunAs { uid: user.uid.as_raw(), gid }))
+    Ok(Some(RunAs {
+        uid: user.uid.as_raw(),
+        gid,
+    }))
 }
 
 impl Options {
     /// Reads a config file.
     pub fn from_file(path: &Path) -> Result<Options, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string().replace('\n', " ").split_whitespace().collect::<Vec<_>>().join(" "),
+            message: e
+                .to_string()
+                .replace('\n', " ")
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
         })
     }
 
     /// Validates and fills in defaults.
     pub fn resolve(self) -> Result<Config, ConfigError> {
         fn invalid(key: &'static str, value: impl fmt::Debug, expected: &str) -> ConfigError {
-            ConfigError::Invalid { key, value: format!("{value:?}"), expected: expected.into() }
+            ConfigError::Invalid {
+                key,
+                value: format!("{value:?}"),
+                expected: expected.into(),
+            }
         }
-        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         let max_workers = self.max_workers.unwrap_or(64);
         if max_workers == 0 || max_workers > 4096 {
-            return Err(invalid("max_workers", max_workers, "a number from 1 to 4096"));
+            return Err(invalid(
+                "max_workers",
+                max_workers,
+                "a number from 1 to 4096",
+            ));
         }
         let workers = self.workers.unwrap_or(cpus.min(max_workers));
         if workers == 0 || workers > max_workers {
-            return Err(invalid("workers", workers, &format!("a number from 1 to max_workers ({max_workers})")));
+            return Err(invalid(
+                "workers",
+                workers,
+                &format!("a number from 1 to max_workers ({max_workers})"),
+            ));
         }
         let app = self.app.unwrap_or_else(|| "hello".into());
         let backlog = self.backlog.unwrap_or(1024);
@@ -517,14 +549,28 @@ impl Options {
         let unix_mode = u32::from_str_radix(unix_mode_text.trim_start_matches("0o"), 8)
             .ok()
             .filter(|m| *m <= 0o777)
-            .ok_or_else(|| invalid("unix_mode", &unix_mode_text, "octal permission bits like 660"))?;
+            .ok_or_else(|| {
+                invalid(
+                    "unix_mode",
+                    &unix_mode_text,
+                    "octal permission bits like 660",
+                )
+            })?;
         let max_header_bytes = self.max_header_bytes.unwrap_or(16 * 1024);
         if !(8192..=1 << 20).contains(&max_header_bytes) {
-            return Err(invalid("max_header_bytes", max_header_bytes, "a size from 8192 to 1048576"));
+            return Err(invalid(
+                "max_header_bytes",
+                max_header_bytes,
+                "a size from 8192 to 1048576",
+            ));
         }
         let worker_threads = self.worker_threads.unwrap_or(1);
         if worker_threads == 0 || worker_threads > 256 {
-            return Err(invalid("worker_threads", worker_threads, "a number from 1 to 256"));
+            return Err(invalid(
+                "worker_threads",
+                worker_threads,
+                "a number from 1 to 256",
+            ));
         }
         let listen_given = self.listen.as_ref().is_some_and(|l| !l.is_empty());
         let mut listen = self.listen.unwrap_or_default();
@@ -539,20 +585,30 @@ impl Options {
         if refork_max_unavailable == 0 {
             return Err(invalid("refork_max_unavailable", 0, "at least 1"));
         }
-        let secs = |v: Option<Seconds>, default: u64| v.map(|s| s.0).unwrap_or(Duration::from_secs(default));
+        let secs = |v: Option<Seconds>, default: u64| {
+            v.map(|s| s.0).unwrap_or(Duration::from_secs(default))
+        };
         let timeout = secs(self.timeout, 30);
         if timeout.is_zero() {
             return Err(invalid("timeout", timeout, "a positive duration"));
         }
         let spawn_timeout = secs(self.spawn_timeout, 30);
         if spawn_timeout.is_zero() {
-            return Err(invalid("spawn_timeout", spawn_timeout, "a positive duration"));
+            return Err(invalid(
+                "spawn_timeout",
+                spawn_timeout,
+                "a positive duration",
+            ));
         }
         // Zero would not mean "no limit": hyper (and the worker's first-request deadline) would
         // close every connection before its first byte.
         let header_read_timeout = secs(self.header_read_timeout, 10);
         if header_read_timeout.is_zero() {
-            return Err(invalid("header_read_timeout", header_read_timeout, "a positive duration"));
+            return Err(invalid(
+                "header_read_timeout",
+                header_read_timeout,
+                "a positive duration",
+            ));
         }
         Ok(Config {
             listen,
@@ -563,7 +619,9 @@ impl Options {
             root: self.root,
             keys: self.keys.unwrap_or(1024),
             block_kb: self.block_kb.unwrap_or(256),
-            control_socket: self.control_socket.unwrap_or_else(|| PathBuf::from("tine.sock")),
+            control_socket: self
+                .control_socket
+                .unwrap_or_else(|| PathBuf::from("tine.sock")),
             pid_file: self.pid_file,
             backlog,
             reuseport: self.reuseport.unwrap_or(false),

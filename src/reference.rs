@@ -20,9 +20,16 @@ use tine::{App, Config, Context, Handler, Worker};
 
 /// The app selected by `--app`.
 pub enum Reference {
-    Hello { debug_routes: bool },
-    Static { root: PathBuf },
-    CacheDemo { table: &'static [OnceLock<Block>], block_kb: u64 },
+    Hello {
+        debug_routes: bool,
+    },
+    Static {
+        root: PathBuf,
+    },
+    CacheDemo {
+        table: &'static [OnceLock<Block>],
+        block_kb: u64,
+    },
 }
 
 /// One memoized block of the cache demo: its bytes and their checksum.
@@ -36,22 +43,36 @@ impl App for Reference {
         match config.app.as_str() {
             "hello" => Ok(()),
             "static" => {
-                let root = config.root.as_ref().context("invalid value for `root`: the static app needs --root DIR")?;
+                let root = config
+                    .root
+                    .as_ref()
+                    .context("invalid value for `root`: the static app needs --root DIR")?;
                 if !root.is_dir() {
-                    bail!("invalid value {:?} for `root`: expected an existing directory", root.display().to_string());
+                    bail!(
+                        "invalid value {:?} for `root`: expected an existing directory",
+                        root.display().to_string()
+                    );
                 }
                 Ok(())
             }
             "cache-demo" => {
                 if config.keys == 0 || config.keys > 1 << 20 {
-                    bail!("invalid value {} for `keys`: expected 1 to 1048576", config.keys);
+                    bail!(
+                        "invalid value {} for `keys`: expected 1 to 1048576",
+                        config.keys
+                    );
                 }
                 if config.block_kb == 0 || config.block_kb > 1 << 16 {
-                    bail!("invalid value {} for `block_kb`: expected 1 to 65536", config.block_kb);
+                    bail!(
+                        "invalid value {} for `block_kb`: expected 1 to 65536",
+                        config.block_kb
+                    );
                 }
                 Ok(())
             }
-            other => bail!("invalid value {other:?} for `app`: expected hello, static or cache-demo"),
+            other => {
+                bail!("invalid value {other:?} for `app`: expected hello, static or cache-demo")
+            }
         }
     }
 
@@ -60,15 +81,25 @@ impl App for Reference {
         Ok(match config.app.as_str() {
             "static" => {
                 let root = config.root.clone().context("static app needs a root")?;
-                Reference::Static { root: root.canonicalize().with_context(|| format!("root {}", root.display()))? }
+                Reference::Static {
+                    root: root
+                        .canonicalize()
+                        .with_context(|| format!("root {}", root.display()))?,
+                }
             }
             "cache-demo" => {
                 // The table of empty cells is shared by every worker; a worker fills the cells it
                 // needs. Leaked to give plain `&'static` reads: no reference counts to write.
-                let table: Vec<OnceLock<Block>> = (0..config.keys).map(|_| OnceLock::new()).collect();
-                Reference::CacheDemo { table: Box::leak(table.into_boxed_slice()), block_kb: config.block_kb }
+                let table: Vec<OnceLock<Block>> =
+                    (0..config.keys).map(|_| OnceLock::new()).collect();
+                Reference::CacheDemo {
+                    table: Box::leak(table.into_boxed_slice()),
+                    block_kb: config.block_kb,
+                }
             }
-            _ => Reference::Hello { debug_routes: config.debug_routes },
+            _ => Reference::Hello {
+                debug_routes: config.debug_routes,
+            },
         })
     }
 
@@ -84,7 +115,9 @@ impl App for Reference {
             Reference::Static { root } => static_files(root.clone()),
             Reference::CacheDemo { table, block_kb } => {
                 let (table, block_kb) = (*table, *block_kb);
-                Handler::http(tower::service_fn(move |req: Request| async move { Ok::<_, Infallible>(cache(table, block_kb, &req)) }))
+                Handler::http(tower::service_fn(move |req: Request| async move {
+                    Ok::<_, Infallible>(cache(table, block_kb, &req))
+                }))
             }
         })
     }
@@ -92,7 +125,9 @@ impl App for Reference {
 
 /// `TINE_DEBUG_BOOT_SLEEP_MS`: blocks this worker's boot (debug routes only).
 fn debug_boot_sleep() -> anyhow::Result<()> {
-    let Ok(value) = std::env::var("TINE_DEBUG_BOOT_SLEEP_MS") else { return Ok(()) };
+    let Ok(value) = std::env::var("TINE_DEBUG_BOOT_SLEEP_MS") else {
+        return Ok(());
+    };
     let ms: u64 = value.trim().parse().with_context(|| {
         format!("invalid value {value:?} for TINE_DEBUG_BOOT_SLEEP_MS: expected milliseconds")
     })?;
@@ -115,7 +150,10 @@ async fn hello(req: Request, debug: bool) -> Result<Response<Body>, Infallible> 
     if !debug {
         return Ok(text(StatusCode::NOT_FOUND, "not found\n"));
     }
-    let arg = |prefix: &str| path.strip_prefix(prefix).and_then(|n| n.parse::<u64>().ok());
+    let arg = |prefix: &str| {
+        path.strip_prefix(prefix)
+            .and_then(|n| n.parse::<u64>().ok())
+    };
     Ok(if let Some(ms) = arg("/sleep/") {
         tokio::time::sleep(Duration::from_millis(ms)).await;
         text(StatusCode::OK, "slept\n")
@@ -152,7 +190,9 @@ fn static_files(root: PathBuf) -> Handler {
         } else {
             etag_for(&root, req.uri().path())
         };
-        let not_modified = etag.as_ref().is_some_and(|tag| if_none_match(req.headers(), tag));
+        let not_modified = etag
+            .as_ref()
+            .is_some_and(|tag| if_none_match(req.headers(), tag));
         async move {
             if escapes {
                 return Ok::<_, Infallible>(text(StatusCode::FORBIDDEN, "forbidden\n"));
@@ -168,7 +208,11 @@ fn static_files(root: PathBuf) -> Handler {
                     resp.headers_mut().insert(http::header::ETAG, tag);
                 }
             }
-            Ok(resp.map(|b| http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(b, |e| e.into()))))
+            Ok(resp.map(|b| {
+                http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(b, |e| {
+                    e.into()
+                }))
+            }))
         }
     }))
 }
@@ -177,7 +221,9 @@ fn static_files(root: PathBuf) -> Handler {
 /// serves it): modification time in nanoseconds and size, in hex, like nginx's. `None` when
 /// there is no such file (`ServeDir` answers) or the path is not a plain relative one.
 fn etag_for(root: &Path, uri_path: &str) -> Option<http::HeaderValue> {
-    let decoded = percent_encoding::percent_decode_str(uri_path).decode_utf8().ok()?;
+    let decoded = percent_encoding::percent_decode_str(uri_path)
+        .decode_utf8()
+        .ok()?;
     let mut path = root.to_path_buf();
     for part in Path::new(decoded.trim_start_matches('/')).components() {
         match part {
@@ -197,7 +243,12 @@ fn etag_for(root: &Path, uri_path: &str) -> Option<http::HeaderValue> {
     if !meta.is_file() {
         return None;
     }
-    let mtime = meta.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?.as_nanos();
+    let mtime = meta
+        .modified()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_nanos();
     http::HeaderValue::from_str(&format!("\"{mtime:x}-{:x}\"", meta.len())).ok()
 }
 
@@ -225,14 +276,23 @@ fn escapes_root(root: &Path, uri_path: &str) -> bool {
 
 /// `GET /cache/{k}`: builds block k once in this process, then answers its checksum.
 fn cache(table: &'static [OnceLock<Block>], block_kb: u64, req: &Request) -> Response<Body> {
-    let Some(key) = req.uri().path().strip_prefix("/cache/").and_then(|k| k.parse::<usize>().ok()) else {
+    let Some(key) = req
+        .uri()
+        .path()
+        .strip_prefix("/cache/")
+        .and_then(|k| k.parse::<usize>().ok())
+    else {
         return text(StatusCode::NOT_FOUND, "try /cache/{key}\n");
     };
     let Some(cell) = table.get(key) else {
         return text(StatusCode::NOT_FOUND, "key out of range\n");
     };
     let block = cell.get_or_init(|| build_block(key as u64, block_kb));
-    let mut r = Response::new(full(format!("{key} {:016x} {}\n", block.checksum, block.bytes.len())));
+    let mut r = Response::new(full(format!(
+        "{key} {:016x} {}\n",
+        block.checksum,
+        block.bytes.len()
+    )));
     *r.status_mut() = StatusCode::OK;
     r
 }
@@ -250,5 +310,8 @@ fn build_block(key: u64, block_kb: u64) -> Block {
         chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
         checksum = checksum.wrapping_add(state).rotate_left(1);
     }
-    Block { bytes: Box::leak(bytes.into_boxed_slice()), checksum }
+    Block {
+        bytes: Box::leak(bytes.into_boxed_slice()),
+        checksum,
+    }
 }

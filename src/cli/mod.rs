@@ -12,7 +12,12 @@ use crate::app::App;
 use crate::config::{Config, ConfigError, Options};
 
 #[derive(Parser)]
-#[command(name = "tine", version, about = "A preforking, reforking application server", propagate_version = true)]
+#[command(
+    name = "tine",
+    version,
+    about = "A preforking, reforking application server",
+    propagate_version = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -54,7 +59,9 @@ static EXE: OnceLock<PathBuf> = OnceLock::new();
 /// The absolute path of the executable, saved at start. A reload runs the file at this path (not
 /// `/proc/self/exe`, which keeps naming the old inode after a rebuild replaced the file).
 pub fn saved_exe() -> &'static std::path::Path {
-    EXE.get().map(PathBuf::as_path).unwrap_or(std::path::Path::new("/proc/self/exe"))
+    EXE.get()
+        .map(PathBuf::as_path)
+        .unwrap_or(std::path::Path::new("/proc/self/exe"))
 }
 
 /// The command line this process started with (saved before the process title overwrote it).
@@ -95,10 +102,17 @@ pub fn run<A: App>() -> ExitCode {
     if let Ok(exe) = std::env::current_exe() {
         // After a rebuild replaced the file, the kernel's link names the old inode "(deleted)".
         let text = exe.to_string_lossy();
-        let _ = EXE.set(PathBuf::from(text.strip_suffix(" (deleted)").unwrap_or(&text).to_string()));
+        let _ = EXE.set(PathBuf::from(
+            text.strip_suffix(" (deleted)").unwrap_or(&text).to_string(),
+        ));
     }
-    let cmd = Cli::command().mut_subcommand("serve", with_env_names).mut_subcommand("check", with_env_names);
-    let cli = match cmd.try_get_matches().and_then(|m| Cli::from_arg_matches(&m)) {
+    let cmd = Cli::command()
+        .mut_subcommand("serve", with_env_names)
+        .mut_subcommand("check", with_env_names);
+    let cli = match cmd
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m))
+    {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
@@ -110,7 +124,10 @@ pub fn run<A: App>() -> ExitCode {
             };
             if let Some(path) = &config.log_file {
                 if let Err(e) = crate::log::open_log_file(path) {
-                    return fail(format!("invalid value {:?} for `log_file`: {e}", path.display().to_string()));
+                    return fail(format!(
+                        "invalid value {:?} for `log_file`: {e}",
+                        path.display().to_string()
+                    ));
                 }
             }
             if let Err(e) = crate::log::init(config.log_format, &config.log_level) {
@@ -139,18 +156,23 @@ pub fn run<A: App>() -> ExitCode {
             if let Err(e) = A::check(&config) {
                 return fail(format!("{e:#}"));
             }
-            println!("configuration ok (handover version {})", crate::monitor::HANDOVER_VERSION);
+            println!(
+                "configuration ok (handover version {})",
+                crate::monitor::HANDOVER_VERSION
+            );
             ExitCode::SUCCESS
         }
-        Cmd::Ctl(args) => match crate::control::request(&args.control_socket, &args.command.join(" ")) {
-            Ok(out) => {
-                print!("{out}");
-                ExitCode::SUCCESS
+        Cmd::Ctl(args) => {
+            match crate::control::request(&args.control_socket, &args.command.join(" ")) {
+                Ok(out) => {
+                    print!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tine ctl: {e}");
+                    ExitCode::from(1)
+                }
             }
-            Err(e) => {
-                eprintln!("tine ctl: {e}");
-                ExitCode::from(1)
-            }
-        },
+        }
     }
 }

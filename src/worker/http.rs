@@ -100,8 +100,9 @@ pub(super) fn spawn_accept_loop(
                 _ = stop.changed() => break,
                 a = listener.accept(config.nodelay) => a,
             };
-            let first_request = Arc::new(AtomicBool::new(false));
-            let service = request_service(service.clone(), config.clone(), slot, first_request.clone());
+            let first_request = Arc::new(FirstRequest::default());
+            let service =
+                request_service(service.clone(), config.clone(), slot, first_request.clone());
             let life = ConnectionLife {
                 stop: stop.clone(),
                 first_request,
@@ -159,8 +160,11 @@ impl Builder {
     fn spawn<I, S>(&'static self, io: TokioIo<I>, service: S, life: ConnectionLife)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-        S: hyper::service::Service<Request, Response = http::Response<crate::app::Body>, Error = std::convert::Infallible>
-            + Send
+        S: hyper::service::Service<
+                Request,
+                Response = http::Response<crate::app::Body>,
+                Error = std::convert::Infallible,
+            > + Send
             + 'static,
         S::Future: Send + 'static,
     {
@@ -181,7 +185,7 @@ impl Builder {
 /// whether a request has arrived yet, and the drain tracker.
 struct ConnectionLife {
     stop: watch::Receiver<Stop>,
-    first_request: Arc<AtomicBool>,
+    first_request: Arc<FirstRequest>,
     patience: Duration,
     _open: mpsc::Sender<()>,
 }
@@ -206,7 +210,7 @@ impl ConnectionLife {
         let mut stopping = *self.stop.borrow_and_update() != Stop::Running;
         let mut draining = false;
         loop {
-            if stopping && !draining && self.first_request.load(Ordering::Relaxed) {
+            if stopping && !draining && self.first_request.seen.load(Ordering::Relaxed) {
                 draining = true;
                 drain(conn.as_mut());
             }
@@ -215,15 +219,33 @@ impl ConnectionLife {
                 biased;
                 _ = conn.as_mut() => return,
                 _ = first_deadline.as_mut(), if waiting_first => {
-                    if !self.first_request.load(Ordering::Relaxed) {
+                    if !self.first_request.seen.load(Ordering::Relaxed) {
                         return; // dropping the connection closes the socket
                     }
                     waiting_first = false;
                 }
                 _ = self.stop.changed(), if !stopping => stopping = true,
-                // Stopping, and the first request not in yet: look again shortly.
-                _ = tokio::time::sleep(Duration::from_millis(2)), if stopping && !draining => {}
+                // Stopping, and the first request not in yet: drain once it is.
+                _ = self.first_request.arrived.notified(), if stopping && !draining => {}
             }
+        }
+    }
+}
+
+/// Whether a connection's first request head has arrived, with a wake-up for a drain waiting for
+/// it (notify_one keeps a permit, so an arrival between two looks is not lost).
+#[derive(Default)]
+struct FirstRequest {
+    seen: AtomicBool,
+    arrived: tokio::sync::Notify,
+}
+
+impl FirstRequest {
+    /// Called for every request; only the first one notifies.
+    fn mark(&self) {
+        if !self.seen.load(Ordering::Relaxed) {
+            self.seen.store(true, Ordering::Relaxed);
+            self.arrived.notify_one();
         }
     }
 }
@@ -233,15 +255,17 @@ fn request_service(
     service: HttpService,
     config: Arc<Config>,
     slot: SlotWriter<'static>,
-    first_request: Arc<AtomicBool>,
+    first_request: Arc<FirstRequest>,
 ) -> impl hyper::service::Service<
     Request,
     Response = http::Response<crate::app::Body>,
     Error = std::convert::Infallible,
-    Future = impl std::future::Future<Output = Result<http::Response<crate::app::Body>, std::convert::Infallible>> + Send,
+    Future = impl std::future::Future<
+        Output = Result<http::Response<crate::app::Body>, std::convert::Infallible>,
+    > + Send,
 > + Clone {
     hyper::service::service_fn(move |req: Request| {
-        first_request.store(true, Ordering::Relaxed);
+        first_request.mark();
         // Ends (counted, and no longer the oldest in flight) when dropped, however the request
         // ends: the scoreboard's hang detection sees the oldest request's age.
         let guard = slot.track_request(req.method().as_str(), req.uri().path());
@@ -263,7 +287,9 @@ fn request_service(
             };
             drop(guard);
             if config.debug_headers {
-                response.headers_mut().insert("x-tine-worker", http::HeaderValue::from(std::process::id()));
+                response
+                    .headers_mut()
+                    .insert("x-tine-worker", http::HeaderValue::from(std::process::id()));
             }
             Ok(response)
         }

@@ -31,7 +31,11 @@ pub(crate) enum Outcome {
     /// Exit the process with this code.
     Exit(i32),
     /// Become the mold of `generation`, writing scoreboard `slot`; the channel stays.
-    Promote { generation: u32, slot: usize, channel: Channel },
+    Promote {
+        generation: u32,
+        slot: usize,
+        channel: Channel,
+    },
 }
 
 /// What the worker's event loop was asked to do.
@@ -46,7 +50,15 @@ pub(crate) enum Stop {
 /// Runs a worker to the end of its life. Called in the freshly forked process, after
 /// `child::after_fork`.
 pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
-    let Start { nr, generation, slot, channel, listeners, config, .. } = start;
+    let Start {
+        nr,
+        generation,
+        slot,
+        channel,
+        listeners,
+        config,
+        ..
+    } = start;
     let title = format!("tine worker[{nr}] (gen:{generation})");
     crate::sys::proctitle::set(&title);
     crate::sys::process::set_thread_name(&format!("tine-worker-{nr}"));
@@ -60,7 +72,11 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
     if channel.send(&Report::Hello { pid }, &[]).is_err() {
         return Outcome::Exit(72);
     }
-    let worker = Worker { nr, generation, config: config.clone() };
+    let worker = Worker {
+        nr,
+        generation,
+        config: config.clone(),
+    };
     let handler = match app.boot(&worker) {
         Ok(h) => h,
         Err(e) => {
@@ -75,7 +91,11 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
         b.worker_threads(config.worker_threads);
         b
     };
-    let runtime = match builder.enable_all().thread_name(format!("tine-w{nr}")).build() {
+    let runtime = match builder
+        .enable_all()
+        .thread_name(format!("tine-w{nr}"))
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot build the runtime");
@@ -83,13 +103,25 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
         }
     };
     let config = Arc::new(config.clone());
-    let (stop, channel) = runtime.block_on(serve(handler, listeners, config.clone(), slot_writer, channel));
-    let Some(channel) = channel else { return Outcome::Exit(0) };
+    let (stop, channel) = runtime.block_on(serve(
+        handler,
+        listeners,
+        config.clone(),
+        slot_writer,
+        channel,
+    ));
+    let Some(channel) = channel else {
+        return Outcome::Exit(0);
+    };
     match stop {
         Stop::Promote { generation, slot } => {
             // The runtime must be gone, threads and all, before this process may fork.
             runtime.shutdown_timeout(Duration::from_secs(5));
-            Outcome::Promote { generation, slot: slot as usize, channel }
+            Outcome::Promote {
+                generation,
+                slot: slot as usize,
+                channel,
+            }
         }
         _ => {
             runtime.shutdown_timeout(Duration::from_millis(100));
@@ -117,8 +149,20 @@ async fn serve(
     let mut accept_loops = Vec::new();
     for listener in listeners {
         let loop_ = match &handler {
-            Handler::Http(service) => http::spawn_accept_loop(listener, service.clone(), config.clone(), slot, stop_rx.clone()),
-            Handler::Stream(f) => stream::spawn_accept_loop(listener, f.clone(), config.clone(), slot, stop_rx.clone()),
+            Handler::Http(service) => http::spawn_accept_loop(
+                listener,
+                service.clone(),
+                config.clone(),
+                slot,
+                stop_rx.clone(),
+            ),
+            Handler::Stream(f) => stream::spawn_accept_loop(
+                listener,
+                f.clone(),
+                config.clone(),
+                slot,
+                stop_rx.clone(),
+            ),
         };
         match loop_ {
             Ok(handle) => accept_loops.push(handle),
@@ -159,7 +203,9 @@ async fn serve(
 /// Reads the monitor's commands until one ends the serving loop.
 async fn read_commands(channel: &AsyncFd<Channel>) -> Stop {
     loop {
-        let Ok(mut guard) = channel.readable().await else { return Stop::Quick };
+        let Ok(mut guard) = channel.readable().await else {
+            return Stop::Quick;
+        };
         let received = guard.try_io(|inner| match inner.get_ref().recv::<Command>(false) {
             Err(ChannelError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => Err(e),
             other => Ok(other),
@@ -179,7 +225,9 @@ async fn read_commands(channel: &AsyncFd<Channel>) -> Stop {
                     if Worker::is_fork_safe() {
                         return Stop::Promote { generation, slot };
                     }
-                    let report = Report::PromotionFailed { reason: "marked not fork-safe".into() };
+                    let report = Report::PromotionFailed {
+                        reason: "marked not fork-safe".into(),
+                    };
                     let _ = channel.get_ref().send(&report, &[]);
                 }
                 Command::ReopenLogs => crate::log::adopt_log_fd(r.fds.into_iter().next()),
