@@ -491,12 +491,13 @@ def svg_plot(off, rf, warm_worker_kb, warm_set_kb, path, n_requests, quick):
                 o.append(f'<circle cx="{X(s["requests"]):.1f}" cy="{Y(s["total_pss_kb"] / 1024):.1f}" r="4" fill="{color}"/>')
     # The legend sits between the two final levels, right half: clear of both curves after the warm-up.
     mid_mib = (1.3 * warm_worker_kb + off["samples"][-1]["total_pss_kb"]) / 2 / 1024
-    lx, ly = ml + pw - 340, min(mt + ph - 40, max(mt + 40, Y(mid_mib)))
-    o.append(f'<rect x="{lx - 6}" y="{ly - 14}" width="330" height="44" fill="white" stroke="#ccc"/>')
-    for i, (label, ss, color) in enumerate(series):
-        final = ss[-1]["total_pss_kb"] / 1024
+    texts = [f"{label}: {ss[-1]['total_pss_kb'] / 1024:.0f} MiB after the traffic (dot)" for label, ss, _ in series]
+    lw = 42 + 7 * max(len(t) for t in texts)
+    lx, ly = ml + pw - lw - 10, min(mt + ph - 40, max(mt + 40, Y(mid_mib)))
+    o.append(f'<rect x="{lx - 6}" y="{ly - 14}" width="{lw}" height="44" fill="white" stroke="#ccc"/>')
+    for i, ((_, _, color), text) in enumerate(zip(series, texts)):
         o.append(f'<line x1="{lx}" y1="{ly + i * 18 - 4}" x2="{lx + 24}" y2="{ly + i * 18 - 4}" stroke="{color}" stroke-width="2"/>')
-        o.append(f'<text x="{lx + 30}" y="{ly + i * 18}">{label}: {final:.0f} MiB after the traffic (dot)</text>')
+        o.append(f'<text x="{lx + 30}" y="{ly + i * 18}">{text}</text>')
     o.append("</svg>")
     with open(path, "w") as f:
         f.write("\n".join(o) + "\n")
@@ -563,7 +564,7 @@ def lat_row(name, s):
             f"{ms(t['p50'])} | {ms(t['p99'])} |")
 
 
-def write_report(args, m, off, rf, lat, sweep, out_dir, svg_name):
+def write_report(args, m, off, rf, lat, sweep, out_dir, svg_name, written=None):
     warm_set_kb = args.keys * args.block_kb
     off_workers = [p for p in off["final"]["processes"] if "worker[" in p["title"]]
     warm_worker_kb = sum(p["pss_kb"] for p in off_workers) / len(off_workers)
@@ -588,7 +589,7 @@ def write_report(args, m, off, rf, lat, sweep, out_dir, svg_name):
     lines = [
         f"# Reforking memory benchmark{q}",
         "",
-        f"Run {time.strftime('%Y-%m-%d %H:%M:%S %Z')} by `bench/refork/run.py"
+        f"Run {written or time.strftime('%Y-%m-%d %H:%M:%S %Z')} by `bench/refork/run.py"
         f"{' --quick' if args.quick else ''}` (see bench/refork/README.md). Release build.",
         "",
         "## Result",
@@ -650,7 +651,8 @@ def write_report(args, m, off, rf, lat, sweep, out_dir, svg_name):
         "an idle keep-alive close (a draining worker closes idle connections; the request never reached it), "
         f"{lat['load']['summary']['server_closed']} `Connection: close` responses.",
         "",
-        "The refork_after rollout of the memory run (during the warm-up traffic) for comparison:",
+        "For context only, the memory run with `refork_after` (not a latency measurement: the script reads every "
+        "process's smaps_rollup every 0.4 s during it, and \"steady\" includes the first touches that build blocks):",
         "",
         *LAT_HEADER,
         lat_row("steady (includes cold first touches)", rf["latency"]["steady"]),
@@ -660,7 +662,8 @@ def write_report(args, m, off, rf, lat, sweep, out_dir, svg_name):
         "",
         f"- CPU: {m['cpu']}, {m['cores']} cores; memory {m['memory_gib']} GiB; kernel {m['kernel']}; {m['libc']}; "
         f"{m['rustc']}; transparent huge pages: `{m['thp']}`",
-        f"- tine commit {m['commit']}; load average before the run: {' '.join(m['loadavg_before'])}",
+        f"- tine commit {m['commit']}; load average before the run: {' '.join(m['loadavg_before'])}, after: "
+        f"{' '.join(m.get('loadavg_after', ['?']))} (other work on the machine shows in the latencies)",
         "- Load client, server and this script share the cores (nothing pinned).",
         "",
         "## Commands",
@@ -699,6 +702,21 @@ def write_report(args, m, off, rf, lat, sweep, out_dir, svg_name):
 # ------------------------------------------------------------------ main
 
 
+def rewrite_report(args):
+    """Rewrites the report and the plot from a recorded refork.json (after a change of wording)."""
+    with open(os.path.join(args.out_dir, "refork.json")) as f:
+        d = json.load(f)
+    saved = argparse.Namespace(**d["args"])
+    off, rf = d["off"], d["refork"]
+    svg_name = "refork-pss-quick.svg" if saved.quick else "refork-pss.svg"
+    off_workers = [p for p in off["final"]["processes"] if "worker[" in p["title"]]
+    warm_worker_kb = sum(p["pss_kb"] for p in off_workers) / len(off_workers)
+    svg_plot(off, rf, warm_worker_kb, saved.keys * saved.block_kb, os.path.join(args.out_dir, svg_name), saved.requests,
+             saved.quick)
+    write_report(saved, d["machine"], off, rf, d["latency"], d.get("sweep", []), args.out_dir, svg_name,
+                 written=d.get("written"))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keys", type=int, default=1024)
@@ -720,7 +738,12 @@ def main():
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--skip-build", action="store_true")
     ap.add_argument("--quick", action="store_true", help="small run to try the harness; the report says so")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite refork.md and the SVG from the refork.json of --out-dir (no run)")
     args = ap.parse_args()
+    if args.report_only:
+        rewrite_report(args)
+        return
     if args.quick:
         args.keys, args.block_kb, args.requests, args.refork_after = 256, 64, 12000, 2500
         args.latency_seconds, args.latency_reforks = 6, 2
@@ -758,13 +781,14 @@ def main():
                           "mold_rss_kb": sum(p["rss_kb"] for p in r["final"]["processes"] if "mold" in p["title"])})
     finally:
         cleanup()
+    m["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
     svg_name = "refork-pss-quick.svg" if args.quick else "refork-pss.svg"
     off_workers = [p for p in off["final"]["processes"] if "worker[" in p["title"]]
     warm_worker_kb = sum(p["pss_kb"] for p in off_workers) / len(off_workers)
     svg_plot(off, rf, warm_worker_kb, args.keys * args.block_kb, os.path.join(args.out_dir, svg_name), args.requests, args.quick)
     summary = write_report(args, m, off, rf, lat, sweep, args.out_dir, svg_name)
     with open(os.path.join(args.out_dir, "refork.json"), "w") as f:
-        json.dump({"args": vars(args), "machine": m, "summary": summary, "off": off, "refork": rf, "latency": lat, "sweep": sweep}, f, indent=1)
+        json.dump({"args": vars(args), "written": time.strftime('%Y-%m-%d %H:%M:%S %Z'), "machine": m, "summary": summary, "off": off, "refork": rf, "latency": lat, "sweep": sweep}, f, indent=1)
     log(f"summary: {json.dumps(summary)}")
     log(f"report: {os.path.join(args.out_dir, 'refork.md')}")
     shutil.rmtree(work, ignore_errors=True)
