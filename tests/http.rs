@@ -299,6 +299,47 @@ fn draining_a_kept_alive_connection_says_connection_close() {
 }
 
 #[test]
+fn a_fresh_connection_accepted_before_the_drain_is_answered() {
+    // A worker accepted the connection, then was told to stop before the request arrived: the
+    // request must still be answered (with `Connection: close`), not cut off unanswered.
+    let mut server = start(&["--workers", "1", "--graceful-timeout", "20"]);
+    let [worker] = server.wait_workers(1, READY_TIMEOUT)[..] else {
+        unreachable!()
+    };
+    let addr = server.tcp_addr();
+    let listener = tcp_socket_inode(addr, "0.0.0.0:0".parse().unwrap()).expect("listener inode");
+    // Serving, the worker holds the inherited listener and its runtime's duplicate of it.
+    let count = |inode: u64| {
+        socket_inodes(worker)
+            .iter()
+            .filter(|i| **i == inode)
+            .count()
+    };
+    assert_eq!(count(listener), 2, "{:?}", socket_inodes(worker));
+    let mut client = Client::connect(&Addr::Tcp(addr)).unwrap();
+    let Stream::Tcp(tcp) = &client.stream else {
+        unreachable!()
+    };
+    let conn = tcp_socket_inode(addr, tcp.local_addr().unwrap()).expect("server-side socket");
+    poll_until(Duration::from_secs(5), || (count(conn) == 1).then_some(()))
+        .expect("the worker accepted the connection");
+    server.signal(Signal::SIGTERM);
+    // The drain has begun once the worker dropped its duplicate of the listener.
+    poll_until(Duration::from_secs(5), || {
+        (count(listener) == 1).then_some(())
+    })
+    .expect("the worker stopped accepting");
+    let r = client
+        .get("/")
+        .expect("the request on the fresh connection is answered");
+    assert_eq!(r.status, 200);
+    assert!(r.closes(), "{:?}", r.headers);
+    let (_, closed) = client.read_until_closed(Duration::from_secs(5));
+    assert!(closed, "and the server closes it");
+    assert_eq!(server.exit_code_within(Duration::from_secs(10)), 0);
+}
+
+#[test]
 fn idle_kept_alive_connections_are_closed_at_once_on_graceful_stop() {
     let mut server = start(&["--workers", "2", "--graceful-timeout", "20"]);
     let mut clients: Vec<Client> = (0..4)

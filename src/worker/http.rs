@@ -21,6 +21,12 @@ use crate::config::Config;
 use crate::ipc::scoreboard::SlotWriter;
 use crate::listener::Listener;
 
+/// Set when this worker starts draining. An HTTP/1 response written from then on says
+/// `Connection: close` itself: hyper's graceful shutdown only marks a request it is already
+/// serving, so the first request of a fresh connection, read and answered in the same turn as
+/// the drain began, was answered as kept alive and then the connection closed under the client.
+pub(super) static DRAINING: AtomicBool = AtomicBool::new(false);
+
 /// An accepted connection of either listener kind.
 enum Accepted {
     Tcp(tokio::net::TcpStream),
@@ -266,6 +272,7 @@ fn request_service(
 > + Clone {
     hyper::service::service_fn(move |req: Request| {
         first_request.mark();
+        let http1 = req.version() <= http::Version::HTTP_11;
         // Ends (counted, and no longer the oldest in flight) when dropped, however the request
         // ends: the scoreboard's hang detection sees the oldest request's age.
         let guard = slot.track_request(req.method().as_str(), req.uri().path());
@@ -286,6 +293,12 @@ fn request_service(
                 }
             };
             drop(guard);
+            if http1 && DRAINING.load(Ordering::Relaxed) {
+                response.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
             if config.debug_headers {
                 response
                     .headers_mut()

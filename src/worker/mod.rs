@@ -146,6 +146,8 @@ async fn serve(
         }
     };
     let (stop_tx, stop_rx) = watch::channel(Stop::Running);
+    // Inherited as true by the workers of a promoted worker's generation: reset.
+    http::DRAINING.store(false, std::sync::atomic::Ordering::Relaxed);
     let mut accept_loops = Vec::new();
     for listener in listeners {
         let loop_ = match &handler {
@@ -192,6 +194,9 @@ async fn serve(
         return (stop, None);
     }
     slot.set_state(State::Draining);
+    // Before the accept loops and connections hear of the stop: a response written from now on
+    // says `Connection: close` (see http::DRAINING).
+    http::DRAINING.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = stop_tx.send(stop);
     // Each accept loop stops accepting, then drains its connections.
     for handle in accept_loops {

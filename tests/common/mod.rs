@@ -930,6 +930,47 @@ pub fn signal(pid: i32, sig: Signal) {
     let _ = kill(Pid::from_raw(pid), sig);
 }
 
+/// The inodes of the sockets open in `pid` (`/proc/PID/fd/* -> socket:[INODE]`), one entry per
+/// descriptor (a duplicated socket appears twice).
+pub fn socket_inodes(pid: i32) -> Vec<u64> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|target| {
+            let t = target
+                .to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?;
+            t.parse().ok()
+        })
+        .collect()
+}
+
+/// The inode of the IPv4 TCP socket bound to `local` and connected to `remote` (for a listening
+/// socket, pass `0.0.0.0:0` as `remote`), from `/proc/net/tcp`.
+pub fn tcp_socket_inode(local: SocketAddr, remote: SocketAddr) -> Option<u64> {
+    fn hex(addr: SocketAddr) -> Option<String> {
+        let SocketAddr::V4(a) = addr else { return None };
+        // The kernel prints the address as a native-endian u32 (little-endian here), the port
+        // big-endian.
+        Some(format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(a.ip().octets()),
+            a.port()
+        ))
+    }
+    let (local, remote) = (hex(local)?, hex(remote)?);
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.get(1) == Some(&local.as_str()) && f.get(2) == Some(&remote.as_str()))
+            .then(|| f.get(9)?.parse().ok())
+            .flatten()
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // HTTP
 
