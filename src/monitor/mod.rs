@@ -149,9 +149,9 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
     crate::log::set_process_tag("monitor".into());
     let addrs: Vec<String> = listeners.iter().map(|l| l.addr().to_string()).collect();
     if handover.is_none() {
-        tracing::info!(listen = addrs.join(","), workers = config.workers, app = %config.app, "starting");
+        tracing::info!(listen = addrs.join(","), workers = config.workers, "starting");
     } else {
-        tracing::info!(listen = addrs.join(","), workers = config.workers, app = %config.app, "new image running; adopting the tree");
+        tracing::info!(listen = addrs.join(","), workers = config.workers, "new image running; adopting the tree");
     }
     let mut monitor = Monitor {
         target: config.workers,
