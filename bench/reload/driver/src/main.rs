@@ -762,6 +762,16 @@ fn report(rounds: &[Round], args: &Args, command: &str, load_before: &str) -> St
             );
         }
     }
+    let reload_failures: usize = rounds
+        .iter()
+        .filter(|r| r.mode != Mode::Restart)
+        .map(|r| r.failures.values().sum::<usize>())
+        .sum();
+    let served = if reload_failures == 0 {
+        "The reloads keep the listening socket and serve throughout: every request of their load was answered 200.".to_string()
+    } else {
+        format!("The reloads keep the listening socket, yet {reload_failures} requests of their load failed (see the tables).")
+    };
     let _ = writeln!(out, "## Reading the numbers\n");
     let _ = writeln!(
         out,
@@ -772,9 +782,9 @@ fn report(rounds: &[Round], args: &Args, command: &str, load_before: &str) -> St
          - A restart pays the app's preload on every edit; a boot-only reload never does (its time does not move with the \
          preload); a full reload pays it, plus the preflight (`check` run of the executable) and the exec.\n\
          - What a restart costs is what clients see: connections refused while no process listens, and connections reset \
-         that were queued on the old socket when it closed. The reloads keep the listening socket and serve throughout: \
-         every request of the load was answered 200. \"Retried\" counts requests sent on a kept-alive connection that a \
-         draining worker had closed while it was idle, sent again on a new connection as browsers, curl and Go do."
+         that were queued on the old socket when it closed. {served} \"Retried\" counts requests sent on a kept-alive \
+         connection that a draining worker had closed while it was idle, sent again on a new connection as browsers, curl \
+         and Go do."
     );
     out
 }
