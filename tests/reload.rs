@@ -433,6 +433,21 @@ fn ctl_reload_waits_for_the_outcome_and_a_second_waiter_shares_it() {
 // Refused reloads: the running tree is untouched
 
 /// The pids of the tree, sorted.
+/// The monitor we started still runs, as the monitor: a refused reload replaces nothing.
+fn assert_same_monitor(server: &mut Server) {
+    assert!(
+        !server.has_exited(),
+        "the monitor (pid {}) is still running",
+        server.pid
+    );
+    let t = title(server.pid).unwrap_or_default();
+    assert!(
+        t.starts_with("tine monitor (gen:0 "),
+        "pid {} is the gen:0 monitor: {t:?}",
+        server.pid
+    );
+}
+
 fn tree_pids(server: &Server) -> Vec<i32> {
     let mut pids: Vec<i32> = server.tree().iter().map(|p| p.pid).collect();
     pids.sort();
@@ -443,7 +458,7 @@ fn tree_pids(server: &Server) -> Vec<i32> {
 fn a_config_that_does_not_validate_is_refused_and_a_good_one_is_applied() {
     let app = AppDir::new(&example_bin("hello_v1"));
     let config = app.dir.write("tine.toml", "workers = 2\n");
-    let server = Launch::program(app.exe())
+    let mut server = Launch::program(app.exe())
         .args(["--listen", &listen_arg()])
         .arg("--config")
         .arg(&config)
@@ -479,6 +494,7 @@ fn a_config_that_does_not_validate_is_refused_and_a_good_one_is_applied() {
     let err = server.ctl(&["reload"]).expect_err("a bad value is refused");
     assert!(err.contains("workers"), "{err}");
     assert_eq!(tree_pids(&server), pids);
+    assert_same_monitor(&mut server);
 
     // Fixed: the reload applies the new config (three workers) in the same monitor.
     std::fs::write(&config, "workers = 3\n").unwrap();
@@ -499,7 +515,7 @@ fn a_config_that_does_not_validate_is_refused_and_a_good_one_is_applied() {
 #[test]
 fn a_binary_that_exits_at_once_is_refused_and_the_old_tree_keeps_serving() {
     let app = AppDir::new(&example_bin("hello_v1"));
-    let server = Launch::program(app.exe())
+    let mut server = Launch::program(app.exe())
         .args(["--listen", &listen_arg(), "--workers", "2"])
         .start();
     let addr = server.addr();
@@ -533,6 +549,7 @@ fn a_binary_that_exits_at_once_is_refused_and_the_old_tree_keeps_serving() {
     let samples = traffic.finish();
     assert_all_ok(&samples, &["hello v1\n"], &server.log);
     assert_eq!(tree_pids(&server), pids, "the same processes serve");
+    assert_same_monitor(&mut server);
     assert!(
         !server.log.text().contains("re-executing"),
         "never re-executed"
@@ -551,7 +568,7 @@ fn a_binary_that_exits_at_once_is_refused_and_the_old_tree_keeps_serving() {
 fn a_new_mold_whose_preload_fails_leaves_the_old_generation_serving() {
     let app = AppDir::new(&example_bin("watch_demo"));
     let data = app.dir.write("data/table.txt", "alpha\n");
-    let server = Launch::program(app.exe())
+    let mut server = Launch::program(app.exe())
         .args(["--listen", &listen_arg(), "--workers", "2"])
         .env("WATCH_DEMO_PRELOAD_FILE", &data)
         .start();
@@ -585,10 +602,7 @@ fn a_new_mold_whose_preload_fails_leaves_the_old_generation_serving() {
         pids,
         "the adopted old generation still serves, mold included"
     );
-    assert_eq!(
-        title(server.pid).as_deref(),
-        Some("tine monitor (gen:0 workers:2/2)")
-    );
+    assert_same_monitor(&mut server);
 
     // Once the data is fixed, the next reload goes through.
     std::fs::write(&data, "beta\n").unwrap();
@@ -1063,4 +1077,39 @@ fn behind_nginx_with_upstream_keepalive_a_reload_fails_no_request() {
         samples.len()
     );
     drop(proxy);
+}
+
+#[test]
+fn an_inotify_queue_overflow_is_a_full_reload() {
+    let app = AppDir::new(&example_bin("watch_demo"));
+    let server = start_watch_demo(&app, 1);
+    wait_settled(&server, 0, 1);
+    let max: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Stopped, the monitor reads nothing: the queue fills up (a create and a close-write per file)
+    // and overflows. The workers keep serving meanwhile.
+    server.signal(Signal::SIGSTOP);
+    let mark = server.log.mark();
+    for i in 0..max {
+        std::fs::write(app.dir.join(format!("templates/many-{i}.txt")), "").unwrap();
+    }
+    assert_eq!(
+        server.get("/").text(),
+        "one\n",
+        "served while the monitor is stopped"
+    );
+    server.signal(Signal::SIGCONT);
+    // Only boot-only files changed, but events were lost: what changed is unknown, so everything
+    // is reloaded.
+    let line = server
+        .log
+        .wait_for_log_since(mark, "watch: full reload", RELOAD_TIMEOUT);
+    assert!(line.contains("(inotify queue overflow)"), "{line}");
+    server
+        .log
+        .wait_for_log_since(mark, "reload complete: reloaded in", RELOAD_TIMEOUT);
+    wait_settled(&server, 1, 1);
 }

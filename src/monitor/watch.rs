@@ -150,9 +150,16 @@ impl Watcher {
         }
     }
 
+    /// Adds a change to the pending one. The path kept is the first one of the widest scope: the
+    /// log must name what made a boot-only change a full reload (a queue overflow, the executable).
     fn note(&mut self, scope: Scope, path: PathBuf) {
         match &mut self.pending {
-            Some((_, s, _)) => *s = (*s).max(scope),
+            Some((_, s, p)) => {
+                if scope > *s {
+                    *s = scope;
+                    *p = path;
+                }
+            }
             None => self.pending = Some((Instant::now() + DEBOUNCE, scope, path)),
         }
     }
