@@ -464,10 +464,9 @@ fn refork_after_triggers_by_itself() {
             processes(server).iter().filter(|p| p.0 == "mold").count(),
             1
         );
-        // The 20th and a few more on the same connection.
-        for _ in 0..5 {
-            assert_eq!(client.get("/").expect("GET").worker(), Some(warm));
-        }
+        // The 20th, on the same connection, and no more: the worker may start draining from now
+        // on (a request after it could meet a connection closed while idle).
+        assert_eq!(client.get("/").expect("GET").worker(), Some(warm));
         drop(client);
         let gen1 = wait_generation(server, 1, 2, ROLLOUT_TIMEOUT);
         assert_eq!(
@@ -478,8 +477,9 @@ fn refork_after_triggers_by_itself() {
             "refork_after reached generation=0 threshold=20",
             Duration::from_secs(1),
         );
-        // Generation 1 has the next threshold (30), or none after `false`.
-        requests_on_one_connection(server, "/", 35);
+        // Generation 1 has the next threshold (30), or none after `false` (a wrongly repeated 20
+        // would be reached too).
+        requests_on_one_connection(server, "/", 30);
     }
     let gen2 = wait_generation(&repeating, 2, 2, ROLLOUT_TIMEOUT);
     repeating.log.wait_for_log(
@@ -487,7 +487,7 @@ fn refork_after_triggers_by_itself() {
         Duration::from_secs(1),
     );
     wait_titles(&repeating, 2, &gen2);
-    // `20,false`: 35 requests on one gen:1 worker and nothing happens.
+    // `20,false`: 30 requests on one gen:1 worker and nothing happens.
     stays_in_generation(&once, 1, "refork_after=20,false reforked again");
     assert_eq!(
         once.log.count("refork_after reached"),
@@ -659,8 +659,11 @@ fn mold_killed_during_rollout() {
             .map(|p| (p.2, p.3))
     })
     .unwrap_or_else(|| {
+        // A mold whose row says "ready" or "booting" has had its scoreboard slot taken over by a
+        // worker that the dead mold forked but never reported: that slot must not be handed out
+        // again while such a worker may still come up.
         panic!(
-            "no mold after the mold was killed: {:?}",
+            "no mold (in state `mold`) after the mold was killed: {:?}",
             processes(&server)
         )
     });
