@@ -16,7 +16,10 @@
 # Every process it starts is killed on exit (trap EXIT), every load is bounded by wrk -d and `timeout`.
 #
 # Knobs (environment): ROUNDS=5 DURATION=5 (s per wrk run) WARMUP=2 (s) CONNS=64 WRK_THREADS=1
+#   QUIET_WAIT=20 QUIET_MAX_BUSY=15 (before each run, wait up to 20 s for the machine to be <=15% busy)
 #   PORT_BASE=18080 (uses PORT_BASE+1..+3) SKIP_BUILD=1 (use the existing binaries)
+#   BENCH_TINE_BIN=path BENCH_TINE_ARGS="--flag value" (experiments only: another tine build, extra serve flags;
+#   both show in the report's command)
 #   OUT_DIR=bench/results  ALLOW_NO_TINE=1 (harness development only: skip tine if it cannot run;
 #   a report written that way says so in its title and is never a result).
 set -euo pipefail
@@ -37,7 +40,8 @@ OUT_DIR="${OUT_DIR:-$ROOT/bench/results}"
 TINE_PORT=$((PORT_BASE + 1))
 NGINX_PORT=$((PORT_BASE + 2))
 HYPER_PORT=$((PORT_BASE + 3))
-TINE_BIN="$ROOT/target/release/tine"
+TINE_BIN="${BENCH_TINE_BIN:-$ROOT/target/release/tine}"
+read -r -a TINE_EXTRA_ARGS <<<"${BENCH_TINE_ARGS:-}"
 HYPER_DIR="$ROOT/bench/hyper-hello"
 HYPER_BIN="$HYPER_DIR/target/release/hyper-hello"
 
@@ -133,8 +137,12 @@ start_tine() {
         [[ "$ALLOW_NO_TINE" == 1 ]] && { log "no tine binary; skipping tine (ALLOW_NO_TINE=1)"; return 0; }
         die "missing $TINE_BIN"
     fi
-    TINE_CMD=("$TINE_BIN" serve --listen "127.0.0.1:$TINE_PORT" --workers 2 --app hello)
-    "${TINE_CMD[@]}" >"$WORK/tine.out" 2>"$WORK/tine.err" </dev/null &
+    TINE_CMD=("$TINE_BIN" serve --listen "127.0.0.1:$TINE_PORT" --workers 2 --app hello "${TINE_EXTRA_ARGS[@]}")
+    # tine reads TINE_* variables as config: run it with none from this shell. Its working
+    # directory is the temp dir, so its default control socket (tine.sock) lands there.
+    local unset_env=() v
+    for v in $(compgen -e | grep '^TINE_' || true); do unset_env+=(-u "$v"); done
+    (cd "$WORK" && exec env "${unset_env[@]}" "${TINE_CMD[@]}") >"$WORK/tine.out" 2>"$WORK/tine.err" </dev/null &
     TINE_PID=$!
     STARTED+=("$TINE_PID")
     if ! wait_hello tine "$TINE_PORT" "$TINE_PID"; then
@@ -288,21 +296,55 @@ wrk_cmd() { # port seconds
     echo wrk -t"$WRK_THREADS" -c"$CONNS" -d"$2"s --latency -s "$HERE/stats.lua" "http://127.0.0.1:$1/"
 }
 
+# CPU ticks of the whole machine from /proc/stat: "TASK SOFTIRQ TOTAL" where TASK is user+nice+
+# system+irq+steal. TASK minus the server's and wrk's own CPU is other work on the machine (builds,
+# tests) that shared the run; softirq (the loopback network stack) is shown apart since it is
+# mostly the benchmark's own traffic.
+machine_ticks() {
+    awk '/^cpu / {print $2 + $3 + $4 + $7 + $9, $8, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9; exit}' /proc/stat
+}
+
+# Waits (at most QUIET_WAIT s) until the machine is nearly idle over a 1 s sample, so a run does
+# not start in the middle of someone's build; returns at once on a quiet machine.
+QUIET_WAIT="${QUIET_WAIT:-20}"
+QUIET_MAX_BUSY="${QUIET_MAX_BUSY:-15}" # percent of all cores
+wait_quiet() {
+    local deadline=$((SECONDS + QUIET_WAIT)) a b busy
+    while :; do
+        read -r -a a <<<"$(machine_ticks)"
+        sleep 1
+        read -r -a b <<<"$(machine_ticks)"
+        busy=$(((b[0] + b[1] - a[0] - a[1]) * 100 / (b[2] - a[2] > 0 ? b[2] - a[2] : 1)))
+        ((busy <= QUIET_MAX_BUSY)) && return 0
+        if ((SECONDS >= deadline)); then
+            log "machine still ${busy}% busy after ${QUIET_WAIT}s; measuring anyway (see the other-CPU column)"
+            NOISY_RUNS=$((NOISY_RUNS + 1))
+            return 0
+        fi
+    done
+}
+NOISY_RUNS=0
+
 RAW="$WORK/rounds.tsv"
-printf 'round\tserver\treq_s\tp50_us\tp90_us\tp99_us\tmax_us\tmean_us\trequests\terrors\tserver_cpu_s\twrk_cpu_s\n' >"$RAW"
+printf 'round\tserver\treq_s\tp50_us\tp90_us\tp99_us\tmax_us\tmean_us\trequests\terrors\tserver_cpu_s\twrk_cpu_s\tsoftirq_s\tother_cpu_s\n' >"$RAW"
 
 # run_one ROUND NAME PORT PID
 run_one() {
-    local round="$1" name="$2" port="$3" pid="$4" t0 t1 out="$WORK/wrk-$2-$1.txt"
+    local round="$1" name="$2" port="$3" pid="$4" t0 t1 m0 m1 out="$WORK/wrk-$2-$1.txt"
+    wait_quiet
     t0="$(tree_ticks "$pid")"
+    m0="$(machine_ticks)"
     # shellcheck disable=SC2046
     timeout -k 5 "$WRK_TIMEOUT" /usr/bin/time -f '%U %S' -o "$WORK/time.txt" $(wrk_cmd "$port" "$DURATION") >"$out" 2>&1 ||
         die "wrk against $name failed: $(tail -3 "$out")"
     t1="$(tree_ticks "$pid")"
+    m1="$(machine_ticks)"
     kill -0 "$pid" 2>/dev/null || die "$name died during the run"
-    python3 - "$round" "$name" "$out" "$((t1 - t0))" "$CLK_TCK" "$WORK/time.txt" >>"$RAW" <<'PY'
+    python3 - "$round" "$name" "$out" "$((t1 - t0))" "$CLK_TCK" "$WORK/time.txt" "$m0" "$m1" >>"$RAW" <<'PY'
 import sys
-rnd, name, path, ticks, tck, tpath = sys.argv[1:]
+rnd, name, path, ticks, tck, tpath, m0, m1 = sys.argv[1:]
+m = [int(b) - int(a) for a, b in zip(m0.split(), m1.split())]
+tck = int(tck)
 line = next(l for l in open(path) if l.startswith("RESULT "))
 kv = dict(x.split("=") for x in line.split()[1:])
 n, dur = int(kv["requests"]), int(kv["duration_us"]) / 1e6
@@ -310,9 +352,10 @@ errs = sum(int(kv[k]) for k in kv if k.startswith("err_"))
 u, s = (float(x) for x in open(tpath).read().split()[-2:])
 print("\t".join(map(str, [rnd, name, round(n / dur, 1), kv["p50_us"], kv["p90_us"], kv["p99_us"],
                           kv["max_us"], kv["mean_us"], n, errs,
-                          round(int(ticks) / int(tck), 2), round(u + s, 2)])))
+                          round(int(ticks) / tck, 2), round(u + s, 2), round(m[1] / tck, 2),
+                          round(max(0.0, (m[0] - int(ticks)) / tck - (u + s)), 2)])))
 PY
-    tail -1 "$RAW" | awk -F'\t' '{printf "  round %s %-6s %10s req/s  p50 %6s us  p99 %6s us  errors %s  server cpu %ss  wrk cpu %ss\n", $1, $2, $3, $4, $6, $10, $11, $12}' >&2
+    tail -1 "$RAW" | awk -F'\t' '{printf "  round %s %-6s %10s req/s  p50 %6s us  p99 %6s us  errors %s  server cpu %ss  wrk cpu %ss  softirq %ss  other cpu %ss\n", $1, $2, $3, $4, $6, $10, $11, $12, $13, $14}' >&2
 }
 
 SERVERS=()
@@ -352,12 +395,14 @@ export BENCH_RUSTC="$(rustc --version)"
 export BENCH_NGINX="$(nginx -v 2>&1)"
 export BENCH_WRK="$(wrk --version 2>&1 | head -1 | sed 's/ Copyright.*//')"
 export BENCH_GIT="$(git -C "$ROOT" rev-parse --short HEAD) ($(git -C "$ROOT" log -1 --format=%s | cut -c1-80))$(git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo '; working tree has uncommitted changes under src/ or Cargo.*')"
+export BENCH_DURATION="$DURATION"
 export BENCH_SETTINGS="ROUNDS=$ROUNDS DURATION=$DURATION WARMUP=$WARMUP CONNS=$CONNS WRK_THREADS=$WRK_THREADS"
 export BENCH_WRK_CMD="$(wrk_cmd PORT "$DURATION")"
 export BENCH_TINE_CMD="${TINE_CMD[*]:-}"
 export BENCH_NGINX_CMD="${NGINX_CMD[*]}"
 export BENCH_HYPER_CMD="${HYPER_CMD[*]}"
 export BENCH_LOADAVG="$LOADAVG_BEFORE before, $LOADAVG_AFTER after"
+export BENCH_QUIET="each run waited (at most ${QUIET_WAIT}s) for the machine to be at most ${QUIET_MAX_BUSY}% busy; $NOISY_RUNS of $((ROUNDS * ${#SERVERS[@]})) runs started on a busier machine"
 export BENCH_HAVE_TINE="${TINE_PID:+1}"
 python3 "$HERE/report.py" "$WORK" "$ROOT" >"$REPORT"
 if [[ -n "$TINE_PID" ]]; then
