@@ -351,7 +351,7 @@ fn esc(value: &str) -> String {
 
 /// A restart reason as a short, stable label: the text before any detail, which carries numbers
 /// (`max_rss_mb (rss 130 MiB)` → `max_rss_mb`, `timeout: still alive…` → `timeout`).
-fn reason_label(reason: &str) -> String {
+pub(crate) fn reason_label(reason: &str) -> String {
     let head = reason.split([':', '(']).next().unwrap_or_default().trim();
     let mut out = String::new();
     for ch in head.chars() {

@@ -663,7 +663,6 @@ fn retire_first_reload_retires_each_old_worker_before_starting_its_replacement()
 /// worker is asked to stop (`Monitor::reconcile` does not count a draining worker), so a worker
 /// busy with a slow request overlaps with its replacement.
 #[test]
-#[ignore = "known bug: retire-first starts the replacement while the old worker drains (issue 5 note)"]
 fn retire_first_never_runs_more_workers_than_the_target() {
     let server = Launch::tine()
         .args([

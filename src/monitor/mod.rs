@@ -24,7 +24,7 @@ use nix::unistd::Pid;
 
 use crate::app::App;
 use crate::child;
-use crate::config::Config;
+use crate::config::{Config, ListenAddr};
 use crate::control::{self, ControlServer};
 use crate::ipc::channel::{Channel, ChannelError};
 use crate::ipc::message::{Command, Report};
@@ -127,12 +127,20 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
         None => fresh_resources(&config)?,
     };
     let board = scoreboard::install(board);
-    // Bound anew after a re-exec too (the old image's socket closes at exec; SO_REUSEADDR).
-    let metrics = config
-        .metrics_listen
-        .map(crate::metrics::MetricsServer::bind)
-        .transpose()
-        .map_err(|e| MonitorError::Config(e.to_string()))?;
+    // Handed over across a reload when the address stays; bound otherwise.
+    let handed_metrics = handover.as_ref().and_then(|h| h.metrics);
+    let metrics = match (config.metrics_listen, handed_metrics) {
+        (Some(addr), Some((fd, old))) if same_listener(&ListenAddr::Tcp(old), &ListenAddr::Tcp(addr)) => {
+            Some(crate::metrics::MetricsServer::adopt(reload::adopt_fd(fd)).map_err(setup("cannot adopt the metrics listener"))?)
+        }
+        (wanted, handed) => {
+            drop(handed.map(|(fd, _)| reload::adopt_fd(fd)));
+            wanted
+                .map(crate::metrics::MetricsServer::bind)
+                .transpose()
+                .map_err(|e| MonitorError::Config(e.to_string()))?
+        }
+    };
     let mut mask = SigSet::empty();
     for sig in HANDLED_SIGNALS {
         mask.add(sig);
@@ -243,7 +251,7 @@ fn adopt_resources(config: &Config, h: &reload::Handover) -> Result<Resources, M
     } else {
         let mut out = Vec::new();
         for addr in &config.listen {
-            match handed.iter().position(|(l, _)| l.addr() == *addr) {
+            match handed.iter().position(|(l, _)| same_listener(&l.addr(), addr)) {
                 Some(i) => out.push(handed.remove(i).0),
                 None => out.extend(
                     Listener::bind_all(&Config {
@@ -281,6 +289,18 @@ fn adopt_resources(config: &Config, h: &reload::Handover) -> Result<Resources, M
     };
     Ok((listeners, control, board, from_systemd))
 }
+
+/// Whether a handed-over listener bound at `bound` serves the configured `wanted` address (a
+/// configured port 0 matches whatever port the previous image got for the same IP).
+fn same_listener(bound: &ListenAddr, wanted: &ListenAddr) -> bool {
+    match (bound, wanted) {
+        (ListenAddr::Tcp(b), ListenAddr::Tcp(w)) if w.port() == 0 => b.ip() == w.ip(),
+        _ => bound == wanted,
+    }
+}
+
+/// How long a worker requested from a mold that then died may still report itself.
+const ORPHANED_SPAWN_GRACE: Duration = Duration::from_secs(3);
 
 /// Signals the monitor reads from its signalfd.
 const HANDLED_SIGNALS: [Signal; 10] = [
@@ -788,29 +808,15 @@ impl Monitor {
                 );
             }
             if self.mode == Mode::Running {
-                *self
-                    .restarts
-                    .entry(if expected { reason } else { "died".into() })
-                    .or_default() += 1;
+                // Keyed by the reason's kind ("rollout to gen:7" counts as rollout_to_gen), so
+                // the map stays bounded however many generations go by.
+                let label = crate::metrics::reason_label(if expected { &reason } else { "died" });
+                *self.restarts.entry(label).or_default() += 1;
                 if c.phase == Phase::Starting {
                     self.spawn_failed(format!("{} exited before it was ready ({how})", c.label()));
                 }
                 if c.phase == Phase::Promoting {
                     refork::on_promotion_failed(self, slot);
-                }
-            }
-            if c.kind == Kind::Mold {
-                // Workers it was asked for but never reported will not come: forget them now
-                // rather than at spawn_timeout, so the next mold replaces them at once.
-                let lost: Vec<usize> = self
-                    .children
-                    .iter()
-                    .filter(|(_, w)| w.pid.is_none() && w.generation == c.generation)
-                    .map(|(s, _)| *s)
-                    .collect();
-                for s in lost {
-                    self.children.remove(&s);
-                    self.board.clear(s);
                 }
             }
         }
@@ -850,6 +856,18 @@ impl Monitor {
                     if c.started.elapsed() > self.config.spawn_timeout =>
                 {
                     Some((*s, "not ready within spawn_timeout".to_string()))
+                }
+                // Asked of a mold that died before reporting the fork: the worker may still
+                // exist and say hello on its channel (its after-fork sequence waits up to 2 s to
+                // be re-parented), so its slot is kept that long, then given up.
+                Phase::Starting
+                    if c.pid.is_none()
+                        && c.started.elapsed() > ORPHANED_SPAWN_GRACE
+                        && !self.children.values().any(|m| {
+                            m.kind == Kind::Mold && m.generation == c.generation && !m.is_retiring()
+                        }) =>
+                {
+                    Some((*s, "its mold died before reporting it".to_string()))
                 }
                 _ => None,
             })
@@ -904,11 +922,18 @@ impl Monitor {
             return Ok(());
         };
         let generation = mold.generation;
-        let used: Vec<u32> = active.iter().map(|(nr, _)| *nr).collect();
-        let mut missing: Vec<u32> = (0..self.target as u32)
-            .filter(|nr| !used.contains(nr))
-            .collect();
-        missing.truncate(self.target.saturating_sub(active.len()));
+        let mut used: Vec<u32> = active.iter().map(|(nr, _)| *nr).collect();
+        let mut running = active.len();
+        if self.reload.is_some() && self.config.reload_strategy == crate::config::ReloadStrategy::RetireFirst {
+            // Memory stays flat: a worker retired by the rollout is replaced once it is gone.
+            let leaving = self.children.values().filter(|c| c.kind == Kind::Worker && c.is_retiring() && c.generation < generation);
+            for c in leaving {
+                used.push(c.nr);
+                running += 1;
+            }
+        }
+        let mut missing: Vec<u32> = (0..self.target as u32).filter(|nr| !used.contains(nr)).collect();
+        missing.truncate(self.target.saturating_sub(running));
         for nr in missing {
             if let Err(e) = self.request_worker(mold_slot, nr, generation) {
                 tracing::error!(error = %e, nr, "cannot request a worker");

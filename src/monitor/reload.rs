@@ -41,6 +41,9 @@ pub(crate) struct Handover {
     pub reload_started_ms: u64,
     pub restarts: BTreeMap<String, u64>,
     pub notify_socket: Option<String>,
+    /// The metrics listener and its address.
+    #[serde(default)]
+    pub metrics: Option<(RawFd, std::net::SocketAddr)>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -276,6 +279,10 @@ impl Monitor {
             reload_started_ms: started_ms,
             restarts: self.restarts.clone(),
             notify_socket: self.notify_socket.clone(),
+            metrics: self
+                .metrics
+                .as_ref()
+                .and_then(|m| m.local_addr().ok().map(|a| (m.listener_fd().as_raw_fd(), a))),
         };
         for (slot, c) in &self.children {
             let Some(pid) = c.pid else { continue }; // never reported: its channel closes, it exits
@@ -300,6 +307,7 @@ impl Monitor {
         let mut fds: Vec<RawFd> = handover.listeners.iter().map(|l| l.fd).collect();
         fds.extend(handover.control.as_ref().map(|c| c.0));
         fds.push(handover.scoreboard.0);
+        fds.extend(handover.metrics.map(|m| m.0));
         fds.extend(handover.children.iter().filter_map(|c| c.channel));
         fds.extend(&handover.waiters);
         let json = serde_json::to_vec(&handover).map_err(|e| e.to_string())?;
