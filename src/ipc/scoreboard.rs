@@ -14,7 +14,7 @@
 //! The header also holds the tree's counters that must outlive any one process (and survive a
 //! re-exec, which hands the memfd over): requests served by processes that have gone, and reforks.
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -133,8 +133,11 @@ pub struct SlotView {
 }
 
 /// Milliseconds on the system-wide monotonic clock (comparable between processes).
+///
+/// The coarse clock (a few ms of resolution, read without a system call) is plenty for heartbeats
+/// and request ages, and it is read on every request.
 pub fn now_ms() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
         .unwrap_or(nix::sys::time::TimeSpec::new(0, 0));
     ts.tv_sec() as u64 * 1000 + ts.tv_nsec() as u64 / 1_000_000
 }
@@ -173,7 +176,9 @@ type RequestText = [u8; REQUEST_TEXT_BYTES];
 #[derive(Default)]
 struct RequestSet {
     next_id: u64,
-    tracked: BTreeMap<u64, (u64, RequestText)>,
+    /// Sorted by id (ids only grow, so a push keeps the order): the oldest is at the front.
+    /// A deque rather than a map: no allocation per request once it has grown.
+    tracked: VecDeque<(u64, (u64, RequestText))>,
     /// In flight but not subject to the age check (stream connections).
     untracked: u64,
 }
@@ -434,7 +439,7 @@ impl<'a> SlotWriter<'a> {
         let id = set.next_id;
         set.next_id += 1;
         let entry = (now, request_text(method, path));
-        set.tracked.insert(id, entry);
+        set.tracked.push_back((id, entry));
         let oldest = set.tracked.len() == 1;
         let in_flight = set.in_flight();
         self.write(|w| {
@@ -452,17 +457,18 @@ impl<'a> SlotWriter<'a> {
         let mut set = self.lock_requests();
         let was_oldest = set
             .tracked
-            .first_key_value()
+            .front()
             .is_some_and(|(first, _)| *first == id);
-        if set.tracked.remove(&id).is_none() {
+        let Ok(index) = set.tracked.binary_search_by_key(&id, |(i, _)| *i) else {
             return; // claimed anew meanwhile (the set was reset): nothing of ours to end
-        }
+        };
+        set.tracked.remove(index);
         let in_flight = set.in_flight();
         let untracked_only = set.tracked.is_empty() && set.untracked > 0;
         self.write(|w| {
             self.count_served(w, in_flight);
             if was_oldest {
-                publish_oldest(w, set.tracked.first_key_value().map(|(_, v)| v));
+                publish_oldest(w, set.tracked.front().map(|(_, v)| v));
                 if untracked_only {
                     write_text(w, &request_text("STREAM", ""));
                 }

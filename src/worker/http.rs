@@ -231,8 +231,11 @@ impl ConnectionLife {
                     waiting_first = false;
                 }
                 _ = self.stop.changed(), if !stopping => stopping = true,
-                // Stopping, and the first request not in yet: drain once it is.
-                _ = self.first_request.arrived.notified(), if stopping && !draining => {}
+                // The first request is in: stop watching the deadline (so later wake-ups of this
+                // connection poll nothing but it), and, if stopping, drain now.
+                _ = self.first_request.arrived.notified(), if waiting_first || (stopping && !draining) => {
+                    waiting_first = false;
+                }
             }
         }
     }
