@@ -151,7 +151,7 @@ p("```")
 p("bench/http/run.sh        # " + env("BENCH_SETTINGS"))
 p("")
 p("# load, per run (PORT = the server's port; stats.lua only adds a machine-readable summary line)")
-p(env("BENCH_WRK_CMD"))
+p(env("BENCH_WRK_CMD").replace(root + "/", ""))
 p("")
 p("# servers")
 if have_tine:
