@@ -171,9 +171,10 @@ p("under load is busy. CPU columns are seconds of CPU time during the run (the m
 p(f"{env('BENCH_NPROC')} cores, so a {env('BENCH_DURATION')} s run offers {int(env('BENCH_NPROC')) * float(env('BENCH_DURATION')):g} CPU-seconds); *softirq* is the")
 p("kernel's network processing not charged to a process (mostly this benchmark's loopback traffic);")
 p("*other* is everything else on the machine (builds, tests of other work): rounds with much of it")
-p(f"are noisy. Quiet gate: {env('BENCH_QUIET')}.\n")
-p("| round | server | req/s | p50 | p90 | p99 | max | requests | errors | server CPU s | wrk CPU s | softirq s | other CPU s |")
-p("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+p(f"are noisy. Quiet gate: {env('BENCH_QUIET')}. *Connections per process*: how wrk's")
+p("connections were spread over the server's processes mid-run (hyper is one process).\n")
+p("| round | server | req/s | p50 | p90 | p99 | max | requests | errors | server CPU s | wrk CPU s | softirq s | other CPU s | connections per process |")
+p("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for n in rounds:
     for s in servers:
         r = by.get((n, s))
@@ -182,7 +183,7 @@ for n in rounds:
         p(
             f"| {n} | {s} | {float(r['req_s']):,.0f} | {fmt_us(float(r['p50_us']))} | {fmt_us(float(r['p90_us']))} | "
             f"{fmt_us(float(r['p99_us']))} | {fmt_us(float(r['max_us']))} | {int(r['requests']):,} | {r['errors']} | "
-            f"{r['server_cpu_s']} | {r['wrk_cpu_s']} | {r['softirq_s']} | {r['other_cpu_s']} |"
+            f"{r['server_cpu_s']} | {r['wrk_cpu_s']} | {r['softirq_s']} | {r['other_cpu_s']} | {r['conn_spread']} |"
         )
 p("")
 

@@ -326,7 +326,7 @@ wait_quiet() {
 NOISY_RUNS=0
 
 RAW="$WORK/rounds.tsv"
-printf 'round\tserver\treq_s\tp50_us\tp90_us\tp99_us\tmax_us\tmean_us\trequests\terrors\tserver_cpu_s\twrk_cpu_s\tsoftirq_s\tother_cpu_s\n' >"$RAW"
+printf 'round\tserver\treq_s\tp50_us\tp90_us\tp99_us\tmax_us\tmean_us\trequests\terrors\tserver_cpu_s\twrk_cpu_s\tsoftirq_s\tother_cpu_s\tconn_spread\n' >"$RAW"
 
 # run_one ROUND NAME PORT PID
 run_one() {
@@ -335,14 +335,21 @@ run_one() {
     t0="$(tree_ticks "$pid")"
     m0="$(machine_ticks)"
     # shellcheck disable=SC2046
-    timeout -k 5 "$WRK_TIMEOUT" /usr/bin/time -f '%U %S' -o "$WORK/time.txt" $(wrk_cmd "$port" "$DURATION") >"$out" 2>&1 ||
-        die "wrk against $name failed: $(tail -3 "$out")"
+    timeout -k 5 "$WRK_TIMEOUT" /usr/bin/time -f '%U %S' -o "$WORK/time.txt" $(wrk_cmd "$port" "$DURATION") >"$out" 2>&1 &
+    local wrk_pid=$!
+    # Mid-run: how wrk's connections are spread over the server's processes (e.g. "50/14"; one
+    # number for a single process). A skewed spread changes how the 2 cores are shared.
+    sleep "$(awk -v d="$DURATION" 'BEGIN {print d / 2}')"
+    local spread
+    spread="$(ss -Htnp state established "( sport = :$port )" | grep -o 'pid=[0-9]*' | sort | uniq -c |
+        awk '{print $1}' | sort -rn | paste -sd/)"
+    wait "$wrk_pid" || die "wrk against $name failed: $(tail -3 "$out")"
     t1="$(tree_ticks "$pid")"
     m1="$(machine_ticks)"
     kill -0 "$pid" 2>/dev/null || die "$name died during the run"
-    python3 - "$round" "$name" "$out" "$((t1 - t0))" "$CLK_TCK" "$WORK/time.txt" "$m0" "$m1" >>"$RAW" <<'PY'
+    python3 - "$round" "$name" "$out" "$((t1 - t0))" "$CLK_TCK" "$WORK/time.txt" "$m0" "$m1" "${spread:-?}" >>"$RAW" <<'PY'
 import sys
-rnd, name, path, ticks, tck, tpath, m0, m1 = sys.argv[1:]
+rnd, name, path, ticks, tck, tpath, m0, m1, spread = sys.argv[1:]
 m = [int(b) - int(a) for a, b in zip(m0.split(), m1.split())]
 tck = int(tck)
 line = next(l for l in open(path) if l.startswith("RESULT "))
@@ -353,9 +360,9 @@ u, s = (float(x) for x in open(tpath).read().split()[-2:])
 print("\t".join(map(str, [rnd, name, round(n / dur, 1), kv["p50_us"], kv["p90_us"], kv["p99_us"],
                           kv["max_us"], kv["mean_us"], n, errs,
                           round(int(ticks) / tck, 2), round(u + s, 2), round(m[1] / tck, 2),
-                          round(max(0.0, (m[0] - int(ticks)) / tck - (u + s)), 2)])))
+                          round(max(0.0, (m[0] - int(ticks)) / tck - (u + s)), 2), spread])))
 PY
-    tail -1 "$RAW" | awk -F'\t' '{printf "  round %s %-6s %10s req/s  p50 %6s us  p99 %6s us  errors %s  server cpu %ss  wrk cpu %ss  softirq %ss  other cpu %ss\n", $1, $2, $3, $4, $6, $10, $11, $12, $13, $14}' >&2
+    tail -1 "$RAW" | awk -F'\t' '{printf "  round %s %-6s %10s req/s  p50 %6s us  p99 %6s us  errors %s  server cpu %ss  wrk cpu %ss  softirq %ss  other cpu %ss  conns %s\n", $1, $2, $3, $4, $6, $10, $11, $12, $13, $14, $15}' >&2
 }
 
 SERVERS=()
