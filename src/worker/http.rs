@@ -8,9 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tower::ServiceExt;
@@ -116,8 +115,8 @@ pub(super) fn spawn_accept_loop(
                 _open: open.clone(),
             };
             match accepted {
-                Accepted::Tcp(s) => builder.spawn(TokioIo::new(s), service, life),
-                Accepted::Unix(s) => builder.spawn(TokioIo::new(s), service, life),
+                Accepted::Tcp(s) => builder.spawn(s, service, life),
+                Accepted::Unix(s) => builder.spawn(s, service, life),
             }
         }
         // Stop accepting before draining: the listener's duplicate closes here.
@@ -129,43 +128,87 @@ pub(super) fn spawn_accept_loop(
     }))
 }
 
-/// The connection builder.
+/// The connection builders: HTTP/1.1, and HTTP/2 with prior knowledge when enabled.
 ///
-/// Why two kinds: hyper-util's auto builder ignores `http1_only` in
-/// `serve_connection_with_upgrades` (documented there), so `--http2 false` still spoke HTTP/2;
-/// with HTTP/2 off, hyper's own HTTP/1 builder serves (upgrades included).
-enum Builder {
-    Auto(auto::Builder<TokioExecutor>),
-    Http1(http1::Builder),
+/// The protocol is told by peeking at the first bytes (the HTTP/2 preface) before hyper sees the
+/// socket, once per connection. hyper-util's auto builder does that by wrapping the stream in a
+/// rewind buffer that every later read goes through, and its `serve_connection_with_upgrades`
+/// ignores `http1_only`; peeking keeps the request path as short as plain hyper's.
+struct Builder {
+    http1: http1::Builder,
+    http2: Option<http2::Builder<TokioExecutor>>,
+}
+
+/// A socket whose first bytes can be looked at without consuming them.
+trait Peek: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Sync + 'static {
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
+    fn try_peek(&self, buf: &mut [u8]) -> io::Result<usize>;
+}
+
+fn peek_fd(fd: std::os::fd::RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    use nix::sys::socket::{recv, MsgFlags};
+    recv(fd, buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
+}
+
+impl Peek for tokio::net::TcpStream {
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        tokio::net::TcpStream::readable(self)
+    }
+    fn try_peek(&self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        self.try_io(tokio::io::Interest::READABLE, || peek_fd(self.as_raw_fd(), buf))
+    }
+}
+
+impl Peek for tokio::net::UnixStream {
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        tokio::net::UnixStream::readable(self)
+    }
+    fn try_peek(&self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        self.try_io(tokio::io::Interest::READABLE, || peek_fd(self.as_raw_fd(), buf))
+    }
+}
+
+/// Whether the client opens with the HTTP/2 preface. `Err` if it closed first.
+async fn starts_with_http2_preface<S: Peek>(stream: &S) -> io::Result<bool> {
+    const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut buf = [0u8; 24];
+    loop {
+        stream.readable().await?;
+        match stream.try_peek(&mut buf) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) if buf[..n] != PREFACE[..n] => return Ok(false),
+            Ok(n) if n == PREFACE.len() => return Ok(true),
+            // A preface split across packets (rare): the bytes stay readable, so wait a moment
+            // rather than spin; the caller's deadline bounds this.
+            Ok(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 impl Builder {
     fn new(config: &Config) -> Builder {
-        if config.http2 {
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(config.header_read_timeout)
-                .max_buf_size(config.max_header_bytes)
-                .keep_alive(true);
-            builder.http2().timer(TokioTimer::new());
-            Builder::Auto(builder)
-        } else {
-            let mut builder = http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(config.header_read_timeout)
-                .max_buf_size(config.max_header_bytes)
-                .keep_alive(true);
-            Builder::Http1(builder)
-        }
+        let mut http1 = http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.header_read_timeout)
+            .max_buf_size(config.max_header_bytes)
+            .keep_alive(true);
+        let http2 = config.http2.then(|| {
+            let mut b = http2::Builder::new(TokioExecutor::new());
+            b.timer(TokioTimer::new());
+            b
+        });
+        Builder { http1, http2 }
     }
 
     /// Serves one connection in a task of its own.
-    fn spawn<I, S>(&'static self, io: TokioIo<I>, service: S, life: ConnectionLife)
+    fn spawn<I, S>(&'static self, io: I, service: S, life: ConnectionLife)
     where
-        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        I: Peek,
         S: hyper::service::Service<
                 Request,
                 Response = http::Response<crate::app::Body>,
@@ -174,16 +217,21 @@ impl Builder {
             + 'static,
         S::Future: Send + 'static,
     {
-        match self {
-            Builder::Auto(b) => {
-                let conn = b.serve_connection_with_upgrades(io, service);
-                tokio::spawn(life.drive(conn, |c| c.graceful_shutdown()));
+        tokio::spawn(async move {
+            if let Some(http2) = &self.http2 {
+                match tokio::time::timeout(life.patience, starts_with_http2_preface(&io)).await {
+                    Ok(Ok(true)) => {
+                        let conn = http2.serve_connection(TokioIo::new(io), service);
+                        return life.drive(conn, |c| c.graceful_shutdown()).await;
+                    }
+                    Ok(Ok(false)) => {}
+                    // Closed, failed, or silent past the head deadline (slowloris): drop it.
+                    _ => return,
+                }
             }
-            Builder::Http1(b) => {
-                let conn = b.serve_connection(io, service).with_upgrades();
-                tokio::spawn(life.drive(conn, |c| c.graceful_shutdown()));
-            }
-        }
+            let conn = self.http1.serve_connection(TokioIo::new(io), service).with_upgrades();
+            life.drive(conn, |c| c.graceful_shutdown()).await
+        });
     }
 }
 
@@ -199,20 +247,19 @@ struct ConnectionLife {
 impl ConnectionLife {
     /// Serves `conn` to its end. When the worker stops, `drain` asks it to finish gracefully.
     ///
-    /// A connection with no complete request head within `patience` is closed. hyper's own
-    /// `header_read_timeout` does not cover this: the auto builder first reads up to 24 bytes to
-    /// tell HTTP/1 from the HTTP/2 preface, without a timer, so a client that sent nothing (or a
-    /// partial preface) held its connection, and a worker's descriptors, for ever (slowloris).
-    /// Later idle periods of an HTTP/1 connection are hyper's timer's.
+    /// A connection with no complete request head within `patience` is closed: hyper's own
+    /// `header_read_timeout` does not cover an HTTP/2 connection that never completes its first
+    /// frames, nor a client that sends nothing (slowloris). Later idle periods of an HTTP/1
+    /// connection are hyper's timer's.
     async fn drive<C: Future>(mut self, conn: C, drain: fn(Pin<&mut C>)) {
         let mut conn = std::pin::pin!(conn);
         let mut first_deadline = std::pin::pin!(tokio::time::sleep(self.patience));
         let mut waiting_first = true;
-        // The drain waits for the first request: the auto builder's graceful shutdown *cancels* a
-        // connection still telling HTTP/1 from HTTP/2, closing it with the client's request
-        // unanswered (a reset or an empty reply while a worker is recycled). Once a request is
-        // in, hyper drains properly (it answers it, with `Connection: close`); a connection that
-        // never sends one is closed at `patience` as usual.
+        // The drain waits for the first request: a graceful shutdown before it would close a
+        // fresh connection whose request is already on its way, unanswered (a reset or an empty
+        // reply while a worker is recycled). Once a request is in, hyper drains properly (it
+        // answers it, with `Connection: close`); a connection that never sends one is closed at
+        // `patience` as usual.
         let mut stopping = *self.stop.borrow_and_update() != Stop::Running;
         let mut draining = false;
         loop {
@@ -259,6 +306,12 @@ impl FirstRequest {
     }
 }
 
+/// The size of a request head as sent, near enough: request line and header lines.
+fn head_size(req: &Request) -> usize {
+    let line = req.method().as_str().len() + req.uri().path_and_query().map_or(1, |p| p.as_str().len()) + 12;
+    req.headers().iter().fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
+}
+
 /// Wraps the app's service: scoreboard accounting, the request timeout, the debug header.
 fn request_service(
     service: HttpService,
@@ -275,6 +328,9 @@ fn request_service(
 > + Clone {
     hyper::service::service_fn(move |req: Request| {
         first_request.mark();
+        // hyper bounds its read buffer by max_header_bytes, but a head that arrives in one large
+        // read can pass whole; the limit is a promise, so check it exactly.
+        let oversized = head_size(&req) > config.max_header_bytes;
         let http1 = req.version() <= http::Version::HTTP_11;
         // Ends (counted, and no longer the oldest in flight) when dropped, however the request
         // ends: the scoreboard's hang detection sees the oldest request's age.
@@ -282,6 +338,12 @@ fn request_service(
         let call = service.clone().oneshot(req);
         let config = config.clone();
         async move {
+            if oversized {
+                let mut r = http::Response::new(full("request header fields too large\n"));
+                *r.status_mut() = http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+                r.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                return Ok(r);
+            }
             let mut response = if config.request_timeout.is_zero() {
                 call.await?
             } else {
