@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -105,12 +105,11 @@ pub(super) fn spawn_accept_loop(
                 _ = stop.changed() => break,
                 a = listener.accept(config.nodelay) => a,
             };
-            let first_request = Arc::new(FirstRequest::default());
-            let service =
-                request_service(service.clone(), config.clone(), slot, first_request.clone());
+            let activity = Arc::new(Activity::default());
+            let service = request_service(service.clone(), config.clone(), slot, activity.clone());
             let life = ConnectionLife {
                 stop: stop.clone(),
-                first_request,
+                activity,
                 patience: config.header_read_timeout,
                 _open: open.clone(),
             };
@@ -156,7 +155,9 @@ impl Peek for tokio::net::TcpStream {
     }
     fn try_peek(&self, buf: &mut [u8]) -> io::Result<usize> {
         use std::os::fd::AsRawFd;
-        self.try_io(tokio::io::Interest::READABLE, || peek_fd(self.as_raw_fd(), buf))
+        self.try_io(tokio::io::Interest::READABLE, || {
+            peek_fd(self.as_raw_fd(), buf)
+        })
     }
 }
 
@@ -166,7 +167,9 @@ impl Peek for tokio::net::UnixStream {
     }
     fn try_peek(&self, buf: &mut [u8]) -> io::Result<usize> {
         use std::os::fd::AsRawFd;
-        self.try_io(tokio::io::Interest::READABLE, || peek_fd(self.as_raw_fd(), buf))
+        self.try_io(tokio::io::Interest::READABLE, || {
+            peek_fd(self.as_raw_fd(), buf)
+        })
     }
 }
 
@@ -191,12 +194,10 @@ async fn starts_with_http2_preface<S: Peek>(stream: &S) -> io::Result<bool> {
 
 impl Builder {
     fn new(config: &Config) -> Builder {
+        // No timer for HTTP/1: hyper would arm a boxed sleep for every request head. The head
+        // deadline is kept per connection instead, by `ConnectionLife::drive`'s coarse watch.
         let mut http1 = http1::Builder::new();
-        http1
-            .timer(TokioTimer::new())
-            .header_read_timeout(config.header_read_timeout)
-            .max_buf_size(config.max_header_bytes)
-            .keep_alive(true);
+        http1.max_buf_size(config.max_header_bytes).keep_alive(true);
         let http2 = config.http2.then(|| {
             let mut b = http2::Builder::new(TokioExecutor::new());
             b.timer(TokioTimer::new());
@@ -218,18 +219,29 @@ impl Builder {
         S::Future: Send + 'static,
     {
         tokio::spawn(async move {
-            if let Some(http2) = &self.http2 {
-                match tokio::time::timeout(life.patience, starts_with_http2_preface(&io)).await {
-                    Ok(Ok(true)) => {
-                        let conn = http2.serve_connection(TokioIo::new(io), service);
-                        return life.drive(conn, |c| c.graceful_shutdown()).await;
+            let sniffed = match &self.http2 {
+                None => false,
+                Some(_) => {
+                    match tokio::time::timeout(life.patience, starts_with_http2_preface(&io)).await
+                    {
+                        Ok(Ok(h2)) => h2,
+                        // Closed, failed, or silent past the head deadline (slowloris): drop it.
+                        _ => return,
                     }
-                    Ok(Ok(false)) => {}
-                    // Closed, failed, or silent past the head deadline (slowloris): drop it.
-                    _ => return,
                 }
+            };
+            let io = Counted {
+                inner: io,
+                activity: life.activity.clone(),
+            };
+            if let (true, Some(http2)) = (sniffed, &self.http2) {
+                let conn = http2.serve_connection(TokioIo::new(io), service);
+                return life.drive(conn, |c| c.graceful_shutdown()).await;
             }
-            let conn = self.http1.serve_connection(TokioIo::new(io), service).with_upgrades();
+            let conn = self
+                .http1
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades();
             life.drive(conn, |c| c.graceful_shutdown()).await
         });
     }
@@ -239,7 +251,7 @@ impl Builder {
 /// whether a request has arrived yet, and the drain tracker.
 struct ConnectionLife {
     stop: watch::Receiver<Stop>,
-    first_request: Arc<FirstRequest>,
+    activity: Arc<Activity>,
     patience: Duration,
     _open: mpsc::Sender<()>,
 }
@@ -247,23 +259,26 @@ struct ConnectionLife {
 impl ConnectionLife {
     /// Serves `conn` to its end. When the worker stops, `drain` asks it to finish gracefully.
     ///
-    /// A connection with no complete request head within `patience` is closed: hyper's own
-    /// `header_read_timeout` does not cover an HTTP/2 connection that never completes its first
-    /// frames, nor a client that sends nothing (slowloris). Later idle periods of an HTTP/1
-    /// connection are hyper's timer's.
+    /// Deadlines are kept coarsely, with one ticker per connection (period `patience`) instead of
+    /// a timer armed for every request: at each tick, a connection that has completed no request
+    /// head, written nothing and has no request in flight since the previous tick is closed. So a
+    /// client that sends nothing, trickles a head (slowloris), or idles on keep-alive is cut off
+    /// after `patience` to `2 × patience` (the first head must come within `patience`); a slow
+    /// download (writes) or a long request (in flight) is not.
     async fn drive<C: Future>(mut self, conn: C, drain: fn(Pin<&mut C>)) {
         let mut conn = std::pin::pin!(conn);
-        let mut first_deadline = std::pin::pin!(tokio::time::sleep(self.patience));
-        let mut waiting_first = true;
+        let start = tokio::time::Instant::now() + self.patience;
+        let mut watch = tokio::time::interval_at(start, self.patience);
+        let mut last = self.activity.progress();
         // The drain waits for the first request: a graceful shutdown before it would close a
         // fresh connection whose request is already on its way, unanswered (a reset or an empty
         // reply while a worker is recycled). Once a request is in, hyper drains properly (it
-        // answers it, with `Connection: close`); a connection that never sends one is closed at
-        // `patience` as usual.
+        // answers it, with `Connection: close`); a connection that never sends one is closed by
+        // the watch as usual.
         let mut stopping = *self.stop.borrow_and_update() != Stop::Running;
         let mut draining = false;
         loop {
-            if stopping && !draining && self.first_request.seen.load(Ordering::Relaxed) {
+            if stopping && !draining && self.activity.seen.load(Ordering::Relaxed) {
                 draining = true;
                 drain(conn.as_mut());
             }
@@ -271,45 +286,139 @@ impl ConnectionLife {
                 // The connection is the hot branch: poll it first, skip select's random start.
                 biased;
                 _ = conn.as_mut() => return,
-                _ = first_deadline.as_mut(), if waiting_first => {
-                    if !self.first_request.seen.load(Ordering::Relaxed) {
+                _ = watch.tick() => {
+                    let now = self.activity.progress();
+                    if now == last && self.activity.busy.load(Ordering::Relaxed) == 0 {
                         return; // dropping the connection closes the socket
                     }
-                    waiting_first = false;
+                    last = now;
                 }
                 _ = self.stop.changed(), if !stopping => stopping = true,
-                // The first request is in: stop watching the deadline (so later wake-ups of this
-                // connection poll nothing but it), and, if stopping, drain now.
-                _ = self.first_request.arrived.notified(), if waiting_first || (stopping && !draining) => {
-                    waiting_first = false;
-                }
+                // Stopping, and the first request not in yet: drain once it is.
+                _ = self.activity.arrived.notified(), if stopping && !draining => {}
             }
         }
     }
 }
 
-/// Whether a connection's first request head has arrived, with a wake-up for a drain waiting for
-/// it (notify_one keeps a permit, so an arrival between two looks is not lost).
+/// What a connection has done, for its coarse deadlines and its drain: request heads completed,
+/// writes, requests in flight, and whether the first head has arrived (with a wake-up for a drain
+/// waiting for it; notify_one keeps a permit, so an arrival between two looks is not lost).
 #[derive(Default)]
-struct FirstRequest {
+struct Activity {
     seen: AtomicBool,
     arrived: tokio::sync::Notify,
+    heads: AtomicU64,
+    writes: AtomicU64,
+    busy: AtomicU64,
 }
 
-impl FirstRequest {
-    /// Called for every request; only the first one notifies.
+impl Activity {
+    /// Called for every request head.
     fn mark(&self) {
+        self.heads.fetch_add(1, Ordering::Relaxed);
         if !self.seen.load(Ordering::Relaxed) {
             self.seen.store(true, Ordering::Relaxed);
             self.arrived.notify_one();
         }
     }
+
+    fn progress(&self) -> (u64, u64) {
+        (
+            self.heads.load(Ordering::Relaxed),
+            self.writes.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Counts a request in flight on its connection until dropped (however the request ends).
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn new(activity: &Arc<Activity>) -> Busy {
+        activity.busy.fetch_add(1, Ordering::Relaxed);
+        Busy(activity.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A connection's socket, counting successful writes for the coarse deadline watch.
+struct Counted<I> {
+    inner: I,
+    activity: Arc<Activity>,
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            if *n > 0 {
+                self.activity.writes.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            if *n > 0 {
+                self.activity.writes.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// The size of a request head as sent, near enough: request line and header lines.
 fn head_size(req: &Request) -> usize {
-    let line = req.method().as_str().len() + req.uri().path_and_query().map_or(1, |p| p.as_str().len()) + 12;
-    req.headers().iter().fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
+    let line = req.method().as_str().len()
+        + req.uri().path_and_query().map_or(1, |p| p.as_str().len())
+        + 12;
+    req.headers()
+        .iter()
+        .fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
 }
 
 /// Wraps the app's service: scoreboard accounting, the request timeout, the debug header.
@@ -317,7 +426,7 @@ fn request_service(
     service: HttpService,
     config: Arc<Config>,
     slot: SlotWriter<'static>,
-    first_request: Arc<FirstRequest>,
+    activity: Arc<Activity>,
 ) -> impl hyper::service::Service<
     Request,
     Response = http::Response<crate::app::Body>,
@@ -327,7 +436,8 @@ fn request_service(
     > + Send,
 > + Clone {
     hyper::service::service_fn(move |req: Request| {
-        first_request.mark();
+        activity.mark();
+        let busy = Busy::new(&activity);
         // hyper bounds its read buffer by max_header_bytes, but a head that arrives in one large
         // read can pass whole; the limit is a promise, so check it exactly.
         let oversized = head_size(&req) > config.max_header_bytes;
@@ -341,7 +451,10 @@ fn request_service(
             if oversized {
                 let mut r = http::Response::new(full("request header fields too large\n"));
                 *r.status_mut() = http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
-                r.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                r.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
                 return Ok(r);
             }
             let mut response = if config.request_timeout.is_zero() {
@@ -358,6 +471,7 @@ fn request_service(
                 }
             };
             drop(guard);
+            drop(busy);
             if http1 && DRAINING.load(Ordering::Relaxed) {
                 response.headers_mut().insert(
                     http::header::CONNECTION,
