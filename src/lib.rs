@@ -17,7 +17,8 @@
 //! socket, becomes a child subreaper, blocks its signals and reads them from a signalfd, and forks
 //! the generation-0 mold. Then it loops on one `poll` over the signalfd, one channel per child, the
 //! control socket and a timer. Each wake-up ends in `reconcile`, which compares the table of
-//! children with the target (a mold, N workers) and acts; a tick checks limits and hangs. It never
+//! children with the target (a mold, N workers) and acts; a tick checks limits and hangs; the
+//! control socket (`tine ctl`) and an optional Prometheus endpoint are served by the same loop. It never
 //! starts a thread: before every fork the thread count is checked ([`sys::process::fork`]).
 //!
 //! **Mold** (`mold`). Generation 0 is forked by the monitor and runs [`App::preload`] — the
@@ -42,6 +43,15 @@
 //! time is shared copy-on-write again. Shared data should be read through `&'static` references:
 //! a reference-count increment is a write that un-shares a page.
 //!
+//! **Reload.** `SIGHUP` or `tine ctl reload` first runs the executable on disk (the path saved at
+//! start) as `tine check` with the same arguments; if that fails, nothing changes. Then the
+//! monitor re-executes itself in place, handing every fd it polls (listeners, child channels,
+//! control and metrics sockets, the scoreboard memfd, a waiting `ctl reload`) to the new image with
+//! a JSON state memfd. The new image adopts its children (still its own after `execve`), forks a
+//! fresh preloaded mold and rolls every worker over; if that mold fails, the adopted generation
+//! keeps serving. Development mode (`--watch`, `--watch-boot`) drives the same machinery from an
+//! inotify fd in the poll loop; systemd socket activation and `sd_notify` are in the monitor too.
+//!
 //! **Supervision.** Every death is reaped and explained (exit code, signal, limit, timeout);
 //! replacements back off exponentially on crash loops and the monitor exits after
 //! `max_consecutive_spawn_errors`. Limits end in replace-then-retire, so capacity never dips. If the
@@ -51,7 +61,7 @@
 //! that runs typed jobs in pooled, isolated worker processes.
 //!
 //! `unsafe` code lives in [`sys`] only. Signals: `INT` quick stop, `TERM`/`QUIT` graceful stop,
-//! `TTIN`/`TTOU` one worker more/less, `USR2` refork.
+//! `HUP` reload, `USR2` refork, `USR1` reopen logs, `TTIN`/`TTOU` one worker more/less.
 #![deny(missing_docs)]
 
 pub mod app;
