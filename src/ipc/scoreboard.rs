@@ -455,10 +455,7 @@ impl<'a> SlotWriter<'a> {
 
     fn finish_tracked(&self, id: u64) {
         let mut set = self.lock_requests();
-        let was_oldest = set
-            .tracked
-            .front()
-            .is_some_and(|(first, _)| *first == id);
+        let was_oldest = set.tracked.front().is_some_and(|(first, _)| *first == id);
         let Ok(index) = set.tracked.binary_search_by_key(&id, |(i, _)| *i) else {
             return; // claimed anew meanwhile (the set was reset): nothing of ours to end
         };

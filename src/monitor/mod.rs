@@ -130,8 +130,13 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
     // Handed over across a reload when the address stays; bound otherwise.
     let handed_metrics = handover.as_ref().and_then(|h| h.metrics);
     let metrics = match (config.metrics_listen, handed_metrics) {
-        (Some(addr), Some((fd, old))) if same_listener(&ListenAddr::Tcp(old), &ListenAddr::Tcp(addr)) => {
-            Some(crate::metrics::MetricsServer::adopt(reload::adopt_fd(fd)).map_err(setup("cannot adopt the metrics listener"))?)
+        (Some(addr), Some((fd, old)))
+            if same_listener(&ListenAddr::Tcp(old), &ListenAddr::Tcp(addr)) =>
+        {
+            Some(
+                crate::metrics::MetricsServer::adopt(reload::adopt_fd(fd))
+                    .map_err(setup("cannot adopt the metrics listener"))?,
+            )
         }
         (wanted, handed) => {
             drop(handed.map(|(fd, _)| reload::adopt_fd(fd)));
@@ -157,9 +162,17 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
     crate::log::set_process_tag("monitor".into());
     let addrs: Vec<String> = listeners.iter().map(|l| l.addr().to_string()).collect();
     if handover.is_none() {
-        tracing::info!(listen = addrs.join(","), workers = config.workers, "starting");
+        tracing::info!(
+            listen = addrs.join(","),
+            workers = config.workers,
+            "starting"
+        );
     } else {
-        tracing::info!(listen = addrs.join(","), workers = config.workers, "new image running; adopting the tree");
+        tracing::info!(
+            listen = addrs.join(","),
+            workers = config.workers,
+            "new image running; adopting the tree"
+        );
     }
     let mut monitor = Monitor {
         target: config.workers,
@@ -251,7 +264,10 @@ fn adopt_resources(config: &Config, h: &reload::Handover) -> Result<Resources, M
     } else {
         let mut out = Vec::new();
         for addr in &config.listen {
-            match handed.iter().position(|(l, _)| same_listener(&l.addr(), addr)) {
+            match handed
+                .iter()
+                .position(|(l, _)| same_listener(&l.addr(), addr))
+            {
                 Some(i) => out.push(handed.remove(i).0),
                 None => out.extend(
                     Listener::bind_all(&Config {
@@ -924,15 +940,22 @@ impl Monitor {
         let generation = mold.generation;
         let mut used: Vec<u32> = active.iter().map(|(nr, _)| *nr).collect();
         let mut running = active.len();
-        if self.reload.is_some() && self.config.reload_strategy == crate::config::ReloadStrategy::RetireFirst {
+        if self.reload.is_some()
+            && self.config.reload_strategy == crate::config::ReloadStrategy::RetireFirst
+        {
             // Memory stays flat: a worker retired by the rollout is replaced once it is gone.
-            let leaving = self.children.values().filter(|c| c.kind == Kind::Worker && c.is_retiring() && c.generation < generation);
+            let leaving = self
+                .children
+                .values()
+                .filter(|c| c.kind == Kind::Worker && c.is_retiring() && c.generation < generation);
             for c in leaving {
                 used.push(c.nr);
                 running += 1;
             }
         }
-        let mut missing: Vec<u32> = (0..self.target as u32).filter(|nr| !used.contains(nr)).collect();
+        let mut missing: Vec<u32> = (0..self.target as u32)
+            .filter(|nr| !used.contains(nr))
+            .collect();
         missing.truncate(self.target.saturating_sub(running));
         for nr in missing {
             if let Err(e) = self.request_worker(mold_slot, nr, generation) {

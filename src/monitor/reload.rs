@@ -279,10 +279,11 @@ impl Monitor {
             reload_started_ms: started_ms,
             restarts: self.restarts.clone(),
             notify_socket: self.notify_socket.clone(),
-            metrics: self
-                .metrics
-                .as_ref()
-                .and_then(|m| m.local_addr().ok().map(|a| (m.listener_fd().as_raw_fd(), a))),
+            metrics: self.metrics.as_ref().and_then(|m| {
+                m.local_addr()
+                    .ok()
+                    .map(|a| (m.listener_fd().as_raw_fd(), a))
+            }),
         };
         for (slot, c) in &self.children {
             let Some(pid) = c.pid else { continue }; // never reported: its channel closes, it exits
