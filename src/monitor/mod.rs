@@ -724,7 +724,17 @@ impl Monitor {
                 error,
             } => {
                 tracing::error!(error, "mold could not fork a worker");
-                self.children.remove(&(worker_slot as usize));
+                // Only a request still pending can have failed; a slot of a running process
+                // named here is a confused mold, not a reason to forget that process.
+                let slot = worker_slot as usize;
+                if self
+                    .children
+                    .get(&slot)
+                    .is_some_and(|w| w.kind == Kind::Worker && w.pid.is_none())
+                {
+                    self.children.remove(&slot);
+                    self.board.clear(slot);
+                }
                 self.spawn_failed(error);
             }
             Report::Exiting { reason } => {
