@@ -565,6 +565,38 @@ fn a_binary_that_exits_at_once_is_refused_and_the_old_tree_keeps_serving() {
 }
 
 #[test]
+fn the_monitor_keeps_answering_while_a_slow_preflight_runs() {
+    let app = AppDir::new(&example_bin("hello_v1"));
+    let mut server = Launch::program(app.exe())
+        .args(["--listen", &listen_arg(), "--workers", "1"])
+        .start();
+    wait_settled(&server, 0, 1);
+    // A "new binary" whose check takes 3 s and then fails.
+    app.install_text("#!/bin/sh\nsleep 3\nexit 1\n", true);
+    let mark = server.log.mark();
+    server.signal(Signal::SIGHUP);
+    server
+        .log
+        .wait_for_log_since(mark, "SIGHUP: reloading", Duration::from_secs(5));
+    // Meanwhile the control socket answers: the preflight does not block the loop, so the reply
+    // comes before the preflight's verdict.
+    let status = server
+        .ctl(&["status"])
+        .expect("status during the preflight");
+    assert!(status.contains("worker"), "{status}");
+    assert!(
+        !server.log.text().contains("reload refused"),
+        "status was answered only after the preflight ended"
+    );
+    let line = server
+        .log
+        .wait_for_log_since(mark, "reload refused", Duration::from_secs(15));
+    assert!(line.contains("exit status: 1"), "{line}");
+    assert_eq!(server.get("/").text(), "hello v1\n");
+    assert_same_monitor(&mut server);
+}
+
+#[test]
 fn a_new_mold_whose_preload_fails_leaves_the_old_generation_serving() {
     let app = AppDir::new(&example_bin("watch_demo"));
     let data = app.dir.write("data/table.txt", "alpha\n");

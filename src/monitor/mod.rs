@@ -103,6 +103,8 @@ pub(crate) struct Monitor {
     spawn_mold: fn(&mut Monitor, u32) -> std::io::Result<()>,
     /// A reload under way.
     reload: Option<reload::Progress>,
+    /// A reload's preflight under way.
+    preflight: Option<reload::Preflight>,
     /// The listeners came from systemd socket activation.
     activated: bool,
     notify_socket: Option<String>,
@@ -195,6 +197,7 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
         restarts: BTreeMap::new(),
         spawn_mold: fork_mold::<A>,
         reload: None,
+        preflight: None,
         activated,
         notify_socket: std::env::var("NOTIFY_SOCKET").ok(),
         watchdog: systemd::watchdog_interval().map(|i| (i, Instant::now())),
@@ -396,6 +399,7 @@ impl Monitor {
             self.check_limits();
             // Event-driven too: the next old worker is replaced as soon as the last one is.
             self.advance_rollout();
+            self.check_preflight();
             self.check_reload();
             self.check_watch();
             systemd::watchdog_tick(self);
@@ -797,6 +801,14 @@ impl Monitor {
                 ),
                 _ => continue,
             };
+            let raw = match status {
+                WaitStatus::Exited(_, code) => (code & 0xff) << 8,
+                WaitStatus::Signaled(_, sig, _) => sig as i32,
+                _ => 0,
+            };
+            if self.preflight_exited(pid, std::os::unix::process::ExitStatusExt::from_raw(raw)) {
+                continue;
+            }
             let Some(slot) = self
                 .children
                 .iter()

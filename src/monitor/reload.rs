@@ -102,37 +102,42 @@ pub(crate) fn take_handover() -> Result<Option<Handover>, String> {
     Ok(Some(handover))
 }
 
-/// Runs the executable on disk in check mode with the same arguments; fails with its message.
-fn preflight() -> Result<(), String> {
+/// A preflight under way: the executable on disk running `check` with the same arguments. The
+/// monitor's loop goes on meanwhile; the check's exit arrives with SIGCHLD like any child's.
+pub(crate) struct Preflight {
+    child: std::process::Child,
+    started: Instant,
+    started_ms: u64,
+    waiters: Vec<UnixStream>,
+    status: Option<std::process::ExitStatus>,
+}
+
+/// How long a preflight may run before it is killed and the reload refused.
+const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Starts the executable on disk in check mode with the same arguments.
+fn start_preflight() -> Result<std::process::Child, String> {
     let exe = crate::cli::saved_exe();
     let argv = crate::cli::saved_argv();
     let serve = argv
         .iter()
         .position(|a| a == "serve")
         .ok_or("the saved command line has no `serve`")?;
-    let mut child = std::process::Command::new(exe)
+    std::process::Command::new(exe)
         .arg("check")
         .args(&argv[serve + 1..])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "{} check did not finish within 10 s",
-                    exe.display()
-                ));
-            }
-        }
-    };
+        .map_err(|e| format!("cannot run {}: {e}", exe.display()))
+}
+
+/// Judges a finished preflight by its exit status and output.
+fn judge_preflight(
+    child: &mut std::process::Child,
+    status: std::process::ExitStatus,
+) -> Result<(), String> {
     let mut out = String::new();
     let mut err = String::new();
     if let Some(mut s) = child.stdout.take() {
@@ -184,26 +189,81 @@ impl Monitor {
             progress.waiters.extend(waiter);
             return;
         }
+        if let Some(preflight) = &mut self.preflight {
+            tracing::info!("{why}: a reload is already being checked");
+            preflight.waiters.extend(waiter);
+            return;
+        }
         if !self.is_running() {
             if let Some(w) = waiter {
                 let _ = crate::control::reply_to(w, Err("stopping".into()));
             }
             return;
         }
-        let started_ms = now_ms();
         tracing::info!("{why}: reloading");
         super::systemd::notify_reloading(self);
-        let mut waiters: Vec<UnixStream> = waiter.into_iter().collect();
-        let result = preflight().and_then(|()| {
+        let waiters: Vec<UnixStream> = waiter.into_iter().collect();
+        match start_preflight() {
+            Ok(child) => {
+                self.preflight = Some(Preflight {
+                    child,
+                    started: Instant::now(),
+                    started_ms: now_ms(),
+                    waiters,
+                    status: None,
+                })
+            }
+            Err(error) => self.refuse_reload(error, waiters),
+        }
+    }
+
+    /// Called by `reap` with every exit status: true if it was the preflight's.
+    pub(crate) fn preflight_exited(
+        &mut self,
+        pid: nix::unistd::Pid,
+        status: std::process::ExitStatus,
+    ) -> bool {
+        match &mut self.preflight {
+            Some(p) if p.child.id() as i32 == pid.as_raw() => {
+                p.status = Some(status);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// On every turn of the loop: once the preflight is done, re-exec or refuse; past its
+    /// deadline, kill it and refuse.
+    pub(crate) fn check_preflight(&mut self) {
+        let Some(p) = &mut self.preflight else { return };
+        let Some(status) = p.status else {
+            if p.started.elapsed() > PREFLIGHT_TIMEOUT {
+                let _ = p.child.kill(); // reaped by the loop as an orphan
+                let mut p = self.preflight.take().expect("checked above");
+                let error = format!(
+                    "{} check did not finish within {} s",
+                    crate::cli::saved_exe().display(),
+                    PREFLIGHT_TIMEOUT.as_secs()
+                );
+                self.refuse_reload(error, std::mem::take(&mut p.waiters));
+            }
+            return;
+        };
+        let mut p = self.preflight.take().expect("checked above");
+        let mut waiters = std::mem::take(&mut p.waiters);
+        let result = judge_preflight(&mut p.child, status).and_then(|()| {
             // Control clients already accepted would lose their connection at the exec.
             self.settle_control_clients(&mut waiters);
             if !self.is_running() {
                 return Err("the server is stopping".to_string());
             }
-            self.exec_with_handover(started_ms, &waiters)
+            self.exec_with_handover(p.started_ms, &waiters)
         });
         // Only failures come back here.
-        let error = result.err().unwrap_or_default();
+        self.refuse_reload(result.err().unwrap_or_default(), waiters);
+    }
+
+    fn refuse_reload(&mut self, error: String, waiters: Vec<UnixStream>) {
         tracing::error!(error, "reload refused; the running service is unchanged");
         if self.is_running() {
             super::systemd::notify_ready(self, "reload failed; old generation serving");
