@@ -84,6 +84,14 @@ pub(crate) fn run<A: App>(app: &mut A, start: Start<'_>) -> i32 {
                 tracing::error!(error = %e, "mold channel failed");
                 return 72;
             }
+            // An upgraded monitor speaking a newer wire format: this mold's generation is old.
+            Err(ChannelError::Decode(crate::ipc::message::DecodeError::Version(v))) => {
+                tracing::warn!(
+                    version = v,
+                    "the monitor speaks another wire version; retiring"
+                );
+                return 0;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "bad message from the monitor");
                 continue;

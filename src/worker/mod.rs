@@ -240,10 +240,58 @@ async fn read_commands(channel: &AsyncFd<Channel>) -> Stop {
                     tracing::warn!("ignoring SpawnWorker sent to a worker");
                 }
             },
+            // The monitor was upgraded in place and speaks a newer wire format: this worker is of
+            // the old generation, so it drains (the new monitor replaces it) rather than dies.
+            Err(ChannelError::Decode(crate::ipc::message::DecodeError::Version(v))) => {
+                tracing::warn!(
+                    version = v,
+                    "the monitor speaks another wire version; draining"
+                );
+                return Stop::Graceful;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "bad message from the monitor");
                 return Stop::Quick;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use nix::sys::socket::{send, MsgFlags};
+
+    use super::*;
+
+    /// Feeds one raw packet (or, with `None`, a closed channel) to a worker's command reader.
+    fn read_after(packet: Option<&[u8]>) -> Stop {
+        let (monitor, worker) = Channel::pair().expect("socketpair");
+        match packet {
+            Some(p) => {
+                send(monitor.as_raw_fd(), p, MsgFlags::empty()).expect("send");
+            }
+            None => drop(monitor),
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let fd = crate::sys::fd::register_async(worker).expect("register");
+            read_commands(&fd).await
+        })
+    }
+
+    #[test]
+    fn commands_and_bad_packets() {
+        let graceful = crate::ipc::message::encode(&Command::Stop { graceful: true });
+        assert_eq!(read_after(Some(&graceful)), Stop::Graceful);
+        // An upgraded monitor speaking another wire version: drain, do not die.
+        assert_eq!(read_after(Some(&[9, 0, 1, 2, 3])), Stop::Graceful);
+        // Garbage of this version, or the monitor gone: stop at once.
+        assert_eq!(read_after(Some(&[1, 0, 200, 200, 200])), Stop::Quick);
+        assert_eq!(read_after(None), Stop::Quick);
     }
 }
