@@ -1,0 +1,274 @@
+//! Starting the monitor: fresh (bind, create) or after a reload's re-exec (adopt what the previous
+//! image handed over), then into the loop. Also the fork of a preloading mold.
+
+use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+
+use super::{reload, setup, systemd, watch, Child, Kind, Mode, Monitor, MonitorError};
+use crate::app::App;
+use crate::child;
+use crate::config::{Config, ListenAddr};
+use crate::control::ControlServer;
+use crate::ipc::channel::Channel;
+use crate::ipc::scoreboard::{self, Scoreboard};
+use crate::listener::Listener;
+use crate::mold;
+use crate::sys::process::{self, Forked};
+
+/// Runs the server with app `A` until it is stopped. Returns the exit code.
+///
+/// After a reload's re-exec this same function starts again: it finds the handover left by the
+/// previous image and adopts its sockets, scoreboard and children instead of creating them.
+pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
+    A::check(&config).map_err(|e| MonitorError::Config(format!("{e:#}")))?;
+    let handover = reload::take_handover().map_err(MonitorError::Config)?;
+    let (listeners, control, board, activated) = match &handover {
+        Some(h) => adopt_resources(&config, h)?,
+        None => fresh_resources(&config)?,
+    };
+    let board = scoreboard::install(board);
+    // Handed over across a reload when the address stays; bound otherwise.
+    let handed_metrics = handover.as_ref().and_then(|h| h.metrics);
+    let metrics = match (config.metrics_listen, handed_metrics) {
+        (Some(addr), Some((fd, old)))
+            if same_listener(&ListenAddr::Tcp(old), &ListenAddr::Tcp(addr)) =>
+        {
+            Some(
+                crate::metrics::MetricsServer::adopt(reload::adopt_fd(fd))
+                    .map_err(setup("cannot adopt the metrics listener"))?,
+            )
+        }
+        (wanted, handed) => {
+            drop(handed.map(|(fd, _)| reload::adopt_fd(fd)));
+            wanted
+                .map(crate::metrics::MetricsServer::bind)
+                .transpose()
+                .map_err(|e| MonitorError::Config(e.to_string()))?
+        }
+    };
+    let mut mask = SigSet::empty();
+    for sig in HANDLED_SIGNALS {
+        mask.add(sig);
+    }
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)
+        .map_err(|e| setup("cannot block signals")(e.into()))?;
+    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .map_err(|e| setup("cannot create the signalfd")(e.into()))?;
+    process::set_child_subreaper().map_err(setup("cannot become a subreaper"))?;
+    let pid_file = config.pid_file.clone();
+    if let Some(path) = &pid_file {
+        write_pid_file(path).map_err(setup("cannot write the pid file"))?;
+    }
+    crate::log::set_process_tag("monitor".into());
+    let addrs: Vec<String> = listeners.iter().map(|l| l.addr().to_string()).collect();
+    if handover.is_none() {
+        tracing::info!(
+            listen = addrs.join(","),
+            workers = config.workers,
+            "starting"
+        );
+    } else {
+        tracing::info!(
+            listen = addrs.join(","),
+            workers = config.workers,
+            "new image running; adopting the tree"
+        );
+    }
+    let mut monitor = Monitor {
+        target: config.workers,
+        config,
+        listeners,
+        board,
+        signals,
+        control: Some(control),
+        metrics,
+        children: BTreeMap::new(),
+        mode: Mode::Running,
+        pid: nix::unistd::getpid(),
+        started: Instant::now(),
+        spawn_errors: 0,
+        last_spawn_error: String::new(),
+        backoff_until: None,
+        announced_ready: false,
+        title: String::new(),
+        pid_file,
+        restarts: BTreeMap::new(),
+        spawn_mold: fork_mold::<A>,
+        reload: None,
+        preflight: None,
+        activated,
+        notify_socket: std::env::var("NOTIFY_SOCKET").ok(),
+        watchdog: systemd::watchdog_interval().map(|i| (i, Instant::now())),
+        watcher: None,
+        boot_reload: None,
+        last_limits: Instant::now(),
+    };
+    if !monitor.config.watch.is_empty() || !monitor.config.watch_boot.is_empty() {
+        let w = watch::Watcher::new(
+            &monitor.config.watch,
+            &monitor.config.watch_boot,
+            crate::cli::saved_exe(),
+        )
+        .map_err(|e| MonitorError::Config(e.to_string()))?;
+        monitor.watcher = Some(w);
+    }
+    if let Some(h) = handover {
+        monitor.announced_ready = true;
+        monitor.restarts = h.restarts;
+        monitor.adopt_children(h.children);
+        let waiters = h.waiters.into_iter().map(reload::adopt_waiter).collect();
+        monitor.start_reloaded_generation(h.reload_started_ms, waiters);
+    }
+    let result = monitor.run_loop();
+    monitor.cleanup();
+    result
+}
+
+type Resources = (Vec<Listener>, ControlServer, Scoreboard, bool);
+
+/// Binds (or takes from systemd) the listeners, the control socket and a new scoreboard.
+fn fresh_resources(config: &Config) -> Result<Resources, MonitorError> {
+    let activated = systemd::take_activated_sockets().map_err(MonitorError::Config)?;
+    let from_systemd = !activated.is_empty() && !config.listen_given;
+    let listeners = if from_systemd {
+        activated
+            .into_iter()
+            .map(|(l, name)| {
+                tracing::info!(name, addr = %l.addr(), "serving a socket-activated listener");
+                l
+            })
+            .collect()
+    } else {
+        if !activated.is_empty() {
+            tracing::warn!("`listen` is configured: ignoring the socket-activated listeners");
+        }
+        Listener::bind_all(config).map_err(|e| MonitorError::Config(e.to_string()))?
+    };
+    let control = ControlServer::bind(&config.control_socket)
+        .map_err(|e| MonitorError::Config(e.to_string()))?;
+    let capacity = config.max_workers + config.refork_max_unavailable + 2;
+    let board = Scoreboard::create(capacity).map_err(setup("cannot create the scoreboard"))?;
+    Ok((listeners, control, board, from_systemd))
+}
+
+/// Takes the sockets and scoreboard of the previous image; binds only what the new config adds.
+fn adopt_resources(config: &Config, h: &reload::Handover) -> Result<Resources, MonitorError> {
+    let mut handed: Vec<(Listener, bool)> = Vec::new();
+    for l in &h.listeners {
+        let listener = Listener::from_inherited(reload::adopt_fd(l.fd))
+            .map_err(setup("cannot adopt a listener"))?;
+        handed.push((listener, l.activated));
+    }
+    let from_systemd = !config.listen_given && handed.iter().any(|(_, a)| *a);
+    let listeners = if from_systemd {
+        handed.into_iter().map(|(l, _)| l).collect()
+    } else {
+        let mut out = Vec::new();
+        for addr in &config.listen {
+            match handed
+                .iter()
+                .position(|(l, _)| same_listener(&l.addr(), addr))
+            {
+                Some(i) => out.push(handed.remove(i).0),
+                None => out.extend(
+                    Listener::bind_all(&Config {
+                        listen: vec![addr.clone()],
+                        ..config.clone()
+                    })
+                    .map_err(|e| MonitorError::Config(e.to_string()))?,
+                ),
+            }
+        }
+        out
+    };
+    let control = match &h.control {
+        Some((fd, path)) if *path == config.control_socket => {
+            ControlServer::adopt(reload::adopt_fd(*fd), path)
+                .map_err(setup("cannot adopt the control socket"))?
+        }
+        other => {
+            if let Some((fd, path)) = other {
+                drop(reload::adopt_fd(*fd));
+                let _ = std::fs::remove_file(path);
+            }
+            ControlServer::bind(&config.control_socket)
+                .map_err(|e| MonitorError::Config(e.to_string()))?
+        }
+    };
+    let (fd, capacity) = h.scoreboard;
+    let board = match Scoreboard::adopt(reload::adopt_fd(fd), capacity) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot adopt the scoreboard; starting a new one (old children are retired)");
+            Scoreboard::create(config.max_workers + config.refork_max_unavailable + 2)
+                .map_err(setup("cannot create the scoreboard"))?
+        }
+    };
+    Ok((listeners, control, board, from_systemd))
+}
+
+/// Whether a handed-over listener bound at `bound` serves the configured `wanted` address (a
+/// configured port 0 matches whatever port the previous image got for the same IP).
+fn same_listener(bound: &ListenAddr, wanted: &ListenAddr) -> bool {
+    match (bound, wanted) {
+        (ListenAddr::Tcp(b), ListenAddr::Tcp(w)) if w.port() == 0 => b.ip() == w.ip(),
+        _ => bound == wanted,
+    }
+}
+
+/// Signals the monitor reads from its signalfd.
+const HANDLED_SIGNALS: [Signal; 10] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGQUIT,
+    Signal::SIGHUP,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGTTIN,
+    Signal::SIGTTOU,
+    Signal::SIGCHLD,
+    Signal::SIGWINCH,
+];
+
+fn write_pid_file(path: &std::path::Path) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{}\n", std::process::id()))?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Forks a mold that runs `preload` (monomorphized per app): generation 0 at start and when
+/// a mold must be replaced, a new generation on reload.
+fn fork_mold<A: App>(m: &mut Monitor, generation: u32) -> std::io::Result<()> {
+    let slot = m
+        .free_slot()
+        .ok_or_else(|| std::io::Error::other("no free scoreboard slot"))?;
+    let (mine, theirs) = Channel::pair()?;
+    m.board.clear(slot);
+    match process::fork()? {
+        Forked::Parent(pid) => {
+            drop(theirs);
+            let mut c = Child::new(Kind::Mold, 0, generation, mine);
+            c.pid = Some(pid);
+            tracing::info!(pid = pid.as_raw(), "forked mold (gen:{generation})");
+            m.children.insert(slot, c);
+            Ok(())
+        }
+        Forked::Child => child::run_child(|| {
+            let mut keep: Vec<_> = m.listeners.iter().map(Listener::raw_fd).collect();
+            keep.push(theirs.as_raw_fd());
+            child::after_fork(m.pid, &keep, m.config.run_as);
+            mold::run_generation_zero::<A>(mold::Start {
+                monitor: m.pid,
+                generation,
+                slot,
+                channel: theirs,
+                listeners: &m.listeners,
+                config: &m.config,
+            })
+        }),
+    }
+}
