@@ -221,8 +221,9 @@ pub(crate) fn handle(m: &mut Monitor, command: Result<String, String>) -> Reply 
             crate::monitor::request_refork_from_ctl(m);
             Ok("refork requested\n".into())
         }
+        ["reopen-logs"] => m.reopen_logs(),
         _ => Err(format!(
-            "unknown command {command:?}; expected status [--json], scale N, stop [--quick], kill-worker NR, refork, reload"
+            "unknown command {command:?}; expected status [--json], scale N, stop [--quick], kill-worker NR, refork, reload, reopen-logs"
         )),
     }
 }

@@ -915,7 +915,7 @@ fn usr1_reopens_the_log_file_after_rotation_in_the_monitor_mold_and_workers() {
     let rotated = dir.join("tine.log.1");
     std::fs::rename(&log, &rotated).unwrap();
     server.signal(Signal::SIGUSR1);
-    wait_in_file(&log, "SIGUSR1: log file reopened", Duration::from_secs(5));
+    wait_in_file(&log, "log file reopened", Duration::from_secs(5));
 
     // Every worker writes to the new file: ask until both have answered with a line there.
     let workers = server.workers().iter().map(|w| w.1).collect::<Vec<_>>();
@@ -952,6 +952,24 @@ fn usr1_reopens_the_log_file_after_rotation_in_the_monitor_mold_and_workers() {
     assert!(
         old.contains("app says word=before") && !old.contains("word=fresh"),
         "the rotated file keeps the old lines only"
+    );
+
+    // The same through the control socket, after a second rotation.
+    let rotated2 = dir.join("tine.log.2");
+    std::fs::rename(&log, &rotated2).unwrap();
+    let out = server.ctl(&["reopen-logs"]).expect("ctl reopen-logs");
+    assert!(out.contains("reopened"), "{out}");
+    wait_in_file(&log, "log file reopened", Duration::from_secs(5));
+    let landed = poll_until(Duration::from_secs(10), || {
+        get(&addr, "/log/third").ok()?;
+        std::fs::read_to_string(&log)
+            .ok()?
+            .contains("app says word=third")
+            .then_some(())
+    });
+    assert!(
+        landed.is_some(),
+        "no worker wrote to the file reopened by ctl"
     );
 }
 

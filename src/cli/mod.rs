@@ -30,7 +30,7 @@ enum Cmd {
     /// Validate the configuration and exit, starting nothing.
     Check(ServeArgs),
     /// Send a command to a running server: status [--json], scale N, stop [--quick],
-    /// kill-worker NR, refork.
+    /// kill-worker NR, refork, reload, reopen-logs.
     Ctl(CtlArgs),
 }
 

@@ -242,7 +242,9 @@ impl Monitor {
                 Signal::SIGTTOU => {
                     self.scale(self.target.saturating_sub(1), "SIGTTOU");
                 }
-                Signal::SIGUSR1 => self.reopen_logs(),
+                Signal::SIGUSR1 => {
+                    let _ = self.reopen_logs();
+                }
                 Signal::SIGUSR2 => self.refork("SIGUSR2"),
                 Signal::SIGHUP => self.reload(None, "SIGHUP"),
                 _ => {}
@@ -882,11 +884,12 @@ impl Monitor {
         self.control = Some(control);
     }
 
-    /// `SIGUSR1`: reopens the log file (after rotation) here and in every child.
-    fn reopen_logs(&mut self) {
+    /// `SIGUSR1` and `ctl reopen-logs`: reopens the log file (after rotation) here and in every
+    /// child, which get the new descriptor with the message.
+    pub(crate) fn reopen_logs(&mut self) -> Result<String, String> {
         let Some(path) = self.config.log_file.clone() else {
-            tracing::info!("SIGUSR1: no log_file configured; logs go to stderr");
-            return;
+            tracing::info!("reopen logs: no log_file configured; logs go to stderr");
+            return Err("no log_file configured; logs go to stderr".into());
         };
         match crate::log::open_log_file(&path) {
             Ok(file) => {
@@ -895,10 +898,12 @@ impl Monitor {
                         let _ = ch.send(&Command::ReopenLogs, &[file.as_fd()]);
                     }
                 }
-                tracing::info!(path = %path.display(), "SIGUSR1: log file reopened");
+                tracing::info!(path = %path.display(), "log file reopened");
+                Ok(format!("reopened {}\n", path.display()))
             }
             Err(e) => {
-                tracing::error!(path = %path.display(), error = %e, "SIGUSR1: cannot reopen the log file")
+                tracing::error!(path = %path.display(), error = %e, "cannot reopen the log file");
+                Err(format!("cannot reopen {}: {e}", path.display()))
             }
         }
     }
