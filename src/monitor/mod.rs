@@ -726,6 +726,11 @@ impl Monitor {
             .collect();
         missing.truncate(self.target.saturating_sub(running));
         for nr in missing {
+            if self.free_slot().is_none() {
+                // Every slot is taken by a process still leaving (a wide rollout): wait for one,
+                // which is not a failed spawn.
+                break;
+            }
             if let Err(e) = self.request_worker(mold_slot, nr, generation) {
                 tracing::error!(error = %e, nr, "cannot request a worker");
                 self.spawn_failed(e.to_string());
