@@ -320,9 +320,13 @@ fn a_fresh_connection_accepted_before_the_drain_is_answered() {
     let Stream::Tcp(tcp) = &client.stream else {
         unreachable!()
     };
-    let conn = tcp_socket_inode(addr, tcp.local_addr().unwrap()).expect("server-side socket");
-    poll_until(Duration::from_secs(5), || (count(conn) == 1).then_some(()))
-        .expect("the worker accepted the connection");
+    // Until it is accepted, the server side of the connection has no file: its inode reads 0.
+    let local = tcp.local_addr().unwrap();
+    poll_until(Duration::from_secs(5), || {
+        let conn = tcp_socket_inode(addr, local).filter(|i| *i != 0)?;
+        (count(conn) == 1).then_some(())
+    })
+    .expect("the worker accepted the connection");
     server.signal(Signal::SIGTERM);
     // The drain has begun once the worker dropped its duplicate of the listener.
     poll_until(Duration::from_secs(5), || {

@@ -455,6 +455,43 @@ fn tree_pids(server: &Server) -> Vec<i32> {
 }
 
 #[test]
+fn a_new_listen_address_that_is_taken_does_not_take_the_tree_down() {
+    let app = AppDir::new(&example_bin("hello_v1"));
+    let first = listen_arg();
+    let config = app.dir.write(
+        "tine.toml",
+        format!("workers = 1\nlisten = [\"{first}\"]\n"),
+    );
+    let mut server = Launch::program(app.exe())
+        .no_default_listen()
+        .arg("--config")
+        .arg(&config)
+        .start();
+    wait_settled(&server, 0, 1);
+    // The new config adds an address another process holds: the preflight cannot see that.
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = squatter.local_addr().unwrap();
+    std::fs::write(
+        &config,
+        format!("workers = 1\nlisten = [\"{first}\", \"{taken}\"]\n"),
+    )
+    .unwrap();
+    let err = server
+        .ctl(&["reload"])
+        .expect_err("the reload reports what it could not apply");
+    assert!(
+        err.contains("not all of the new configuration applies")
+            && err.contains(&taken.to_string()),
+        "{err}"
+    );
+    // Still serving on the old address, in the same monitor process (now running generation 1).
+    assert_eq!(server.get("/").text(), "hello v1\n");
+    assert!(!server.has_exited(), "the monitor is still running");
+    let t = title(server.pid).unwrap_or_default();
+    assert!(t.starts_with("tine monitor (gen:1 "), "{t:?}");
+}
+
+#[test]
 fn a_config_that_does_not_validate_is_refused_and_a_good_one_is_applied() {
     let app = AppDir::new(&example_bin("hello_v1"));
     let config = app.dir.write("tine.toml", "workers = 2\n");

@@ -555,12 +555,22 @@ impl Monitor {
             if self.preflight_exited(pid, std::os::unix::process::ExitStatusExt::from_raw(raw)) {
                 continue;
             }
-            let Some(slot) = self
-                .children
-                .iter()
-                .find(|(_, c)| c.pid == Some(pid))
-                .map(|(s, _)| *s)
-            else {
+            let mut found = self.slot_of(pid);
+            if found.is_none() {
+                // A worker that died at once may be reaped before the packet naming it (the
+                // mold's `Spawned`, its own `Hello`) was read: read those, then look again.
+                let unsure: Vec<usize> = self
+                    .children
+                    .iter()
+                    .filter(|(_, c)| c.kind == Kind::Mold || c.pid.is_none())
+                    .map(|(s, _)| *s)
+                    .collect();
+                for s in unsure {
+                    self.on_child_readable(s);
+                }
+                found = self.slot_of(pid);
+            }
+            let Some(slot) = found else {
                 tracing::info!(pid = pid.as_raw(), how, "reaped an orphan");
                 continue;
             };
@@ -604,6 +614,13 @@ impl Monitor {
                 }
             }
         }
+    }
+
+    fn slot_of(&self, pid: Pid) -> Option<usize> {
+        self.children
+            .iter()
+            .find(|(_, c)| c.pid == Some(pid))
+            .map(|(s, _)| *s)
     }
 
     fn free_slot(&self) -> Option<usize> {
@@ -657,6 +674,16 @@ impl Monitor {
             })
             .collect();
         for (slot, reason) in overdue {
+            // A process already killed once that is no longer our child was reaped unnoticed:
+            // forget it rather than signal its pid, which may belong to someone else by now.
+            let gone = self.children.get(&slot).is_some_and(|c| {
+                c.is_retiring() && c.pid.is_some_and(|p| !own_children().contains(&p))
+            });
+            if gone {
+                self.children.remove(&slot);
+                self.board.clear(slot);
+                continue;
+            }
             let starting = self.children.get(&slot).is_some_and(|c| !c.is_retiring());
             self.kill_child(slot, &reason);
             if starting {

@@ -20,7 +20,7 @@ impl Monitor {
             .count()
     }
 
-    fn promotion_in_progress(&self) -> bool {
+    pub(super) fn promotion_in_progress(&self) -> bool {
         self.children
             .values()
             .any(|c| c.phase == Phase::Promoting || c.recycle.as_deref() == Some(PROMOTE))
@@ -141,6 +141,11 @@ pub(super) fn request_refork(m: &mut Monitor) {
         tracing::info!("a promotion is already in progress");
         return;
     }
+    if m.reload.is_some() || m.preflight.is_some() {
+        // A refork would make a newer mold than the reload's and confuse its outcome.
+        tracing::info!("a reload is in progress; refork skipped");
+        return;
+    }
     let Some((_, mold)) = m.current_mold() else {
         tracing::warn!("no ready mold; refork skipped");
         return;
@@ -217,6 +222,8 @@ pub(super) fn promote(m: &mut Monitor, slot: usize) {
         c.started = Instant::now();
     } else {
         c.recycle = Some("promotion failed".into());
+        // Its replacement is already serving: retire it, or it would hold a rollout slot.
+        m.retire(slot, "promotion failed");
     }
 }
 

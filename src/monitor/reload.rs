@@ -74,6 +74,8 @@ pub(crate) struct Progress {
     pub generation: u32,
     /// When the preloaded mold was forked.
     pub forked: Instant,
+    /// Parts of the new configuration that could not be applied (reported as a failure).
+    pub problems: Vec<String>,
 }
 
 /// Reads and removes the handover left by the previous image, if any.
@@ -106,6 +108,9 @@ pub(crate) fn take_handover() -> Result<Option<Handover>, String> {
 /// monitor's loop goes on meanwhile; the check's exit arrives with SIGCHLD like any child's.
 pub(crate) struct Preflight {
     child: std::process::Child,
+    /// The check's stdout and stderr: memfds, not pipes, so that neither a chatty check nor a
+    /// background process that inherited them can block the monitor reading them.
+    output: (std::fs::File, std::fs::File),
     started: Instant,
     started_ms: u64,
     waiters: Vec<UnixStream>,
@@ -116,36 +121,48 @@ pub(crate) struct Preflight {
 const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Starts the executable on disk in check mode with the same arguments.
-fn start_preflight() -> Result<std::process::Child, String> {
+fn start_preflight() -> Result<(std::process::Child, (std::fs::File, std::fs::File)), String> {
     let exe = crate::cli::saved_exe();
     let argv = crate::cli::saved_argv();
     let serve = argv
         .iter()
         .position(|a| a == "serve")
         .ok_or("the saved command line has no `serve`")?;
-    std::process::Command::new(exe)
+    let memfd = |name: &str| -> Result<std::fs::File, String> {
+        let name = CString::new(name).expect("no NUL");
+        nix::sys::memfd::memfd_create(&name, nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+            .map(std::fs::File::from)
+            .map_err(|e| format!("memfd for the preflight: {e}"))
+    };
+    let (out, err) = (memfd("tine-preflight-out")?, memfd("tine-preflight-err")?);
+    let dup = |f: &std::fs::File| f.try_clone().map_err(|e| e.to_string());
+    let child = std::process::Command::new(exe)
         .arg("check")
         .args(&argv[serve + 1..])
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+        .stdout(dup(&out)?)
+        .stderr(dup(&err)?)
         .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", exe.display()))
+        .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
+    Ok((child, (out, err)))
 }
 
 /// Judges a finished preflight by its exit status and output.
 fn judge_preflight(
-    child: &mut std::process::Child,
+    output: &mut (std::fs::File, std::fs::File),
     status: std::process::ExitStatus,
 ) -> Result<(), String> {
-    let mut out = String::new();
-    let mut err = String::new();
-    if let Some(mut s) = child.stdout.take() {
-        let _ = s.read_to_string(&mut out);
-    }
-    if let Some(mut s) = child.stderr.take() {
-        let _ = s.read_to_string(&mut err);
-    }
+    /// Enough of the check's output to judge it and to quote its error.
+    const KEEP: u64 = 64 * 1024;
+    let read = |f: &mut std::fs::File| {
+        let mut text = String::new();
+        if f.rewind().is_ok() {
+            let _ = f.take(KEEP).read_to_string(&mut text);
+        }
+        text
+    };
+    let out = read(&mut output.0);
+    let err = read(&mut output.1);
     if !status.success() {
         let why = err
             .lines()
@@ -204,9 +221,10 @@ impl Monitor {
         super::systemd::notify_reloading(self);
         let waiters: Vec<UnixStream> = waiter.into_iter().collect();
         match start_preflight() {
-            Ok(child) => {
+            Ok((child, output)) => {
                 self.preflight = Some(Preflight {
                     child,
+                    output,
                     started: Instant::now(),
                     started_ms: now_ms(),
                     waiters,
@@ -249,9 +267,14 @@ impl Monitor {
             }
             return;
         };
+        if self.promotion_in_progress() {
+            // A worker half-way to becoming a mold cannot be handed over faithfully: exec once
+            // the promotion has ended (it is bounded by spawn_timeout).
+            return;
+        }
         let mut p = self.preflight.take().expect("checked above");
         let mut waiters = std::mem::take(&mut p.waiters);
-        let result = judge_preflight(&mut p.child, status).and_then(|()| {
+        let result = judge_preflight(&mut p.output, status).and_then(|()| {
             // Control clients already accepted would lose their connection at the exec.
             self.settle_control_clients(&mut waiters);
             if !self.is_running() {
@@ -436,7 +459,12 @@ impl Monitor {
     }
 
     /// Forks the preloaded mold of a reload and records the reload as in progress.
-    pub(crate) fn start_reloaded_generation(&mut self, started_ms: u64, waiters: Vec<UnixStream>) {
+    pub(crate) fn start_reloaded_generation(
+        &mut self,
+        started_ms: u64,
+        waiters: Vec<UnixStream>,
+        problems: Vec<String>,
+    ) {
         let generation = self
             .children
             .values()
@@ -449,6 +477,7 @@ impl Monitor {
             waiters,
             generation,
             forked: Instant::now(),
+            problems,
         });
         if let Err(e) = (self.spawn_mold)(self, generation) {
             self.finish_reload(Err(format!("cannot fork the new mold: {e}")));
@@ -496,6 +525,15 @@ impl Monitor {
     pub(crate) fn finish_reload(&mut self, outcome: Result<String, String>) {
         let Some(progress) = self.reload.take() else {
             return;
+        };
+        // New code runs, but part of the new configuration did not apply: say so, as a failure.
+        let outcome = match outcome {
+            Ok(msg) if !progress.problems.is_empty() => Err(format!(
+                "{} but not all of the new configuration applies: {}",
+                msg.trim(),
+                progress.problems.join("; ")
+            )),
+            other => other,
         };
         match &outcome {
             Ok(msg) => tracing::info!("reload complete: {}", msg.trim()),

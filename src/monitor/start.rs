@@ -26,8 +26,12 @@ use crate::sys::process::{self, Forked};
 pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
     A::check(&config).map_err(|e| MonitorError::Config(format!("{e:#}")))?;
     let handover = reload::take_handover().map_err(MonitorError::Config)?;
+    // After a re-exec, children are already serving: a resource the new config adds but cannot
+    // get (an address in use, say) must not take the tree down. It is reported to whoever waits
+    // for the reload, and what was handed over keeps serving.
+    let mut problems = Vec::new();
     let (listeners, control, board, activated) = match &handover {
-        Some(h) => adopt_resources(&config, h)?,
+        Some(h) => adopt_resources(&config, h, &mut problems)?,
         None => fresh_resources(&config)?,
     };
     let board = scoreboard::install(board);
@@ -44,10 +48,14 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
         }
         (wanted, handed) => {
             drop(handed.map(|(fd, _)| reload::adopt_fd(fd)));
-            wanted
-                .map(crate::metrics::MetricsServer::bind)
-                .transpose()
-                .map_err(|e| MonitorError::Config(e.to_string()))?
+            match wanted.map(crate::metrics::MetricsServer::bind).transpose() {
+                Ok(m) => m,
+                Err(e) if handover.is_some() => {
+                    problems.push(format!("metrics: {e}"));
+                    None
+                }
+                Err(e) => return Err(MonitorError::Config(e.to_string())),
+            }
         }
     };
     let mut mask = SigSet::empty();
@@ -121,7 +129,10 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
         monitor.restarts = h.restarts;
         monitor.adopt_children(h.children);
         let waiters = h.waiters.into_iter().map(reload::adopt_waiter).collect();
-        monitor.start_reloaded_generation(h.reload_started_ms, waiters);
+        for p in &problems {
+            tracing::error!(problem = %p, "reload: the new configuration could not be applied in full");
+        }
+        monitor.start_reloaded_generation(h.reload_started_ms, waiters, problems);
     }
     let result = monitor.run_loop();
     monitor.cleanup();
@@ -156,7 +167,11 @@ fn fresh_resources(config: &Config) -> Result<Resources, MonitorError> {
 }
 
 /// Takes the sockets and scoreboard of the previous image; binds only what the new config adds.
-fn adopt_resources(config: &Config, h: &reload::Handover) -> Result<Resources, MonitorError> {
+fn adopt_resources(
+    config: &Config,
+    h: &reload::Handover,
+    problems: &mut Vec<String>,
+) -> Result<Resources, MonitorError> {
     let mut handed: Vec<(Listener, bool)> = Vec::new();
     for l in &h.listeners {
         let listener = Listener::from_inherited(reload::adopt_fd(l.fd))
@@ -174,14 +189,19 @@ fn adopt_resources(config: &Config, h: &reload::Handover) -> Result<Resources, M
                 .position(|(l, _)| same_listener(&l.addr(), addr))
             {
                 Some(i) => out.push(handed.remove(i).0),
-                None => out.extend(
-                    Listener::bind_all(&Config {
-                        listen: vec![addr.clone()],
-                        ..config.clone()
-                    })
-                    .map_err(|e| MonitorError::Config(e.to_string()))?,
-                ),
+                None => match Listener::bind_all(&Config {
+                    listen: vec![addr.clone()],
+                    ..config.clone()
+                }) {
+                    Ok(l) => out.extend(l),
+                    Err(e) => problems.push(e.to_string()),
+                },
             }
+        }
+        if out.is_empty() {
+            // Nothing of the new config could be served: keep serving what was.
+            problems.push("kept the previous listeners".into());
+            out.extend(handed.into_iter().map(|(l, _)| l));
         }
         out
     };
@@ -190,14 +210,23 @@ fn adopt_resources(config: &Config, h: &reload::Handover) -> Result<Resources, M
             ControlServer::adopt(reload::adopt_fd(*fd), path)
                 .map_err(setup("cannot adopt the control socket"))?
         }
-        other => {
-            if let Some((fd, path)) = other {
-                drop(reload::adopt_fd(*fd));
-                let _ = std::fs::remove_file(path);
+        other => match ControlServer::bind(&config.control_socket) {
+            Ok(c) => {
+                if let Some((fd, path)) = other {
+                    drop(reload::adopt_fd(*fd));
+                    let _ = std::fs::remove_file(path);
+                }
+                c
             }
-            ControlServer::bind(&config.control_socket)
-                .map_err(|e| MonitorError::Config(e.to_string()))?
-        }
+            Err(e) => match other {
+                Some((fd, path)) => {
+                    problems.push(format!("{e}; kept {}", path.display()));
+                    ControlServer::adopt(reload::adopt_fd(*fd), path)
+                        .map_err(setup("cannot adopt the control socket"))?
+                }
+                None => return Err(MonitorError::Config(e.to_string())),
+            },
+        },
     };
     let (fd, capacity) = h.scoreboard;
     let board = match Scoreboard::adopt(reload::adopt_fd(fd), capacity) {
