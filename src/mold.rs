@@ -98,18 +98,19 @@ pub(crate) fn run<A: App>(app: &mut A, start: Start<'_>) -> i32 {
             }
         };
         match received.msg {
-            Command::SpawnWorker { nr, slot } => {
+            Command::SpawnWorker { nr, slot, request } => {
                 let Some(fd) = received.fds.into_iter().next() else {
                     let _ = start.channel.send(
                         &Report::SpawnFailed {
                             slot,
+                            request,
                             error: "no channel passed".into(),
                         },
                         &[],
                     );
                     continue;
                 };
-                match spawn_worker(app, &start, nr, slot, Channel::from_fd(fd)) {
+                match spawn_worker(app, &start, (nr, slot, request), Channel::from_fd(fd)) {
                     Ok(()) => fork_failures = 0,
                     Err(e) => {
                         fork_failures += 1;
@@ -117,6 +118,7 @@ pub(crate) fn run<A: App>(app: &mut A, start: Start<'_>) -> i32 {
                         let _ = start.channel.send(
                             &Report::SpawnFailed {
                                 slot,
+                                request,
                                 error: e.to_string(),
                             },
                             &[],
@@ -139,8 +141,7 @@ pub(crate) fn run<A: App>(app: &mut A, start: Start<'_>) -> i32 {
 fn spawn_worker<A: App>(
     app: &mut A,
     start: &Start<'_>,
-    nr: u32,
-    slot: u32,
+    (nr, slot, request): (u32, u32, u64),
     channel: Channel,
 ) -> std::io::Result<()> {
     match process::fork()? {
@@ -154,6 +155,7 @@ fn spawn_worker<A: App>(
                 let _ = start.channel.send(
                     &Report::Spawned {
                         slot,
+                        request,
                         pid: worker.as_raw(),
                     },
                     &[],
@@ -188,6 +190,7 @@ fn spawn_worker<A: App>(
                 let _ = start.channel.send(
                     &Report::SpawnFailed {
                         slot,
+                        request,
                         error: e.to_string(),
                     },
                     &[],

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The wire format version of [`Command`] and [`Report`].
-pub const WIRE_VERSION: u16 = 1;
+pub const WIRE_VERSION: u16 = 2;
 
 /// What the monitor tells a child.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -18,6 +18,8 @@ pub enum Command {
         nr: u32,
         /// Scoreboard slot the worker writes.
         slot: u32,
+        /// Identifies this request (a slot can be reused before a late report of the last one).
+        request: u64,
     },
     /// To a worker or mold: stop. Graceful: finish in-flight requests first.
     Stop {
@@ -48,8 +50,10 @@ pub enum Report {
     Ready,
     /// From a mold: worker `nr` was forked with this pid.
     Spawned {
-        /// Scoreboard slot, which identifies the spawn request.
+        /// Scoreboard slot of the request.
         slot: u32,
+        /// The request this answers.
+        request: u64,
         /// The new worker's pid.
         pid: i32,
     },
@@ -57,6 +61,8 @@ pub enum Report {
     SpawnFailed {
         /// Scoreboard slot of the request.
         slot: u32,
+        /// The request this answers.
+        request: u64,
         /// Why.
         error: String,
     },
@@ -112,7 +118,11 @@ mod tests {
 
     #[test]
     fn round_trip_and_garbage() {
-        let msg = Command::SpawnWorker { nr: 3, slot: 7 };
+        let msg = Command::SpawnWorker {
+            nr: 3,
+            slot: 7,
+            request: 11,
+        };
         assert_eq!(decode::<Command>(&encode(&msg)).unwrap(), msg);
         assert!(matches!(
             decode::<Command>(&[1]),
@@ -122,8 +132,10 @@ mod tests {
             decode::<Command>(&[9, 0, 0]),
             Err(DecodeError::Version(9))
         ));
+        let [lo, hi] = WIRE_VERSION.to_le_bytes();
+        let garbage = [lo, hi, 200, 200, 200];
         assert!(matches!(
-            decode::<Report>(&[1, 0, 200, 200, 200]),
+            decode::<Report>(&garbage),
             Err(DecodeError::Malformed(_))
         ));
     }

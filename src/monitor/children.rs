@@ -53,10 +53,10 @@ pub(crate) struct Child {
     pub max_requests: u64,
     /// When its PSS was last read (PSS is costly to read).
     pub pss_checked: Option<Instant>,
-    /// Graceful stop already asked for by the hang detector.
-    pub hang_warned: bool,
     /// The generation this worker becomes the mold of, while promoting.
     pub promoted_generation: u32,
+    /// The spawn request that asked for this worker (matches the mold's report of the fork).
+    pub request: u64,
 }
 
 impl Child {
@@ -72,8 +72,8 @@ impl Child {
             recycle: None,
             max_requests: 0,
             pss_checked: None,
-            hang_warned: false,
             promoted_generation: 0,
+            request: 0,
         }
     }
 

@@ -116,11 +116,6 @@ impl Monitor {
             }
         }
         // Hung workers: asked to exit now, killed after timeout_cleanup. Their request is logged.
-        for c in self.children.values_mut() {
-            if c.hang_warned && !c.is_retiring() {
-                c.hang_warned = false;
-            }
-        }
         for (slot, why, request) in hung {
             let Some(c) = self.children.get_mut(&slot) else {
                 continue;

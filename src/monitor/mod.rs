@@ -103,6 +103,8 @@ pub(crate) struct Monitor {
     reload: Option<reload::Progress>,
     /// A reload's preflight under way.
     preflight: Option<reload::Preflight>,
+    /// The last spawn request sent to a mold.
+    next_request: u64,
     /// The listeners came from systemd socket activation.
     activated: bool,
     notify_socket: Option<String>,
@@ -461,27 +463,27 @@ impl Monitor {
             }
             Report::Spawned {
                 slot: worker_slot,
+                request,
                 pid,
             } => {
                 if let Some(w) = self.children.get_mut(&(worker_slot as usize)) {
-                    if w.pid.is_none() && pid > 1 {
+                    if w.pid.is_none() && w.request == request && pid > 1 {
                         w.pid = Some(Pid::from_raw(pid));
                     }
                 }
             }
             Report::SpawnFailed {
                 slot: worker_slot,
+                request,
                 error,
             } => {
                 tracing::error!(error, "mold could not fork a worker");
                 // Only a request still pending can have failed; a slot of a running process
                 // named here is a confused mold, not a reason to forget that process.
                 let slot = worker_slot as usize;
-                if self
-                    .children
-                    .get(&slot)
-                    .is_some_and(|w| w.kind == Kind::Worker && w.pid.is_none())
-                {
+                if self.children.get(&slot).is_some_and(|w| {
+                    w.kind == Kind::Worker && w.pid.is_none() && w.request == request
+                }) {
                     self.children.remove(&slot);
                     self.board.clear(slot);
                 }
@@ -784,14 +786,18 @@ impl Monitor {
             .get(&mold_slot)
             .and_then(|m| m.channel.as_ref())
             .ok_or_else(|| std::io::Error::other("mold channel closed"))?;
+        self.next_request += 1;
+        let request = self.next_request;
         mold.send(
             &Command::SpawnWorker {
                 nr,
                 slot: slot as u32,
+                request,
             },
             &[theirs.as_fd()],
         )?;
         let mut c = Child::new(Kind::Worker, nr, generation, mine);
+        c.request = request;
         c.max_requests = limits::max_requests_for(&self.config, slot);
         self.children.insert(slot, c);
         Ok(())

@@ -108,6 +108,7 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
         spawn_mold: fork_mold::<A>,
         reload: None,
         preflight: None,
+        next_request: 0,
         activated,
         notify_socket: std::env::var("NOTIFY_SOCKET").ok(),
         watchdog: systemd::watchdog_interval().map(|i| (i, Instant::now())),

@@ -291,7 +291,8 @@ mod tests {
         // An upgraded monitor speaking another wire version: drain, do not die.
         assert_eq!(read_after(Some(&[9, 0, 1, 2, 3])), Stop::Graceful);
         // Garbage of this version, or the monitor gone: stop at once.
-        assert_eq!(read_after(Some(&[1, 0, 200, 200, 200])), Stop::Quick);
+        let [lo, hi] = crate::ipc::message::WIRE_VERSION.to_le_bytes();
+        assert_eq!(read_after(Some(&[lo, hi, 200, 200, 200])), Stop::Quick);
         assert_eq!(read_after(None), Stop::Quick);
     }
 }
