@@ -381,7 +381,9 @@ impl Monitor {
     }
 
     fn on_child_readable(&mut self, slot: usize) {
-        loop {
+        // At most a batch per wake-up: a child that sends without pause must not keep the
+        // monitor from everything else (the rest is read on the next turn of the loop).
+        for _ in 0..64 {
             let Some(c) = self.children.get_mut(&slot) else {
                 return;
             };
