@@ -60,7 +60,7 @@
 //! **Spawner** ([`spawner`]). Separate from the server: a process forked first thing in `main`
 //! that runs typed jobs in pooled, isolated worker processes.
 //!
-//! `unsafe` code lives in [`sys`] only. Signals: `INT` quick stop, `TERM`/`QUIT` graceful stop,
+//! Raw system calls are wrapped in [`sys`] only; the rest is safe Rust. Signals: `INT` quick stop, `TERM`/`QUIT` graceful stop,
 //! `HUP` reload, `USR2` refork, `USR1` reopen logs, `TTIN`/`TTOU` one worker more/less.
 #![deny(missing_docs)]
 
