@@ -60,8 +60,9 @@
 //! **Spawner** ([`spawner`]). Separate from the server: a process forked first thing in `main`
 //! that runs typed jobs in pooled, isolated worker processes.
 //!
-//! Raw system calls are wrapped in [`sys`] only; the rest is safe Rust. Signals: `INT` quick stop, `TERM`/`QUIT` graceful stop,
-//! `HUP` reload, `USR2` refork, `USR1` reopen logs, `TTIN`/`TTOU` one worker more/less.
+//! Raw system calls are wrapped in [`sys`] only; the rest is safe Rust. Signals: `INT` quick
+//! stop, `TERM`/`QUIT` graceful stop, `HUP` reload, `USR2` refork, `USR1` reopen logs,
+//! `TTIN`/`TTOU` one worker more/less.
 #![deny(missing_docs)]
 
 pub mod app;
