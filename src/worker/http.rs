@@ -435,18 +435,34 @@ fn request_service(
         Output = Result<http::Response<crate::app::Body>, std::convert::Infallible>,
     > + Send,
 > + Clone {
+    // Per-connection copies of what every request needs: no reference count touched per request.
+    let (max_head, request_timeout, debug_headers) = (
+        config.max_header_bytes,
+        config.request_timeout,
+        config.debug_headers,
+    );
+    // The connection's own handle on the service, called in place: `Handler::http` services are
+    // always ready, so a request costs no clone of the boxed service. One that is not ready (a
+    // hand-built `Handler::Http`) is cloned and driven to readiness as tower requires.
+    let own = std::cell::RefCell::new(service);
     hyper::service::service_fn(move |req: Request| {
         activity.mark();
         let busy = Busy::new(&activity);
         // hyper bounds its read buffer by max_header_bytes, but a head that arrives in one large
         // read can pass whole; the limit is a promise, so check it exactly.
-        let oversized = head_size(&req) > config.max_header_bytes;
+        let oversized = head_size(&req) > max_head;
         let http1 = req.version() <= http::Version::HTTP_11;
         // Ends (counted, and no longer the oldest in flight) when dropped, however the request
         // ends: the scoreboard's hang detection sees the oldest request's age.
         let guard = slot.track_request(req.method().as_str(), req.uri().path());
-        let call = service.clone().oneshot(req);
-        let config = config.clone();
+        let call = {
+            let mut svc = own.borrow_mut();
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            match tower::Service::poll_ready(&mut *svc, &mut cx) {
+                std::task::Poll::Ready(Ok(())) => tower::Service::call(&mut *svc, req),
+                _ => Box::pin(svc.clone().oneshot(req)),
+            }
+        };
         async move {
             if oversized {
                 let mut r = http::Response::new(full("request header fields too large\n"));
@@ -457,10 +473,10 @@ fn request_service(
                 );
                 return Ok(r);
             }
-            let mut response = if config.request_timeout.is_zero() {
+            let mut response = if request_timeout.is_zero() {
                 call.await?
             } else {
-                match tokio::time::timeout(config.request_timeout, call).await {
+                match tokio::time::timeout(request_timeout, call).await {
                     Ok(r) => r?,
                     Err(_) => {
                         // The handler's future was dropped with the timeout.
@@ -478,7 +494,7 @@ fn request_service(
                     http::HeaderValue::from_static("close"),
                 );
             }
-            if config.debug_headers {
+            if debug_headers {
                 response
                     .headers_mut()
                     .insert("x-tine-worker", http::HeaderValue::from(std::process::id()));
