@@ -91,9 +91,8 @@ impl Monitor {
                 }
             }
             if cfg.max_pss_mb > 0
-                && !c
-                    .pss_checked
-                    .is_some_and(|t| t.elapsed() <= Duration::from_secs(5))
+                && c.pss_checked
+                    .is_none_or(|t| t.elapsed() > Duration::from_secs(5))
             {
                 c.pss_checked = Some(Instant::now());
                 if let Some(m) = meminfo::memory(pid.as_raw()) {
