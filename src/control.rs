@@ -218,7 +218,7 @@ pub(crate) fn handle(m: &mut Monitor, command: Result<String, String>) -> Reply 
             Ok(format!("killed worker {nr}\n"))
         }
         ["refork"] => {
-            crate::monitor::request_refork_from_ctl(m);
+            m.refork("ctl refork");
             Ok("refork requested\n".into())
         }
         ["reopen-logs"] => m.reopen_logs(),

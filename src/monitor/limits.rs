@@ -56,7 +56,7 @@ impl Monitor {
             return;
         }
         self.last_limits = Instant::now();
-        let cfg = self.config.clone();
+        let cfg = &self.config;
         let mut hung = Vec::new();
         let mut recycle = Vec::new();
         for (slot, c) in &mut self.children {
@@ -71,7 +71,7 @@ impl Monitor {
             if view.pid != pid.as_raw() {
                 continue;
             }
-            if let Some(why) = hang(&cfg, &view) {
+            if let Some(why) = hang(cfg, &view) {
                 hung.push((*slot, why, view.request.clone()));
                 continue;
             }

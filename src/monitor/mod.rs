@@ -107,7 +107,6 @@ pub(crate) struct Monitor {
     next_request: u64,
     /// The listeners came from systemd socket activation.
     activated: bool,
-    notify_socket: Option<String>,
     /// Watchdog ping interval and last ping.
     watchdog: Option<(Duration, Instant)>,
     /// Development mode's file watcher.
@@ -375,7 +374,8 @@ impl Monitor {
         }
     }
 
-    fn refork(&mut self, why: &str) {
+    /// `SIGUSR2` and `tine ctl refork`.
+    pub(crate) fn refork(&mut self, why: &str) {
         tracing::info!("{why}: refork requested");
         refork::request_refork(self);
     }
@@ -980,9 +980,4 @@ fn own_children() -> Vec<Pid> {
         }
     }
     out
-}
-
-/// `tine ctl refork`.
-pub(crate) fn request_refork_from_ctl(m: &mut Monitor) {
-    m.refork("ctl refork");
 }

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::ffi::{CString, OsString};
 use std::io::{Read, Seek, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
@@ -40,7 +40,6 @@ pub(crate) struct Handover {
     /// When the reload started (ms on the monotonic clock, which survives exec).
     pub reload_started_ms: u64,
     pub restarts: BTreeMap<String, u64>,
-    pub notify_socket: Option<String>,
     /// The metrics listener and its address.
     #[serde(default)]
     pub metrics: Option<(RawFd, std::net::SocketAddr)>,
@@ -361,7 +360,6 @@ impl Monitor {
             waiters: waiters.iter().map(|w| w.as_raw_fd()).collect(),
             reload_started_ms: started_ms,
             restarts: self.restarts.clone(),
-            notify_socket: self.notify_socket.clone(),
             metrics: self.metrics.as_ref().and_then(|m| {
                 m.local_addr()
                     .ok()
@@ -556,9 +554,4 @@ impl Monitor {
 /// Adopts a `ctl reload` connection handed over by the previous image.
 pub(crate) fn adopt_waiter(fd: RawFd) -> UnixStream {
     UnixStream::from(crate::sys::fd::adopt(fd))
-}
-
-/// Adopts an fd handed over by the previous image.
-pub(crate) fn adopt_fd(fd: RawFd) -> OwnedFd {
-    crate::sys::fd::adopt(fd)
 }

@@ -42,12 +42,12 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
             if same_listener(&ListenAddr::Tcp(old), &ListenAddr::Tcp(addr)) =>
         {
             Some(
-                crate::metrics::MetricsServer::adopt(reload::adopt_fd(fd))
+                crate::metrics::MetricsServer::adopt(crate::sys::fd::adopt(fd))
                     .map_err(setup("cannot adopt the metrics listener"))?,
             )
         }
         (wanted, handed) => {
-            drop(handed.map(|(fd, _)| reload::adopt_fd(fd)));
+            drop(handed.map(|(fd, _)| crate::sys::fd::adopt(fd)));
             match wanted.map(crate::metrics::MetricsServer::bind).transpose() {
                 Ok(m) => m,
                 Err(e) if handover.is_some() => {
@@ -110,7 +110,6 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
         preflight: None,
         next_request: 0,
         activated,
-        notify_socket: std::env::var("NOTIFY_SOCKET").ok(),
         watchdog: systemd::watchdog_interval().map(|i| (i, Instant::now())),
         watcher: None,
         boot_reload: None,
@@ -175,7 +174,7 @@ fn adopt_resources(
 ) -> Result<Resources, MonitorError> {
     let mut handed: Vec<(Listener, bool)> = Vec::new();
     for l in &h.listeners {
-        let listener = Listener::from_inherited(reload::adopt_fd(l.fd))
+        let listener = Listener::from_inherited(crate::sys::fd::adopt(l.fd))
             .map_err(setup("cannot adopt a listener"))?;
         handed.push((listener, l.activated));
     }
@@ -208,13 +207,13 @@ fn adopt_resources(
     };
     let control = match &h.control {
         Some((fd, path)) if *path == config.control_socket => {
-            ControlServer::adopt(reload::adopt_fd(*fd), path)
+            ControlServer::adopt(crate::sys::fd::adopt(*fd), path)
                 .map_err(setup("cannot adopt the control socket"))?
         }
         other => match ControlServer::bind(&config.control_socket) {
             Ok(c) => {
                 if let Some((fd, path)) = other {
-                    drop(reload::adopt_fd(*fd));
+                    drop(crate::sys::fd::adopt(*fd));
                     let _ = std::fs::remove_file(path);
                 }
                 c
@@ -222,7 +221,7 @@ fn adopt_resources(
             Err(e) => match other {
                 Some((fd, path)) => {
                     problems.push(format!("{e}; kept {}", path.display()));
-                    ControlServer::adopt(reload::adopt_fd(*fd), path)
+                    ControlServer::adopt(crate::sys::fd::adopt(*fd), path)
                         .map_err(setup("cannot adopt the control socket"))?
                 }
                 None => return Err(MonitorError::Config(e.to_string())),
@@ -230,7 +229,7 @@ fn adopt_resources(
         },
     };
     let (fd, capacity) = h.scoreboard;
-    let board = match Scoreboard::adopt(reload::adopt_fd(fd), capacity) {
+    let board = match Scoreboard::adopt(crate::sys::fd::adopt(fd), capacity) {
         Ok(b) => b,
         Err(e) => {
             tracing::warn!(error = %e, "cannot adopt the scoreboard; starting a new one (old children are retired)");

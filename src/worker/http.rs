@@ -278,7 +278,7 @@ impl ConnectionLife {
         let mut stopping = *self.stop.borrow_and_update() != Stop::Running;
         let mut draining = false;
         loop {
-            if stopping && !draining && self.activity.seen.load(Ordering::Relaxed) {
+            if stopping && !draining && self.activity.heads.load(Ordering::Relaxed) > 0 {
                 draining = true;
                 drain(conn.as_mut());
             }
@@ -301,12 +301,11 @@ impl ConnectionLife {
     }
 }
 
-/// What a connection has done, for its coarse deadlines and its drain: request heads completed,
-/// writes, requests in flight, and whether the first head has arrived (with a wake-up for a drain
-/// waiting for it; notify_one keeps a permit, so an arrival between two looks is not lost).
+/// What a connection has done, for its coarse deadlines and its drain: request heads completed
+/// (the first one also wakes a drain waiting for it; notify_one keeps a permit, so an arrival
+/// between two looks is not lost), writes, and requests in flight.
 #[derive(Default)]
 struct Activity {
-    seen: AtomicBool,
     arrived: tokio::sync::Notify,
     heads: AtomicU64,
     writes: AtomicU64,
@@ -316,9 +315,7 @@ struct Activity {
 impl Activity {
     /// Called for every request head.
     fn mark(&self) {
-        self.heads.fetch_add(1, Ordering::Relaxed);
-        if !self.seen.load(Ordering::Relaxed) {
-            self.seen.store(true, Ordering::Relaxed);
+        if self.heads.fetch_add(1, Ordering::Relaxed) == 0 {
             self.arrived.notify_one();
         }
     }
