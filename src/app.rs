@@ -12,17 +12,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::BodyExt;
 
+pub use crate::body::{full, Body};
 use crate::config::Config;
 
 /// Boxed error type used at the service boundary.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The request type a worker hands to the app's service.
 pub type Request = http::Request<hyper::body::Incoming>;
-/// The response body type of [`Handler::http`] services, after boxing.
-pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 /// A boxed, cloneable HTTP service.
 pub type HttpService = tower::util::BoxCloneService<Request, http::Response<Body>, Infallible>;
 /// A boxed raw stream handler.
@@ -133,12 +130,20 @@ impl Handler {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
+        use std::task::{Context, Poll, Waker};
         use tower::ServiceExt;
+        let mut service = service;
         let service = tower::service_fn(move |req: Request| {
-            let call = service.clone().oneshot(req);
+            // Called in place when ready (most services always are: a Router, a service_fn), so a
+            // request costs no clone of the app's service; otherwise cloned and driven to
+            // readiness, as tower requires.
+            let call = match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
+                Poll::Ready(Ok(())) => futures_util::future::Either::Left(service.call(req)),
+                _ => futures_util::future::Either::Right(service.clone().oneshot(req)),
+            };
             async move {
                 Ok::<_, Infallible>(match call.await {
-                    Ok(r) => r.map(|b| b.map_err(Into::into).boxed_unsync()),
+                    Ok(r) => r.map(Body::new),
                     Err(e) => {
                         let e: BoxError = e.into();
                         tracing::error!(error = %e, "service error");
@@ -162,13 +167,6 @@ impl Handler {
     {
         Handler::Stream(Arc::new(move |c| Box::pin(handler(c))))
     }
-}
-
-/// A complete response body from bytes.
-pub fn full(bytes: impl Into<Bytes>) -> Body {
-    http_body_util::Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
 }
 
 /// An accepted connection handed to a [`Handler::Stream`].

@@ -287,6 +287,10 @@ options! {
     /// Set TCP_NODELAY on accepted connections [default: true]
     #[arg(num_args = 0..=1, default_missing_value = "true")]
     nodelay: bool,
+    /// Wake one idle worker per new connection (EPOLLEXCLUSIVE, as nginx); false wakes every
+    /// idle worker to race for it [default: true]
+    #[arg(num_args = 0..=1, default_missing_value = "true")]
+    exclusive_accept: bool,
     /// Permission bits of unix listening sockets, octal [default: 660]
     unix_mode: String,
     /// Seconds a graceful stop waits for in-flight requests before SIGKILL [default: 30]
@@ -386,6 +390,8 @@ pub struct Config {
     pub reuseport: bool,
     /// TCP_NODELAY on accepted sockets.
     pub nodelay: bool,
+    /// One idle worker woken per new connection.
+    pub exclusive_accept: bool,
     /// Unix socket permission bits.
     pub unix_mode: u32,
     /// Graceful stop limit.
@@ -626,6 +632,7 @@ impl Options {
             backlog,
             reuseport: self.reuseport.unwrap_or(false),
             nodelay: self.nodelay.unwrap_or(true),
+            exclusive_accept: self.exclusive_accept.unwrap_or(true),
             unix_mode,
             graceful_timeout: secs(self.graceful_timeout, 30),
             header_read_timeout,

@@ -32,6 +32,9 @@
 //! close inherited fds, reset signals, parent-death signal, check the parent is the monitor. A
 //! worker registers on its channel, runs [`App::boot`], builds a tokio runtime (current-thread by
 //! default) and serves HTTP/1.1 and HTTP/2 with hyper, or hands connections to a stream handler.
+//! A new connection wakes one idle worker (`EPOLLEXCLUSIVE` on the runtime's registration of the
+//! listener, [`sys::epoll`]); one task per listener accepts, and sweeps its connections for the
+//! head and idle deadlines, so a request arms no timer; its bookkeeping is its scoreboard slot.
 //! It counts requests and refreshes a heartbeat in its scoreboard slot; the monitor reads those
 //! for hang detection, `max_requests`, memory and CPU limits. A graceful stop drains: no more
 //! accepts, kept-alive connections answer their next request with `Connection: close`.
@@ -66,6 +69,7 @@
 #![deny(missing_docs)]
 
 pub mod app;
+mod body;
 mod child;
 pub mod cli;
 pub mod config;

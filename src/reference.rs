@@ -110,7 +110,7 @@ impl App for Reference {
                 if debug {
                     debug_boot_sleep()?;
                 }
-                Handler::http(tower::service_fn(move |req: Request| hello(req, debug)))
+                Handler::http(tower::service_fn(move |req: Request| hello(&req, debug)))
             }
             Reference::Static { root } => static_files(root.clone()),
             Reference::CacheDemo { table, block_kb } => {
@@ -142,21 +142,33 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     r
 }
 
-async fn hello(req: Request, debug: bool) -> Result<Response<Body>, Infallible> {
+/// What `hello` answers: at once, or after a wait (the debug route `/sleep/MS` only).
+type HelloFuture = futures_util::future::Either<
+    std::future::Ready<Result<Response<Body>, Infallible>>,
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, Infallible>> + Send>>,
+>;
+
+/// The benchmark app. Routed before any await: the request is not kept in the response future,
+/// so the common answer costs no copies of it.
+fn hello(req: &Request, debug: bool) -> HelloFuture {
+    use futures_util::future::Either;
+    let now = |r: Response<Body>| Either::Left(std::future::ready(Ok(r)));
     let path = req.uri().path();
     if path == "/" {
-        return Ok(text(StatusCode::OK, "hello\n"));
+        return now(text(StatusCode::OK, "hello\n"));
     }
     if !debug {
-        return Ok(text(StatusCode::NOT_FOUND, "not found\n"));
+        return now(text(StatusCode::NOT_FOUND, "not found\n"));
     }
     let arg = |prefix: &str| {
         path.strip_prefix(prefix)
             .and_then(|n| n.parse::<u64>().ok())
     };
-    Ok(if let Some(ms) = arg("/sleep/") {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-        text(StatusCode::OK, "slept\n")
+    if let Some(ms) = arg("/sleep/") {
+        Either::Right(Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok(text(StatusCode::OK, "slept\n"))
+        }))
     } else if path == "/spin" {
         // Blocks the worker's only thread: what the hang detector is for.
         #[allow(clippy::empty_loop)]
@@ -167,12 +179,12 @@ async fn hello(req: Request, debug: bool) -> Result<Response<Body>, Infallible> 
             page[0] = 1;
         }
         std::mem::forget(block);
-        text(StatusCode::OK, "leaked\n")
+        now(text(StatusCode::OK, "leaked\n"))
     } else if path == "/crash" {
         std::process::abort();
     } else {
-        text(StatusCode::NOT_FOUND, "not found\n")
-    })
+        now(text(StatusCode::NOT_FOUND, "not found\n"))
+    }
 }
 
 /// Files under `root` through tower-http's `ServeDir` (ranges, Last-Modified, index files).
@@ -208,11 +220,7 @@ fn static_files(root: PathBuf) -> Handler {
                     resp.headers_mut().insert(http::header::ETAG, tag);
                 }
             }
-            Ok(resp.map(|b| {
-                http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(b, |e| {
-                    e.into()
-                }))
-            }))
+            Ok(resp.map(Body::new))
         }
     }))
 }

@@ -939,7 +939,9 @@ fn usr1_reopens_the_log_file_after_rotation_in_the_monitor_mold_and_workers() {
     let log = dir.join("tine.log");
     let port = listen_arg();
     let server = Launch::example("hello_v1")
+        // Every idle worker races for each connection, so that every worker answers in turn.
         .args(["--listen", &port, "--workers", "2", "--debug-headers"])
+        .args(["--exclusive-accept", "false"])
         .arg("--log-file")
         .arg(&log)
         .spawn();

@@ -93,6 +93,10 @@ fn socket_activation_serves_the_passed_sockets_and_keeps_them_across_a_reload() 
             "--control-socket",
             "ctl.sock",
             "--debug-headers",
+            // Every idle worker races for each connection, so that one after another, every
+            // worker answers (exclusive wake-ups would hand them all to the first idle one).
+            "--exclusive-accept",
+            "false",
         ])
         .spawn();
     // systemd-socket-activate binds, then execs the server on the first connection: this very
@@ -332,7 +336,8 @@ fn monotonic_usec() -> u64 {
 fn sd_notify_ready_reloading_stopping_status_and_watchdog_from_the_monitor_only() {
     let dir = TempDir::new();
     let notify = NotifySocket::bind(&dir);
-    let config = dir.write("tine.toml", "workers = 2\n");
+    // Every idle worker races for each connection, so that every worker answers in turn.
+    let config = dir.write("tine.toml", "workers = 2\nexclusive_accept = false\n");
     let mut server = Launch::example("hello_v1")
         .args([
             "--listen",

@@ -315,10 +315,15 @@ impl Scoreboard {
             if copy[ROLE] == Role::Free as u64 {
                 return None;
             }
-            let mut text: Vec<u8> = copy[TEXT..TEXT + REQUEST_TEXT_BYTES / 8]
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect();
+            // The text of the last request stays after it ends: it means nothing while nothing
+            // is in flight.
+            let mut text: Vec<u8> = match copy[IN_FLIGHT] {
+                0 => Vec::new(),
+                _ => copy[TEXT..TEXT + REQUEST_TEXT_BYTES / 8]
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+            };
             text.retain(|b| *b != 0);
             return Some(SlotView {
                 pid: i32::try_from(copy[PID]).ok()?,
@@ -519,10 +524,9 @@ fn publish_oldest(w: &[AtomicU64], oldest: Option<&(u64, RequestText)>) {
             w[OLDEST_START_MS].store(*start, Ordering::Relaxed);
             write_text(w, text);
         }
-        None => {
-            w[OLDEST_START_MS].store(0, Ordering::Relaxed);
-            write_text(w, &[0; REQUEST_TEXT_BYTES]);
-        }
+        // The text stays: readers ignore it while nothing is in flight, and the next request,
+        // often the same method and path, then rewrites nothing.
+        None => w[OLDEST_START_MS].store(0, Ordering::Relaxed),
     }
 }
 
@@ -530,7 +534,11 @@ fn write_text(w: &[AtomicU64], text: &RequestText) {
     for (i, chunk) in text.chunks(8).enumerate() {
         let mut b = [0u8; 8];
         b.copy_from_slice(chunk);
-        w[TEXT + i].store(u64::from_le_bytes(b), Ordering::Relaxed);
+        let word = u64::from_le_bytes(b);
+        // Stores only what changed: consecutive requests mostly share their method and path.
+        if w[TEXT + i].load(Ordering::Relaxed) != word {
+            w[TEXT + i].store(word, Ordering::Relaxed);
+        }
     }
 }
 
@@ -638,6 +646,7 @@ mod tests {
         w[PID].store(u64::MAX, Ordering::Relaxed);
         assert!(board.read(0).is_none(), "a pid out of range is refused");
         w[PID].store(5, Ordering::Relaxed);
+        w[IN_FLIGHT].store(1, Ordering::Relaxed);
         w[TEXT].store(
             u64::from_le_bytes(*b"\xff\xfe\0\0\0\0\0\0"),
             Ordering::Relaxed,

@@ -2,6 +2,7 @@
 //!
 //! The rest of the crate is safe Rust: it calls these wrappers, or nix's safe API directly.
 
+pub mod epoll;
 pub mod fd;
 pub mod meminfo;
 pub mod process;

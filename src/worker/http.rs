@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,7 +39,30 @@ pub(super) enum AsyncListener {
 }
 
 impl AsyncListener {
-    pub(super) fn from_listener(listener: &Listener) -> io::Result<AsyncListener> {
+    /// Registers a duplicate of `listener` with this thread's runtime. With `exclusive`, a new
+    /// connection wakes one idle worker rather than all of them (see [`crate::sys::epoll`]).
+    pub(super) fn from_listener(listener: &Listener, exclusive: bool) -> io::Result<AsyncListener> {
+        let registered = AsyncListener::register(listener)?;
+        if !exclusive {
+            return Ok(registered);
+        }
+        match crate::sys::epoll::make_exclusive(registered.as_raw_fd()) {
+            Ok(crate::sys::epoll::Exclusive::Done) => Ok(registered),
+            Ok(crate::sys::epoll::Exclusive::NotRegistered) => {
+                tracing::debug!(
+                    "listener not found in the reactor: every worker wakes per connection"
+                );
+                Ok(registered)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "exclusive accept wake-ups unavailable");
+                drop(registered);
+                AsyncListener::register(listener)
+            }
+        }
+    }
+
+    fn register(listener: &Listener) -> io::Result<AsyncListener> {
         Ok(match listener {
             Listener::Tcp(l, _) => {
                 let l = l.try_clone()?;
@@ -52,6 +75,14 @@ impl AsyncListener {
                 AsyncListener::Unix(tokio::net::UnixListener::from_std(l)?)
             }
         })
+    }
+
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        match self {
+            AsyncListener::Tcp(l) => l.as_raw_fd(),
+            AsyncListener::Unix(l) => l.as_raw_fd(),
+        }
     }
 
     /// Accepts the next connection, waiting out transient errors (a full fd table, a connection
@@ -93,26 +124,30 @@ pub(super) fn spawn_accept_loop(
     slot: SlotWriter<'static>,
     mut stop: watch::Receiver<Stop>,
 ) -> io::Result<JoinHandle<()>> {
-    let listener = AsyncListener::from_listener(listener)?;
+    let listener = AsyncListener::from_listener(listener, config.exclusive_accept)?;
     // The builder lives as long as the worker; leaking it gives connections a 'static borrow.
     let builder: &'static Builder = Box::leak(Box::new(Builder::new(&config)));
     Ok(tokio::spawn(async move {
         // Every connection task holds a clone of `open`; `recv` returns None once all have ended.
         let (open, mut all_closed) = mpsc::channel::<()>(1);
+        let mut connections = Connections::new(config.header_read_timeout);
+        let mut sweep = connections.sweep_interval();
         loop {
             let accepted = tokio::select! {
                 biased;
                 _ = stop.changed() => break,
+                _ = sweep.tick() => {
+                    connections.sweep();
+                    continue;
+                }
                 a = listener.accept(config.nodelay) => a,
             };
-            let activity = Arc::new(Activity::default());
-            let service = request_service(service.clone(), config.clone(), slot, activity.clone());
-            let life = ConnectionLife {
-                stop: stop.clone(),
-                activity,
+            let life = Life {
+                shared: connections.add(),
                 patience: config.header_read_timeout,
                 _open: open.clone(),
             };
+            let service = request_service(service.clone(), config.clone(), slot, &life.shared);
             match accepted {
                 Accepted::Tcp(s) => builder.spawn(s, service, life),
                 Accepted::Unix(s) => builder.spawn(s, service, life),
@@ -122,9 +157,123 @@ pub(super) fn spawn_accept_loop(
         drop(listener);
         // Kept-alive connections answer their next request with `Connection: close`; idle ones
         // close now. The monitor's graceful_timeout bounds this.
+        connections.drain();
         drop(open);
-        let _ = all_closed.recv().await;
+        loop {
+            tokio::select! {
+                _ = all_closed.recv() => break,
+                _ = sweep.tick() => connections.sweep(),
+            }
+        }
     }))
+}
+
+/// The open connections of one listener, as its accept loop sees them: it sweeps them for
+/// deadlines and tells them to drain.
+///
+/// Deadlines are kept coarsely, by one sweep of all connections every half `patience` instead of
+/// a timer per connection or per request: a connection that has completed no request head,
+/// written nothing and had no request in flight over two whole sweep periods is closed. So a
+/// client that sends nothing, trickles a head (slowloris), or idles on keep-alive is cut off
+/// after `patience` to `1.5 × patience`; a slow download (writes) or a long request (in flight)
+/// is not. Nothing of this runs on a connection's request path but a few counter updates.
+struct Connections {
+    patience: Duration,
+    /// Each connection's shared state, the progress it had at the last sweep, and the number of
+    /// sweeps since it last made any (`None`: not swept yet, so a connection accepted just
+    /// before a sweep is never judged on a partial period).
+    list: Vec<(Arc<Shared>, u64, Option<u8>)>,
+}
+
+impl Connections {
+    fn new(patience: Duration) -> Connections {
+        Connections {
+            patience,
+            list: Vec::new(),
+        }
+    }
+
+    fn sweep_interval(&self) -> tokio::time::Interval {
+        let period = (self.patience / 2).max(Duration::from_millis(1));
+        let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        interval
+    }
+
+    fn add(&mut self) -> Arc<Shared> {
+        let shared = Arc::new(Shared::default());
+        self.list.push((shared.clone(), 0, None));
+        shared
+    }
+
+    /// Forgets ended connections and closes those idle for two whole sweep periods.
+    fn sweep(&mut self) {
+        self.list.retain_mut(|(shared, last, idle)| {
+            if Arc::strong_count(shared) == 1 {
+                return false; // the connection's task has ended
+            }
+            let progress = shared.progress();
+            let busy = shared.busy.load(Ordering::Relaxed) > 0;
+            *idle = match *idle {
+                Some(n) if progress == *last && !busy => Some(n + 1),
+                _ => Some(0),
+            };
+            *last = progress;
+            if *idle >= Some(2) {
+                shared.order(CLOSE);
+                return false;
+            }
+            true
+        });
+    }
+
+    /// Tells every connection to drain: finish the request in flight (or the first one, if it
+    /// has not arrived yet) and close.
+    fn drain(&mut self) {
+        for (shared, _, _) in &self.list {
+            shared.order(DRAIN);
+        }
+    }
+}
+
+/// Orders from the accept loop to a connection.
+const DRAIN: u8 = 1;
+const CLOSE: u8 = 2;
+
+/// What a connection and its accept loop share: counters the connection updates on its request
+/// path (request heads, writes, requests in flight) and orders the accept loop gives it.
+#[derive(Default)]
+struct Shared {
+    heads: AtomicU64,
+    writes: AtomicU64,
+    busy: AtomicU64,
+    orders: AtomicU8,
+    waker: futures_util::task::AtomicWaker,
+}
+
+/// What a connection's task holds besides the connection.
+struct Life {
+    shared: Arc<Shared>,
+    /// The request-head deadline (for the HTTP/2 preface; later ones are the sweep's).
+    patience: Duration,
+    /// Dropped when the task ends: the accept loop's drain waits for all of these.
+    _open: mpsc::Sender<()>,
+}
+
+impl Shared {
+    /// Called for every request head.
+    fn mark(&self) {
+        self.heads.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn progress(&self) -> u64 {
+        self.heads.load(Ordering::Relaxed) + self.writes.load(Ordering::Relaxed)
+    }
+
+    fn order(&self, order: u8) {
+        self.orders.fetch_or(order, Ordering::Release);
+        self.waker.wake();
+    }
 }
 
 /// The connection builders: HTTP/1.1, and HTTP/2 with prior knowledge when enabled.
@@ -207,7 +356,7 @@ impl Builder {
     }
 
     /// Serves one connection in a task of its own.
-    fn spawn<I, S>(&'static self, io: I, service: S, life: ConnectionLife)
+    fn spawn<I, S>(&'static self, io: I, service: S, life: Life)
     where
         I: Peek,
         S: hyper::service::Service<
@@ -219,6 +368,8 @@ impl Builder {
         S::Future: Send + 'static,
     {
         tokio::spawn(async move {
+            // Hold all of `life` (its drain-tracking sender too) for as long as the task runs.
+            let life = life;
             let sniffed = match &self.http2 {
                 None => false,
                 Some(_) => {
@@ -232,109 +383,73 @@ impl Builder {
             };
             let io = Counted {
                 inner: io,
-                activity: life.activity.clone(),
+                shared: life.shared.clone(),
             };
             if let (true, Some(http2)) = (sniffed, &self.http2) {
                 let conn = http2.serve_connection(TokioIo::new(io), service);
-                return life.drive(conn, |c| c.graceful_shutdown()).await;
+                return drive(conn, &life.shared, |c| c.graceful_shutdown()).await;
             }
             let conn = self
                 .http1
                 .serve_connection(TokioIo::new(io), service)
                 .with_upgrades();
-            life.drive(conn, |c| c.graceful_shutdown()).await
+            drive(conn, &life.shared, |c| c.graceful_shutdown()).await
         });
     }
 }
 
-/// What one connection's task needs besides the connection: the worker's stop signal (to drain),
-/// whether a request has arrived yet, and the drain tracker.
-struct ConnectionLife {
-    stop: watch::Receiver<Stop>,
-    activity: Arc<Activity>,
-    patience: Duration,
-    _open: mpsc::Sender<()>,
-}
-
-impl ConnectionLife {
-    /// Serves `conn` to its end. When the worker stops, `drain` asks it to finish gracefully.
-    ///
-    /// Deadlines are kept coarsely, with one ticker per connection (period `patience`) instead of
-    /// a timer armed for every request: at each tick, a connection that has completed no request
-    /// head, written nothing and has no request in flight since the previous tick is closed. So a
-    /// client that sends nothing, trickles a head (slowloris), or idles on keep-alive is cut off
-    /// after `patience` to `2 × patience` (the first head must come within `patience`); a slow
-    /// download (writes) or a long request (in flight) is not.
-    async fn drive<C: Future>(mut self, conn: C, drain: fn(Pin<&mut C>)) {
-        let mut conn = std::pin::pin!(conn);
-        let start = tokio::time::Instant::now() + self.patience;
-        let mut watch = tokio::time::interval_at(start, self.patience);
-        let mut last = self.activity.progress();
-        // The drain waits for the first request: a graceful shutdown before it would close a
-        // fresh connection whose request is already on its way, unanswered (a reset or an empty
-        // reply while a worker is recycled). Once a request is in, hyper drains properly (it
-        // answers it, with `Connection: close`); a connection that never sends one is closed by
-        // the watch as usual.
-        let mut stopping = *self.stop.borrow_and_update() != Stop::Running;
-        let mut draining = false;
-        loop {
-            if stopping && !draining && self.activity.heads.load(Ordering::Relaxed) > 0 {
-                draining = true;
-                drain(conn.as_mut());
-            }
-            tokio::select! {
-                // The connection is the hot branch: poll it first, skip select's random start.
-                biased;
-                _ = conn.as_mut() => return,
-                _ = watch.tick() => {
-                    let now = self.activity.progress();
-                    if now == last && self.activity.busy.load(Ordering::Relaxed) == 0 {
-                        return; // dropping the connection closes the socket
-                    }
-                    last = now;
-                }
-                _ = self.stop.changed(), if !stopping => stopping = true,
-                // Stopping, and the first request not in yet: drain once it is.
-                _ = self.activity.arrived.notified(), if stopping && !draining => {}
-            }
+/// Serves `conn` to its end, or until its accept loop orders it closed. When ordered to drain,
+/// `drain` asks it to finish gracefully.
+///
+/// The drain waits for the first request: a graceful shutdown before it would close a fresh
+/// connection whose request is already on its way, unanswered (a reset or an empty reply while a
+/// worker is recycled). Once a request is in, hyper drains properly (it answers it, with
+/// `Connection: close`); a connection that never sends one is closed by the sweep as usual.
+async fn drive<C: Future>(conn: C, shared: &Shared, drain: fn(Pin<&mut C>)) {
+    let mut conn = std::pin::pin!(conn);
+    let mut seen = 0u8;
+    let mut draining = false;
+    // The waker last handed to `shared.waker`: registering again only when it changes keeps the
+    // request path free of the registration's atomic operations.
+    let mut registered: Option<std::task::Waker> = None;
+    std::future::poll_fn(|cx| loop {
+        if conn.as_mut().poll(cx).is_ready() {
+            return std::task::Poll::Ready(());
         }
-    }
-}
-
-/// What a connection has done, for its coarse deadlines and its drain: request heads completed
-/// (the first one also wakes a drain waiting for it; notify_one keeps a permit, so an arrival
-/// between two looks is not lost), writes, and requests in flight.
-#[derive(Default)]
-struct Activity {
-    arrived: tokio::sync::Notify,
-    heads: AtomicU64,
-    writes: AtomicU64,
-    busy: AtomicU64,
-}
-
-impl Activity {
-    /// Called for every request head.
-    fn mark(&self) {
-        if self.heads.fetch_add(1, Ordering::Relaxed) == 0 {
-            self.arrived.notify_one();
+        if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            shared.waker.register(cx.waker());
+            registered = Some(cx.waker().clone());
         }
-    }
-
-    fn progress(&self) -> (u64, u64) {
-        (
-            self.heads.load(Ordering::Relaxed),
-            self.writes.load(Ordering::Relaxed),
-        )
-    }
+        // Read after registering: an order given meanwhile has woken the waker just registered.
+        let orders = shared.orders.load(Ordering::Acquire);
+        if orders != seen {
+            seen = orders;
+            // A wake-up took the registered waker: register again on the next round.
+            registered = None;
+        }
+        if orders & CLOSE != 0 {
+            return std::task::Poll::Ready(()); // dropping the connection closes the socket
+        }
+        if orders & DRAIN != 0 && !draining && shared.heads.load(Ordering::Relaxed) > 0 {
+            draining = true;
+            drain(conn.as_mut());
+            continue; // poll the connection again: the drain may let it finish now
+        }
+        if registered.is_none() {
+            continue;
+        }
+        return std::task::Poll::Pending;
+    })
+    .await
 }
 
 /// Counts a request in flight on its connection until dropped (however the request ends).
-struct Busy(Arc<Activity>);
+struct Busy(Arc<Shared>);
 
 impl Busy {
-    fn new(activity: &Arc<Activity>) -> Busy {
-        activity.busy.fetch_add(1, Ordering::Relaxed);
-        Busy(activity.clone())
+    fn new(shared: &Arc<Shared>) -> Busy {
+        shared.busy.fetch_add(1, Ordering::Relaxed);
+        Busy(shared.clone())
     }
 }
 
@@ -347,7 +462,7 @@ impl Drop for Busy {
 /// A connection's socket, counting successful writes for the coarse deadline watch.
 struct Counted<I> {
     inner: I,
-    activity: Arc<Activity>,
+    shared: Arc<Shared>,
 }
 
 impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<I> {
@@ -369,7 +484,7 @@ impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<I> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let std::task::Poll::Ready(Ok(n)) = &r {
             if *n > 0 {
-                self.activity.writes.fetch_add(1, Ordering::Relaxed);
+                self.shared.writes.fetch_add(1, Ordering::Relaxed);
             }
         }
         r
@@ -383,7 +498,7 @@ impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<I> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if let std::task::Poll::Ready(Ok(n)) = &r {
             if *n > 0 {
-                self.activity.writes.fetch_add(1, Ordering::Relaxed);
+                self.shared.writes.fetch_add(1, Ordering::Relaxed);
             }
         }
         r
@@ -423,7 +538,7 @@ fn request_service(
     service: HttpService,
     config: Arc<Config>,
     slot: SlotWriter<'static>,
-    activity: Arc<Activity>,
+    shared: &Arc<Shared>,
 ) -> impl hyper::service::Service<
     Request,
     Response = http::Response<crate::app::Body>,
@@ -442,9 +557,10 @@ fn request_service(
     // always ready, so a request costs no clone of the boxed service. One that is not ready (a
     // hand-built `Handler::Http`) is cloned and driven to readiness as tower requires.
     let own = std::cell::RefCell::new(service);
+    let shared = shared.clone();
     hyper::service::service_fn(move |req: Request| {
-        activity.mark();
-        let busy = Busy::new(&activity);
+        shared.mark();
+        let busy = Busy::new(&shared);
         // hyper bounds its read buffer by max_header_bytes, but a head that arrives in one large
         // read can pass whole; the limit is a promise, so check it exactly.
         let oversized = head_size(&req) > max_head;
@@ -473,7 +589,9 @@ fn request_service(
             let mut response = if request_timeout.is_zero() {
                 call.await?
             } else {
-                match tokio::time::timeout(request_timeout, call).await {
+                // Boxed: the timer is large, and most apps set no request timeout; unboxed it
+                // would grow every request's future, which hyper moves into place.
+                match Box::pin(tokio::time::timeout(request_timeout, call)).await {
                     Ok(r) => r?,
                     Err(_) => {
                         // The handler's future was dropped with the timeout.

@@ -21,7 +21,7 @@ pub(super) fn spawn_accept_loop(
     slot: SlotWriter<'static>,
     mut stop: watch::Receiver<Stop>,
 ) -> io::Result<JoinHandle<()>> {
-    let listener = AsyncListener::from_listener(listener)?;
+    let listener = AsyncListener::from_listener(listener, config.exclusive_accept)?;
     Ok(tokio::spawn(async move {
         // Every connection task holds a clone; the drain waits until only this one is left.
         let in_flight = Arc::new(());

@@ -1,0 +1,203 @@
+//! The response body type every worker writes: a complete buffer without an allocation, or any
+//! other body boxed.
+//!
+//! Most responses of a hot app are one buffer (`hello`, JSON, a cached page). Boxing those, as a
+//! plain `UnsyncBoxBody` would, costs an allocation and an indirect call per response on the
+//! request path; [`Body::new`] recognises the common concrete types and keeps them inline.
+
+use std::any::Any;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::BodyExt;
+
+use crate::app::BoxError;
+
+/// A response body: a complete buffer kept inline, or any other body boxed.
+pub struct Body {
+    kind: Kind,
+}
+
+enum Kind {
+    /// A complete buffer; `None` once it has been yielded (or if it was empty).
+    Full(Option<Bytes>),
+    Boxed(UnsyncBoxBody<Bytes, BoxError>),
+}
+
+impl Body {
+    /// A body of exactly `bytes` (hyper writes its `Content-Length`).
+    pub fn full(bytes: impl Into<Bytes>) -> Body {
+        let bytes = bytes.into();
+        Body {
+            kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
+        }
+    }
+
+    /// An empty body.
+    pub fn empty() -> Body {
+        Body {
+            kind: Kind::Full(None),
+        }
+    }
+
+    /// Converts any body. A [`Body`], `http_body_util::Full<Bytes>`, `Empty<Bytes>` or `String` is
+    /// kept without an allocation; anything else is boxed.
+    pub fn new<B>(body: B) -> Body
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let mut slot = Some(body);
+        let any: &mut dyn Any = &mut slot;
+        if let Some(b) = any.downcast_mut::<Option<Body>>() {
+            return b.take().expect("just set");
+        }
+        if let Some(b) = any.downcast_mut::<Option<http_body_util::Full<Bytes>>>() {
+            // A Full yields its one frame at once; a frame it does not yield means it was empty.
+            let mut b = b.take().expect("just set");
+            let data = Pin::new(&mut b)
+                .poll_frame(&mut Context::from_waker(std::task::Waker::noop()))
+                .map(|f| f.and_then(|f| f.ok()).and_then(|f| f.into_data().ok()));
+            if let Poll::Ready(data) = data {
+                return Body {
+                    kind: Kind::Full(data),
+                };
+            }
+        }
+        if any
+            .downcast_mut::<Option<http_body_util::Empty<Bytes>>>()
+            .is_some()
+        {
+            return Body::empty();
+        }
+        if let Some(b) = any.downcast_mut::<Option<String>>() {
+            return Body::full(b.take().expect("just set"));
+        }
+        let body = slot.expect("not taken by any conversion above");
+        Body {
+            kind: Kind::Boxed(body.map_err(Into::into).boxed_unsync()),
+        }
+    }
+}
+
+impl Default for Body {
+    fn default() -> Body {
+        Body::empty()
+    }
+}
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kind {
+            Kind::Full(b) => f
+                .debug_tuple("Body::Full")
+                .field(&b.as_ref().map_or(0, Bytes::len))
+                .finish(),
+            Kind::Boxed(_) => f.write_str("Body::Boxed"),
+        }
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.get_mut().kind {
+            Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Boxed(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(b) => b.is_none(),
+            Kind::Boxed(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Boxed(b) => b.size_hint(),
+        }
+    }
+}
+
+/// A complete response body from bytes (same as [`Body::full`]).
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Body::full(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn collect(body: Body) -> (Bytes, Option<u64>) {
+        let exact = body.size_hint().exact();
+        (body.collect().await.unwrap().to_bytes(), exact)
+    }
+
+    #[test]
+    fn known_bodies_stay_inline_and_keep_their_length() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let cases: Vec<(Body, &[u8])> = vec![
+                (Body::full("abc"), b"abc"),
+                (Body::new(Body::full("x")), b"x"),
+                (
+                    Body::new(http_body_util::Full::new(Bytes::from("full"))),
+                    b"full",
+                ),
+                (Body::new(http_body_util::Full::new(Bytes::new())), b""),
+                (Body::new(http_body_util::Empty::<Bytes>::new()), b""),
+                (Body::new(String::from("s")), b"s"),
+                (Body::empty(), b""),
+            ];
+            for (body, want) in cases {
+                assert!(matches!(body.kind, Kind::Full(_)), "{body:?} was boxed");
+                let (got, exact) = collect(body).await;
+                assert_eq!(&got[..], want);
+                assert_eq!(exact, Some(want.len() as u64));
+            }
+        });
+    }
+
+    /// A body of several frames, of a type `Body::new` does not know.
+    struct Parts(std::vec::IntoIter<&'static str>);
+
+    impl http_body::Body for Parts {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            Poll::Ready(
+                self.0
+                    .next()
+                    .map(|p| Ok(Frame::data(Bytes::from_static(p.as_bytes())))),
+            )
+        }
+    }
+
+    #[test]
+    fn other_bodies_are_boxed_and_stream_through() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let body = Body::new(Parts(vec!["a", "bc"].into_iter()));
+            assert!(matches!(body.kind, Kind::Boxed(_)));
+            assert_eq!(&collect(body).await.0[..], b"abc");
+        });
+    }
+}

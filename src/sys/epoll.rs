@@ -1,0 +1,147 @@
+//! Exclusive wake-ups for a listening socket registered with the tokio reactor.
+//!
+//! Every worker waits for new connections on the same listening socket, each in its own epoll
+//! instance (its runtime's reactor). Registered plainly, one new connection wakes every idle worker,
+//! and all but one find nothing to accept: the thundering herd. `EPOLLEXCLUSIVE` (Linux 4.5) wakes
+//! one idle waiter instead, as nginx does; a worker that is busy is skipped and picks the readiness
+//! up at its next look, so load still spreads when workers are busy.
+//!
+//! Neither mio nor tokio lets a registration carry `EPOLLEXCLUSIVE`, and the flag can only be given
+//! when a descriptor is added (`EPOLL_CTL_MOD` refuses it). So the listener is registered with the
+//! reactor as usual, and then its registration is replaced by an identical one plus the flag: the
+//! reactor's epoll descriptor and the registration's token are read from `/proc/self/fdinfo` (a
+//! documented kernel interface, proc(5)), the descriptor is deleted and added back with the same
+//! token. The reactor keeps delivering its readiness to the same waiter; it never re-registers a
+//! listener, and it deletes the registration by descriptor when the listener is dropped.
+
+use std::io;
+use std::os::fd::RawFd;
+
+/// One registration in an epoll instance, as `/proc/self/fdinfo/<epfd>` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Registration {
+    events: u32,
+    data: u64,
+}
+
+/// The events an `EPOLLEXCLUSIVE` registration may carry besides the flag (epoll_ctl(2)).
+const EXCLUSIVE_COMPATIBLE: u32 =
+    (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLWAKEUP | libc::EPOLLET) as u32;
+
+/// What happened to the listener's registration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exclusive {
+    /// The registration now wakes one idle waiter per event.
+    Done,
+    /// No epoll instance of this process holds `listener` (not registered yet, or not by epoll).
+    NotRegistered,
+}
+
+/// Replaces `listener`'s registration in this process's epoll instance with the same one plus
+/// `EPOLLEXCLUSIVE`.
+///
+/// Call it once, right after the listener was registered with the reactor, before anything waits
+/// on it. On error the original registration has been put back, or, if even that failed, the
+/// error says so and the listener must be dropped and registered anew.
+pub fn make_exclusive(listener: RawFd) -> io::Result<Exclusive> {
+    let Some((epfd, found)) = find_registration(listener)? else {
+        return Ok(Exclusive::NotRegistered);
+    };
+    if found.events & libc::EPOLLEXCLUSIVE as u32 != 0 {
+        return Ok(Exclusive::Done);
+    }
+    let wanted = Registration {
+        events: (found.events & EXCLUSIVE_COMPATIBLE) | libc::EPOLLEXCLUSIVE as u32,
+        data: found.data,
+    };
+    ctl(epfd, libc::EPOLL_CTL_DEL, listener, None)?;
+    // Adding back checks the descriptor's current readiness, so a connection that arrived
+    // between the two calls is still reported (edge-triggered registrations included).
+    match ctl(epfd, libc::EPOLL_CTL_ADD, listener, Some(wanted)) {
+        Ok(()) => Ok(Exclusive::Done),
+        Err(e) => match ctl(epfd, libc::EPOLL_CTL_ADD, listener, Some(found)) {
+            Ok(()) => Err(e),
+            Err(restore) => Err(io::Error::new(
+                restore.kind(),
+                format!("EPOLLEXCLUSIVE refused ({e}) and the registration lost: {restore}"),
+            )),
+        },
+    }
+}
+
+fn ctl(epfd: RawFd, op: libc::c_int, fd: RawFd, reg: Option<Registration>) -> io::Result<()> {
+    let mut event = libc::epoll_event {
+        events: reg.map_or(0, |r| r.events),
+        u64: reg.map_or(0, |r| r.data),
+    };
+    // SAFETY: epoll_ctl only reads `event` (a valid, initialized struct that outlives the call);
+    // `epfd` and `fd` are plain numbers to the kernel, which checks them and fails with EBADF or
+    // ENOENT rather than touching memory if they are wrong.
+    let rc = unsafe { libc::epoll_ctl(epfd, op, fd, &mut event) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Finds the epoll instance of this process that holds `target`, and its registration there.
+fn find_registration(target: RawFd) -> io::Result<Option<(RawFd, Registration)>> {
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        let Ok(entry) = entry else { continue };
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<RawFd>().ok())
+        else {
+            continue;
+        };
+        let is_epoll = std::fs::read_link(entry.path())
+            .is_ok_and(|l| l.as_os_str() == "anon_inode:[eventpoll]");
+        if !is_epoll {
+            continue;
+        }
+        let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")) else {
+            continue;
+        };
+        if let Some(reg) = parse_fdinfo(&info, target) {
+            return Ok(Some((fd, reg)));
+        }
+    }
+    Ok(None)
+}
+
+/// Reads `target`'s line of an epoll fdinfo: `tfd: <fd> events: <hex> data: <hex> pos: …`.
+fn parse_fdinfo(info: &str, target: RawFd) -> Option<Registration> {
+    info.lines().find_map(|line| {
+        let mut words = line.split_whitespace();
+        (words.next()? == "tfd:").then_some(())?;
+        (words.next()?.parse::<RawFd>().ok()? == target).then_some(())?;
+        (words.next()? == "events:").then_some(())?;
+        let events = u32::from_str_radix(words.next()?, 16).ok()?;
+        (words.next()? == "data:").then_some(())?;
+        let data = u64::from_str_radix(words.next()?, 16).ok()?;
+        Some(Registration { events, data })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_registration_of_one_descriptor() {
+        let info = "pos:\t0\nflags:\t02\nmnt_id:\t17\nino:\t1039\n\
+                    tfd:        5 events: 10000019 data:     7f1ad012d010  pos:0 ino:5ba5aa sdev:9\n\
+                    tfd:       11 events: 80000019 data:     55f183279340  pos:0 ino:40f sdev:10\n";
+        assert_eq!(
+            parse_fdinfo(info, 11),
+            Some(Registration {
+                events: 0x8000_0019,
+                data: 0x55f1_8327_9340
+            })
+        );
+        assert_eq!(parse_fdinfo(info, 1), None);
+        assert_eq!(parse_fdinfo("tfd: 5 events: zz data: 1\n", 5), None);
+    }
+}
