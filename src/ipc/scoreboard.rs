@@ -372,29 +372,17 @@ impl Drop for InFlightRequest<'_> {
 }
 
 impl<'a> SlotWriter<'a> {
-    /// Runs `f` with the slot locked: the sequence counter is odd meanwhile. Taking it with a
-    /// compare-exchange makes writes from several threads of one worker safe too.
-    fn write(&self, f: impl FnOnce(&[AtomicU64])) {
-        let mut seq = self.w[SEQ].load(Ordering::Relaxed);
-        loop {
-            if seq & 1 == 1 {
-                std::hint::spin_loop();
-                seq = self.w[SEQ].load(Ordering::Relaxed);
-                continue;
-            }
-            match self.w[SEQ].compare_exchange_weak(
-                seq,
-                seq | 1,
-                Ordering::Acquire,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => break,
-                Err(current) => seq = current,
-            }
-        }
+    /// Runs `f` with the slot's sequence counter odd, so readers retry meanwhile.
+    ///
+    /// Only the slot's owner writes it, and its writers (the threads of one worker) all hold the
+    /// request-set lock, as `_held` witnesses: plain stores are enough, no read-modify-write.
+    fn write(&self, _held: &RequestSet, f: impl FnOnce(&[AtomicU64])) {
+        // An odd counter here was left by a writer that died mid-update: continue from it.
+        let odd = self.w[SEQ].load(Ordering::Relaxed) | 1;
+        self.w[SEQ].store(odd, Ordering::Relaxed);
         std::sync::atomic::fence(Ordering::Release);
         f(self.w);
-        self.w[SEQ].store((seq | 1) + 1, Ordering::Release);
+        self.w[SEQ].store(odd + 1, Ordering::Release);
     }
 
     fn lock_requests(&self) -> std::sync::MutexGuard<'a, RequestSet> {
@@ -405,8 +393,9 @@ impl<'a> SlotWriter<'a> {
     /// served moves to the header's count first, so the tree's total never drops.
     pub fn claim(&self, pid: i32, role: Role, generation: u32, nr: u32, state: State) {
         let now = now_ms();
-        *self.lock_requests() = RequestSet::default();
-        self.write(|w| {
+        let mut set = self.lock_requests();
+        *set = RequestSet::default();
+        self.write(&set, |w| {
             move_requests_to_header(w, self.gone);
             for word in &w[1..] {
                 word.store(0, Ordering::Relaxed);
@@ -423,7 +412,8 @@ impl<'a> SlotWriter<'a> {
 
     /// Sets the state.
     pub fn set_state(&self, state: State) {
-        self.write(|w| w[STATE].store(state as u64, Ordering::Relaxed));
+        let set = self.lock_requests();
+        self.write(&set, |w| w[STATE].store(state as u64, Ordering::Relaxed));
     }
 
     /// Refreshes the heartbeat.
@@ -447,7 +437,7 @@ impl<'a> SlotWriter<'a> {
         set.tracked.push_back((id, entry));
         let oldest = set.tracked.len() == 1;
         let in_flight = set.in_flight();
-        self.write(|w| {
+        self.write(&set, |w| {
             w[IN_FLIGHT].store(in_flight, Ordering::Relaxed);
             w[STATE].store(State::Busy as u64, Ordering::Relaxed);
             if oldest {
@@ -467,7 +457,7 @@ impl<'a> SlotWriter<'a> {
         set.tracked.remove(index);
         let in_flight = set.in_flight();
         let untracked_only = set.tracked.is_empty() && set.untracked > 0;
-        self.write(|w| {
+        self.write(&set, |w| {
             self.count_served(w, in_flight);
             if was_oldest {
                 publish_oldest(w, set.tracked.front().map(|(_, v)| v));
@@ -485,7 +475,7 @@ impl<'a> SlotWriter<'a> {
         set.untracked += 1;
         let in_flight = set.in_flight();
         let show = set.tracked.is_empty();
-        self.write(|w| {
+        self.write(&set, |w| {
             w[IN_FLIGHT].store(in_flight, Ordering::Relaxed);
             w[STATE].store(State::Busy as u64, Ordering::Relaxed);
             if show {
@@ -499,7 +489,7 @@ impl<'a> SlotWriter<'a> {
         let mut set = self.lock_requests();
         set.untracked = set.untracked.saturating_sub(1);
         let in_flight = set.in_flight();
-        self.write(|w| {
+        self.write(&set, |w| {
             self.count_served(w, in_flight);
             if in_flight == 0 {
                 write_text(w, &[0; REQUEST_TEXT_BYTES]);

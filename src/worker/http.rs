@@ -236,6 +236,11 @@ impl Connections {
     }
 }
 
+/// Adds one to a counter that only one task writes (others only read it).
+fn bump(counter: &AtomicU64) {
+    counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+}
+
 /// Orders from the accept loop to a connection.
 const DRAIN: u8 = 1;
 const CLOSE: u8 = 2;
@@ -263,7 +268,9 @@ struct Life {
 impl Shared {
     /// Called for every request head.
     fn mark(&self) {
-        self.heads.fetch_add(1, Ordering::Relaxed);
+        // Only the connection's own task counts heads and writes (hyper calls the service, and
+        // does all I/O, in the connection's task, for HTTP/2 too): a plain store is enough.
+        bump(&self.heads);
     }
 
     fn progress(&self) -> u64 {
@@ -484,7 +491,7 @@ impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<I> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let std::task::Poll::Ready(Ok(n)) = &r {
             if *n > 0 {
-                self.shared.writes.fetch_add(1, Ordering::Relaxed);
+                bump(&self.shared.writes);
             }
         }
         r
@@ -498,7 +505,7 @@ impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<I> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if let std::task::Poll::Ready(Ok(n)) = &r {
             if *n > 0 {
-                self.shared.writes.fetch_add(1, Ordering::Relaxed);
+                bump(&self.shared.writes);
             }
         }
         r
