@@ -55,6 +55,11 @@ impl Body {
         if let Some(b) = any.downcast_mut::<Option<Body>>() {
             return b.take().expect("just set");
         }
+        if let Some(b) = any.downcast_mut::<Option<UnsyncBoxBody<Bytes, BoxError>>>() {
+            return Body {
+                kind: Kind::Boxed(b.take().expect("just set")),
+            };
+        }
         if let Some(b) = any.downcast_mut::<Option<http_body_util::Full<Bytes>>>() {
             // A Full yields its one frame at once; a frame it does not yield means it was empty.
             let mut b = b.take().expect("just set");

@@ -106,6 +106,61 @@ fn oversized_request_heads_get_431() {
 }
 
 #[test]
+fn an_oversized_head_never_reaches_the_app() {
+    // `/crash` aborts the worker if the app sees it: a refused head must not get that far.
+    let server = start(&["--workers", "1"]);
+    let [worker] = server.wait_workers(1, READY_TIMEOUT)[..] else {
+        unreachable!()
+    };
+    let big = "a".repeat(20 * 1024);
+    let r = get_with(&server.addr(), "/crash", &[("X-Big", &big)]).expect("a response");
+    assert_eq!(r.status, 431);
+    let after = server.get("/");
+    assert_eq!(after.status, 200);
+    assert_eq!(after.worker(), Some(worker), "the same worker still serves");
+}
+
+/// Resident memory of a process in KiB.
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no VmRSS for {pid}"))
+}
+
+#[test]
+fn ended_connections_free_their_memory_before_the_next_sweep() {
+    // With a long header_read_timeout the sweep is minutes away; connections that ended
+    // meanwhile must not pile up (their tasks, buffers, or bookkeeping).
+    let server = start(&["--workers", "1", "--header-read-timeout", "300"]);
+    let [worker] = server.wait_workers(1, READY_TIMEOUT)[..] else {
+        unreachable!()
+    };
+    let addr = server.tcp_addr();
+    let one_request_each = |n: usize| {
+        use std::io::{Read, Write};
+        for _ in 0..n {
+            let mut s = std::net::TcpStream::connect(addr).expect("connect");
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            let mut buf = [0u8; 512];
+            assert!(s.read(&mut buf).expect("response") > 0);
+        }
+    };
+    one_request_each(500); // the allocator's first growth
+    let before = rss_kib(worker);
+    one_request_each(5000);
+    let grown = rss_kib(worker).saturating_sub(before);
+    assert!(
+        grown < 1024,
+        "5000 ended connections kept {grown} KiB until the next sweep"
+    );
+}
+
+#[test]
 fn max_header_bytes_is_configurable() {
     let server = start(&["--workers", "1", "--max-header-bytes", "65536"]);
     let big = "a".repeat(40 * 1024);

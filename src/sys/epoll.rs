@@ -44,7 +44,8 @@ pub enum Exclusive {
 /// on it. On error the original registration has been put back, or, if even that failed, the
 /// error says so and the listener must be dropped and registered anew.
 pub fn make_exclusive(listener: RawFd) -> io::Result<Exclusive> {
-    let Some((epfd, found)) = find_registration(listener)? else {
+    let inode = nix::sys::stat::fstat(listener)?.st_ino;
+    let Some((epfd, found)) = find_registration(listener, inode)? else {
         return Ok(Exclusive::NotRegistered);
     };
     if found.events & libc::EPOLLEXCLUSIVE as u32 != 0 {
@@ -85,8 +86,9 @@ fn ctl(epfd: RawFd, op: libc::c_int, fd: RawFd, reg: Option<Registration>) -> io
     }
 }
 
-/// Finds the epoll instance of this process that holds `target`, and its registration there.
-fn find_registration(target: RawFd) -> io::Result<Option<(RawFd, Registration)>> {
+/// Finds the epoll instance of this process that holds `target` (whose inode is `inode`), and
+/// its registration there.
+fn find_registration(target: RawFd, inode: u64) -> io::Result<Option<(RawFd, Registration)>> {
     for entry in std::fs::read_dir("/proc/self/fd")? {
         let Ok(entry) = entry else { continue };
         let Some(fd) = entry
@@ -104,15 +106,17 @@ fn find_registration(target: RawFd) -> io::Result<Option<(RawFd, Registration)>>
         let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")) else {
             continue;
         };
-        if let Some(reg) = parse_fdinfo(&info, target) {
+        if let Some(reg) = parse_fdinfo(&info, target, inode) {
             return Ok(Some((fd, reg)));
         }
     }
     Ok(None)
 }
 
-/// Reads `target`'s line of an epoll fdinfo: `tfd: <fd> events: <hex> data: <hex> pos: …`.
-fn parse_fdinfo(info: &str, target: RawFd) -> Option<Registration> {
+/// Reads `target`'s line of an epoll fdinfo:
+/// `tfd: <fd> events: <hex> data: <hex> pos: <n> ino: <hex> sdev: <hex>`. The inode must match
+/// too: a number alone could name a descriptor closed and reused since it was registered.
+fn parse_fdinfo(info: &str, target: RawFd, inode: u64) -> Option<Registration> {
     info.lines().find_map(|line| {
         let mut words = line.split_whitespace();
         (words.next()? == "tfd:").then_some(())?;
@@ -121,6 +125,8 @@ fn parse_fdinfo(info: &str, target: RawFd) -> Option<Registration> {
         let events = u32::from_str_radix(words.next()?, 16).ok()?;
         (words.next()? == "data:").then_some(())?;
         let data = u64::from_str_radix(words.next()?, 16).ok()?;
+        let ino = words.find_map(|w| w.strip_prefix("ino:"))?;
+        (u64::from_str_radix(ino, 16).ok()? == inode).then_some(())?;
         Some(Registration { events, data })
     })
 }
@@ -135,13 +141,17 @@ mod tests {
                     tfd:        5 events: 10000019 data:     7f1ad012d010  pos:0 ino:5ba5aa sdev:9\n\
                     tfd:       11 events: 80000019 data:     55f183279340  pos:0 ino:40f sdev:10\n";
         assert_eq!(
-            parse_fdinfo(info, 11),
+            parse_fdinfo(info, 11, 0x40f),
             Some(Registration {
                 events: 0x8000_0019,
                 data: 0x55f1_8327_9340
             })
         );
-        assert_eq!(parse_fdinfo(info, 1), None);
-        assert_eq!(parse_fdinfo("tfd: 5 events: zz data: 1\n", 5), None);
+        assert_eq!(parse_fdinfo(info, 11, 0x410), None, "another file");
+        assert_eq!(parse_fdinfo(info, 1, 0x40f), None);
+        assert_eq!(
+            parse_fdinfo("tfd: 5 events: zz data: 1 ino:1\n", 5, 1),
+            None
+        );
     }
 }

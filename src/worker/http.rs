@@ -27,7 +27,7 @@ use crate::listener::Listener;
 pub(super) static DRAINING: AtomicBool = AtomicBool::new(false);
 
 /// An accepted connection of either listener kind.
-enum Accepted {
+pub(super) enum Accepted {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
 }
@@ -36,6 +36,15 @@ enum Accepted {
 pub(super) enum AsyncListener {
     Tcp(tokio::net::TcpListener),
     Unix(tokio::net::UnixListener),
+}
+
+impl std::os::fd::AsFd for AsyncListener {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            AsyncListener::Tcp(l) => l.as_fd(),
+            AsyncListener::Unix(l) => l.as_fd(),
+        }
+    }
 }
 
 impl AsyncListener {
@@ -79,10 +88,7 @@ impl AsyncListener {
 
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
-        match self {
-            AsyncListener::Tcp(l) => l.as_raw_fd(),
-            AsyncListener::Unix(l) => l.as_raw_fd(),
-        }
+        std::os::fd::AsFd::as_fd(self).as_raw_fd()
     }
 
     /// Accepts the next connection, waiting out transient errors (a full fd table, a connection
@@ -108,9 +114,61 @@ impl AsyncListener {
         }
     }
 
+    /// Takes the connections already queued on the listener, without waiting (a bounded number).
+    ///
+    /// A worker that stops accepting calls this first: with exclusive wake-ups the kernel may
+    /// have woken only this worker for them, and no other worker hears of them until the next
+    /// connection arrives. Served during the drain, they are answered with `Connection: close`.
+    pub(super) fn queued(&self, nodelay: bool) -> Vec<Accepted> {
+        const LIMIT: usize = 256;
+        let mut taken = Vec::new();
+        let Ok(fd) = std::os::fd::AsFd::as_fd(self).try_clone_to_owned() else {
+            return taken;
+        };
+        match self {
+            AsyncListener::Tcp(_) => {
+                let listener = std::net::TcpListener::from(fd);
+                // Already so (tokio set it on the shared description); never block the drain.
+                if listener.set_nonblocking(true).is_err() {
+                    return taken;
+                }
+                while taken.len() < LIMIT {
+                    let Ok((s, _)) = listener.accept() else { break };
+                    if nodelay {
+                        let _ = s.set_nodelay(true);
+                    }
+                    let s = s.set_nonblocking(true).map(|()| s);
+                    if let Ok(s) = s.and_then(tokio::net::TcpStream::from_std) {
+                        taken.push(Accepted::Tcp(s));
+                    }
+                }
+            }
+            AsyncListener::Unix(_) => {
+                let listener = std::os::unix::net::UnixListener::from(fd);
+                if listener.set_nonblocking(true).is_err() {
+                    return taken;
+                }
+                while taken.len() < LIMIT {
+                    let Ok((s, _)) = listener.accept() else { break };
+                    let s = s.set_nonblocking(true).map(|()| s);
+                    if let Ok(s) = s.and_then(tokio::net::UnixStream::from_std) {
+                        taken.push(Accepted::Unix(s));
+                    }
+                }
+            }
+        }
+        taken
+    }
+
     /// Accepts a connection as a stream handler's [`crate::app::Connection`].
     pub(super) async fn accept_connection(&self, nodelay: bool) -> crate::app::Connection {
-        match self.accept(nodelay).await {
+        self.accept(nodelay).await.into()
+    }
+}
+
+impl From<Accepted> for crate::app::Connection {
+    fn from(accepted: Accepted) -> crate::app::Connection {
+        match accepted {
             Accepted::Tcp(s) => crate::app::Connection::Tcp(s),
             Accepted::Unix(s) => crate::app::Connection::Unix(s),
         }
@@ -132,6 +190,22 @@ pub(super) fn spawn_accept_loop(
         let (open, mut all_closed) = mpsc::channel::<()>(1);
         let mut connections = Connections::new(config.header_read_timeout);
         let mut sweep = connections.sweep_interval();
+        // Owns the service and the drain tracker's sender: dropping it is part of the drain.
+        let serve = {
+            let config = config.clone();
+            move |accepted: Accepted, connections: &mut Connections| {
+                let life = Life {
+                    shared: connections.add(),
+                    patience: config.header_read_timeout,
+                    _open: open.clone(),
+                };
+                let service = request_service(service.clone(), config.clone(), slot, &life.shared);
+                match accepted {
+                    Accepted::Tcp(s) => builder.spawn(s, service, life),
+                    Accepted::Unix(s) => builder.spawn(s, service, life),
+                }
+            }
+        };
         loop {
             let accepted = tokio::select! {
                 biased;
@@ -142,23 +216,18 @@ pub(super) fn spawn_accept_loop(
                 }
                 a = listener.accept(config.nodelay) => a,
             };
-            let life = Life {
-                shared: connections.add(),
-                patience: config.header_read_timeout,
-                _open: open.clone(),
-            };
-            let service = request_service(service.clone(), config.clone(), slot, &life.shared);
-            match accepted {
-                Accepted::Tcp(s) => builder.spawn(s, service, life),
-                Accepted::Unix(s) => builder.spawn(s, service, life),
-            }
+            serve(accepted, &mut connections);
         }
-        // Stop accepting before draining: the listener's duplicate closes here.
+        // Stop accepting before draining: take what is queued already, then the listener's
+        // duplicate closes here.
+        for accepted in listener.queued(config.nodelay) {
+            serve(accepted, &mut connections);
+        }
         drop(listener);
         // Kept-alive connections answer their next request with `Connection: close`; idle ones
         // close now. The monitor's graceful_timeout bounds this.
         connections.drain();
-        drop(open);
+        drop(serve);
         loop {
             tokio::select! {
                 _ = all_closed.recv() => break,
@@ -183,6 +252,9 @@ struct Connections {
     /// sweeps since it last made any (`None`: not swept yet, so a connection accepted just
     /// before a sweep is never judged on a partial period).
     list: Vec<(Arc<Shared>, u64, Option<u8>)>,
+    /// The list's length at which `add` forgets ended connections, so that under connection
+    /// churn the list stays within twice the open connections, however long the sweep period.
+    compact_at: usize,
 }
 
 impl Connections {
@@ -190,6 +262,7 @@ impl Connections {
         Connections {
             patience,
             list: Vec::new(),
+            compact_at: 64,
         }
     }
 
@@ -201,6 +274,11 @@ impl Connections {
     }
 
     fn add(&mut self) -> Arc<Shared> {
+        if self.list.len() >= self.compact_at {
+            self.list
+                .retain(|(shared, _, _)| Arc::strong_count(shared) > 1);
+            self.compact_at = (self.list.len() * 2).max(64);
+        }
         let shared = Arc::new(Shared::default());
         self.list.push((shared.clone(), 0, None));
         shared
@@ -253,7 +331,10 @@ struct Shared {
     writes: AtomicU64,
     busy: AtomicU64,
     orders: AtomicU8,
-    waker: futures_util::task::AtomicWaker,
+    /// The connection task's waker. Kept (woken by reference, never taken) so the task can
+    /// skip registering again while its waker stays the same; cleared when the task ends, so an
+    /// ended connection waiting for the next sweep does not keep its task's memory.
+    waker: std::sync::Mutex<Option<std::task::Waker>>,
 }
 
 /// What a connection's task holds besides the connection.
@@ -279,7 +360,13 @@ impl Shared {
 
     fn order(&self, order: u8) {
         self.orders.fetch_or(order, Ordering::Release);
-        self.waker.wake();
+        if let Some(waker) = &*self.waker() {
+            waker.wake_by_ref();
+        }
+    }
+
+    fn waker(&self) -> std::sync::MutexGuard<'_, Option<std::task::Waker>> {
+        self.waker.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -351,7 +438,7 @@ async fn starts_with_http2_preface<S: Peek>(stream: &S) -> io::Result<bool> {
 impl Builder {
     fn new(config: &Config) -> Builder {
         // No timer for HTTP/1: hyper would arm a boxed sleep for every request head. The head
-        // deadline is kept per connection instead, by `ConnectionLife::drive`'s coarse watch.
+        // deadline is kept per connection instead, by the accept loop's sweep (`Connections`).
         let mut http1 = http1::Builder::new();
         http1.max_buf_size(config.max_header_bytes).keep_alive(true);
         let http2 = config.http2.then(|| {
@@ -413,27 +500,30 @@ impl Builder {
 /// worker is recycled). Once a request is in, hyper drains properly (it answers it, with
 /// `Connection: close`); a connection that never sends one is closed by the sweep as usual.
 async fn drive<C: Future>(conn: C, shared: &Shared, drain: fn(Pin<&mut C>)) {
+    /// Clears the registered waker when the connection ends, however it ends.
+    struct Unregister<'a>(&'a Shared);
+    impl Drop for Unregister<'_> {
+        fn drop(&mut self) {
+            self.0.waker().take();
+        }
+    }
+    let _unregister = Unregister(shared);
     let mut conn = std::pin::pin!(conn);
-    let mut seen = 0u8;
     let mut draining = false;
-    // The waker last handed to `shared.waker`: registering again only when it changes keeps the
-    // request path free of the registration's atomic operations.
+    // The waker last stored in `shared.waker`: storing again only when it changes keeps the
+    // request path free of the lock.
     let mut registered: Option<std::task::Waker> = None;
     std::future::poll_fn(|cx| loop {
         if conn.as_mut().poll(cx).is_ready() {
             return std::task::Poll::Ready(());
         }
         if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            shared.waker.register(cx.waker());
+            *shared.waker() = Some(cx.waker().clone());
             registered = Some(cx.waker().clone());
         }
-        // Read after registering: an order given meanwhile has woken the waker just registered.
+        // Read after registering: an order given since finds the waker just stored (the lock
+        // orders the two), and one given before is seen here.
         let orders = shared.orders.load(Ordering::Acquire);
-        if orders != seen {
-            seen = orders;
-            // A wake-up took the registered waker: register again on the next round.
-            registered = None;
-        }
         if orders & CLOSE != 0 {
             return std::task::Poll::Ready(()); // dropping the connection closes the socket
         }
@@ -441,9 +531,6 @@ async fn drive<C: Future>(conn: C, shared: &Shared, drain: fn(Pin<&mut C>)) {
             draining = true;
             drain(conn.as_mut());
             continue; // poll the connection again: the drain may let it finish now
-        }
-        if registered.is_none() {
-            continue;
         }
         return std::task::Poll::Pending;
     })
@@ -575,16 +662,17 @@ fn request_service(
         // Ends (counted, and no longer the oldest in flight) when dropped, however the request
         // ends: the scoreboard's hang detection sees the oldest request's age.
         let guard = slot.track_request(req.method().as_str(), req.uri().path());
-        let call = {
+        // The app is called now (its synchronous part runs here), unless the head is refused.
+        let call = (!oversized).then(|| {
             let mut svc = own.borrow_mut();
             let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
             match tower::Service::poll_ready(&mut *svc, &mut cx) {
                 std::task::Poll::Ready(Ok(())) => tower::Service::call(&mut *svc, req),
                 _ => Box::pin(svc.clone().oneshot(req)),
             }
-        };
+        });
         async move {
-            if oversized {
+            let Some(call) = call else {
                 let mut r = http::Response::new(full("request header fields too large\n"));
                 *r.status_mut() = http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
                 r.headers_mut().insert(
@@ -592,7 +680,7 @@ fn request_service(
                     http::HeaderValue::from_static("close"),
                 );
                 return Ok(r);
-            }
+            };
             let mut response = if request_timeout.is_zero() {
                 call.await?
             } else {

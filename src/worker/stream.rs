@@ -9,7 +9,7 @@ use tokio::task::JoinHandle;
 
 use super::http::AsyncListener;
 use super::Stop;
-use crate::app::StreamHandler;
+use crate::app::{Connection, StreamHandler};
 use crate::config::Config;
 use crate::ipc::scoreboard::SlotWriter;
 use crate::listener::Listener;
@@ -25,12 +25,7 @@ pub(super) fn spawn_accept_loop(
     Ok(tokio::spawn(async move {
         // Every connection task holds a clone; the drain waits until only this one is left.
         let in_flight = Arc::new(());
-        loop {
-            let conn = tokio::select! {
-                biased;
-                _ = stop.changed() => break,
-                c = listener.accept_connection(config.nodelay) => c,
-            };
+        let serve = |conn: Connection| {
             let handler = handler.clone();
             let token = in_flight.clone();
             slot.begin_request("STREAM", "");
@@ -39,6 +34,18 @@ pub(super) fn spawn_accept_loop(
                 slot.end_request();
                 drop(token);
             });
+        };
+        loop {
+            let conn = tokio::select! {
+                biased;
+                _ = stop.changed() => break,
+                c = listener.accept_connection(config.nodelay) => c,
+            };
+            serve(conn);
+        }
+        // What is queued already is this worker's to serve (see `AsyncListener::queued`).
+        for accepted in listener.queued(config.nodelay) {
+            serve(accepted.into());
         }
         drop(listener);
         while Arc::strong_count(&in_flight) > 1 {
