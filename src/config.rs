@@ -291,6 +291,11 @@ options! {
     /// idle worker to race for it [default: true]
     #[arg(num_args = 0..=1, default_missing_value = "true")]
     exclusive_accept: bool,
+    /// Run workers under SCHED_BATCH: a worker woken on a busy CPU waits for the running task's
+    /// time slice instead of preempting it (fewer context switches when CPUs are oversubscribed)
+    /// [default: true]
+    #[arg(num_args = 0..=1, default_missing_value = "true")]
+    sched_batch: bool,
     /// Permission bits of unix listening sockets, octal [default: 660]
     unix_mode: String,
     /// Seconds a graceful stop waits for in-flight requests before SIGKILL [default: 30]
@@ -392,6 +397,8 @@ pub struct Config {
     pub nodelay: bool,
     /// One idle worker woken per new connection.
     pub exclusive_accept: bool,
+    /// Workers under SCHED_BATCH.
+    pub sched_batch: bool,
     /// Unix socket permission bits.
     pub unix_mode: u32,
     /// Graceful stop limit.
@@ -633,6 +640,7 @@ impl Options {
             reuseport: self.reuseport.unwrap_or(false),
             nodelay: self.nodelay.unwrap_or(true),
             exclusive_accept: self.exclusive_accept.unwrap_or(true),
+            sched_batch: self.sched_batch.unwrap_or(true),
             unix_mode,
             graceful_timeout: secs(self.graceful_timeout, 30),
             header_read_timeout,

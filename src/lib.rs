@@ -35,6 +35,8 @@
 //! A new connection wakes one idle worker (`EPOLLEXCLUSIVE` on the runtime's registration of the
 //! listener, [`sys::epoll`]); one task per listener accepts, and sweeps its connections for the
 //! head and idle deadlines, so a request arms no timer; its bookkeeping is its scoreboard slot.
+//! Workers run under `SCHED_BATCH` (`sched_batch`): woken on a busy CPU, they wait for the running
+//! task's slice instead of preempting it, which batches requests when cores are oversubscribed.
 //! It counts requests and refreshes a heartbeat in its scoreboard slot; the monitor reads those
 //! for hang detection, `max_requests`, memory and CPU limits. A graceful stop drains: no more
 //! accepts, kept-alive connections answer their next request with `Connection: close`.

@@ -160,6 +160,40 @@ fn concurrent_load_is_served_by_every_worker() {
     }
 }
 
+/// The scheduling policy of a process (field 41 of /proc/PID/stat): 0 SCHED_OTHER, 3 SCHED_BATCH.
+fn policy(pid: i32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command (which may hold spaces) start at field 3.
+    let after = &stat[stat.rfind(')').expect("comm") + 2..];
+    after
+        .split(' ')
+        .nth(41 - 3)
+        .expect("policy")
+        .parse()
+        .expect("number")
+}
+
+#[test]
+fn workers_run_under_sched_batch_and_the_monitor_does_not() {
+    const OTHER: u32 = 0;
+    const BATCH: u32 = 3;
+    let server = start(2);
+    let workers = server.wait_workers(2, READY_TIMEOUT);
+    for w in &workers {
+        assert_eq!(policy(*w), BATCH, "worker {w}");
+    }
+    assert_eq!(policy(server.pid), OTHER, "the monitor preempts as usual");
+    let mold = server.with_title("tine mold");
+    assert_eq!(policy(mold[0].pid), OTHER, "the mold");
+    let other = Launch::tine()
+        .args(["--workers", "1", "--sched-batch", "false"])
+        .start();
+    let [w] = other.wait_workers(1, READY_TIMEOUT)[..] else {
+        unreachable!()
+    };
+    assert_eq!(policy(w), OTHER, "sched_batch = false");
+}
+
 #[test]
 fn a_killed_worker_is_replaced() {
     let server = start(2);

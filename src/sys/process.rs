@@ -101,6 +101,27 @@ pub fn set_child_subreaper() -> io::Result<()> {
     Ok(())
 }
 
+/// Moves this process (its calling thread, and threads it starts later) to `SCHED_BATCH`, or
+/// back to `SCHED_OTHER`: under `SCHED_BATCH` a thread woken on a busy CPU does not preempt the
+/// task running there, it runs when that one sleeps or its time slice ends (at once on an idle
+/// CPU). Both policies run at static priority 0, so no privilege is needed.
+pub fn set_batch_scheduling(batch: bool) -> io::Result<()> {
+    let policy = if batch {
+        libc::SCHED_BATCH
+    } else {
+        libc::SCHED_OTHER
+    };
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler reads `param`, a valid initialized struct that outlives the
+    // call; pid 0 names the calling thread.
+    let rc = unsafe { libc::sched_setscheduler(0, policy, &param) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Sets the short name of the calling thread (`comm`, 15 bytes).
 pub fn set_thread_name(name: &str) {
     let short: String = name.chars().take(15).collect();

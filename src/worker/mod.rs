@@ -63,6 +63,10 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
     crate::sys::proctitle::set(&title);
     crate::sys::process::set_thread_name(&format!("tine-worker-{nr}"));
     crate::log::set_process_tag(format!("worker[{nr}] gen:{generation}"));
+    // Set either way: a worker promoted to mold passes its policy on to the workers it forks.
+    if let Err(e) = crate::sys::process::set_batch_scheduling(config.sched_batch) {
+        tracing::warn!(error = %e, batch = config.sched_batch, "scheduling policy not set");
+    }
     let Some(slot_writer) = scoreboard::global().slot(slot) else {
         tracing::error!(slot, "scoreboard slot out of range");
         return Outcome::Exit(72);
