@@ -227,6 +227,7 @@ fn become_mold<A: App>(
         );
         return 0;
     }
+    worker::restore_scheduling_policy();
     let start = Start {
         monitor: parent.monitor,
         generation,

@@ -185,6 +185,37 @@ fn workers_run_under_sched_batch_and_the_monitor_does_not() {
     assert_eq!(policy(server.pid), OTHER, "the monitor preempts as usual");
     let mold = server.with_title("tine mold");
     assert_eq!(policy(mold[0].pid), OTHER, "the mold");
+    // A worker promoted to mold moves back; the workers it forks move to SCHED_BATCH themselves.
+    assert_eq!(server.ctl(&["refork"]).map(|_| ()), Ok(()));
+    let gen1 = poll_until(Duration::from_secs(20), || {
+        let mold = server.with_title("tine mold (gen:1)").pop()?;
+        let workers = server.with_title("tine worker[");
+        (workers.len() == 2 && workers.iter().all(|w| w.title.ends_with("(gen:1)")))
+            .then_some((mold, workers))
+    });
+    let (mold, workers) = gen1.expect("generation 1 rolled out");
+    assert_eq!(policy(mold.pid), OTHER, "the promoted mold");
+    for w in &workers {
+        assert_eq!(policy(w.pid), BATCH, "gen-1 worker {}", w.pid);
+    }
+    // A policy the operator chose is left alone.
+    const IDLE: u32 = 5;
+    let chosen = Launch::program(std::path::PathBuf::from("/usr/bin/chrt"))
+        .subcommand(None)
+        .args([
+            "-i",
+            "0",
+            env!("CARGO_BIN_EXE_tine"),
+            "serve",
+            "--workers",
+            "1",
+        ])
+        .args(["--listen", "127.0.0.1:0", "--control-socket", "ctl.sock"])
+        .start();
+    let [w] = chosen.wait_workers(1, READY_TIMEOUT)[..] else {
+        unreachable!()
+    };
+    assert_eq!(policy(w), IDLE, "SCHED_IDLE from chrt stays");
     let other = Launch::tine()
         .args(["--workers", "1", "--sched-batch", "false"])
         .start();

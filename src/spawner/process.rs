@@ -56,9 +56,6 @@ fn spawner_loop(ctl: OwnedFd, registry: &Registry, parent: Pid) {
     let _ = reset_signals();
     let _ = close_fds_except(&[0, 1, 2, ctl.as_raw_fd()]);
     set_thread_name("tine-spawner");
-    // This is a fork of the user's process: its argv area is ours to reuse for the title.
-    crate::sys::proctitle::init();
-    crate::sys::proctitle::set("tine spawner");
     let me = nix::unistd::getpid();
     let mut rx = Receiver::new();
     let mut kids = Children {
@@ -247,11 +244,6 @@ fn worker_main(
         return EXIT_INTERNAL;
     }
     set_thread_name("tine-job");
-    crate::sys::proctitle::set(if one_shot.is_some() {
-        "tine job (one-shot)"
-    } else {
-        "tine job-worker"
-    });
     let chan = CHANNEL.get_or_init(|| chan);
     install_panic_hook();
     if let Some((call, fds)) = one_shot {

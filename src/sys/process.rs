@@ -101,22 +101,44 @@ pub fn set_child_subreaper() -> io::Result<()> {
     Ok(())
 }
 
-/// Moves this process (its calling thread, and threads it starts later) to `SCHED_BATCH`, or
-/// back to `SCHED_OTHER`: under `SCHED_BATCH` a thread woken on a busy CPU does not preempt the
-/// task running there, it runs when that one sleeps or its time slice ends (at once on an idle
-/// CPU). Both policies run at static priority 0, so no privilege is needed.
-pub fn set_batch_scheduling(batch: bool) -> io::Result<()> {
-    let policy = if batch {
-        libc::SCHED_BATCH
-    } else {
-        libc::SCHED_OTHER
-    };
+/// The scheduling policies [`switch_policy`] moves between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// `SCHED_OTHER`, the default.
+    Other,
+    /// `SCHED_BATCH`: a thread woken on a busy CPU does not preempt the task running there; it
+    /// runs when that one sleeps or its time slice ends (at once on an idle CPU).
+    Batch,
+}
+
+impl Policy {
+    fn raw(self) -> libc::c_int {
+        match self {
+            Policy::Other => libc::SCHED_OTHER,
+            Policy::Batch => libc::SCHED_BATCH,
+        }
+    }
+}
+
+/// Moves the calling thread (and the threads it starts later) from `from` to `to`, only if its
+/// policy is `from` now: a policy the operator chose (`chrt`, a systemd `CPUSchedulingPolicy=`) is
+/// left alone. Returns whether it switched. Both policies run at static priority 0, so no
+/// privilege is needed between them.
+pub fn switch_policy(from: Policy, to: Policy) -> io::Result<bool> {
+    // SAFETY: sched_getscheduler takes no pointer; pid 0 names the calling thread.
+    let current = unsafe { libc::sched_getscheduler(0) };
+    if current < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if current & !libc::SCHED_RESET_ON_FORK != from.raw() {
+        return Ok(false);
+    }
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: sched_setscheduler reads `param`, a valid initialized struct that outlives the
     // call; pid 0 names the calling thread.
-    let rc = unsafe { libc::sched_setscheduler(0, policy, &param) };
+    let rc = unsafe { libc::sched_setscheduler(0, to.raw(), &param) };
     if rc == 0 {
-        Ok(())
+        Ok(true)
     } else {
         Err(io::Error::last_os_error())
     }

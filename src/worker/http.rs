@@ -132,8 +132,12 @@ impl AsyncListener {
                 if listener.set_nonblocking(true).is_err() {
                     return taken;
                 }
-                while taken.len() < LIMIT {
-                    let Ok((s, _)) = listener.accept() else { break };
+                for _ in 0..LIMIT {
+                    let s = match listener.accept() {
+                        Ok((s, _)) => s,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(_) => continue, // aborted before it was taken, or no fd: the next
+                    };
                     if nodelay {
                         let _ = s.set_nodelay(true);
                     }
@@ -148,8 +152,12 @@ impl AsyncListener {
                 if listener.set_nonblocking(true).is_err() {
                     return taken;
                 }
-                while taken.len() < LIMIT {
-                    let Ok((s, _)) = listener.accept() else { break };
+                for _ in 0..LIMIT {
+                    let s = match listener.accept() {
+                        Ok((s, _)) => s,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(_) => continue,
+                    };
                     let s = s.set_nonblocking(true).map(|()| s);
                     if let Ok(s) = s.and_then(tokio::net::UnixStream::from_std) {
                         taken.push(Accepted::Unix(s));

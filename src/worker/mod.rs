@@ -47,6 +47,20 @@ pub(crate) enum Stop {
     Promote { generation: u32, slot: u32 },
 }
 
+/// Whether this worker moved itself to `SCHED_BATCH` (so that, promoted to a mold, it moves back).
+static BATCH_SET_HERE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Undoes this worker's own switch to `SCHED_BATCH`: a worker promoted to mold runs as molds do
+/// (the workers it forks switch themselves).
+pub(crate) fn restore_scheduling_policy() {
+    use crate::sys::process::{switch_policy, Policy};
+    if BATCH_SET_HERE.swap(false, std::sync::atomic::Ordering::Relaxed) {
+        if let Err(e) = switch_policy(Policy::Batch, Policy::Other) {
+            tracing::warn!(error = %e, "SCHED_OTHER not restored");
+        }
+    }
+}
+
 /// Runs a worker to the end of its life. Called in the freshly forked process, after
 /// `child::after_fork`.
 pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
@@ -63,9 +77,12 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
     crate::sys::proctitle::set(&title);
     crate::sys::process::set_thread_name(&format!("tine-worker-{nr}"));
     crate::log::set_process_tag(format!("worker[{nr}] gen:{generation}"));
-    // Set either way: a worker promoted to mold passes its policy on to the workers it forks.
-    if let Err(e) = crate::sys::process::set_batch_scheduling(config.sched_batch) {
-        tracing::warn!(error = %e, batch = config.sched_batch, "scheduling policy not set");
+    if config.sched_batch {
+        use crate::sys::process::{switch_policy, Policy};
+        match switch_policy(Policy::Other, Policy::Batch) {
+            Ok(switched) => BATCH_SET_HERE.store(switched, std::sync::atomic::Ordering::Relaxed),
+            Err(e) => tracing::warn!(error = %e, "SCHED_BATCH not set"),
+        }
     }
     let Some(slot_writer) = scoreboard::global().slot(slot) else {
         tracing::error!(slot, "scoreboard slot out of range");

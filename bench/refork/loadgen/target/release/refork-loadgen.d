@@ -1,1 +1,0 @@
-/work/main/bench/refork/loadgen/target/release/refork-loadgen: /work/main/bench/refork/loadgen/src/main.rs
