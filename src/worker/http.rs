@@ -120,58 +120,66 @@ impl AsyncListener {
     /// have woken only this worker for them, and no other worker hears of them until the next
     /// connection arrives. Served during the drain, they are answered with `Connection: close`.
     pub(super) fn queued(&self, nodelay: bool) -> Vec<Accepted> {
-        const LIMIT: usize = 256;
-        let mut taken = Vec::new();
         let Ok(fd) = std::os::fd::AsFd::as_fd(self).try_clone_to_owned() else {
-            return taken;
+            return Vec::new();
         };
         match self {
             AsyncListener::Tcp(_) => {
                 let listener = std::net::TcpListener::from(fd);
-                // Already so (tokio set it on the shared description); never block the drain.
-                if listener.set_nonblocking(true).is_err() {
-                    return taken;
-                }
-                for _ in 0..LIMIT {
-                    let s = match listener.accept() {
-                        Ok((s, _)) => s,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(_) => continue, // aborted before it was taken, or no fd: the next
-                    };
-                    if nodelay {
-                        let _ = s.set_nodelay(true);
-                    }
-                    let s = s.set_nonblocking(true).map(|()| s);
-                    if let Ok(s) = s.and_then(tokio::net::TcpStream::from_std) {
-                        taken.push(Accepted::Tcp(s));
-                    }
-                }
+                take_queued(
+                    listener.set_nonblocking(true).map(|()| &listener),
+                    |l| l.accept().map(|(s, _)| s),
+                    |s| {
+                        if nodelay {
+                            let _ = s.set_nodelay(true);
+                        }
+                        s.set_nonblocking(true)?;
+                        Ok(Accepted::Tcp(tokio::net::TcpStream::from_std(s)?))
+                    },
+                )
             }
             AsyncListener::Unix(_) => {
                 let listener = std::os::unix::net::UnixListener::from(fd);
-                if listener.set_nonblocking(true).is_err() {
-                    return taken;
-                }
-                for _ in 0..LIMIT {
-                    let s = match listener.accept() {
-                        Ok((s, _)) => s,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(_) => continue,
-                    };
-                    let s = s.set_nonblocking(true).map(|()| s);
-                    if let Ok(s) = s.and_then(tokio::net::UnixStream::from_std) {
-                        taken.push(Accepted::Unix(s));
-                    }
-                }
+                take_queued(
+                    listener.set_nonblocking(true).map(|()| &listener),
+                    |l| l.accept().map(|(s, _)| s),
+                    |s| {
+                        s.set_nonblocking(true)?;
+                        Ok(Accepted::Unix(tokio::net::UnixStream::from_std(s)?))
+                    },
+                )
             }
         }
-        taken
     }
 
     /// Accepts a connection as a stream handler's [`crate::app::Connection`].
     pub(super) async fn accept_connection(&self, nodelay: bool) -> crate::app::Connection {
         self.accept(nodelay).await.into()
     }
+}
+
+/// Accepts from `listener` until it would block (a bounded number of tries), converting each
+/// connection with `adopt`. A listener that could not be made non-blocking (`Err`) is left alone:
+/// a blocking accept must never stall a drain. Transient errors (a connection reset before it was
+/// taken, no descriptor free) skip to the next.
+fn take_queued<L, S>(
+    listener: io::Result<&L>,
+    accept: impl Fn(&L) -> io::Result<S>,
+    adopt: impl Fn(S) -> io::Result<Accepted>,
+) -> Vec<Accepted> {
+    const LIMIT: usize = 256;
+    let mut taken = Vec::new();
+    let Ok(listener) = listener else {
+        return taken;
+    };
+    for _ in 0..LIMIT {
+        match accept(listener) {
+            Ok(s) => taken.extend(adopt(s).ok()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(_) => continue,
+        }
+    }
+    taken
 }
 
 impl From<Accepted> for crate::app::Connection {
