@@ -88,6 +88,13 @@ impl Body {
     }
 }
 
+impl Body {
+    /// Whether the whole body is already here (nothing to wait for while it is written).
+    pub(crate) fn is_complete(&self) -> bool {
+        matches!(self.kind, Kind::Full(_))
+    }
+}
+
 impl Default for Body {
     fn default() -> Body {
         Body::empty()

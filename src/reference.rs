@@ -2,7 +2,7 @@
 //! `--root`) and `cache-demo` (lazily warmed blocks that make reforking's memory effect visible).
 //!
 //! Debug hooks of `hello`, active only with `--debug-routes` (tests use them to make real
-//! failures): the routes `/sleep/MS`, `/spin` (blocks the worker's thread forever), `/leak/KB`
+//! failures): the routes `/sleep/MS`, `/stream/MS` (a body that pauses), `/spin` (blocks the worker's thread forever), `/leak/KB`
 //! and `/crash` (aborts); and the environment variable `TINE_DEBUG_BOOT_SLEEP_MS`, which makes
 //! every worker's `boot` block that long before it reports ready (a worker that never gets
 //! ready, for `spawn_timeout`).
@@ -164,7 +164,14 @@ fn hello(req: &Request, debug: bool) -> HelloFuture {
         path.strip_prefix(prefix)
             .and_then(|n| n.parse::<u64>().ok())
     };
-    if let Some(ms) = arg("/sleep/") {
+    if let Some(ms) = arg("/stream/") {
+        // The head and a first line now, the last line after a pause (a stream that idles, as
+        // server-sent events do between events).
+        now(Response::new(Body::new(Paused {
+            pause: Box::pin(tokio::time::sleep(Duration::from_millis(ms))),
+            sent: 0,
+        })))
+    } else if let Some(ms) = arg("/sleep/") {
         Either::Right(Box::pin(async move {
             tokio::time::sleep(Duration::from_millis(ms)).await;
             Ok(text(StatusCode::OK, "slept\n"))
@@ -184,6 +191,36 @@ fn hello(req: &Request, debug: bool) -> HelloFuture {
         std::process::abort();
     } else {
         now(text(StatusCode::NOT_FOUND, "not found\n"))
+    }
+}
+
+/// The body of `/stream/MS`: `first\n`, a pause, `last\n`.
+struct Paused {
+    pause: std::pin::Pin<Box<tokio::time::Sleep>>,
+    sent: u8,
+}
+
+impl http_body::Body for Paused {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        let this = &mut *self;
+        let line = match this.sent {
+            0 => "first\n",
+            1 if this.pause.as_mut().poll(cx).is_pending() => return Poll::Pending,
+            1 => "last\n",
+            _ => return Poll::Ready(None),
+        };
+        self.sent += 1;
+        Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(
+            line.as_bytes(),
+        )))))
     }
 }
 

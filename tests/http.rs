@@ -273,6 +273,24 @@ fn idle_keep_alive_connections_are_closed_after_the_header_read_timeout() {
 }
 
 #[test]
+fn a_response_that_pauses_longer_than_the_head_timeout_is_not_cut() {
+    // Server-sent events idle between events: the app is still writing the response, so the
+    // connection's idle deadline (header_read_timeout, 1 s here) must not close it.
+    let server = start(&["--workers", "1", "--header-read-timeout", "1"]);
+    let mut client = Client::connect(&server.addr()).unwrap();
+    let started = Instant::now();
+    let r = client
+        .get("/stream/2500")
+        .expect("the whole streamed response");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "first\nlast\n");
+    assert!(started.elapsed() >= Duration::from_millis(2500));
+    // And once it has ended, the connection idles out as usual.
+    let (_, closed) = client.read_until_closed(Duration::from_secs(6));
+    assert!(closed, "idle after the stream: closed by the sweep");
+}
+
+#[test]
 fn unix_socket_listener_serves_and_is_cleaned_up() {
     let dir = TempDir::new();
     let path = dir.join("web.sock");

@@ -260,8 +260,9 @@ pub(super) fn spawn_accept_loop(
 /// a timer per connection or per request: a connection that has completed no request head,
 /// written nothing and had no request in flight over two whole sweep periods is closed. So a
 /// client that sends nothing, trickles a head (slowloris), or idles on keep-alive is cut off
-/// after `patience` to `1.5 × patience`; a slow download (writes) or a long request (in flight)
-/// is not. Nothing of this runs on a connection's request path but a few counter updates.
+/// after `patience` to `1.5 × patience`; a slow download (writes), a long request (in flight) or
+/// a response whose body waits on the app (a stream that pauses) is not. A client that stops
+/// reading a response is: nothing is written and nothing waits on the app. Nothing of this runs on a connection's request path but a few counter updates.
 struct Connections {
     patience: Duration,
     /// Each connection's shared state, the progress it had at the last sweep, and the number of
@@ -307,7 +308,8 @@ impl Connections {
                 return false; // the connection's task has ended
             }
             let progress = shared.progress();
-            let busy = shared.busy.load(Ordering::Relaxed) > 0;
+            let busy = shared.busy.load(Ordering::Relaxed) > 0
+                || shared.waiting_on_app.load(Ordering::Relaxed) > 0;
             *idle = match *idle {
                 Some(n) if progress == *last && !busy => Some(n + 1),
                 _ => Some(0),
@@ -346,6 +348,8 @@ struct Shared {
     heads: AtomicU64,
     writes: AtomicU64,
     busy: AtomicU64,
+    /// Response bodies waiting for the app to produce their next part (a stream that pauses).
+    waiting_on_app: AtomicU64,
     orders: AtomicU8,
     /// The connection task's waker. Kept (woken by reference, never taken) so the task can
     /// skip registering again while its waker stays the same; cleared when the task ends, so an
@@ -471,7 +475,7 @@ impl Builder {
         I: Peek,
         S: hyper::service::Service<
                 Request,
-                Response = http::Response<crate::app::Body>,
+                Response = http::Response<Sending>,
                 Error = std::convert::Infallible,
             > + Send
             + 'static,
@@ -651,10 +655,10 @@ fn request_service(
     shared: &Arc<Shared>,
 ) -> impl hyper::service::Service<
     Request,
-    Response = http::Response<crate::app::Body>,
+    Response = http::Response<Sending>,
     Error = std::convert::Infallible,
     Future = impl std::future::Future<
-        Output = Result<http::Response<crate::app::Body>, std::convert::Infallible>,
+        Output = Result<http::Response<Sending>, std::convert::Infallible>,
     > + Send,
 > + Clone {
     // Per-connection copies of what every request needs: no reference count touched per request.
@@ -695,7 +699,7 @@ fn request_service(
                     http::header::CONNECTION,
                     http::HeaderValue::from_static("close"),
                 );
-                return Ok(r);
+                return Ok(r.map(Sending::complete));
             };
             let mut response = if request_timeout.is_zero() {
                 call.await?
@@ -713,7 +717,6 @@ fn request_service(
                 }
             };
             drop(guard);
-            drop(busy);
             if http1 && DRAINING.load(Ordering::Relaxed) {
                 response.headers_mut().insert(
                     http::header::CONNECTION,
@@ -725,7 +728,80 @@ fn request_service(
                     .headers_mut()
                     .insert("x-tine-worker", http::HeaderValue::from(std::process::id()));
             }
-            Ok(response)
+            // The request is no longer in flight once its head is out (`busy` drops here); a body
+            // that waits on the app keeps the connection busy by itself.
+            Ok(response.map(|body| Sending::new(body, &busy.0)))
         }
     })
+}
+
+/// A response body as hyper writes it. While the app has not produced the next part of a body
+/// (a stream that pauses between events), the connection counts as busy, so the sweep does not
+/// close it; a client that stops reading is still cut off (no writes, nothing waited on).
+struct Sending {
+    body: crate::app::Body,
+    /// The connection's shared state, for bodies that may wait (none for a complete buffer: the
+    /// common response costs nothing more).
+    shared: Option<Arc<Shared>>,
+    waiting: bool,
+}
+
+impl Sending {
+    fn complete(body: crate::app::Body) -> Sending {
+        Sending {
+            body,
+            shared: None,
+            waiting: false,
+        }
+    }
+
+    fn new(body: crate::app::Body, shared: &Arc<Shared>) -> Sending {
+        let shared = (!body.is_complete()).then(|| shared.clone());
+        Sending {
+            body,
+            shared,
+            waiting: false,
+        }
+    }
+
+    fn set_waiting(&mut self, waiting: bool) {
+        if waiting == self.waiting {
+            return;
+        }
+        self.waiting = waiting;
+        if let Some(shared) = &self.shared {
+            match waiting {
+                true => shared.waiting_on_app.fetch_add(1, Ordering::Relaxed),
+                false => shared.waiting_on_app.fetch_sub(1, Ordering::Relaxed),
+            };
+        }
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        self.set_waiting(false);
+    }
+}
+
+impl http_body::Body for Sending {
+    type Data = bytes::Bytes;
+    type Error = crate::app::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        self.set_waiting(polled.is_pending());
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
