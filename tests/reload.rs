@@ -550,6 +550,29 @@ fn a_config_that_does_not_validate_is_refused_and_a_good_one_is_applied() {
 }
 
 #[test]
+fn a_worker_count_set_at_run_time_survives_a_reload_unless_workers_changes() {
+    let dir = TempDir::new();
+    let config = dir.write("tine.toml", "workers = 2\n");
+    let server = Launch::example("hello_v1")
+        .args(["--listen", &listen_arg()])
+        .arg("--config")
+        .arg(&config)
+        .start();
+    wait_settled(&server, 0, 2);
+    assert_eq!(server.ctl(&["scale", "3"]).map(|_| ()), Ok(()));
+    wait_settled(&server, 0, 3);
+    // The config still says 2: the reload keeps the 3 set at run time.
+    let out = server.ctl(&["reload"]).expect("reload");
+    assert!(out.starts_with("reloaded in "), "{out}");
+    wait_settled(&server, 1, 3);
+    // The config now says 1: that is applied.
+    std::fs::write(&config, "workers = 1\n").unwrap();
+    let out = server.ctl(&["reload"]).expect("reload");
+    assert!(out.starts_with("reloaded in "), "{out}");
+    wait_settled(&server, 2, 1);
+}
+
+#[test]
 fn a_binary_that_exits_at_once_is_refused_and_the_old_tree_keeps_serving() {
     let app = AppDir::new(&example_bin("hello_v1"));
     let mut server = Launch::program(app.exe())

@@ -35,6 +35,10 @@ pub(crate) struct Handover {
     pub scoreboard: (RawFd, usize),
     pub children: Vec<HandedChild>,
     pub target: usize,
+    /// The `workers` of the configuration the old image ran with: if the new one says the same,
+    /// the target a `ctl scale` or `TTIN`/`TTOU` set is kept.
+    #[serde(default)]
+    pub configured_workers: Option<usize>,
     /// `ctl reload` connections waiting for the outcome.
     pub waiters: Vec<RawFd>,
     /// When the reload started (ms on the monotonic clock, which survives exec).
@@ -357,6 +361,7 @@ impl Monitor {
             scoreboard: (self.board.fd().as_raw_fd(), self.board.capacity()),
             children: Vec::new(),
             target: self.target,
+            configured_workers: Some(self.config.workers),
             waiters: waiters.iter().map(|w| w.as_raw_fd()).collect(),
             reload_started_ms: started_ms,
             restarts: self.restarts.clone(),

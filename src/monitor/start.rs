@@ -125,6 +125,16 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
         monitor.watcher = Some(w);
     }
     if let Some(h) = handover {
+        // A worker count set at run time (`ctl scale`, TTIN/TTOU) outlives a reload unless the
+        // reload changes `workers` itself.
+        if h.configured_workers == Some(monitor.config.workers) && h.target != monitor.target {
+            monitor.target = h.target.clamp(1, monitor.config.max_workers);
+            tracing::info!(
+                workers = monitor.target,
+                configured = monitor.config.workers,
+                "keeping the worker count set at run time (the reload does not change `workers`)"
+            );
+        }
         monitor.announced_ready = true;
         monitor.restarts = h.restarts;
         monitor.adopt_children(h.children);
