@@ -262,7 +262,8 @@ pub(super) fn spawn_accept_loop(
 /// client that sends nothing, trickles a head (slowloris), or idles on keep-alive is cut off
 /// after `patience` to `1.5 × patience`; a slow download (writes), a long request (in flight) or
 /// a response whose body waits on the app (a stream that pauses) is not. A client that stops
-/// reading a response is: nothing is written and nothing waits on the app. Nothing of this runs on a connection's request path but a few counter updates.
+/// reading a response is: nothing is written and nothing waits on the app. Nothing of this runs
+/// on a connection's request path but a few counter updates.
 struct Connections {
     patience: Duration,
     /// Each connection's shared state, the progress it had at the last sweep, and the number of
