@@ -7,29 +7,21 @@ mod common;
 
 use common::*;
 
-/// Voluntary context switches of a process so far: one for each time it slept and was woken.
-fn wake_ups(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or_else(|| panic!("no voluntary_ctxt_switches for {pid}"))
-}
-
 /// Opens `n` connections one after another on an idle server, one request each; returns how
-/// often each worker was woken meanwhile, fewest first.
+/// often each worker was woken meanwhile (voluntary context switches: one per sleep and wake-up),
+/// fewest first.
 fn wake_ups_per_worker(server: &Server, workers: &[i32], n: usize) -> Vec<u64> {
-    let before: Vec<u64> = workers.iter().map(|p| wake_ups(*p)).collect();
+    let before: Vec<u64> = workers
+        .iter()
+        .map(|p| status_number(*p, "voluntary_ctxt_switches"))
+        .collect();
     for _ in 0..n {
         assert_eq!(get(&server.addr(), "/").expect("GET").status, 200);
     }
     let mut woken: Vec<u64> = workers
         .iter()
         .zip(before)
-        .map(|(p, b)| wake_ups(*p) - b)
+        .map(|(p, b)| status_number(*p, "voluntary_ctxt_switches") - b)
         .collect();
     woken.sort_unstable();
     woken

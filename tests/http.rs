@@ -120,18 +120,6 @@ fn an_oversized_head_never_reaches_the_app() {
     assert_eq!(after.worker(), Some(worker), "the same worker still serves");
 }
 
-/// Resident memory of a process in KiB.
-fn rss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or_else(|| panic!("no VmRSS for {pid}"))
-}
-
 #[test]
 fn ended_connections_free_their_memory_before_the_next_sweep() {
     // With a long header_read_timeout the sweep is minutes away; connections that ended
@@ -151,9 +139,9 @@ fn ended_connections_free_their_memory_before_the_next_sweep() {
         }
     };
     one_request_each(500); // the allocator's first growth
-    let before = rss_kib(worker);
+    let before = status_number(worker, "VmRSS");
     one_request_each(5000);
-    let grown = rss_kib(worker).saturating_sub(before);
+    let grown = status_number(worker, "VmRSS").saturating_sub(before);
     assert!(
         grown < 1024,
         "5000 ended connections kept {grown} KiB until the next sweep"

@@ -16,7 +16,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{
-    descendants, is_closed_error, poll_until, proc_info, title, Addr, Client, Launch, Server,
+    descendants, is_closed_error, poll_until, proc_info, status_number, title, Addr, Client,
+    Launch, Server,
 };
 use nix::sys::signal::Signal;
 
@@ -327,15 +328,6 @@ fn fd_count(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
         .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
-}
-
-fn rss_kb(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("VmRSS")
 }
 
 fn zombies(server: &Server) -> Vec<(i32, String)> {
@@ -702,7 +694,7 @@ fn repeated_reforks_leak_nothing() {
         wait_generation(&server, g, 1, ROLLOUT_TIMEOUT);
         if g == 10 {
             // After a few cycles: every lazily opened descriptor and allocation is in place.
-            baseline = Some((fd_count(server.pid), rss_kb(server.pid)));
+            baseline = Some((fd_count(server.pid), status_number(server.pid, "VmRSS")));
         }
     }
     let elapsed = started.elapsed();
@@ -712,7 +704,7 @@ fn repeated_reforks_leak_nothing() {
     });
     assert!(settled.is_some(), "zombie children: {:?}", zombies(&server));
     let fds_after = fd_count(server.pid);
-    let rss_after = rss_kb(server.pid);
+    let rss_after = status_number(server.pid, "VmRSS");
     let tree = server.tree();
     assert_eq!(tree.len(), 2, "one mold and one worker: {tree:?}");
     assert_eq!(

@@ -58,13 +58,9 @@ fn ask_every_worker(addr: &Addr, path: &str, workers: &[i32]) -> Vec<(i32, u16, 
 
 /// The `Uid:` or `Gid:` line of `/proc/PID/status`: real, effective, saved, filesystem.
 fn ids(pid: i32, which: &str) -> Vec<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let line = status
-        .lines()
-        .find(|l| l.starts_with(&format!("{which}:")))
-        .unwrap_or_default();
-    line.split_whitespace()
-        .skip(1)
+    status_field(pid, which)
+        .unwrap_or_default()
+        .split_whitespace()
         .filter_map(|n| n.parse().ok())
         .collect()
 }
@@ -462,14 +458,9 @@ fn user_nobody_runs_the_mold_and_workers_unprivileged_and_the_monitor_as_root() 
                 "{} runs with nobody's group",
                 p.title
             );
-            let status =
-                std::fs::read_to_string(format!("/proc/{}/status", p.pid)).unwrap_or_default();
-            let groups = status
-                .lines()
-                .find(|l| l.starts_with("Groups:"))
-                .unwrap_or_default();
+            let groups = status_field(p.pid, "Groups").unwrap_or_default();
             assert_eq!(
-                groups.split_whitespace().skip(1).collect::<Vec<_>>(),
+                groups.split_whitespace().collect::<Vec<_>>(),
                 [gid.to_string()],
                 "{}: no supplementary groups of root",
                 p.title
@@ -657,11 +648,7 @@ fn as_pid_1_of_a_pid_namespace_term_from_outside_drains_and_exits_zero() {
         .first()
         .map(|p| p.pid)
         .expect("the monitor under unshare");
-    let status = std::fs::read_to_string(format!("/proc/{monitor}/status")).unwrap();
-    let nspid = status
-        .lines()
-        .find(|l| l.starts_with("NSpid:"))
-        .unwrap_or_default();
+    let nspid = status_field(monitor, "NSpid").expect("/proc/PID/status");
     assert!(
         nspid.ends_with("\t1"),
         "the monitor is PID 1 of its namespace: {nspid:?}"

@@ -877,6 +877,26 @@ pub fn proc_info(pid: i32) -> Option<Proc> {
     })
 }
 
+/// The value of `key` in `/proc/PID/status` (the text after `key:`, trimmed), if the process
+/// and the line exist.
+pub fn status_field(pid: i32, key: &str) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| {
+        let value = l.strip_prefix(key)?.strip_prefix(':')?;
+        Some(value.trim().to_string())
+    })
+}
+
+/// The first number of `key` in `/proc/PID/status` (`VmRSS` in kB, `voluntary_ctxt_switches`).
+///
+/// # Panics
+/// If the process or the line is gone: the caller asked about a process it knows is alive.
+pub fn status_number(pid: i32, key: &str) -> u64 {
+    status_field(pid, key)
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+}
+
 /// The title `ps` shows for `pid`: `/proc/PID/cmdline` with NULs as spaces, trimmed.
 pub fn title(pid: i32) -> Option<String> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
