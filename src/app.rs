@@ -130,17 +130,9 @@ impl Handler {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        use std::task::{Context, Poll, Waker};
-        use tower::ServiceExt;
         let mut service = service;
         let service = tower::service_fn(move |req: Request| {
-            // Called in place when ready (most services always are: a Router, a service_fn), so a
-            // request costs no clone of the app's service; otherwise cloned and driven to
-            // readiness, as tower requires.
-            let call = match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
-                Poll::Ready(Ok(())) => futures_util::future::Either::Left(service.call(req)),
-                _ => futures_util::future::Either::Right(service.clone().oneshot(req)),
-            };
+            let call = call_in_place(&mut service, req);
             async move {
                 Ok::<_, Infallible>(match call.await {
                     Ok(r) => r.map(Body::new),
@@ -166,6 +158,26 @@ impl Handler {
         Fut: Future<Output = ()> + Send + 'static,
     {
         Handler::Stream(Arc::new(move |c| Box::pin(handler(c))))
+    }
+}
+
+/// Calls `service` with `req` in place when it is ready now (most services always are: a
+/// `Router`, a `service_fn`), so a request costs no clone of it; otherwise calls a clone once it
+/// is ready, as tower requires. That rare path is boxed: unboxed it would carry the request in
+/// every call's future, which the caller and hyper move around.
+pub(crate) fn call_in_place<S, R>(
+    service: &mut S,
+    req: R,
+) -> futures_util::future::Either<S::Future, Pin<Box<tower::util::Oneshot<S, R>>>>
+where
+    S: tower::Service<R> + Clone,
+{
+    use futures_util::future::Either;
+    use std::task::{Context, Poll, Waker};
+    use tower::ServiceExt;
+    match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(Ok(())) => Either::Left(service.call(req)),
+        _ => Either::Right(Box::pin(service.clone().oneshot(req))),
     }
 }
 

@@ -12,7 +12,6 @@ use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tower::ServiceExt;
 
 use super::Stop;
 use crate::app::{full, HttpService, Request};
@@ -309,8 +308,7 @@ impl Connections {
                 return false; // the connection's task has ended
             }
             let progress = shared.progress();
-            let busy = shared.busy.load(Ordering::Relaxed) > 0
-                || shared.waiting_on_app.load(Ordering::Relaxed) > 0;
+            let busy = shared.busy.load(Ordering::Relaxed) > 0;
             *idle = match *idle {
                 Some(n) if progress == *last && !busy => Some(n + 1),
                 _ => Some(0),
@@ -348,9 +346,9 @@ const CLOSE: u8 = 2;
 struct Shared {
     heads: AtomicU64,
     writes: AtomicU64,
+    /// Work on the app's side: requests whose response head is not out yet, and response bodies
+    /// waiting for the app to produce their next part (a stream that pauses).
     busy: AtomicU64,
-    /// Response bodies waiting for the app to produce their next part (a stream that pauses).
-    waiting_on_app: AtomicU64,
     orders: AtomicU8,
     /// The connection task's waker. Kept (woken by reference, never taken) so the task can
     /// skip registering again while its waker stays the same; cleared when the task ends, so an
@@ -413,29 +411,24 @@ fn peek_fd(fd: std::os::fd::RawFd, buf: &mut [u8]) -> io::Result<usize> {
     recv(fd, buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
 }
 
-impl Peek for tokio::net::TcpStream {
-    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
-        tokio::net::TcpStream::readable(self)
-    }
-    fn try_peek(&self, buf: &mut [u8]) -> io::Result<usize> {
-        use std::os::fd::AsRawFd;
-        self.try_io(tokio::io::Interest::READABLE, || {
-            peek_fd(self.as_raw_fd(), buf)
-        })
-    }
+/// The same for both socket types: wait with tokio's readiness, peek with `MSG_PEEK`.
+macro_rules! impl_peek {
+    ($($stream:ty),*) => {$(
+        impl Peek for $stream {
+            fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+                <$stream>::readable(self)
+            }
+            fn try_peek(&self, buf: &mut [u8]) -> io::Result<usize> {
+                use std::os::fd::AsRawFd;
+                self.try_io(tokio::io::Interest::READABLE, || {
+                    peek_fd(self.as_raw_fd(), buf)
+                })
+            }
+        }
+    )*};
 }
 
-impl Peek for tokio::net::UnixStream {
-    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
-        tokio::net::UnixStream::readable(self)
-    }
-    fn try_peek(&self, buf: &mut [u8]) -> io::Result<usize> {
-        use std::os::fd::AsRawFd;
-        self.try_io(tokio::io::Interest::READABLE, || {
-            peek_fd(self.as_raw_fd(), buf)
-        })
-    }
-}
+impl_peek!(tokio::net::TcpStream, tokio::net::UnixStream);
 
 /// Whether the client opens with the HTTP/2 preface. `Err` if it closed first.
 async fn starts_with_http2_preface<S: Peek>(stream: &S) -> io::Result<bool> {
@@ -668,9 +661,8 @@ fn request_service(
         config.request_timeout,
         config.debug_headers,
     );
-    // The connection's own handle on the service, called in place: `Handler::http` services are
-    // always ready, so a request costs no clone of the boxed service. One that is not ready (a
-    // hand-built `Handler::Http`) is cloned and driven to readiness as tower requires.
+    // The connection's own handle on the service, called in place (`call_in_place`): no clone
+    // of the boxed service per request.
     let own = std::cell::RefCell::new(service);
     let shared = shared.clone();
     hyper::service::service_fn(move |req: Request| {
@@ -684,14 +676,7 @@ fn request_service(
         // ends: the scoreboard's hang detection sees the oldest request's age.
         let guard = slot.track_request(req.method().as_str(), req.uri().path());
         // The app is called now (its synchronous part runs here), unless the head is refused.
-        let call = (!oversized).then(|| {
-            let mut svc = own.borrow_mut();
-            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-            match tower::Service::poll_ready(&mut *svc, &mut cx) {
-                std::task::Poll::Ready(Ok(())) => tower::Service::call(&mut *svc, req),
-                _ => Box::pin(svc.clone().oneshot(req)),
-            }
-        });
+        let call = (!oversized).then(|| crate::app::call_in_place(&mut *own.borrow_mut(), req));
         async move {
             let Some(call) = call else {
                 let mut r = http::Response::new(full("request header fields too large\n"));
@@ -772,8 +757,8 @@ impl Sending {
         self.waiting = waiting;
         if let Some(shared) = &self.shared {
             match waiting {
-                true => shared.waiting_on_app.fetch_add(1, Ordering::Relaxed),
-                false => shared.waiting_on_app.fetch_sub(1, Ordering::Relaxed),
+                true => shared.busy.fetch_add(1, Ordering::Relaxed),
+                false => shared.busy.fetch_sub(1, Ordering::Relaxed),
             };
         }
     }
