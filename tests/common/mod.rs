@@ -37,6 +37,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+pub mod strict;
+
 /// How long a tree may take to report `tine ready` (debug build, 2 busy cores).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Read/write timeout of every client socket: a stuck server fails the test instead of hanging it.
