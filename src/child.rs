@@ -42,7 +42,7 @@ pub fn after_fork(monitor: Pid, keep: &[RawFd], run_as: Option<RunAs>) {
             || nix::unistd::setgid(gid).is_err()
             || nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)).is_err()
         {
-            eprintln!("tine: cannot switch to uid {uid} gid {gid}");
+            crate::log::print_stderr(format_args!("tine: cannot switch to uid {uid} gid {gid}"));
             process::exit_now(73);
         }
     }

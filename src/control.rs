@@ -351,6 +351,12 @@ fn status_text(m: &Monitor) -> String {
         "total PSS: {total_pss} KiB; workers: target {}\n",
         m.target
     ));
+    let dropped = crate::log::lines_dropped();
+    if dropped > 0 {
+        out.push_str(&format!(
+            "log lines dropped: {dropped} (stderr or the log file could not take them)\n"
+        ));
+    }
     out
 }
 
@@ -379,7 +385,12 @@ pub(crate) fn status_json(m: &Monitor) -> serde_json::Value {
             })
         })
         .collect();
-    json!({ "processes": processes, "target": m.target, "total_pss_kb": total_pss })
+    json!({
+        "processes": processes,
+        "target": m.target,
+        "total_pss_kb": total_pss,
+        "log_lines_dropped": crate::log::lines_dropped(),
+    })
 }
 
 /// The client side (`tine ctl`): sends `command`, returns the reply.

@@ -1,7 +1,18 @@
 //! Logging through `tracing`: every line carries the process's role tag (`monitor`,
 //! `mold gen:1`, `worker[2] gen:1`) and pid, in plain or JSON format.
+//!
+//! Logging never ends or blocks a process. Every line is one write to fd 2 (stderr, or the log
+//! file made fd 2) that does not wait: a pipe or socket that is full answers `EAGAIN` at once
+//! (`RWF_NOWAIT`). A line that cannot be written whole (`EPIPE`, `ENOSPC`, `EIO`, `EAGAIN`) is
+//! dropped and counted in the scoreboard's header, which every process of the tree shares, so
+//! `tine_log_lines_dropped_total` and `ctl status` show the whole tree's drops. tracing's own
+//! writer reports a failed write with `eprintln!`, which panics when stderr is gone: the writer
+//! here never reports an error. After `EPIPE` (the reader of stderr went away) lines are dropped
+//! without trying, until a log file is reopened onto fd 2.
 
 use std::fmt::Write as _;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use tracing::field::{Field, Visit};
@@ -23,12 +34,103 @@ pub fn init(format: LogFormat, filter: &str) -> Result<(), String> {
         .map_err(|e| format!("invalid value {filter:?} for `log_level`: {e}"))?;
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LineWriter)
+        .log_internal_errors(false)
         .event_format(Format {
             json: format == LogFormat::Json,
         })
         .finish();
     tracing::subscriber::set_global_default(subscriber).map_err(|e| e.to_string())
+}
+
+/// Lines dropped before the scoreboard existed (the monitor's first lines only; every later
+/// drop is counted in the scoreboard, shared by the tree).
+static DROPPED_EARLY: AtomicU64 = AtomicU64::new(0);
+/// fd 2 answered `EPIPE`: nobody reads it any more.
+static STDERR_GONE: AtomicBool = AtomicBool::new(false);
+/// fd 2 refused `RWF_NOWAIT` (a regular file or a device): plain writes, which do not wait long.
+static NOWAIT_UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+
+/// Log lines the tree failed to write: every process's drops since the scoreboard was created
+/// (it survives reloads), plus this process's own from before.
+pub(crate) fn lines_dropped() -> u64 {
+    let shared = crate::ipc::scoreboard::try_global().map_or(0, |b| b.log_lines_dropped());
+    shared + DROPPED_EARLY.load(Ordering::Relaxed)
+}
+
+fn count_dropped() {
+    match crate::ipc::scoreboard::try_global() {
+        Some(board) => board.count_log_line_dropped(),
+        None => {
+            DROPPED_EARLY.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Writes one whole line to fd 2 without waiting; returns whether it was written. A line that
+/// could not be written whole is counted as dropped. Never panics.
+pub(crate) fn write_line(line: &[u8]) -> bool {
+    if line.is_empty() {
+        return true;
+    }
+    if STDERR_GONE.load(Ordering::Relaxed) {
+        count_dropped();
+        return false;
+    }
+    let stderr = std::io::stderr();
+    let fd = stderr.as_fd();
+    let mut rest = line;
+    while !rest.is_empty() {
+        let written = if NOWAIT_UNSUPPORTED.load(Ordering::Relaxed) {
+            crate::sys::io::write(fd, rest)
+        } else {
+            match crate::sys::io::write_nowait(fd, rest) {
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => {
+                    NOWAIT_UNSUPPORTED.store(true, Ordering::Relaxed);
+                    crate::sys::io::write(fd, rest)
+                }
+                other => other,
+            }
+        };
+        match written {
+            Ok(0) => break,
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                if e.raw_os_error() == Some(libc::EPIPE) {
+                    STDERR_GONE.store(true, Ordering::Relaxed);
+                }
+                break;
+            }
+        }
+    }
+    if rest.is_empty() {
+        true
+    } else {
+        count_dropped();
+        false
+    }
+}
+
+/// Writes `message` and a newline to stderr for the few messages that cannot go through the
+/// log (before it exists, or in a child about to exit). Never panics, never waits.
+pub fn print_stderr(message: impl std::fmt::Display) {
+    write_line(format!("{message}\n").as_bytes());
+}
+
+/// The writer given to tracing's fmt layer: it formats a whole event into one buffer and writes
+/// it with one `write_all`, so each call is one line. It never fails (see the module doc).
+struct LineWriter;
+
+impl std::io::Write for LineWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        write_line(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 struct Format {
@@ -144,5 +246,8 @@ pub(crate) fn adopt_log_fd(fd: Option<std::os::fd::OwnedFd>) {
     if let Some(fd) = fd {
         let _ = nix::unistd::dup2(fd.as_raw_fd(), 1);
         let _ = nix::unistd::dup2(fd.as_raw_fd(), 2);
+        // A new descriptor: it may take lines again, and perhaps without waiting.
+        STDERR_GONE.store(false, Ordering::Relaxed);
+        NOWAIT_UNSUPPORTED.store(false, Ordering::Relaxed);
     }
 }

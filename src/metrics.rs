@@ -8,10 +8,10 @@
 //!
 //! What is exported comes from the monitor's table and the scoreboard: workers by state and
 //! generation, requests (per worker, in flight, the tree's total including exited processes),
-//! restarts by reason, reforks, memory per process (RSS, PSS, USS: `smaps_rollup` walks page
-//! tables, so each process's figures are cached for a few seconds) and the accept-queue depth of
-//! every listener (from the kernel's `sock_diag` netlink interface, which also covers unix
-//! listeners, whose queue `/proc/net/unix` does not show).
+//! restarts by reason, reforks, log lines the tree could not write, memory per process (RSS, PSS,
+//! USS: `smaps_rollup` walks page tables, so each process's figures are cached for a few seconds)
+//! and the accept-queue depth of every listener (from the kernel's `sock_diag` netlink interface,
+//! which also covers unix listeners, whose queue `/proc/net/unix` does not show).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -527,6 +527,17 @@ fn render(m: &Monitor, server: &mut MetricsServer) -> String {
         "Completed reforks: workers promoted to mold.",
     );
     let _ = writeln!(out, "tine_reforks_total {}", m.board.reforks());
+    family(
+        &mut out,
+        "tine_log_lines_dropped_total",
+        "counter",
+        "Log lines a process of the tree could not write (stderr gone, disk full, pipe full).",
+    );
+    let _ = writeln!(
+        out,
+        "tine_log_lines_dropped_total {}",
+        crate::log::lines_dropped()
+    );
 
     let memory_families = [
         (

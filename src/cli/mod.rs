@@ -90,8 +90,16 @@ fn load(args: ServeArgs) -> Result<Config, ConfigError> {
 }
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {
-    eprintln!("tine: error: {message}");
+    crate::log::print_stderr(format_args!("tine: error: {message}"));
     ExitCode::from(2)
+}
+
+/// Prints `text` on stdout; a closed stdout (`tine ctl status | head -1`) is not an error worth a
+/// panic, the reader has what it wanted.
+fn print_stdout(text: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
 /// Runs the tine command line for app `A`: `serve`, `check` and `ctl`.
@@ -143,7 +151,7 @@ pub fn run<A: App>() -> ExitCode {
                     if logs_to_file {
                         tracing::error!("{e}");
                     }
-                    eprintln!("tine: error: {e}");
+                    crate::log::print_stderr(format_args!("tine: error: {e}"));
                     ExitCode::from(e.exit_code())
                 }
             }
@@ -156,20 +164,20 @@ pub fn run<A: App>() -> ExitCode {
             if let Err(e) = A::check(&config) {
                 return fail(format!("{e:#}"));
             }
-            println!(
-                "configuration ok (handover version {})",
+            print_stdout(&format!(
+                "configuration ok (handover version {})\n",
                 crate::monitor::HANDOVER_VERSION
-            );
+            ));
             ExitCode::SUCCESS
         }
         Cmd::Ctl(args) => {
             match crate::control::request(&args.control_socket, &args.command.join(" ")) {
                 Ok(out) => {
-                    print!("{out}");
+                    print_stdout(&out);
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("tine ctl: {e}");
+                    crate::log::print_stderr(format_args!("tine ctl: {e}"));
                     ExitCode::from(1)
                 }
             }

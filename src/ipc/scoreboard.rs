@@ -31,6 +31,9 @@ const HEADER_WORDS: usize = 8;
 const H_REQUESTS_GONE: usize = 4;
 /// Completed reforks (a promoted worker became a mold).
 const H_REFORKS: usize = 5;
+/// Log lines that some process of the tree failed to write (zero in a scoreboard created by an
+/// older version: the word was unused, so the layout version stays).
+const H_LOG_DROPPED: usize = 6;
 /// A requests counter larger than this in a slot is garbage, not traffic.
 const MAX_SANE_REQUESTS: u64 = 1 << 48;
 /// Words per slot: 256 bytes, four cache lines.
@@ -150,6 +153,12 @@ pub fn install(board: Scoreboard) -> &'static Scoreboard {
     global()
 }
 
+/// The process-wide scoreboard, if one was installed (the server's processes; not `tine ctl`,
+/// not the spawner).
+pub fn try_global() -> Option<&'static Scoreboard> {
+    GLOBAL.get()
+}
+
 /// The process-wide scoreboard.
 ///
 /// # Panics
@@ -230,6 +239,16 @@ impl Scoreboard {
     /// Counts a completed refork (monitor only).
     pub fn count_refork(&self) {
         self.mem.words()[H_REFORKS].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Log lines that processes of the tree failed to write (see `crate::log`).
+    pub fn log_lines_dropped(&self) -> u64 {
+        self.mem.words()[H_LOG_DROPPED].load(Ordering::Relaxed)
+    }
+
+    /// Counts a log line this process failed to write (any process of the tree).
+    pub fn count_log_line_dropped(&self) {
+        self.mem.words()[H_LOG_DROPPED].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Maps a scoreboard handed over across a re-exec; refuses one of another layout version.

@@ -82,14 +82,18 @@ fn spawner_loop(ctl: OwnedFd, registry: &Registry, parent: Pid) {
             Ok(Received::Eof) => break,
             // A malformed request from our own parent: drop it, keep serving.
             Err(e) => {
-                eprintln!("tine-spawner: ignoring a malformed request: {e}");
+                crate::log::print_stderr(format_args!(
+                    "tine-spawner: ignoring a malformed request: {e}"
+                ));
                 continue;
             }
         };
         let request: ToSpawner = match wire::decode(&body) {
             Ok(r) => r,
             Err(e) => {
-                eprintln!("tine-spawner: ignoring a malformed request: {e}");
+                crate::log::print_stderr(format_args!(
+                    "tine-spawner: ignoring a malformed request: {e}"
+                ));
                 continue;
             }
         };
@@ -260,7 +264,9 @@ fn worker_main(
             // The pool let go of this worker (or the user's process is gone).
             Ok(Received::Eof) => return 0,
             Err(e) => {
-                eprintln!("tine-job: bad message from the pool, exiting: {e}");
+                crate::log::print_stderr(format_args!(
+                    "tine-job: bad message from the pool, exiting: {e}"
+                ));
                 return EXIT_INTERNAL;
             }
         };
@@ -306,7 +312,7 @@ fn reply(msg: &FromWorker, fds: &[RawFd]) {
             // A caller that went away (cancelled) shows up as EPIPE: nothing to tell anyone.
             let _ = wire::send(chan.as_fd(), &body, fds);
         }
-        Err(e) => eprintln!("tine-job: cannot encode a reply: {e}"),
+        Err(e) => crate::log::print_stderr(format_args!("tine-job: cannot encode a reply: {e}")),
     }
 }
 

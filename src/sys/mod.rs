@@ -4,6 +4,7 @@
 
 pub mod epoll;
 pub mod fd;
+pub mod io;
 pub mod meminfo;
 pub mod process;
 pub mod proctitle;

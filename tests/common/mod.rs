@@ -427,6 +427,12 @@ impl Launch {
 
     /// Spawns the program without waiting for anything.
     pub fn spawn(self) -> Server {
+        self.spawn_with(Log::capture)
+    }
+
+    /// Like [`Launch::spawn`], with the reader of the tree's stderr pipe given to `capture` (which
+    /// may, say, close it early).
+    pub fn spawn_with(self, capture: impl FnOnce(std::process::ChildStderr) -> Log) -> Server {
         let dir = TempDir::new();
         let control_socket = dir.join("ctl.sock");
         let mut cmd = Command::new(&self.program);
@@ -457,7 +463,7 @@ impl Launch {
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", self.program.display()));
         let pid = child.id() as i32;
-        let log = Log::capture(child.stderr.take().expect("stderr"));
+        let log = capture(child.stderr.take().expect("stderr"));
         let stdout = Log::capture(child.stdout.take().expect("stdout"));
         let start_time = proc_info(pid).map(|p| p.start_time).unwrap_or(0);
         Server {
@@ -1468,3 +1474,4 @@ pub fn load(
     });
     report.into_inner().unwrap()
 }
+pub mod faults;

@@ -1,0 +1,107 @@
+//! Helpers for fault-injection tests: a stderr whose reader goes away, the tree's status read
+//! over the control socket while its log is gone.
+
+use std::io::{self, BufRead, BufReader, Read};
+use std::path::Path;
+use std::time::Duration;
+
+use super::{ctl, poll_until};
+
+/// A reader of a child's stderr that passes lines through until one contains `pattern`, then
+/// closes the pipe (every later write of the tree gets `EPIPE`) and reports EOF.
+pub struct CloseAfterLine<R: Read> {
+    inner: Option<BufReader<R>>,
+    pattern: &'static str,
+    pending: Vec<u8>,
+    cut: bool,
+}
+
+impl<R: Read> CloseAfterLine<R> {
+    /// Reads `reader` until a line containing `pattern` has been passed on.
+    pub fn new(reader: R, pattern: &'static str) -> CloseAfterLine<R> {
+        CloseAfterLine {
+            inner: Some(BufReader::new(reader)),
+            pattern,
+            pending: Vec::new(),
+            cut: false,
+        }
+    }
+}
+
+impl<R: Read> Read for CloseAfterLine<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.pending.is_empty() {
+            if self.cut {
+                // Dropping the reader closes the read end of the pipe.
+                self.inner = None;
+                return Ok(0);
+            }
+            let Some(inner) = &mut self.inner else {
+                return Ok(0);
+            };
+            let n = inner.read_until(b'\n', &mut self.pending)?;
+            if n == 0 {
+                return Ok(0);
+            }
+            if String::from_utf8_lossy(&self.pending).contains(self.pattern) {
+                self.cut = true;
+            }
+        }
+        let n = buf.len().min(self.pending.len());
+        buf[..n].copy_from_slice(&self.pending[..n]);
+        self.pending.drain(..n);
+        Ok(n)
+    }
+}
+
+/// `ctl status --json` on `socket`, parsed; `None` if the call fails.
+pub fn status_json(socket: &Path) -> Option<serde_json::Value> {
+    let out = ctl(socket, &["status", "--json"]).ok()?;
+    serde_json::from_str(&out).ok()
+}
+
+/// The generation of the newest mold and of every worker (`ctl status --json`).
+pub fn generations(status: &serde_json::Value) -> (u64, Vec<(u64, String)>) {
+    let procs = status["processes"].as_array().cloned().unwrap_or_default();
+    let mold = procs
+        .iter()
+        .filter(|p| p["role"] == "mold")
+        .filter_map(|p| p["generation"].as_u64())
+        .max()
+        .unwrap_or(0);
+    let workers = procs
+        .iter()
+        .filter(|p| p["role"] == "worker")
+        .map(|p| {
+            (
+                p["generation"].as_u64().unwrap_or(0),
+                p["state"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    (mold, workers)
+}
+
+/// Waits until the tree on `socket` has `workers` serving workers, all of a generation newer
+/// than `after` (pass `None` to accept any), from a mold of that generation. Returns the
+/// generation; `Err` with the last status on timeout.
+pub fn wait_generation(
+    socket: &Path,
+    workers: usize,
+    after: Option<u64>,
+    timeout: Duration,
+) -> Result<u64, String> {
+    let mut last = String::new();
+    poll_until(timeout, || {
+        let status = status_json(socket)?;
+        last = status.to_string();
+        let (mold, ws) = generations(&status);
+        let newer = after.is_none_or(|g| mold > g);
+        let serving = ws.len() == workers
+            && ws
+                .iter()
+                .all(|(g, s)| *g == mold && (s == "ready" || s == "busy"));
+        (newer && serving).then_some(mold)
+    })
+    .ok_or(last)
+}
