@@ -14,12 +14,13 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{Addr, Client};
+use super::{Addr, Client, Stream};
 
 /// The request body every request carries.
 const BODY: &[u8] = b"strict=1&lost=never";
@@ -39,6 +40,26 @@ pub struct StrictReport {
     pub lost: Vec<String>,
     /// Connects that failed (no request was written on them).
     pub connect_errors: u64,
+    /// The lost requests again, each with what is known of its connection (to attribute a loss to
+    /// the process that held the connection, as the chaos test does).
+    pub lost_detail: Vec<Lost>,
+}
+
+/// One lost request and its connection.
+#[derive(Debug, Clone)]
+pub struct Lost {
+    /// Why (the same line as in [`StrictReport::lost`]).
+    pub why: String,
+    /// The client socket's local address (with the server's address it names the server-side
+    /// socket in `/proc/net/tcp`).
+    pub local: Option<SocketAddr>,
+    /// The worker that sent the last response on this connection (`x-tine-worker`, with
+    /// `--debug-headers`); `None` on a connection's first request.
+    pub last_worker: Option<i32>,
+    /// When the connection was opened (just before its connect call).
+    pub connected_at: Instant,
+    /// When the loss was seen.
+    pub at: Instant,
 }
 
 impl StrictReport {
@@ -130,6 +151,7 @@ impl StrictLoad {
             }
             all.lost.extend(mine.lost);
             all.connect_errors += mine.connect_errors;
+            all.lost_detail.extend(mine.lost_detail);
         }
         all
     }
@@ -155,6 +177,24 @@ fn why_lost(phase: &str, e: &io::Error, reused: bool) -> String {
     format!("{phase} on a {conn} connection: {kind}")
 }
 
+/// Counts a lost request, with what is known of its connection.
+fn lose(
+    mine: &mut StrictReport,
+    why: String,
+    local: Option<SocketAddr>,
+    connected_at: Instant,
+    last_worker: Option<i32>,
+) {
+    mine.lost.push(why.clone());
+    mine.lost_detail.push(Lost {
+        why,
+        local,
+        last_worker,
+        connected_at,
+        at: Instant::now(),
+    });
+}
+
 /// One connection's loop (reconnecting as needed) until stopped or `until`.
 fn connection_loop(
     addr: &Addr,
@@ -167,7 +207,14 @@ fn connection_loop(
     let mut conn: Option<Client> = None;
     // Requests already answered on the current connection.
     let mut served_here = 0u64;
+    // The current connection: local address, when it opened, who answered on it last.
+    let mut local = None;
+    let mut connected_at = Instant::now();
+    let mut last_worker = None;
     while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+        // A connection cannot be older than its connect call (a server may accept it before the
+        // call returns here).
+        let opening = Instant::now();
         let mut client = match conn.take() {
             Some(c) => c,
             None => match Client::connect(addr).and_then(|c| {
@@ -177,6 +224,12 @@ fn connection_loop(
             }) {
                 Ok(c) => {
                     served_here = 0;
+                    local = match &c.stream {
+                        Stream::Tcp(s) => s.local_addr().ok(),
+                        Stream::Unix(_) => None,
+                    };
+                    connected_at = opening;
+                    last_worker = None;
                     c
                 }
                 Err(_) => {
@@ -190,7 +243,8 @@ fn connection_loop(
         // From here on the request is on the wire (or failed to get there on a connection
         // the server accepted): no complete response means lost, never a retry.
         if let Err(e) = client.send(request) {
-            mine.lost.push(why_lost("write", &e, reused));
+            let why = why_lost("write", &e, reused);
+            lose(&mut mine, why, local, connected_at, last_worker);
             continue;
         }
         match client.read_response(false) {
@@ -199,11 +253,15 @@ fn connection_loop(
                 answered.fetch_add(1, Ordering::Relaxed);
                 *mine.by_status.entry(r.status).or_default() += 1;
                 served_here += 1;
+                last_worker = r.worker().or(last_worker);
                 if !r.closes() && r.version == "HTTP/1.1" {
                     conn = Some(client);
                 }
             }
-            Err(e) => mine.lost.push(why_lost("read", &e, reused)),
+            Err(e) => {
+                let why = why_lost("read", &e, reused);
+                lose(&mut mine, why, local, connected_at, last_worker);
+            }
         }
     }
     mine

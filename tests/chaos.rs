@@ -1,0 +1,676 @@
+//! Chaos: under a strict load (POSTs that are never retried), a seeded random schedule of the
+//! faults and operator actions a production tree meets — `kill -9` of workers and of the mold,
+//! `USR2` (refork), `HUP` (reload), `TTIN`/`TTOU`, `tine ctl scale N`, `tine ctl kill-worker NR` —
+//! and then the tree must be whole again:
+//!
+//! - the monitor never dies;
+//! - after the chaos the tree converges, within [`CONVERGE_TIMEOUT`], to the target the operator
+//!   asked for: that many workers, numbered 0..N, all ready, of the mold's generation, one mold,
+//!   no other process;
+//! - the monitor's open descriptors and the tree's zombies are what they were before the chaos
+//!   (the tree is scaled back to its first size to compare like with like);
+//! - every lost request is excused by a `kill -9`: it was written on a connection that the killed
+//!   process held at the moment of the kill. To know which connections those are, each process is
+//!   frozen (`SIGSTOP`) just before its kill, so it cannot accept another one, and its server-side
+//!   sockets are matched to the client's local ports through `/proc/net/tcp`. A connection whose
+//!   last response came from the killed pid (`x-tine-worker`) is attributed to it as well (the
+//!   kill by `ctl kill-worker` is done by the monitor, which may pick another process of that
+//!   number). A request lost on any other connection is a failure: every other event is a graceful
+//!   path and must lose nothing.
+//!
+//! The schedule is random with a seed printed at the start; `CHAOS_SEED=N` replays it (the timing
+//! of a busy machine still varies). `CHAOS_SECONDS=N` sets the length of the chaos (default
+//! [`DEFAULT_CHAOS_SECONDS`]; `bench/chaos/` runs it for ten minutes).
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::strict::{Lost, StrictLoad, StrictReport};
+use common::*;
+use nix::sys::signal::Signal;
+
+/// Length of the chaos in the suite: with start-up and convergence the test stays near a minute.
+const DEFAULT_CHAOS_SECONDS: u64 = 40;
+/// Workers at start (and after the final scale back, for the descriptor comparison).
+const START_WORKERS: usize = 3;
+/// The chaos keeps the target within 1..=MAX_TARGET (a 2-core machine).
+const MAX_TARGET: usize = 4;
+/// Client connections of the strict load (the issue's measurements used 16).
+const CONNECTIONS: usize = 16;
+/// Longest the tree may take to converge after the chaos (a debug build on 2 busy cores; a
+/// graceful rollout of a few workers takes well under a second when nothing is wrong).
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Descriptors the monitor may hold beyond its start count after convergence (a control
+/// connection being closed while it is counted).
+const FD_TOLERANCE: usize = 2;
+/// Pause between two events: at random within this range (pacing of the schedule).
+const GAP_MS: (u64, u64) = (100, 700);
+
+// ---------------------------------------------------------------------------------------------
+// The schedule
+
+/// A small seeded generator (splitmix64): the schedule must be replayable from one printed
+/// number, and this is all the randomness the test needs.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `lo..=hi`.
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> Option<&'a T> {
+        (!items.is_empty()).then(|| &items[self.next() as usize % items.len()])
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    KillWorker,
+    KillMold,
+    Refork,
+    Reload,
+    Ttin,
+    Ttou,
+    Scale,
+    CtlKillWorker,
+}
+
+/// Relative frequency of each kind.
+const WEIGHTS: &[(Kind, u64)] = &[
+    (Kind::KillWorker, 3),
+    (Kind::KillMold, 1),
+    (Kind::Refork, 2),
+    (Kind::Reload, 1),
+    (Kind::Ttin, 1),
+    (Kind::Ttou, 1),
+    (Kind::Scale, 1),
+    (Kind::CtlKillWorker, 2),
+];
+
+fn pick_kind(rng: &mut Rng) -> Kind {
+    let total: u64 = WEIGHTS.iter().map(|(_, w)| w).sum();
+    let mut n = rng.next() % total;
+    for (kind, w) in WEIGHTS {
+        if n < *w {
+            return *kind;
+        }
+        n -= w;
+    }
+    unreachable!()
+}
+
+/// A SIGKILL the chaos caused: the process, when, and the client ports of the connections it
+/// held then (`None` when it could not be frozen and looked at first).
+#[derive(Debug)]
+struct Kill {
+    pid: i32,
+    at: Instant,
+    ports: Option<HashSet<u16>>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Looking at the tree
+
+/// One row of `ctl status --json`.
+#[derive(Debug, Clone)]
+struct Row {
+    role: String,
+    nr: Option<u64>,
+    pid: i32,
+    generation: u64,
+    state: String,
+}
+
+/// The children in `ctl status --json` and the target; `None` if the call failed.
+fn status(server: &Server) -> Option<(Vec<Row>, usize)> {
+    let out = server.ctl(&["status", "--json"]).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&out).ok()?;
+    let rows = json["processes"]
+        .as_array()?
+        .iter()
+        .filter(|p| p["role"] != "monitor")
+        .map(|p| {
+            let pid = p["pid"].as_i64().unwrap_or(0) as i32;
+            server.remember(pid);
+            Row {
+                role: p["role"].as_str().unwrap_or("").to_string(),
+                nr: p["nr"].as_u64(),
+                pid,
+                generation: p["generation"].as_u64().unwrap_or(u64::MAX),
+                state: p["state"].as_str().unwrap_or("").to_string(),
+            }
+        })
+        .collect();
+    Some((rows, json["target"].as_u64()? as usize))
+}
+
+/// Why the tree is not (yet) exactly `target` ready workers of one generation and its mold.
+fn not_converged(server: &Server, target: usize) -> Option<String> {
+    let Some((rows, reported)) = status(server) else {
+        return Some("ctl status failed".into());
+    };
+    if reported != target {
+        return Some(format!(
+            "target is {reported}, the operator asked for {target}"
+        ));
+    }
+    let molds: Vec<&Row> = rows.iter().filter(|r| r.role == "mold").collect();
+    let [mold] = molds.as_slice() else {
+        return Some(format!("{} molds: {rows:?}", molds.len()));
+    };
+    if mold.state != "mold" {
+        return Some(format!("mold not ready: {mold:?}"));
+    }
+    let mut workers: Vec<&Row> = rows.iter().filter(|r| r.role == "worker").collect();
+    workers.sort_by_key(|r| r.nr);
+    let settled = rows.len() == target + 1
+        && workers.len() == target
+        && workers.iter().enumerate().all(|(i, w)| {
+            w.nr == Some(i as u64)
+                && w.generation == mold.generation
+                && (w.state == "ready" || w.state == "busy")
+        });
+    if !settled {
+        return Some(format!("not settled: {rows:?}"));
+    }
+    // The process table agrees: nothing else lives under the monitor.
+    let alive: Vec<Proc> = descendants(server.pid)
+        .into_iter()
+        .filter(|p| p.state != 'Z')
+        .collect();
+    if alive.len() != target + 1 {
+        return Some(format!(
+            "{} live processes under the monitor: {alive:?}",
+            alive.len()
+        ));
+    }
+    None
+}
+
+/// The monitor's open descriptors.
+fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Zombies under the monitor (children it has not reaped, and theirs).
+fn zombies(server: &Server) -> Vec<Proc> {
+    descendants(server.pid)
+        .into_iter()
+        .filter(|p| p.state == 'Z')
+        .collect()
+}
+
+/// `a.b.c.d:port` as `/proc/net/tcp` prints it (address as a native-endian u32, port big-endian).
+fn proc_net_hex(addr: SocketAddr) -> String {
+    let SocketAddr::V4(a) = addr else {
+        panic!("the chaos test listens on IPv4 loopback, not {addr}")
+    };
+    format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(a.ip().octets()),
+        a.port()
+    )
+}
+
+/// The client ports of the connections to `server_addr` whose server side `pid` holds.
+fn client_ports_held_by(pid: i32, server_addr: SocketAddr) -> HashSet<u16> {
+    let inodes: HashSet<u64> = socket_inodes(pid).into_iter().collect();
+    let local = proc_net_hex(server_addr);
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.get(1) != Some(&local.as_str()) {
+                return None;
+            }
+            let inode: u64 = f.get(9)?.parse().ok()?;
+            if !inodes.contains(&inode) {
+                return None;
+            }
+            let port = f.get(2)?.rsplit(':').next()?;
+            u16::from_str_radix(port, 16).ok()
+        })
+        .collect()
+}
+
+/// Freezes `pid`, notes the connections it holds, and SIGKILLs it.
+fn freeze_and_kill(pid: i32, server_addr: SocketAddr) -> Kill {
+    // The kill counts from the freeze: from then on the process answers nothing, and the client
+    // may see the end of a connection before `kill` returns here.
+    let at = Instant::now();
+    signal(pid, Signal::SIGSTOP);
+    // A stopped process accepts nothing more; wait until the stop took effect.
+    let stopped = poll_until(Duration::from_secs(2), || {
+        proc_info(pid)
+            .is_none_or(|p| matches!(p.state, 'T' | 't' | 'Z'))
+            .then_some(())
+    });
+    let ports = stopped.map(|()| client_ports_held_by(pid, server_addr));
+    signal(pid, Signal::SIGKILL);
+    Kill { pid, at, ports }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run
+
+/// What the chaos did and saw.
+#[derive(Default)]
+struct Chaos {
+    events: BTreeMap<String, u64>,
+    kills: Vec<Kill>,
+    /// Problems seen while the chaos ran (an operator command that failed or was not obeyed).
+    problems: Vec<String>,
+}
+
+impl Chaos {
+    fn count(&mut self, what: &str) {
+        *self.events.entry(what.to_string()).or_default() += 1;
+    }
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    let value = std::env::var(name).ok()?;
+    Some(
+        value
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={value:?} is not a number")),
+    )
+}
+
+/// Waits for the monitor to report `target` (a TTIN/TTOU is handled asynchronously; two signals
+/// of one kind sent before the first is read would merge into one).
+fn wait_target(server: &Server, target: usize, timeout: Duration) -> Result<(), String> {
+    let mut last = None;
+    poll_until(timeout, || {
+        last = status(server).map(|(_, t)| t);
+        (last == Some(target)).then_some(())
+    })
+    .ok_or_else(|| format!("target {last:?}, expected {target}"))
+}
+
+/// One event of kind `kind`; updates the operator's `target`.
+fn event(
+    server: &Server,
+    server_addr: SocketAddr,
+    rng: &mut Rng,
+    kind: Kind,
+    target: &mut usize,
+    chaos: &mut Chaos,
+) {
+    let rows = status(server).map(|(rows, _)| rows).unwrap_or_default();
+    let workers: Vec<&Row> = rows.iter().filter(|r| r.role == "worker").collect();
+    match kind {
+        Kind::KillWorker => {
+            if let Some(w) = rng.pick(&workers) {
+                chaos.count("kill -9 worker");
+                chaos.kills.push(freeze_and_kill(w.pid, server_addr));
+            }
+        }
+        Kind::KillMold => {
+            let molds: Vec<&Row> = rows.iter().filter(|r| r.role == "mold").collect();
+            if let Some(m) = rng.pick(&molds) {
+                chaos.count("kill -9 mold");
+                chaos.kills.push(freeze_and_kill(m.pid, server_addr));
+            }
+        }
+        Kind::Refork => {
+            chaos.count("USR2 (refork)");
+            server.signal(Signal::SIGUSR2);
+        }
+        Kind::Reload => {
+            chaos.count("HUP (reload)");
+            server.signal(Signal::SIGHUP);
+        }
+        Kind::Ttin if *target < MAX_TARGET => {
+            chaos.count("TTIN");
+            *target += 1;
+            server.signal(Signal::SIGTTIN);
+            if let Err(e) = wait_target(server, *target, Duration::from_secs(10)) {
+                chaos.problems.push(format!("after TTIN: {e}"));
+            }
+        }
+        Kind::Ttou if *target > 1 => {
+            chaos.count("TTOU");
+            *target -= 1;
+            server.signal(Signal::SIGTTOU);
+            if let Err(e) = wait_target(server, *target, Duration::from_secs(10)) {
+                chaos.problems.push(format!("after TTOU: {e}"));
+            }
+        }
+        Kind::Ttin | Kind::Ttou => {}
+        Kind::Scale => {
+            let n = rng.range(1, MAX_TARGET as u64) as usize;
+            chaos.count("ctl scale");
+            match server.ctl(&["scale", &n.to_string()]) {
+                Ok(_) => *target = n,
+                Err(e) => chaos.problems.push(format!("ctl scale {n}: {e}")),
+            }
+        }
+        Kind::CtlKillWorker => {
+            // Only a number with one live process: that is the one the monitor will kill.
+            let single: Vec<&&Row> = workers
+                .iter()
+                .filter(|w| {
+                    workers.iter().filter(|o| o.nr == w.nr).count() == 1
+                        && matches!(w.state.as_str(), "ready" | "busy")
+                })
+                .collect();
+            let Some(w) = rng.pick(&single) else { return };
+            let nr = w.nr.expect("a worker has a number").to_string();
+            chaos.count("ctl kill-worker");
+            let at = Instant::now();
+            signal(w.pid, Signal::SIGSTOP);
+            let stopped = poll_until(Duration::from_secs(2), || {
+                proc_info(w.pid)
+                    .is_none_or(|p| matches!(p.state, 'T' | 't' | 'Z'))
+                    .then_some(())
+            });
+            let ports = stopped.map(|()| client_ports_held_by(w.pid, server_addr));
+            let mark = server.log.mark();
+            match server.ctl(&["kill-worker", &nr]) {
+                Ok(_) => {
+                    let line = server
+                        .log
+                        .wait_for_line_since(mark, Duration::from_secs(5), |l| {
+                            l.contains("killing worker") && l.contains("reason=ctl kill-worker")
+                        });
+                    let killed = line.as_deref().and_then(|l| pids_in(l).last().copied());
+                    match killed {
+                        Some(pid) if pid == w.pid => chaos.kills.push(Kill { pid, at, ports }),
+                        Some(pid) => {
+                            // The monitor picked another process of that number: it was not
+                            // frozen first; only `x-tine-worker` attributes its connections.
+                            signal(w.pid, Signal::SIGCONT);
+                            chaos.kills.push(Kill {
+                                pid,
+                                at,
+                                ports: None,
+                            });
+                        }
+                        None => {
+                            signal(w.pid, Signal::SIGCONT);
+                            chaos
+                                .problems
+                                .push(format!("ctl kill-worker {nr}: no \"killing worker\" line"));
+                        }
+                    }
+                }
+                Err(e) => {
+                    signal(w.pid, Signal::SIGCONT);
+                    chaos.problems.push(format!("ctl kill-worker {nr}: {e}"));
+                }
+            }
+        }
+    }
+}
+
+/// The kill that excuses `lost`, if any: one that happened while its connection was open, of a
+/// process that held that connection: by its server-side socket when the process was frozen and
+/// looked at first, else by the last response on the connection.
+fn excuse<'a>(lost: &Lost, kills: &'a [Kill]) -> Option<&'a Kill> {
+    let port = lost.local.map(|a| a.port());
+    kills.iter().find(|k| {
+        k.at >= lost.connected_at
+            && k.at <= lost.at
+            && match &k.ports {
+                // Frozen first: exactly the connections it held (a connection it had already
+                // closed by itself is not excused by a kill that came later).
+                Some(ports) => port.is_some_and(|p| ports.contains(&p)),
+                None => lost.last_worker == Some(k.pid),
+            }
+    })
+}
+
+/// Why the server stopped worker `pid`, from the first log line that retires, promotes or kills
+/// it: `promoted to mold (refork)`, `rollout to gen:N`, `scaled down`, … (for the report of
+/// unexcused losses: which graceful path lost them).
+fn why_stopped(lines: &[String], pid: i32) -> String {
+    let Some(line) = lines.iter().find(|l| {
+        ["retiring ", "promoting ", "killing ", "stopping "]
+            .iter()
+            .any(|w| l.contains(w))
+            && pids_in(l).iter().skip(1).any(|p| *p == pid)
+    }) else {
+        return "not stopped by the monitor".into();
+    };
+    if line.contains("promoting ") {
+        return "promoted to mold (refork)".into();
+    }
+    let reason = line.split(" reason=").nth(1).unwrap_or(line);
+    let reason = reason.split(" request=").next().unwrap_or(reason);
+    // One rollout reads like another: `rollout to gen:7` -> `rollout to gen:N`.
+    match reason.find("gen:") {
+        Some(i) => format!("{}gen:N", &reason[..i]),
+        None => reason.to_string(),
+    }
+}
+
+#[test]
+#[ignore = "fails on main until the graceful paths are lossless (issue 10, drain): refork promotion and rollouts lose requests"]
+fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
+    let seed = env_u64("CHAOS_SEED").unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_nanos() as u64
+    });
+    let seconds = env_u64("CHAOS_SECONDS").unwrap_or(DEFAULT_CHAOS_SECONDS);
+    eprintln!("chaos: seed {seed} (replay with CHAOS_SEED={seed}), {seconds} s");
+    let mut rng = Rng(seed);
+
+    let server = Launch::tine()
+        .args(["--workers", &START_WORKERS.to_string(), "--debug-headers"])
+        .start();
+    let server_addr = server.tcp_addr();
+    server.wait_workers(START_WORKERS, READY_TIMEOUT);
+
+    let max = Duration::from_secs(seconds) + CONVERGE_TIMEOUT * 2 + Duration::from_secs(30);
+    let load = StrictLoad::start(&server.addr(), CONNECTIONS, "/", max);
+    assert!(
+        poll_until(Duration::from_secs(10), || (load.answered() > 0)
+            .then_some(()))
+        .is_some(),
+        "the strict load gets no answer"
+    );
+    let mut why = None;
+    let settled = poll_until(READY_TIMEOUT, || {
+        why = not_converged(&server, START_WORKERS);
+        why.is_none().then_some(())
+    });
+    assert!(
+        settled.is_some(),
+        "the tree does not settle at start: {why:?}"
+    );
+    let fds_before = fd_count(server.pid);
+    let zombies_before = zombies(&server).len();
+
+    let mut chaos = Chaos::default();
+    let mut target = START_WORKERS;
+    let started = Instant::now();
+    let mut monitor_died = None;
+    let mut server = server;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        if server.has_exited() {
+            monitor_died = Some(started.elapsed());
+            break;
+        }
+        let kind = pick_kind(&mut rng);
+        event(
+            &server,
+            server_addr,
+            &mut rng,
+            kind,
+            &mut target,
+            &mut chaos,
+        );
+        std::thread::sleep(Duration::from_millis(rng.range(GAP_MS.0, GAP_MS.1)));
+    }
+    let chaos_ended = Instant::now();
+    let answered_during_chaos = load.answered();
+
+    // Convergence to the operator's target.
+    let mut last_why = String::new();
+    let converged = monitor_died.is_none()
+        && poll_until(CONVERGE_TIMEOUT, || {
+            if server.has_exited() {
+                return Some(false);
+            }
+            match not_converged(&server, target) {
+                None => Some(true),
+                Some(why) => {
+                    last_why = why;
+                    None
+                }
+            }
+        }) == Some(true);
+    let converge_time = chaos_ended.elapsed();
+
+    // Back to the first size, to compare the monitor's descriptors like with like.
+    let mut fds_after = None;
+    let mut zombies_after = None;
+    if converged {
+        if target != START_WORKERS {
+            server
+                .ctl(&["scale", &START_WORKERS.to_string()])
+                .unwrap_or_else(|e| panic!("ctl scale back: {e}"));
+        }
+        let back = poll_until(CONVERGE_TIMEOUT, || {
+            not_converged(&server, START_WORKERS)
+                .is_none()
+                .then_some(())
+        });
+        if back.is_some() {
+            fds_after = Some(fd_count(server.pid));
+            // A child that exited a moment ago may not be reaped yet: allow a few polls.
+            let mut z = Vec::new();
+            let flat = poll_until(Duration::from_secs(5), || {
+                z = zombies(&server);
+                (z.len() <= zombies_before).then_some(())
+            });
+            zombies_after = Some((z.len(), flat.is_some(), z));
+        }
+    }
+    let answered_at_end = load.answered();
+    let report: StrictReport = load.stop();
+    let monitor_alive = monitor_died.is_none() && !server.has_exited();
+
+    // Lost requests, excused or not.
+    let mut excused = 0;
+    let mut unexcused: Vec<String> = Vec::new();
+    for lost in &report.lost_detail {
+        match excuse(lost, &chaos.kills) {
+            Some(_) => excused += 1,
+            None => unexcused.push(format!(
+                "{} (client {}, last answered by {}, {:?} into the chaos)",
+                lost.why,
+                lost.local.map(|a| a.to_string()).unwrap_or_default(),
+                lost.last_worker
+                    .map(|p| format!("pid {p}"))
+                    .unwrap_or_else(|| "nobody".into()),
+                lost.at.saturating_duration_since(started)
+            )),
+        }
+    }
+    let unfrozen_kills = chaos.kills.iter().filter(|k| k.ports.is_none()).count();
+    let held_by_killed: usize = chaos
+        .kills
+        .iter()
+        .filter_map(|k| k.ports.as_ref().map(|p| p.len()))
+        .sum();
+
+    eprintln!("chaos: seed {seed}, {seconds} s, {CONNECTIONS} strict connections, start workers {START_WORKERS}");
+    eprintln!("chaos: events by kind:");
+    for (what, n) in &chaos.events {
+        eprintln!("  {what:<18} {n}");
+    }
+    eprintln!(
+        "chaos: requests answered {} ({} during the chaos), by status {:?}, connect errors {}",
+        report.answered, answered_during_chaos, report.by_status, report.connect_errors
+    );
+    eprintln!(
+        "chaos: lost {} = excused {excused} (connections held by the {} SIGKILLed processes at their kill: {held_by_killed}; {unfrozen_kills} kills not frozen first) + unexcused {}",
+        report.lost_detail.len(),
+        chaos.kills.len(),
+        unexcused.len()
+    );
+    let log = server.log.lines();
+    let mut by_cause: BTreeMap<String, u64> = BTreeMap::new();
+    for lost in &report.lost_detail {
+        if excuse(lost, &chaos.kills).is_none() {
+            let cause = match lost.last_worker {
+                Some(pid) => why_stopped(&log, pid),
+                None => "first request of a connection".into(),
+            };
+            *by_cause.entry(cause).or_default() += 1;
+        }
+    }
+    for (cause, n) in &by_cause {
+        eprintln!("  unexcused, worker stopped by {cause:<30} {n}");
+    }
+    for u in unexcused.iter().take(10) {
+        eprintln!("  unexcused: {u}");
+    }
+    eprintln!(
+        "chaos: monitor alive {monitor_alive}{}; converged to {target} workers: {converged} ({converge_time:?} after the chaos){}",
+        monitor_died
+            .map(|t| format!(" (died {t:?} into the chaos)"))
+            .unwrap_or_default(),
+        if converged { String::new() } else { format!("; last: {last_why}") }
+    );
+    eprintln!(
+        "chaos: monitor fds {fds_before} before, {fds_after:?} after; zombies {zombies_before} before, {:?} after",
+        zombies_after.as_ref().map(|(n, _, _)| *n)
+    );
+    for p in &chaos.problems {
+        eprintln!("  problem: {p}");
+    }
+
+    assert!(monitor_alive, "the monitor died (seed {seed})");
+    assert!(
+        converged,
+        "the tree did not converge to {target} workers within {CONVERGE_TIMEOUT:?} (seed {seed}): {last_why}"
+    );
+    let fds_after = fds_after.unwrap_or_else(|| {
+        panic!("the tree did not converge back to {START_WORKERS} workers (seed {seed})")
+    });
+    assert!(
+        fds_after <= fds_before + FD_TOLERANCE,
+        "the monitor's descriptors grew from {fds_before} to {fds_after} (seed {seed})"
+    );
+    let (_, zombies_flat, zombie_list) = zombies_after.expect("measured after convergence");
+    assert!(
+        zombies_flat,
+        "zombies under the monitor: {zombies_before} before, {zombie_list:?} after (seed {seed})"
+    );
+    assert!(
+        chaos.problems.is_empty(),
+        "operator commands failed or were not obeyed (seed {seed}): {:?}",
+        chaos.problems
+    );
+    assert!(
+        answered_at_end > answered_during_chaos,
+        "nothing answered after the chaos (seed {seed})"
+    );
+    assert!(
+        unexcused.is_empty(),
+        "{} requests lost outside any kill -9 (seed {seed}), by the path that stopped their worker: {by_cause:?}",
+        unexcused.len()
+    );
+}
