@@ -224,6 +224,18 @@ pub enum ReloadStrategy {
     RetireFirst,
 }
 
+/// What the `static` app does with symbolic links under its root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum FollowSymlinks {
+    /// Follow a symlink whose target resolves beneath the root by a relative path; refuse one
+    /// that leads out (with `..` or an absolute target, even one that points back inside).
+    #[default]
+    WithinRoot,
+    /// Refuse every symlink beneath the root (the root's own path may still contain some).
+    Never,
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -271,6 +283,10 @@ options! {
     app: String,
     /// Directory served by the `static` app
     root: PathBuf,
+    /// Symlinks beneath `root` the `static` app follows: within-root (those that resolve
+    /// beneath it by a relative path) or never [default: within-root]
+    #[arg(value_enum)]
+    follow_symlinks: FollowSymlinks,
     /// Number of keys of the `cache-demo` app [default: 1024]
     keys: u64,
     /// Block size in KiB of the `cache-demo` app [default: 256]
@@ -381,6 +397,8 @@ pub struct Config {
     pub app: String,
     /// Static app root.
     pub root: Option<PathBuf>,
+    /// Symlinks the static app follows beneath its root.
+    pub follow_symlinks: FollowSymlinks,
     /// cache-demo keys.
     pub keys: u64,
     /// cache-demo block size in KiB.
@@ -630,6 +648,7 @@ impl Options {
             max_workers,
             app,
             root: self.root,
+            follow_symlinks: self.follow_symlinks.unwrap_or_default(),
             keys: self.keys.unwrap_or(1024),
             block_kb: self.block_kb.unwrap_or(256),
             control_socket: self

@@ -8,7 +8,7 @@
 //! ready, for `spawn_timeout`).
 
 use std::convert::Infallible;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use anyhow::{bail, Context as _};
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use tine::app::{full, Body, Request};
+use tine::config::FollowSymlinks;
 use tine::{App, Config, Context, Handler, Worker};
 
 /// The app selected by `--app`.
@@ -25,6 +26,7 @@ pub enum Reference {
     },
     Static {
         root: PathBuf,
+        follow_symlinks: FollowSymlinks,
     },
     CacheDemo {
         table: &'static [OnceLock<Block>],
@@ -53,6 +55,8 @@ impl App for Reference {
                         root.display().to_string()
                     );
                 }
+                // Refuses a kernel without openat2 now rather than in every worker.
+                crate::static_files::Root::open(root, config.follow_symlinks)?;
                 Ok(())
             }
             "cache-demo" => {
@@ -85,6 +89,7 @@ impl App for Reference {
                     root: root
                         .canonicalize()
                         .with_context(|| format!("root {}", root.display()))?,
+                    follow_symlinks: config.follow_symlinks,
                 }
             }
             "cache-demo" => {
@@ -112,7 +117,14 @@ impl App for Reference {
                 }
                 Handler::http(tower::service_fn(move |req: Request| hello(&req, debug)))
             }
-            Reference::Static { root } => static_files(root.clone()),
+            // Each worker opens the root itself: a descriptor of its own, after any privilege drop.
+            Reference::Static {
+                root,
+                follow_symlinks,
+            } => crate::static_files::handler(crate::static_files::Root::open(
+                root,
+                *follow_symlinks,
+            )?),
             Reference::CacheDemo { table, block_kb } => {
                 let (table, block_kb) = (*table, *block_kb);
                 Handler::http(tower::service_fn(move |req: Request| async move {
@@ -221,101 +233,6 @@ impl http_body::Body for Paused {
         Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(
             line.as_bytes(),
         )))))
-    }
-}
-
-/// Files under `root` through tower-http's `ServeDir` (ranges, Last-Modified, index files).
-/// `ServeDir` refuses `..` (also percent-encoded); this adds the symlink check (a path that
-/// resolves outside the root is 403) and the ETag that `ServeDir` does not send, with
-/// `If-None-Match` answered 304.
-fn static_files(root: PathBuf) -> Handler {
-    use tower::ServiceExt;
-    let serve = tower_http::services::ServeDir::new(&root).append_index_html_on_directories(true);
-    Handler::http(tower::service_fn(move |req: Request| {
-        let serve = serve.clone();
-        let escapes = escapes_root(&root, req.uri().path());
-        let etag = if escapes || !matches!(*req.method(), http::Method::GET | http::Method::HEAD) {
-            None
-        } else {
-            etag_for(&root, req.uri().path())
-        };
-        let not_modified = etag
-            .as_ref()
-            .is_some_and(|tag| if_none_match(req.headers(), tag));
-        async move {
-            if escapes {
-                return Ok::<_, Infallible>(text(StatusCode::FORBIDDEN, "forbidden\n"));
-            }
-            if let (true, Some(tag)) = (not_modified, &etag) {
-                let mut r = text(StatusCode::NOT_MODIFIED, "");
-                r.headers_mut().insert(http::header::ETAG, tag.clone());
-                return Ok(r);
-            }
-            let mut resp = serve.oneshot(req).await?;
-            if let Some(tag) = etag {
-                if matches!(resp.status(), StatusCode::OK | StatusCode::PARTIAL_CONTENT) {
-                    resp.headers_mut().insert(http::header::ETAG, tag);
-                }
-            }
-            Ok(resp.map(Body::new))
-        }
-    }))
-}
-
-/// The ETag of the file `uri_path` names (for a directory path, its `index.html`, as `ServeDir`
-/// serves it): modification time in nanoseconds and size, in hex, like nginx's. `None` when
-/// there is no such file (`ServeDir` answers) or the path is not a plain relative one.
-fn etag_for(root: &Path, uri_path: &str) -> Option<http::HeaderValue> {
-    let decoded = percent_encoding::percent_decode_str(uri_path)
-        .decode_utf8()
-        .ok()?;
-    let mut path = root.to_path_buf();
-    for part in Path::new(decoded.trim_start_matches('/')).components() {
-        match part {
-            std::path::Component::Normal(p) => path.push(p),
-            std::path::Component::CurDir => {}
-            _ => return None,
-        }
-    }
-    let mut meta = std::fs::metadata(&path).ok()?;
-    if meta.is_dir() {
-        if !uri_path.ends_with('/') {
-            return None; // ServeDir redirects to the path with a slash
-        }
-        path.push("index.html");
-        meta = std::fs::metadata(&path).ok()?;
-    }
-    if !meta.is_file() {
-        return None;
-    }
-    let mtime = meta
-        .modified()
-        .ok()?
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()?
-        .as_nanos();
-    http::HeaderValue::from_str(&format!("\"{mtime:x}-{:x}\"", meta.len())).ok()
-}
-
-/// Whether `If-None-Match` lists `tag` (weak comparison, as RFC 9110 asks for this header) or `*`.
-fn if_none_match(headers: &http::HeaderMap, tag: &http::HeaderValue) -> bool {
-    let tag = tag.to_str().unwrap_or_default();
-    headers
-        .get_all(http::header::IF_NONE_MATCH)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .any(|t| t == "*" || t.trim_start_matches("W/") == tag)
-}
-
-/// Whether `uri_path` names an existing file whose real path is outside `root` (a symlink out).
-fn escapes_root(root: &Path, uri_path: &str) -> bool {
-    let decoded = percent_encoding::percent_decode_str(uri_path).decode_utf8_lossy();
-    let relative = decoded.trim_start_matches('/');
-    match root.join(relative).canonicalize() {
-        Ok(real) => !real.starts_with(root),
-        Err(_) => false, // missing: ServeDir answers 404
     }
 }
 

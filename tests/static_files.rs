@@ -4,6 +4,7 @@
 mod common;
 
 use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
 
 use common::*;
 
@@ -234,4 +235,233 @@ fn a_root_given_through_a_symlink_still_serves() {
     assert_eq!(server.get("/link-out").status / 100, 4);
     let r = server.get("/dir-out/secret.txt");
     assert!(!r.text().contains(SECRET) && r.status / 100 == 4);
+}
+
+impl Site {
+    fn start_with(&self, follow_symlinks: &str) -> Server {
+        Launch::tine()
+            .args(["--app", "static", "--workers", "1", "--follow-symlinks"])
+            .arg(follow_symlinks)
+            .arg("--root")
+            .arg(self.dir.join("root"))
+            .start()
+    }
+
+    /// Nested directories and links: chains and directory links that stay inside, and one
+    /// deep link that climbs out.
+    fn add_nested_links(&self) {
+        let root = self.dir.join("root");
+        self.dir.write("root/a/b/deep.txt", "deep inside\n");
+        symlink("../../sub/page.html", root.join("a/b/up-in")).unwrap();
+        symlink("../../../secret.txt", root.join("a/b/up-out")).unwrap();
+        symlink("sub", root.join("dir-in")).unwrap();
+        symlink("link-in", root.join("chain")).unwrap();
+        symlink("../a", root.join("sub/a-link")).unwrap();
+    }
+}
+
+/// Whether a response shows any byte of what lies outside the root.
+fn leaks(r: &Response) -> bool {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let passwd_line = passwd.lines().next().unwrap_or("root:x:0:0").to_string();
+    let body = r.text();
+    body.contains(SECRET) || body.contains(&passwd_line)
+}
+
+#[test]
+fn an_index_file_that_links_out_of_the_root_is_refused() {
+    // The index file is appended to a directory path: it must be resolved beneath the root like
+    // any other file, not after the check.
+    let site = Site::new();
+    let root = site.dir.join("root");
+    std::fs::create_dir_all(root.join("d")).unwrap();
+    symlink("/etc/passwd", root.join("d/index.html")).unwrap();
+    std::fs::create_dir_all(root.join("e")).unwrap();
+    symlink("../../secret.txt", root.join("e/index.html")).unwrap();
+    std::fs::create_dir_all(root.join("f")).unwrap();
+    symlink("../hello.txt", root.join("f/index.html")).unwrap();
+    let server = site.start();
+    for path in ["/d/", "/e/", "/d/index.html", "/e/index.html"] {
+        let r = server.get(path);
+        assert!(!leaks(&r), "{path}: served a file outside the root");
+        assert_eq!(r.status, 403, "{path}");
+    }
+    // An index file that links to a file inside the root is served, with the index's type.
+    let r = server.get("/f/");
+    assert_eq!((r.status, r.text().as_str()), (200, "hello static\n"));
+    assert!(r
+        .header("content-type")
+        .is_some_and(|t| t.starts_with("text/html")));
+}
+
+#[test]
+fn nested_symlinks_within_the_root_follow_the_policy() {
+    let site = Site::new();
+    site.add_nested_links();
+    let inside = [
+        ("/a/b/up-in", "<p>page</p>\n"),
+        ("/dir-in/page.html", "<p>page</p>\n"),
+        ("/dir-in/", "<h1>sub index</h1>\n"),
+        ("/chain", "hello static\n"),
+        ("/sub/a-link/b/deep.txt", "deep inside\n"),
+        ("/a/b/deep.txt", "deep inside\n"),
+    ];
+    let outside = [
+        "/a/b/up-out",
+        "/link-out",
+        "/relative-link-out",
+        "/dir-out/secret.txt",
+        "/etc-link/passwd",
+    ];
+    {
+        let server = site.start(); // within-root, the default
+        for (path, body) in inside {
+            let r = server.get(path);
+            assert_eq!((r.status, r.text().as_str()), (200, body), "{path}");
+        }
+        for path in outside {
+            let r = server.get(path);
+            assert!(!leaks(&r), "{path}: served a file outside the root");
+            assert_eq!(r.status, 403, "{path}");
+        }
+    }
+    let server = site.start_with("never");
+    for (path, body) in inside {
+        let r = server.get(path);
+        // Plain files through plain directories are still served; any link on the way is not.
+        if path == "/a/b/deep.txt" {
+            assert_eq!((r.status, r.text().as_str()), (200, body), "{path}");
+        } else {
+            assert_eq!(r.status, 403, "{path}: a symlink with follow_symlinks = never");
+        }
+    }
+    for path in outside {
+        let r = server.get(path);
+        assert!(!leaks(&r), "{path}: served a file outside the root");
+        assert_eq!(r.status, 403, "{path}");
+    }
+    assert_eq!(server.get("/hello.txt").status, 200);
+}
+
+#[test]
+fn a_symlink_swapped_between_check_and_open_never_leaks() {
+    // One thread swaps two links (a file and a directory's index file) between a target inside
+    // the root and one outside, with atomic renames, as fast as it can; two clients request them
+    // the whole time. Whatever the interleaving, a response is the inside file or a refusal,
+    // never the outside one. Bounded: 3 s of requests.
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let site = Site::new();
+    let root = site.dir.join("root");
+    std::fs::create_dir_all(root.join("swapdir")).unwrap();
+    let outside = site.dir.join("secret.txt");
+    let server = site.start();
+    let stop = Arc::new(AtomicBool::new(false));
+    let swapper = {
+        let (root, stop) = (root.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut swaps = 0u64;
+            let targets = [
+                (Path::new("hello.txt").to_path_buf(), PathBuf::from("../hello.txt")),
+                (outside.clone(), outside.clone()),
+            ];
+            while !stop.load(Ordering::Relaxed) && swaps < 5_000_000 {
+                let (file_target, index_target) = &targets[(swaps % 2) as usize];
+                let tmp = root.join(".swap-tmp");
+                let _ = std::fs::remove_file(&tmp);
+                symlink(file_target, &tmp).unwrap();
+                std::fs::rename(&tmp, root.join("swap")).unwrap();
+                symlink(index_target, &tmp).unwrap();
+                std::fs::rename(&tmp, root.join("swapdir/index.html")).unwrap();
+                swaps += 1;
+            }
+            swaps
+        })
+    };
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            let addr = server.addr();
+            std::thread::spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(3);
+                let mut client = Client::connect(&addr).unwrap();
+                let (mut served, mut refused, mut leaked) = (0u64, 0u64, Vec::new());
+                while Instant::now() < deadline {
+                    for path in ["/swap", "/swapdir/"] {
+                        let r = client.get(path).unwrap();
+                        if leaks(&r) {
+                            leaked.push(path);
+                        }
+                        match r.status {
+                            200 => {
+                                assert_eq!(r.text(), "hello static\n");
+                                served += 1;
+                            }
+                            403 | 404 => refused += 1,
+                            other => panic!("{path}: unexpected status {other}"),
+                        }
+                    }
+                }
+                (served, refused, leaked)
+            })
+        })
+        .collect();
+    let results: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    stop.store(true, Ordering::Relaxed);
+    let swaps = swapper.join().unwrap();
+    let served: u64 = results.iter().map(|r| r.0).sum();
+    let refused: u64 = results.iter().map(|r| r.1).sum();
+    let leaked: Vec<_> = results.iter().flat_map(|r| r.2.clone()).collect();
+    eprintln!("swaps {swaps}, served {served}, refused {refused}, leaked {}", leaked.len());
+    assert!(
+        leaked.is_empty(),
+        "served the file outside the root {} times: {leaked:?}",
+        leaked.len()
+    );
+    // Both states were seen: the race was really run.
+    assert!(served > 0 && refused > 0, "served {served}, refused {refused}");
+}
+
+#[test]
+fn a_304_for_if_modified_since_carries_the_validators() {
+    // RFC 9110 §15.4.5: a 304 sends the ETag and Last-Modified the 200 would have sent.
+    let site = Site::new();
+    let server = site.start();
+    let addr = server.addr();
+    let r = server.get("/hello.txt");
+    let (etag, modified) = (
+        r.header("etag").expect("etag").to_string(),
+        r.header("last-modified").expect("last-modified").to_string(),
+    );
+    let r = get_with(&addr, "/hello.txt", &[("If-Modified-Since", &modified)]).unwrap();
+    assert_eq!(r.status, 304, "{:?}", r.headers);
+    assert_eq!(r.header("etag"), Some(etag.as_str()));
+    assert_eq!(r.header("last-modified"), Some(modified.as_str()));
+    // If-None-Match wins over If-Modified-Since.
+    let r = get_with(
+        &addr,
+        "/hello.txt",
+        &[("If-Modified-Since", &modified), ("If-None-Match", "\"other\"")],
+    )
+    .unwrap();
+    assert_eq!(r.status, 200);
+    // A range under a stale If-Range is the whole file.
+    let r = get_with(
+        &addr,
+        "/big.bin",
+        &[("Range", "bytes=0-9"), ("If-Range", "\"stale\"")],
+    )
+    .unwrap();
+    assert_eq!((r.status, r.body.len()), (200, 100_000));
+    let big_etag = server.get("/big.bin").header("etag").unwrap().to_string();
+    let r = get_with(
+        &addr,
+        "/big.bin",
+        &[("Range", "bytes=0-9"), ("If-Range", &big_etag)],
+    )
+    .unwrap();
+    assert_eq!((r.status, r.body.as_slice()), (206, &site.big[..10]));
+    // If-Match that does not match: 412.
+    let r = get_with(&addr, "/hello.txt", &[("If-Match", "\"other\"")]).unwrap();
+    assert_eq!(r.status, 412);
 }

@@ -3,6 +3,7 @@
 //! The rest of the crate is safe Rust: it calls these wrappers, or nix's safe API directly.
 
 pub mod epoll;
+pub mod fs;
 pub mod fd;
 pub mod io;
 pub mod meminfo;

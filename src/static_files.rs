@@ -1,0 +1,346 @@
+//! The `static` app's file serving: files under a root directory with ranges, `ETag` and
+//! `Last-Modified` validators, conditional requests and index files, and no way out of the root.
+//!
+//! Every file is opened by [`open_beneath_root`], which resolves the whole request path in the
+//! kernel beneath a descriptor of the root (`openat2` with `RESOLVE_BENEATH`), index file
+//! included; the response is then built from that one open descriptor (its `fstat`, its bytes).
+//! So what is served is exactly what was checked: there is no separate check for a symlink to be
+//! swapped under, and no file opened by a path that was not checked.
+
+use std::convert::Infallible;
+use std::fs::File;
+use std::io::{self, Read as _, Seek as _};
+use std::os::fd::AsFd;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Response, StatusCode};
+use nix::errno::Errno;
+use tine::app::{full, Body, Request};
+use tine::config::FollowSymlinks;
+use tine::sys::fs::{open_beneath, Symlinks};
+use tine::Handler;
+
+/// Files up to this size are read at once on the worker's thread (one `read`, no task); larger
+/// ones are streamed in chunks of this size through tokio's blocking pool.
+const CHUNK: usize = 64 * 1024;
+
+/// The name served for a directory requested with a trailing slash.
+const INDEX: &str = "index.html";
+
+/// An open root directory and the symlink policy every open beneath it follows.
+pub struct Root {
+    dir: File,
+    symlinks: Symlinks,
+}
+
+/// What [`open_beneath_root`] found for a request path.
+pub enum Found {
+    /// A regular file (for a directory path with a slash, its index file), open for reading.
+    File {
+        /// The open file: what was checked is what is read.
+        file: File,
+        /// Its `fstat`.
+        meta: std::fs::Metadata,
+        /// The name its content type is guessed from.
+        name: PathBuf,
+    },
+    /// A directory requested without its trailing slash: redirect to the path with one.
+    Directory,
+}
+
+/// Why [`open_beneath_root`] found nothing to serve.
+#[derive(Debug)]
+pub enum Refused {
+    /// No such file, not a regular file, or a path that is not a plain relative one: 404.
+    NotFound,
+    /// The path, or a symlink on it, leads out of the root (or is a symlink with
+    /// `follow_symlinks = never`): 403.
+    Forbidden,
+    /// The system failed (out of descriptors, an old kernel): 500.
+    Failed(io::Error),
+}
+
+impl Root {
+    /// Opens `root` (which may itself be reached through symlinks) for the opens beneath it.
+    /// Fails if it is not a directory, or if the kernel cannot resolve beneath a directory
+    /// (`openat2` needs Linux 5.6 or later).
+    pub fn open(root: &Path, follow: FollowSymlinks) -> anyhow::Result<Root> {
+        let dir = File::open(root).with_context(|| format!("cannot open root {}", root.display()))?;
+        if !dir.metadata()?.is_dir() {
+            anyhow::bail!("root {} is not a directory", root.display());
+        }
+        let symlinks = match follow {
+            FollowSymlinks::WithinRoot => Symlinks::WithinDir,
+            FollowSymlinks::Never => Symlinks::Never,
+        };
+        let root_handle = Root { dir, symlinks };
+        open_beneath(root_handle.dir.as_fd(), Path::new("."), Symlinks::Never).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ENOSYS) {
+                anyhow::anyhow!(
+                    "the static app needs openat2 (Linux 5.6 or later) to keep every open beneath \
+                     its root; this kernel or sandbox refuses it"
+                )
+            } else {
+                anyhow::Error::new(e).context(format!("cannot open root {}", root.display()))
+            }
+        })?;
+        Ok(root_handle)
+    }
+}
+
+/// Opens what the URI path `uri_path` names beneath `root`: a regular file, or for a directory
+/// path ending in `/` its `index.html`, every component (symlink targets included) resolved by
+/// the kernel beneath the root under the root's symlink policy. The path is percent-decoded;
+/// `..`, absolute components and NUL bytes are refused outright.
+pub fn open_beneath_root(root: &Root, uri_path: &str) -> Result<Found, Refused> {
+    let relative = relative_path(uri_path).ok_or(Refused::NotFound)?;
+    let open = |path: &Path| {
+        let file = open_beneath(root.dir.as_fd(), path, root.symlinks).map_err(refusal)?;
+        let meta = file.metadata().map_err(Refused::Failed)?;
+        Ok::<_, Refused>((file, meta))
+    };
+    let (mut file, mut meta) = open(&relative)?;
+    let mut name = relative;
+    if meta.is_dir() {
+        if !uri_path.ends_with('/') {
+            return Ok(Found::Directory);
+        }
+        name.push(INDEX);
+        (file, meta) = open(&name)?;
+    }
+    if !meta.is_file() {
+        return Err(Refused::NotFound);
+    }
+    Ok(Found::File { file, meta, name })
+}
+
+/// The relative path a URI path names: percent-decoded, leading slashes and `.` dropped; `None`
+/// for `..`, an embedded NUL or anything that is not valid UTF-8.
+fn relative_path(uri_path: &str) -> Option<PathBuf> {
+    let decoded = percent_encoding::percent_decode_str(uri_path)
+        .decode_utf8()
+        .ok()?;
+    if decoded.contains('\0') {
+        return None;
+    }
+    let mut path = PathBuf::new();
+    for part in Path::new(decoded.trim_start_matches('/')).components() {
+        match part {
+            Component::Normal(p) => path.push(p),
+            Component::CurDir => {}
+            Component::ParentDir | Component::RootDir | Component::Prefix(_) => return None,
+        }
+    }
+    Some(path)
+}
+
+fn refusal(e: io::Error) -> Refused {
+    match e.raw_os_error().map(Errno::from_raw) {
+        Some(Errno::EXDEV | Errno::ELOOP) => Refused::Forbidden,
+        Some(
+            Errno::ENOENT | Errno::ENOTDIR | Errno::EACCES | Errno::ENAMETOOLONG | Errno::EINVAL,
+        ) => Refused::NotFound,
+        _ => Refused::Failed(e),
+    }
+}
+
+/// The static app's handler: serves files beneath `root`.
+pub fn handler(root: Root) -> Handler {
+    let root = Arc::new(root);
+    Handler::http(tower::service_fn(move |req: Request| {
+        std::future::ready(Ok::<_, Infallible>(respond(&root, &req)))
+    }))
+}
+
+fn respond(root: &Root, req: &Request) -> Response<Body> {
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        let mut r = status(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    let path = req.uri().path();
+    let (file, meta, name) = match open_beneath_root(root, path) {
+        Ok(Found::File { file, meta, name }) => (file, meta, name),
+        Ok(Found::Directory) => {
+            let mut location = format!("{path}/");
+            if let Some(query) = req.uri().query() {
+                location.push('?');
+                location.push_str(query);
+            }
+            let mut r = status(StatusCode::TEMPORARY_REDIRECT, "");
+            if let Ok(v) = HeaderValue::from_str(&location) {
+                r.headers_mut().insert(header::LOCATION, v);
+            }
+            return r;
+        }
+        Err(Refused::NotFound) => return status(StatusCode::NOT_FOUND, "not found\n"),
+        Err(Refused::Forbidden) => return status(StatusCode::FORBIDDEN, "forbidden\n"),
+        Err(Refused::Failed(e)) => {
+            tracing::warn!(error = %e, "static: cannot open a file beneath the root");
+            return status(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n");
+        }
+    };
+    serve_file(req, file, &meta, &name)
+}
+
+/// The validators of one file version, from its `fstat`.
+struct Validators {
+    /// `"mtime-size"` in hex, like nginx's: strong, it changes with every write that changes
+    /// either.
+    etag: HeaderValue,
+    /// Modification time in whole seconds (what HTTP dates carry).
+    modified: SystemTime,
+}
+
+impl Validators {
+    fn of(meta: &std::fs::Metadata) -> Validators {
+        let mtime = meta.modified().unwrap_or(UNIX_EPOCH);
+        let since_epoch = mtime.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let etag = format!("\"{:x}-{:x}\"", since_epoch.as_nanos(), meta.len());
+        Validators {
+            etag: HeaderValue::from_str(&etag).expect("hex digits and quotes"),
+            modified: UNIX_EPOCH + std::time::Duration::from_secs(since_epoch.as_secs()),
+        }
+    }
+
+    fn last_modified(&self) -> HeaderValue {
+        HeaderValue::from_str(&httpdate::fmt_http_date(self.modified)).expect("an HTTP date")
+    }
+
+    /// Whether an entity-tag list (`If-Match`, `If-None-Match`) names this version: `*`, or the
+    /// tag itself (weakly when `weak`, as `If-None-Match` compares).
+    fn listed_in(&self, headers: &HeaderMap, name: header::HeaderName, weak: bool) -> bool {
+        let tag = self.etag.to_str().unwrap_or_default();
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .any(|t| t == "*" || t == tag || (weak && t.strip_prefix("W/") == Some(tag)))
+    }
+
+    /// The date of header `name`, if present and valid.
+    fn date(headers: &HeaderMap, name: header::HeaderName) -> Option<SystemTime> {
+        httpdate::parse_http_date(headers.get(name)?.to_str().ok()?).ok()
+    }
+}
+
+/// The answer for an open regular file: preconditions (RFC 9110 §13.2.2 order), then a range or
+/// the whole file. Every answer, 304 included, carries the validators.
+fn serve_file(req: &Request, file: File, meta: &std::fs::Metadata, name: &Path) -> Response<Body> {
+    let headers = req.headers();
+    let v = Validators::of(meta);
+    let size = meta.len();
+    let with_validators = |mut r: Response<Body>| {
+        r.headers_mut().insert(header::ETAG, v.etag.clone());
+        r.headers_mut()
+            .insert(header::LAST_MODIFIED, v.last_modified());
+        r
+    };
+    // 1-2: If-Match, else If-Unmodified-Since.
+    let precondition_failed = if headers.contains_key(header::IF_MATCH) {
+        !v.listed_in(headers, header::IF_MATCH, false)
+    } else {
+        Validators::date(headers, header::IF_UNMODIFIED_SINCE).is_some_and(|d| v.modified > d)
+    };
+    if precondition_failed {
+        return with_validators(status(StatusCode::PRECONDITION_FAILED, ""));
+    }
+    // 3-4: If-None-Match, else If-Modified-Since.
+    let not_modified = if headers.contains_key(header::IF_NONE_MATCH) {
+        v.listed_in(headers, header::IF_NONE_MATCH, true)
+    } else {
+        Validators::date(headers, header::IF_MODIFIED_SINCE).is_some_and(|d| v.modified <= d)
+    };
+    if not_modified {
+        return with_validators(status(StatusCode::NOT_MODIFIED, ""));
+    }
+    // 5: If-Range decides whether Range applies.
+    let range_applies = match headers.get(header::IF_RANGE).and_then(|h| h.to_str().ok()) {
+        None => true,
+        Some(tag) if tag.starts_with('"') => tag == v.etag.to_str().unwrap_or_default(),
+        Some(date) => httpdate::parse_http_date(date).is_ok_and(|d| d == v.modified),
+    };
+    let range = headers
+        .get(header::RANGE)
+        .filter(|_| range_applies)
+        .and_then(|h| h.to_str().ok())
+        .map(|h| {
+            http_range_header::parse_range_header(h)
+                .and_then(|ranges| ranges.validate(size))
+        });
+    let (status_code, start, len) = match range {
+        None => (StatusCode::OK, 0, size),
+        Some(Ok(ranges)) if ranges.len() == 1 => {
+            let (start, end) = (*ranges[0].start(), *ranges[0].end());
+            (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
+        }
+        // Several ranges: served whole (RFC 9110 lets a server ignore Range), not as multipart.
+        Some(Ok(_)) => (StatusCode::OK, 0, size),
+        Some(Err(_)) => {
+            let mut r = status(StatusCode::RANGE_NOT_SATISFIABLE, "");
+            r.headers_mut().insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes */{size}")).expect("digits"),
+            );
+            return with_validators(r);
+        }
+    };
+    let body = if req.method() == Method::HEAD {
+        Body::empty()
+    } else {
+        match file_body(file, start, len) {
+            Ok(body) => body,
+            Err(e) => {
+                tracing::warn!(error = %e, "static: cannot read a file beneath the root");
+                return status(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n");
+            }
+        }
+    };
+    let mut r = Response::new(body);
+    *r.status_mut() = status_code;
+    let h = r.headers_mut();
+    let content_type = mime_guess::from_path(name)
+        .first_raw()
+        .unwrap_or("application/octet-stream");
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if status_code == StatusCode::PARTIAL_CONTENT {
+        let content_range = format!("bytes {start}-{}/{size}", start + len - 1);
+        h.insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_str(&content_range).expect("digits"),
+        );
+    }
+    with_validators(r)
+}
+
+/// `len` bytes of `file` from `start`: read now when small, else streamed.
+fn file_body(mut file: File, start: u64, len: u64) -> io::Result<Body> {
+    file.seek(io::SeekFrom::Start(start))?;
+    if len <= CHUNK as u64 {
+        let mut bytes = Vec::with_capacity(len as usize);
+        file.take(len).read_to_end(&mut bytes)?;
+        return Ok(full(bytes));
+    }
+    use futures_util::TryStreamExt as _;
+    use tokio::io::AsyncReadExt as _;
+    let reader = tokio::fs::File::from_std(file).take(len);
+    let stream = tokio_util::io::ReaderStream::with_capacity(reader, CHUNK)
+        .map_ok(http_body::Frame::data);
+    Ok(Body::new(http_body_util::StreamBody::new(stream)))
+}
+
+fn status(code: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(full(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = code;
+    r
+}
