@@ -70,7 +70,8 @@ impl Root {
     /// Fails if it is not a directory, or if the kernel cannot resolve beneath a directory
     /// (`openat2` needs Linux 5.6 or later).
     pub fn open(root: &Path, follow: FollowSymlinks) -> anyhow::Result<Root> {
-        let dir = File::open(root).with_context(|| format!("cannot open root {}", root.display()))?;
+        let dir =
+            File::open(root).with_context(|| format!("cannot open root {}", root.display()))?;
         if !dir.metadata()?.is_dir() {
             anyhow::bail!("root {} is not a directory", root.display());
         }
@@ -272,10 +273,7 @@ fn serve_file(req: &Request, file: File, meta: &std::fs::Metadata, name: &Path) 
         .get(header::RANGE)
         .filter(|_| range_applies)
         .and_then(|h| h.to_str().ok())
-        .map(|h| {
-            http_range_header::parse_range_header(h)
-                .and_then(|ranges| ranges.validate(size))
-        });
+        .map(|h| http_range_header::parse_range_header(h).and_then(|ranges| ranges.validate(size)));
     let (status_code, start, len) = match range {
         None => (StatusCode::OK, 0, size),
         Some(Ok(ranges)) if ranges.len() == 1 => {
@@ -334,8 +332,8 @@ fn file_body(mut file: File, start: u64, len: u64) -> io::Result<Body> {
     use futures_util::TryStreamExt as _;
     use tokio::io::AsyncReadExt as _;
     let reader = tokio::fs::File::from_std(file).take(len);
-    let stream = tokio_util::io::ReaderStream::with_capacity(reader, CHUNK)
-        .map_ok(http_body::Frame::data);
+    let stream =
+        tokio_util::io::ReaderStream::with_capacity(reader, CHUNK).map_ok(http_body::Frame::data);
     Ok(Body::new(http_body_util::StreamBody::new(stream)))
 }
 

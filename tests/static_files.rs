@@ -332,7 +332,10 @@ fn nested_symlinks_within_the_root_follow_the_policy() {
         if path == "/a/b/deep.txt" {
             assert_eq!((r.status, r.text().as_str()), (200, body), "{path}");
         } else {
-            assert_eq!(r.status, 403, "{path}: a symlink with follow_symlinks = never");
+            assert_eq!(
+                r.status, 403,
+                "{path}: a symlink with follow_symlinks = never"
+            );
         }
     }
     for path in outside {
@@ -363,7 +366,10 @@ fn a_symlink_swapped_between_check_and_open_never_leaks() {
         std::thread::spawn(move || {
             let mut swaps = 0u64;
             let targets = [
-                (Path::new("hello.txt").to_path_buf(), PathBuf::from("../hello.txt")),
+                (
+                    Path::new("hello.txt").to_path_buf(),
+                    PathBuf::from("../hello.txt"),
+                ),
                 (outside.clone(), outside.clone()),
             ];
             while !stop.load(Ordering::Relaxed) && swaps < 5_000_000 {
@@ -428,7 +434,10 @@ fn a_symlink_swapped_between_check_and_open_never_leaks() {
         &wrong[..wrong.len().min(5)]
     );
     // Both states were seen: the race was really run.
-    assert!(served > 0 && refused > 0, "served {served}, refused {refused}");
+    assert!(
+        served > 0 && refused > 0,
+        "served {served}, refused {refused}"
+    );
 }
 
 #[test]
@@ -440,7 +449,9 @@ fn a_304_for_if_modified_since_carries_the_validators() {
     let r = server.get("/hello.txt");
     let (etag, modified) = (
         r.header("etag").expect("etag").to_string(),
-        r.header("last-modified").expect("last-modified").to_string(),
+        r.header("last-modified")
+            .expect("last-modified")
+            .to_string(),
     );
     let r = get_with(&addr, "/hello.txt", &[("If-Modified-Since", &modified)]).unwrap();
     assert_eq!(r.status, 304, "{:?}", r.headers);
@@ -450,7 +461,10 @@ fn a_304_for_if_modified_since_carries_the_validators() {
     let r = get_with(
         &addr,
         "/hello.txt",
-        &[("If-Modified-Since", &modified), ("If-None-Match", "\"other\"")],
+        &[
+            ("If-Modified-Since", &modified),
+            ("If-None-Match", "\"other\""),
+        ],
     )
     .unwrap();
     assert_eq!(r.status, 200);

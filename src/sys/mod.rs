@@ -3,8 +3,8 @@
 //! The rest of the crate is safe Rust: it calls these wrappers, or nix's safe API directly.
 
 pub mod epoll;
-pub mod fs;
 pub mod fd;
+pub mod fs;
 pub mod io;
 pub mod meminfo;
 pub mod process;
