@@ -44,8 +44,10 @@ pub enum Found {
     File {
         /// The open file: what was checked is what is read.
         file: File,
-        /// Its `fstat`.
-        meta: std::fs::Metadata,
+        /// Its size, from `fstat`.
+        len: u64,
+        /// Its modification time, from `fstat`.
+        modified: SystemTime,
         /// The name its content type is guessed from.
         name: PathBuf,
     },
@@ -117,7 +119,12 @@ pub fn open_beneath_root(root: &Root, uri_path: &str) -> Result<Found, Refused> 
     if !meta.is_file() {
         return Err(Refused::NotFound);
     }
-    Ok(Found::File { file, meta, name })
+    Ok(Found::File {
+        len: meta.len(),
+        modified: meta.modified().unwrap_or(UNIX_EPOCH),
+        file,
+        name,
+    })
 }
 
 /// The relative path a URI path names: percent-decoded, leading slashes and `.` dropped; `None`
@@ -166,8 +173,13 @@ fn respond(root: &Root, req: &Request) -> Response<Body> {
         return r;
     }
     let path = req.uri().path();
-    let (file, meta, name) = match open_beneath_root(root, path) {
-        Ok(Found::File { file, meta, name }) => (file, meta, name),
+    let (file, len, modified, name) = match open_beneath_root(root, path) {
+        Ok(Found::File {
+            file,
+            len,
+            modified,
+            name,
+        }) => (file, len, modified, name),
         Ok(Found::Directory) => {
             let mut location = format!("{path}/");
             if let Some(query) = req.uri().query() {
@@ -187,7 +199,7 @@ fn respond(root: &Root, req: &Request) -> Response<Body> {
             return status(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n");
         }
     };
-    serve_file(req, file, &meta, &name)
+    serve_file(req, file, len, modified, &name)
 }
 
 /// The validators of one file version, from its `fstat`.
@@ -200,10 +212,9 @@ struct Validators {
 }
 
 impl Validators {
-    fn of(meta: &std::fs::Metadata) -> Validators {
-        let mtime = meta.modified().unwrap_or(UNIX_EPOCH);
-        let since_epoch = mtime.duration_since(UNIX_EPOCH).unwrap_or_default();
-        let etag = format!("\"{:x}-{:x}\"", since_epoch.as_nanos(), meta.len());
+    fn of(len: u64, modified: SystemTime) -> Validators {
+        let since_epoch = modified.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let etag = format!("\"{:x}-{:x}\"", since_epoch.as_nanos(), len);
         Validators {
             etag: HeaderValue::from_str(&etag).expect("hex digits and quotes"),
             modified: UNIX_EPOCH + std::time::Duration::from_secs(since_epoch.as_secs()),
@@ -235,10 +246,15 @@ impl Validators {
 
 /// The answer for an open regular file: preconditions (RFC 9110 §13.2.2 order), then a range or
 /// the whole file. Every answer, 304 included, carries the validators.
-fn serve_file(req: &Request, file: File, meta: &std::fs::Metadata, name: &Path) -> Response<Body> {
+fn serve_file(
+    req: &Request,
+    file: File,
+    size: u64,
+    modified: SystemTime,
+    name: &Path,
+) -> Response<Body> {
     let headers = req.headers();
-    let v = Validators::of(meta);
-    let size = meta.len();
+    let v = Validators::of(size, modified);
     let with_validators = |mut r: Response<Body>| {
         r.headers_mut().insert(header::ETAG, v.etag.clone());
         r.headers_mut()
