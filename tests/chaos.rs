@@ -1,7 +1,8 @@
 //! Chaos: under a strict load (POSTs that are never retried), a seeded random schedule of the
 //! faults and operator actions a production tree meets — `kill -9` of workers and of the mold,
-//! `USR2` (refork), `HUP` (reload), `TTIN`/`TTOU`, `tine ctl scale N`, `tine ctl kill-worker NR` —
-//! and then the tree must be whole again:
+//! `USR2` (refork), `HUP` (reload), `TTIN`/`TTOU`, `tine ctl scale N`, `tine ctl kill-worker NR`,
+//! and `kill -9` of what a refork or reload just started (the promoted worker turning into the new
+//! mold, a reload's new mold) — and then the tree must be whole again:
 //!
 //! - the monitor never dies;
 //! - after the chaos the tree converges, within [`CONVERGE_TIMEOUT`], to the target the operator
@@ -85,6 +86,10 @@ enum Kind {
     Ttou,
     Scale,
     CtlKillWorker,
+    /// `USR2` or `HUP`, then `kill -9` of the process it starts: the promoted worker while it turns
+    /// into the new mold, or the reload's new mold before it is ready (the states a rollout
+    /// passes through, which an arbitrary pick almost never meets).
+    KillInTransition,
 }
 
 /// Relative frequency of each kind.
@@ -97,6 +102,7 @@ const WEIGHTS: &[(Kind, u64)] = &[
     (Kind::Ttou, 1),
     (Kind::Scale, 1),
     (Kind::CtlKillWorker, 2),
+    (Kind::KillInTransition, 1),
 ];
 
 fn pick_kind(rng: &mut Rng) -> Kind {
@@ -363,6 +369,30 @@ fn event(
                 Err(e) => chaos.problems.push(format!("ctl scale {n}: {e}")),
             }
         }
+        Kind::KillInTransition => {
+            let (sig, pattern, what) = if rng.next() % 2 == 0 {
+                (
+                    Signal::SIGUSR2,
+                    "promoting worker to mold",
+                    "kill -9 promoting worker",
+                )
+            } else {
+                (Signal::SIGHUP, "forked mold", "kill -9 reload's new mold")
+            };
+            let mark = server.log.mark();
+            server.signal(sig);
+            let line = server
+                .log
+                .wait_for_line_since(mark, Duration::from_secs(5), |l| l.contains(pattern));
+            // A refork has nothing to promote while a rollout is under way, a reload may be
+            // refused: then there is nothing in transition to kill.
+            if let Some(pid) = line.as_deref().and_then(|l| pids_in(l).last().copied()) {
+                chaos.count(what);
+                chaos.kills.push(freeze_and_kill(pid, server_addr));
+            } else {
+                chaos.count(&format!("{what} (nothing started)"));
+            }
+        }
         Kind::CtlKillWorker => {
             // Only a number with one live process: that is the one the monitor will kill.
             let single: Vec<&&Row> = workers
@@ -598,7 +628,7 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
     eprintln!("chaos: seed {seed}, {seconds} s, {CONNECTIONS} strict connections, start workers {START_WORKERS}");
     eprintln!("chaos: events by kind:");
     for (what, n) in &chaos.events {
-        eprintln!("  {what:<18} {n}");
+        eprintln!("  {what:<44} {n}");
     }
     eprintln!(
         "chaos: requests answered {} ({} during the chaos), by status {:?}, connect errors {}",
