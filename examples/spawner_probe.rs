@@ -125,6 +125,81 @@ impl Job for MakePipe {
     }
 }
 
+/// Panics and catches its own panic, the way a library (a tokio runtime, a plugin host) does.
+#[derive(Serialize, Deserialize)]
+enum CatchOwn {
+    /// `catch_unwind` around a panic: returns whether it caught one.
+    CatchUnwind,
+    /// A current-thread tokio runtime whose task panics: returns whether the join said so.
+    TokioTask,
+    /// Catches one panic, then panics for real: the second must be the one reported.
+    ThenEscape,
+    /// Panics while unwinding from a panic (a `Drop` that panics): the process aborts.
+    PanicInDrop,
+}
+impl Job for CatchOwn {
+    const NAME: &'static str = "probe.catch-own";
+    type Output = (bool, u32);
+    fn run(self) -> (bool, u32) {
+        let caught = match self {
+            CatchOwn::CatchUnwind => {
+                std::panic::catch_unwind(|| panic!("inner panic, caught by the job")).is_err()
+            }
+            CatchOwn::TokioTask => {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async {
+                    tokio::spawn(async { panic!("task panic, caught by tokio") })
+                        .await
+                        .is_err_and(|e| e.is_panic())
+                })
+            }
+            CatchOwn::ThenEscape => {
+                let _ = std::panic::catch_unwind(|| panic!("first panic, caught"));
+                panic!("second panic, escapes")
+            }
+            CatchOwn::PanicInDrop => {
+                struct Bomb;
+                impl Drop for Bomb {
+                    fn drop(&mut self) {
+                        panic!("panic in drop while unwinding");
+                    }
+                }
+                let _bomb = Bomb;
+                panic!("panic that unwinds into a panicking drop")
+            }
+        };
+        (caught, std::process::id())
+    }
+}
+
+/// Prints a line from the worker, and lists the worker's open descriptors.
+#[derive(Serialize, Deserialize)]
+struct Inherited;
+impl Job for Inherited {
+    const NAME: &'static str = "probe.inherited";
+    type Output = Vec<String>;
+    fn run(self) -> Vec<String> {
+        println!("printed by worker {}", std::process::id());
+        let mut fds = Vec::new();
+        // `read_dir` holds one descriptor of its own on the directory: named, then left out.
+        for entry in std::fs::read_dir("/proc/self/fd")
+            .expect("/proc/self/fd")
+            .flatten()
+        {
+            let link = std::fs::read_link(entry.path())
+                .map(|t| t.display().to_string())
+                .unwrap_or_default();
+            if !link.starts_with("/proc/") || !link.ends_with("/fd") {
+                fds.push(format!("{}={link}", entry.file_name().to_string_lossy()));
+            }
+        }
+        fds.sort();
+        fds
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct NotRegistered;
 impl Job for NotRegistered {
@@ -144,6 +219,9 @@ fn kind(e: &Error) -> serde_json::Value {
         "crash": e.is_crash(),
         "sigabrt": e.is_signal(libc::SIGABRT),
         "sigsegv": e.is_signal(libc::SIGSEGV),
+        "signal_name": e.signal().map(|s| s.as_str()),
+        "is_sigsegv_by_name": e.is_signal(tine::spawner::Signal::SIGSEGV),
+        "backtrace": e.backtrace(),
         "timeout": e.is_timeout(),
         "memory": e.is_memory_limit(),
         "panic": e.is_panic(),
@@ -221,6 +299,10 @@ fn main() -> anyhow::Result<()> {
         println!("DONE");
         return Ok(());
     }
+    if scenario == "inherited" {
+        // Left in the stdout buffer, without a newline, when the spawner forks.
+        print!("UNFLUSHED-BEFORE-START ");
+    }
     let spawner = Spawner::builder()
         .register::<Echo>()
         .register::<Pid>()
@@ -229,6 +311,8 @@ fn main() -> anyhow::Result<()> {
         .register::<Hog>()
         .register::<Greet>()
         .register::<MakePipe>()
+        .register::<CatchOwn>()
+        .register::<Inherited>()
         .start()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -522,6 +606,43 @@ fn main() -> anyhow::Result<()> {
             result(
                 json!({"pids": pids, "crash": crash, "async": a, "left": children_of(spawner.pid()).len(), "live": pool.live_workers()}),
             );
+        }
+        "caught-panic" => {
+            let pool = spawner.pool().max_workers(1).build();
+            let before = pool.run_blocking(Pid)?;
+            let blocking = outcome(pool.run_blocking(CatchOwn::CatchUnwind));
+            let tokio_task = outcome(pool.run_blocking(CatchOwn::TokioTask));
+            let p = pool.clone();
+            let awaited = outcome(rt.block_on(async move { p.run(CatchOwn::CatchUnwind).await }));
+            let after = pool.run_blocking(Pid)?;
+            let escape = outcome(pool.run_blocking(CatchOwn::ThenEscape));
+            let in_drop = outcome(pool.run_blocking(CatchOwn::PanicInDrop));
+            let next = outcome(pool.run_blocking(Pid));
+            let one_shot = spawner.pool().one_shot().build();
+            let one_shot = outcome(one_shot.run_blocking(CatchOwn::CatchUnwind));
+            result(json!({
+                "before": before, "blocking": blocking, "tokio_task": tokio_task, "awaited": awaited,
+                "after": after, "escape": escape, "in_drop": in_drop, "next": next,
+                "one_shot": one_shot,
+            }));
+        }
+        "backtrace" => {
+            // The test sets RUST_BACKTRACE=1 (the workers inherit it).
+            let pool = spawner.pool().max_workers(1).build();
+            let panicked = outcome(pool.run_blocking(Crash("panic".into())));
+            let p = pool.clone();
+            let awaited = outcome(rt.block_on(async move { p.run(Crash("panic".into())).await }));
+            result(json!({"blocking": panicked, "awaited": awaited}));
+        }
+        "inherited" => {
+            let pool = spawner.pool().max_workers(2).build();
+            let p = pool.clone();
+            let (a, b) = rt.block_on(async move {
+                let (a, b) = tokio::join!(p.run(Inherited), p.run(Inherited));
+                (outcome(a), outcome(b))
+            });
+            println!();
+            result(json!({"a": a, "b": b, "live": pool.live_workers()}));
         }
         other => anyhow::bail!("unknown scenario {other:?}"),
     }

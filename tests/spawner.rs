@@ -37,14 +37,29 @@ fn probe_path() -> PathBuf {
 struct Probe {
     child: Child,
     lines: mpsc::Receiver<String>,
+    /// Every stdout line read so far.
+    seen: Vec<String>,
+    /// Everything the probe (its spawner and workers too) wrote on stderr, when captured: read to
+    /// its end (every writer gone) by a thread.
+    stderr: Option<mpsc::Receiver<String>>,
 }
 
 impl Probe {
     fn start(args: &[&str]) -> Probe {
+        Probe::start_with(args, &[], false)
+    }
+
+    /// Starts the probe with extra environment variables, capturing its stderr if asked.
+    fn start_with(args: &[&str], env: &[(&str, &str)], capture_stderr: bool) -> Probe {
         let mut child = Command::new(probe_path())
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(if capture_stderr {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .expect("start the probe");
         let out = child.stdout.take().expect("stdout");
@@ -56,7 +71,21 @@ impl Probe {
                 }
             }
         });
-        Probe { child, lines }
+        let stderr = child.stderr.take().map(|mut err| {
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                let mut text = String::new();
+                let _ = std::io::Read::read_to_string(&mut err, &mut text);
+                let _ = tx.send(text);
+            });
+            rx
+        });
+        Probe {
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr,
+        }
     }
 
     /// Reads lines until `marker` (returned: the RESULT objects seen before it), within `patience`.
@@ -65,7 +94,11 @@ impl Probe {
         let mut results = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
+            let line = self.lines.recv_timeout(left);
+            if let Ok(line) = &line {
+                self.seen.push(line.clone());
+            }
+            match line {
                 Ok(line) if line == marker => return results,
                 Ok(line) => {
                     if let Some(json) = line.strip_prefix("RESULT ") {
@@ -79,7 +112,12 @@ impl Probe {
 
     /// Runs a scenario to its end and returns its results.
     fn run(args: &[&str], patience: Duration) -> Vec<Value> {
-        let mut probe = Probe::start(args);
+        Probe::start(args).finish(args, patience)
+    }
+
+    /// Reads the scenario's results to `DONE` and waits for the probe to exit successfully.
+    fn finish(&mut self, args: &[&str], patience: Duration) -> Vec<Value> {
+        let probe = self;
         let results = probe.until("DONE", patience);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -93,6 +131,13 @@ impl Probe {
             }
         }
         results
+    }
+
+    /// The whole stderr of the probe and of every process it forked, once all of them are gone.
+    fn stderr(&mut self) -> String {
+        let rx = self.stderr.take().expect("started with capture_stderr");
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("stderr closed within 10 s of the probe's exit")
     }
 }
 
@@ -171,6 +216,15 @@ fn crashes_are_typed_and_the_pool_goes_on() {
             "{how}: a fresh worker took over"
         );
     }
+    let segv = &case(&r, "segv")["r"]["err"];
+    assert_eq!(
+        segv["signal_name"], "SIGSEGV",
+        "Error::signal names it: {segv}"
+    );
+    assert_eq!(
+        segv["is_sigsegv_by_name"], true,
+        "is_signal takes a Signal: {segv}"
+    );
     let panic = &case(&r, "panic")["r"]["err"]["display"];
     assert!(
         panic
@@ -328,4 +382,122 @@ fn twenty_thousand_jobs_leak_no_fd_and_no_process() {
         c["spawner_children"], c["live"],
         "the spawner has only the live workers as children: {c}"
     );
+}
+
+#[test]
+fn a_panic_the_job_catches_is_no_failure() {
+    let r = Probe::run(&["caught-panic"], Duration::from_secs(60));
+    let c = &r[0];
+    let before = &c["before"];
+    for how in ["blocking", "tokio_task", "awaited"] {
+        assert_eq!(
+            c[how]["ok"][0], true,
+            "{how}: the job caught its panic and returned: {c}"
+        );
+        assert_eq!(
+            &c[how]["ok"][1], before,
+            "{how}: the same worker ran it, not killed for a panic it caught: {c}"
+        );
+    }
+    assert_eq!(&c["after"], before, "the worker lives on: {c}");
+    let escape = &c["escape"]["err"];
+    assert_eq!(escape["panic"], true, "{c}");
+    let message = escape["display"].as_str().unwrap();
+    assert!(
+        message.contains("second panic, escapes") && !message.contains("first panic"),
+        "the panic that escaped run() is reported, not the one caught before it: {message}"
+    );
+    let in_drop = &c["in_drop"]["err"];
+    assert_eq!(
+        in_drop["panic"], true,
+        "an abort after a panic is the panic's: {c}"
+    );
+    let message = in_drop["display"].as_str().unwrap();
+    assert!(
+        message.contains("panic that unwinds into a panicking drop")
+            && message.contains("panic in drop while unwinding"),
+        "{message}"
+    );
+    assert!(c["next"]["ok"].is_u64(), "{c}");
+    assert_eq!(c["one_shot"]["ok"][0], true, "one-shot workers too: {c}");
+}
+
+#[test]
+fn panic_backtraces_reach_the_caller_and_the_worker_finishes_printing() {
+    let args = ["backtrace"];
+    let mut probe = Probe::start_with(&args, &[("RUST_BACKTRACE", "1")], true);
+    let r = probe.finish(&args, Duration::from_secs(60));
+    for mode in ["blocking", "awaited"] {
+        let err = &r[0][mode]["err"];
+        assert_eq!(err["panic"], true, "{mode}: {err}");
+        let trace = err["backtrace"].as_str().unwrap_or_default();
+        assert!(
+            trace.contains("<spawner_probe::Crash as tine::spawner::job::Job>::run")
+                && trace.contains("examples/spawner_probe.rs"),
+            "{mode}: the backtrace shows the job's frame: {trace}"
+        );
+        assert!(
+            !trace.contains("install_panic_hook") && !trace.contains("worker_main"),
+            "{mode}: only the job's frames: {trace}"
+        );
+    }
+    // Each worker's default hook printed its whole short backtrace (it ends with this note)
+    // before the worker went away: none was killed mid-way.
+    let stderr = probe.stderr();
+    assert_eq!(stderr.matches("stack backtrace:").count(), 2, "{stderr}");
+    assert_eq!(
+        stderr
+            .matches("note: Some details are omitted, run with `RUST_BACKTRACE=full`")
+            .count(),
+        2,
+        "{stderr}"
+    );
+
+    let mut probe = Probe::start_with(
+        &args,
+        &[("RUST_BACKTRACE", "0"), ("RUST_LIB_BACKTRACE", "0")],
+        false,
+    );
+    let r = probe.finish(&args, Duration::from_secs(60));
+    assert_eq!(r[0]["blocking"]["err"]["panic"], true, "{r:?}");
+    assert!(
+        r[0]["blocking"]["err"]["backtrace"].is_null(),
+        "no backtrace when they are off: {r:?}"
+    );
+}
+
+#[test]
+fn workers_keep_stdio_and_print_nothing_twice() {
+    let args = ["inherited"];
+    let mut probe = Probe::start(&args);
+    let r = probe.finish(&args, Duration::from_secs(60));
+    let stdout = probe.seen.join("\n");
+    assert_eq!(
+        stdout.matches("UNFLUSHED-BEFORE-START").count(),
+        1,
+        "text printed before start() without a newline is printed once, not again by each \
+         worker: {stdout}"
+    );
+    assert_eq!(
+        stdout.matches("printed by worker").count(),
+        2,
+        "workers print on the program's stdout: {stdout}"
+    );
+    for worker in ["a", "b"] {
+        let fds: Vec<&str> = r[0][worker]["ok"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{r:?}"))
+            .iter()
+            .map(|f| f.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            fds.len(),
+            4,
+            "stdin, stdout, stderr and the channel: {fds:?}"
+        );
+        for (i, std) in ["0=", "1=", "2="].into_iter().enumerate() {
+            assert!(fds[i].starts_with(std), "{fds:?}");
+        }
+        assert!(fds[3].contains("socket:"), "the channel: {fds:?}");
+    }
 }

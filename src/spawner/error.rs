@@ -38,6 +38,42 @@ impl fmt::Display for Death {
     }
 }
 
+impl Death {
+    /// The signal that killed the worker, if one did and it is a standard one (real-time signals
+    /// have no [`Signal`] value: read the number in [`Death::Signaled`]).
+    pub fn signal(&self) -> Option<Signal> {
+        self.signal_number().and_then(|n| Signal::try_from(n).ok())
+    }
+
+    /// The number of the signal that killed the worker (an OOM kill is a SIGKILL).
+    fn signal_number(&self) -> Option<i32> {
+        match self {
+            Death::Signaled { signal, .. } => Some(*signal),
+            Death::OomKilled => Some(Signal::SIGKILL as i32),
+            _ => None,
+        }
+    }
+}
+
+/// A signal named either way: a [`Signal`] (`Signal::SIGSEGV`, no `libc` needed) or its number
+/// (`libc::SIGSEGV`).
+pub trait SignalNumber {
+    /// The signal's number.
+    fn number(self) -> i32;
+}
+
+impl SignalNumber for Signal {
+    fn number(self) -> i32 {
+        self as i32
+    }
+}
+
+impl SignalNumber for i32 {
+    fn number(self) -> i32 {
+        self
+    }
+}
+
 /// Which side could not (de)serialize a value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -91,13 +127,18 @@ pub enum Error {
         /// The pool's limit.
         limit_kb: u64,
     },
-    /// The job panicked; the worker reported the message and exited.
+    /// A panic escaped the job's `run` (a panic the job catches itself is no failure); the
+    /// worker reported it and exited.
     #[error("job panicked in worker {pid}: {message}")]
     Panicked {
         /// The worker's pid.
         pid: i32,
         /// The panic message (with its location).
         message: String,
+        /// The panic's backtrace as the worker captured it, when backtraces are enabled
+        /// (`RUST_BACKTRACE=1` or `RUST_LIB_BACKTRACE=1` in the worker's environment), at most
+        /// 32 KiB of it. Not part of the one-line `Display`.
+        backtrace: Option<String>,
     },
     /// A job or its output could not be serialized or deserialized.
     #[error("serialization failed {side} (worker {pid:?}): {message}")]
@@ -168,9 +209,29 @@ impl Error {
         matches!(self, Error::WorkerDied { .. })
     }
 
-    /// The worker was killed by a signal with this number (e.g. `libc::SIGSEGV`).
-    pub fn is_signal(&self, signal: i32) -> bool {
-        matches!(self, Error::WorkerDied { death: Death::Signaled { signal: s, .. }, .. } if *s == signal)
+    /// The worker was killed by this signal: a [`Signal`] (`Signal::SIGSEGV`) or its number
+    /// (`libc::SIGSEGV`).
+    pub fn is_signal(&self, signal: impl SignalNumber) -> bool {
+        match self {
+            Error::WorkerDied { death, .. } => death.signal_number() == Some(signal.number()),
+            _ => false,
+        }
+    }
+
+    /// The signal that killed the worker, if one did and it is a standard one.
+    pub fn signal(&self) -> Option<Signal> {
+        match self {
+            Error::WorkerDied { death, .. } => death.signal(),
+            _ => None,
+        }
+    }
+
+    /// The panic's backtrace, for [`Error::Panicked`] when backtraces were enabled.
+    pub fn backtrace(&self) -> Option<&str> {
+        match self {
+            Error::Panicked { backtrace, .. } => backtrace.as_deref(),
+            _ => None,
+        }
     }
 
     /// The job timed out.

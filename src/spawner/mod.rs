@@ -24,8 +24,9 @@
 //!   timeout, and a one-shot mode (a fresh process per job). Dropping a [`Pool::run`] future
 //!   kills the worker running its job.
 //! * Errors ([`Error`]) say which worker died and why: exit code, signal, timeout, memory limit,
-//!   OOM kill (when it can be told), panic with its message, serialization failure. A dead
-//!   spawner is [`Error::SpawnerGone`] on every later call, never a hang.
+//!   OOM kill (when it can be told), a panic that escapes the job (message, and backtrace when
+//!   enabled), serialization failure. A dead spawner is [`Error::SpawnerGone`] on every later
+//!   call, never a hang.
 //! * No orphans: the spawner and workers get SIGKILL when their parent dies (parent-death
 //!   signal) and exit on EOF of their channel.
 //!
@@ -64,12 +65,16 @@ mod pool;
 mod process;
 mod wire;
 
+use std::io::Write;
 use std::sync::Arc;
 
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 
-pub use error::{Death, Error, Side, StartError};
+pub use error::{Death, Error, Side, SignalNumber, StartError};
 pub use job::{Fd, Job};
+/// The signal type of [`Death::signal`] and [`Error::is_signal`], re-exported so that programs need
+/// neither `nix` nor `libc` for it.
+pub use nix::sys::signal::Signal;
 pub use pool::{Pool, PoolBuilder};
 
 use crate::sys::process::{ensure_single_threaded, Forked};
@@ -94,6 +99,11 @@ impl SpawnerBuilder {
             return Err(StartError::DuplicateJob(name));
         }
         ensure_single_threaded()?;
+        // Text printed without a newline sits in this process's stdout buffer; forked as it is, it
+        // would be printed again by every worker that prints. Flushing fails only for a closed or
+        // broken stream, which the workers inherit anyway.
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
         let parent = nix::unistd::getpid();
         let (mine, theirs) = socketpair(
             AddressFamily::Unix,

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::error::{Error, Side};
+use super::error::{Death, Error, Side};
 use super::job::{self, Job};
 use super::link::Link;
 use super::wire::{
-    self, Call, Failure, FromSpawner, FromWorker, Received, Receiver, ToSpawner, ToWorker,
+    self, Call, Failure, FromSpawner, FromWorker, PanicReport, Received, Receiver, ToSpawner,
+    ToWorker,
 };
 
 /// The settings of a pool; see [`PoolBuilder`] for what each means.
@@ -188,8 +189,12 @@ impl Pool {
             .expect("the semaphore is never closed");
         let mut busy = self.inner.start(permit, out)?;
         drop(job);
-        let (body, fds) = busy.wait_async().await?;
-        busy.finish::<J>(body, fds)
+        loop {
+            let (body, fds) = busy.wait_async().await?;
+            if let Some(answer) = busy.answer::<J>(body, fds) {
+                return answer;
+            }
+        }
     }
 
     /// Runs `job` in a worker and blocks this thread until its output is back.
@@ -202,8 +207,12 @@ impl Pool {
         };
         let mut busy = self.inner.start(permit, out)?;
         drop(job);
-        let (body, fds) = busy.wait_blocking()?;
-        busy.finish::<J>(body, fds)
+        loop {
+            let (body, fds) = busy.wait_blocking()?;
+            if let Some(answer) = busy.answer::<J>(body, fds) {
+                return answer;
+            }
+        }
     }
 
     /// Starts workers until [`min_workers`](PoolBuilder::min_workers) are alive (not in one-shot mode).
@@ -286,6 +295,7 @@ impl Inner {
                 worker: Some(worker),
                 _permit: permit,
                 started: Instant::now(),
+                panicking: Vec::new(),
             });
         }
         self.shrink();
@@ -310,6 +320,7 @@ impl Inner {
                         worker: Some(worker),
                         _permit: permit,
                         started: Instant::now(),
+                        panicking: Vec::new(),
                     })
                 }
                 Err(e) => {
@@ -409,6 +420,29 @@ struct Busy {
     worker: Option<Worker>,
     _permit: OwnedSemaphorePermit,
     started: Instant,
+    /// The panics the worker reported on the job's thread (the latest [`MAX_PANIC_NOTES`]): if the
+    /// worker then dies of SIGABRT, they are why.
+    panicking: Vec<PanicReport>,
+}
+
+/// Most panic notes kept per job (a job that catches panics in a loop sends one each).
+const MAX_PANIC_NOTES: usize = 8;
+
+/// The error for a worker that aborted after reporting `notes` (oldest first, not empty): the
+/// messages in order (a panic, then a panic in a `Drop` while unwinding, ...), the last backtrace.
+fn aborted_after_panic(pid: i32, mut notes: Vec<PanicReport>) -> Error {
+    let last = notes.pop().expect("at least one note");
+    let mut message = String::new();
+    for note in notes {
+        message.push_str(&note.message);
+        message.push_str("; then: ");
+    }
+    message.push_str(&last.message);
+    Error::Panicked {
+        pid,
+        message,
+        backtrace: last.backtrace,
+    }
 }
 
 impl Drop for Busy {
@@ -495,6 +529,14 @@ impl Busy {
         let pid = w.pid;
         drop(w);
         match self.inner.link.reap(pid, false) {
+            // Unwinding was not possible (`panic = "abort"`, a panic while unwinding): the abort
+            // is the panics'.
+            Ok(Death::Signaled {
+                signal: libc::SIGABRT,
+                ..
+            }) if !self.panicking.is_empty() => {
+                aborted_after_panic(pid, std::mem::take(&mut self.panicking))
+            }
             Ok(death) => Error::WorkerDied { pid, death },
             Err(e) => e,
         }
@@ -590,46 +632,72 @@ impl Busy {
         }
     }
 
-    /// Turns the worker's answer into the job's result, and puts the worker back or away.
-    fn finish<J: Job>(mut self, body: Vec<u8>, fds: Vec<OwnedFd>) -> Result<J::Output, Error> {
+    /// Turns the worker's message into the job's result, and puts the worker back or away; `None`
+    /// for a note that is no answer (a panic the job may still catch): keep waiting.
+    fn answer<J: Job>(
+        &mut self,
+        body: Vec<u8>,
+        fds: Vec<OwnedFd>,
+    ) -> Option<Result<J::Output, Error>> {
         let pid = self.pid();
         let reply = match wire::decode::<FromWorker>(&body) {
             Ok(r) => r,
-            Err(e) => return Err(self.broken(e)),
+            Err(e) => return Some(Err(self.broken(e))),
+        };
+        let failure = match reply {
+            FromWorker::Panicking(report) => {
+                if self.panicking.len() == MAX_PANIC_NOTES {
+                    self.panicking.remove(0);
+                }
+                self.panicking.push(report);
+                return None;
+            }
+            FromWorker::Done(bytes) => {
+                let w = self.worker.take().expect("worker present");
+                self.inner.checkin(w);
+                return Some(job::decode::<J::Output>(&bytes, fds).map_err(|message| {
+                    Error::Serialization {
+                        pid: Some(pid),
+                        side: Side::DecodeOutput,
+                        message,
+                    }
+                }));
+            }
+            FromWorker::Failed(failure) => failure,
         };
         let w = self.worker.take().expect("worker present");
-        match reply {
-            FromWorker::Done(bytes) => {
+        Some(Err(match failure {
+            Failure::Panicked(report) => {
+                // The worker exits by itself right after this (its state may be broken); it has
+                // finished printing the panic already, so it is not killed.
+                self.inner.discard(w, false);
+                Error::Panicked {
+                    pid,
+                    message: report.message,
+                    backtrace: report.backtrace,
+                }
+            }
+            Failure::Decode(message) => {
                 self.inner.checkin(w);
-                job::decode::<J::Output>(&bytes, fds).map_err(|message| Error::Serialization {
+                Error::Serialization {
                     pid: Some(pid),
-                    side: Side::DecodeOutput,
+                    side: Side::DecodeJob,
                     message,
-                })
+                }
             }
-            FromWorker::Failed(Failure::Panicked(message)) => {
-                // The worker exits after a panic; make sure of it.
-                self.inner.discard(w, true);
-                Err(Error::Panicked { pid, message })
-            }
-            FromWorker::Failed(failure) => {
+            Failure::Encode(message) => {
                 self.inner.checkin(w);
-                Err(match failure {
-                    Failure::Decode(message) => Error::Serialization {
-                        pid: Some(pid),
-                        side: Side::DecodeJob,
-                        message,
-                    },
-                    Failure::Encode(message) => Error::Serialization {
-                        pid: Some(pid),
-                        side: Side::EncodeOutput,
-                        message,
-                    },
-                    Failure::UnknownJob(name) => Error::UnknownJob { name },
-                    Failure::Panicked(_) => unreachable!("handled above"),
-                })
+                Error::Serialization {
+                    pid: Some(pid),
+                    side: Side::EncodeOutput,
+                    message,
+                }
             }
-        }
+            Failure::UnknownJob(name) => {
+                self.inner.checkin(w);
+                Error::UnknownJob { name }
+            }
+        }))
     }
 }
 

@@ -17,7 +17,8 @@ use nix::unistd::{getppid, setpgid, Pid};
 
 use super::job::Registry;
 use super::wire::{
-    self, Call, Failure, FromSpawner, FromWorker, Received, Receiver, Status, ToSpawner, ToWorker,
+    self, Call, Failure, FromSpawner, FromWorker, PanicReport, Received, Receiver, Status,
+    ToSpawner, ToWorker,
 };
 use crate::sys::process::{
     close_fds_except, exit_now, reset_signals, set_parent_death_signal, set_thread_name, Forked,
@@ -229,6 +230,9 @@ static CHANNEL: OnceLock<OwnedFd> = OnceLock::new();
 thread_local! {
     /// True on the worker's main thread while it runs a job: a panic there is the job's.
     static IN_JOB: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The last panic the hook saw on the job's thread, for the report if it escapes the job.
+    static LAST_PANIC: std::cell::RefCell<Option<PanicReport>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 fn worker_main(
@@ -283,7 +287,7 @@ fn worker_main(
     }
 }
 
-/// Runs one call and answers it; `None` if the job panicked (already reported by the hook).
+/// Runs one call and answers it; `None` if a panic escaped the job (the worker then exits).
 fn run_call(registry: &Registry, call: Call, fds: Vec<OwnedFd>) -> Option<()> {
     let Some(handler) = registry.get(&call.job) else {
         reply(&FromWorker::Failed(Failure::UnknownJob(call.job)), &[]);
@@ -292,6 +296,9 @@ fn run_call(registry: &Registry, call: Call, fds: Vec<OwnedFd>) -> Option<()> {
     IN_JOB.with(|f| f.set(true));
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| handler(&call.payload, fds)));
     IN_JOB.with(|f| f.set(false));
+    // What the hook saw of the last panic on this thread; a panic the job caught itself leaves
+    // one here too, and is no failure.
+    let hooked = LAST_PANIC.with(|p| p.take());
     match result {
         Ok(Ok(encoded)) => {
             reply(&FromWorker::Done(encoded.bytes), &encoded.fds);
@@ -301,7 +308,16 @@ fn run_call(registry: &Registry, call: Call, fds: Vec<OwnedFd>) -> Option<()> {
             reply(&FromWorker::Failed(failure), &[]);
             Some(())
         }
-        Err(_) => None,
+        Err(payload) => {
+            // The escaping panic is the last one the hook saw, unless the job replaced the hook:
+            // then the payload is all there is.
+            let report = hooked.unwrap_or_else(|| PanicReport {
+                message: payload_text(payload.as_ref()),
+                backtrace: None,
+            });
+            reply(&FromWorker::Failed(Failure::Panicked(report)), &[]);
+            None
+        }
     }
 }
 
@@ -316,25 +332,109 @@ fn reply(msg: &FromWorker, fds: &[RawFd]) {
     }
 }
 
-/// Reports a job's panic on the channel before anything else happens, so the message arrives
-/// whether panics unwind (the worker then exits) or abort.
+/// Most bytes of a panic's backtrace sent to the caller; the rest is cut at a line boundary.
+pub(crate) const MAX_BACKTRACE: usize = 32 * 1024;
+
+fn payload_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "Box<dyn Any>".to_string())
+}
+
+/// The frames of a captured backtrace that belong to the job, bounded to [`MAX_BACKTRACE`]
+/// bytes: like Rust's short backtraces, without the panic machinery above the panic and without
+/// the worker's own frames below the job.
+fn bounded_backtrace(trace: &std::backtrace::Backtrace) -> Option<String> {
+    if trace.status() != std::backtrace::BacktraceStatus::Captured {
+        return None;
+    }
+    Some(job_frames(&trace.to_string()))
+}
+
+/// Frames above the panic that are not the job's: this hook, the panic runtime.
+const PANIC_MACHINERY: &[&str] = &[
+    "install_panic_hook",
+    "core::ops::function::Fn",
+    "alloc::boxed::Box<dyn",
+    "std::panicking::",
+    "core::panicking::",
+    "rust_begin_unwind",
+    "__rust_end_short_backtrace",
+    "std::backtrace",
+];
+/// The first frame below the job: where tine's worker called it.
+const WORKER_FRAME: &str = "tine::spawner::job::handle";
+
+/// Cuts a rendered backtrace (`N: symbol` lines, each followed by `at file:line` lines) down to
+/// the job's frames, renumbered from 0, and to [`MAX_BACKTRACE`] bytes.
+fn job_frames(rendered: &str) -> String {
+    let mut frames: Vec<(&str, Vec<&str>)> = Vec::new();
+    for line in rendered.lines() {
+        let trimmed = line.trim_start();
+        match trimmed.split_once(": ") {
+            Some((n, symbol)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+                frames.push((symbol, Vec::new()))
+            }
+            _ => {
+                if let Some((_, lines)) = frames.last_mut() {
+                    lines.push(trimmed);
+                }
+            }
+        }
+    }
+    let first = frames
+        .iter()
+        .position(|(symbol, _)| !PANIC_MACHINERY.iter().any(|m| symbol.contains(m)))
+        .unwrap_or(0);
+    let last = frames
+        .iter()
+        .skip(first)
+        .position(|(symbol, _)| symbol.contains(WORKER_FRAME))
+        .map_or(frames.len(), |i| first + i);
+    let mut text = String::new();
+    for (i, (symbol, lines)) in frames[first..last].iter().enumerate() {
+        let mut frame = format!("{i:>4}: {symbol}\n");
+        for line in lines {
+            frame.push_str(&format!("             {line}\n"));
+        }
+        if text.len() + frame.len() > MAX_BACKTRACE {
+            text.push_str(&format!(
+                "      [{} more frames cut by tine]\n",
+                last - first - i
+            ));
+            break;
+        }
+        text.push_str(&frame);
+    }
+    text
+}
+
+/// On the job's thread, tells the caller of every panic as it happens (`Panicking`), before the
+/// previous hook (which prints it) and before any unwinding or abort: with `panic = "abort"` or a
+/// panic while unwinding, that note is the only word of the panic that gets out. The caller treats
+/// it as final only if the worker then dies of SIGABRT; a panic the job catches itself is no
+/// failure. The note goes out once the previous hook has printed the panic, so a worker is never
+/// killed in the middle of writing its backtrace.
 fn install_panic_hook() {
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        if IN_JOB.with(|f| f.get()) {
-            let payload = info.payload();
-            let text = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "Box<dyn Any>".to_string());
-            let message = match info.location() {
-                Some(loc) => format!("{text} (at {}:{})", loc.file(), loc.line()),
-                None => text,
-            };
-            IN_JOB.with(|f| f.set(false));
-            reply(&FromWorker::Failed(Failure::Panicked(message)), &[]);
+        if !IN_JOB.with(|f| f.get()) {
+            previous(info);
+            return;
         }
+        let text = payload_text(info.payload());
+        let message = match info.location() {
+            Some(loc) => format!("{text} (at {}:{})", loc.file(), loc.line()),
+            None => text,
+        };
+        // `capture` honours RUST_BACKTRACE / RUST_LIB_BACKTRACE: nothing is walked when they are
+        // off.
+        let backtrace = bounded_backtrace(&std::backtrace::Backtrace::capture());
+        let report = PanicReport { message, backtrace };
         previous(info);
+        reply(&FromWorker::Panicking(report.clone()), &[]);
+        LAST_PANIC.with(|p| *p.borrow_mut() = Some(report));
     }));
 }

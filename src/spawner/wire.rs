@@ -14,7 +14,7 @@ use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
 use serde::{Deserialize, Serialize};
 
 /// Version of the wire format; a peer of another version is refused.
-pub(crate) const VERSION: u8 = 1;
+pub(crate) const VERSION: u8 = 2;
 /// Largest body of one packet; larger messages are split (AF_UNIX datagrams are bounded by the
 /// socket send buffer, about 200 KiB by default).
 const MAX_BODY: usize = 64 * 1024;
@@ -38,11 +38,20 @@ pub(crate) enum ToWorker {
     Run(Call),
 }
 
+/// A panic on the job's thread, as the worker's panic hook saw it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct PanicReport {
+    /// The panic message, with its location.
+    pub message: String,
+    /// The backtrace, bounded, when backtraces are enabled (`RUST_BACKTRACE`).
+    pub backtrace: Option<String>,
+}
+
 /// Why a job failed inside a worker that is still able to talk.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum Failure {
-    /// The job panicked; the worker exits after reporting it.
-    Panicked(String),
+    /// A panic escaped the job's `run`; the worker exits after reporting it.
+    Panicked(PanicReport),
     /// The worker could not decode the job.
     Decode(String),
     /// The worker could not encode the job's output.
@@ -58,6 +67,10 @@ pub(crate) enum FromWorker {
     Done(Vec<u8>),
     /// The job did not produce an output.
     Failed(Failure),
+    /// A panic happened on the job's thread. Not an answer: the job may catch it (a `Done` or
+    /// `Failed` follows), or the worker may abort (`panic = "abort"`, a panic while unwinding: the
+    /// channel closes), in which case this is the only word of the panic that gets out.
+    Panicking(PanicReport),
 }
 
 /// Pool (in the user's process) → spawner.
