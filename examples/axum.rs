@@ -6,18 +6,28 @@
 //! curl 127.0.0.1:3000/users/7          # {"id":7,"name":"user-7"}
 //! curl 127.0.0.1:3000/whoami           # {"worker":0,"generation":0,"pid":…}
 //! curl -d 'some text' 127.0.0.1:3000/echo
+//! websocat ws://127.0.0.1:3000/ws      # a WebSocket that echoes messages
 //! ```
 //!
 //! `preload` runs once, in the generation-0 mold: what it builds (here a small table) is shared
 //! copy-on-write by every worker. It is leaked into a `&'static` and read by plain reference: a
 //! cloned `Arc` per request would write its reference count and un-share the page.
+//!
+//! `/ws` is a WebSocket route that ends itself politely when its worker drains (a graceful stop, a
+//! refork, a reload, a recycle): it watches [`tine::Worker::shutdown`] and sends a close frame
+//! `1001 going away`, so the client reconnects to a worker that stays and this one exits at once
+//! rather than holding the drain until `graceful_timeout`.
 
+use std::time::Duration;
+
+use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
-use tine::{App, Context, Handler, Worker};
+use tine::{App, Context, Handler, Shutdown, Worker};
 
 /// Built once before the fork, shared by every worker.
 struct Shared {
@@ -28,12 +38,14 @@ struct AxumApp {
     shared: &'static Shared,
 }
 
-/// Per-worker state handed to the handlers (cheap to clone: a reference and two numbers).
+/// Per-worker state handed to the handlers (cheap to clone: two references and two numbers).
 #[derive(Clone, Copy)]
 struct PerWorker {
     shared: &'static Shared,
     nr: u32,
     generation: u32,
+    /// Leaked once per worker, so that the state stays `Copy` and a request clones no `Arc`.
+    shutdown: &'static Shutdown,
 }
 
 #[derive(Serialize)]
@@ -62,12 +74,14 @@ impl App for AxumApp {
             shared: self.shared,
             nr: worker.nr(),
             generation: worker.generation(),
+            shutdown: Box::leak(Box::new(worker.shutdown())),
         };
         let router = Router::new()
             .route("/", get(|| async { "hello from axum\n" }))
             .route("/users/{id}", get(user))
             .route("/whoami", get(whoami))
             .route("/echo", post(|body: String| async move { body }))
+            .route("/ws", get(websocket))
             .with_state(state);
         Ok(Handler::http(router))
     }
@@ -94,6 +108,50 @@ async fn whoami(State(state): State<PerWorker>) -> Json<WhoAmI> {
         generation: state.generation,
         pid: std::process::id(),
     })
+}
+
+async fn websocket(State(state): State<PerWorker>, upgrade: WebSocketUpgrade) -> Response {
+    upgrade.on_upgrade(move |socket| echo(socket, state.shutdown))
+}
+
+/// Echoes every message until the client closes, or until this worker drains: then it sends a
+/// close frame `1001 going away` and gives the client a moment to answer it.
+async fn echo(mut socket: WebSocket, shutdown: &'static Shutdown) {
+    let draining = shutdown.wait();
+    tokio::pin!(draining);
+    loop {
+        let message = tokio::select! {
+            _ = &mut draining => break,
+            m = socket.recv() => m,
+        };
+        let reply = match message {
+            Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => m,
+            // Pings are answered by axum itself; pongs need nothing.
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            // The client closed (axum answers its close frame) or the connection failed.
+            Some(Ok(Message::Close(_)) | Err(_)) | None => return,
+        };
+        if socket.send(reply).await.is_err() {
+            return;
+        }
+    }
+    let goodbye = CloseFrame {
+        code: close_code::AWAY,
+        reason: "server going away".into(),
+    };
+    if socket.send(Message::Close(Some(goodbye))).await.is_err() {
+        return;
+    }
+    // The closing handshake: wait (briefly: the worker is waiting for this connection) for the
+    // client's close frame, discarding what it sent meanwhile.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(Ok(m)) = socket.recv().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 fn main() -> std::process::ExitCode {

@@ -10,14 +10,23 @@
 //! ```
 //!
 //! Everything else (`ps` titles, `tine ctl`, signals, scaling, limits) is tine's, as for any app.
+//!
+//! When its worker drains (a graceful stop, a refork, a reload, a recycle), a connection still
+//! waiting for its line hears of it through [`tine::Worker::shutdown`]: a line already on its way
+//! gets a moment more ([`DRAIN_GRACE`]), then the client is told `error: server going away` and the
+//! connection closes, so the worker exits at once instead of holding its drain for a silent client
+//! until `graceful_timeout`.
 
 use std::time::Duration;
 
-use tine::{App, Connection, Context, Handler, Worker};
+use tine::{App, Connection, Context, Handler, Shutdown, Worker};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 /// The longest line accepted, newline included; a longer one gets an error line.
 const MAX_LINE: u64 = 64 * 1024;
+/// How long a connection still waits for its line once the worker drains: enough for a line the
+/// client has sent already, far less than a `graceful_timeout`.
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
 
 struct Raas;
 
@@ -30,23 +39,37 @@ impl App for Raas {
         // A client that never finishes its line must not hold the connection for ever: it gets the
         // same patience as an HTTP client sending its request head.
         let patience = worker.config().header_read_timeout;
-        Ok(Handler::stream(move |conn| serve(conn, patience)))
+        let shutdown = worker.shutdown();
+        Ok(Handler::stream(move |conn| {
+            serve(conn, patience, shutdown.clone())
+        }))
     }
 }
 
 /// One request: read a line, answer it reversed, close.
-async fn serve(conn: Connection, patience: Duration) {
+async fn serve(conn: Connection, patience: Duration, shutdown: Shutdown) {
     let mut conn = BufReader::new(conn);
     let mut line = Vec::new();
-    let mut limited = (&mut conn).take(MAX_LINE);
-    let reply = match tokio::time::timeout(patience, limited.read_until(b'\n', &mut line)).await {
-        Err(_) => return, // too slow: close without an answer
-        Ok(Err(_)) => return,
-        Ok(Ok(0)) => return, // closed without sending anything
-        Ok(Ok(_)) if !line.ends_with(b"\n") && line.len() as u64 >= MAX_LINE => {
+    let read = {
+        let mut limited = (&mut conn).take(MAX_LINE);
+        let read = tokio::time::timeout(patience, limited.read_until(b'\n', &mut line));
+        tokio::pin!(read);
+        tokio::select! {
+            biased;
+            r = &mut read => Some(r),
+            // Draining: `None` if the line does not come within the grace.
+            _ = shutdown.wait() => tokio::time::timeout(DRAIN_GRACE, &mut read).await.ok(),
+        }
+    };
+    let reply = match read {
+        None => "error: server going away\n".to_string(),
+        Some(Err(_)) => return, // too slow: close without an answer
+        Some(Ok(Err(_))) => return,
+        Some(Ok(Ok(0))) => return, // closed without sending anything
+        Some(Ok(Ok(_))) if !line.ends_with(b"\n") && line.len() as u64 >= MAX_LINE => {
             format!("error: line longer than {MAX_LINE} bytes\n")
         }
-        Ok(Ok(_)) => match std::str::from_utf8(&line) {
+        Some(Ok(Ok(_))) => match std::str::from_utf8(&line) {
             // A last line without a newline (the client shut down its side) is answered too.
             Ok(text) => format!("{}\n", reverse(text.trim_end_matches(['\n', '\r']))),
             Err(_) => "error: not UTF-8\n".to_string(),

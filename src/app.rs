@@ -70,6 +70,7 @@ pub struct Worker {
     pub(crate) nr: u32,
     pub(crate) generation: u32,
     pub(crate) config: Config,
+    pub(crate) shutdown: Shutdown,
 }
 
 static FORK_SAFE: AtomicBool = AtomicBool::new(true);
@@ -90,6 +91,20 @@ impl Worker {
         &self.config
     }
 
+    /// The signal that this worker has started draining: keep a clone wherever a connection may
+    /// outlive a request (a WebSocket task, a stream handler, a response that streams events).
+    ///
+    /// A worker drains when it stops gracefully (`TERM`, scale down, a limit, a reload's
+    /// roll-over) or is promoted to a mold (refork). It stops accepting, lets its requests finish
+    /// and then waits, up to `graceful_timeout`, for every connection it still has, upgraded ones
+    /// (WebSockets) and stream connections included: the monitor kills it after that. A
+    /// long-lived connection should therefore watch this signal and end itself politely (a
+    /// WebSocket close frame `1001 going away`, a goodbye line), so the client reconnects to a
+    /// worker that stays and this one exits at once. See [`Shutdown`].
+    pub fn shutdown(&self) -> Shutdown {
+        self.shutdown.clone()
+    }
+
     /// Marks this process as no longer safe to fork (for example after starting a thread or
     /// opening a connection that children must not share): it will never be promoted to a mold.
     pub fn mark_not_fork_safe() {
@@ -99,6 +114,67 @@ impl Worker {
     /// Whether this process may still be promoted to a mold.
     pub fn is_fork_safe() -> bool {
         FORK_SAFE.load(Ordering::Relaxed)
+    }
+}
+
+/// The signal that a worker has started draining, from [`Worker::shutdown`]: cheap to clone (a
+/// reference count), usable from any task of the worker's runtime.
+///
+/// ```no_run
+/// # use tine::{App, Context, Handler, Worker};
+/// # use tokio::io::AsyncWriteExt;
+/// # struct Ticker;
+/// # impl App for Ticker {
+/// #     fn preload(_: &Context) -> anyhow::Result<Self> { Ok(Ticker) }
+/// fn boot(&self, worker: &Worker) -> anyhow::Result<Handler> {
+///     let shutdown = worker.shutdown();
+///     Ok(Handler::stream(move |mut conn| {
+///         let shutdown = shutdown.clone();
+///         async move {
+///             let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+///             loop {
+///                 tokio::select! {
+///                     _ = shutdown.wait() => {
+///                         // Told before the connection is cut: say goodbye and end it.
+///                         let _ = conn.write_all(b"bye: server going away\n").await;
+///                         return;
+///                     }
+///                     _ = tick.tick() => {
+///                         if conn.write_all(b"tick\n").await.is_err() {
+///                             return;
+///                         }
+///                     }
+///                 }
+///             }
+///         }
+///     }))
+/// }
+/// # }
+/// ```
+///
+/// `examples/axum.rs` does the same for a WebSocket route (a close frame `1001 going away`).
+/// Nothing of this costs a request anything: an app that never asks for the signal pays nothing.
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown {
+    token: tokio_util::sync::CancellationToken,
+}
+
+impl Shutdown {
+    /// Whether the worker has started draining.
+    pub fn is_draining(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// Completes when the worker starts draining (at once if it has). Owns what it needs, so it
+    /// can be moved into a spawned task or polled in a `select!` loop; making one costs a
+    /// reference count, not an allocation.
+    pub fn wait(&self) -> impl Future<Output = ()> + Send + Sync + 'static {
+        self.token.clone().cancelled_owned()
+    }
+
+    /// Starts the drain: every waiter wakes.
+    pub(crate) fn begin(&self) {
+        self.token.cancel();
     }
 }
 

@@ -86,7 +86,7 @@ pub mod spawner;
 pub mod sys;
 mod worker;
 
-pub use app::{App, Connection, Context, Handler, Worker};
+pub use app::{App, Connection, Context, Handler, Shutdown, Worker};
 pub use cli::run;
 pub use config::Config;
 pub use monitor::MonitorError;

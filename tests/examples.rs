@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use common::websocket;
 use common::*;
 use nix::sys::signal::Signal;
 
@@ -198,4 +199,221 @@ fn axum_router_under_tine() {
     );
     server.signal(Signal::SIGTERM);
     assert_eq!(server.exit_code_within(Duration::from_secs(10)), 0);
+}
+
+/// The worker's `in_flight` and `requests` in `ctl status` (one worker).
+fn lone_worker_counts(server: &Server) -> (u64, u64) {
+    let status = server.status();
+    let workers: Vec<_> = status["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .filter(|p| p["role"] == "worker")
+        .map(|p| {
+            (
+                p["in_flight"].as_u64().unwrap_or(u64::MAX),
+                p["requests"].as_u64().unwrap_or(u64::MAX),
+            )
+        })
+        .collect();
+    assert_eq!(workers.len(), 1, "{status}");
+    workers[0]
+}
+
+/// Waits until the lone worker's (in_flight, requests) are `want`; panics with the last seen.
+fn wait_counts(server: &Server, want: (u64, u64), why: &str) {
+    let mut last = (0, 0);
+    let found = poll_until(Duration::from_secs(5), || {
+        last = lone_worker_counts(server);
+        (last == want).then_some(())
+    });
+    assert!(
+        found.is_some(),
+        "{why}: (in_flight, requests) is {last:?}, not {want:?}; log:\n{}",
+        server.log.text()
+    );
+}
+
+/// Reads until the server closes; an error that means "closed" counts as the end.
+fn read_until_closed(s: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let r = s.read_to_end(&mut out);
+    assert!(
+        r.is_ok() || r.as_ref().is_err_and(is_closed_error),
+        "closed by the server, not timed out: {r:?} after {out:?}"
+    );
+    String::from_utf8(out).expect("UTF-8 answer")
+}
+
+/// A stream handler that watches `Worker::shutdown` lets its worker drain at once: on TERM, a
+/// client half-way through its line still gets its answer, a client that sent nothing is told
+/// the server is going away, and the tree exits long before graceful_timeout (before, the
+/// silent client held the worker until the monitor killed it at graceful_timeout).
+#[test]
+fn raas_tells_waiting_clients_and_exits_on_a_graceful_stop() {
+    let mut server = Launch::example("raas")
+        .args(["--workers", "1", "--header-read-timeout", "60"])
+        .args(["--graceful-timeout", "30"])
+        .start();
+    server.wait_workers(1, READY_TIMEOUT);
+    let addr = server.tcp_addr();
+    let connect = || {
+        let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT).expect("connect");
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        s
+    };
+    let mut silent = connect();
+    let mut halfway = connect();
+    halfway.write_all(b"hel").unwrap();
+    wait_counts(&server, (2, 0), "both connections are in the handler");
+    let started = Instant::now();
+    server.signal(Signal::SIGTERM);
+    halfway.write_all(b"lo\n").unwrap();
+    assert_eq!(
+        read_until_closed(&mut halfway),
+        "olleh\n",
+        "a line that was on its way is answered"
+    );
+    assert_eq!(
+        read_until_closed(&mut silent),
+        "error: server going away\n",
+        "a client that sent nothing is told, then closed"
+    );
+    assert_eq!(server.exit_code_within(Duration::from_secs(10)), 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        server.log.count("still alive after graceful_timeout"),
+        0,
+        "{}",
+        server.log.text()
+    );
+}
+
+/// A stream handler that panics ends its own connection, nothing more: the panic is logged, the
+/// worker's in-flight count goes back to zero (it was stuck at one), the worker goes on serving
+/// and still stops gracefully.
+#[test]
+fn stream_handler_panic_ends_its_connection_only() {
+    let mut server = Launch::example("stream_panic")
+        .args(["--workers", "1"])
+        .start();
+    server.wait_workers(1, READY_TIMEOUT);
+    let addr = server.tcp_addr();
+    let send = |line: &[u8]| {
+        let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT).expect("connect");
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        s.write_all(line).unwrap();
+        read_until_closed(&mut s)
+    };
+    assert_eq!(
+        send(b"panic\n"),
+        "",
+        "the panicking handler's connection is closed"
+    );
+    server
+        .log
+        .wait_for_log("stream handler panicked", IO_TIMEOUT);
+    wait_counts(&server, (0, 1), "the panicked connection has ended");
+    assert_eq!(send(b"hi\n"), "ok\n", "the worker goes on serving");
+    wait_counts(&server, (0, 2), "both connections have ended");
+    let pids = server.wait_workers(1, READY_TIMEOUT);
+    server.signal(Signal::SIGTERM);
+    assert_eq!(server.exit_code_within(Duration::from_secs(10)), 0);
+    assert!(gone(pids[0]));
+}
+
+/// Opens `/ws` of the axum example and checks it echoes.
+fn axum_websocket(server: &Server) -> websocket::WebSocket {
+    let mut ws = websocket::WebSocket::connect(server.tcp_addr(), "/ws", IO_TIMEOUT);
+    assert_eq!(ws.round_trip("hello ✓", IO_TIMEOUT), "hello ✓");
+    ws
+}
+
+/// Asserts that the server ended `ws` with a close frame `1001 going away` (before, the
+/// connection was cut without one when the worker's runtime went).
+fn assert_going_away(ws: &mut websocket::WebSocket, server: &Server) {
+    let ending = ws.until_end(Duration::from_secs(10));
+    assert_eq!(
+        ending.code(),
+        Some(1001),
+        "a close frame 1001 (going away) before the end: {ending:?}; log:\n{}",
+        server.log.text()
+    );
+}
+
+/// A WebSocket open when the server stops gracefully is told `1001 going away`, and the worker,
+/// which waits for it, exits at once after (not killed at graceful_timeout).
+#[test]
+fn axum_websocket_is_told_going_away_on_a_graceful_stop() {
+    let mut server = Launch::example("axum")
+        .args(["--workers", "1", "--graceful-timeout", "30"])
+        .start();
+    let worker = server.wait_workers(1, READY_TIMEOUT)[0];
+    let mut ws = axum_websocket(&server);
+    let started = Instant::now();
+    server.signal(Signal::SIGTERM);
+    assert_going_away(&mut ws, &server);
+    assert_eq!(server.exit_code_within(Duration::from_secs(10)), 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(gone(worker));
+    assert_eq!(
+        server.log.count("still alive after graceful_timeout"),
+        0,
+        "{}",
+        server.log.text()
+    );
+}
+
+/// A WebSocket open on the worker that a refork promotes is told `1001 going away`; the
+/// promotion waits for it and completes at once after: the worker becomes the gen:1 mold and a
+/// gen:1 worker serves WebSockets.
+#[test]
+fn axum_websocket_is_told_going_away_on_a_refork() {
+    let server = Launch::example("axum")
+        .args(["--workers", "1", "--graceful-timeout", "30"])
+        .start();
+    let worker = server.wait_workers(1, READY_TIMEOUT)[0];
+    let mut ws = axum_websocket(&server);
+    let started = Instant::now();
+    server.signal(Signal::SIGUSR2);
+    assert_going_away(&mut ws, &server);
+    // The promoted worker is the gen:1 mold, and one gen:1 worker serves.
+    let mut last = serde_json::Value::Null;
+    let settled = poll_until(Duration::from_secs(15), || {
+        last = server.status();
+        let procs: Vec<_> = last["processes"]
+            .as_array()?
+            .iter()
+            .filter(|p| p["role"] != "monitor")
+            .cloned()
+            .collect();
+        let mold = procs.iter().find(|p| p["role"] == "mold")?;
+        let workers: Vec<_> = procs.iter().filter(|p| p["role"] == "worker").collect();
+        (procs.len() == 2
+            && mold["pid"].as_i64() == Some(worker.into())
+            && mold["generation"] == 1
+            && workers.len() == 1
+            && workers[0]["generation"] == 1
+            && workers[0]["state"] == "ready")
+            .then_some(())
+    });
+    assert!(
+        settled.is_some(),
+        "worker {worker} promoted to the gen:1 mold: {last}; log:\n{}",
+        server.log.text()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(axum_websocket(&server));
 }

@@ -492,6 +492,7 @@ impl Builder {
             let io = Counted {
                 inner: io,
                 shared: life.shared.clone(),
+                _open: life._open.clone(),
             };
             if let (true, Some(http2)) = (sniffed, &self.http2) {
                 let conn = http2.serve_connection(TokioIo::new(io), service);
@@ -571,6 +572,11 @@ impl Drop for Busy {
 struct Counted<I> {
     inner: I,
     shared: Arc<Shared>,
+    /// An upgraded connection (a WebSocket) outlives its connection task: hyper hands this socket
+    /// to the app. Holding the drain tracker's sender here keeps it counted as open until the app
+    /// drops it, so a drain waits for it (the app hears of the drain through `Worker::shutdown`)
+    /// instead of cutting it when the runtime goes.
+    _open: mpsc::Sender<()>,
 }
 
 impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<I> {
@@ -703,7 +709,11 @@ fn request_service(
                 }
             };
             drop(guard);
-            if http1 && DRAINING.load(Ordering::Relaxed) {
+            // Not on a `101 Switching Protocols`: its `Connection: upgrade` must stay.
+            if http1
+                && DRAINING.load(Ordering::Relaxed)
+                && response.status() != http::StatusCode::SWITCHING_PROTOCOLS
+            {
                 response.headers_mut().insert(
                     http::header::CONNECTION,
                     http::HeaderValue::from_static("close"),

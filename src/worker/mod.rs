@@ -97,6 +97,7 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
         nr,
         generation,
         config: config.clone(),
+        shutdown: crate::app::Shutdown::default(),
     };
     let handler = match app.boot(&worker) {
         Ok(h) => h,
@@ -130,6 +131,7 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
         config.clone(),
         slot_writer,
         channel,
+        worker.shutdown(),
     ));
     let Some(channel) = channel else {
         return Outcome::Exit(0);
@@ -158,6 +160,7 @@ async fn serve(
     config: Arc<Config>,
     slot: SlotWriter<'static>,
     channel: Channel,
+    shutdown: crate::app::Shutdown,
 ) -> (Stop, Option<Channel>) {
     let channel = match crate::sys::fd::register_async(channel) {
         Ok(c) => c,
@@ -218,6 +221,9 @@ async fn serve(
     // Before the accept loops and connections hear of the stop: a response written from now on
     // says `Connection: close` (see http::DRAINING).
     http::DRAINING.store(true, std::sync::atomic::Ordering::Relaxed);
+    // The app's long-lived connections (WebSockets, stream handlers) hear of it too: the drain
+    // waits for them (up to graceful_timeout), so they should end themselves politely now.
+    shutdown.begin();
     let _ = stop_tx.send(stop);
     // Each accept loop stops accepting, then drains its connections.
     for handle in accept_loops {

@@ -22,6 +22,8 @@
 
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod websocket;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::fmt;
