@@ -314,7 +314,7 @@ options! {
     sched_batch: bool,
     /// Permission bits of unix listening sockets, octal [default: 660]
     unix_mode: String,
-    /// Seconds a graceful stop waits for in-flight requests before SIGKILL [default: 30]
+    /// Seconds a graceful stop waits for in-flight requests and connections (WebSockets, streams) before SIGKILL [default: 30]
     graceful_timeout: Seconds,
     /// Seconds a client may take to send the request head (slowloris guard) [default: 10]
     header_read_timeout: Seconds,

@@ -39,7 +39,10 @@
 //! task's slice instead of preempting it, which batches requests when cores are oversubscribed.
 //! It counts requests and refreshes a heartbeat in its scoreboard slot; the monitor reads those
 //! for hang detection, `max_requests`, memory and CPU limits. A graceful stop drains: no more
-//! accepts, kept-alive connections answer their next request with `Connection: close`.
+//! accepts, kept-alive connections answer their next request with `Connection: close`. Upgraded
+//! connections (WebSockets) and stream connections count as in flight until the app drops them;
+//! the app learns that the drain began from [`Worker::shutdown`] and ends them politely (a close
+//! frame `1001 going away`), or the monitor kills the worker at `graceful_timeout`.
 //!
 //! **Reforking.** Once a worker is warm (`refork_after`, `SIGUSR2`, `tine ctl refork`) it is
 //! promoted: a replacement starts first, then the worker drains, drops its runtime, runs

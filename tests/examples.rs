@@ -314,10 +314,10 @@ fn stream_handler_panic_ends_its_connection_only() {
         "",
         "the panicking handler's connection is closed"
     );
+    wait_counts(&server, (0, 1), "the panicked connection has ended");
     server
         .log
         .wait_for_log("stream handler panicked", IO_TIMEOUT);
-    wait_counts(&server, (0, 1), "the panicked connection has ended");
     assert_eq!(send(b"hi\n"), "ok\n", "the worker goes on serving");
     wait_counts(&server, (0, 2), "both connections have ended");
     let pids = server.wait_workers(1, READY_TIMEOUT);
@@ -333,20 +333,43 @@ fn axum_websocket(server: &Server) -> websocket::WebSocket {
     ws
 }
 
-/// Asserts that the server ended `ws` with a close frame `1001 going away` (before, the
-/// connection was cut without one when the worker's runtime went).
-fn assert_going_away(ws: &mut websocket::WebSocket, server: &Server) {
-    let ending = ws.until_end(Duration::from_secs(10));
+/// How long a client takes to answer the server's close frame in these tests: the drain must
+/// wait for it (the example's handler gives it 2 s).
+const SLOW_CLOSE_REPLY: Duration = Duration::from_secs(1);
+
+/// Asserts that the server ends `ws` with a close frame `1001 going away` (before, the connection
+/// was cut without one when the worker's runtime went), that the drain waits for the closing
+/// handshake while the client takes its time to answer (`still_draining` stays true meanwhile),
+/// and that the connection then ends cleanly.
+fn assert_going_away(
+    ws: &mut websocket::WebSocket,
+    server: &Server,
+    still_draining: impl Fn() -> bool,
+) {
+    let close = ws.until_close(Duration::from_secs(10));
     assert_eq!(
-        ending.code(),
+        close.code(),
         Some(1001),
-        "a close frame 1001 (going away) before the end: {ending:?}; log:\n{}",
+        "a close frame 1001 (going away) before the end: {close:?}; log:\n{}",
         server.log.text()
+    );
+    // A slow client: the upgraded connection is still in flight, so the drain is not over. (A
+    // bounded watch for something that must not happen, not a wait.)
+    let ended_early = poll_until(SLOW_CLOSE_REPLY, || (!still_draining()).then_some(()));
+    assert!(
+        ended_early.is_none(),
+        "the drain ended before the WebSocket's closing handshake; log:\n{}",
+        server.log.text()
+    );
+    let end = ws.until_end(Duration::from_secs(10));
+    assert_eq!(
+        end.then, None,
+        "a clean end after the closing handshake: {end:?}"
     );
 }
 
-/// A WebSocket open when the server stops gracefully is told `1001 going away`, and the worker,
-/// which waits for it, exits at once after (not killed at graceful_timeout).
+/// A WebSocket open when the server stops gracefully is told `1001 going away`; the worker waits
+/// for its closing handshake and exits at once after (not killed at graceful_timeout).
 #[test]
 fn axum_websocket_is_told_going_away_on_a_graceful_stop() {
     let mut server = Launch::example("axum")
@@ -356,7 +379,7 @@ fn axum_websocket_is_told_going_away_on_a_graceful_stop() {
     let mut ws = axum_websocket(&server);
     let started = Instant::now();
     server.signal(Signal::SIGTERM);
-    assert_going_away(&mut ws, &server);
+    assert_going_away(&mut ws, &server, || !gone(worker));
     assert_eq!(server.exit_code_within(Duration::from_secs(10)), 0);
     assert!(
         started.elapsed() < Duration::from_secs(10),
@@ -373,8 +396,8 @@ fn axum_websocket_is_told_going_away_on_a_graceful_stop() {
 }
 
 /// A WebSocket open on the worker that a refork promotes is told `1001 going away`; the
-/// promotion waits for it and completes at once after: the worker becomes the gen:1 mold and a
-/// gen:1 worker serves WebSockets.
+/// promotion waits for its closing handshake and completes at once after: the worker becomes the
+/// gen:1 mold and a gen:1 worker serves WebSockets.
 #[test]
 fn axum_websocket_is_told_going_away_on_a_refork() {
     let server = Launch::example("axum")
@@ -384,7 +407,9 @@ fn axum_websocket_is_told_going_away_on_a_refork() {
     let mut ws = axum_websocket(&server);
     let started = Instant::now();
     server.signal(Signal::SIGUSR2);
-    assert_going_away(&mut ws, &server);
+    assert_going_away(&mut ws, &server, || {
+        title(worker).is_some_and(|t| t.starts_with("tine worker["))
+    });
     // The promoted worker is the gen:1 mold, and one gen:1 worker serves.
     let mut last = serde_json::Value::Null;
     let settled = poll_until(Duration::from_secs(15), || {

@@ -76,9 +76,19 @@ impl WebSocket {
         }
     }
 
-    /// Reads until the connection ends (the closing handshake is answered as a client must),
-    /// at most `timeout`; panics if it is still open then.
+    /// Reads until the server's close frame, at most `timeout`, without answering it yet (a
+    /// client's close reply goes out with its next read); panics if none came by then.
+    pub fn until_close(&mut self, timeout: Duration) -> Ending {
+        self.read(timeout, true)
+    }
+
+    /// Reads until the connection ends (answering a close frame as a client must), at most
+    /// `timeout`; panics if it is still open then.
     pub fn until_end(&mut self, timeout: Duration) -> Ending {
+        self.read(timeout, false)
+    }
+
+    fn read(&mut self, timeout: Duration, stop_at_close: bool) -> Ending {
         let stream = &mut self.stream;
         let ended = self.runtime.block_on(async {
             tokio::time::timeout(timeout, async {
@@ -89,8 +99,12 @@ impl WebSocket {
                 };
                 loop {
                     match stream.next().await {
-                        // tungstenite queues the client's close reply, sent by the next poll.
-                        Some(Ok(Message::Close(frame))) => ending.close = frame,
+                        Some(Ok(Message::Close(frame))) => {
+                            ending.close = frame;
+                            if stop_at_close {
+                                return ending;
+                            }
+                        }
                         Some(Ok(m)) => ending.messages.push(m),
                         Some(Err(e)) => {
                             ending.then = Some(e.to_string());
@@ -102,6 +116,8 @@ impl WebSocket {
             })
             .await
         });
-        ended.unwrap_or_else(|_| panic!("the WebSocket connection is still open after {timeout:?}"))
+        ended.unwrap_or_else(|_| {
+            panic!("no close frame nor end of the WebSocket connection within {timeout:?}")
+        })
     }
 }
