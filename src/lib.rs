@@ -79,6 +79,8 @@ mod child;
 pub mod cli;
 pub mod config;
 mod control;
+#[cfg(doctest)]
+mod doc_examples;
 pub mod ipc;
 pub mod listener;
 mod log;
