@@ -277,7 +277,8 @@ options! {
     listen: Vec<ListenAddr>,
     /// Number of worker processes [default: one per CPU]
     workers: usize,
-    /// Upper bound on workers; sizes the scoreboard [default: 64]
+    /// Upper bound on workers; sizes the scoreboard; must fit under RLIMIT_NOFILE (about two
+    /// descriptors per child in the monitor) [default: 64]
     max_workers: usize,
     /// Built-in reference app to serve: hello, static or cache-demo [default: hello]
     app: String,
@@ -328,7 +329,7 @@ options! {
     /// Add an `x-tine-worker: PID` header to every response (for tests) [default: false]
     #[arg(num_args = 0..=1, default_missing_value = "true")]
     debug_headers: bool,
-    /// Enable the reference app's debug routes (/sleep/MS, /spin, /leak/KB, /crash) [default: false]
+    /// Enable the reference app's debug routes (/sleep/MS, /stream/MS, /spin, /leak/KB, /crash, /subprocess/SECS) [default: false]
     #[arg(num_args = 0..=1, default_missing_value = "true")]
     debug_routes: bool,
     /// Consecutive failed spawns before the monitor gives up and exits [default: 10]

@@ -19,13 +19,75 @@ use crate::sys::meminfo;
 /// Longest command line accepted.
 const MAX_COMMAND: usize = 1024;
 /// Clients kept at once while they send their command.
-const MAX_CLIENTS: usize = 32;
+pub(crate) const MAX_CLIENTS: usize = 32;
 
 /// The listening control socket and its connected clients.
 pub(crate) struct ControlServer {
     listener: UnixListener,
     path: PathBuf,
     clients: Vec<Client>,
+    backoff: AcceptBackoff,
+}
+
+/// What to do after a failed `accept`.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum AcceptError {
+    /// Nothing is pending.
+    Empty,
+    /// That one connection failed (aborted by its client, interrupted): accept the next.
+    Skip,
+    /// A resource is short (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`): accepting is paused.
+    Paused,
+}
+
+/// Pauses accepting on a listener after an error that retrying at once would only repeat. The
+/// connection stays queued, so the listener stays readable: polling it again right away would
+/// spin the single-threaded monitor at 100% CPU. The pause doubles with every failure in a row,
+/// from 10 ms to 1 s; the listener is left out of the poll set meanwhile.
+#[derive(Debug, Default)]
+pub(crate) struct AcceptBackoff {
+    failures: u32,
+    until: Option<Instant>,
+}
+
+impl AcceptBackoff {
+    /// Whether accepting is paused now.
+    pub(crate) fn is_paused(&self) -> bool {
+        self.until.is_some_and(|u| Instant::now() < u)
+    }
+
+    /// When the pause ends, if one is on.
+    pub(crate) fn resumes_at(&self) -> Option<Instant> {
+        self.until.filter(|u| Instant::now() < *u)
+    }
+
+    /// An accept succeeded: no pause.
+    pub(crate) fn succeeded(&mut self) {
+        self.failures = 0;
+        self.until = None;
+    }
+
+    /// Classifies a failed accept on `what` and pauses if a resource is short.
+    pub(crate) fn failed(&mut self, what: &str, e: &io::Error) -> AcceptError {
+        if e.kind() == io::ErrorKind::WouldBlock {
+            return AcceptError::Empty;
+        }
+        if matches!(
+            e.raw_os_error(),
+            Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO | libc::EPERM)
+        ) {
+            return AcceptError::Skip;
+        }
+        self.failures = self.failures.saturating_add(1);
+        let pause = Duration::from_millis(10 << self.failures.min(7)).min(Duration::from_secs(1));
+        self.until = Some(Instant::now() + pause);
+        if self.failures == 1 {
+            tracing::warn!(error = %e, "{what}: accept failed; pausing accepts (retried with backoff up to 1 s)");
+        } else {
+            tracing::debug!(error = %e, failures = self.failures, "{what}: accept failed again");
+        }
+        AcceptError::Paused
+    }
 }
 
 struct Client {
@@ -58,6 +120,7 @@ impl ControlServer {
             listener,
             path: path.to_owned(),
             clients: Vec::new(),
+            backoff: AcceptBackoff::default(),
         })
     }
 
@@ -69,6 +132,7 @@ impl ControlServer {
             listener,
             path: path.to_owned(),
             clients: Vec::new(),
+            backoff: AcceptBackoff::default(),
         })
     }
 
@@ -85,9 +149,34 @@ impl ControlServer {
         self.clients.iter().map(|c| c.stream.as_fd())
     }
 
-    /// Accepts pending clients; refuses those of another user (root is always allowed).
+    /// The listener to poll for new clients; `None` while accepting is paused after an error.
+    pub(crate) fn accept_fd(&self) -> Option<BorrowedFd<'_>> {
+        (!self.backoff.is_paused()).then(|| self.listener.as_fd())
+    }
+
+    /// When a paused accept resumes (the poll loop wakes for it).
+    pub(crate) fn accept_resumes_at(&self) -> Option<Instant> {
+        self.backoff.resumes_at()
+    }
+
+    /// Accepts pending clients, at most [`MAX_CLIENTS`] per call (the rest on the next turn of the
+    /// loop); refuses those of another user (root is always allowed). After an accept error that
+    /// would repeat (out of descriptors), pauses accepting instead of spinning.
     pub(crate) fn accept(&mut self) {
-        while let Ok((stream, _)) = self.listener.accept() {
+        // Clients that said nothing in time free their descriptors first.
+        self.clients
+            .retain(|c| c.since.elapsed() < Duration::from_secs(10));
+        for _ in 0..MAX_CLIENTS {
+            let stream = match self.listener.accept() {
+                Ok((stream, _)) => {
+                    self.backoff.succeeded();
+                    stream
+                }
+                Err(e) => match self.backoff.failed("control socket", &e) {
+                    AcceptError::Skip => continue,
+                    AcceptError::Empty | AcceptError::Paused => return,
+                },
+            };
             // The socket's mode is only the first fence (a chmod or a shared directory opens it):
             // the peer's credentials, from the kernel, decide.
             let cred = getsockopt(&stream, PeerCredentials).ok();
@@ -103,8 +192,6 @@ impl ControlServer {
                 continue;
             }
             if stream.set_nonblocking(true).is_ok() {
-                self.clients
-                    .retain(|c| c.since.elapsed() < Duration::from_secs(10));
                 // Full of clients that say nothing: the oldest makes room, so a real `ctl` call
                 // always gets through.
                 if self.clients.len() >= MAX_CLIENTS {

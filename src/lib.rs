@@ -12,14 +12,19 @@
 //!  └─ tine worker[1] (gen:0)         an older generation, being rolled over
 //! ```
 //!
-//! **Monitor** ([`run`] → `monitor`). Parses the config ([`config`]), binds the listeners
+//! **Monitor** ([`run`] → `monitor`). Stands on firm ground first: signal dispositions a
+//! launcher left (an ignored `SIGCHLD`) are reset, `RLIMIT_NOFILE` is raised to its hard limit
+//! (a `max_workers` that cannot fit is refused), descriptors inherited across an `execve` get
+//! `FD_CLOEXEC` back. Parses the config ([`config`]), binds the listeners
 //! ([`listener`]), creates the scoreboard (a sealed memfd, [`ipc::scoreboard`]) and the control
 //! socket, becomes a child subreaper, blocks its signals and reads them from a signalfd, and forks
 //! the generation-0 mold. Then it loops on one `poll` over the signalfd, one channel per child, the
 //! control socket and a timer. Each wake-up ends in `reconcile`, which compares the table of
 //! children with the target (a mold, N workers) and acts; a tick checks limits and hangs; the
 //! control socket (`tine ctl`) and an optional Prometheus endpoint are served by the same loop. It never
-//! starts a thread: before every fork the thread count is checked ([`sys::process::fork`]).
+//! starts a thread: before every fork the thread count is checked ([`sys::process::fork`]; no
+//! fork if it cannot be read). Logging never ends or blocks it (a line that cannot be written is
+//! dropped and counted), and accept errors on its sockets back off instead of spinning.
 //!
 //! **Mold** (`mold`). Generation 0 is forked by the monitor and runs [`App::preload`] — the
 //! expensive start-up every worker shares copy-on-write. On `SpawnWorker` it forks twice: the

@@ -87,6 +87,8 @@ impl Listener {
     /// Wraps an inherited listening socket (systemd socket activation, or a re-exec handover),
     /// telling TCP from unix by its address family.
     pub fn from_inherited(fd: std::os::fd::OwnedFd) -> io::Result<Listener> {
+        // It came across an execve, so without FD_CLOEXEC: a worker's subprocess must not get it.
+        crate::sys::io::set_cloexec(fd.as_raw_fd())?;
         let socket = Socket::from(fd);
         let local = socket.local_addr()?;
         if let Some(addr) = local.as_socket() {

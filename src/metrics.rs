@@ -20,7 +20,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use crate::control::{child_state, process_rows, ProcessRow};
+use crate::control::{child_state, process_rows, AcceptBackoff, AcceptError, ProcessRow};
 use crate::ipc::scoreboard::Scoreboard;
 use crate::listener::Listener;
 use crate::monitor::{Kind, Monitor};
@@ -29,7 +29,7 @@ use crate::sys::meminfo::{self, Memory};
 /// Largest request head accepted (request line and headers).
 const MAX_HEAD: usize = 8 * 1024;
 /// Clients kept at once; a new one beyond this evicts the oldest.
-const MAX_CLIENTS: usize = 16;
+pub(crate) const MAX_CLIENTS: usize = 16;
 /// Time a client has to send its head and read the response.
 const CLIENT_DEADLINE: Duration = Duration::from_secs(5);
 /// How long a process's memory figures are reused.
@@ -44,6 +44,7 @@ pub(crate) struct MetricsServer {
     /// Highest total of requests reported: the counter never goes back, even while a promoted
     /// worker's count moves from its slot to the scoreboard header.
     requests_high_water: u64,
+    backoff: AcceptBackoff,
 }
 
 struct Client {
@@ -90,6 +91,7 @@ impl MetricsServer {
             next_id: 0,
             memory: HashMap::new(),
             requests_high_water: 0,
+            backoff: AcceptBackoff::default(),
         })
     }
 
@@ -101,6 +103,16 @@ impl MetricsServer {
     /// The listening descriptor, to poll for readability (and to hand over).
     pub(crate) fn listener_fd(&self) -> BorrowedFd<'_> {
         self.listener.as_fd()
+    }
+
+    /// The listener to poll for new clients; `None` while accepting is paused after an error.
+    pub(crate) fn accept_fd(&self) -> Option<BorrowedFd<'_>> {
+        (!self.backoff.is_paused()).then(|| self.listener.as_fd())
+    }
+
+    /// When a paused accept resumes (the poll loop wakes for it).
+    pub(crate) fn accept_resumes_at(&self) -> Option<Instant> {
+        self.backoff.resumes_at()
     }
 
     /// Each client's id, descriptor and the events to poll it for.
@@ -117,13 +129,15 @@ impl MetricsServer {
         self.clients.retain(|c| c.since.elapsed() < CLIENT_DEADLINE);
         for _ in 0..MAX_CLIENTS {
             let stream = match self.listener.accept() {
-                Ok((stream, _)) => stream,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    // EMFILE, ECONNABORTED...: try again on the next wake-up, never spin here.
-                    tracing::debug!(error = %e, "metrics: accept failed");
-                    return;
+                Ok((stream, _)) => {
+                    self.backoff.succeeded();
+                    stream
                 }
+                // EMFILE and the like pause accepting: retrying at once would spin the monitor.
+                Err(e) => match self.backoff.failed("metrics", &e) {
+                    AcceptError::Skip => continue,
+                    AcceptError::Empty | AcceptError::Paused => return,
+                },
             };
             if stream.set_nonblocking(true).is_err() {
                 continue;

@@ -2,8 +2,8 @@
 //! `--root`) and `cache-demo` (lazily warmed blocks that make reforking's memory effect visible).
 //!
 //! Debug hooks of `hello`, active only with `--debug-routes` (tests use them to make real
-//! failures): the routes `/sleep/MS`, `/stream/MS` (a body that pauses), `/spin` (blocks the worker's thread forever), `/leak/KB`
-//! and `/crash` (aborts); and the environment variable `TINE_DEBUG_BOOT_SLEEP_MS`, which makes
+//! failures): the routes `/sleep/MS`, `/stream/MS` (a body that pauses), `/spin` (blocks the worker's thread forever), `/leak/KB`,
+//! `/crash` (aborts) and `/subprocess/SECS` (starts `sleep SECS`, answers its pid); and the environment variable `TINE_DEBUG_BOOT_SLEEP_MS`, which makes
 //! every worker's `boot` block that long before it reports ready (a worker that never gets
 //! ready, for `spawn_timeout`).
 
@@ -154,6 +154,11 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     r
 }
 
+/// A 200 with a computed body.
+fn text_owned(body: String) -> Response<Body> {
+    Response::new(full(Bytes::from(body)))
+}
+
 /// What `hello` answers: at once, or after a wait (the debug route `/sleep/MS` only).
 type HelloFuture = futures_util::future::Either<
     std::future::Ready<Result<Response<Body>, Infallible>>,
@@ -201,6 +206,18 @@ fn hello(req: &Request, debug: bool) -> HelloFuture {
         now(text(StatusCode::OK, "leaked\n"))
     } else if path == "/crash" {
         std::process::abort();
+    } else if let Some(secs) = arg("/subprocess/") {
+        // A subprocess as apps start them (std's Command): what it inherits is what leaks.
+        match std::process::Command::new("sleep")
+            .arg(secs.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+        {
+            Ok(child) => now(text_owned(format!("{}\n", child.id()))),
+            Err(e) => now(text_owned(format!("cannot run sleep: {e}\n"))),
+        }
     } else {
         now(text(StatusCode::NOT_FOUND, "not found\n"))
     }

@@ -3,10 +3,15 @@
 
 mod common;
 
-use std::path::Path;
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
 
-use common::faults::{status_json, wait_generation, CloseAfterLine};
+use common::faults::{
+    cpu_time, open_fds, open_files_limit, status_json, wait_generation, CloseAfterLine,
+};
 use common::*;
 use nix::sys::signal::Signal;
 
@@ -81,4 +86,298 @@ fn the_tree_keeps_serving_and_obeys_signals_with_log_file_dev_full() {
     let metrics = Addr::Tcp(format!("127.0.0.1:{metrics_port}").parse().unwrap());
     let dropped = metric(&metrics, "tine_log_lines_dropped_total").unwrap_or(0);
     assert!(dropped > 0, "tine_log_lines_dropped_total is {dropped}");
+}
+
+/// Whether signal `sig` is in the hexadecimal signal mask `mask` (`SigIgn:` of /proc/PID/status).
+fn in_mask(mask: &str, sig: Signal) -> bool {
+    u64::from_str_radix(mask.trim(), 16).is_ok_and(|m| m & (1 << (sig as i32 - 1)) != 0)
+}
+
+#[test]
+fn a_worker_death_is_reaped_and_replaced_when_the_launcher_ignored_sigchld() {
+    // A launcher that ignores SIGCHLD and blocks SIGALRM (both survive an exec): GNU env does it.
+    let launcher = ["--ignore-signal=CHLD", "--block-signal=ALRM"];
+    let probe = Command::new("env")
+        .args(launcher)
+        .args(["grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"])
+        .output()
+        .expect("run env");
+    let probe = String::from_utf8_lossy(&probe.stdout).to_string();
+    let field = |name: &str| {
+        probe
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(
+        in_mask(&field("SigIgn:"), Signal::SIGCHLD) && in_mask(&field("SigBlk:"), Signal::SIGALRM),
+        "env did not ignore SIGCHLD and block SIGALRM: {probe}"
+    );
+
+    let server = Launch::program(PathBuf::from("env"))
+        .subcommand(None)
+        .args(launcher)
+        .arg(tine_bin())
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0", "--control-socket", "ctl.sock"])
+        .args(["--workers", "2"])
+        .start();
+    let ignored = status_field(server.pid, "SigIgn").unwrap_or_default();
+    assert!(
+        !in_mask(&ignored, Signal::SIGCHLD) && in_mask(&ignored, Signal::SIGPIPE),
+        "the monitor's ignored signals are {ignored}: SIGCHLD must not be, SIGPIPE must be"
+    );
+    let blocked = status_field(server.pid, "SigBlk").unwrap_or_default();
+    assert!(
+        !in_mask(&blocked, Signal::SIGALRM),
+        "the monitor still blocks SIGALRM: SigBlk {blocked}"
+    );
+    let before = server.wait_workers(2, READY_TIMEOUT);
+    signal(before[0], Signal::SIGKILL);
+    let replaced = poll_until(Duration::from_secs(20), || {
+        let now = server.workers();
+        let serving = now.len() == 2
+            && now
+                .iter()
+                .all(|(_, pid, state)| *pid != before[0] && (state == "ready" || state == "busy"));
+        serving.then_some(now)
+    });
+    assert!(
+        replaced.is_some(),
+        "worker 0 (pid {}) was not reaped and replaced: {:?}",
+        before[0],
+        server.workers()
+    );
+    server.log.wait_for_log("died", Duration::from_secs(5));
+}
+
+/// Starts `sleep` from a worker (`GET addr /subprocess/60`) and returns the socket inodes it
+/// holds; the sleep is killed before returning.
+fn subprocess_sockets(server: &Server, addr: &Addr) -> Vec<u64> {
+    let pid: i32 = get(addr, "/subprocess/60")
+        .expect("GET /subprocess/60")
+        .text()
+        .trim()
+        .parse()
+        .expect("the pid of the subprocess");
+    server.remember(pid);
+    let held = socket_inodes(pid);
+    signal(pid, Signal::SIGKILL);
+    held
+}
+
+/// The sockets among `watched` that a worker's subprocess holds.
+fn sockets_leaked_to_a_subprocess(server: &Server, watched: &[u64]) -> Vec<u64> {
+    let held = subprocess_sockets(server, &server.addr());
+    held.into_iter().filter(|i| watched.contains(i)).collect()
+}
+
+#[test]
+fn a_workers_subprocess_holds_no_listening_socket_after_a_reload() {
+    let server = Launch::tine()
+        .args(["--workers", "1", "--debug-routes"])
+        .start();
+    let listener = tcp_socket_inode(server.tcp_addr(), "0.0.0.0:0".parse().unwrap())
+        .expect("the listener's inode");
+    let g0 = wait_generation(&server.control_socket, 1, None, READY_TIMEOUT)
+        .unwrap_or_else(|s| panic!("not ready: {s}"));
+    // The monitor's own sockets too (control socket, channels): none may leak.
+    let mut watched = socket_inodes(server.pid);
+    watched.push(listener);
+    assert_eq!(
+        sockets_leaked_to_a_subprocess(&server, &watched),
+        Vec::<u64>::new()
+    );
+    // After a reload, the listeners and the rest came across an execve.
+    server.signal(Signal::SIGHUP);
+    wait_generation(&server.control_socket, 1, Some(g0), ROLLOUT)
+        .unwrap_or_else(|s| panic!("the reload made no new generation: {s}"));
+    let mut watched = socket_inodes(server.pid);
+    watched.push(listener);
+    let leaked = sockets_leaked_to_a_subprocess(&server, &watched);
+    assert!(
+        leaked.is_empty(),
+        "a worker's subprocess holds the monitor's sockets {leaked:?} (listener {listener})"
+    );
+}
+
+/// This process's hard `RLIMIT_NOFILE`.
+fn hard_nofile() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .expect("getrlimit")
+        .1
+}
+
+#[test]
+fn a_max_workers_that_cannot_fit_under_rlimit_nofile_is_refused_with_exit_2() {
+    for sub in ["serve", "check"] {
+        let out = Launch::program(PathBuf::from("prlimit"))
+            .subcommand(None)
+            .args(["--nofile=64:64", "--"])
+            .arg(tine_bin())
+            .arg(sub)
+            .args(["--listen", "127.0.0.1:0", "--control-socket", "ctl.sock"])
+            .args(["--workers", "1", "--max-workers", "100"])
+            .run(Duration::from_secs(20));
+        let stderr = out.stderr_text();
+        assert_eq!(out.code(), Some(2), "{sub}: {stderr}");
+        assert!(
+            stderr.contains("`max_workers`") && stderr.contains("RLIMIT_NOFILE"),
+            "{sub}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn the_monitor_raises_its_descriptor_limit_to_the_hard_limit() {
+    let hard = hard_nofile().min(8192);
+    assert!(hard > 512, "this test needs a hard RLIMIT_NOFILE above 512");
+    let server = Launch::program(PathBuf::from("prlimit"))
+        .subcommand(None)
+        .arg(format!("--nofile=256:{hard}"))
+        .arg("--")
+        .arg(tine_bin())
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0", "--control-socket", "ctl.sock"])
+        .args(["--workers", "1"])
+        .start();
+    let worker = server.wait_workers(1, READY_TIMEOUT)[0];
+    assert_eq!(open_files_limit(server.pid), Some((hard, hard)), "monitor");
+    assert_eq!(open_files_limit(worker), Some((hard, hard)), "worker");
+}
+
+#[test]
+fn out_of_descriptors_the_monitor_backs_off_accepting_and_recovers() {
+    let metrics_port = free_port();
+    let server = Launch::tine()
+        .args(["--workers", "1"])
+        .arg("--metrics-listen")
+        .arg(format!("127.0.0.1:{metrics_port}"))
+        .start();
+    let metrics: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
+    server.wait_workers(1, READY_TIMEOUT);
+    let pid = server.pid.to_string();
+    let (soft, hard) = open_files_limit(server.pid).expect("limits");
+    // Room for two more descriptors only.
+    let tight = open_fds(server.pid) + 2;
+    let set_limit = |soft: u64| {
+        let ok = Command::new("prlimit")
+            .args(["--pid", &pid])
+            .arg(format!("--nofile={soft}:{hard}"))
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "prlimit --pid {pid} --nofile={soft}:{hard}");
+    };
+    set_limit(tight as u64);
+    // Clients that connect and say nothing: the first two are accepted, then every accept of
+    // both listeners fails with EMFILE while connections stay queued.
+    let mut idle: Vec<Box<dyn std::any::Any>> = Vec::new();
+    for _ in 0..20 {
+        idle.push(Box::new(
+            UnixStream::connect(&server.control_socket).expect("connect to the control socket"),
+        ));
+        idle.push(Box::new(
+            std::net::TcpStream::connect(metrics).expect("connect to the metrics port"),
+        ));
+    }
+    let fds_full = poll_until(Duration::from_secs(5), || {
+        (open_fds(server.pid) >= tight).then_some(())
+    });
+    assert!(
+        fds_full.is_some(),
+        "the monitor did not take the idle clients"
+    );
+    // A window of measurement, not a wait for an event: CPU used over two seconds.
+    let (cpu0, t0) = (cpu_time(server.pid).expect("cpu"), Instant::now());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_time(server.pid).expect("cpu") - cpu0;
+    let share = used.as_secs_f64() / t0.elapsed().as_secs_f64();
+    eprintln!(
+        "monitor CPU while out of descriptors: {:.1}%",
+        share * 100.0
+    );
+    assert!(
+        share < 0.1,
+        "the monitor used {:.0}% of a CPU while out of descriptors",
+        share * 100.0
+    );
+    // Recovery: the clients go, the limit comes back, control and metrics answer again.
+    drop(idle);
+    set_limit(soft);
+    let status = poll_until(Duration::from_secs(10), || server.ctl(&["status"]).ok());
+    assert!(
+        status.is_some(),
+        "ctl status does not answer after recovery"
+    );
+    let answered = poll_until(Duration::from_secs(10), || {
+        get(&Addr::Tcp(metrics), "/metrics")
+            .ok()
+            .filter(|r| r.status == 200)
+    });
+    assert!(
+        answered.is_some(),
+        "GET /metrics does not answer after recovery"
+    );
+    assert!(!gone(server.pid));
+}
+
+#[test]
+fn no_fork_when_the_thread_count_cannot_be_read() {
+    // An empty file system over /proc, in a user and mount namespace of the test's own.
+    let userns = Command::new("unshare")
+        .args(["-rm", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !userns {
+        eprintln!("SKIPPED: unprivileged user namespaces are not available here (unshare -rm)");
+        return;
+    }
+    let out = Launch::program(PathBuf::from("unshare"))
+        .subcommand(None)
+        .args([
+            "-rm",
+            "/bin/sh",
+            "-c",
+            "mount -t tmpfs none /proc && exec \"$0\" serve \"$@\"",
+        ])
+        .arg(tine_bin())
+        .args(["--listen", "127.0.0.1:0", "--control-socket", "ctl.sock"])
+        .args(["--workers", "1", "--max-consecutive-spawn-errors", "2"])
+        .run(Duration::from_secs(30));
+    let stderr = out.stderr_text();
+    assert_eq!(out.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("refusing to fork: cannot count"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("forked mold"), "{stderr}");
+}
+
+#[test]
+fn a_workers_subprocess_holds_no_socket_activated_listener() {
+    let tool = ["/usr/bin", "/bin", "/lib/systemd", "/usr/lib/systemd"]
+        .iter()
+        .map(|d| Path::new(d).join("systemd-socket-activate"))
+        .find(|p| p.is_file())
+        .expect("systemd-socket-activate is not installed (Debian package `systemd`)");
+    let port = free_port();
+    let server = Launch::program(tool)
+        .subcommand(None)
+        .args(["-l", &format!("127.0.0.1:{port}")])
+        .arg(tine_bin())
+        .args(["serve", "--workers", "1", "--debug-routes"])
+        .args(["--control-socket", "ctl.sock"])
+        .spawn();
+    server
+        .log
+        .wait_for_log(&format!("Listening on 127.0.0.1:{port}"), READY_TIMEOUT);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let listener = tcp_socket_inode(addr, "0.0.0.0:0".parse().unwrap()).expect("listener inode");
+    // The first connection makes systemd-socket-activate exec the tree, which answers it.
+    let held = subprocess_sockets(&server, &Addr::Tcp(addr));
+    assert!(
+        !held.contains(&listener),
+        "a worker's subprocess holds the socket-activated listener {listener}: {held:?}"
+    );
 }

@@ -164,6 +164,10 @@ pub fn run<A: App>() -> ExitCode {
             if let Err(e) = A::check(&config) {
                 return fail(format!("{e:#}"));
             }
+            let limit = crate::monitor::nofile_hard_limit();
+            if let Err(e) = crate::monitor::check_descriptor_budget(&config, limit) {
+                return fail(e);
+            }
             print_stdout(&format!(
                 "configuration ok (handover version {})\n",
                 crate::monitor::HANDOVER_VERSION

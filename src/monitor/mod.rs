@@ -33,6 +33,7 @@ use crate::listener::Listener;
 pub(crate) use children::{Child, Kind, Phase};
 pub(crate) use reload::HANDOVER_VERSION;
 pub use start::run;
+pub(crate) use start::{check_descriptor_budget, nofile_hard_limit};
 
 /// Why the monitor could not start or had to give up.
 #[derive(Debug, thiserror::Error)]
@@ -175,8 +176,10 @@ impl Monitor {
             }
         }
         if let Some(control) = &self.control {
-            sources.push(Source::Control);
-            fds.push(PollFd::new(control.listener_fd(), PollFlags::POLLIN));
+            if let Some(fd) = control.accept_fd() {
+                sources.push(Source::Control);
+                fds.push(PollFd::new(fd, PollFlags::POLLIN));
+            }
             for (i, fd) in control.client_fds().enumerate() {
                 sources.push(Source::ControlClient(i));
                 fds.push(PollFd::new(fd, PollFlags::POLLIN));
@@ -187,8 +190,10 @@ impl Monitor {
             fds.push(PollFd::new(w.fd(), PollFlags::POLLIN));
         }
         if let Some(metrics) = &self.metrics {
-            sources.push(Source::Metrics);
-            fds.push(PollFd::new(metrics.listener_fd(), PollFlags::POLLIN));
+            if let Some(fd) = metrics.accept_fd() {
+                sources.push(Source::Metrics);
+                fds.push(PollFd::new(fd, PollFlags::POLLIN));
+            }
             for (id, fd, events) in metrics.client_fds() {
                 sources.push(Source::MetricsClient(id));
                 fds.push(PollFd::new(fd, events));
@@ -220,6 +225,14 @@ impl Monitor {
         }
         if let Some(due) = self.watcher.as_ref().and_then(|w| w.deadline()) {
             t = t.min(due.saturating_duration_since(now));
+        }
+        // A paused accept (out of descriptors) resumes on time.
+        let resumes = [
+            self.control.as_ref().and_then(|c| c.accept_resumes_at()),
+            self.metrics.as_ref().and_then(|m| m.accept_resumes_at()),
+        ];
+        for at in resumes.into_iter().flatten() {
+            t = t.min(at.saturating_duration_since(now));
         }
         if self.reload.is_some() || self.boot_reload.is_some() {
             // Reloads are timed: look at their progress often.
@@ -681,7 +694,9 @@ impl Monitor {
             // A process already killed once that is no longer our child was reaped unnoticed:
             // forget it rather than signal its pid, which may belong to someone else by now.
             let gone = self.children.get(&slot).is_some_and(|c| {
-                c.is_retiring() && c.pid.is_some_and(|p| !own_children().contains(&p))
+                c.is_retiring()
+                    && c.pid
+                        .is_some_and(|p| !crate::sys::process::is_unreaped_child(p))
             });
             if gone {
                 self.children.remove(&slot);
@@ -965,7 +980,10 @@ enum Source {
     MetricsClient(u64),
 }
 
-/// Children of this process, from `/proc/self/task/*/children` (includes adopted orphans).
+/// Children of this process, from `/proc/self/task/*/children`: the only way to find orphans
+/// the monitor adopted as a subreaper (an app's subprocesses), so that a stop ends them too. Best
+/// effort (empty without /proc); whether a known child is still ours is asked of the kernel
+/// directly ([`crate::sys::process::is_unreaped_child`]), never read from here.
 fn own_children() -> Vec<Pid> {
     let mut out = Vec::new();
     if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
 use std::time::Instant;
 
-use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use super::{reload, setup, systemd, watch, Child, Kind, Mode, Monitor, MonitorError};
@@ -24,8 +24,26 @@ use crate::sys::process::{self, Forked};
 /// After a reload's re-exec this same function starts again: it finds the handover left by the
 /// previous image and adopts its sockets, scoreboard and children instead of creating them.
 pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
+    // First, firm ground: the signal state and the descriptor limit are this process's, not
+    // whatever the launcher (or the previous image) left.
+    let mut mask = SigSet::empty();
+    for sig in HANDLED_SIGNALS {
+        mask.add(sig);
+    }
+    process::reset_inherited_signals(&mask).map_err(setup("cannot reset signal dispositions"))?;
     A::check(&config).map_err(|e| MonitorError::Config(format!("{e:#}")))?;
     let handover = reload::take_handover().map_err(MonitorError::Config)?;
+    if let Some(h) = &handover {
+        restore_cloexec(h);
+    }
+    let nofile = raise_nofile_limit();
+    if let Err(e) = check_descriptor_budget(&config, nofile) {
+        if handover.is_none() {
+            return Err(MonitorError::Config(e));
+        }
+        // The tree is serving: refusing now would end it. `tine check` (the preflight) refuses.
+        tracing::error!("{e}");
+    }
     // After a re-exec, children are already serving: a resource the new config adds but cannot
     // get (an address in use, say) must not take the tree down. It is reported to whoever waits
     // for the reload, and what was handed over keeps serving.
@@ -58,12 +76,6 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
             }
         }
     };
-    let mut mask = SigSet::empty();
-    for sig in HANDLED_SIGNALS {
-        mask.add(sig);
-    }
-    nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)
-        .map_err(|e| setup("cannot block signals")(e.into()))?;
     let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .map_err(|e| setup("cannot create the signalfd")(e.into()))?;
     process::set_child_subreaper().map_err(setup("cannot become a subreaper"))?;
@@ -257,6 +269,84 @@ fn same_listener(bound: &ListenAddr, wanted: &ListenAddr) -> bool {
         (ListenAddr::Tcp(b), ListenAddr::Tcp(w)) if w.port() == 0 => b.ip() == w.ip(),
         _ => bound == wanted,
     }
+}
+
+/// Sets `FD_CLOEXEC` again on every descriptor handed over across the re-exec (they crossed the
+/// `execve` without it): none may leak into a program the tree runs later, such as the next
+/// reload's preflight or a worker's subprocess.
+fn restore_cloexec(h: &reload::Handover) {
+    let fds = h
+        .listeners
+        .iter()
+        .map(|l| l.fd)
+        .chain(h.control.as_ref().map(|(fd, _)| *fd))
+        .chain([h.scoreboard.0])
+        .chain(h.children.iter().filter_map(|c| c.channel))
+        .chain(h.waiters.iter().copied())
+        .chain(h.metrics.map(|(fd, _)| fd));
+    for fd in fds {
+        if let Err(e) = crate::sys::io::set_cloexec(fd) {
+            tracing::warn!(fd, error = %e, "cannot set FD_CLOEXEC on a handed-over descriptor");
+        }
+    }
+}
+
+/// Raises this process's soft `RLIMIT_NOFILE` to the hard limit (children inherit it: workers
+/// hold a descriptor per connection). Returns the limit now in force.
+fn raise_nofile_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return u64::MAX;
+    };
+    if soft >= hard {
+        return soft;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => hard,
+        Err(e) => {
+            tracing::warn!(soft, hard, error = %e, "cannot raise RLIMIT_NOFILE to its hard limit");
+            soft
+        }
+    }
+}
+
+/// Descriptors the monitor may hold with `config`: the standard three, the signalfd, scoreboard,
+/// listeners, the control socket and its clients, the metrics socket and its clients, the watcher,
+/// a reload's memfds and preflight, and per scoreboard slot a child's channel plus the spare end
+/// of the channel being made for the next one.
+pub(crate) fn monitor_descriptors(config: &Config) -> u64 {
+    let slots = config.max_workers + config.refork_max_unavailable + 2;
+    let fixed = 3 + 2 + config.listen.len() + 1 + crate::control::MAX_CLIENTS;
+    let metrics = if config.metrics_listen.is_some() {
+        1 + crate::metrics::MAX_CLIENTS
+    } else {
+        0
+    };
+    let reload_and_watch = 16;
+    (fixed + metrics + reload_and_watch + 2 * slots) as u64
+}
+
+/// Refuses a `max_workers` whose children the monitor could not hold descriptors for under the
+/// descriptor limit `limit` (`RLIMIT_NOFILE`, already raised to its hard limit).
+pub(crate) fn check_descriptor_budget(config: &Config, limit: u64) -> Result<(), String> {
+    let needed = monitor_descriptors(config);
+    if needed <= limit {
+        return Ok(());
+    }
+    Err(format!(
+        "invalid value {} for `max_workers`: the monitor needs about {needed} file descriptors \
+         for it (two per child) but RLIMIT_NOFILE allows {limit}; raise the hard limit \
+         (LimitNOFILE= in the systemd unit, `ulimit -Hn`) or lower `max_workers`",
+        config.max_workers
+    ))
+}
+
+/// The descriptor limit a monitor started now would have (the hard `RLIMIT_NOFILE`), for
+/// `tine check`.
+pub(crate) fn nofile_hard_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(_, hard)| hard)
+        .unwrap_or(u64::MAX)
 }
 
 /// Signals the monitor reads from its signalfd.

@@ -33,7 +33,7 @@ pub fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
 /// Sets `FD_CLOEXEC` on `fd`. A descriptor handed across an `execve` (a reload's re-exec,
 /// systemd's socket activation) arrives without it, and must not leak into the programs the tree
 /// runs later: a worker's subprocess would otherwise hold the listening socket open.
-pub fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
+pub fn set_cloexec(fd: impl AsRawFd) -> io::Result<()> {
     let flags = FdFlag::from_bits_truncate(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFD)?);
     if !flags.contains(FdFlag::FD_CLOEXEC) {
         fcntl(
@@ -45,7 +45,7 @@ pub fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
 }
 
 /// Whether `fd` has `FD_CLOEXEC` set.
-pub fn is_cloexec(fd: BorrowedFd<'_>) -> io::Result<bool> {
+pub fn is_cloexec(fd: impl AsRawFd) -> io::Result<bool> {
     let flags = FdFlag::from_bits_truncate(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFD)?);
     Ok(flags.contains(FdFlag::FD_CLOEXEC))
 }

@@ -16,34 +16,61 @@ pub enum Forked {
     Child,
 }
 
-/// The process has more than one thread, so it must not fork.
+/// Why this process must not fork: it has more than one thread, or its threads cannot be counted.
 #[derive(Debug, thiserror::Error)]
-#[error("refusing to fork: this process has {count} threads ({names}); fork only from a single-threaded process")]
-pub struct NotSingleThreaded {
-    /// How many threads `/proc/self/task` lists.
-    pub count: usize,
-    /// Their names, from `/proc/self/task/*/comm`.
-    pub names: String,
+pub enum NotSingleThreaded {
+    /// `/proc/self/task` lists more than one thread.
+    #[error("refusing to fork: this process has {count} threads ({names}); fork only from a single-threaded process")]
+    Threads {
+        /// How many threads `/proc/self/task` lists.
+        count: usize,
+        /// Their names, from `/proc/self/task/*/comm`.
+        names: String,
+    },
+    /// `/proc/self/task` could not be read: the fork is refused rather than risked blind.
+    #[error("refusing to fork: cannot count this process's threads ({0}); is /proc mounted?")]
+    Unknown(String),
 }
 
-/// Lists the threads of this process as `tid:name` pairs.
-pub fn threads() -> Vec<(u32, String)> {
+/// Where the kernel lists the threads of this process.
+const TASK_DIR: &str = "/proc/self/task";
+
+/// Lists the threads of this process as `tid:name` pairs; fails if `/proc/self/task` cannot be
+/// read (no /proc, or another file system mounted over it).
+pub fn threads() -> io::Result<Vec<(u32, String)>> {
+    threads_in(std::path::Path::new(TASK_DIR))
+}
+
+/// Lists the threads in a `/proc/PID/task`-like directory. Every process has a thread, so an
+/// empty or unparsable listing is an error, never "no other thread".
+fn threads_in(dir: &std::path::Path) -> io::Result<Vec<(u32, String)>> {
     let mut out = Vec::new();
-    if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
-        for entry in dir.flatten() {
-            let tid = entry.file_name().to_string_lossy().parse().unwrap_or(0);
-            let name = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-            out.push((tid, name.trim().to_string()));
-        }
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let tid = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| {
+                io::Error::other(format!("{} lists {:?}", dir.display(), entry.file_name()))
+            })?;
+        let name = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        out.push((tid, name.trim().to_string()));
+    }
+    if out.is_empty() {
+        return Err(io::Error::other(format!(
+            "{} lists no thread",
+            dir.display()
+        )));
     }
     out.sort();
-    out
+    Ok(out)
 }
 
-/// Fails, naming the threads, unless this process has exactly one thread.
-pub fn ensure_single_threaded() -> Result<(), NotSingleThreaded> {
-    let threads = threads();
-    if threads.len() <= 1 {
+/// The decision of [`ensure_single_threaded`] on a listing of threads.
+fn single_threaded(threads: io::Result<Vec<(u32, String)>>) -> Result<(), NotSingleThreaded> {
+    let threads = threads.map_err(|e| NotSingleThreaded::Unknown(format!("{TASK_DIR}: {e}")))?;
+    if threads.len() == 1 {
         return Ok(());
     }
     let names = threads
@@ -51,10 +78,16 @@ pub fn ensure_single_threaded() -> Result<(), NotSingleThreaded> {
         .map(|(tid, name)| format!("{tid} {name:?}"))
         .collect::<Vec<_>>()
         .join(", ");
-    Err(NotSingleThreaded {
+    Err(NotSingleThreaded::Threads {
         count: threads.len(),
         names,
     })
+}
+
+/// Fails, naming the threads, unless this process has exactly one thread. Fails too when the
+/// threads cannot be counted: forking blind could copy a lock held by a thread nobody saw.
+pub fn ensure_single_threaded() -> Result<(), NotSingleThreaded> {
+    single_threaded(threads())
 }
 
 /// Waits up to `patience` for this process to be single-threaded (exited threads can linger in
@@ -62,10 +95,11 @@ pub fn ensure_single_threaded() -> Result<(), NotSingleThreaded> {
 pub fn await_single_threaded(patience: std::time::Duration) -> Result<(), NotSingleThreaded> {
     let until = std::time::Instant::now() + patience;
     while std::time::Instant::now() < until {
-        if threads().len() <= 1 {
-            return Ok(());
+        match threads() {
+            Ok(t) if t.len() == 1 => return Ok(()),
+            Ok(_) => std::thread::sleep(std::time::Duration::from_millis(1)),
+            Err(_) => break,
         }
-        std::thread::sleep(std::time::Duration::from_millis(1));
     }
     ensure_single_threaded()
 }
@@ -201,4 +235,98 @@ pub fn ignore_signal(sig: Signal) -> io::Result<()> {
     // SAFETY: SIG_IGN runs no code in signal context.
     unsafe { signal::signal(sig, SigHandler::SigIgn) }?;
     Ok(())
+}
+
+/// Whether `sig`'s disposition in this process is "ignore".
+fn is_ignored(sig: Signal) -> io::Result<bool> {
+    let mut old = std::mem::MaybeUninit::<libc::sigaction>::zeroed();
+    // SAFETY: a null new action only reads the current one into `old`, a valid, writable,
+    // zero-initialized sigaction that outlives the call; nothing is installed.
+    let rc = unsafe { libc::sigaction(sig as libc::c_int, std::ptr::null(), old.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: sigaction succeeded, so it filled `old` (and it was zero-initialized anyway).
+    let old = unsafe { old.assume_init() };
+    Ok(old.sa_sigaction == libc::SIG_IGN)
+}
+
+/// Undoes what a launcher may have left in this process's signal state (a shell's `trap ''`,
+/// `nohup`, a supervisor that ignores `SIGCHLD`; ignored signals survive `execve`):
+///
+/// - every ignored signal gets its default action back. An ignored `SIGCHLD` in particular makes
+///   the kernel reap children itself, so the monitor would never learn of a death;
+/// - `SIGPIPE` and `SIGXFSZ` are ignored: a write to a closed pipe or past the file size limit is
+///   then an error the writer handles (a log line dropped), not the end of the process;
+/// - the blocked mask becomes exactly `blocked` (the signals read from a signalfd), in one step,
+///   so that none of those that are pending is delivered with its default action meanwhile.
+///
+/// Handlers need no reset: `execve` resets every caught signal to its default.
+pub fn reset_inherited_signals(blocked: &SigSet) -> io::Result<()> {
+    signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(blocked), None)?;
+    for sig in Signal::iterator() {
+        match sig {
+            Signal::SIGKILL | Signal::SIGSTOP => {}
+            Signal::SIGPIPE | Signal::SIGXFSZ => ignore_signal(sig)?,
+            _ => {
+                if is_ignored(sig)? {
+                    // SAFETY: installing SIG_DFL runs no code of ours in signal context.
+                    unsafe { signal::signal(sig, SigHandler::SigDfl) }?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `pid` is a child of this process that has not been reaped yet (running, stopped or a
+/// zombie). Asked with `waitid(WNOWAIT)`, which reaps nothing; `ECHILD` means it is not, or no
+/// longer, our child, so its pid may belong to someone else by now and must not be signalled.
+pub fn is_unreaped_child(pid: Pid) -> bool {
+    use nix::sys::wait::{waitid, Id, WaitPidFlag};
+    let flags = WaitPidFlag::WEXITED
+        | WaitPidFlag::WSTOPPED
+        | WaitPidFlag::WCONTINUED
+        | WaitPidFlag::WNOHANG
+        | WaitPidFlag::WNOWAIT;
+    loop {
+        match waitid(Id::Pid(pid), flags) {
+            Ok(_) => return true,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreadable_task_directory_refuses_the_fork() {
+        let missing = std::path::Path::new("/nonexistent/proc/self/task");
+        let err = single_threaded(threads_in(missing)).unwrap_err();
+        assert!(matches!(err, NotSingleThreaded::Unknown(_)), "{err}");
+        assert!(err.to_string().contains("refusing to fork"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_task_directory_refuses_the_fork() {
+        // What /proc looks like with an empty file system mounted over it.
+        let dir = std::env::temp_dir().join(format!("tine-empty-task-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let decision = single_threaded(threads_in(&dir));
+        let _ = std::fs::remove_dir(&dir);
+        assert!(matches!(decision, Err(NotSingleThreaded::Unknown(_))));
+    }
+
+    #[test]
+    fn one_thread_listed_allows_the_fork_and_two_refuse_it() {
+        assert!(single_threaded(Ok(vec![(7, "tine".into())])).is_ok());
+        let two = single_threaded(Ok(vec![(7, "tine".into()), (8, "tokio".into())]));
+        assert!(matches!(
+            two,
+            Err(NotSingleThreaded::Threads { count: 2, .. })
+        ));
+    }
 }
