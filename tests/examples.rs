@@ -442,3 +442,32 @@ fn axum_websocket_is_told_going_away_on_a_refork() {
     );
     drop(axum_websocket(&server));
 }
+
+/// A WebSocket handshake that reaches a worker already draining (on a connection it had taken but
+/// whose first request came after the drain began) still upgrades, and is told `1001 going away`
+/// at once. Before, the drain's `Connection: close` replaced the 101's `Connection: upgrade` and
+/// the client's handshake failed.
+#[test]
+fn axum_websocket_handshake_during_a_drain_upgrades_then_goes_away() {
+    let mut server = Launch::example("axum")
+        .args(["--workers", "1", "--graceful-timeout", "30"])
+        .start();
+    server.wait_workers(1, READY_TIMEOUT);
+    let mut first = axum_websocket(&server);
+    let late = TcpStream::connect_timeout(&server.tcp_addr(), IO_TIMEOUT).expect("connect");
+    server.signal(Signal::SIGTERM);
+    // The first WebSocket's close frame says the drain has begun; leaving it unanswered for now
+    // keeps the worker draining (the example waits up to 2 s for the reply).
+    assert_eq!(
+        first.until_close(Duration::from_secs(10)).code(),
+        Some(1001)
+    );
+    let mut ws = websocket::WebSocket::handshake(late, "/ws", IO_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", server.log.text()));
+    let ending = ws.until_end(Duration::from_secs(10));
+    assert_eq!(ending.code(), Some(1001), "{ending:?}");
+    assert_eq!(ending.then, None, "{ending:?}");
+    let ending = first.until_end(Duration::from_secs(10));
+    assert_eq!(ending.then, None, "{ending:?}");
+    assert_eq!(server.exit_code_within(Duration::from_secs(10)), 0);
+}

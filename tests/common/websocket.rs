@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::WebSocketStream;
 
 /// How a server ended a WebSocket connection.
 #[derive(Debug)]
@@ -30,7 +30,7 @@ impl Ending {
 /// One WebSocket connection.
 pub struct WebSocket {
     runtime: tokio::runtime::Runtime,
-    stream: WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>,
+    stream: WebSocketStream<tokio::net::TcpStream>,
     /// The upgrade response's `x-tine-worker` header (with `--debug-headers`).
     pub worker: Option<i32>,
 }
@@ -38,26 +38,42 @@ pub struct WebSocket {
 impl WebSocket {
     /// Connects to `ws://addr{path}`; panics if the handshake fails within `timeout`.
     pub fn connect(addr: SocketAddr, path: &str, timeout: Duration) -> WebSocket {
+        let socket = std::net::TcpStream::connect_timeout(&addr, timeout).expect("connect");
+        WebSocket::handshake(socket, path, timeout).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The opening handshake for `path` on a connection opened already; `Err` says why it
+    /// failed (within `timeout`).
+    pub fn handshake(
+        socket: std::net::TcpStream,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<WebSocket, String> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("a runtime for the client");
+        let addr = socket.peer_addr().expect("a connected socket");
         let url = format!("ws://{addr}{path}");
+        socket.set_nonblocking(true).expect("non-blocking");
         let (stream, response) = runtime
             .block_on(async {
-                tokio::time::timeout(timeout, tokio_tungstenite::connect_async(url.as_str())).await
+                let socket = tokio::net::TcpStream::from_std(socket)?;
+                let handshake = tokio_tungstenite::client_async(url.as_str(), socket);
+                Ok::<_, std::io::Error>(tokio::time::timeout(timeout, handshake).await)
             })
-            .unwrap_or_else(|_| panic!("WebSocket handshake with {url}: timed out"))
-            .unwrap_or_else(|e| panic!("WebSocket handshake with {url}: {e}"));
+            .map_err(|e| format!("WebSocket handshake with {url}: {e}"))?
+            .map_err(|_| format!("WebSocket handshake with {url}: timed out"))?
+            .map_err(|e| format!("WebSocket handshake with {url}: {e}"))?;
         let worker = response
             .headers()
             .get("x-tine-worker")
             .and_then(|v| v.to_str().ok()?.parse().ok());
-        WebSocket {
+        Ok(WebSocket {
             runtime,
             stream,
             worker,
-        }
+        })
     }
 
     /// Sends a text message and returns the next message's text; panics on anything else.
