@@ -285,6 +285,10 @@ struct Chaos {
     kills: Vec<Kill>,
     /// Problems seen while the chaos ran (an operator command that failed or was not obeyed).
     problems: Vec<String>,
+    /// The most descriptors the monitor held, and the most zombies under it, at any event (not
+    /// asserted: a child that just died is a zombie until the next poll; reported).
+    peak_fds: usize,
+    peak_zombies: usize,
 }
 
 impl Chaos {
@@ -544,6 +548,8 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
             monitor_died = Some(started.elapsed());
             break;
         }
+        chaos.peak_fds = chaos.peak_fds.max(fd_count(server.pid));
+        chaos.peak_zombies = chaos.peak_zombies.max(zombies(&server).len());
         let kind = pick_kind(&mut rng);
         event(
             &server,
@@ -693,8 +699,10 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
         if converged { String::new() } else { format!("; last: {last_why}") }
     );
     eprintln!(
-        "chaos: monitor fds {fds_before} before, {fds_after:?} after; zombies {zombies_before} before, {:?} after",
-        zombies_after.as_ref().map(|(n, _, _)| *n)
+        "chaos: monitor fds {fds_before} before, {fds_after:?} after (at most {} during the chaos); zombies {zombies_before} before, {:?} after (at most {} during the chaos)",
+        chaos.peak_fds,
+        zombies_after.as_ref().map(|(n, _, _)| *n),
+        chaos.peak_zombies
     );
     for p in &chaos.problems {
         eprintln!("  problem: {p}");
