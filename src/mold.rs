@@ -47,7 +47,15 @@ pub(crate) fn run_generation_zero<A: App>(start: Start<'_>) -> i32 {
             return 4;
         }
     };
+    child::warn_about_app_descriptors(&tine_descriptors(&start), "preload");
     run(&mut app, start)
+}
+
+/// The descriptors tine itself hands to a mold's workers: the listeners and the channel.
+fn tine_descriptors(start: &Start<'_>) -> Vec<std::os::fd::RawFd> {
+    let mut known: Vec<_> = start.listeners.iter().map(Listener::raw_fd).collect();
+    known.push(start.channel.as_raw_fd());
+    known
 }
 
 fn set_identity(start: &Start<'_>) {
@@ -165,7 +173,12 @@ fn spawn_worker<A: App>(
             Ok(Forked::Child) => child::run_child(|| {
                 let mut keep: Vec<_> = start.listeners.iter().map(Listener::raw_fd).collect();
                 keep.push(channel.as_raw_fd());
-                child::after_fork(start.monitor, &keep, start.config.run_as);
+                child::after_fork(
+                    start.monitor,
+                    &keep,
+                    start.config.run_as,
+                    child::ForkedBy::Mold,
+                );
                 let outcome = worker::run(
                     app,
                     worker::Start {
@@ -236,5 +249,6 @@ fn become_mold<A: App>(
         listeners: parent.listeners,
         config: parent.config,
     };
+    child::warn_about_app_descriptors(&tine_descriptors(&start), "the promoted worker");
     run(app, start)
 }

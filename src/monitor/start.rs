@@ -389,7 +389,7 @@ fn fork_mold<A: App>(m: &mut Monitor, generation: u32) -> std::io::Result<()> {
         Forked::Child => child::run_child(|| {
             let mut keep: Vec<_> = m.listeners.iter().map(Listener::raw_fd).collect();
             keep.push(theirs.as_raw_fd());
-            child::after_fork(m.pid, &keep, m.config.run_as);
+            child::after_fork(m.pid, &keep, m.config.run_as, child::ForkedBy::Monitor);
             mold::run_generation_zero::<A>(mold::Start {
                 monitor: m.pid,
                 generation,

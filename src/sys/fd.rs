@@ -24,3 +24,80 @@ where
     // AsyncFd, so the descriptor cannot be closed while it is registered.
     unsafe { tokio::io::unix::AsyncFd::register(inner) }.map_err(|e| e.into_parts().1)
 }
+
+/// The descriptors open in this process, ascending (read from `/proc/self/fd`; the directory's own
+/// descriptor, closed once read, is left out).
+pub fn open_fds() -> std::io::Result<Vec<RawFd>> {
+    let listed: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let mut open: Vec<RawFd> = listed.into_iter().filter(|fd| is_open(*fd)).collect();
+    open.sort_unstable();
+    Ok(open)
+}
+
+/// Whether `fd` is an open descriptor of this process.
+pub fn is_open(fd: RawFd) -> bool {
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_ok()
+}
+
+/// What `/proc/self/fd/N` names: a path, `socket:[inode]`, `pipe:[inode]`, `anon_inode:[eventfd]`.
+pub fn describe(fd: RawFd) -> String {
+    std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .map(|target| target.to_string_lossy().into_owned())
+        .unwrap_or_else(|e| format!("unreadable: {e}"))
+}
+
+/// Whether `fd` is a stream socket of the local (`AF_UNIX`) domain: one end of a socket pair such
+/// as a runtime's signal self-pipe.
+pub fn is_unix_stream_socket(fd: RawFd) -> bool {
+    if !is_open(fd) {
+        return false;
+    }
+    // SAFETY: `fd` is open (checked just above) and only borrowed for the two getsockopt calls
+    // below, during which this single-threaded child closes nothing.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let socket = socket2::SockRef::from(&borrowed);
+    matches!(
+        (socket.domain(), socket.r#type()),
+        (Ok(domain), Ok(ty)) if domain == socket2::Domain::UNIX && ty == socket2::Type::STREAM
+    )
+}
+
+/// Replaces the socket pair at `(a, b)` with a fresh one at the same numbers, with the same
+/// descriptor and status flags (`FD_CLOEXEC`, `O_NONBLOCK`).
+///
+/// A forked child shares its parent's socket pair: a byte one process writes (a signal handler's
+/// wake-up) can be read by another. Renewed, the pair is this process's alone, and every value that
+/// holds the numbers (a runtime's statics) keeps working unchanged. Both ends of a `socketpair` are
+/// alike, so which number gets which end does not matter.
+pub fn renew_socket_pair(a: RawFd, b: RawFd) -> std::io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    use std::os::fd::AsRawFd;
+    if !is_unix_stream_socket(a) || !is_unix_stream_socket(b) {
+        return Err(std::io::Error::other(format!(
+            "descriptors {a} and {b} are not a unix stream socket pair any more"
+        )));
+    }
+    let (x, y) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?;
+    for (fresh, old) in [(x, a), (y, b)] {
+        let status = OFlag::from_bits_truncate(fcntl(old, FcntlArg::F_GETFL)?);
+        let fd_flags = FdFlag::from_bits_truncate(fcntl(old, FcntlArg::F_GETFD)?);
+        fcntl(fresh.as_raw_fd(), FcntlArg::F_SETFL(status))?;
+        let cloexec = if fd_flags.contains(FdFlag::FD_CLOEXEC) {
+            OFlag::O_CLOEXEC
+        } else {
+            OFlag::empty()
+        };
+        // dup3 closes the old pair's end at `old` and puts the fresh end there in one step; `fresh`
+        // itself is closed when it goes out of scope.
+        nix::unistd::dup3(fresh.as_raw_fd(), old, cloexec)?;
+    }
+    Ok(())
+}

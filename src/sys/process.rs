@@ -230,6 +230,12 @@ pub fn reset_signals() -> io::Result<()> {
     Ok(())
 }
 
+/// Unblocks every signal, leaving their actions as they are.
+pub fn unblock_signals() -> io::Result<()> {
+    signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
+    Ok(())
+}
+
 /// Ignores `signal` in this process (e.g. SIGPIPE in workers).
 pub fn ignore_signal(sig: Signal) -> io::Result<()> {
     // SAFETY: SIG_IGN runs no code in signal context.
