@@ -42,12 +42,14 @@ struct PerWorker {
 
 impl App for TokioFullApp {
     fn preload(_ctx: &Context) -> anyhow::Result<Self> {
-        // A current-thread runtime: preload must not leave a thread behind (the mold forks).
+        // A current-thread runtime: dropping it joins the blocking pool's threads (tokio::fs), and
+        // the mold forks only once no thread is left.
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         let summary = runtime.block_on(async {
             let status = tokio::process::Command::new("true").status().await?;
+            let _hostname = tokio::fs::read_to_string("/proc/sys/kernel/hostname").await?;
             let (tx, rx) = tokio::sync::oneshot::channel();
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(1)).await;

@@ -33,13 +33,15 @@
 //! passes one end through the mold with `SCM_RIGHTS` ([`ipc::channel`], [`ipc::message`]:
 //! versioned, one message per packet; a malformed packet gets the child replaced, never a panic).
 //!
-//! **Worker** (`worker`). Every child runs the same after-fork sequence first: own process group,
-//! close inherited fds, reset signals, parent-death signal, check the parent is the monitor. A
-//! worker registers on its channel, runs [`App::boot`], builds a tokio runtime (current-thread by
-//! default) and serves HTTP/1.1 and HTTP/2 with hyper, or hands connections to a stream handler.
-//! A new connection wakes one idle worker (`EPOLLEXCLUSIVE` on the runtime's registration of the
-//! listener, [`sys::epoll`]); one task per listener accepts, and sweeps its connections for the
-//! head and idle deadlines, so a request arms no timer; its bookkeeping is its scoreboard slot.
+//! **Worker** (`worker`). Every child runs the same after-fork sequence first (`child`): own
+//! process group, close inherited fds (but the runtime's process-wide ones, which the
+//! generation-0 mold learns before `preload`; a worker gets its own copy of tokio's signal
+//! self-pipe), reset signals (a worker keeps its mold's: the app's), parent-death signal, check
+//! the parent is the monitor. A worker registers on its channel, runs [`App::boot`], builds a
+//! tokio runtime (current-thread by default) and serves HTTP/1.1 and HTTP/2 with hyper, or hands
+//! connections to a stream handler. A new connection wakes one idle worker (`EPOLLEXCLUSIVE` on
+//! the runtime's registration of the listener, [`sys::epoll`]); one task per listener accepts,
+//! and sweeps its connections for the head and idle deadlines, so a request arms no timer; its bookkeeping is its scoreboard slot.
 //! Workers run under `SCHED_BATCH` (`sched_batch`): woken on a busy CPU, they wait for the running
 //! task's slice instead of preempting it, which batches requests when cores are oversubscribed.
 //! It counts requests and refreshes a heartbeat in its scoreboard slot; the monitor reads those
