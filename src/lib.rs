@@ -41,8 +41,8 @@
 //! tokio runtime (current-thread by default) and serves HTTP/1.1 and HTTP/2 with hyper, or hands
 //! connections to a stream handler. A new connection wakes one idle worker (`EPOLLEXCLUSIVE` on
 //! the runtime's registration of the listener, [`sys::epoll`]); one task per listener accepts,
-//! and sweeps its connections for the head and idle deadlines, so a request arms no timer; its bookkeeping is its scoreboard slot.
-//! Workers run under `SCHED_BATCH` (`sched_batch`): woken on a busy CPU, they wait for the running
+//! and sweeps its connections for the head and idle deadlines, so a request arms no timer; its
+//! bookkeeping is its scoreboard slot. Workers run under `SCHED_BATCH` (`sched_batch`): woken on a busy CPU, they wait for the running
 //! task's slice instead of preempting it, which batches requests when cores are oversubscribed.
 //! It counts requests and refreshes a heartbeat in its scoreboard slot; the monitor reads those
 //! for hang detection, `max_requests`, memory and CPU limits. A graceful stop drains: no more
