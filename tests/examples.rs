@@ -471,3 +471,34 @@ fn axum_websocket_handshake_during_a_drain_upgrades_then_goes_away() {
     assert_eq!(ending.then, None, "{ending:?}");
     assert_eq!(server.exit_code_within(Duration::from_secs(10)), 0);
 }
+
+/// A reload (HUP) rolls every worker over: a WebSocket open on an old worker is told
+/// `1001 going away`, the old worker waits for its closing handshake and exits, and a worker of
+/// the reloaded tree serves WebSockets.
+#[test]
+fn axum_websocket_is_told_going_away_on_a_reload() {
+    let server = Launch::example("axum")
+        .args(["--workers", "1", "--graceful-timeout", "30"])
+        .start();
+    let worker = server.wait_workers(1, READY_TIMEOUT)[0];
+    let mut ws = axum_websocket(&server);
+    server.signal(Signal::SIGHUP);
+    assert_going_away(&mut ws, &server, || !gone(worker));
+    let mut last = Vec::new();
+    let replaced = poll_until(Duration::from_secs(15), || {
+        last = server.workers();
+        (last.len() == 1 && last[0].1 != worker && last[0].2 == "ready").then_some(())
+    });
+    assert!(
+        replaced.is_some() && gone(worker),
+        "worker {worker} replaced: {last:?}; log:\n{}",
+        server.log.text()
+    );
+    drop(axum_websocket(&server));
+    assert_eq!(
+        server.log.count("still alive after graceful_timeout"),
+        0,
+        "{}",
+        server.log.text()
+    );
+}
