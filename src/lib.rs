@@ -45,11 +45,14 @@
 //! bookkeeping is its scoreboard slot. Workers run under `SCHED_BATCH` (`sched_batch`): woken on a busy CPU, they wait for the running
 //! task's slice instead of preempting it, which batches requests when cores are oversubscribed.
 //! It counts requests and refreshes a heartbeat in its scoreboard slot; the monitor reads those
-//! for hang detection, `max_requests`, memory and CPU limits. A graceful stop drains: no more
-//! accepts, kept-alive connections answer their next request with `Connection: close`. Upgraded
-//! connections (WebSockets) and stream connections count as in flight until the app drops them;
-//! the app learns that the drain began from [`Worker::shutdown`] and ends them politely (a close
-//! frame `1001 going away`), or the monitor kills the worker at `graceful_timeout`.
+//! for hang detection, `max_requests`, memory and CPU limits. A graceful stop drains, losing no
+//! request of a client that never retries: the worker stops accepting but serves what is queued,
+//! a kept-alive connection is kept until its next request (or the idle deadline) and that request
+//! is answered with `Connection: close` (HTTP/2: `GOAWAY`), closes are lingering, and a stop of the
+//! whole tree closes the listening sockets so that no connection is left queued (docs/SIGNALS.md).
+//! Upgraded connections (WebSockets) and stream connections count as in flight until the app drops
+//! them; the app learns that the drain began from [`Worker::shutdown`] and ends them politely (a
+//! close frame `1001 going away`), or the monitor kills the worker at `graceful_timeout`.
 //!
 //! **Reforking.** Once a worker is warm (`refork_after`, `SIGUSR2`, `tine ctl refork`) it is
 //! promoted: a replacement starts first, then the worker drains, drops its runtime, runs

@@ -113,6 +113,23 @@ impl Listener {
         }
     }
 
+    /// Stops listening in this process: the descriptor is pointed at `/dev/null` (close-on-exec),
+    /// which drops this process's reference to the socket. The descriptor number stays valid and
+    /// owned by the listener, closed as usual when it drops.
+    ///
+    /// For a stop of the whole tree: once every process has done this (or exited), the kernel
+    /// refuses new connections instead of queuing them where nobody will accept them, to be
+    /// reset at exit with their requests already written.
+    pub(crate) fn close_in_place(&self) -> io::Result<()> {
+        let null = std::fs::File::open("/dev/null")?;
+        nix::unistd::dup3(
+            null.as_raw_fd(),
+            self.as_fd().as_raw_fd(),
+            nix::fcntl::OFlag::O_CLOEXEC,
+        )?;
+        Ok(())
+    }
+
     /// Removes the socket file of a unix listener (on exit).
     pub fn cleanup(&self) {
         if let Listener::Unix(_, ListenAddr::Unix(path)) = self {

@@ -136,32 +136,214 @@ fn start(workers: usize, extra: &[&str]) -> Server {
         .start()
 }
 
-// ---------------------------------------------------------------------------------------------
-// Refork
+/// Waits until the log shows `n` workers that exited after being recycled for `reason` (a prefix
+/// of the logged reason, e.g. `max_requests`), each with exit code 0 (a graceful stop).
+fn wait_recycled(server: &Server, reason: &str, n: usize) {
+    let pattern = format!("reason={reason}");
+    let exited = |l: &String| l.contains("worker exited") && l.contains(&pattern);
+    poll_until(EVENT_TIMEOUT, || {
+        (server.log.lines().iter().filter(|l| exited(l)).count() >= n).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "not {n} workers recycled for {reason} within {EVENT_TIMEOUT:?}; log:\n{}",
+            server.log.text()
+        )
+    });
+    for line in server.log.lines().iter().filter(|l| exited(l)) {
+        assert!(
+            line.contains("how=exit code 0"),
+            "not a graceful exit: {line}"
+        );
+    }
+}
 
+/// One test per connection count: `mod NAME { c16, c256 }`.
+macro_rules! at_16_and_256 {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn c16() {
+                super::$name(16);
+            }
+            #[test]
+            fn c256() {
+                super::$name(256);
+            }
+        }
+    )*};
+}
+
+at_16_and_256!(
+    refork,
+    reload,
+    scale_down_ttou,
+    scale_down_ctl,
+    recycle_max_requests,
+    recycle_memory,
+    recycle_cpu,
+    recycle_lifetime,
+    graceful_stop,
+);
+
+/// USR2, three times: each time a worker is promoted to the next generation's mold and every
+/// worker is rolled over.
 fn refork(connections: usize) {
     let server = start(3, &[]);
-    let before = wait_settled(&server, 3, |_| true);
+    let mut before = wait_settled(&server, 3, |_| true);
     let report = across(&server, connections, || {
-        server.signal(Signal::SIGUSR2);
-        let after = wait_settled(&server, 3, |s| s.generation == before.generation + 1);
-        assert!(after.workers.iter().all(|w| !before.workers.contains(w)));
+        for _ in 0..3 {
+            server.signal(Signal::SIGUSR2);
+            let after = wait_settled(&server, 3, |s| s.generation == before.generation + 1);
+            assert!(after.workers.iter().all(|w| !before.workers.contains(w)));
+            before = after;
+        }
     });
     assert_lossless(
         &report,
-        &format!("USR2 refork, {connections} connections"),
+        &format!("3 × USR2 refork, {connections} connections"),
         &server,
     );
 }
 
-#[test]
-#[ignore = "loses requests until the drain keeps idle kept-alive connections (issue 10)"]
-fn refork_loses_nothing_16() {
-    refork(16);
+/// HUP, twice: each time the monitor re-executes itself, a new mold is preloaded and every
+/// worker is replaced.
+fn reload(connections: usize) {
+    let server = start(3, &[]);
+    let mut before = wait_settled(&server, 3, |_| true);
+    let report = across(&server, connections, || {
+        for _ in 0..2 {
+            let mark = server.log.mark();
+            server.signal(Signal::SIGHUP);
+            server
+                .log
+                .wait_for_log_since(mark, "reload complete", EVENT_TIMEOUT);
+            let after = wait_settled(&server, 3, |s| {
+                s.workers.iter().all(|w| !before.workers.contains(w))
+            });
+            for pid in &before.workers {
+                poll_until(EVENT_TIMEOUT, || common::gone(*pid).then_some(()))
+                    .unwrap_or_else(|| panic!("old worker {pid} still there after the reload"));
+            }
+            before = after;
+        }
+    });
+    assert_lossless(
+        &report,
+        &format!("2 × HUP reload, {connections} connections"),
+        &server,
+    );
 }
 
-#[test]
-#[ignore = "loses requests until the drain keeps idle kept-alive connections (issue 10)"]
-fn refork_loses_nothing_256() {
-    refork(256);
+/// TTOU, three times: from 4 workers to 1, one at a time.
+fn scale_down_ttou(connections: usize) {
+    let server = start(4, &[]);
+    wait_settled(&server, 4, |_| true);
+    let report = across(&server, connections, || {
+        for n in (1..4).rev() {
+            server.signal(Signal::SIGTTOU);
+            wait_settled(&server, n, |_| true);
+        }
+    });
+    assert_lossless(
+        &report,
+        &format!("3 × TTOU, {connections} connections"),
+        &server,
+    );
+}
+
+/// `ctl scale`: from 5 workers to 2, then to 1.
+fn scale_down_ctl(connections: usize) {
+    let server = start(5, &[]);
+    wait_settled(&server, 5, |_| true);
+    let report = across(&server, connections, || {
+        for n in [2, 1] {
+            server.ctl(&["scale", &n.to_string()]).expect("ctl scale");
+            wait_settled(&server, n, |_| true);
+        }
+    });
+    assert_lossless(
+        &report,
+        &format!("ctl scale 5→2→1, {connections} connections"),
+        &server,
+    );
+}
+
+/// max_requests: workers recycled again and again under the load.
+fn recycle_max_requests(connections: usize) {
+    let server = start(3, &["--max-requests", "200"]);
+    let report = across(&server, connections, || {
+        wait_recycled(&server, "max_requests", 8);
+    });
+    assert_lossless(
+        &report,
+        &format!("max_requests, {connections} connections"),
+        &server,
+    );
+}
+
+/// max_rss_mb: a limit below what a worker needs, so that every worker is recycled soon after
+/// it starts, again and again.
+fn recycle_memory(connections: usize) {
+    let server = start(3, &["--max-rss-mb", "1"]);
+    let report = across(&server, connections, || {
+        wait_recycled(&server, "max_rss_mb", 8);
+    });
+    assert_lossless(
+        &report,
+        &format!("max_rss_mb, {connections} connections"),
+        &server,
+    );
+}
+
+/// max_cpu_seconds: workers recycled once they have used a second of CPU serving the load.
+fn recycle_cpu(connections: usize) {
+    let server = start(3, &["--max-cpu-seconds", "1"]);
+    let report = across(&server, connections, || {
+        wait_recycled(&server, "max_cpu_seconds", 4);
+    });
+    assert_lossless(
+        &report,
+        &format!("max_cpu_seconds, {connections} connections"),
+        &server,
+    );
+}
+
+/// max_lifetime: every worker recycled each second.
+fn recycle_lifetime(connections: usize) {
+    let server = start(3, &["--max-lifetime", "1"]);
+    let report = across(&server, connections, || {
+        wait_recycled(&server, "max_lifetime", 8);
+    });
+    assert_lossless(
+        &report,
+        &format!("max_lifetime, {connections} connections"),
+        &server,
+    );
+}
+
+/// TERM: the whole server stops gracefully. Every request written to a connection it accepted is
+/// answered (new connections are refused once it stops listening).
+fn graceful_stop(connections: usize) {
+    let mut server = start(3, &[]);
+    wait_settled(&server, 3, |_| true);
+    let load = StrictLoad::start(&server.addr(), connections, "/", LOAD_MAX);
+    wait_answered(&load, 0, FLOWING, &server);
+    server.signal(Signal::SIGTERM);
+    let code = server.exit_code_within(EVENT_TIMEOUT);
+    assert_eq!(code, 0, "log:\n{}", server.log.text());
+    let report = load.stop();
+    assert!(
+        server
+            .log
+            .find("stopped (remaining processes killed")
+            .is_none(),
+        "the drain did not end by itself; log:\n{}",
+        server.log.text()
+    );
+    assert_lossless(
+        &report,
+        &format!("TERM, {connections} connections"),
+        &server,
+    );
 }

@@ -3,8 +3,9 @@
 //!
 //! Counting responses: the load below keeps connections alive, like browsers and HTTP libraries,
 //! and resends a request only in the one case those clients do: the server closed a kept-alive
-//! connection while it was idle (EOF or reset before any byte of the response). A draining worker
-//! closes idle connections (docs/REFORKING.md); the request never reached it. Every request gets
+//! connection while it was idle (EOF or reset before any byte of the response): the request never
+//! reached it (a draining worker keeps idle connections for their next request, so this should
+//! not happen; tests/lossless.rs checks that with a client that never resends). Every request gets
 //! exactly one response, and every response is counted by status and by the worker that sent it.
 
 mod common;

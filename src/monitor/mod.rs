@@ -305,6 +305,14 @@ impl Monitor {
             graceful,
             deadline: Instant::now() + wait,
         };
+        // Nothing will accept again: the socket closes as the children stop listening, and new
+        // connections are refused rather than queued to be reset at exit (a systemd socket unit
+        // keeps its own copy, queuing them for the next start).
+        for l in &self.listeners {
+            if let Err(e) = l.close_in_place() {
+                tracing::warn!(error = %e, listener = %l.addr(), "cannot close the listener");
+            }
+        }
         let slots: Vec<usize> = self.children.keys().copied().collect();
         for slot in slots {
             if graceful {

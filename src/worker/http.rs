@@ -113,17 +113,21 @@ impl AsyncListener {
         }
     }
 
-    /// Takes the connections already queued on the listener, without waiting (a bounded number).
+    /// Stops accepting: leaves the reactor, then takes the connections already queued on the
+    /// listener, without waiting (a bounded number).
     ///
-    /// A worker that stops accepting calls this first: with exclusive wake-ups the kernel may
-    /// have woken only this worker for them, and no other worker hears of them until the next
-    /// connection arrives. Served during the drain, they are answered with `Connection: close`.
-    pub(super) fn queued(&self, nodelay: bool) -> Vec<Accepted> {
-        let Ok(fd) = std::os::fd::AsFd::as_fd(self).try_clone_to_owned() else {
+    /// With exclusive wake-ups the kernel may have woken only this worker for them, and no other
+    /// worker hears of them until the next connection arrives. Leaving the reactor first means
+    /// that a connection arriving from then on wakes another worker, and every one queued before
+    /// is taken here. Served during the drain, they are answered with `Connection: close`.
+    pub(super) fn into_queued(self, nodelay: bool) -> Vec<Accepted> {
+        let Ok(fd) = std::os::fd::AsFd::as_fd(&self).try_clone_to_owned() else {
             return Vec::new();
         };
-        match self {
-            AsyncListener::Tcp(_) => {
+        let tcp = matches!(self, AsyncListener::Tcp(_));
+        drop(self); // deregisters (and closes) this listener's reactor-registered duplicate
+        match tcp {
+            true => {
                 let listener = std::net::TcpListener::from(fd);
                 take_queued(
                     listener.set_nonblocking(true).map(|()| &listener),
@@ -137,7 +141,7 @@ impl AsyncListener {
                     },
                 )
             }
-            AsyncListener::Unix(_) => {
+            false => {
                 let listener = std::os::unix::net::UnixListener::from(fd);
                 take_queued(
                     listener.set_nonblocking(true).map(|()| &listener),
@@ -233,14 +237,14 @@ pub(super) fn spawn_accept_loop(
             };
             serve(accepted, &mut connections);
         }
-        // Stop accepting before draining: take what is queued already, then the listener's
-        // duplicate closes here.
-        for accepted in listener.queued(config.nodelay) {
+        // Stop accepting before draining: take what is queued already; the listener's
+        // duplicates close here.
+        for accepted in listener.into_queued(config.nodelay) {
             serve(accepted, &mut connections);
         }
-        drop(listener);
-        // Kept-alive connections answer their next request with `Connection: close`; idle ones
-        // close now. The monitor's graceful_timeout bounds this.
+        // Kept-alive connections answer their next request with `Connection: close` (HTTP/2:
+        // GOAWAY); idle ones stay until it comes, or until the sweep's idle deadline. The
+        // monitor's graceful_timeout bounds this.
         connections.drain();
         drop(serve);
         loop {
@@ -322,8 +326,9 @@ impl Connections {
         });
     }
 
-    /// Tells every connection to drain: finish the request in flight (or the first one, if it
-    /// has not arrived yet) and close.
+    /// Tells every connection to drain. HTTP/2 connections send `GOAWAY`; HTTP/1 ones need no
+    /// order (their next response says `Connection: close`, see `DRAINING`), and an idle one is
+    /// left to the sweep's idle deadline, which keeps running through the drain.
     fn drain(&mut self) {
         for (shared, _, _) in &self.list {
             shared.order(DRAIN);
@@ -493,28 +498,30 @@ impl Builder {
                 inner: io,
                 shared: life.shared.clone(),
                 _open: life._open.clone(),
+                closing: None,
             };
             if let (true, Some(http2)) = (sniffed, &self.http2) {
+                // GOAWAY: hyper sends one naming no stream and a ping, then the last stream it
+                // took once the ping returns; clients resend only what it never saw.
                 let conn = http2.serve_connection(TokioIo::new(io), service);
-                return drive(conn, &life.shared, |c| c.graceful_shutdown()).await;
+                return drive(conn, &life.shared, Some(|c| c.graceful_shutdown())).await;
             }
+            // No graceful shutdown for HTTP/1: it would close an idle kept-alive connection at
+            // once, under a request the client may already be sending. The next response says
+            // `Connection: close` instead (see `DRAINING`), and an idle connection is kept until
+            // its next request or the sweep's idle deadline, as any idle connection is.
             let conn = self
                 .http1
                 .serve_connection(TokioIo::new(io), service)
                 .with_upgrades();
-            drive(conn, &life.shared, |c| c.graceful_shutdown()).await
+            drive(conn, &life.shared, None).await
         });
     }
 }
 
 /// Serves `conn` to its end, or until its accept loop orders it closed. When ordered to drain,
-/// `drain` asks it to finish gracefully.
-///
-/// The drain waits for the first request: a graceful shutdown before it would close a fresh
-/// connection whose request is already on its way, unanswered (a reset or an empty reply while a
-/// worker is recycled). Once a request is in, hyper drains properly (it answers it, with
-/// `Connection: close`); a connection that never sends one is closed by the sweep as usual.
-async fn drive<C: Future>(conn: C, shared: &Shared, drain: fn(Pin<&mut C>)) {
+/// `drain` (if any) asks it to finish gracefully.
+async fn drive<C: Future>(conn: C, shared: &Shared, drain: Option<fn(Pin<&mut C>)>) {
     /// Clears the registered waker when the connection ends, however it ends.
     struct Unregister<'a>(&'a Shared);
     impl Drop for Unregister<'_> {
@@ -542,7 +549,7 @@ async fn drive<C: Future>(conn: C, shared: &Shared, drain: fn(Pin<&mut C>)) {
         if orders & CLOSE != 0 {
             return std::task::Poll::Ready(()); // dropping the connection closes the socket
         }
-        if orders & DRAIN != 0 && !draining && shared.heads.load(Ordering::Relaxed) > 0 {
+        if let (true, false, Some(drain)) = (orders & DRAIN != 0, draining, drain) {
             draining = true;
             drain(conn.as_mut());
             continue; // poll the connection again: the drain may let it finish now
@@ -568,7 +575,8 @@ impl Drop for Busy {
     }
 }
 
-/// A connection's socket, counting successful writes for the coarse deadline watch.
+/// A connection's socket, counting successful writes for the coarse deadline watch, and closing
+/// with a lingering close.
 struct Counted<I> {
     inner: I,
     shared: Arc<Shared>,
@@ -577,6 +585,60 @@ struct Counted<I> {
     /// drops it, so a drain waits for it (the app hears of the drain through `Worker::shutdown`)
     /// instead of cutting it when the runtime goes.
     _open: mpsc::Sender<()>,
+    /// Set once the write side is shut: the lingering close's deadline, armed only if the client
+    /// has not closed its side by then.
+    closing: Option<Option<Pin<Box<tokio::time::Sleep>>>>,
+}
+
+/// The longest a lingering close waits for the client to close its side.
+const LINGER: Duration = Duration::from_secs(2);
+
+impl<I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Counted<I> {
+    /// While the worker drains, a lingering close (hyper calls shutdown when it closes a
+    /// connection: after a response that said `Connection: close`, or when the client closed):
+    /// the write side is shut (the client reads the response, then EOF), then whatever the client
+    /// still sends is read and discarded until it closes, or for at most [`LINGER`]. Closing a
+    /// socket with unread bytes (a request body the app never read, a request sent as the
+    /// response was on its way) makes the kernel send a reset, which can destroy the response
+    /// before the client reads it. Outside a drain (the client asked to close, or sent
+    /// something hyper refuses), the close stays as short as before: no timer, no extra wake-up.
+    fn poll_linger(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        use std::task::Poll;
+        if self.closing.is_none() && !DRAINING.load(Ordering::Relaxed) {
+            return Pin::new(&mut self.inner).poll_shutdown(cx);
+        }
+        if self.closing.is_none() {
+            std::task::ready!(Pin::new(&mut self.inner).poll_shutdown(cx))?;
+            self.closing = Some(None);
+        }
+        let mut scratch = [0u8; 4096];
+        // Bounded per poll, so a client that floods cannot hold the task; the deadline ends it.
+        let mut flooding = true;
+        for _ in 0..16 {
+            let mut buf = tokio::io::ReadBuf::new(&mut scratch);
+            match Pin::new(&mut self.inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => continue,
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Pending => {
+                    flooding = false;
+                    break;
+                }
+            }
+        }
+        let deadline = self
+            .closing
+            .get_or_insert(None)
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(LINGER)));
+        if deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Ok(()));
+        }
+        if flooding {
+            // Not waiting on the socket (it still had data): come back after other tasks.
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
+    }
 }
 
 impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<I> {
@@ -589,7 +651,7 @@ impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<I> {
     }
 }
 
-impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<I> {
+impl<I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -633,7 +695,7 @@ impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<I> {
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        self.poll_linger(cx)
     }
 }
 

@@ -224,6 +224,16 @@ async fn serve(
     // The app's long-lived connections (WebSockets, stream handlers) hear of it too: the drain
     // waits for them (up to graceful_timeout), so they should end themselves politely now.
     shutdown.begin();
+    if stop == Stop::Graceful {
+        // This process will not listen again (a worker promoted to mold keeps its listeners).
+        // What still holds the socket here is each accept loop's duplicate, closed just after
+        // it takes what is queued: once the whole tree stops, no connection is left queued.
+        for listener in listeners {
+            if let Err(e) = listener.close_in_place() {
+                tracing::warn!(error = %e, listener = %listener.addr(), "cannot close the listener");
+            }
+        }
+    }
     let _ = stop_tx.send(stop);
     // Each accept loop stops accepting, then drains its connections.
     for handle in accept_loops {

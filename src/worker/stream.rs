@@ -50,11 +50,10 @@ pub(super) fn spawn_accept_loop(
             };
             serve(conn);
         }
-        // What is queued already is this worker's to serve (see `AsyncListener::queued`).
-        for accepted in listener.queued(config.nodelay) {
+        // What is queued already is this worker's to serve (see `AsyncListener::into_queued`).
+        for accepted in listener.into_queued(config.nodelay) {
             serve(accepted.into());
         }
-        drop(listener);
         drop(serve);
         // The handlers heard of the drain through `Worker::shutdown`; the monitor's
         // graceful_timeout bounds the wait for those that do not listen.
