@@ -319,6 +319,9 @@ options! {
     graceful_timeout: Seconds,
     /// Seconds a client may take to send the request head (slowloris guard) [default: 10]
     header_read_timeout: Seconds,
+    /// Seconds a draining worker keeps an idle kept-alive connection for the request the client
+    /// may already be sending (answered with `Connection: close`) [default: header_read_timeout]
+    drain_grace: Seconds,
     /// Largest request head in bytes; larger gets 431 [default: 16384, at least 8192]
     max_header_bytes: usize,
     /// Serve HTTP/2 with prior knowledge next to HTTP/1.1 [default: true]
@@ -424,6 +427,8 @@ pub struct Config {
     pub graceful_timeout: Duration,
     /// Request head read limit.
     pub header_read_timeout: Duration,
+    /// How long a draining worker keeps an idle kept-alive connection.
+    pub drain_grace: Duration,
     /// Request head size limit.
     pub max_header_bytes: usize,
     /// HTTP/2 prior knowledge.
@@ -664,6 +669,7 @@ impl Options {
             unix_mode,
             graceful_timeout: secs(self.graceful_timeout, 30),
             header_read_timeout,
+            drain_grace: self.drain_grace.map_or(header_read_timeout, |s| s.0),
             max_header_bytes,
             http2: self.http2.unwrap_or(true),
             worker_threads,

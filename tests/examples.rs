@@ -197,6 +197,8 @@ fn axum_router_under_tine() {
         report.by_worker.keys().all(|p| workers.contains(p)),
         "{report:?} vs {workers:?}"
     );
+    // Idle, the kept-alive client would be kept for its next request for drain_grace (10 s).
+    drop(client);
     server.signal(Signal::SIGTERM);
     assert_eq!(server.exit_code_within(Duration::from_secs(10)), 0);
 }

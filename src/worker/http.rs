@@ -243,14 +243,21 @@ pub(super) fn spawn_accept_loop(
             serve(accepted, &mut connections);
         }
         // Kept-alive connections answer their next request with `Connection: close` (HTTP/2:
-        // GOAWAY); idle ones stay until it comes, or until the sweep's idle deadline. The
-        // monitor's graceful_timeout bounds this.
-        connections.drain();
+        // GOAWAY); idle ones stay until it comes, for the drain grace at most (the sweep's idle
+        // deadline applies too). The monitor's graceful_timeout bounds the whole drain.
+        let drained = connections.drain();
         drop(serve);
+        let grace = tokio::time::sleep(config.drain_grace);
+        tokio::pin!(grace);
+        let mut graced = false;
         loop {
             tokio::select! {
                 _ = all_closed.recv() => break,
                 _ = sweep.tick() => connections.sweep(),
+                _ = &mut grace, if !graced => {
+                    graced = true;
+                    close_idle_since(&drained);
+                }
             }
         }
     }))
@@ -328,10 +335,29 @@ impl Connections {
 
     /// Tells every connection to drain. HTTP/2 connections send `GOAWAY`; HTTP/1 ones need no
     /// order (their next response says `Connection: close`, see `DRAINING`), and an idle one is
-    /// left to the sweep's idle deadline, which keeps running through the drain.
-    fn drain(&mut self) {
-        for (shared, _, _) in &self.list {
-            shared.order(DRAIN);
+    /// kept for the drain grace (see [`close_idle_since`]). Returns each connection with its
+    /// progress now (weakly held: the sweep tells ended connections by their strong count).
+    fn drain(&mut self) -> Vec<(std::sync::Weak<Shared>, u64)> {
+        self.list
+            .iter()
+            .map(|(shared, _, _)| {
+                shared.order(DRAIN);
+                (Arc::downgrade(shared), shared.progress())
+            })
+            .collect()
+    }
+}
+
+/// At the end of the drain grace: closes the connections that made no progress since the drain
+/// began and have nothing in flight (idle kept-alive connections whose client sent nothing).
+/// Those that sent a request were answered with `Connection: close` and closed by themselves.
+fn close_idle_since(drained: &[(std::sync::Weak<Shared>, u64)]) {
+    for (shared, progress) in drained {
+        let Some(shared) = shared.upgrade() else {
+            continue; // ended, and forgotten by the sweep
+        };
+        if shared.busy.load(Ordering::Relaxed) == 0 && shared.progress() == *progress {
+            shared.order(CLOSE);
         }
     }
 }
