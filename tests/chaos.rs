@@ -384,7 +384,7 @@ fn event(
                     "kill -9 promoting worker",
                 )
             } else {
-                (Signal::SIGHUP, "forked mold", "kill -9 reload's new mold")
+                (Signal::SIGHUP, "forked mold", "kill -9 new mold after HUP")
             };
             let mark = server.log.mark();
             server.signal(sig);
