@@ -371,7 +371,8 @@ options! {
     log_format: LogFormat,
     /// Log filter, e.g. info or tine=debug [default: info]
     log_level: String,
-    /// Append logs (and the children's stdout/stderr) to this file; USR1 reopens it
+    /// Append logs (and the children's stdout/stderr) to this file; USR1 reopens it. Not a
+    /// symbolic link, and with `user`, not owned or writable by that user
     log_file: PathBuf,
     /// Development mode: reload everything when a file under PATH changes (repeatable)
     #[arg(num_args = 1, action = clap::ArgAction::Append)]

@@ -178,29 +178,58 @@ where
         let pid = std::process::id();
         let level = event.metadata().level();
         let time = humantime_now();
-        if self.json {
+        // Fields carry what children and clients said (exit reasons, request lines): escaped, so
+        // that nobody can forge a log line or drive the terminal of whoever reads the log.
+        let json = self.json;
+        if json {
             let mut obj = serde_json::Map::new();
             obj.insert("time".into(), time.into());
             obj.insert("level".into(), level.as_str().into());
-            obj.insert("process".into(), tag.into());
+            obj.insert("process".into(), escape(&tag, json).into());
             obj.insert("pid".into(), pid.into());
-            obj.insert("message".into(), fields.message.into());
+            obj.insert("message".into(), escape(&fields.message, json).into());
             for (k, v) in fields.rest {
-                obj.insert(k.into(), v.into());
+                obj.insert(k.into(), escape(&v, json).into());
             }
             writeln!(w, "{}", serde_json::Value::Object(obj))
         } else {
             let mut line = format!(
-                "{time} {:>5} tine {tag} pid={pid}: {}",
+                "{time} {:>5} tine {} pid={pid}: {}",
                 level.as_str(),
-                fields.message
+                escape(&tag, json),
+                escape(&fields.message, json)
             );
             for (k, v) in fields.rest {
-                let _ = write!(line, " {k}={v}");
+                let _ = write!(line, " {k}={}", escape(&v, json));
             }
             writeln!(w, "{line}")
         }
     }
+}
+
+/// Whether `c` must not reach a log as itself: control characters (C0, DEL, C1: line breaks,
+/// terminal escapes) and the bidirectional overrides that make text display in another order.
+fn needs_escape(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `text` with every character of [`needs_escape`] written as an escape (`\n`, `\u{1b}`), so that
+/// one event stays one line. For JSON, only what the JSON encoder leaves raw is escaped here (it
+/// escapes C0 itself, and a consumer of JSON wants `\n` back as a line break).
+fn escape(text: &str, json: bool) -> std::borrow::Cow<'_, str> {
+    let escaped = |c: char| needs_escape(c) && !(json && c < ' ');
+    if !text.chars().any(escaped) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if escaped(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// UTC wall-clock time with milliseconds, e.g. `2026-11-22T01:55:06.123Z`.
@@ -231,13 +260,65 @@ fn humantime_now() -> String {
 
 /// Opens `path` for appending and makes it this process's stdout and stderr. Returns the open
 /// file, whose descriptor the monitor passes to its children on `SIGUSR1`.
-pub(crate) fn open_log_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+///
+/// The monitor opens it, often as root: a symbolic link there is refused (`O_NOFOLLOW`), and
+/// when privileges are dropped to `run_as`, so is a file or directory that user could write (it
+/// could then point root's writes, or the next reopen, wherever it likes).
+pub(crate) fn open_log_file(
+    path: &std::path::Path,
+    run_as: Option<crate::config::RunAs>,
+) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(path)?;
+        .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => std::io::Error::new(
+                e.kind(),
+                "it is a symbolic link (refused: name the file itself)",
+            ),
+            _ => e,
+        })?;
+    if let Some(user) = run_as {
+        refuse_writable_by(&file.metadata()?, user, "the file")?;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => std::path::Path::new("."),
+        };
+        refuse_writable_by(&std::fs::metadata(dir)?, user, "its directory")?;
+    }
     adopt_log_fd(Some(file.try_clone()?.into()));
     Ok(file)
+}
+
+/// Fails if `user` (with its one group, as children run after the drop) could write to what
+/// `meta` describes: as its owner, through its group, or as anyone. A sticky directory writable
+/// by all (`/tmp`) is fine: there, only a file's owner may replace it.
+fn refuse_writable_by(
+    meta: &std::fs::Metadata,
+    user: crate::config::RunAs,
+    what: &str,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mode = meta.mode();
+    let sticky_dir = meta.is_dir() && mode & 0o1000 != 0;
+    let writable = (meta.uid() == user.uid && mode & 0o200 != 0)
+        || (meta.gid() == user.gid && mode & 0o020 != 0)
+        || (mode & 0o002 != 0 && !sticky_dir);
+    if meta.uid() == user.uid || writable {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{what} is owned or writable by `user` (uid {}, gid {}), who could redirect the \
+                 monitor's writes; make it root's and not writable by that user",
+                user.uid, user.gid
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Makes `fd` this process's stdout and stderr (a reopened log file).
@@ -249,5 +330,68 @@ pub(crate) fn adopt_log_fd(fd: Option<std::os::fd::OwnedFd>) {
         // A new descriptor: it may take lines again, and perhaps without waiting.
         STDERR_GONE.store(false, Ordering::Relaxed);
         NOWAIT_UNSUPPORTED.store(false, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// Formats one event with a field that a child or client could have sent, and returns the
+    /// output.
+    fn render(json: bool, value: &str) -> String {
+        let out = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let sink = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || Sink(sink.clone()))
+            .event_format(Format { json })
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(reason = value, "worker exiting: {value}");
+        });
+        let bytes = out.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    const FORGED: &str =
+        "boom\n2026-11-30T00:00:00.000Z  INFO tine monitor pid=1: all fine\r\x1b[2J\u{9b}31m\u{202e}";
+
+    #[test]
+    fn control_characters_in_fields_cannot_forge_lines_or_reach_the_terminal() {
+        let plain = render(false, FORGED);
+        assert_eq!(plain.lines().count(), 1, "{plain:?}");
+        assert!(plain.ends_with('\n'));
+        for raw in ['\r', '\x1b', '\u{9b}', '\u{202e}'] {
+            assert!(!plain.contains(raw), "{raw:?} in {plain:?}");
+        }
+        assert!(plain.contains("reason=boom\\n2026-11-30"), "{plain}");
+        assert!(plain.contains("\\u{1b}[2J"), "{plain}");
+    }
+
+    #[test]
+    fn json_lines_stay_one_line_and_escape_what_json_leaves_raw() {
+        let json = render(true, FORGED);
+        assert_eq!(json.lines().count(), 1, "{json:?}");
+        let value: serde_json::Value = serde_json::from_str(json.trim_end()).unwrap();
+        let reason = value["reason"].as_str().unwrap();
+        // The line break comes back as a line break from the JSON; C1 and bidi do not come raw.
+        assert!(reason.starts_with("boom\n2026"), "{reason:?}");
+        assert!(
+            !reason.contains('\u{9b}') && !reason.contains('\u{202e}'),
+            "{reason:?}"
+        );
     }
 }

@@ -32,6 +32,12 @@ const MAX_HEAD: usize = 8 * 1024;
 pub(crate) const MAX_CLIENTS: usize = 16;
 /// Time a client has to send its head and read the response.
 const CLIENT_DEADLINE: Duration = Duration::from_secs(5);
+/// How long what a client sends after its response is still read (so that closing does not reset
+/// the connection under a response it has not read yet).
+const DRAIN_DEADLINE: Duration = Duration::from_millis(500);
+/// Bytes read from one client per wake-up of the monitor, at most: a client that keeps sending
+/// cannot hold the single-threaded monitor (hang checks, reaping, `ctl`) in a read loop.
+const READ_BUDGET: usize = 64 * 1024;
 /// How long a process's memory figures are reused.
 const MEMORY_TTL: Duration = Duration::from_secs(5);
 
@@ -54,11 +60,14 @@ struct Client {
     /// The response and how much of it is written, once the head is in.
     out: Option<(Vec<u8>, usize)>,
     since: Instant,
+    /// The response is sent and the write side shut: what the client still sends is read and
+    /// discarded, a bounded amount per wake-up, until EOF or this deadline.
+    draining_until: Option<Instant>,
 }
 
 /// Whether the poll loop should wait to read from or to write to a client.
 fn interest(c: &Client) -> nix::poll::PollFlags {
-    if c.out.is_some() {
+    if c.out.is_some() && c.draining_until.is_none() {
         nix::poll::PollFlags::POLLOUT
     } else {
         nix::poll::PollFlags::POLLIN
@@ -126,7 +135,7 @@ impl MetricsServer {
 
     /// Accepts what is pending, dropping expired clients and, past the cap, the oldest.
     fn accept(&mut self) {
-        self.clients.retain(|c| c.since.elapsed() < CLIENT_DEADLINE);
+        self.expire();
         for _ in 0..MAX_CLIENTS {
             let stream = match self.listener.accept() {
                 Ok((stream, _)) => {
@@ -152,6 +161,7 @@ impl MetricsServer {
                 head: Vec::new(),
                 out: None,
                 since: Instant::now(),
+                draining_until: None,
             });
         }
     }
@@ -209,12 +219,12 @@ impl MetricsServer {
         };
         loop {
             if *written == out.len() {
-                // Drain what the client sent beyond its head, so closing does not reset the
-                // connection before it has read the response.
-                let mut sink = [0u8; 1024];
-                while matches!(c.stream.read(&mut sink), Ok(n) if n > 0) {}
+                // Sent: shut the write side, then read what the client sent beyond its head for
+                // a moment (bounded per wake-up, see `drain`), so that closing does not reset
+                // the connection before it has read the response.
                 let _ = c.stream.shutdown(Shutdown::Write);
-                self.clients.remove(i);
+                c.draining_until = Some(Instant::now() + DRAIN_DEADLINE);
+                self.drain(id);
                 return;
             }
             match c.stream.write(&out[*written..]) {
@@ -226,6 +236,43 @@ impl MetricsServer {
             }
         }
         self.clients.remove(i);
+    }
+
+    /// Reads and discards at most [`READ_BUDGET`] bytes of what client `id` sends after its
+    /// response; closes it at EOF, on an error or past its drain deadline.
+    fn drain(&mut self, id: u64) {
+        let Some(i) = self.clients.iter().position(|c| c.id == id) else {
+            return;
+        };
+        let c = &mut self.clients[i];
+        if c.draining_until.is_none_or(|until| Instant::now() >= until) {
+            self.clients.remove(i);
+            return;
+        }
+        let mut sink = [0u8; 4096];
+        let mut budget = READ_BUDGET;
+        while budget > 0 {
+            match c.stream.read(&mut sink) {
+                Ok(0) => break,
+                Ok(n) => budget = budget.saturating_sub(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        if budget > 0 {
+            // EOF or an error: done.
+            self.clients.remove(i);
+        }
+        // Budget spent: the rest on a later wake-up, until the deadline.
+    }
+
+    /// Drops clients past their deadline (the whole exchange, or the drain after it).
+    fn expire(&mut self) {
+        let now = Instant::now();
+        self.clients.retain(|c| {
+            c.since.elapsed() < CLIENT_DEADLINE && c.draining_until.is_none_or(|u| now < u)
+        });
     }
 
     /// Memory of `pid`, read at most every [`MEMORY_TTL`].
@@ -253,11 +300,17 @@ pub(crate) fn on_client(m: &mut Monitor, id: u64) {
     let Some(mut server) = m.metrics.take() else {
         return;
     };
-    server
+    server.expire();
+    let (writing, draining) = server
         .clients
-        .retain(|c| c.since.elapsed() < CLIENT_DEADLINE);
-    let writing = server.clients.iter().any(|c| c.id == id && c.out.is_some());
-    if writing {
+        .iter()
+        .find(|c| c.id == id)
+        .map_or((false, false), |c| {
+            (c.out.is_some(), c.draining_until.is_some())
+        });
+    if draining {
+        server.drain(id);
+    } else if writing {
         server.write(id);
     } else if let Some(request) = server.read_head(id) {
         let response = match request {

@@ -247,16 +247,21 @@ fn the_monitor_raises_its_descriptor_limit_to_the_hard_limit() {
     assert_eq!(open_files_limit(worker), Some((hard, hard)), "worker");
 }
 
-#[test]
-fn out_of_descriptors_the_monitor_backs_off_accepting_and_recovers() {
-    let metrics_port = free_port();
+/// A tree of one serving worker with a metrics port, and that port's address.
+fn one_worker_with_metrics() -> (Server, SocketAddr) {
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let server = Launch::tine()
         .args(["--workers", "1"])
         .arg("--metrics-listen")
-        .arg(format!("127.0.0.1:{metrics_port}"))
+        .arg(metrics.to_string())
         .start();
-    let metrics: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
     server.wait_workers(1, READY_TIMEOUT);
+    (server, metrics)
+}
+
+#[test]
+fn out_of_descriptors_the_monitor_backs_off_accepting_and_recovers() {
+    let (server, metrics) = one_worker_with_metrics();
     let pid = server.pid.to_string();
     let (soft, hard) = open_files_limit(server.pid).expect("limits");
     // Room for two more descriptors only.
@@ -380,4 +385,163 @@ fn a_workers_subprocess_holds_no_socket_activated_listener() {
         !held.contains(&listener),
         "a worker's subprocess holds the socket-activated listener {listener}: {held:?}"
     );
+}
+
+/// `status` over the control socket as `tine ctl` sends it, without a process start in the
+/// measurement: the reply and how long it took.
+fn timed_status(socket: &Path) -> (Result<String, String>, Duration) {
+    use std::io::{Read, Write};
+    let started = Instant::now();
+    let result = (|| {
+        let mut stream = UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        stream
+            .write_all(b"status\n")
+            .map_err(|e| format!("send: {e}"))?;
+        let mut reply = String::new();
+        stream
+            .read_to_string(&mut reply)
+            .map_err(|e| format!("read: {e}"))?;
+        Ok(reply)
+    })();
+    (result, started.elapsed())
+}
+
+#[test]
+fn ctl_status_answers_in_time_while_a_client_floods_the_metrics_port() {
+    let (server, metrics) = one_worker_with_metrics();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // Four clients that ask for /metrics and then never stop sending; when the server closes on
+    // one, it comes back. Bounded: 20 s at most.
+    let floods: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, sent) = (stop.clone(), sent.clone());
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let until = Instant::now() + Duration::from_secs(20);
+                let chunk = vec![b'x'; 64 * 1024];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < until {
+                    let Ok(mut c) = std::net::TcpStream::connect(metrics) else {
+                        continue;
+                    };
+                    let _ = c.set_write_timeout(Some(Duration::from_millis(200)));
+                    if c.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < until
+                    {
+                        match c.write(&chunk) {
+                            Ok(n) => {
+                                sent.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                            Err(_) => break,
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let flowing = poll_until(Duration::from_secs(5), || {
+        (sent.load(std::sync::atomic::Ordering::Relaxed) > 1 << 20).then_some(())
+    });
+    let mut times = Vec::new();
+    let mut failures = Vec::new();
+    for _ in 0..30 {
+        let (reply, took) = timed_status(&server.control_socket);
+        match reply {
+            Ok(text) if text.starts_with("OK\n") => times.push(took),
+            other => failures.push(format!("{other:?} after {took:?}")),
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for flood in floods {
+        let _ = flood.join();
+    }
+    assert!(flowing.is_some(), "the flood did not get going");
+    eprintln!("ctl status while the metrics port is flooded: {times:?}");
+    assert!(failures.is_empty(), "ctl status failed: {failures:?}");
+    let slow: Vec<_> = times
+        .iter()
+        .filter(|t| **t > Duration::from_millis(300))
+        .collect();
+    assert!(slow.is_empty(), "ctl status took over 300 ms: {times:?}");
+}
+
+#[test]
+fn a_log_file_that_is_a_symbolic_link_is_refused() {
+    let dir = TempDir::new();
+    let target = dir.write("elsewhere.log", "");
+    let link = dir.join("tine.log");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let out = Launch::tine()
+        .args(["--workers", "1", "--log-file"])
+        .arg(&link)
+        .run(Duration::from_secs(20));
+    let stderr = out.stderr_text();
+    assert_eq!(out.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("`log_file`") && stderr.contains("symbolic link"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&target).unwrap(),
+        "",
+        "written through the link"
+    );
+}
+
+#[test]
+fn a_log_file_or_directory_writable_by_the_unprivileged_user_is_refused() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: dropping privileges to `user` needs root");
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody")
+        .ok()
+        .flatten()
+        .expect("user nobody");
+    let dir = TempDir::new();
+    // A directory nobody owns, and a file nobody owns in a directory of root's.
+    let theirs = dir.join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(
+        &theirs,
+        Some(nobody.uid.as_raw()),
+        Some(nobody.gid.as_raw()),
+    )
+    .unwrap();
+    let their_file = dir.write("their.log", "");
+    std::os::unix::fs::chown(&their_file, Some(nobody.uid.as_raw()), None).unwrap();
+    for path in [theirs.join("tine.log"), their_file] {
+        let out = Launch::tine()
+            .args(["--workers", "1", "--user", "nobody", "--log-file"])
+            .arg(&path)
+            .run(Duration::from_secs(20));
+        let stderr = out.stderr_text();
+        assert_eq!(out.code(), Some(2), "{}: {stderr}", path.display());
+        assert!(
+            stderr.contains("`log_file`") && stderr.contains("writable by `user`"),
+            "{}: {stderr}",
+            path.display()
+        );
+    }
+    // Root's file in root's directory is fine.
+    let server = Launch::tine()
+        .args(["--workers", "1", "--user", "nobody", "--log-file"])
+        .arg(dir.join("root.log"))
+        .spawn();
+    let ready = poll_until(READY_TIMEOUT, || {
+        std::fs::read_to_string(dir.join("root.log"))
+            .ok()
+            .filter(|t| t.contains("tine ready"))
+    });
+    assert!(ready.is_some(), "no `tine ready` in root's log file");
+    drop(server);
 }

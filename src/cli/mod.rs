@@ -131,7 +131,7 @@ pub fn run<A: App>() -> ExitCode {
                 Err(e) => return fail(e),
             };
             if let Some(path) = &config.log_file {
-                if let Err(e) = crate::log::open_log_file(path) {
+                if let Err(e) = crate::log::open_log_file(path, config.run_as) {
                     return fail(format!(
                         "invalid value {:?} for `log_file`: {e}",
                         path.display().to_string()

@@ -954,7 +954,7 @@ impl Monitor {
             tracing::info!("reopen logs: no log_file configured; logs go to stderr");
             return Err("no log_file configured; logs go to stderr".into());
         };
-        match crate::log::open_log_file(&path) {
+        match crate::log::open_log_file(&path, self.config.run_as) {
             Ok(file) => {
                 for c in self.children.values() {
                     if let Some(ch) = &c.channel {
