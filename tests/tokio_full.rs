@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::strict::{StrictLoad, StrictReport};
@@ -20,8 +21,14 @@ const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(20);
 /// The load's bound: it stops by itself after this.
 const LOAD_LIMIT: Duration = Duration::from_secs(150);
 
-/// The worker pids of `generation` once the tree is exactly its mold and `WORKERS` ready workers.
-fn wait_generation(server: &Server, generation: u64) -> Vec<i32> {
+/// One generation, once ready.
+struct Generation {
+    mold: i32,
+    workers: Vec<i32>,
+}
+
+/// `generation` once the tree is exactly its mold and `WORKERS` ready workers.
+fn wait_generation(server: &Server, generation: u64) -> Generation {
     let mut last = serde_json::Value::Null;
     let found = poll_until(ROLLOUT_TIMEOUT, || {
         last = server.status();
@@ -31,19 +38,22 @@ fn wait_generation(server: &Server, generation: u64) -> Vec<i32> {
             .filter(|p| p["role"] != "monitor")
             .collect();
         let of_generation = |p: &&&serde_json::Value| p["generation"].as_u64() == Some(generation);
-        let molds = processes
-            .iter()
-            .filter(|p| p["role"] == "mold" && p["state"] == "mold")
-            .filter(of_generation)
-            .count();
-        let workers: Vec<i32> = processes
-            .iter()
-            .filter(|p| p["role"] == "worker" && (p["state"] == "ready" || p["state"] == "busy"))
-            .filter(of_generation)
-            .filter_map(|p| p["pid"].as_i64().map(|pid| pid as i32))
-            .collect();
-        (processes.len() == WORKERS + 1 && molds == 1 && workers.len() == WORKERS)
-            .then_some(workers)
+        let pids = |role: &str, states: &[&str]| -> Vec<i32> {
+            processes
+                .iter()
+                .filter(|p| p["role"] == role && states.iter().any(|s| p["state"] == *s))
+                .filter(of_generation)
+                .filter_map(|p| p["pid"].as_i64().map(|pid| pid as i32))
+                .collect()
+        };
+        let molds = pids("mold", &["mold"]);
+        let workers = pids("worker", &["ready", "busy"]);
+        (processes.len() == WORKERS + 1 && molds.len() == 1 && workers.len() == WORKERS).then(
+            || Generation {
+                mold: molds[0],
+                workers,
+            },
+        )
     });
     found.unwrap_or_else(|| {
         panic!(
@@ -51,6 +61,44 @@ fn wait_generation(server: &Server, generation: u64) -> Vec<i32> {
             server.log.text()
         )
     })
+}
+
+/// The sockets (`socket:[inode]`) that process `pid` holds.
+fn sockets(pid: i32) -> BTreeSet<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|entry| std::fs::read_link(entry.path()).ok())
+                .map(|target| target.to_string_lossy().into_owned())
+                .filter(|target| target.starts_with("socket:"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The only sockets a generation's processes share with each other are the listeners (which the
+/// monitor holds too): not the mold's channel, not a sibling's, and not tokio's signal self-pipe,
+/// which each worker has a copy of its own.
+fn shares_only_listeners(server: &Server, generation: u64, g: &Generation) {
+    let [first, second] = g.workers[..] else {
+        panic!("{WORKERS} workers expected: {:?}", g.workers)
+    };
+    let listeners: BTreeSet<String> = sockets(server.pid)
+        .intersection(&sockets(first))
+        .cloned()
+        .collect();
+    assert!(!listeners.is_empty(), "a worker holds the listener");
+    for (a, b, what) in [
+        (first, second, "two workers"),
+        (g.mold, first, "the mold and a worker"),
+        (g.mold, second, "the mold and a worker"),
+    ] {
+        let shared: BTreeSet<String> = sockets(a).intersection(&sockets(b)).cloned().collect();
+        assert_eq!(
+            shared, listeners,
+            "gen:{generation}: {what} ({a}, {b}) share sockets besides the listeners"
+        );
+    }
 }
 
 /// `/process` and `/signal` answer correctly, from workers of the current generation.
@@ -99,8 +147,9 @@ fn reforks_under_strict_load() -> Run {
     let server = Launch::example("tokio_full")
         .args(["--workers", &WORKERS.to_string(), "--debug-headers"])
         .start();
-    let workers = wait_generation(&server, 0);
-    routes_work(&server, 0, &workers);
+    let g = wait_generation(&server, 0);
+    routes_work(&server, 0, &g.workers);
+    shares_only_listeners(&server, 0, &g);
     // Strict clients (POSTs on kept-alive connections, never retried) on every route: a promoted
     // worker has spawned children and has tokio's SIGUSR1 handler installed before it forks the
     // next generation.
@@ -117,10 +166,11 @@ fn reforks_under_strict_load() -> Run {
     for generation in 1..=REFORKS {
         let refork_started = Instant::now();
         server.ctl(&["refork"]).expect("ctl refork");
-        let workers = wait_generation(&server, generation);
+        let g = wait_generation(&server, generation);
         slowest = slowest.max(refork_started.elapsed());
         if [1, 2, 10, 25, REFORKS].contains(&generation) {
-            routes_work(&server, generation, &workers);
+            routes_work(&server, generation, &g.workers);
+            shares_only_listeners(&server, generation, &g);
         }
         // Every generation serves the load too, not only the checks above.
         let now = poll_until(Duration::from_secs(10), || {
@@ -154,7 +204,13 @@ fn tokio_full_app_survives_50_reforks_under_load() {
             report.summary()
         );
     }
-    for sign_of_trouble in ["cannot build the runtime", " died", "SIGUSR1", "self-pipe"] {
+    for sign_of_trouble in [
+        "cannot build the runtime",
+        " died",
+        "SIGUSR1",
+        "self-pipe",
+        "left descriptors open",
+    ] {
         assert_eq!(
             server.log.count(sign_of_trouble),
             0,
