@@ -500,7 +500,6 @@ fn why_stopped(lines: &[String], pid: i32) -> String {
 }
 
 #[test]
-#[ignore = "fails on main until the graceful paths are lossless (issue 10, drain): refork promotion and rollouts lose requests"]
 fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
     let seed = env_u64("CHAOS_SEED").unwrap_or_else(|| {
         std::time::SystemTime::now()
