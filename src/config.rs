@@ -110,10 +110,23 @@ impl FromStr for Seconds {
             "h" => 3600.0,
             _ => return Err(format!("{s:?} has an unknown unit (use ms, s, m or h)")),
         };
-        if !(value * scale).is_finite() || value < 0.0 {
+        if value.is_nan() || value < 0.0 {
             return Err(format!("{s:?} is not a non-negative duration"));
         }
-        Ok(Seconds(Duration::from_secs_f64(value * scale)))
+        Seconds::checked(Duration::try_from_secs_f64(value * scale).ok(), s)
+    }
+}
+
+impl Seconds {
+    /// The longest duration accepted: 100 years is "never" for a timeout, and far enough from
+    /// the limits of `Instant` arithmetic that adding it to the clock cannot overflow.
+    pub const MAX: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+    fn checked(d: Option<Duration>, text: impl fmt::Display) -> Result<Seconds, String> {
+        match d {
+            Some(d) if d <= Self::MAX => Ok(Seconds(d)),
+            _ => Err(format!("{text} is too long a duration (at most 100 years)")),
+        }
     }
 }
 
@@ -127,7 +140,8 @@ impl<'de> Deserialize<'de> for Seconds {
             Text(String),
         }
         match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(Seconds(Duration::from_secs(n))),
+            Raw::Int(n) => Seconds::checked(Some(Duration::from_secs(n)), n)
+                .map_err(serde::de::Error::custom),
             Raw::Float(f) => format!("{f}").parse().map_err(serde::de::Error::custom),
             Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
         }
