@@ -140,8 +140,9 @@ impl<'de> Deserialize<'de> for Seconds {
             Text(String),
         }
         match Raw::deserialize(d)? {
-            Raw::Int(n) => Seconds::checked(Some(Duration::from_secs(n)), n)
-                .map_err(serde::de::Error::custom),
+            Raw::Int(n) => {
+                Seconds::checked(Some(Duration::from_secs(n)), n).map_err(serde::de::Error::custom)
+            }
             Raw::Float(f) => format!("{f}").parse().map_err(serde::de::Error::custom),
             Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
         }
@@ -634,8 +635,13 @@ impl Options {
             return Err(invalid("max_consecutive_spawn_errors", 0, "at least 1"));
         }
         let refork_max_unavailable = self.refork_max_unavailable.unwrap_or(1);
-        if refork_max_unavailable == 0 {
-            return Err(invalid("refork_max_unavailable", 0, "at least 1"));
+        // More than every worker at once means nothing more, and it sizes the scoreboard.
+        if refork_max_unavailable == 0 || refork_max_unavailable > max_workers {
+            return Err(invalid(
+                "refork_max_unavailable",
+                refork_max_unavailable,
+                &format!("a number from 1 to max_workers ({max_workers})"),
+            ));
         }
         let secs = |v: Option<Seconds>, default: u64| {
             v.map(|s| s.0).unwrap_or(Duration::from_secs(default))

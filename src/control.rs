@@ -271,31 +271,62 @@ pub(crate) fn reply_to(mut stream: UnixStream, reply: Reply) -> io::Result<()> {
     stream.write_all(text.as_bytes())
 }
 
+/// A parsed control command (`reload` is handled by the monitor's loop before this).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Op {
+    Status { json: bool },
+    Scale(usize),
+    Stop { quick: bool },
+    KillWorker(u32),
+    Refork,
+    ReopenLogs,
+}
+
+/// Parses one command line; any text gives an [`Op`] or a message for the client.
+pub(crate) fn parse(command: &str) -> Result<Op, String> {
+    let words: Vec<&str> = command.split_whitespace().collect();
+    Ok(match words.as_slice() {
+        ["status"] => Op::Status { json: false },
+        ["status", "--json"] => Op::Status { json: true },
+        ["scale", n] => Op::Scale(n.parse().map_err(|_| format!("scale: {n:?} is not a number"))?),
+        ["stop"] => Op::Stop { quick: false },
+        ["stop", "--quick"] => Op::Stop { quick: true },
+        ["kill-worker", nr] => Op::KillWorker(
+            nr.parse()
+                .map_err(|_| format!("kill-worker: {nr:?} is not a worker number"))?,
+        ),
+        ["refork"] => Op::Refork,
+        ["reopen-logs"] => Op::ReopenLogs,
+        _ => return Err(format!(
+            "unknown command {command:?}; expected status [--json], scale N, stop [--quick], kill-worker NR, refork, reload, reopen-logs"
+        )),
+    })
+}
+
 /// Runs one command against the monitor.
 pub(crate) fn handle(m: &mut Monitor, command: Result<String, String>) -> Reply {
-    let command = command?;
-    let words: Vec<&str> = command.split_whitespace().collect();
-    match words.as_slice() {
-        ["status"] => Ok(status_text(m)),
-        ["status", "--json"] => Ok(format!("{}\n", status_json(m))),
-        ["scale", n] => {
-            let n: usize = n.parse().map_err(|_| format!("scale: {n:?} is not a number"))?;
+    match parse(&command?)? {
+        Op::Status { json: false } => Ok(status_text(m)),
+        Op::Status { json: true } => Ok(format!("{}\n", status_json(m))),
+        Op::Scale(n) => {
             if n == 0 || n > m.config.max_workers {
-                return Err(format!("scale: {n} is out of range 1..={}", m.config.max_workers));
+                return Err(format!(
+                    "scale: {n} is out of range 1..={}",
+                    m.config.max_workers
+                ));
             }
             let target = m.scale(n, "ctl scale");
             Ok(format!("workers: {target}\n"))
         }
-        ["stop"] => {
+        Op::Stop { quick: false } => {
             m.stop(true, "ctl stop");
             Ok("stopping\n".into())
         }
-        ["stop", "--quick"] => {
+        Op::Stop { quick: true } => {
             m.stop(false, "ctl stop --quick");
             Ok("stopping quickly\n".into())
         }
-        ["kill-worker", nr] => {
-            let nr: u32 = nr.parse().map_err(|_| format!("kill-worker: {nr:?} is not a worker number"))?;
+        Op::KillWorker(nr) => {
             let slot = m
                 .children
                 .iter()
@@ -305,14 +336,11 @@ pub(crate) fn handle(m: &mut Monitor, command: Result<String, String>) -> Reply 
             m.kill_child(slot, "ctl kill-worker");
             Ok(format!("killed worker {nr}\n"))
         }
-        ["refork"] => {
+        Op::Refork => {
             m.refork("ctl refork");
             Ok("refork requested\n".into())
         }
-        ["reopen-logs"] => m.reopen_logs(),
-        _ => Err(format!(
-            "unknown command {command:?}; expected status [--json], scale N, stop [--quick], kill-worker NR, refork, reload, reopen-logs"
-        )),
+        Op::ReopenLogs => m.reopen_logs(),
     }
 }
 
@@ -515,5 +543,47 @@ pub fn request(path: &Path, command: &str) -> Result<String, String> {
         Err(err.trim_end().to_string())
     } else {
         Err(format!("unexpected reply: {reply:?}"))
+    }
+}
+
+/// Property-based fuzzing (proptest; `PROPTEST_CASES` raises the case count): any command text
+/// parses to an operation or an error message, never a panic; tests/fuzz.rs sends any bytes
+/// through a real control socket.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_text_is_an_op_or_an_error(text in ".{0,200}") {
+            if let Err(e) = parse(&text) {
+                prop_assert!(!e.is_empty());
+            }
+        }
+
+        #[test]
+        fn near_misses_are_parsed_exactly(
+            word in prop::sample::select(vec![
+                "status", "scale", "stop", "kill-worker", "refork", "reopen-logs", "reload", "statu",
+            ]),
+            args in prop::collection::vec("[-a-z0-9]{0,12}|--json|--quick|[0-9]{1,25}", 0..3),
+            space in "[ \t]{1,3}",
+        ) {
+            let text = std::iter::once(word.to_string()).chain(args.clone()).collect::<Vec<_>>().join(&space);
+            let args: Vec<&str> = args.iter().map(String::as_str).filter(|a| !a.is_empty()).collect();
+            let expected = match (word, args.as_slice()) {
+                ("status", []) => Some(Op::Status { json: false }),
+                ("status", ["--json"]) => Some(Op::Status { json: true }),
+                ("scale", [n]) => n.parse().ok().map(Op::Scale),
+                ("stop", []) => Some(Op::Stop { quick: false }),
+                ("stop", ["--quick"]) => Some(Op::Stop { quick: true }),
+                ("kill-worker", [n]) => n.parse().ok().map(Op::KillWorker),
+                ("refork", []) => Some(Op::Refork),
+                ("reopen-logs", []) => Some(Op::ReopenLogs),
+                _ => None,
+            };
+            prop_assert_eq!(parse(&text).ok(), expected, "{:?}", text);
+        }
     }
 }

@@ -114,7 +114,8 @@ fn toml_value() -> impl Strategy<Value = String> {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..4).prop_map(|v| format!("[{}]", v.join(", "))),
             prop::collection::vec(("[a-z_]{1,8}", inner), 0..3).prop_map(|kv| {
-                let fields: Vec<String> = kv.into_iter().map(|(k, v)| format!("{k} = {v}")).collect();
+                let fields: Vec<String> =
+                    kv.into_iter().map(|(k, v)| format!("{k} = {v}")).collect();
                 format!("{{ {} }}", fields.join(", "))
             }),
         ]
@@ -135,10 +136,20 @@ fn special_value(key: &str) -> Option<BoxedStrategy<String>> {
             "[]",
             "7",
         ],
-        "user" | "group" => &["\"root\"", "\"0\"", "\"no-such-user-tine\"", "\"4294967295\"", "1"],
+        "user" | "group" => &[
+            "\"root\"",
+            "\"0\"",
+            "\"no-such-user-tine\"",
+            "\"4294967295\"",
+            "1",
+        ],
         _ => return None,
     };
-    Some(proptest::sample::select(pool).prop_map(str::to_string).boxed())
+    Some(
+        proptest::sample::select(pool)
+            .prop_map(str::to_string)
+            .boxed(),
+    )
 }
 
 /// A config file: known keys (and some unknown ones) with arbitrary values, or raw text.
@@ -268,6 +279,19 @@ fn duration_and_list_flags_never_panic() {
         .unwrap();
 }
 
+/// Whether `line` is a valid command (those that change the tree are not garbage: the fuzzing
+/// leaves them out).
+fn is_real_command(line: &[u8]) -> bool {
+    let line = String::from_utf8_lossy(line);
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words.as_slice() {
+        ["stop"] | ["stop", "--quick"] | ["refork"] | ["reload"] | ["reopen-logs"] => true,
+        ["status"] | ["status", "--json"] => true,
+        ["scale" | "kill-worker", n] => n.parse::<u64>().is_ok(),
+        _ => false,
+    }
+}
+
 /// Any bytes on the control socket get an error reply and leave the monitor serving.
 #[test]
 fn any_bytes_on_the_control_socket_get_an_error_and_harm_nothing() {
@@ -278,23 +302,18 @@ fn any_bytes_on_the_control_socket_get_an_error_and_harm_nothing() {
         // Near misses of real commands.
         (
             proptest::sample::select(vec![
-                "status", "scale", "stop", "kill-worker", "refork", "reopen-logs", "reload",
+                "status",
+                "scale",
+                "stop",
+                "kill-worker",
+                "refork",
+                "reopen-logs",
+                "reload",
             ]),
             "( [^\n]{0,20}){1,3}"
         )
             .prop_map(|(word, rest)| format!("{word}{rest}\n").into_bytes())
-            .prop_filter("a real command", |b| {
-                // Valid commands that change the tree are not garbage: leave them out.
-                let line = String::from_utf8_lossy(b);
-                let words: Vec<&str> = line.split_whitespace().collect();
-                !matches!(
-                    words.as_slice(),
-                    ["stop"] | ["stop", "--quick"] | ["refork"] | ["reload"] | ["reopen-logs"]
-                        | ["status"] | ["status", "--json"]
-                ) && !(words.len() == 2
-                    && matches!(words[0], "scale" | "kill-worker")
-                    && words[1].parse::<u64>().is_ok())
-            }),
+            .prop_filter("a real command", |b| !is_real_command(b)),
     ];
     let replies = std::sync::atomic::AtomicUsize::new(0);
     runner
@@ -315,7 +334,26 @@ fn any_bytes_on_the_control_socket_get_an_error_and_harm_nothing() {
         })
         .unwrap();
     assert!(replies.into_inner() > 0);
-    let status = server.ctl(&["status"]).expect("ctl status after the garbage");
+    let status = server
+        .ctl(&["status"])
+        .expect("ctl status after the garbage");
     assert!(status.contains("worker"), "{status}");
     assert_eq!(server.get("/").status, 200);
+}
+
+/// Found by fuzzing: values that `check` accepted made `serve` panic while sizing the scoreboard
+/// (`refork_max_unavailable` near `usize::MAX`). Now refused like any bad value: exit 2, one line.
+#[test]
+fn serve_refuses_what_would_overflow_the_scoreboard() {
+    for value in ["9223372036854775807", "18446744073709551615", "65"] {
+        let out = Launch::tine()
+            .args(["--max-workers", "64", "--refork-max-unavailable", value])
+            .run(Duration::from_secs(20));
+        let stderr = out.stderr_text();
+        assert_eq!(out.code(), Some(2), "{value}: {stderr}");
+        assert!(
+            stderr.lines().count() == 1 && stderr.contains("refork_max_unavailable"),
+            "{value}: {stderr:?}"
+        );
+    }
 }

@@ -140,3 +140,80 @@ mod tests {
         ));
     }
 }
+
+/// Property-based fuzzing (proptest; `PROPTEST_CASES` raises the case count): any packet from a
+/// peer decodes to a message or a [`DecodeError`], never a panic.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn command() -> impl Strategy<Value = Command> {
+        prop_oneof![
+            (any::<u32>(), any::<u32>(), any::<u64>())
+                .prop_map(|(nr, slot, request)| Command::SpawnWorker { nr, slot, request }),
+            any::<bool>().prop_map(|graceful| Command::Stop { graceful }),
+            Just(Command::ReopenLogs),
+            (any::<u32>(), any::<u32>())
+                .prop_map(|(generation, slot)| Command::Promote { generation, slot }),
+        ]
+    }
+
+    fn report() -> impl Strategy<Value = Report> {
+        prop_oneof![
+            any::<i32>().prop_map(|pid| Report::Hello { pid }),
+            Just(Report::Ready),
+            (any::<u32>(), any::<u64>(), any::<i32>())
+                .prop_map(|(slot, request, pid)| Report::Spawned { slot, request, pid }),
+            (any::<u32>(), any::<u64>(), ".*").prop_map(|(slot, request, error)| {
+                Report::SpawnFailed {
+                    slot,
+                    request,
+                    error,
+                }
+            }),
+            ".*".prop_map(|reason| Report::Exiting { reason }),
+            ".*".prop_map(|reason| Report::PromotionFailed { reason }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn any_packet_is_a_message_or_an_error(packet in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode::<Command>(&packet);
+            let _ = decode::<Report>(&packet);
+        }
+
+        #[test]
+        fn any_body_of_this_version_is_a_message_or_an_error(
+            body in prop::collection::vec(any::<u8>(), 0..512)
+        ) {
+            let mut packet = WIRE_VERSION.to_le_bytes().to_vec();
+            packet.extend(body);
+            let _ = decode::<Command>(&packet);
+            let _ = decode::<Report>(&packet);
+        }
+
+        #[test]
+        fn messages_round_trip_and_survive_mutation(
+            c in command(),
+            r in report(),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            prop_assert_eq!(decode::<Command>(&encode(&c)).unwrap(), c.clone());
+            prop_assert_eq!(decode::<Report>(&encode(&r)).unwrap(), r.clone());
+            for mut packet in [encode(&c), encode(&r)] {
+                for (at, byte) in &flips {
+                    let i = at.index(packet.len());
+                    packet[i] ^= byte;
+                }
+                let _ = decode::<Command>(&packet);
+                let _ = decode::<Report>(&packet);
+                packet.truncate(cut.index(packet.len() + 1));
+                let _ = decode::<Command>(&packet);
+                let _ = decode::<Report>(&packet);
+            }
+        }
+    }
+}

@@ -91,20 +91,67 @@ pub(crate) fn take_handover() -> Result<Option<Handover>, String> {
     let fd: RawFd = value
         .to_string_lossy()
         .parse()
-        .map_err(|_| format!("bad {HANDOVER_ENV}"))?;
+        .ok()
+        .filter(|fd| *fd >= 0)
+        .ok_or_else(|| format!("bad {HANDOVER_ENV}"))?;
     let mut file = std::fs::File::from(crate::sys::fd::adopt(fd));
-    let mut text = String::new();
+    let mut text = Vec::new();
     file.rewind()
-        .and_then(|_| file.read_to_string(&mut text))
+        .and_then(|_| file.read_to_end(&mut text))
         .map_err(|e| format!("reading the handover: {e}"))?;
-    let handover: Handover = serde_json::from_str(&text).map_err(|e| format!("handover: {e}"))?;
+    parse_handover(&text).map(Some)
+}
+
+/// Most scoreboard slots a handover may name (`max_workers` is at most 4096, and a rollout adds
+/// at most as many again).
+const MAX_HANDED_SLOTS: usize = 2 * 4096 + 2;
+
+/// Parses and checks a handover: the right version, and nothing that the adoption would take on
+/// trust and turn into harm: every descriptor non-negative and named once (each becomes an
+/// owner that closes it), every pid positive (0 or -1 would make a signal hit a whole group or
+/// every process), every slot inside the scoreboard.
+fn parse_handover(bytes: &[u8]) -> Result<Handover, String> {
+    let handover: Handover = serde_json::from_slice(bytes).map_err(|e| format!("handover: {e}"))?;
     if handover.version != HANDOVER_VERSION {
         return Err(format!(
             "handover version {} (this build reads {HANDOVER_VERSION})",
             handover.version
         ));
     }
-    Ok(Some(handover))
+    let (_, capacity) = handover.scoreboard;
+    if capacity == 0 || capacity > MAX_HANDED_SLOTS {
+        return Err(format!("handover: scoreboard of {capacity} slots"));
+    }
+    let fds = handover
+        .listeners
+        .iter()
+        .map(|l| l.fd)
+        .chain(handover.control.as_ref().map(|(fd, _)| *fd))
+        .chain([handover.scoreboard.0])
+        .chain(handover.children.iter().filter_map(|c| c.channel))
+        .chain(handover.waiters.iter().copied())
+        .chain(handover.metrics.map(|(fd, _)| fd));
+    let mut seen = std::collections::BTreeSet::new();
+    for fd in fds {
+        if fd < 0 || !seen.insert(fd) {
+            return Err(format!(
+                "handover: descriptor {fd} is invalid or named twice"
+            ));
+        }
+    }
+    let mut slots = std::collections::BTreeSet::new();
+    for c in &handover.children {
+        if c.pid <= 0 {
+            return Err(format!("handover: child pid {}", c.pid));
+        }
+        if c.slot >= capacity || !slots.insert(c.slot) {
+            return Err(format!(
+                "handover: child slot {} is invalid or named twice",
+                c.slot
+            ));
+        }
+    }
+    Ok(handover)
 }
 
 /// A preflight under way: the executable on disk running `check` with the same arguments. The
@@ -559,4 +606,89 @@ impl Monitor {
 /// Adopts a `ctl reload` connection handed over by the previous image.
 pub(crate) fn adopt_waiter(fd: RawFd) -> UnixStream {
     UnixStream::from(crate::sys::fd::adopt(fd))
+}
+
+/// Property-based fuzzing (proptest; `PROPTEST_CASES` raises the case count) of the handover
+/// reader: any bytes are a handover or an error, never a panic, and an accepted handover names
+/// no descriptor, pid or slot that adoption would misuse.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn handover() -> impl Strategy<Value = serde_json::Value> {
+        let fd = prop_oneof![4 => 3..64i32, 1 => any::<i32>()];
+        let child = (
+            prop::option::of(fd.clone()),
+            prop_oneof![4 => 2..100_000i32, 1 => any::<i32>()],
+            0..20usize,
+            any::<bool>(),
+        )
+            .prop_map(|(channel, pid, slot, worker)| {
+                serde_json::json!({
+                    "channel": channel, "pid": pid, "worker": worker, "nr": 0, "generation": 0,
+                    "slot": slot, "ready": true, "retiring": null,
+                })
+            });
+        (
+            prop::collection::vec(fd.clone(), 0..3),
+            fd.clone(),
+            prop_oneof![4 => 1..64usize, 1 => any::<usize>()],
+            prop::collection::vec(child, 0..4),
+            prop::collection::vec(fd, 0..2),
+            prop_oneof![9 => Just(HANDOVER_VERSION), 1 => any::<u32>()],
+        )
+            .prop_map(|(listeners, board_fd, capacity, children, waiters, version)| {
+                let listeners: Vec<_> = listeners
+                    .into_iter()
+                    .map(|fd| serde_json::json!({"fd": fd, "addr": "127.0.0.1:1", "activated": false}))
+                    .collect();
+                serde_json::json!({
+                    "version": version, "listeners": listeners, "control": null,
+                    "scoreboard": [board_fd, capacity], "children": children, "target": 1,
+                    "waiters": waiters, "reload_started_ms": 0, "restarts": {},
+                })
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_are_a_handover_or_an_error(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_handover(&bytes);
+        }
+
+        #[test]
+        fn an_accepted_handover_is_safe_to_adopt(doc in handover()) {
+            let text = serde_json::to_vec(&doc).unwrap();
+            if let Ok(h) = parse_handover(&text) {
+                prop_assert_eq!(h.version, HANDOVER_VERSION);
+                prop_assert!(h.scoreboard.1 > 0 && h.scoreboard.1 <= MAX_HANDED_SLOTS);
+                let mut fds: Vec<RawFd> = h.listeners.iter().map(|l| l.fd).collect();
+                fds.push(h.scoreboard.0);
+                fds.extend(h.children.iter().filter_map(|c| c.channel));
+                fds.extend(&h.waiters);
+                prop_assert!(fds.iter().all(|fd| *fd >= 0));
+                let n = fds.len();
+                fds.sort_unstable();
+                fds.dedup();
+                prop_assert_eq!(fds.len(), n, "a descriptor named twice");
+                for c in &h.children {
+                    prop_assert!(c.pid > 0 && c.slot < h.scoreboard.1);
+                }
+            }
+        }
+
+        #[test]
+        fn mutated_handovers_are_a_handover_or_an_error(
+            doc in handover(),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+        ) {
+            let mut text = serde_json::to_vec(&doc).unwrap();
+            for (at, byte) in flips {
+                let i = at.index(text.len());
+                text[i] ^= byte;
+            }
+            let _ = parse_handover(&text);
+        }
+    }
 }

@@ -323,3 +323,102 @@ impl Receiver {
 fn bad(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.to_string())
 }
+
+/// Property-based fuzzing (proptest; `PROPTEST_CASES` raises the case count): any message body
+/// decodes to a message or an error, and any packets a peer sends are reassembled or refused,
+/// never a panic; whole messages of any size arrive intact.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    use proptest::prelude::*;
+    use std::os::fd::AsFd;
+
+    fn pair() -> (OwnedFd, OwnedFd) {
+        socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap()
+    }
+
+    /// Packets a peer might send: raw bytes, or this version's header with any flags and body.
+    fn packet() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..64),
+            (any::<u8>(), prop::collection::vec(any::<u8>(), 0..256)).prop_map(|(flags, body)| {
+                let mut p = vec![VERSION, flags];
+                p.extend(body);
+                p
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn any_body_is_a_message_or_an_error(body in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode::<Call>(&body);
+            let _ = decode::<ToWorker>(&body);
+            let _ = decode::<FromWorker>(&body);
+            let _ = decode::<ToSpawner>(&body);
+            let _ = decode::<FromSpawner>(&body);
+        }
+
+        #[test]
+        fn any_packets_are_reassembled_or_refused(packets in prop::collection::vec(packet(), 1..12)) {
+            let (tx, rx) = pair();
+            let mut receiver = Receiver::new();
+            for p in &packets {
+                let iov = [IoSlice::new(p)];
+                socket::sendmsg::<()>(tx.as_raw_fd(), &iov, &[], MsgFlags::empty(), None).unwrap();
+                loop {
+                    match receiver.recv(rx.as_fd(), true) {
+                        Ok(Received::WouldBlock) | Ok(Received::Eof) | Err(_) => break,
+                        Ok(Received::Message(body, fds)) => {
+                            prop_assert!(fds.is_empty());
+                            let _ = decode::<FromWorker>(&body);
+                        }
+                    }
+                }
+            }
+            // Whatever came before, a peer that closes is seen as gone.
+            drop(tx);
+            let mut seen_eof = false;
+            for _ in 0..3 {
+                if matches!(receiver.recv(rx.as_fd(), true), Ok(Received::Eof)) {
+                    seen_eof = true;
+                    break;
+                }
+            }
+            prop_assert!(seen_eof);
+        }
+
+        #[test]
+        fn whole_messages_of_any_size_arrive_intact(
+            len in prop_oneof![0..16usize, 0..(3 * MAX_BODY), Just(MAX_BODY), Just(2 * MAX_BODY + 1)],
+            seed in any::<u8>(),
+        ) {
+            // Bytes made from a seed: a random vector this long per case is slow to generate.
+            let output: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect();
+            let (tx, rx) = pair();
+            let body = encode(&FromWorker::Done(output.clone())).unwrap();
+            // The socket buffer holds a few packets; send from a thread while this one reads.
+            let sender = std::thread::spawn(move || send(tx.as_fd(), &body, &[]));
+            let mut receiver = Receiver::new();
+            let got = receiver.recv(rx.as_fd(), false).unwrap();
+            sender.join().unwrap().unwrap();
+            match got {
+                Received::Message(body, fds) => {
+                    prop_assert!(fds.is_empty());
+                    match decode::<FromWorker>(&body).unwrap() {
+                        FromWorker::Done(out) => prop_assert_eq!(out, output),
+                        other => prop_assert!(false, "{:?}", other),
+                    }
+                }
+                other => prop_assert!(false, "{:?}", other),
+            }
+        }
+    }
+}
