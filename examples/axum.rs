@@ -7,6 +7,7 @@
 //! curl 127.0.0.1:3000/whoami           # {"worker":0,"generation":0,"pid":…}
 //! curl -d 'some text' 127.0.0.1:3000/echo
 //! websocat ws://127.0.0.1:3000/ws      # a WebSocket that echoes messages
+//! curl -N 127.0.0.1:3000/events        # server-sent events: a count every 500 ms
 //! ```
 //!
 //! `preload` runs once, in the generation-0 mold: what it builds (here a small table) is shared
@@ -16,13 +17,16 @@
 //! `/ws` is a WebSocket route that ends itself politely when its worker drains (a graceful stop, a
 //! refork, a reload, a recycle): it watches [`tine::Worker::shutdown`] and sends a close frame
 //! `1001 going away`, so the client reconnects to a worker that stays and this one exits at once
-//! rather than holding the drain until `graceful_timeout`.
+//! rather than holding the drain until `graceful_timeout`. `/events` (server-sent events) does the
+//! same for a response that never ends by itself: on drain it sends a last `bye` event and ends.
 
+use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::sse::{Event, Sse};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -82,6 +86,7 @@ impl App for AxumApp {
             .route("/whoami", get(whoami))
             .route("/echo", post(|body: String| async move { body }))
             .route("/ws", get(websocket))
+            .route("/events", get(events))
             .with_state(state);
         Ok(Handler::http(router))
     }
@@ -152,6 +157,29 @@ async fn echo(mut socket: WebSocket, shutdown: &'static Shutdown) {
         }
     })
     .await;
+}
+
+/// A count every 500 ms, for as long as the client listens, or until this worker drains: then a
+/// last `bye` event, and the response ends (so the connection closes and the worker can exit).
+async fn events(
+    State(state): State<PerWorker>,
+) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+    let shutdown = state.shutdown;
+    // The state is the next count, `None` once the last event is out.
+    let counts = futures_util::stream::unfold(Some(0u64), move |next| async move {
+        let n = next?;
+        let pause = Duration::from_millis(if n == 0 { 0 } else { 500 });
+        tokio::select! {
+            _ = shutdown.wait() => {
+                let bye = Event::default().event("bye").data("server going away");
+                Some((Ok(bye), None))
+            }
+            _ = tokio::time::sleep(pause) => {
+                Some((Ok(Event::default().data(n.to_string())), Some(n + 1)))
+            }
+        }
+    });
+    Sse::new(counts)
 }
 
 fn main() -> std::process::ExitCode {

@@ -504,3 +504,43 @@ fn axum_websocket_is_told_going_away_on_a_reload() {
         server.log.text()
     );
 }
+
+/// A response that never ends by itself (server-sent events) ends when its worker drains, because
+/// the handler watches `Worker::shutdown`: the client gets a last `bye` event and the end of the
+/// chunked body, and the worker exits at once instead of at graceful_timeout.
+#[test]
+fn axum_event_stream_ends_with_bye_on_a_graceful_stop() {
+    let mut server = Launch::example("axum")
+        .args(["--workers", "1", "--graceful-timeout", "30"])
+        .start();
+    let worker = server.wait_workers(1, READY_TIMEOUT)[0];
+    let mut s = TcpStream::connect_timeout(&server.tcp_addr(), IO_TIMEOUT).expect("connect");
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.write_all(b"GET /events HTTP/1.1\r\nHost: tine\r\n\r\n")
+        .unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0; 4096];
+    while !String::from_utf8_lossy(&head).contains("data: 0") {
+        let n = s.read(&mut buf).expect("the first event");
+        assert!(n > 0, "closed before the first event: {head:?}");
+        head.extend_from_slice(&buf[..n]);
+    }
+    let started = Instant::now();
+    server.signal(Signal::SIGTERM);
+    let rest = read_until_closed(&mut s);
+    assert!(
+        rest.contains("event: bye\ndata: server going away\n"),
+        "{rest:?}"
+    );
+    assert!(
+        rest.ends_with("0\r\n\r\n"),
+        "the body ended, then the connection: {rest:?}"
+    );
+    assert_eq!(server.exit_code_within(Duration::from_secs(10)), 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(gone(worker));
+}
