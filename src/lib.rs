@@ -83,25 +83,44 @@
 //! `TTIN`/`TTOU` one worker more/less.
 #![deny(missing_docs)]
 
+// The application server: everything but the spawner and `sys` (Cargo feature `server`, on by
+// default; `default-features = false` builds the spawner alone, without the HTTP stack).
+#[cfg(feature = "server")]
 pub mod app;
+#[cfg(feature = "server")]
 mod body;
+#[cfg(feature = "server")]
 mod child;
+#[cfg(feature = "server")]
 pub mod cli;
+#[cfg(feature = "server")]
 pub mod config;
+#[cfg(feature = "server")]
 mod control;
-#[cfg(doctest)]
+#[cfg(all(doctest, feature = "server"))]
 mod doc_examples;
+#[cfg(feature = "server")]
 pub mod ipc;
+#[cfg(feature = "server")]
 pub mod listener;
+#[cfg(feature = "server")]
 mod log;
+#[cfg(feature = "server")]
 mod metrics;
+#[cfg(feature = "server")]
 mod mold;
+#[cfg(feature = "server")]
 mod monitor;
 pub mod spawner;
 pub mod sys;
+#[cfg(feature = "server")]
 mod worker;
 
+#[cfg(feature = "server")]
 pub use app::{App, Connection, Context, Handler, Shutdown, Worker};
+#[cfg(feature = "server")]
 pub use cli::run;
+#[cfg(feature = "server")]
 pub use config::Config;
+#[cfg(feature = "server")]
 pub use monitor::MonitorError;

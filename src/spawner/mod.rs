@@ -56,6 +56,9 @@
 //! }
 //! ```
 //!
+//! The spawner needs none of the server: with `default-features = false` (no `server` feature)
+//! tine builds only this module and [`sys`](crate::sys), without the HTTP stack.
+//!
 //! See `docs/SPAWNER.md` for the design, the limits and the measured costs.
 
 mod error;

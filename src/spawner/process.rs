@@ -24,6 +24,18 @@ use crate::sys::process::{
     close_fds_except, exit_now, reset_signals, set_parent_death_signal, set_thread_name, Forked,
 };
 
+/// One diagnostic line on stderr, never a panic (`eprintln!` panics when stderr is gone): the
+/// server's writer when it is built, which never waits either and counts what it drops.
+#[cfg(feature = "server")]
+use crate::log::print_stderr;
+
+/// One diagnostic line on stderr, never a panic (`eprintln!` panics when stderr is gone). Without
+/// the server's log these rare lines are one plain write each, a failure ignored.
+#[cfg(not(feature = "server"))]
+fn print_stderr(message: impl std::fmt::Display) {
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("{message}\n").as_bytes());
+}
+
 /// Exit code of a process whose own code failed unexpectedly (EX_SOFTWARE).
 const EXIT_INTERNAL: i32 = 70;
 /// Exit code of a worker after a job panicked.
@@ -83,7 +95,7 @@ fn spawner_loop(ctl: OwnedFd, registry: &Registry, parent: Pid) {
             Ok(Received::Eof) => break,
             // A malformed request from our own parent: drop it, keep serving.
             Err(e) => {
-                crate::log::print_stderr(format_args!(
+                print_stderr(format_args!(
                     "tine-spawner: ignoring a malformed request: {e}"
                 ));
                 continue;
@@ -92,7 +104,7 @@ fn spawner_loop(ctl: OwnedFd, registry: &Registry, parent: Pid) {
         let request: ToSpawner = match wire::decode(&body) {
             Ok(r) => r,
             Err(e) => {
-                crate::log::print_stderr(format_args!(
+                print_stderr(format_args!(
                     "tine-spawner: ignoring a malformed request: {e}"
                 ));
                 continue;
@@ -268,7 +280,7 @@ fn worker_main(
             // The pool let go of this worker (or the user's process is gone).
             Ok(Received::Eof) => return 0,
             Err(e) => {
-                crate::log::print_stderr(format_args!(
+                print_stderr(format_args!(
                     "tine-job: bad message from the pool, exiting: {e}"
                 ));
                 return EXIT_INTERNAL;
@@ -328,7 +340,7 @@ fn reply(msg: &FromWorker, fds: &[RawFd]) {
             // A caller that went away (cancelled) shows up as EPIPE: nothing to tell anyone.
             let _ = wire::send(chan.as_fd(), &body, fds);
         }
-        Err(e) => crate::log::print_stderr(format_args!("tine-job: cannot encode a reply: {e}")),
+        Err(e) => print_stderr(format_args!("tine-job: cannot encode a reply: {e}")),
     }
 }
 
