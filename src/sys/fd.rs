@@ -5,8 +5,13 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 /// Takes ownership of a descriptor that the kernel just handed to this process (received with
 /// SCM_RIGHTS or inherited across a fork under an agreed number).
 ///
-/// The caller must be the only owner of `fd`.
-pub fn adopt(fd: RawFd) -> OwnedFd {
+/// # Contract
+///
+/// `fd` must be open and owned by nothing else in this process (no other `OwnedFd`, `File` or
+/// socket closes it); otherwise two owners close it and the second close may hit an unrelated
+/// descriptor that reused the number. Safe in name only, so crate-private: every caller names
+/// where its number came from (a receive, a handover, systemd's `LISTEN_FDS`).
+pub(crate) fn adopt(fd: RawFd) -> OwnedFd {
     // SAFETY: per this function's contract the descriptor is open and owned by nobody else in this
     // process, so wrapping it in an OwnedFd that will close it once is sound.
     unsafe { OwnedFd::from_raw_fd(fd) }
@@ -71,7 +76,12 @@ pub fn is_unix_stream_socket(fd: RawFd) -> bool {
 /// wake-up) can be read by another. Renewed, the pair is this process's alone, and every value that
 /// holds the numbers (a runtime's statics) keeps working unchanged. Both ends of a `socketpair` are
 /// alike, so which number gets which end does not matter.
-pub fn renew_socket_pair(a: RawFd, b: RawFd) -> std::io::Result<()> {
+///
+/// # Contract
+///
+/// The caller (a forked child, single-threaded) accepts that whatever owns `a` and `b` now holds
+/// the fresh pair: crate-private, as it changes descriptors that other values own.
+pub(crate) fn renew_socket_pair(a: RawFd, b: RawFd) -> std::io::Result<()> {
     use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
     use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
     use std::os::fd::AsRawFd;

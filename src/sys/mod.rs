@@ -1,6 +1,24 @@
 //! Every `unsafe` system call wrapper of tine lives here, each block with a `// SAFETY:` comment.
 //!
 //! The rest of the crate is safe Rust: it calls these wrappers, or nix's safe API directly.
+//!
+//! A public function here is sound for any arguments. Wrappers whose contract cannot be checked
+//! (take ownership of any descriptor number, close every descriptor but some, fork without
+//! counting threads, replace descriptors other values own) are crate-private, each with a
+//! `# Contract` section its callers uphold; these do not compile outside the crate:
+//!
+//! ```compile_fail
+//! let _ = tine::sys::fd::adopt(0);
+//! ```
+//! ```compile_fail
+//! let _ = tine::sys::process::close_fds_except(&[0, 1, 2]);
+//! ```
+//! ```compile_fail
+//! let _ = tine::sys::spawner::fork_single_threaded();
+//! ```
+//! ```compile_fail
+//! let _ = tine::sys::fd::renew_socket_pair(3, 4);
+//! ```
 
 pub mod epoll;
 pub mod fd;

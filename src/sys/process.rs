@@ -187,7 +187,13 @@ pub fn set_thread_name(name: &str) {
 }
 
 /// Closes every fd of this process that is not in `keep`.
-pub fn close_fds_except(keep: &[RawFd]) -> io::Result<()> {
+///
+/// # Contract
+///
+/// Only for a freshly forked, single-threaded child that will not use, after this call, any value
+/// owning a descriptor it did not keep (such a value would read, write or close a number that may
+/// since name something else). Safe in name only, so crate-private.
+pub(crate) fn close_fds_except(keep: &[RawFd]) -> io::Result<()> {
     let mut keep: Vec<u32> = keep
         .iter()
         .filter(|fd| **fd >= 0)

@@ -8,8 +8,14 @@ use super::process::Forked;
 ///
 /// For the spawner process only: it is created by a checked [`super::process::fork`] (a forked
 /// child has exactly one thread) and never starts a thread, so the check would cost ~20 µs per
-/// worker for nothing. Callers must uphold that the calling process has one thread.
-pub fn fork_single_threaded() -> io::Result<Forked> {
+/// worker for nothing.
+///
+/// # Contract
+///
+/// The calling process has exactly one thread (forking with more copies locks other threads may
+/// hold). Nothing checks it, so the function is crate-private: its one caller is the spawner's
+/// loop; anyone else forks with the checked [`super::process::fork`].
+pub(crate) fn fork_single_threaded() -> io::Result<Forked> {
     // SAFETY: per this function's contract the process is single-threaded, so the child gets a
     // consistent copy of every lock and of the allocator; no other thread can hold one mid-update.
     match unsafe { nix::unistd::fork() }? {
