@@ -13,9 +13,9 @@
 //!
 //! When its worker drains (a graceful stop, a refork, a reload, a recycle), a connection still
 //! waiting for its line hears of it through [`tine::Worker::shutdown`]: a line already on its way
-//! gets a moment more ([`DRAIN_GRACE`]), then the client is told `error: server going away` and the
-//! connection closes, so the worker exits at once instead of holding its drain for a silent client
-//! until `graceful_timeout`.
+//! gets `drain_grace` more (the setting HTTP connections get for the same reason), then the client
+//! is told `error: server going away` and the connection closes, so the worker exits then instead
+//! of holding its drain for a silent client until `graceful_timeout`.
 
 use std::time::Duration;
 
@@ -24,9 +24,6 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 /// The longest line accepted, newline included; a longer one gets an error line.
 const MAX_LINE: u64 = 64 * 1024;
-/// How long a connection still waits for its line once the worker drains: enough for a line the
-/// client has sent already, far less than a `graceful_timeout`.
-const DRAIN_GRACE: Duration = Duration::from_secs(1);
 
 struct Raas;
 
@@ -39,15 +36,17 @@ impl App for Raas {
         // A client that never finishes its line must not hold the connection for ever: it gets the
         // same patience as an HTTP client sending its request head.
         let patience = worker.config().header_read_timeout;
+        // Once the worker drains, a line still on its way gets this long.
+        let grace = worker.config().drain_grace;
         let shutdown = worker.shutdown();
         Ok(Handler::stream(move |conn| {
-            serve(conn, patience, shutdown.clone())
+            serve(conn, patience, grace, shutdown.clone())
         }))
     }
 }
 
 /// One request: read a line, answer it reversed, close.
-async fn serve(conn: Connection, patience: Duration, shutdown: Shutdown) {
+async fn serve(conn: Connection, patience: Duration, grace: Duration, shutdown: Shutdown) {
     let mut conn = BufReader::new(conn);
     let mut line = Vec::new();
     let read = {
@@ -58,7 +57,7 @@ async fn serve(conn: Connection, patience: Duration, shutdown: Shutdown) {
             biased;
             r = &mut read => Some(r),
             // Draining: `None` if the line does not come within the grace.
-            _ = shutdown.wait() => tokio::time::timeout(DRAIN_GRACE, &mut read).await.ok(),
+            _ = shutdown.wait() => tokio::time::timeout(grace, &mut read).await.ok(),
         }
     };
     let reply = match read {

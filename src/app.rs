@@ -96,8 +96,9 @@ impl Worker {
     ///
     /// A worker drains when it stops gracefully (`TERM`, scale down, a limit, a reload's
     /// roll-over) or is promoted to a mold (refork). It stops accepting, lets its requests finish
-    /// and then waits, up to `graceful_timeout`, for every connection it still has, upgraded ones
-    /// (WebSockets) and stream connections included: the monitor kills it after that. A
+    /// and then waits, up to `graceful_timeout` (`spawn_timeout` for a promotion), for every
+    /// connection it still has, upgraded ones (WebSockets) and stream connections included: the
+    /// monitor kills it after that. A
     /// long-lived connection should therefore watch this signal and end itself politely (a
     /// WebSocket close frame `1001 going away`, a goodbye line), so the client reconnects to a
     /// worker that stays and this one exits at once. See [`Shutdown`].

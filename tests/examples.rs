@@ -247,15 +247,15 @@ fn read_until_closed(s: &mut TcpStream) -> String {
     String::from_utf8(out).expect("UTF-8 answer")
 }
 
-/// A stream handler that watches `Worker::shutdown` lets its worker drain at once: on TERM, a
+/// A stream handler that watches `Worker::shutdown` lets its worker drain promptly: on TERM, a
 /// client half-way through its line still gets its answer, a client that sent nothing is told
-/// the server is going away, and the tree exits long before graceful_timeout (before, the
-/// silent client held the worker until the monitor killed it at graceful_timeout).
+/// the server is going away after `drain_grace`, and the tree exits long before graceful_timeout
+/// (before, the silent client held the worker until the monitor killed it at graceful_timeout).
 #[test]
 fn raas_tells_waiting_clients_and_exits_on_a_graceful_stop() {
     let mut server = Launch::example("raas")
         .args(["--workers", "1", "--header-read-timeout", "60"])
-        .args(["--graceful-timeout", "30"])
+        .args(["--graceful-timeout", "30", "--drain-grace", "2"])
         .start();
     server.wait_workers(1, READY_TIMEOUT);
     let addr = server.tcp_addr();
