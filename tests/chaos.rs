@@ -47,6 +47,8 @@ const CONVERGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Descriptors the monitor may hold beyond its start count after convergence (a control
 /// connection being closed while it is counted).
 const FD_TOLERANCE: usize = 2;
+/// An event taking longer than this is reported (a `ctl` call or a signal's effect that waits).
+const SLOW_EVENT: Duration = Duration::from_secs(2);
 /// Pause between two events: at random within this range (pacing of the schedule).
 const GAP_MS: (u64, u64) = (20, 250);
 
@@ -122,7 +124,11 @@ fn pick_kind(rng: &mut Rng) -> Kind {
 #[derive(Debug)]
 struct Kill {
     pid: i32,
+    /// When the process was frozen (it served nothing after), or, if it was not, the start of
+    /// the window in which the monitor killed it.
     at: Instant,
+    /// The end of that window (for a frozen process: when it was frozen too).
+    until: Instant,
     ports: Option<HashSet<u16>>,
 }
 
@@ -195,9 +201,9 @@ fn not_converged(server: &Server, target: usize) -> Option<String> {
         return Some(format!("not settled: {rows:?}"));
     }
     // The process table agrees: nothing else lives under the monitor.
-    let alive: Vec<Proc> = descendants(server.pid)
+    let alive: Vec<(i32, char)> = tree_states(server.pid)
         .into_iter()
-        .filter(|p| p.state != 'Z')
+        .filter(|(_, state)| *state != 'Z')
         .collect();
     if alive.len() != target + 1 {
         return Some(format!(
@@ -215,11 +221,43 @@ fn fd_count(pid: i32) -> usize {
         .unwrap_or(0)
 }
 
+/// Every process under `root` (children, grandchildren…) with its state letter, from
+/// `/proc/PID/stat` alone: unlike the harness's [`descendants`] it reads no command line, which
+/// takes the memory-map lock of every process on the machine and can wait on any of them.
+fn tree_states(root: i32) -> Vec<(i32, char)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    // (pid, ppid, state) of every process.
+    let all: Vec<(i32, i32, char)> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let mut fields = stat.get(stat.rfind(')')? + 2..)?.split_whitespace();
+            let state = fields.next()?.chars().next()?;
+            Some((pid, fields.next()?.parse().ok()?, state))
+        })
+        .collect();
+    let mut out = Vec::new();
+    let mut parents = vec![root];
+    while let Some(parent) = parents.pop() {
+        for &(pid, ppid, state) in &all {
+            if ppid == parent {
+                out.push((pid, state));
+                parents.push(pid);
+            }
+        }
+    }
+    out
+}
+
 /// Zombies under the monitor (children it has not reaped, and theirs).
-fn zombies(server: &Server) -> Vec<Proc> {
-    descendants(server.pid)
+fn zombies(server: &Server) -> Vec<i32> {
+    tree_states(server.pid)
         .into_iter()
-        .filter(|p| p.state == 'Z')
+        .filter(|(_, state)| *state == 'Z')
+        .map(|(pid, _)| pid)
         .collect()
 }
 
@@ -258,6 +296,19 @@ fn client_ports_held_by(pid: i32, server_addr: SocketAddr) -> HashSet<u16> {
         .collect()
 }
 
+/// Whether `pid` is stopped (a `SIGSTOP` took effect), a zombie or gone (read from its `stat`
+/// alone, see [`tree_states`]).
+fn stopped_or_gone(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat.get(i + 2..))
+        .and_then(|rest| rest.chars().next());
+    matches!(state, Some('T' | 't' | 'Z') | None)
+}
+
 /// Freezes `pid`, notes the connections it holds, and SIGKILLs it.
 fn freeze_and_kill(pid: i32, server_addr: SocketAddr) -> Kill {
     // The kill counts from the freeze: from then on the process answers nothing, and the client
@@ -266,13 +317,16 @@ fn freeze_and_kill(pid: i32, server_addr: SocketAddr) -> Kill {
     signal(pid, Signal::SIGSTOP);
     // A stopped process accepts nothing more; wait until the stop took effect.
     let stopped = poll_until(Duration::from_secs(2), || {
-        proc_info(pid)
-            .is_none_or(|p| matches!(p.state, 'T' | 't' | 'Z'))
-            .then_some(())
+        stopped_or_gone(pid).then_some(())
     });
     let ports = stopped.map(|()| client_ports_held_by(pid, server_addr));
     signal(pid, Signal::SIGKILL);
-    Kill { pid, at, ports }
+    Kill {
+        pid,
+        at,
+        until: at,
+        ports,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -289,6 +343,8 @@ struct Chaos {
     /// asserted: a child that just died is a zombie until the next poll; reported).
     peak_fds: usize,
     peak_zombies: usize,
+    /// Events that took over [`SLOW_EVENT`] (the kind, when it began, how long it took).
+    slow: Vec<(Kind, Duration, Duration)>,
 }
 
 impl Chaos {
@@ -415,9 +471,7 @@ fn event(
             let at = Instant::now();
             signal(w.pid, Signal::SIGSTOP);
             let stopped = poll_until(Duration::from_secs(2), || {
-                proc_info(w.pid)
-                    .is_none_or(|p| matches!(p.state, 'T' | 't' | 'Z'))
-                    .then_some(())
+                stopped_or_gone(w.pid).then_some(())
             });
             let ports = stopped.map(|()| client_ports_held_by(w.pid, server_addr));
             let mark = server.log.mark();
@@ -428,16 +482,24 @@ fn event(
                         .wait_for_line_since(mark, Duration::from_secs(5), |l| {
                             l.contains("killing worker") && l.contains("reason=ctl kill-worker")
                         });
+                    let until = Instant::now();
                     let killed = line.as_deref().and_then(|l| pids_in(l).last().copied());
                     match killed {
-                        Some(pid) if pid == w.pid => chaos.kills.push(Kill { pid, at, ports }),
+                        Some(pid) if pid == w.pid => chaos.kills.push(Kill {
+                            pid,
+                            at,
+                            until: at,
+                            ports,
+                        }),
                         Some(pid) => {
-                            // The monitor picked another process of that number: it was not
-                            // frozen first; only `x-tine-worker` attributes its connections.
+                            // The monitor picked another process of that number (a replacement
+                            // started meanwhile): it was not frozen first; only `x-tine-worker`
+                            // attributes its connections, and it died somewhere in [at, until].
                             signal(w.pid, Signal::SIGCONT);
                             chaos.kills.push(Kill {
                                 pid,
                                 at,
+                                until,
                                 ports: None,
                             });
                         }
@@ -463,15 +525,16 @@ fn event(
 /// looked at first, else by the last response on the connection.
 fn excuse<'a>(lost: &Lost, kills: &'a [Kill]) -> Option<&'a Kill> {
     let port = lost.local.map(|a| a.port());
-    kills.iter().find(|k| {
-        k.at >= lost.connected_at
-            && k.at <= lost.at
-            && match &k.ports {
-                // Frozen first: exactly the connections it held (a connection it had already
-                // closed by itself is not excused by a kill that came later).
-                Some(ports) => port.is_some_and(|p| ports.contains(&p)),
-                None => lost.last_worker == Some(k.pid),
-            }
+    kills.iter().find(|k| match &k.ports {
+        // Frozen first: exactly the connections it held at the freeze (a connection it had
+        // already closed by itself is not excused by a kill that came later; a later connection
+        // on the same client port is not the one it held).
+        Some(ports) => {
+            lost.connected_at <= k.at && k.at <= lost.at && port.is_some_and(|p| ports.contains(&p))
+        }
+        // Killed by the monitor somewhere in [at, until]: a connection it answered on, open
+        // before the window ended, lost after it began.
+        None => lost.last_worker == Some(k.pid) && lost.connected_at <= k.until && k.at <= lost.at,
     })
 }
 
@@ -501,6 +564,7 @@ fn why_stopped(lines: &[String], pid: i32) -> String {
 
 #[test]
 fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
+    let test_began = Instant::now();
     let seed = env_u64("CHAOS_SEED").unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -547,6 +611,7 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
             monitor_died = Some(started.elapsed());
             break;
         }
+        let event_began = Instant::now();
         chaos.peak_fds = chaos.peak_fds.max(fd_count(server.pid));
         chaos.peak_zombies = chaos.peak_zombies.max(zombies(&server).len());
         let kind = pick_kind(&mut rng);
@@ -558,6 +623,13 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
             &mut target,
             &mut chaos,
         );
+        if event_began.elapsed() > SLOW_EVENT {
+            chaos.slow.push((
+                kind,
+                event_began.duration_since(started),
+                event_began.elapsed(),
+            ));
+        }
         std::thread::sleep(Duration::from_millis(rng.range(GAP_MS.0, GAP_MS.1)));
     }
     let chaos_ended = Instant::now();
@@ -606,7 +678,15 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
         }
     }
     let answered_at_end = load.answered();
+    let stopping = Instant::now();
     let report: StrictReport = load.stop();
+    let phases = format!(
+        "start {:?}, chaos {:?}, convergence and scale back {:?}, load stop {:?}",
+        started.duration_since(test_began),
+        chaos_ended.duration_since(started),
+        stopping.duration_since(chaos_ended),
+        stopping.elapsed()
+    );
     let monitor_alive = monitor_died.is_none() && !server.has_exited();
 
     // Lost requests, excused or not.
@@ -703,6 +783,10 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
         zombies_after.as_ref().map(|(n, _, _)| *n),
         chaos.peak_zombies
     );
+    eprintln!("chaos: took {phases}");
+    for (kind, at, took) in &chaos.slow {
+        eprintln!("  slow event: {kind:?} at {at:?} took {took:?}");
+    }
     for p in &chaos.problems {
         eprintln!("  problem: {p}");
     }
