@@ -3,9 +3,12 @@
 //!
 //! Logging never ends or blocks a process. Every line is one write to fd 2 (stderr, or the log
 //! file made fd 2) that does not wait: a pipe or socket that is full answers `EAGAIN` at once
-//! (`RWF_NOWAIT`). A line that cannot be written whole (`EPIPE`, `ENOSPC`, `EIO`, `EAGAIN`) is
-//! dropped and counted in the scoreboard's header, which every process of the tree shares, so
-//! `tine_log_lines_dropped_total` and `ctl status` show the whole tree's drops. tracing's own
+//! (`RWF_NOWAIT`). A pipe on fd 2 is grown to 1 MiB so bursts fit, and a line that meets a full
+//! pipe waits for room at most 20 ms, once per stall (a reader only descheduled catches up; a
+//! reader gone for good costs one such wait). A line that cannot be written whole (`EPIPE`,
+//! `ENOSPC`, `EIO`, `EAGAIN`) is dropped and counted in the scoreboard's header, which every
+//! process of the tree shares, so `tine_log_lines_dropped_total` and `ctl status` show the whole
+//! tree's drops. tracing's own
 //! writer reports a failed write with `eprintln!`, which panics when stderr is gone: the writer
 //! here never reports an error. After `EPIPE` (the reader of stderr went away) lines are dropped
 //! without trying, until a log file is reopened onto fd 2.
@@ -32,6 +35,7 @@ pub fn set_process_tag(tag: String) {
 pub fn init(format: LogFormat, filter: &str) -> Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .map_err(|e| format!("invalid value {filter:?} for `log_level`: {e}"))?;
+    grow_stderr_pipe();
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(|| LineWriter)
@@ -50,6 +54,16 @@ static DROPPED_EARLY: AtomicU64 = AtomicU64::new(0);
 static STDERR_GONE: AtomicBool = AtomicBool::new(false);
 /// fd 2 refused `RWF_NOWAIT` (a regular file or a device): plain writes, which do not wait long.
 static NOWAIT_UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+/// fd 2 was full and stayed full for [`FULL_PATIENCE`]: its reader is stalled (a paused pager, a
+/// stuck collector). Lines are dropped at once until a write goes through again.
+static STALLED: AtomicBool = AtomicBool::new(false);
+/// How long a line waits for room in a full pipe before it is dropped, once per stall: enough for
+/// a reader that was only descheduled during a burst of lines, too short to slow a process whose
+/// reader is gone for good (after one such wait, lines are dropped without waiting).
+const FULL_PATIENCE: std::time::Duration = std::time::Duration::from_millis(20);
+/// Room asked for a pipe on fd 2, so bursts of lines fit while its reader catches up (the
+/// unprivileged maximum is 1 MiB by default; a smaller grant is kept).
+const PIPE_SIZE: i32 = 1 << 20;
 
 /// Log lines the tree failed to write: every process's drops since the scoreboard was created
 /// (it survives reloads), plus this process's own from before.
@@ -94,8 +108,17 @@ pub(crate) fn write_line(line: &[u8]) -> bool {
         };
         match written {
             Ok(0) => break,
-            Ok(n) => rest = &rest[n..],
+            Ok(n) => {
+                rest = &rest[n..];
+                STALLED.store(false, Ordering::Relaxed);
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if STALLED.load(Ordering::Relaxed) || !wait_writable(fd) {
+                    STALLED.store(true, Ordering::Relaxed);
+                    break;
+                }
+            }
             Err(e) => {
                 if e.raw_os_error() == Some(libc::EPIPE) {
                     STDERR_GONE.store(true, Ordering::Relaxed);
@@ -109,6 +132,31 @@ pub(crate) fn write_line(line: &[u8]) -> bool {
     } else {
         count_dropped();
         false
+    }
+}
+
+/// Waits up to [`FULL_PATIENCE`] for room in `fd`; returns whether there is some.
+fn wait_writable(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(fd, PollFlags::POLLOUT)];
+    let ms = FULL_PATIENCE.as_millis() as u16;
+    matches!(poll(&mut fds, PollTimeout::from(ms)), Ok(n) if n > 0)
+        && fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLOUT))
+}
+
+/// Grows the pipe on fd 2, if it is one, so that bursts of lines fit (best effort: the pipe is
+/// shared with whoever reads it, and a larger buffer costs them nothing).
+fn grow_stderr_pipe() {
+    use nix::fcntl::{fcntl, FcntlArg};
+    use std::os::fd::AsRawFd;
+    let stderr = std::io::stderr();
+    let fd = stderr.as_fd().as_raw_fd();
+    let is_pipe =
+        nix::sys::stat::fstat(fd).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFIFO);
+    if is_pipe {
+        let _ = fcntl(fd, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
     }
 }
 
@@ -330,6 +378,7 @@ pub(crate) fn adopt_log_fd(fd: Option<std::os::fd::OwnedFd>) {
         // A new descriptor: it may take lines again, and perhaps without waiting.
         STDERR_GONE.store(false, Ordering::Relaxed);
         NOWAIT_UNSUPPORTED.store(false, Ordering::Relaxed);
+        STALLED.store(false, Ordering::Relaxed);
     }
 }
 
