@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::faults::{
     cpu_time, open_fds, open_files_limit, status_json, wait_generation, CloseAfterLine,
+    StallAfterLine,
 };
 use common::*;
 use nix::sys::signal::Signal;
@@ -62,6 +63,30 @@ fn the_tree_keeps_serving_and_obeys_signals_after_its_stderr_pipe_is_closed() {
         poll_until(Duration::from_secs(5), || server.log.is_eof().then_some(())).is_some(),
         "the stderr reader did not stop"
     );
+    obeys_signals_while_logs_fail(&server, &addr);
+}
+
+#[test]
+fn the_tree_keeps_serving_and_obeys_signals_while_the_reader_of_its_stderr_stalls() {
+    let server = Launch::tine()
+        .args(["--workers", "2"])
+        .spawn_with(|stderr| {
+            Log::capture(StallAfterLine::new(
+                stderr,
+                "tine ready",
+                Duration::from_secs(120),
+            ))
+        });
+    server.wait_ready();
+    let addr = server.addr();
+    // Lines enough to fill the one page left in the pipe: `reopen-logs` without a log file
+    // answers an error and logs a line of about 100 bytes.
+    for i in 0..60 {
+        match server.ctl(&["reopen-logs"]) {
+            Err(e) if e.contains("no log_file") => {}
+            other => panic!("reopen-logs #{i} while the log is stalled: {other:?}"),
+        }
+    }
     obeys_signals_while_logs_fail(&server, &addr);
 }
 

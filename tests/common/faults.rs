@@ -134,3 +134,42 @@ pub fn open_fds(pid: i32) -> usize {
         .map(|d| d.count())
         .unwrap_or(0)
 }
+
+/// A reader of a child's stderr that passes lines through until one contains `pattern`, then
+/// shrinks the pipe to one page and stops reading, holding it open: a reader that stalls (a
+/// paused pager, a stuck log collector). Reports EOF after `hold` (the test is over by then).
+pub struct StallAfterLine {
+    inner: CloseAfterLine<std::process::ChildStderr>,
+    fd: std::os::fd::RawFd,
+    hold: Duration,
+}
+
+impl StallAfterLine {
+    /// Reads `reader` until a line containing `pattern` has been passed on, then stalls.
+    pub fn new(
+        reader: std::process::ChildStderr,
+        pattern: &'static str,
+        hold: Duration,
+    ) -> StallAfterLine {
+        use std::os::fd::AsRawFd;
+        let fd = reader.as_raw_fd();
+        StallAfterLine {
+            inner: CloseAfterLine::new(reader, pattern),
+            fd,
+            hold,
+        }
+    }
+}
+
+impl Read for StallAfterLine {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.inner.cut || !self.inner.pending.is_empty() {
+            return self.inner.read(buf);
+        }
+        // Everything written so far has been read: the pipe is empty, so it can shrink to the
+        // smallest size (the tree grew it at start), and a few lines fill it.
+        let _ = nix::fcntl::fcntl(self.fd, nix::fcntl::FcntlArg::F_SETPIPE_SZ(4096));
+        std::thread::sleep(self.hold);
+        Ok(0)
+    }
+}
