@@ -1,7 +1,8 @@
 //! An app built with `tokio = { features = ["full"] }` (`examples/tokio_full.rs`: `tokio::signal`
 //! and `tokio::process` in its handlers, a runtime built and dropped in `preload`) is reforked 50
-//! times under strict load (POSTs never retried): every generation becomes ready and serves both
-//! routes, its processes share no socket but the listeners, and no request is lost
+//! times under strict load (POSTs never retried), then reloaded and reforked once more: every
+//! generation becomes ready and serves both routes, its processes share no socket but the
+//! listeners, and no request is lost
 //! (docs/FORK_SAFETY.md, "Runtimes").
 //!
 //! Before the fix, the workers closed tokio's signal self-pipe, which `preload`'s runtime had
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use common::strict::{StrictLoad, StrictReport};
 use common::{poll_until, Launch, Server};
+use nix::sys::signal::Signal;
 
 const WORKERS: usize = 2;
 const REFORKS: u64 = 50;
@@ -183,9 +185,18 @@ fn reforks_under_strict_load() -> Run {
         });
         previous = now.unwrap_or_else(|| panic!("no load answered in gen:{generation}"));
     }
+    // A reload (HUP: the monitor re-executes itself and forks a fresh generation-0 mold, which
+    // learns the runtime's descriptors anew), then one more refork from it.
+    server.signal(Signal::SIGHUP);
+    let reloaded = wait_generation(&server, REFORKS + 1);
+    routes_work(&server, REFORKS + 1, &reloaded.workers);
+    server.ctl(&["refork"]).expect("ctl refork");
+    let last = wait_generation(&server, REFORKS + 2);
+    routes_work(&server, REFORKS + 2, &last.workers);
+    shares_only_listeners(&server, REFORKS + 2, &last);
     let reports: Vec<StrictReport> = loads.into_iter().map(StrictLoad::stop).collect();
     eprintln!(
-        "{REFORKS} reforks in {:?} (slowest {slowest:?})",
+        "{REFORKS} reforks, a reload and a refork in {:?} (slowest of the 50: {slowest:?})",
         started.elapsed()
     );
     for ((path, _), report) in ROUTES.iter().zip(&reports) {
