@@ -358,3 +358,135 @@ fn status(code: StatusCode, body: &'static str) -> Response<Body> {
     *r.status_mut() = code;
     r
 }
+
+/// Property-based: whatever the request path (percent-encoding, `..`, slashes, links in any
+/// order), what is opened is a file beneath the root, never the file outside it.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+    use std::os::unix::fs::{symlink, MetadataExt as _};
+
+    struct Tree {
+        base: PathBuf,
+        secret: (u64, u64),
+    }
+
+    impl Tree {
+        fn new() -> Tree {
+            let base = std::env::temp_dir().join(format!(
+                "tine-static-fuzz-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            let _ = std::fs::remove_dir_all(&base);
+            let root = base.join("root");
+            std::fs::create_dir_all(root.join("sub/deeper")).unwrap();
+            std::fs::write(base.join("secret"), "secret").unwrap();
+            std::fs::write(root.join("index.html"), "index").unwrap();
+            std::fs::write(root.join("sub/page.html"), "page").unwrap();
+            symlink(base.join("secret"), root.join("abs-out")).unwrap();
+            symlink("../secret", root.join("rel-out")).unwrap();
+            symlink("../../secret", root.join("sub/up-out")).unwrap();
+            symlink("..", root.join("sub/deeper/parent")).unwrap();
+            symlink("../..", root.join("sub/deeper/grandparent")).unwrap();
+            symlink(&base, root.join("base")).unwrap();
+            symlink("page.html", root.join("sub/in")).unwrap();
+            let meta = std::fs::metadata(base.join("secret")).unwrap();
+            Tree {
+                base,
+                secret: (meta.dev(), meta.ino()),
+            }
+        }
+    }
+
+    impl Drop for Tree {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.base);
+        }
+    }
+
+    fn uri_path() -> impl Strategy<Value = String> {
+        let part = prop::sample::select(vec![
+            "..",
+            ".",
+            "%2e%2e",
+            "%2E%2e",
+            "%252e%252e",
+            "sub",
+            "deeper",
+            "parent",
+            "grandparent",
+            "abs-out",
+            "rel-out",
+            "up-out",
+            "base",
+            "root",
+            "secret",
+            "in",
+            "page.html",
+            "index.html",
+            "%2f",
+            "%2fsecret",
+            "",
+            "%00",
+            "..%2f",
+            "%5c..",
+            "\u{e9}",
+        ]);
+        (prop::collection::vec(part, 0..7), any::<bool>()).prop_map(|(parts, slash)| {
+            let mut p = format!("/{}", parts.join("/"));
+            if slash {
+                p.push('/');
+            }
+            p
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn nothing_outside_the_root_is_ever_opened(
+            paths in prop::collection::vec(uri_path(), 1..16),
+        ) {
+            let tree = Tree::new();
+            for follow in [FollowSymlinks::WithinRoot, FollowSymlinks::Never] {
+                let root = Root::open(&tree.base.join("root"), follow).unwrap();
+                for path in &paths {
+                    if let Ok(Found::File { file, .. }) = open_beneath_root(&root, path) {
+                        let meta = file.metadata().unwrap();
+                        prop_assert_ne!((meta.dev(), meta.ino()), tree.secret, "{}", path);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_links_inside_are_followed_only_within_root() {
+        let tree = Tree::new();
+        let root = Root::open(&tree.base.join("root"), FollowSymlinks::WithinRoot).unwrap();
+        assert!(matches!(
+            open_beneath_root(&root, "/sub/deeper/parent/in"),
+            Ok(Found::File { .. })
+        ));
+        assert!(matches!(
+            open_beneath_root(&root, "/sub/deeper/grandparent/"),
+            Ok(Found::File { .. })
+        ));
+        for path in ["/abs-out", "/rel-out", "/sub/up-out", "/base/secret"] {
+            assert!(
+                matches!(open_beneath_root(&root, path), Err(Refused::Forbidden)),
+                "{path}"
+            );
+        }
+        let root = Root::open(&tree.base.join("root"), FollowSymlinks::Never).unwrap();
+        assert!(matches!(
+            open_beneath_root(&root, "/sub/in"),
+            Err(Refused::Forbidden)
+        ));
+        assert!(matches!(
+            open_beneath_root(&root, "/sub/page.html"),
+            Ok(Found::File { .. })
+        ));
+    }
+}
