@@ -81,6 +81,7 @@ pub fn is_unix_stream_socket(fd: RawFd) -> bool {
 ///
 /// The caller (a forked child, single-threaded) accepts that whatever owns `a` and `b` now holds
 /// the fresh pair: crate-private, as it changes descriptors that other values own.
+#[cfg_attr(not(feature = "server"), allow(dead_code))] // only the server's after-fork sequence
 pub(crate) fn renew_socket_pair(a: RawFd, b: RawFd) -> std::io::Result<()> {
     use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
     use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
