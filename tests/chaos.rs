@@ -7,9 +7,10 @@
 //! - the monitor never dies;
 //! - after the chaos the tree converges, within [`CONVERGE_TIMEOUT`], to the target the operator
 //!   asked for: that many workers, numbered 0..N, all ready, none older than the mold (its rollout
-//!   is complete), one mold, no other process;
-//! - the monitor's open descriptors and the tree's zombies are what they were before the chaos
-//!   (the tree is scaled back to its first size to compare like with like);
+//!   is complete), one mold, no other child of the monitor;
+//! - the monitor's open descriptors and the zombies tine must reap (children of the monitor, a
+//!   subreaper, and of the mold) are what they were before the chaos (the tree is scaled back to
+//!   its first size to compare like with like);
 //! - every lost request is excused by a `kill -9`: it was written on a connection that the killed
 //!   process held at the moment of the kill. To know which connections those are, each process is
 //!   frozen (`SIGSTOP`) just before its kill, so it cannot accept another one, and its server-side
@@ -21,7 +22,9 @@
 //!
 //! The schedule is random with a seed printed at the start; `CHAOS_SEED=N` replays it (the timing
 //! of a busy machine still varies). `CHAOS_SECONDS=N` sets the length of the chaos (default
-//! [`DEFAULT_CHAOS_SECONDS`]; `bench/chaos/` runs it for ten minutes).
+//! [`DEFAULT_CHAOS_SECONDS`]; `bench/chaos/` runs it for ten minutes). `CHAOS_EXAMPLE=NAME`
+//! serves an example app (`examples/NAME.rs`, e.g. `tokio_full` or `axum`) instead of the `tine`
+//! binary's `hello`, and `CHAOS_PATH` sets the path the load POSTs to (default `/`).
 
 mod common;
 
@@ -200,15 +203,16 @@ fn not_converged(server: &Server, target: usize) -> Option<String> {
     if !settled {
         return Some(format!("not settled: {rows:?}"));
     }
-    // The process table agrees: nothing else lives under the monitor.
-    let alive: Vec<(i32, char)> = tree_states(server.pid)
+    // The process table agrees: the monitor has no other child (the workers' own children
+    // belong to the app).
+    let children: Vec<TreeProc> = tree_states(server.pid)
         .into_iter()
-        .filter(|(_, state)| *state != 'Z')
+        .filter(|p| p.ppid == server.pid && p.state != 'Z')
         .collect();
-    if alive.len() != target + 1 {
+    if children.len() != target + 1 {
         return Some(format!(
-            "{} live processes under the monitor: {alive:?}",
-            alive.len()
+            "{} live children of the monitor: {children:?}",
+            children.len()
         ));
     }
     None
@@ -221,43 +225,63 @@ fn fd_count(pid: i32) -> usize {
         .unwrap_or(0)
 }
 
-/// Every process under `root` (children, grandchildren…) with its state letter, from
-/// `/proc/PID/stat` alone: unlike the harness's [`descendants`] it reads no command line, which
-/// takes the memory-map lock of every process on the machine and can wait on any of them.
-fn tree_states(root: i32) -> Vec<(i32, char)> {
+/// A process of the tree, from `/proc/PID/stat`.
+#[derive(Debug, Clone)]
+struct TreeProc {
+    pid: i32,
+    ppid: i32,
+    state: char,
+    /// The main thread's name (tine names its processes `tine-mold`, `tine-worker-N`).
+    comm: String,
+}
+
+/// Every process under `root` (children, grandchildren…), from `/proc/PID/stat` alone: unlike
+/// the harness's [`descendants`] it reads no command line, which takes the memory-map lock of
+/// every process on the machine and can wait on any of them.
+fn tree_states(root: i32) -> Vec<TreeProc> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
-    // (pid, ppid, state) of every process.
-    let all: Vec<(i32, i32, char)> = dir
+    let all: Vec<TreeProc> = dir
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .filter_map(|pid| {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let comm = stat.get(stat.find('(')? + 1..stat.rfind(')')?)?.to_string();
             let mut fields = stat.get(stat.rfind(')')? + 2..)?.split_whitespace();
             let state = fields.next()?.chars().next()?;
-            Some((pid, fields.next()?.parse().ok()?, state))
+            let ppid = fields.next()?.parse().ok()?;
+            Some(TreeProc {
+                pid,
+                ppid,
+                state,
+                comm,
+            })
         })
         .collect();
     let mut out = Vec::new();
     let mut parents = vec![root];
     while let Some(parent) = parents.pop() {
-        for &(pid, ppid, state) in &all {
-            if ppid == parent {
-                out.push((pid, state));
-                parents.push(pid);
-            }
+        for p in all.iter().filter(|p| p.ppid == parent) {
+            out.push(p.clone());
+            parents.push(p.pid);
         }
     }
     out
 }
 
-/// Zombies under the monitor (children it has not reaped, and theirs).
+/// Zombies that tine should reap: children of the monitor (its own, and orphans re-parented to
+/// it, a child subreaper) and of the mold. A worker's own children are the app's to reap.
 fn zombies(server: &Server) -> Vec<i32> {
-    tree_states(server.pid)
-        .into_iter()
-        .filter(|(_, state)| *state == 'Z')
-        .map(|(pid, _)| pid)
+    let tree = tree_states(server.pid);
+    let molds: HashSet<i32> = tree
+        .iter()
+        .filter(|p| p.ppid == server.pid && p.comm.starts_with("tine-mold"))
+        .map(|p| p.pid)
+        .collect();
+    tree.iter()
+        .filter(|p| p.state == 'Z' && (p.ppid == server.pid || molds.contains(&p.ppid)))
+        .map(|p| p.pid)
         .collect()
 }
 
@@ -575,14 +599,24 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
     eprintln!("chaos: seed {seed} (replay with CHAOS_SEED={seed}), {seconds} s");
     let mut rng = Rng(seed);
 
-    let server = Launch::tine()
+    let example = std::env::var("CHAOS_EXAMPLE").ok();
+    let path = std::env::var("CHAOS_PATH").unwrap_or_else(|_| "/".into());
+    eprintln!(
+        "chaos: app {}, POST {path}",
+        example.as_deref().unwrap_or("tine hello")
+    );
+    let launch = match &example {
+        Some(name) => Launch::example(name),
+        None => Launch::tine(),
+    };
+    let server = launch
         .args(["--workers", &START_WORKERS.to_string(), "--debug-headers"])
         .start();
     let server_addr = server.tcp_addr();
     server.wait_workers(START_WORKERS, READY_TIMEOUT);
 
     let max = Duration::from_secs(seconds) + CONVERGE_TIMEOUT * 2 + Duration::from_secs(30);
-    let load = StrictLoad::start(&server.addr(), CONNECTIONS, "/", max);
+    let load = StrictLoad::start(&server.addr(), CONNECTIONS, &path, max);
     assert!(
         poll_until(Duration::from_secs(10), || (load.answered() > 0)
             .then_some(()))
