@@ -347,3 +347,32 @@ fn graceful_stop(connections: usize) {
         &server,
     );
 }
+
+/// Idle kept-alive connections do not hold a promotion: a promoted worker keeps them at most a
+/// quarter of `spawn_timeout` (it must be a mold within `spawn_timeout`), even when `drain_grace`
+/// (here the idle deadline, 20 s) is longer. Held for the whole grace, the promotion would be
+/// killed as "not ready within spawn_timeout" (4 s here) and the refork would never complete.
+#[test]
+fn idle_connections_do_not_hold_a_promotion() {
+    let server = start(2, &["--header-read-timeout", "20", "--spawn-timeout", "4"]);
+    let before = wait_settled(&server, 2, |_| true);
+    // Idle kept-alive connections on the workers (new connections go to whichever is free).
+    let mut idle: Vec<common::Client> = (0..6)
+        .map(|_| common::Client::connect(&server.addr()).expect("connect"))
+        .collect();
+    for c in &mut idle {
+        let r = c.get("/").expect("GET");
+        assert!(r.status == 200 && !r.closes(), "{r:?}");
+    }
+    server.signal(Signal::SIGUSR2);
+    let after = wait_settled(&server, 2, |s| s.generation == before.generation + 1);
+    assert!(after.workers.iter().all(|w| !before.workers.contains(w)));
+    for trouble in ["not ready within spawn_timeout", "promotion failed"] {
+        assert_eq!(
+            server.log.count(trouble),
+            0,
+            "{trouble:?}; log:\n{}",
+            server.log.text()
+        );
+    }
+}

@@ -247,7 +247,7 @@ pub(super) fn spawn_accept_loop(
         // deadline applies too). The monitor's graceful_timeout bounds the whole drain.
         let drained = connections.drain();
         drop(serve);
-        let grace = tokio::time::sleep(config.drain_grace);
+        let grace = tokio::time::sleep(drain_grace(&config, *stop.borrow()));
         tokio::pin!(grace);
         let mut graced = false;
         loop {
@@ -261,6 +261,16 @@ pub(super) fn spawn_accept_loop(
             }
         }
     }))
+}
+
+/// How long idle connections are kept by this drain: `drain_grace`, but at most a quarter of
+/// `spawn_timeout` for a worker being promoted, which must become a mold within `spawn_timeout`
+/// (the rest of the drain, the runtime's shutdown and `before_mold` follow).
+fn drain_grace(config: &Config, stop: Stop) -> Duration {
+    match stop {
+        Stop::Promote { .. } => config.drain_grace.min(config.spawn_timeout / 4),
+        _ => config.drain_grace,
+    }
 }
 
 /// The open connections of one listener, as its accept loop sees them: it sweeps them for
