@@ -14,6 +14,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+use nix::sched::{sched_setaffinity, CpuSet};
 use nix::sys::socket::{recvmsg, sendmsg, socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
 use nix::sys::wait::waitpid;
 use serde::{Deserialize, Serialize};
@@ -28,6 +29,29 @@ impl Job for Trivial {
     type Output = u64;
     fn run(self) -> u64 {
         self.0 + 1
+    }
+}
+
+/// Pins the calling thread (and what it forks later) to one CPU; `None`: to every CPU again.
+fn pin(cpu: Option<usize>) {
+    let mut set = CpuSet::new();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for c in 0..cpus {
+        if cpu.is_none_or(|only| only == c) {
+            set.set(c).expect("cpu index");
+        }
+    }
+    sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).expect("sched_setaffinity");
+}
+
+/// Pins the worker that runs it to a CPU: for measuring round trips across CPUs.
+#[derive(Serialize, Deserialize)]
+struct PinWorker(usize);
+impl Job for PinWorker {
+    const NAME: &'static str = "bench.pin-worker";
+    type Output = ();
+    fn run(self) {
+        pin(Some(self.0));
     }
 }
 
@@ -61,8 +85,9 @@ fn recv1(fd: &OwnedFd) -> usize {
         .unwrap_or(0)
 }
 
-/// The floor: one byte there and back over a SOCK_SEQPACKET socketpair.
-fn floor(rounds: usize) {
+/// The floor: one byte there and back over a SOCK_SEQPACKET socketpair. With `cross`, the two
+/// processes are pinned to different CPUs (0 and 1): every message wakes the other CPU.
+fn floor(rounds: usize, cross: bool) {
     let (a, b) = socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -73,6 +98,9 @@ fn floor(rounds: usize) {
     match fork().expect("fork") {
         Forked::Child => {
             drop(a);
+            if cross {
+                pin(Some(1));
+            }
             while recv1(&b) == 1 {
                 send1(&b);
             }
@@ -80,6 +108,9 @@ fn floor(rounds: usize) {
         }
         Forked::Parent(pid) => {
             drop(b);
+            if cross {
+                pin(Some(0));
+            }
             for _ in 0..rounds / 10 {
                 send1(&a);
                 recv1(&a);
@@ -93,7 +124,10 @@ fn floor(rounds: usize) {
             }
             drop(a);
             let _ = waitpid(pid, None);
-            report("floor", samples);
+            if cross {
+                pin(None);
+            }
+            report(if cross { "floor_cross" } else { "floor" }, samples);
         }
     }
 }
@@ -119,9 +153,16 @@ fn main() -> anyhow::Result<()> {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(20_000);
-    let spawner = Spawner::builder().register::<Trivial>().start()?;
+    let spawner = Spawner::builder()
+        .register::<Trivial>()
+        .register::<PinWorker>()
+        .start()?;
     // Every fork of this process happens here, before any thread exists.
-    floor(rounds);
+    floor(rounds, false);
+    let cross = std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2;
+    if cross {
+        floor(rounds, true);
+    }
     bare_fork(rounds / 10);
 
     let pool = spawner.pool().max_workers(2).build();
@@ -136,6 +177,24 @@ fn main() -> anyhow::Result<()> {
         assert_eq!(out, i + 1);
     }
     report("run_blocking", samples);
+
+    if cross {
+        // One worker on CPU 1, the caller on CPU 0: every round trip crosses CPUs.
+        let pinned = spawner.pool().max_workers(1).build();
+        pinned.run_blocking(PinWorker(1))?;
+        pin(Some(0));
+        for i in 0..rounds as u64 / 10 {
+            pinned.run_blocking(Trivial(i))?;
+        }
+        let mut samples = Vec::with_capacity(rounds);
+        for i in 0..rounds as u64 {
+            let t = Instant::now();
+            pinned.run_blocking(Trivial(i))?;
+            samples.push(t.elapsed());
+        }
+        pin(None);
+        report("run_blocking_cross", samples);
+    }
 
     let one_shot = spawner.pool().one_shot().max_workers(1).build();
     let mut samples = Vec::with_capacity(rounds / 10);

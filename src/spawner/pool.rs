@@ -267,6 +267,7 @@ impl Pool {
             call: Call {
                 job: J::NAME.to_string(),
                 payload,
+                spin_us: 0,
             },
             fds,
         })
@@ -296,10 +297,20 @@ impl Inner {
                 _permit: permit,
                 started: Instant::now(),
                 panicking: Vec::new(),
+                spin: Duration::ZERO,
             });
         }
         self.shrink();
-        let body = wire::encode(&ToWorker::Run(out.call)).map_err(|e| Error::Serialization {
+        // Spin only for a lone job: the permit this job holds is the only one taken.
+        let alone = self.permits.available_permits() + 1 >= self.config.max_workers;
+        let spin = if alone {
+            wire::spin_budget()
+        } else {
+            Duration::ZERO
+        };
+        let mut call = out.call;
+        call.spin_us = u32::try_from(spin.as_micros()).unwrap_or(u32::MAX);
+        let body = wire::encode(&ToWorker::Run(call)).map_err(|e| Error::Serialization {
             pid: None,
             side: Side::EncodeJob,
             message: e.to_string(),
@@ -321,6 +332,7 @@ impl Inner {
                         _permit: permit,
                         started: Instant::now(),
                         panicking: Vec::new(),
+                        spin,
                     })
                 }
                 Err(e) => {
@@ -423,6 +435,8 @@ struct Busy {
     /// The panics the worker reported on the job's thread (the latest [`MAX_PANIC_NOTES`]): if the
     /// worker then dies of SIGABRT, they are why.
     panicking: Vec<PanicReport>,
+    /// How long `run_blocking` spins on the answer before sleeping (see [`wire::spin_budget`]).
+    spin: Duration,
 }
 
 /// Most panic notes kept per job (a job that catches panics in a loop sends one each).
@@ -558,6 +572,14 @@ impl Busy {
     }
 
     fn wait_blocking(&mut self) -> Result<(Vec<u8>, Vec<OwnedFd>), Error> {
+        let spin = self.spin;
+        let w = self.worker();
+        match w.rx.spin(w.fd.as_fd(), spin) {
+            Ok(Received::Message(body, fds)) => return Ok((body, fds)),
+            Ok(Received::Eof) => return Err(self.died()),
+            Ok(Received::WouldBlock) => {}
+            Err(e) => return Err(self.broken(e)),
+        }
         loop {
             let next = next_check(&self.inner.config, self.started);
             if let Some(next) = next {

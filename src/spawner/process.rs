@@ -273,8 +273,14 @@ fn worker_main(
         };
     }
     let mut rx = Receiver::new();
+    // Set by the caller of the last job: spin for the next one, or sleep at once.
+    let mut spin = Duration::ZERO;
     loop {
-        let (body, fds) = match rx.recv(chan.as_fd(), false) {
+        let received = match rx.spin(chan.as_fd(), spin) {
+            Ok(Received::WouldBlock) => rx.recv(chan.as_fd(), false),
+            other => other,
+        };
+        let (body, fds) = match received {
             Ok(Received::Message(body, fds)) => (body, fds),
             Ok(Received::WouldBlock) => continue,
             // The pool let go of this worker (or the user's process is gone).
@@ -293,6 +299,7 @@ fn worker_main(
                 continue;
             }
         };
+        spin = Duration::from_micros(call.spin_us.into());
         if run_call(registry, call, fds).is_none() {
             return EXIT_PANICKED;
         }
