@@ -132,6 +132,8 @@ struct Kill {
     at: Instant,
     /// The end of that window (for a frozen process: when it was frozen too).
     until: Instant,
+    /// How long it stayed frozen before the SIGKILL (zero when it was not frozen).
+    frozen_for: Duration,
     ports: Option<HashSet<u16>>,
 }
 
@@ -349,6 +351,7 @@ fn freeze_and_kill(pid: i32, server_addr: SocketAddr) -> Kill {
         pid,
         at,
         until: at,
+        frozen_for: at.elapsed(),
         ports,
     }
 }
@@ -368,7 +371,7 @@ struct Chaos {
     peak_fds: usize,
     peak_zombies: usize,
     /// Events that took over [`SLOW_EVENT`] (the kind, when it began, how long it took).
-    slow: Vec<(Kind, Duration, Duration)>,
+    slow: Vec<String>,
 }
 
 impl Chaos {
@@ -513,6 +516,7 @@ fn event(
                             pid,
                             at,
                             until: at,
+                            frozen_for: at.elapsed(),
                             ports,
                         }),
                         Some(pid) => {
@@ -524,6 +528,7 @@ fn event(
                                 pid,
                                 at,
                                 until,
+                                frozen_for: Duration::ZERO,
                                 ports: None,
                             });
                         }
@@ -648,7 +653,9 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
         let event_began = Instant::now();
         chaos.peak_fds = chaos.peak_fds.max(fd_count(server.pid));
         chaos.peak_zombies = chaos.peak_zombies.max(zombies(&server).len());
+        let sampling = event_began.elapsed();
         let kind = pick_kind(&mut rng);
+        let kills_before = chaos.kills.len();
         event(
             &server,
             server_addr,
@@ -658,8 +665,14 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
             &mut chaos,
         );
         if event_began.elapsed() > SLOW_EVENT {
-            chaos.slow.push((
-                kind,
+            // Where the time went: the /proc sampling, and how long a killed process was
+            // frozen (its /proc/net/tcp look-up) if this event froze one.
+            let frozen = chaos.kills[kills_before..]
+                .iter()
+                .map(|k| format!(", pid {} frozen for {:?}", k.pid, k.frozen_for))
+                .collect::<String>();
+            chaos.slow.push(format!(
+                "{kind:?} at {:?} took {:?} (sampling {sampling:?}{frozen})",
                 event_began.duration_since(started),
                 event_began.elapsed(),
             ));
@@ -818,8 +831,8 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
         chaos.peak_zombies
     );
     eprintln!("chaos: took {phases}");
-    for (kind, at, took) in &chaos.slow {
-        eprintln!("  slow event: {kind:?} at {at:?} took {took:?}");
+    for slow in &chaos.slow {
+        eprintln!("  slow event: {slow}");
     }
     for p in &chaos.problems {
         eprintln!("  problem: {p}");
