@@ -350,8 +350,12 @@ options! {
     /// Enable the reference app's debug routes (/sleep/MS, /stream/MS, /spin, /leak/KB, /crash, /subprocess/SECS) [default: false]
     #[arg(num_args = 0..=1, default_missing_value = "true")]
     debug_routes: bool,
-    /// Consecutive failed spawns before the monitor gives up and exits [default: 10]
+    /// Consecutive failed spawns before the monitor gives up and exits, counted only while no
+    /// worker serves [default: 10]
     max_consecutive_spawn_errors: u32,
+    /// Failed starts in a row of a new generation's workers (before one is ready) after which its
+    /// rollout is abandoned and the previous generation keeps serving [default: 3]
+    rollout_max_failures: u32,
     /// Seconds a new process may take to report ready [default: 30]
     spawn_timeout: Seconds,
     /// Seconds without a heartbeat before a worker is asked to exit [default: 30]
@@ -455,8 +459,10 @@ pub struct Config {
     pub debug_headers: bool,
     /// Debug routes of the reference app.
     pub debug_routes: bool,
-    /// Spawn failures before giving up.
+    /// Spawn failures before giving up (only while no worker serves).
     pub max_consecutive_spawn_errors: u32,
+    /// Failed starts of a new generation before its rollout is abandoned.
+    pub rollout_max_failures: u32,
     /// Ready deadline for new processes.
     pub spawn_timeout: Duration,
     /// Heartbeat timeout.
@@ -634,6 +640,10 @@ impl Options {
         if max_consecutive_spawn_errors == 0 {
             return Err(invalid("max_consecutive_spawn_errors", 0, "at least 1"));
         }
+        let rollout_max_failures = self.rollout_max_failures.unwrap_or(3);
+        if rollout_max_failures == 0 {
+            return Err(invalid("rollout_max_failures", 0, "at least 1"));
+        }
         let refork_max_unavailable = self.refork_max_unavailable.unwrap_or(1);
         // More than every worker at once means nothing more, and it sizes the scoreboard.
         if refork_max_unavailable == 0 || refork_max_unavailable > max_workers {
@@ -697,6 +707,7 @@ impl Options {
             debug_headers: self.debug_headers.unwrap_or(false),
             debug_routes: self.debug_routes.unwrap_or(false),
             max_consecutive_spawn_errors,
+            rollout_max_failures,
             spawn_timeout,
             timeout,
             timeout_cleanup: secs(self.timeout_cleanup, 5),

@@ -336,10 +336,9 @@ pub(crate) fn handle(m: &mut Monitor, command: Result<String, String>) -> Reply 
             m.kill_child(slot, "ctl kill-worker");
             Ok(format!("killed worker {nr}\n"))
         }
-        Op::Refork => {
-            m.refork("ctl refork");
-            Ok("refork requested\n".into())
-        }
+        // The loop passes `refork` its connection to wait on; this is only reached for a client
+        // settled just before a reload's exec, which rolls every worker over anyway.
+        Op::Refork => Err("refork refused: a reload is in progress".into()),
         Op::ReopenLogs => m.reopen_logs(),
     }
 }
@@ -473,6 +472,18 @@ fn status_text(m: &Monitor) -> String {
             "log lines dropped: {dropped} (stderr or the log file could not take them)\n"
         ));
     }
+    if let Some(rollout) = m.rollout_status() {
+        out.push_str(&format!("rollout: {rollout}\n"));
+    }
+    if let Some(failure) = &m.last_rollout_failure {
+        out.push_str(&format!("last failed rollout: {}\n", failure.describe()));
+    }
+    if m.resource_errors_total > 0 {
+        out.push_str(&format!(
+            "starts delayed for lack of resources (EAGAIN, ENOMEM, EMFILE, ENFILE): {}\n",
+            m.resource_errors_total
+        ));
+    }
     out
 }
 
@@ -501,11 +512,24 @@ pub(crate) fn status_json(m: &Monitor) -> serde_json::Value {
             })
         })
         .collect();
+    let last_failed_rollout = m.last_rollout_failure.as_ref().map(|f| {
+        json!({
+            "cause": f.cause.name(),
+            "generation": f.generation,
+            "from": f.from,
+            "reason": f.reason,
+            "text": f.describe(),
+        })
+    });
     json!({
         "processes": processes,
         "target": m.target,
         "total_pss_kb": total_pss,
         "log_lines_dropped": crate::log::lines_dropped(),
+        "rollout": m.rollout_json(),
+        "last_failed_rollout": last_failed_rollout,
+        "rollouts_failed": m.rollouts_failed.values().sum::<u64>(),
+        "spawn_resource_errors": m.resource_errors_total,
     })
 }
 
@@ -513,8 +537,12 @@ pub(crate) fn status_json(m: &Monitor) -> serde_json::Value {
 pub fn request(path: &Path, command: &str) -> Result<String, String> {
     let mut stream = UnixStream::connect(path)
         .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
-    // A reload waits for the new generation to be ready, preload included.
-    let patience = if command.trim() == "reload" { 600 } else { 10 };
+    // A reload waits for the new generation to be ready, preload included; a refork for its
+    // first worker (promotion, boot, failed starts retried with backoff).
+    let patience = match command.trim() {
+        "reload" | "refork" => 600,
+        _ => 10,
+    };
     stream
         .set_read_timeout(Some(Duration::from_secs(patience)))
         .map_err(|e| e.to_string())?;

@@ -58,21 +58,25 @@
 //! promoted: a replacement starts first, then the worker drains, drops its runtime, runs
 //! [`App::before_mold`], checks it is single-threaded and becomes the mold of generation N+1.
 //! Older workers are then replaced a few at a time, replace-then-retire, so memory warmed at run
-//! time is shared copy-on-write again. Shared data should be read through `&'static` references:
-//! a reference-count increment is a write that un-shares a page.
+//! time is shared copy-on-write again. The new generation is on trial until one of its workers is
+//! ready: the previous mold stays meanwhile, and if the new workers keep failing to start the
+//! rollout is abandoned and the old generation serves on (a rollout rolls back, never down).
+//! Shared data should be read through `&'static` references: a reference-count increment is a
+//! write that un-shares a page.
 //!
 //! **Reload.** `SIGHUP` or `tine ctl reload` first runs the executable on disk (the path saved at
 //! start) as `tine check` with the same arguments; if that fails, nothing changes. Then the
 //! monitor re-executes itself in place, handing every fd it polls (listeners, child channels,
 //! control and metrics sockets, the scoreboard memfd, a waiting `ctl reload`) to the new image with
 //! a JSON state memfd. The new image adopts its children (still its own after `execve`), forks a
-//! fresh preloaded mold and rolls every worker over; if that mold fails, the adopted generation
-//! keeps serving. Development mode (`--watch`, `--watch-boot`) drives the same machinery from an
+//! fresh preloaded mold and rolls every worker over; if that mold or its workers fail, the
+//! rollout is abandoned and the adopted generation keeps serving. Development mode (`--watch`, `--watch-boot`) drives the same machinery from an
 //! inotify fd in the poll loop; systemd socket activation and `sd_notify` are in the monitor too.
 //!
 //! **Supervision.** Every death is reaped and explained (exit code, signal, limit, timeout);
-//! replacements back off exponentially on crash loops and the monitor exits after
-//! `max_consecutive_spawn_errors`. Limits end in replace-then-retire, so capacity never dips. If the
+//! replacements back off exponentially on crash loops, and the monitor exits after
+//! `max_consecutive_spawn_errors` only while no worker serves. Starts that fail for lack of
+//! resources (`EAGAIN`, `ENOMEM`, `EMFILE`) are retried with capped backoff and never counted. Limits end in replace-then-retire, so capacity never dips. If the
 //! monitor dies, the parent-death signal and EOF on the channels take every child with it.
 //!
 //! **Spawner** ([`spawner`]). Separate from the server: a process forked first thing in `main`

@@ -605,6 +605,38 @@ fn render(m: &Monitor, server: &mut MetricsServer) -> String {
         "tine_log_lines_dropped_total {}",
         crate::log::lines_dropped()
     );
+    family(
+        &mut out,
+        "tine_rollouts_failed_total",
+        "counter",
+        "Rollouts abandoned (new generation rolled back), by cause: reload or refork.",
+    );
+    for cause in ["reload", "refork"] {
+        let n = m.rollouts_failed.get(cause).copied().unwrap_or(0);
+        let _ = writeln!(out, "tine_rollouts_failed_total{{cause=\"{cause}\"}} {n}");
+    }
+    family(
+        &mut out,
+        "tine_last_rollout_failed",
+        "gauge",
+        "1 if the latest rollout that ended was abandoned (an older generation serves), else 0.",
+    );
+    let _ = writeln!(
+        out,
+        "tine_last_rollout_failed {}",
+        u8::from(m.last_rollout_failed)
+    );
+    family(
+        &mut out,
+        "tine_spawn_resource_errors_total",
+        "counter",
+        "Starts that failed for lack of resources (EAGAIN, ENOMEM, EMFILE, ENFILE), retried.",
+    );
+    let _ = writeln!(
+        out,
+        "tine_spawn_resource_errors_total {}",
+        m.resource_errors_total
+    );
 
     let memory_families = [
         (

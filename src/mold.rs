@@ -121,7 +121,12 @@ pub(crate) fn run<A: App>(app: &mut A, start: Start<'_>) -> i32 {
                 match spawn_worker(app, &start, (nr, slot, request), Channel::from_fd(fd)) {
                     Ok(()) => fork_failures = 0,
                     Err(e) => {
-                        fork_failures += 1;
+                        // Lack of processes, memory or descriptors is the system's, not this
+                        // mold's: the monitor retries later. Other errors (this process has
+                        // threads, say) mean the mold itself is unfit.
+                        if !crate::monitor::is_resource_error(&e) {
+                            fork_failures += 1;
+                        }
                         tracing::error!(error = %e, nr, "fork failed");
                         let _ = start.channel.send(
                             &Report::SpawnFailed {

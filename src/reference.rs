@@ -3,12 +3,14 @@
 //!
 //! Debug hooks of `hello`, active only with `--debug-routes` (tests use them to make real
 //! failures): the routes `/sleep/MS`, `/stream/MS` (a body that pauses), `/spin` (blocks the worker's thread forever), `/leak/KB`,
-//! `/crash` (aborts) and `/subprocess/SECS` (starts `sleep SECS`, answers its pid); and the environment variable `TINE_DEBUG_BOOT_SLEEP_MS`, which makes
+//! `/crash` (aborts) and `/subprocess/SECS` (starts `sleep SECS`, answers its pid); the environment variable `TINE_DEBUG_BOOT_SLEEP_MS`, which makes
 //! every worker's `boot` block that long before it reports ready (a worker that never gets
-//! ready, for `spawn_timeout`).
+//! ready, for `spawn_timeout`); and `TINE_DEBUG_PROMOTION_BREAKS_BOOT=FILE`: a worker promoted to
+//! mold while `FILE` exists keeps a broken state, so every worker that mold forks fails in `boot`
+//! (an app whose state does not survive promotion, for the rollback of a failed refork).
 
 use std::convert::Infallible;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -23,6 +25,8 @@ use tine::{App, Config, Context, Handler, Worker};
 pub enum Reference {
     Hello {
         debug_routes: bool,
+        /// Set by `before_mold` under `TINE_DEBUG_PROMOTION_BREAKS_BOOT`: why `boot` fails.
+        broken: Option<String>,
     },
     Static {
         root: PathBuf,
@@ -104,16 +108,23 @@ impl App for Reference {
             }
             _ => Reference::Hello {
                 debug_routes: config.debug_routes,
+                broken: None,
             },
         })
     }
 
     fn boot(&self, _worker: &Worker) -> anyhow::Result<Handler> {
         Ok(match self {
-            Reference::Hello { debug_routes } => {
+            Reference::Hello {
+                debug_routes,
+                broken,
+            } => {
                 let debug = *debug_routes;
                 if debug {
                     debug_boot_sleep()?;
+                }
+                if let Some(why) = broken {
+                    bail!("{why}");
                 }
                 Handler::http(tower::service_fn(move |req: Request| hello(&req, debug)))
             }
@@ -132,6 +143,24 @@ impl App for Reference {
                 }))
             }
         })
+    }
+
+    fn before_mold(&mut self) -> anyhow::Result<()> {
+        if let Reference::Hello {
+            debug_routes: true,
+            broken,
+        } = self
+        {
+            if let Some(file) = std::env::var_os("TINE_DEBUG_PROMOTION_BREAKS_BOOT") {
+                if Path::new(&file).exists() {
+                    *broken = Some(format!(
+                        "debug: promoted while {} existed (TINE_DEBUG_PROMOTION_BREAKS_BOOT)",
+                        Path::new(&file).display()
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -6,10 +6,11 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+use common::metrics::metrics_addr;
 use common::*;
 
 /// One sample: metric name, labels, value.
@@ -107,19 +108,6 @@ fn parse(text: &str) -> Vec<Sample> {
         });
     }
     out
-}
-
-/// The metrics address, from the monitor's log line.
-fn metrics_addr(server: &Server) -> SocketAddr {
-    let line = server
-        .log
-        .wait_for_log("serving metrics at http://", READY_TIMEOUT);
-    let rest = line.split("http://").nth(1).unwrap();
-    rest.split('/')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap_or_else(|e| panic!("{line}: {e}"))
 }
 
 fn scrape(server: &Server) -> Vec<Sample> {

@@ -561,7 +561,11 @@ fn not_fork_safe_worker_is_never_promoted() {
         .start();
     let only = wait_generation(&lone, 0, 1, Duration::from_secs(20));
     requests_on_one_connection(&lone, "/", 30);
-    lone.ctl(&["refork"]).expect("ctl refork");
+    let refused = lone.ctl(&["refork"]).expect_err("nothing to promote");
+    assert!(
+        refused.contains("refork refused: no fork-safe ready worker to promote"),
+        "{refused}"
+    );
     lone.log.wait_for_log(
         "no fork-safe ready worker to promote",
         Duration::from_secs(10),

@@ -57,6 +57,8 @@ pub(crate) struct Child {
     pub promoted_generation: u32,
     /// The spawn request that asked for this worker (matches the mold's report of the fork).
     pub request: u64,
+    /// Why it said it was exiting (`Report::Exiting`), to explain a failed start.
+    pub exit_reason: Option<String>,
 }
 
 impl Child {
@@ -74,6 +76,7 @@ impl Child {
             pss_checked: None,
             promoted_generation: 0,
             request: 0,
+            exit_reason: None,
         }
     }
 

@@ -8,6 +8,7 @@ mod children;
 mod limits;
 mod refork;
 mod reload;
+mod rollout;
 mod start;
 mod systemd;
 mod watch;
@@ -32,6 +33,7 @@ use crate::listener::Listener;
 
 pub(crate) use children::{Child, Kind, Phase};
 pub(crate) use reload::HANDOVER_VERSION;
+pub(crate) use rollout::is_resource_error;
 pub use start::run;
 pub(crate) use start::{check_descriptor_budget, nofile_hard_limit};
 
@@ -49,7 +51,7 @@ pub enum MonitorError {
         /// The error.
         source: std::io::Error,
     },
-    /// Children kept failing to start.
+    /// Children kept failing to start while no worker served.
     #[error("giving up after {0} consecutive failed spawns: {1}")]
     SpawnErrors(u32, String),
 }
@@ -115,6 +117,20 @@ pub(crate) struct Monitor {
     /// A boot-only reload under way: when it started and what changed.
     boot_reload: Option<(Instant, std::path::PathBuf)>,
     last_limits: Instant,
+    /// The rollout to a new generation under way (reload or refork): see `rollout`.
+    rollout: Option<rollout::Rollout>,
+    /// Abandoned rollouts by cause (`reload`, `refork`), for metrics.
+    pub(crate) rollouts_failed: BTreeMap<String, u64>,
+    /// The latest abandoned rollout, for `ctl status`.
+    pub(crate) last_rollout_failure: Option<rollout::Failure>,
+    /// Whether the latest rollout that ended was abandoned (a gauge for alerts).
+    pub(crate) last_rollout_failed: bool,
+    /// `refork_after` does not refork this generation again: a refork from it was abandoned.
+    refork_paused: Option<u32>,
+    /// Starts that failed for lack of resources since one last succeeded (backoff only).
+    resource_errors: u32,
+    /// Every start that failed for lack of resources, for metrics.
+    pub(crate) resource_errors_total: u64,
 }
 
 /// How long a worker requested from a mold that then died may still report itself.
@@ -146,7 +162,7 @@ impl Monitor {
             // Event-driven too: the next old worker is replaced as soon as the last one is.
             self.advance_rollout();
             self.check_preflight();
-            self.check_reload();
+            self.check_rollout();
             self.check_watch();
             systemd::watchdog_tick(self);
             if let Mode::Stopping { deadline, .. } = self.mode {
@@ -259,7 +275,7 @@ impl Monitor {
                 Signal::SIGUSR1 => {
                     let _ = self.reopen_logs();
                 }
-                Signal::SIGUSR2 => self.refork("SIGUSR2"),
+                Signal::SIGUSR2 => self.refork(None, "SIGUSR2"),
                 Signal::SIGHUP => self.reload(None, "SIGHUP"),
                 _ => {}
             }
@@ -296,6 +312,7 @@ impl Monitor {
         }
         systemd::notify_stopping();
         self.finish_reload(Err("the server is stopping".into()));
+        self.drop_rollout("the server is stopping");
         let wait = if graceful {
             self.config.graceful_timeout
         } else {
@@ -395,10 +412,23 @@ impl Monitor {
         }
     }
 
-    /// `SIGUSR2` and `tine ctl refork`.
-    pub(crate) fn refork(&mut self, why: &str) {
+    /// `SIGUSR2` and `tine ctl refork`. A `ctl refork` client (`waiter`) is answered when the
+    /// new generation serves (its first worker is ready) or the refork fails.
+    pub(crate) fn refork(&mut self, waiter: Option<std::os::unix::net::UnixStream>, why: &str) {
         tracing::info!("{why}: refork requested");
-        refork::request_refork(self);
+        match refork::request_refork(self) {
+            Ok(()) => {
+                if let (Some(w), Some(r)) = (waiter, &mut self.rollout) {
+                    r.waiters.push(w);
+                }
+            }
+            Err(e) => {
+                tracing::warn!("{why}: refork refused: {e}");
+                if let Some(w) = waiter {
+                    let _ = crate::control::reply_to(w, Err(format!("refork refused: {e}")));
+                }
+            }
+        }
     }
 
     fn on_child_readable(&mut self, slot: usize) {
@@ -473,11 +503,13 @@ impl Monitor {
                         "{label} ready"
                     );
                     self.spawn_errors = 0;
+                    self.resource_errors = 0;
                     if was_promoting {
                         self.board.count_refork();
                     }
-                    let (kind, nr) = (c.kind, c.nr);
+                    let (kind, nr, generation) = (c.kind, c.nr, c.generation);
                     if kind == Kind::Worker && !was_promoting {
+                        self.rollout_worker_ready(generation);
                         self.retire_replaced(nr, slot);
                     } else {
                         refork::on_mold_ready(self, slot);
@@ -501,6 +533,7 @@ impl Monitor {
                 error,
             } => {
                 tracing::error!(error, "mold could not fork a worker");
+                let resource = rollout::is_resource_error_text(&error);
                 // Only a request still pending can have failed; a slot of a running process
                 // named here is a confused mold, not a reason to forget that process.
                 let slot = worker_slot as usize;
@@ -510,15 +543,16 @@ impl Monitor {
                     self.children.remove(&slot);
                     self.board.clear(slot);
                 }
-                self.spawn_failed(error);
+                self.spawn_failed(error, resource);
             }
             Report::Exiting { reason } => {
                 tracing::warn!(reason, "{} exiting", c.label());
+                c.exit_reason = Some(reason.clone());
                 self.last_spawn_error = reason;
             }
             Report::PromotionFailed { reason } => {
                 tracing::warn!(reason, "{} cannot be promoted", c.label());
-                refork::on_promotion_failed(self, slot);
+                refork::on_promotion_failed(self, slot, &reason);
             }
         }
     }
@@ -545,12 +579,42 @@ impl Monitor {
         }
     }
 
-    fn spawn_failed(&mut self, error: String) {
-        self.spawn_errors += 1;
-        self.last_spawn_error = error;
-        let exp = self.spawn_errors.saturating_sub(1).min(6);
-        let delay = Duration::from_millis(100 << exp).min(Duration::from_secs(5));
-        self.backoff_until = Some(Instant::now() + delay);
+    /// A start failed. For lack of resources (`resource`: EAGAIN, ENOMEM, EMFILE, ENFILE) it is
+    /// only retried after a capped backoff; otherwise it also counts towards giving up (while no
+    /// worker serves) and against a rollout on trial.
+    fn spawn_failed(&mut self, error: String, resource: bool) {
+        if resource {
+            self.resource_errors = self.resource_errors.saturating_add(1);
+            self.resource_errors_total += 1;
+            let delay = spawn_backoff(self.resource_errors);
+            tracing::warn!(
+                error,
+                retry_in_ms = delay.as_millis() as u64,
+                "a start failed for lack of resources; retrying (not counted as a failure)"
+            );
+            self.backoff_until = Some(Instant::now() + delay);
+            return;
+        }
+        self.spawn_errors = self.spawn_errors.saturating_add(1);
+        self.last_spawn_error = error.clone();
+        self.backoff_until = Some(Instant::now() + spawn_backoff(self.spawn_errors));
+        if self.spawn_errors == self.config.max_consecutive_spawn_errors && self.serving() > 0 {
+            tracing::error!(
+                errors = self.spawn_errors,
+                serving = self.serving(),
+                error,
+                "max_consecutive_spawn_errors reached, but workers still serve: staying, retrying every few seconds"
+            );
+        }
+        self.rollout_start_failed(&error);
+    }
+
+    /// Workers serving now.
+    fn serving(&self) -> usize {
+        self.children
+            .values()
+            .filter(|c| c.kind == Kind::Worker && c.phase == Phase::Ready)
+            .count()
     }
 
     /// Reaps every child that exited, logs why, and counts failed starts.
@@ -599,7 +663,11 @@ impl Monitor {
                 tracing::info!(pid = pid.as_raw(), how, "reaped an orphan");
                 continue;
             };
-            let c = self.children.remove(&slot).expect("slot found above");
+            // What it said before it went (its reason for exiting) is still in its channel.
+            self.on_child_readable(slot);
+            let Some(c) = self.children.remove(&slot) else {
+                continue;
+            };
             self.board.clear(slot);
             let expected = c.is_retiring() || self.mode != Mode::Running;
             let reason = match &c.phase {
@@ -632,10 +700,24 @@ impl Monitor {
                 let label = crate::metrics::reason_label(if expected { &reason } else { "died" });
                 *self.restarts.entry(label).or_default() += 1;
                 if c.phase == Phase::Starting {
-                    self.spawn_failed(format!("{} exited before it was ready ({how})", c.label()));
+                    let why = match &c.exit_reason {
+                        Some(reason) => format!(": {reason}"),
+                        None => String::new(),
+                    };
+                    self.spawn_failed(
+                        format!("{} exited before it was ready ({how}){why}", c.label()),
+                        false,
+                    );
                 }
-                if c.phase == Phase::Promoting {
-                    refork::on_promotion_failed(self, slot);
+                if let Some(r) = &mut self.rollout {
+                    if c.phase == Phase::Promoting {
+                        r.last_error = format!("{} died while being promoted ({how})", c.label());
+                    } else if c.kind == Kind::Mold
+                        && c.generation == r.generation
+                        && c.phase != Phase::Starting
+                    {
+                        r.last_error = format!("{} died ({how})", c.label());
+                    }
                 }
             }
         }
@@ -714,13 +796,14 @@ impl Monitor {
             let starting = self.children.get(&slot).is_some_and(|c| !c.is_retiring());
             self.kill_child(slot, &reason);
             if starting {
-                self.spawn_failed(reason);
+                self.spawn_failed(reason, false);
             }
         }
         if self.mode != Mode::Running {
             return Ok(());
         }
-        if self.spawn_errors >= self.config.max_consecutive_spawn_errors {
+        // A start-up that never works ends; a tree that still serves stays and keeps trying.
+        if self.spawn_errors >= self.config.max_consecutive_spawn_errors && self.serving() == 0 {
             let error = MonitorError::SpawnErrors(self.spawn_errors, self.last_spawn_error.clone());
             tracing::error!("{error}");
             self.stop(false, "spawn errors");
@@ -739,7 +822,7 @@ impl Monitor {
         if !has_mold {
             if let Err(e) = (self.spawn_mold)(self, 0) {
                 tracing::error!(error = %e, "cannot fork the mold");
-                self.spawn_failed(e.to_string());
+                self.spawn_failed(e.to_string(), rollout::is_resource_error(&e));
             }
             return Ok(());
         }
@@ -787,7 +870,7 @@ impl Monitor {
             }
             if let Err(e) = self.request_worker(mold_slot, nr, generation) {
                 tracing::error!(error = %e, nr, "cannot request a worker");
-                self.spawn_failed(e.to_string());
+                self.spawn_failed(e.to_string(), rollout::is_resource_error(&e));
                 break;
             }
         }
@@ -941,6 +1024,16 @@ impl Monitor {
                 self.reload(Some(request.client), "ctl reload");
                 return;
             }
+            let refork = request
+                .command
+                .as_deref()
+                .is_ok_and(|c| matches!(control::parse(c), Ok(control::Op::Refork)));
+            if refork {
+                // Answered when the new generation serves or the refork fails.
+                self.control = Some(control);
+                self.refork(Some(request.client), "ctl refork");
+                return;
+            }
             let reply = control::handle(self, request.command);
             control.reply(request.client, reply);
         }
@@ -974,6 +1067,13 @@ impl Monitor {
     pub(crate) fn is_running(&self) -> bool {
         self.mode == Mode::Running
     }
+}
+
+/// The wait before the next start after `failures` failed ones in a row: 100 ms, doubling, at most
+/// 5 s.
+fn spawn_backoff(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(6);
+    Duration::from_millis(100 << exp).min(Duration::from_secs(5))
 }
 
 /// A readable poll source.

@@ -88,6 +88,11 @@ impl Monitor {
             .filter(|(_, c)| c.kind == Kind::Mold && c.generation < generation && !c.is_retiring())
             .map(|(s, c)| (*s, c.generation))
             .collect();
+        if !self.generation_proven(generation) {
+            // The new generation is on trial: the old mold stays until one of its workers is
+            // ready, so that a failed rollout can roll back to it.
+            return;
+        }
         for (slot, g) in old_molds {
             let pending = self
                 .children
@@ -107,7 +112,12 @@ impl Monitor {
         let Some(threshold) = self.config.refork_after.threshold(generation) else {
             return;
         };
-        if self.promotion_in_progress() {
+        if self.promotion_in_progress() || self.rollout.is_some() {
+            return;
+        }
+        if self.refork_paused == Some(generation) {
+            // A refork from this generation was abandoned: reforking it again would most likely
+            // fail the same way. An operator's refork, or a successful rollout, resumes.
             return;
         }
         // Only once the rollout to this generation is complete.
@@ -129,26 +139,40 @@ impl Monitor {
         });
         if warm {
             tracing::info!(generation, threshold, "refork_after reached");
-            request_refork(self);
+            if let Err(e) = request_refork(self) {
+                tracing::warn!("refork_after: refork refused: {e}");
+            }
         }
     }
 }
 
 /// Picks the warmest fork-safe worker of the current generation and starts its promotion: a
-/// replacement is started first, then the worker is told to become the next mold.
-pub(super) fn request_refork(m: &mut Monitor) {
-    if !m.is_running() || m.promotion_in_progress() {
-        tracing::info!("a promotion is already in progress");
-        return;
+/// replacement is started first, then the worker is told to become the next mold. A refork
+/// requested while one is on trial joins it (`Ok`, the caller waits for its outcome); otherwise
+/// `Err` says why nothing was started.
+pub(super) fn request_refork(m: &mut Monitor) -> Result<(), String> {
+    if !m.is_running() {
+        return Err("the server is stopping".into());
     }
     if m.reload.is_some() || m.preflight.is_some() {
         // A refork would make a newer mold than the reload's and confuse its outcome.
-        tracing::info!("a reload is in progress; refork skipped");
-        return;
+        return Err("a reload is in progress".into());
+    }
+    if let Some(r) = &m.rollout {
+        if r.cause == super::rollout::Cause::Refork && !r.proven {
+            tracing::info!("a refork to gen:{} is already in progress", r.generation);
+            return Ok(());
+        }
+        return Err(format!(
+            "the rollout to gen:{} is still in progress; try again once it is complete",
+            r.generation
+        ));
+    }
+    if m.promotion_in_progress() {
+        return Err("a promotion is already in progress".into());
     }
     let Some((_, mold)) = m.current_mold() else {
-        tracing::warn!("no ready mold; refork skipped");
-        return;
+        return Err("no ready mold".into());
     };
     let generation = mold.generation;
     // Workers newer than the current mold exist when a new mold died during its rollout and a
@@ -170,13 +194,12 @@ pub(super) fn request_refork(m: &mut Monitor) {
         })
         .max();
     let Some((requests, slot)) = candidate else {
-        tracing::warn!("no fork-safe ready worker to promote");
-        return;
+        return Err("no fork-safe ready worker to promote".into());
     };
+    let next = next_generation(m);
     if let Some(c) = m.children.get_mut(&slot) {
         let (nr, pid, from) = (c.nr, c.pid_raw(), c.generation);
         c.recycle = Some(PROMOTE.into());
-        let next = next_generation(m);
         tracing::info!(
             nr,
             pid,
@@ -185,6 +208,9 @@ pub(super) fn request_refork(m: &mut Monitor) {
             "promoting worker to mold of gen:{next}"
         );
     }
+    m.refork_paused = None;
+    m.begin_rollout(super::rollout::Cause::Refork, next, Vec::new());
+    Ok(())
 }
 
 /// The generation a promoted mold gets: one more than any process has or is being promoted to.
@@ -202,7 +228,11 @@ fn next_generation(m: &Monitor) -> u32 {
 
 /// Called when the replacement of a worker marked [`PROMOTE`] is ready: tell it to promote.
 pub(super) fn promote(m: &mut Monitor, slot: usize) {
-    let next = next_generation(m);
+    // The generation the refork announced (nothing newer can have started meanwhile).
+    let next = match &m.rollout {
+        Some(r) if r.cause == super::rollout::Cause::Refork => r.generation,
+        _ => next_generation(m),
+    };
     let Some(c) = m.children.get_mut(&slot) else {
         return;
     };
@@ -224,6 +254,7 @@ pub(super) fn promote(m: &mut Monitor, slot: usize) {
         c.recycle = Some("promotion failed".into());
         // Its replacement is already serving: retire it, or it would hold a rollout slot.
         m.retire(slot, "promotion failed");
+        m.abandon_rollout("promotion failed: the worker's channel is closed".into());
     }
 }
 
@@ -244,8 +275,9 @@ pub(super) fn on_mold_ready(m: &mut Monitor, slot: usize) {
     }
 }
 
-/// A promotion failed: the old mold stays; the worker is retired if it is still alive.
-pub(super) fn on_promotion_failed(m: &mut Monitor, slot: usize) {
+/// A promotion failed: the old mold stays; the worker is retired if it is still alive; the
+/// refork is abandoned with `reason`.
+pub(super) fn on_promotion_failed(m: &mut Monitor, slot: usize, reason: &str) {
     if let Some(c) = m.children.get_mut(&slot) {
         if c.kind == Kind::Worker
             && (c.phase == Phase::Promoting || c.recycle.as_deref() == Some(PROMOTE))
@@ -259,6 +291,7 @@ pub(super) fn on_promotion_failed(m: &mut Monitor, slot: usize) {
             if let Some(pid) = pid {
                 let _ = kill(pid, Signal::SIGCONT);
             }
+            m.abandon_rollout(format!("promotion failed: {reason}"));
         }
     }
 }

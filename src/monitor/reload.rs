@@ -47,6 +47,16 @@ pub(crate) struct Handover {
     /// The metrics listener and its address.
     #[serde(default)]
     pub metrics: Option<(RawFd, std::net::SocketAddr)>,
+    /// Abandoned rollouts by cause, the latest one, and whether the latest rollout failed.
+    #[serde(default)]
+    pub rollouts_failed: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub last_rollout_failure: Option<super::rollout::Failure>,
+    #[serde(default)]
+    pub last_rollout_failed: bool,
+    /// Starts that failed for lack of resources, for metrics.
+    #[serde(default)]
+    pub resource_errors_total: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -73,10 +83,6 @@ pub(crate) struct HandedChild {
 pub(crate) struct Progress {
     pub started_ms: u64,
     pub waiters: Vec<UnixStream>,
-    /// The generation of the new mold.
-    pub generation: u32,
-    /// When the preloaded mold was forked.
-    pub forked: Instant,
     /// Parts of the new configuration that could not be applied (reported as a failure).
     pub problems: Vec<String>,
 }
@@ -317,9 +323,11 @@ impl Monitor {
             }
             return;
         };
-        if self.promotion_in_progress() {
+        if self.children.values().any(|c| c.phase == Phase::Promoting) {
             // A worker half-way to becoming a mold cannot be handed over faithfully: exec once
-            // the promotion has ended (it is bounded by spawn_timeout).
+            // the promotion has ended (it is bounded by spawn_timeout). One only chosen for
+            // promotion (its replacement not ready yet, maybe for lack of resources) is handed
+            // over as the worker it still is.
             return;
         }
         let mut p = self.preflight.take().expect("checked above");
@@ -330,6 +338,8 @@ impl Monitor {
             if !self.is_running() {
                 return Err("the server is stopping".to_string());
             }
+            // The new image rolls every worker to a generation of its own.
+            self.drop_rollout("interrupted by a reload, which rolls every worker over");
             self.exec_with_handover(p.started_ms, &waiters)
         });
         // Only failures come back here.
@@ -412,6 +422,10 @@ impl Monitor {
             waiters: waiters.iter().map(|w| w.as_raw_fd()).collect(),
             reload_started_ms: started_ms,
             restarts: self.restarts.clone(),
+            rollouts_failed: self.rollouts_failed.clone(),
+            last_rollout_failure: self.last_rollout_failure.clone(),
+            last_rollout_failed: self.last_rollout_failed,
+            resource_errors_total: self.resource_errors_total,
             metrics: self.metrics.as_ref().and_then(|m| {
                 m.local_addr()
                     .ok()
@@ -525,50 +539,11 @@ impl Monitor {
         self.reload = Some(Progress {
             started_ms,
             waiters,
-            generation,
-            forked: Instant::now(),
             problems,
         });
+        self.begin_rollout(super::rollout::Cause::Reload, generation, Vec::new());
         if let Err(e) = (self.spawn_mold)(self, generation) {
-            self.finish_reload(Err(format!("cannot fork the new mold: {e}")));
-        }
-    }
-
-    /// On every tick: is the reload done (every worker of the new generation), or has its mold
-    /// failed (the adopted generation keeps serving)?
-    pub(crate) fn check_reload(&mut self) {
-        let Some(progress) = &self.reload else { return };
-        let generation = progress.generation;
-        let mold = self
-            .children
-            .values()
-            .find(|c| c.kind == Kind::Mold && c.generation == generation);
-        let mold_ready = mold.is_some_and(|m| m.phase == Phase::Ready);
-        if mold.is_none() && progress.forked.elapsed() > Duration::from_millis(50) {
-            let why = if self.last_spawn_error.is_empty() {
-                "it exited".to_string()
-            } else {
-                self.last_spawn_error.clone()
-            };
-            self.finish_reload(Err(format!(
-                "the new mold failed ({why}); the old generation keeps serving"
-            )));
-            return;
-        }
-        let old_left = self
-            .children
-            .values()
-            .any(|c| c.kind == Kind::Worker && c.generation < generation);
-        let new_ready = self
-            .children
-            .values()
-            .filter(|c| {
-                c.kind == Kind::Worker && c.generation == generation && c.phase == Phase::Ready
-            })
-            .count();
-        if mold_ready && !old_left && new_ready >= self.target {
-            let ms = now_ms().saturating_sub(progress.started_ms);
-            self.finish_reload(Ok(format!("reloaded in {ms} ms (gen:{generation})\n")));
+            self.abandon_rollout(format!("cannot fork the new mold: {e}"));
         }
     }
 

@@ -126,6 +126,13 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
         watcher: None,
         boot_reload: None,
         last_limits: Instant::now(),
+        rollout: None,
+        rollouts_failed: BTreeMap::new(),
+        last_rollout_failure: None,
+        last_rollout_failed: false,
+        refork_paused: None,
+        resource_errors: 0,
+        resource_errors_total: 0,
     };
     if !monitor.config.watch.is_empty() || !monitor.config.watch_boot.is_empty() {
         let w = watch::Watcher::new(
@@ -149,6 +156,10 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
         }
         monitor.announced_ready = true;
         monitor.restarts = h.restarts;
+        monitor.rollouts_failed = h.rollouts_failed;
+        monitor.last_rollout_failure = h.last_rollout_failure;
+        monitor.last_rollout_failed = h.last_rollout_failed;
+        monitor.resource_errors_total = h.resource_errors_total;
         monitor.adopt_children(h.children);
         let waiters = h.waiters.into_iter().map(reload::adopt_waiter).collect();
         for p in &problems {

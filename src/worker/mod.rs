@@ -103,6 +103,9 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
         Ok(h) => h,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "boot failed");
+            let reason = format!("boot failed: {e:#}");
+            // The monitor quotes it when it reports the failed start (`ctl status`, reload).
+            let _ = channel.send(&Report::Exiting { reason }, &[]);
             return Outcome::Exit(3);
         }
     };
@@ -121,6 +124,8 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot build the runtime");
+            let reason = format!("cannot build the runtime: {e}");
+            let _ = channel.send(&Report::Exiting { reason }, &[]);
             return Outcome::Exit(3);
         }
     };

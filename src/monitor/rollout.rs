@@ -1,0 +1,413 @@
+//! A rollout that fails rolls back, never down.
+//!
+//! A new generation — the freshly preloaded mold of a reload, or the promoted worker of a refork —
+//! is on trial until one of its workers is ready. Meanwhile the previous mold stays, and every old
+//! worker keeps serving (one marked for replacement leaves only once its replacement is ready).
+//! The trial fails when `rollout_max_failures` starts fail in a row (`boot` returned an error, the
+//! runtime could not be built, the worker died or missed `spawn_timeout`), when the new mold dies,
+//! or when the promotion fails. Then the rollout is abandoned: the new mold retires, the old
+//! workers' replacement marks are cleared, and the failure is logged, kept for `ctl status` and the
+//! metrics, and answered to whoever waits in `ctl reload` or `ctl refork`. Automatic reforks
+//! (`refork_after`) pause until an operator's refork or a successful rollout.
+//!
+//! A start that failed for lack of resources (a fork or socket pair failing with `EAGAIN`,
+//! `ENOMEM`, `EMFILE` or `ENFILE`) is not a failure of the new generation: it is retried with a
+//! capped backoff and never counted, neither here nor towards `max_consecutive_spawn_errors`.
+
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use super::{refork, Kind, Monitor, Phase};
+
+/// What started a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Cause {
+    /// `SIGHUP`, `ctl reload`, development mode: a freshly preloaded mold.
+    Reload,
+    /// `SIGUSR2`, `ctl refork`, `refork_after`: a promoted worker.
+    Refork,
+}
+
+impl Cause {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Cause::Reload => "reload",
+            Cause::Refork => "refork",
+        }
+    }
+}
+
+/// A rollout to a new generation, from its start until every worker is of that generation, or
+/// until it is abandoned.
+pub(crate) struct Rollout {
+    /// The generation being rolled out (its mold's).
+    pub generation: u32,
+    /// The generation of the mold that served when it started (none: no ready mold then).
+    pub from: Option<u32>,
+    pub cause: Cause,
+    pub started: Instant,
+    /// Failed starts in a row since the rollout began or a worker last got ready.
+    pub failures: u32,
+    /// Why the last start failed.
+    pub last_error: String,
+    /// A worker of the new generation has been ready: the trial is over, the old mold retires.
+    pub proven: bool,
+    /// `ctl refork` clients waiting for the end of the trial.
+    pub waiters: Vec<UnixStream>,
+}
+
+/// A rollout that was abandoned, for `ctl status`, the metrics and the next image after a reload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Failure {
+    pub generation: u32,
+    pub from: Option<u32>,
+    pub cause: Cause,
+    pub reason: String,
+    /// What serves since.
+    #[serde(default)]
+    pub outcome: String,
+    pub at: SystemTime,
+}
+
+impl Failure {
+    /// One line for `ctl status`.
+    pub(crate) fn describe(&self) -> String {
+        let ago = SystemTime::now()
+            .duration_since(self.at)
+            .unwrap_or_default()
+            .as_secs();
+        format!(
+            "{} to gen:{} failed {ago} s ago: {}; {}",
+            self.cause.name(),
+            self.generation,
+            self.reason,
+            self.outcome
+        )
+    }
+}
+
+/// What serves after a rollout from `from` is abandoned.
+fn kept(from: Option<u32>) -> String {
+    match from {
+        Some(g) => format!("rolled back: the old generation keeps serving (gen:{g})"),
+        None => "rolled back: the old generation keeps serving".into(),
+    }
+}
+
+/// Whether an error (an `io::Error` as the mold or the monitor printed it) means that the system
+/// lacked a resource (processes, memory, descriptors) rather than that the new code is broken.
+pub(crate) fn is_resource_error(error: &std::io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EAGAIN | libc::ENOMEM | libc::EMFILE | libc::ENFILE)
+    )
+}
+
+/// [`is_resource_error`] for an error that crossed the channel as text (a mold's `SpawnFailed`):
+/// `std::io::Error` prints an OS error as `… (os error N)`.
+pub(crate) fn is_resource_error_text(error: &str) -> bool {
+    error
+        .rsplit_once("(os error ")
+        .and_then(|(_, code)| code.strip_suffix(')'))
+        .and_then(|code| code.parse::<i32>().ok())
+        .is_some_and(|code| is_resource_error(&std::io::Error::from_raw_os_error(code)))
+}
+
+impl Monitor {
+    /// Records the start of a rollout to `generation`.
+    pub(super) fn begin_rollout(
+        &mut self,
+        cause: Cause,
+        generation: u32,
+        waiters: Vec<UnixStream>,
+    ) {
+        let from = self.current_mold().map(|(_, m)| m.generation);
+        self.rollout = Some(Rollout {
+            generation,
+            from,
+            cause,
+            started: Instant::now(),
+            failures: 0,
+            last_error: String::new(),
+            proven: false,
+            waiters,
+        });
+    }
+
+    /// A start failed (not for lack of resources): counts against a rollout on trial.
+    pub(super) fn rollout_start_failed(&mut self, error: &str) {
+        let limit = self.config.rollout_max_failures;
+        let Some(r) = &mut self.rollout else { return };
+        if r.proven {
+            return;
+        }
+        r.failures += 1;
+        r.last_error = error.to_string();
+        tracing::warn!(
+            generation = r.generation,
+            failures = r.failures,
+            limit,
+            error,
+            "a start failed during the rollout to gen:{}",
+            r.generation
+        );
+        if r.failures >= limit {
+            let reason = format!("{} failed starts in a row; last: {error}", r.failures);
+            self.abandon_rollout(reason);
+        }
+    }
+
+    /// A worker of `generation` is ready: the failures in a row end, and a worker of the new
+    /// generation ends its trial.
+    pub(super) fn rollout_worker_ready(&mut self, generation: u32) {
+        let Some(r) = &mut self.rollout else { return };
+        if r.proven {
+            return;
+        }
+        r.failures = 0;
+        if generation != r.generation {
+            return;
+        }
+        r.proven = true;
+        let ms = r.started.elapsed().as_millis() as u64;
+        tracing::info!(
+            generation,
+            elapsed_ms = ms,
+            "gen:{generation} serves: its first worker is ready; rolling the others over"
+        );
+        let reply = format!(
+            "gen:{generation} serving in {ms} ms (first worker ready); rolling the other workers over\n"
+        );
+        for w in std::mem::take(&mut r.waiters) {
+            let _ = crate::control::reply_to(w, Ok(reply.clone()));
+        }
+    }
+
+    /// Every turn of the loop: ends a rollout whose new generation is gone (failed) or complete.
+    pub(super) fn check_rollout(&mut self) {
+        if !self.is_running() {
+            return;
+        }
+        let Some(r) = &self.rollout else { return };
+        let g = r.generation;
+        let mold = self
+            .children
+            .values()
+            .find(|c| c.kind == Kind::Mold && c.generation == g && !c.is_retiring());
+        let promoting = self.children.values().any(|c| {
+            c.kind == Kind::Worker
+                && ((c.phase == Phase::Promoting && c.promoted_generation == g)
+                    || c.recycle.as_deref() == Some(refork::PROMOTE))
+        });
+        if mold.is_none() && !promoting {
+            // A reload forks its mold at once; give a mold that died at once its exit report.
+            if r.cause == Cause::Reload && r.started.elapsed() < Duration::from_millis(50) {
+                return;
+            }
+            let why = if !r.last_error.is_empty() {
+                r.last_error.clone()
+            } else if !self.last_spawn_error.is_empty() {
+                self.last_spawn_error.clone()
+            } else {
+                "it exited".to_string()
+            };
+            let reason = match r.cause {
+                Cause::Reload => format!("the new mold failed ({why})"),
+                Cause::Refork if r.proven => {
+                    format!("the new mold died during its rollout ({why})")
+                }
+                Cause::Refork => format!("no new mold ({why})"),
+            };
+            self.abandon_rollout(reason);
+            return;
+        }
+        let mold_ready = mold.is_some_and(|m| m.phase == Phase::Ready);
+        let old_left = self
+            .children
+            .values()
+            .any(|c| c.kind == Kind::Worker && c.generation < g);
+        let new_ready = self
+            .children
+            .values()
+            .filter(|c| c.kind == Kind::Worker && c.generation == g && c.phase == Phase::Ready)
+            .count();
+        if !(r.proven && mold_ready && !old_left && new_ready >= self.target) {
+            return;
+        }
+        let r = self.rollout.take().expect("checked above");
+        let ms = r.started.elapsed().as_millis() as u64;
+        tracing::info!(
+            generation = g,
+            elapsed_ms = ms,
+            "rollout to gen:{g} ({}) complete",
+            r.cause.name()
+        );
+        self.last_rollout_failed = false;
+        self.refork_paused = None;
+        if let Some(progress) = self.reload.as_ref().filter(|_| r.cause == Cause::Reload) {
+            // From the reload's start, in the previous image (the monotonic clock survives exec).
+            let ms = crate::ipc::scoreboard::now_ms().saturating_sub(progress.started_ms);
+            self.finish_reload(Ok(format!("reloaded in {ms} ms (gen:{g})\n")));
+        }
+        for w in r.waiters {
+            let _ = crate::control::reply_to(w, Ok(format!("reforked to gen:{g} in {ms} ms\n")));
+        }
+    }
+
+    /// Gives the rollout up: the new mold and whatever it was starting go, the old workers lose
+    /// their replacement marks and keep serving, and the failure is reported.
+    pub(super) fn abandon_rollout(&mut self, reason: String) {
+        let Some(r) = self.rollout.take() else { return };
+        let g = r.generation;
+        let rollout_mark = format!("rollout to gen:{g}");
+        let mut retire = Vec::new();
+        let mut kill = Vec::new();
+        // Once the new generation served, its mold died (nothing else ends a proven rollout):
+        // the replacements under way are asked of the next mold, as after any mold's death.
+        let roll_back = !r.proven;
+        for (slot, c) in self.children.iter_mut().filter(|_| roll_back) {
+            if c.is_retiring() {
+                continue;
+            }
+            match c.kind {
+                Kind::Mold if c.generation == g => retire.push(*slot),
+                Kind::Worker if c.phase == Phase::Promoting && c.promoted_generation == g => {
+                    retire.push(*slot)
+                }
+                Kind::Worker if c.generation == g && c.phase == Phase::Starting => kill.push(*slot),
+                Kind::Worker
+                    if c.recycle.as_deref() == Some(refork::PROMOTE)
+                        || c.recycle.as_deref() == Some(rollout_mark.as_str()) =>
+                {
+                    // Not leaving after all: its replacement will never come from that mold.
+                    c.recycle = None;
+                }
+                _ => {}
+            }
+        }
+        for slot in retire {
+            self.retire(slot, "rollout abandoned");
+        }
+        for slot in kill {
+            self.kill_child(slot, "rollout abandoned");
+        }
+        // Once a worker of the new generation served, the old mold was gone: nothing to roll
+        // back to, the workers of both generations go on.
+        let outcome = if r.proven {
+            format!("the workers already rolled to gen:{g} and the older ones keep serving")
+        } else {
+            kept(r.from)
+        };
+        let message = format!("{} to gen:{g} failed: {reason}; {outcome}", r.cause.name());
+        tracing::error!(
+            generation = g,
+            cause = r.cause.name(),
+            "rollout abandoned: {message}"
+        );
+        *self
+            .rollouts_failed
+            .entry(r.cause.name().to_string())
+            .or_default() += 1;
+        self.last_rollout_failed = true;
+        self.last_rollout_failure = Some(Failure {
+            generation: g,
+            from: r.from,
+            cause: r.cause,
+            reason,
+            outcome,
+            at: SystemTime::now(),
+        });
+        // The failed starts were the new generation's: the old one starts afresh, at once.
+        self.spawn_errors = 0;
+        self.backoff_until = None;
+        match r.cause {
+            Cause::Reload => self.finish_reload(Err(message.clone())),
+            Cause::Refork => self.refork_paused = r.from,
+        }
+        for w in r.waiters {
+            let _ = crate::control::reply_to(w, Err(message.clone()));
+        }
+    }
+
+    /// Answers and forgets the rollout when the server stops or re-executes.
+    pub(super) fn drop_rollout(&mut self, why: &str) {
+        if let Some(r) = self.rollout.take() {
+            for w in r.waiters {
+                let _ = crate::control::reply_to(w, Err(why.to_string()));
+            }
+        }
+    }
+
+    /// Whether the new mold of generation `g` may take over from older molds: one of its
+    /// workers has been ready (always true outside a rollout to `g`).
+    pub(super) fn generation_proven(&self, g: u32) -> bool {
+        self.rollout
+            .as_ref()
+            .is_none_or(|r| r.generation != g || r.proven)
+    }
+
+    /// A line for `ctl status` about the rollout under way, if any.
+    pub(crate) fn rollout_status(&self) -> Option<String> {
+        let r = self.rollout.as_ref()?;
+        let from = r
+            .from
+            .map(|g| format!("gen:{g}"))
+            .unwrap_or_else(|| "older workers".into());
+        let stage = if r.proven {
+            "rolling workers over".to_string()
+        } else if r.failures > 0 {
+            format!(
+                "on trial, {} failed start(s) of {} allowed (last: {})",
+                r.failures, self.config.rollout_max_failures, r.last_error
+            )
+        } else {
+            "on trial (no worker of it ready yet)".to_string()
+        };
+        Some(format!(
+            "{} from {from} to gen:{}, {} s: {stage}",
+            r.cause.name(),
+            r.generation,
+            r.started.elapsed().as_secs()
+        ))
+    }
+
+    /// `ctl status --json`'s view of the rollout under way.
+    pub(crate) fn rollout_json(&self) -> serde_json::Value {
+        match &self.rollout {
+            None => serde_json::Value::Null,
+            Some(r) => serde_json::json!({
+                "cause": r.cause.name(),
+                "from": r.from,
+                "generation": r.generation,
+                "proven": r.proven,
+                "failures": r.failures,
+                "last_error": r.last_error,
+                "seconds": r.started.elapsed().as_secs(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resource_errors_are_told_from_the_others_by_their_os_error() {
+        let eagain = std::io::Error::from_raw_os_error(libc::EAGAIN);
+        assert!(is_resource_error(&eagain));
+        assert!(is_resource_error_text(&eagain.to_string()));
+        let emfile = std::io::Error::from_raw_os_error(libc::EMFILE);
+        assert!(is_resource_error_text(&format!("socketpair: {emfile}")));
+        let ebadf = std::io::Error::from_raw_os_error(libc::EBADF);
+        assert!(!is_resource_error(&ebadf));
+        assert!(!is_resource_error_text(&ebadf.to_string()));
+        assert!(!is_resource_error_text(
+            "refusing to fork: this process has 2 threads"
+        ));
+        assert!(!is_resource_error_text("(os error x)"));
+    }
+}

@@ -1,0 +1,546 @@
+//! A rollout that fails rolls back, never down (issue 10): a reload or a refork whose new workers
+//! cannot start is abandoned, the old generation goes on serving at full strength, the failure
+//! shows in `ctl status`, the metrics, the log and the `ctl` reply; a fork failing with `EAGAIN`
+//! (the process limit of the workers' user reached) is retried, never counted, and leaves the
+//! serving tree intact.
+//!
+//! Each test keeps a load of `GET`s on kept-alive connections (never retried) running through the
+//! whole failure and checks that every request was answered, by the old workers.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::metrics::sample_value;
+use common::*;
+use nix::sys::signal::Signal;
+
+/// How long the old generation must keep serving after a failed rollout (issue 10: 60 s).
+const SERVE_AFTER_FAILURE: Duration = Duration::from_secs(60);
+/// Longest a rollout (or its failure) may take here (debug builds, busy shared cores).
+const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `GET`s on kept-alive connections from a few threads, paced, until stopped (bounded by count
+/// and time): every request either gets a response or is a failure, never retried; a connection
+/// is replaced only after a response that said `Connection: close`.
+struct Probe {
+    stop: Arc<AtomicBool>,
+    tally: Arc<Mutex<Tally>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Tally {
+    /// Responses by (status, body).
+    answers: BTreeMap<(u16, String), u64>,
+    /// Responses by the worker pid that sent them.
+    by_worker: BTreeMap<i32, u64>,
+    /// Requests without a response, with why.
+    failures: Vec<String>,
+}
+
+impl Tally {
+    fn answered(&self) -> u64 {
+        self.answers.values().sum()
+    }
+}
+
+impl Probe {
+    fn start(addr: Addr, path: &'static str, threads: usize, max: Duration) -> Probe {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tally = Arc::new(Mutex::new(Tally::default()));
+        let until = Instant::now() + max;
+        let threads = (0..threads)
+            .map(|_| {
+                let (stop, tally, addr) = (stop.clone(), tally.clone(), addr.clone());
+                std::thread::spawn(move || {
+                    let mut conn: Option<Client> = None;
+                    for _ in 0..1_000_000 {
+                        if stop.load(Ordering::Relaxed) || Instant::now() >= until {
+                            break;
+                        }
+                        let result = match conn.take() {
+                            Some(c) => Ok(c),
+                            None => Client::connect(&addr),
+                        }
+                        .and_then(|mut c| {
+                            let r = c.get(path)?;
+                            if !r.closes() {
+                                conn = Some(c);
+                            }
+                            Ok(r)
+                        });
+                        let mut t = tally.lock().unwrap();
+                        match result {
+                            Ok(r) => {
+                                *t.answers.entry((r.status, r.text())).or_default() += 1;
+                                *t.by_worker.entry(r.worker().unwrap_or(0)).or_default() += 1;
+                            }
+                            Err(e) => t.failures.push(format!("GET {path}: {e}")),
+                        }
+                        drop(t);
+                        // A steady trickle, not a flood: the point is coverage over time.
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                })
+            })
+            .collect();
+        Probe {
+            stop,
+            tally,
+            threads,
+        }
+    }
+
+    fn snapshot(&self) -> Tally {
+        self.tally.lock().unwrap().clone()
+    }
+
+    /// Waits until `n` more requests have been answered.
+    fn wait_more(&self, n: u64, timeout: Duration) {
+        let from = self.snapshot().answered();
+        let ok = poll_until(timeout, || {
+            (self.snapshot().answered() >= from + n).then_some(())
+        });
+        assert!(ok.is_some(), "load stalled: {:?}", self.snapshot());
+    }
+
+    fn finish(self) -> Tally {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().expect("probe thread");
+        }
+        let tally = self.tally.lock().unwrap().clone();
+        tally
+    }
+}
+
+/// Keeps `probe` running for `period`, checking every second that the monitor is alive and
+/// that the tree is still `expected` (the old generation, untouched).
+fn serve_for(server: &mut Server, probe: &Probe, period: Duration, expected: &[Proc]) {
+    let until = Instant::now() + period;
+    while Instant::now() < until {
+        assert!(
+            !server.has_exited(),
+            "the monitor exited; log:\n{}",
+            server.log.text()
+        );
+        assert_eq!(
+            titled(server),
+            titled_of(expected),
+            "the old generation must serve untouched"
+        );
+        let failures = probe.snapshot().failures;
+        assert!(failures.is_empty(), "{failures:?}");
+        // A round is paced by the load itself: a hundred more answers (a fraction of a second).
+        probe.wait_more(100, Duration::from_secs(10));
+    }
+}
+
+/// The tree as (pid, title), sorted.
+fn titled(server: &Server) -> Vec<(i32, String)> {
+    titled_of(&server.tree())
+}
+
+fn titled_of(procs: &[Proc]) -> Vec<(i32, String)> {
+    let mut v: Vec<_> = procs.iter().map(|p| (p.pid, p.title.clone())).collect();
+    v.sort();
+    v
+}
+
+/// Waits until the tree is exactly a mold and `workers` workers, all of one generation > `above`;
+/// returns that generation.
+fn wait_new_generation(server: &Server, above: u32, workers: usize) -> u32 {
+    let mut last = Vec::new();
+    let found = poll_until(ROLLOUT_TIMEOUT, || {
+        last = titled(server);
+        let generation = last.iter().find_map(|(_, t)| {
+            t.strip_prefix("tine mold (gen:")?
+                .strip_suffix(')')?
+                .parse::<u32>()
+                .ok()
+        })?;
+        let mut want: Vec<String> = (0..workers)
+            .map(|nr| format!("tine worker[{nr}] (gen:{generation})"))
+            .collect();
+        want.push(format!("tine mold (gen:{generation})"));
+        want.sort();
+        let mut have: Vec<String> = last.iter().map(|(_, t)| t.clone()).collect();
+        have.sort();
+        (generation > above && have == want).then_some(generation)
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "no settled generation above {above}: {last:?}; log:\n{}",
+            server.log.text()
+        )
+    })
+}
+
+/// Waits until the tree is the mold and `workers` workers of generation 0; returns it.
+fn wait_gen0(server: &Server, workers: usize) -> Vec<Proc> {
+    let mut want: Vec<String> = (0..workers)
+        .map(|nr| format!("tine worker[{nr}] (gen:0)"))
+        .collect();
+    want.push("tine mold (gen:0)".into());
+    want.sort();
+    let mut last = Vec::new();
+    let ok = poll_until(READY_TIMEOUT, || {
+        last = titled(server).into_iter().map(|(_, t)| t).collect();
+        last.sort();
+        (last == want).then_some(())
+    });
+    assert!(ok.is_some(), "tree {last:?}; log:\n{}", server.log.text());
+    server.tree()
+}
+
+/// Lets the new generation answer a few requests, stops the load and checks that every request
+/// was answered with 200 and that the monitor still runs.
+fn finish_clean(probe: Probe, server: &mut Server) -> Tally {
+    probe.wait_more(20, Duration::from_secs(10));
+    let tally = probe.finish();
+    assert!(tally.failures.is_empty(), "{:?}", tally.failures);
+    assert!(
+        tally.answers.keys().all(|(s, _)| *s == 200),
+        "{:?}",
+        tally.answers
+    );
+    assert!(!server.has_exited(), "{}", server.log.text());
+    tally
+}
+
+/// Runs `ctl COMMAND`, which must fail with an error naming each of `needles`, and waits for the
+/// monitor's log to say the rollout was abandoned.
+fn expect_rolled_back(server: &Server, command: &str, needles: &[&str]) {
+    let mark = server.log.mark();
+    let err = server
+        .ctl(&[command])
+        .expect_err("the new generation cannot start: the rollout fails");
+    for needle in needles {
+        assert!(err.contains(needle), "{needle:?} not in {err:?}");
+    }
+    server
+        .log
+        .wait_for_log_since(mark, "rollout abandoned", Duration::from_secs(5));
+}
+
+/// Writes `contents` to `path` atomically (temporary file, then rename).
+fn write_atomically(path: &Path, contents: impl AsRef<[u8]>) {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, contents).expect("write the temporary file");
+    std::fs::rename(&tmp, path).expect("rename over the file");
+}
+
+// ---------------------------------------------------------------------------------------------
+// (a) reload
+
+/// A reload into a deploy whose `boot` fails in every new worker (the app's boot file is no
+/// longer text; `check` only sees that it exists): `ctl reload` answers with the error, the old
+/// workers answer every request for 60 s, the monitor stays, `ctl status` and the metrics show the
+/// failure; once the file is fixed the next reload goes through.
+#[test]
+fn a_reload_whose_workers_cannot_boot_rolls_back_and_the_old_workers_keep_serving() {
+    let dir = TempDir::new();
+    let boot = dir.write("boot.txt", "v1\n");
+    let mut server = Launch::example("watch_demo")
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--workers",
+            "2",
+            "--debug-headers",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .env("WATCH_DEMO_BOOT_FILE", &boot)
+        .start();
+    let gen0 = wait_gen0(&server, 2);
+    let probe = Probe::start(server.addr(), "/", 3, Duration::from_secs(150));
+    probe.wait_more(20, Duration::from_secs(10));
+
+    write_atomically(&boot, b"\xff\xfe not text\n");
+    expect_rolled_back(
+        &server,
+        "reload",
+        &[
+            "reload to gen:1 failed",
+            "boot failed",
+            "rolled back: the old generation keeps serving (gen:0)",
+        ],
+    );
+    // The new mold goes; what is left is exactly the old generation, same processes.
+    let settled = poll_until(Duration::from_secs(10), || {
+        (titled(&server) == titled_of(&gen0)).then_some(())
+    });
+    assert!(
+        settled.is_some(),
+        "tree {:?}, expected {:?}",
+        titled(&server),
+        titled_of(&gen0)
+    );
+
+    let status = server.ctl(&["status"]).expect("ctl status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("last failed rollout: reload to gen:1 failed"))
+        .unwrap_or_else(|| panic!("no failure line in:\n{status}"));
+    assert!(line.contains("boot failed"), "{line}");
+    let json = server.status();
+    assert_eq!(json["last_failed_rollout"]["generation"], 1, "{json}");
+    assert_eq!(json["rollouts_failed"], 1, "{json}");
+    assert_eq!(
+        sample_value(&server, "tine_rollouts_failed_total{cause=\"reload\"}"),
+        Some(1.0)
+    );
+    assert_eq!(sample_value(&server, "tine_last_rollout_failed"), Some(1.0));
+
+    serve_for(&mut server, &probe, SERVE_AFTER_FAILURE, &gen0);
+
+    // The deploy is fixed: the next reload goes through.
+    write_atomically(&boot, "v2\n");
+    let out = server
+        .ctl(&["reload"])
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", server.log.text()));
+    assert!(out.starts_with("reloaded in "), "{out}");
+    wait_new_generation(&server, 0, 2);
+    let tally = finish_clean(probe, &mut server);
+    let bodies: Vec<&String> = tally.answers.keys().map(|(_, b)| b).collect();
+    assert_eq!(bodies, ["v1\n", "v2\n"], "{:?}", tally.answers);
+    assert_eq!(sample_value(&server, "tine_last_rollout_failed"), Some(0.0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// (b) refork
+
+/// A refork whose promoted mold cannot make a worker that boots (the app's state after
+/// promotion is broken): `ctl refork` answers with the error, the previous mold is still there,
+/// the old workers serve every request for 60 s; once the cause is gone, a refork goes through.
+#[test]
+fn a_refork_whose_new_workers_cannot_boot_rolls_back_to_the_previous_mold() {
+    let dir = TempDir::new();
+    let breaker = dir.join("break-promotion");
+    let mut server = Launch::tine()
+        .args([
+            "--app",
+            "hello",
+            "--debug-routes",
+            "--debug-headers",
+            "--workers",
+            "2",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .env("TINE_DEBUG_PROMOTION_BREAKS_BOOT", &breaker)
+        .start();
+    wait_gen0(&server, 2);
+    let probe = Probe::start(server.addr(), "/", 3, Duration::from_secs(150));
+    probe.wait_more(20, Duration::from_secs(10));
+    let mold0 = server.with_title("tine mold (gen:0)");
+
+    std::fs::write(&breaker, "").unwrap();
+    expect_rolled_back(
+        &server,
+        "refork",
+        &[
+            "refork to gen:1 failed",
+            "boot failed: debug: promoted while",
+            "rolled back: the old generation keeps serving (gen:0)",
+        ],
+    );
+    // The promoted worker was replaced before it left, and the gen:0 mold never went away.
+    let gen0 = wait_gen0(&server, 2);
+    assert_eq!(
+        server.with_title("tine mold (gen:0)"),
+        mold0,
+        "the previous mold stays"
+    );
+    let status = server.ctl(&["status"]).expect("ctl status");
+    assert!(
+        status.lines().any(
+            |l| l.starts_with("last failed rollout: refork to gen:1 failed")
+                && l.contains("boot failed")
+        ),
+        "{status}"
+    );
+    assert_eq!(
+        sample_value(&server, "tine_rollouts_failed_total{cause=\"refork\"}"),
+        Some(1.0)
+    );
+
+    serve_for(&mut server, &probe, SERVE_AFTER_FAILURE, &gen0);
+
+    std::fs::remove_file(&breaker).unwrap();
+    let out = server
+        .ctl(&["refork"])
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", server.log.text()));
+    assert!(out.contains("serving in"), "{out}");
+    wait_new_generation(&server, 0, 2);
+    finish_clean(probe, &mut server);
+}
+
+// ---------------------------------------------------------------------------------------------
+// (c) fork fails with EAGAIN
+
+/// Tasks (threads included) whose real uid is `uid`: what `RLIMIT_NPROC` counts.
+fn tasks_of(uid: u32) -> u64 {
+    let mut n = 0;
+    for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if !p
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        for t in std::fs::read_dir(p.path().join("task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            let real = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u32>().ok());
+            if real == Some(uid) {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// Processes of user `nobody` that only hold a share of its process limit, like other programs
+/// of that user would; killed when dropped.
+struct Hogs(Vec<std::process::Child>);
+
+impl Hogs {
+    fn start(n: u64) -> Hogs {
+        let hogs = (0..n)
+            .map(|_| {
+                std::process::Command::new("setpriv")
+                    .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+                    .args(["sleep", "120"])
+                    .stdin(std::process::Stdio::null())
+                    .spawn()
+                    .expect("run setpriv (util-linux)")
+            })
+            .collect();
+        Hogs(hogs)
+    }
+}
+
+impl Drop for Hogs {
+    fn drop(&mut self) {
+        for h in &mut self.0 {
+            let _ = h.kill();
+            let _ = h.wait();
+        }
+    }
+}
+
+/// The mold and workers run as `nobody` under a process limit (`prlimit --nproc`, inherited from
+/// the monitor, which as root is exempt itself). Other processes of `nobody` then take what is
+/// left of the limit, so every fork the mold tries fails with `EAGAIN`, as on a box at its limit.
+/// A refork then cannot start the promoted worker's replacement: the failure is retried with
+/// backoff and never counted (`max_consecutive_spawn_errors = 3`, which the old monitor reached in
+/// about a second before it killed everything), the mold stays, the workers serve every request.
+/// Once those processes exit, the refork completes.
+#[test]
+fn forks_failing_with_eagain_are_retried_and_leave_the_serving_tree_intact() {
+    assert_eq!(
+        nix::unistd::geteuid().as_raw(),
+        0,
+        "this test starts the server as root (the workers run as nobody)"
+    );
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("user nobody")
+        .uid
+        .as_raw();
+    // Room for the whole refork: the old mold, the workers, the replacement, the new mold's
+    // workers and the short-lived middle processes of the double fork.
+    let limit = tasks_of(nobody) + 8;
+    let mut server = Launch::program("prlimit".into())
+        .subcommand(None)
+        .arg(format!("--nproc={limit}:{limit}"))
+        .arg("--")
+        .arg(tine_bin())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--control-socket",
+            "ctl.sock",
+            "--app",
+            "hello",
+            "--debug-headers",
+            "--workers",
+            "2",
+            "--user",
+            "nobody",
+            "--max-consecutive-spawn-errors",
+            "3",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .start();
+    let gen0 = wait_gen0(&server, 2);
+    let probe = Probe::start(server.addr(), "/", 3, Duration::from_secs(90));
+    probe.wait_more(20, Duration::from_secs(10));
+
+    let hogs = Hogs::start(limit.saturating_sub(tasks_of(nobody)));
+    let full = poll_until(Duration::from_secs(10), || {
+        (tasks_of(nobody) >= limit).then_some(())
+    });
+    assert!(full.is_some(), "nobody has {} of {limit}", tasks_of(nobody));
+    let mark = server.log.mark();
+    server.signal(Signal::SIGUSR2);
+    // Several failed forks, past max_consecutive_spawn_errors, with the tree as it was.
+    let retried = poll_until(Duration::from_secs(30), || {
+        (server.log.lines()[mark..]
+            .iter()
+            .filter(|l| l.contains("mold could not fork a worker"))
+            .count()
+            >= 6)
+            .then_some(())
+    });
+    assert!(retried.is_some(), "{}", server.log.text());
+    assert!(!server.has_exited(), "{}", server.log.text());
+    assert_eq!(
+        titled(&server),
+        titled_of(&gen0),
+        "the mold and the workers are the same processes"
+    );
+    assert!(
+        server.log.lines()[mark..]
+            .iter()
+            .any(|l| l.contains("Resource temporarily unavailable (os error 11)")),
+        "the forks failed with EAGAIN: {}",
+        server.log.text()
+    );
+    server.log.wait_for_log_since(
+        mark,
+        "a start failed for lack of resources; retrying (not counted as a failure)",
+        Duration::from_secs(1),
+    );
+    let status = server.ctl(&["status"]).expect("ctl status");
+    assert!(
+        status.contains("starts delayed for lack of resources"),
+        "{status}"
+    );
+    assert!(sample_value(&server, "tine_spawn_resource_errors_total").is_some_and(|n| n >= 5.0));
+    let failures = probe.snapshot().failures;
+    assert!(failures.is_empty(), "{failures:?}");
+
+    // Resources are back: the refork goes through.
+    drop(hogs);
+    wait_new_generation(&server, 0, 2);
+    finish_clean(probe, &mut server);
+}
