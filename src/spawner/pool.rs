@@ -198,6 +198,10 @@ impl Pool {
     }
 
     /// Runs `job` in a worker and blocks this thread until its output is back.
+    ///
+    /// When it is the only job in flight in the pool, this thread spins (yielding) for up to
+    /// 50 µs on the answer before sleeping, which saves a cross-CPU wake-up for short jobs (see
+    /// docs/SPAWNER.md, "Costs"; `TINE_SPAWNER_SPIN_US=0` turns it off).
     pub fn run_blocking<J: Job>(&self, job: J) -> Result<J::Output, Error> {
         let out = self.encode(&job)?;
         let permit = match self.inner.permits.clone().try_acquire_owned() {
