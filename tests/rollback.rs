@@ -2,7 +2,8 @@
 //! cannot start is abandoned, the old generation goes on serving at full strength, the failure
 //! shows in `ctl status`, the metrics, the log and the `ctl` reply; a fork failing with `EAGAIN`
 //! (the process limit of the workers' user reached) is retried, never counted, and leaves the
-//! serving tree intact.
+//! serving tree intact; and replacements that keep failing never end a tree that still serves
+//! (`max_consecutive_spawn_errors` ends only a start-up that never works).
 //!
 //! Each test keeps a load of `GET`s on kept-alive connections (never retried) running through the
 //! whole failure and checks that every request was answered, by the old workers.
@@ -543,4 +544,59 @@ fn forks_failing_with_eagain_are_retried_and_leave_the_serving_tree_intact() {
     drop(hogs);
     wait_new_generation(&server, 0, 2);
     finish_clean(probe, &mut server);
+}
+
+// ---------------------------------------------------------------------------------------------
+// max_consecutive_spawn_errors
+
+/// A worker that dies while the app cannot boot (its boot file broke) cannot be replaced: the
+/// replacements fail again and again, past `max_consecutive_spawn_errors` (3 here, where the old
+/// monitor gave up and killed the worker still serving). The monitor stays while a worker serves,
+/// keeps retrying with backoff, and the worker comes back once the file is fixed.
+#[test]
+fn failed_replacements_never_end_a_tree_that_still_serves() {
+    let dir = TempDir::new();
+    let boot = dir.write("boot.txt", "v1\n");
+    let mut server = Launch::example("watch_demo")
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--workers",
+            "2",
+            "--max-consecutive-spawn-errors",
+            "3",
+        ])
+        .env("WATCH_DEMO_BOOT_FILE", &boot)
+        .start();
+    let gen0 = wait_gen0(&server, 2);
+    let survivor = server.workers()[0].1;
+    write_atomically(&boot, b"\xff\xfe not text\n");
+    let mark = server.log.mark();
+    server.ctl(&["kill-worker", "1"]).expect("kill worker 1");
+    let failed = poll_until(Duration::from_secs(30), || {
+        (server.log.lines()[mark..]
+            .iter()
+            .filter(|l| l.contains("boot failed"))
+            .count()
+            >= 5)
+            .then_some(())
+    });
+    assert!(failed.is_some(), "{}", server.log.text());
+    assert!(!server.has_exited(), "{}", server.log.text());
+    let workers = server.workers();
+    assert_eq!(workers[0].1, survivor, "{workers:?}");
+    for _ in 0..20 {
+        assert_eq!(server.get("/").text(), "v1\n");
+    }
+    server.log.wait_for_log_since(
+        mark,
+        "max_consecutive_spawn_errors reached, but workers still serve",
+        Duration::from_secs(1),
+    );
+
+    write_atomically(&boot, "v1\n");
+    let back = wait_gen0(&server, 2);
+    assert_eq!(back.len(), gen0.len());
+    assert_eq!(server.workers()[0].1, survivor);
+    assert!(!server.has_exited());
 }
