@@ -9,7 +9,8 @@
 
 use std::convert::Infallible;
 use std::fs::File;
-use std::io::{self, Read as _, Seek as _};
+use std::future::Future as _;
+use std::io;
 use std::os::fd::AsFd;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -22,12 +23,13 @@ use http::{Method, Response, StatusCode};
 use nix::errno::Errno;
 use tine::app::{full, Body, Request};
 use tine::config::FollowSymlinks;
-use tine::sys::fs::{open_beneath, Symlinks};
+use tine::sys::fs::{open_beneath, read_cached_at, Symlinks};
 use tine::Handler;
 
-/// Files up to this size are read at once on the worker's thread (one `read`, no task); larger
-/// ones are streamed in chunks of this size through tokio's blocking pool.
-const CHUNK: usize = 64 * 1024;
+/// Files up to this size are answered with one buffer read at once; larger ones are streamed in
+/// chunks of this size. Large chunks keep the per-chunk cost (a read, a wake-up, a write) small
+/// next to the copying; the buffer of a chunk is freed once hyper has written it.
+const CHUNK: usize = 256 * 1024;
 
 /// The name served for a directory requested with a trailing slash.
 const INDEX: &str = "index.html";
@@ -245,7 +247,7 @@ impl Validators {
 }
 
 /// The answer for an open regular file: preconditions (RFC 9110 §13.2.2 order), then a range or
-/// the whole file. Every answer, 304 included, carries the validators.
+/// the whole file. Every answer, 304 included, carries the validators and `Cache-Control`.
 fn serve_file(
     req: &Request,
     file: File,
@@ -256,6 +258,11 @@ fn serve_file(
     let headers = req.headers();
     let v = Validators::of(size, modified);
     let with_validators = |mut r: Response<Body>| {
+        // The file may change on disk at any moment and nothing says how long it stays fresh:
+        // caches keep it but check back (cheap: a 304) rather than guess a lifetime from its
+        // age (the heuristic freshness REDbot warns about).
+        r.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         r.headers_mut().insert(header::ETAG, v.etag.clone());
         r.headers_mut()
             .insert(header::LAST_MODIFIED, v.last_modified());
@@ -337,20 +344,133 @@ fn serve_file(
     with_validators(r)
 }
 
-/// `len` bytes of `file` from `start`: read now when small, else streamed.
-fn file_body(mut file: File, start: u64, len: u64) -> io::Result<Body> {
-    file.seek(io::SeekFrom::Start(start))?;
+/// `len` bytes of `file` from `start`. A file up to [`CHUNK`] whose bytes are in the page cache is
+/// read at once on the worker's thread (no task, no copy but the kernel's); anything else is a
+/// [`FileBody`] that goes on the same way chunk by chunk.
+fn file_body(file: File, start: u64, len: u64) -> io::Result<Body> {
     if len <= CHUNK as u64 {
-        let mut bytes = Vec::with_capacity(len as usize);
-        file.take(len).read_to_end(&mut bytes)?;
-        return Ok(full(bytes));
+        let mut bytes = Vec::new();
+        loop {
+            let missing = len as usize - bytes.len();
+            if missing == 0 {
+                return Ok(full(bytes));
+            }
+            let at = start + bytes.len() as u64;
+            match read_cached_at(&file, &mut bytes, missing, at) {
+                Ok(0) => return Err(shrank()),
+                Ok(_) => {}
+                Err(e) if must_wait(&e) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        // Not (all) cached: the rest comes from the blocking pool, like a large file's.
+        let read = bytes.len() as u64;
+        let mut body = FileBody::new(file, start + read, len - read);
+        body.first = (read > 0).then(|| Bytes::from(bytes));
+        return Ok(Body::new(body));
     }
-    use futures_util::TryStreamExt as _;
-    use tokio::io::AsyncReadExt as _;
-    let reader = tokio::fs::File::from_std(file).take(len);
-    let stream =
-        tokio_util::io::ReaderStream::with_capacity(reader, CHUNK).map_ok(http_body::Frame::data);
-    Ok(Body::new(http_body_util::StreamBody::new(stream)))
+    Ok(Body::new(FileBody::new(file, start, len)))
+}
+
+/// Whether a read failed only because its bytes are not in the page cache (or the filesystem
+/// cannot say): then it is done in the blocking pool instead.
+fn must_wait(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::EOPNOTSUPP)
+}
+
+fn shrank() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the file shrank while it was served",
+    )
+}
+
+/// A file's bytes `[offset, offset + remaining)` as a body, in chunks of up to [`CHUNK`]: each read
+/// on the worker's thread when the page cache has it (`RWF_NOWAIT`), else in tokio's blocking
+/// pool, so a disk read never stalls the worker's other connections.
+struct FileBody {
+    file: Arc<File>,
+    offset: u64,
+    remaining: u64,
+    /// Bytes already read, yielded first.
+    first: Option<Bytes>,
+    /// A read waiting for the disk.
+    blocking: Option<tokio::task::JoinHandle<io::Result<Vec<u8>>>>,
+}
+
+impl FileBody {
+    fn new(file: File, offset: u64, remaining: u64) -> FileBody {
+        FileBody {
+            file: Arc::new(file),
+            offset,
+            remaining,
+            first: None,
+            blocking: None,
+        }
+    }
+
+    fn advance(&mut self, chunk: Vec<u8>) -> Option<Result<http_body::Frame<Bytes>, io::Error>> {
+        if chunk.is_empty() {
+            self.remaining = 0;
+            return Some(Err(shrank()));
+        }
+        self.offset += chunk.len() as u64;
+        self.remaining -= chunk.len() as u64;
+        Some(Ok(http_body::Frame::data(Bytes::from(chunk))))
+    }
+}
+
+impl http_body::Body for FileBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, io::Error>>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(first))));
+        }
+        if let Some(task) = &mut this.blocking {
+            let read = std::task::ready!(std::pin::Pin::new(task).poll(cx));
+            this.blocking = None;
+            return Poll::Ready(match read.map_err(io::Error::other).and_then(|r| r) {
+                Ok(chunk) => this.advance(chunk),
+                Err(e) => Some(Err(e)),
+            });
+        }
+        if this.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let want = this.remaining.min(CHUNK as u64) as usize;
+        let mut chunk = Vec::new();
+        match read_cached_at(&this.file, &mut chunk, want, this.offset) {
+            Ok(_) => Poll::Ready(this.advance(chunk)),
+            Err(e) if must_wait(&e) => {
+                let (file, offset) = (this.file.clone(), this.offset);
+                this.blocking = Some(tokio::task::spawn_blocking(move || {
+                    use std::os::unix::fs::FileExt as _;
+                    let mut chunk = vec![0; want];
+                    let n = file.read_at(&mut chunk, offset)?;
+                    chunk.truncate(n);
+                    Ok(chunk)
+                }));
+                std::pin::Pin::new(this).poll_frame(cx)
+            }
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0 && self.first.is_none()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let first = self.first.as_ref().map_or(0, |b| b.len() as u64);
+        http_body::SizeHint::with_exact(self.remaining + first)
+    }
 }
 
 fn status(code: StatusCode, body: &'static str) -> Response<Body> {
@@ -488,5 +608,89 @@ mod fuzz {
             open_beneath_root(&root, "/sub/page.html"),
             Ok(Found::File { .. })
         ));
+    }
+}
+
+/// The paths a body takes: a file in the page cache is read on the worker's thread, one that is
+/// not (dropped from the cache here) through the blocking pool; the bytes are the same.
+#[cfg(test)]
+mod bodies {
+    use super::*;
+    use http_body_util::BodyExt as _;
+    use std::os::fd::AsRawFd as _;
+
+    fn collect(body: Body) -> Vec<u8> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async { body.collect().await.unwrap().to_bytes().to_vec() })
+    }
+
+    /// Writes `bytes` to a new file and drops its pages from the page cache.
+    fn cold_file(name: &str, bytes: &[u8]) -> (PathBuf, File) {
+        let path = std::env::temp_dir().join(format!("tine-static-{name}-{}", std::process::id()));
+        std::fs::write(&path, bytes).unwrap();
+        let file = File::open(&path).unwrap();
+        file.sync_all().unwrap();
+        nix::fcntl::posix_fadvise(
+            file.as_raw_fd(),
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        )
+        .unwrap();
+        (path, file)
+    }
+
+    #[test]
+    fn cached_and_uncached_files_give_the_same_bytes() {
+        let content: Vec<u8> = (0..(3 * CHUNK + 1000) as u32)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        for (start, len) in [(0, content.len()), (5, 100), (CHUNK - 3, CHUNK + 10)] {
+            let want = &content[start..start + len];
+            let (path, cold) = cold_file("cold", &content);
+            // Not in the cache: the worker's thread is told to wait (or the filesystem cannot
+            // tell); the body then reads through the blocking pool.
+            let mut probe = Vec::new();
+            if let Err(e) = read_cached_at(&cold, &mut probe, 10, start as u64) {
+                assert!(must_wait(&e), "{e}");
+            }
+            let cold = File::open(&path).unwrap();
+            nix::fcntl::posix_fadvise(
+                cold.as_raw_fd(),
+                0,
+                0,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            )
+            .unwrap();
+            let body = file_body(cold, start as u64, len as u64).unwrap();
+            assert_eq!(collect(body), want, "cold, {start}+{len}");
+            // Now cached (just read): read on the worker's thread.
+            let warm = File::open(&path).unwrap();
+            let body = file_body(warm, start as u64, len as u64).unwrap();
+            assert_eq!(collect(body), want, "warm, {start}+{len}");
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_file_that_shrinks_while_served_ends_in_an_error_not_short_bytes() {
+        let content = vec![7u8; 2 * CHUNK];
+        let path = std::env::temp_dir().join(format!("tine-static-shrink-{}", std::process::id()));
+        std::fs::write(&path, &content).unwrap();
+        let file = File::open(&path).unwrap();
+        let body = file_body(file, 0, content.len() as u64).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(10)
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert!(rt.block_on(body.collect()).is_err());
+        std::fs::remove_file(&path).unwrap();
     }
 }

@@ -58,6 +58,47 @@ pub fn open_beneath(dir: BorrowedFd<'_>, path: &Path, symlinks: Symlinks) -> io:
     Ok(unsafe { File::from_raw_fd(fd) })
 }
 
+/// Reads up to `max` bytes of `file` at `offset`, appended to `buf`, only if they are in the page
+/// cache: `preadv2` with `RWF_NOWAIT`, so the caller's thread never waits for a disk. Returns the
+/// number of bytes read (0 at the end of the file); [`io::ErrorKind::WouldBlock`] when the data
+/// would have to come from the disk, and `EOPNOTSUPP` where the filesystem cannot tell: then read
+/// it somewhere a wait does no harm (a blocking pool).
+pub fn read_cached_at(
+    file: &File,
+    buf: &mut Vec<u8>,
+    max: usize,
+    offset: u64,
+) -> io::Result<usize> {
+    buf.reserve(max);
+    let spare = &mut buf.spare_capacity_mut()[..max];
+    let iov = libc::iovec {
+        iov_base: spare.as_mut_ptr().cast(),
+        iov_len: spare.len(),
+    };
+    let offset = libc::off_t::try_from(offset).map_err(|_| io::Error::from(Errno::EINVAL))?;
+    let read = loop {
+        // SAFETY: the iovec describes `max` bytes of `buf`'s spare capacity, which `buf` owns and
+        // nothing else touches during the call; the descriptor is open (borrowed from `file`).
+        let n = unsafe {
+            libc::preadv2(
+                std::os::fd::AsRawFd::as_raw_fd(file),
+                &iov,
+                1,
+                offset,
+                libc::RWF_NOWAIT,
+            )
+        };
+        match Errno::result(n) {
+            Err(Errno::EINTR) => {}
+            other => break other?,
+        }
+    };
+    let read = read as usize;
+    // SAFETY: the kernel wrote `read` (<= max) bytes into the spare capacity starting at len.
+    unsafe { buf.set_len(buf.len() + read) };
+    Ok(read)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

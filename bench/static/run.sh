@@ -1,0 +1,287 @@
+#!/usr/bin/env bash
+# Static files: tine `--app static` vs nginx (nginx-light, sendfile on), side by side in one run.
+#
+#   bench/static/run.sh          # ~5 minutes with the defaults; writes bench/results/static.md
+#
+# What it does:
+#   1. builds tine (cargo build --release) unless SKIP_BUILD=1;
+#   2. makes a root with one file of each size (12 B, 1 KiB, 64 KiB, 1 MiB, 16 MiB; random bytes);
+#   3. starts on loopback tine (serve --workers 2 --app static --root DIR) and nginx (2 workers,
+#      sendfile on, tcp_nopush on, no access log, same root);
+#   4. checks both serve every file byte for byte (sha256 of a curl download);
+#   5. warms both up, then for ROUNDS rounds runs wrk -c$CONNS against each size, tine and nginx
+#      interleaved (size by size inside a round), recording req/s, p50/p99 and the CPU time the
+#      server's processes used (utime+stime from /proc/PID/stat of the whole tree) per request;
+#   6. writes the report: machine, load average, command, per-round table, medians with min-max,
+#      ratios tine/nginx.
+# Every process it starts is killed on exit (trap EXIT); every load is bounded by wrk -d and timeout.
+#
+# Knobs (environment): ROUNDS=3 DURATION=4 (s per wrk run) WARMUP=1 CONNS=16 WRK_THREADS=1
+#   SIZES="12 1024 65536 1048576 16777216" PORT_BASE=18180 SKIP_BUILD=0
+#   OUT=bench/results/static.md  BENCH_TINE_BIN=path (another build; shows in the report)
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd)"
+
+ROUNDS="${ROUNDS:-3}"
+DURATION="${DURATION:-4}"
+WARMUP="${WARMUP:-1}"
+CONNS="${CONNS:-16}"
+WRK_THREADS="${WRK_THREADS:-1}"
+SIZES="${SIZES:-12 1024 65536 1048576 16777216}"
+PORT_BASE="${PORT_BASE:-18180}"
+SKIP_BUILD="${SKIP_BUILD:-0}"
+OUT="${OUT:-$ROOT/bench/results/static.md}"
+TINE_BIN="${BENCH_TINE_BIN:-$ROOT/target/release/tine}"
+TINE_PORT=$((PORT_BASE + 1))
+NGINX_PORT=$((PORT_BASE + 2))
+
+log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() {
+    log "ERROR: $*"
+    exit 1
+}
+
+WORK="$(mktemp -d /tmp/tine-bench-static.XXXXXX)"
+STARTED=()
+descendants() {
+    local child
+    for child in $(ps -o pid= --ppid "$1" 2>/dev/null); do
+        echo "$child"
+        descendants "$child"
+    done
+}
+stop_tree() {
+    local root="$1" pids p i
+    pids="$root $(descendants "$root" | tr '\n' ' ')"
+    kill -TERM "$root" 2>/dev/null || return 0
+    for i in $(seq 1 30); do
+        kill -0 "$root" 2>/dev/null || break
+        sleep 0.1
+    done
+    for p in $pids; do kill -KILL "$p" 2>/dev/null || true; done
+    wait "$root" 2>/dev/null || true
+}
+cleanup() {
+    local rc=$? pid
+    trap - EXIT INT TERM
+    for pid in "${STARTED[@]}"; do stop_tree "$pid"; done
+    rm -rf "$WORK"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+for tool in wrk nginx curl python3 ps ss sha256sum; do
+    command -v "$tool" >/dev/null || die "'$tool' not found (Debian: apt-get install -y wrk nginx-light curl procps iproute2)"
+done
+for port in "$TINE_PORT" "$NGINX_PORT"; do
+    ss -Htln "sport = :$port" | grep -q . && die "port $port is in use; set PORT_BASE"
+done
+if [[ "$SKIP_BUILD" != 1 ]]; then
+    log "building tine (cargo build --release --bin tine)"
+    (cd "$ROOT" && cargo build --release --bin tine) >"$WORK/build.log" 2>&1 || {
+        tail -20 "$WORK/build.log" >&2
+        die "tine does not build"
+    }
+fi
+[[ -x "$TINE_BIN" ]] || die "missing $TINE_BIN"
+
+# ---------------------------------------------------------------- files
+DOCS="$WORK/docs"
+mkdir -p "$DOCS"
+chmod 755 "$WORK" "$DOCS" # nginx's workers run as nobody when started by root
+for size in $SIZES; do head -c "$size" /dev/urandom >"$DOCS/f$size.bin"; done
+echo "<p>index</p>" >"$DOCS/index.html"
+
+wait_port() { # name port pid
+    local i
+    for i in $(seq 1 300); do
+        kill -0 "$3" 2>/dev/null || return 1
+        curl -sf -o /dev/null -m 1 "http://127.0.0.1:$2/index.html" && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+TINE_CMD=("$TINE_BIN" serve --listen "127.0.0.1:$TINE_PORT" --workers 2 --app static --root "$DOCS")
+unset_env=()
+for v in $(compgen -e | grep '^TINE_' || true); do unset_env+=(-u "$v"); done
+(cd "$WORK" && exec env "${unset_env[@]}" "${TINE_CMD[@]}") >"$WORK/tine.out" 2>"$WORK/tine.err" </dev/null &
+TINE_PID=$!
+STARTED+=("$TINE_PID")
+wait_port tine "$TINE_PORT" "$TINE_PID" || {
+    tail -20 "$WORK/tine.err" >&2
+    die "tine does not serve"
+}
+for i in $(seq 1 300); do
+    grep -q 'tine ready' "$WORK/tine.err" "$WORK/tine.out" && break
+    sleep 0.1
+done
+
+NG="$WORK/nginx"
+mkdir -p "$NG/logs" "$NG/tmp"
+cat >"$NG/nginx.conf" <<EOF
+worker_processes 2;
+daemon off;
+master_process on;
+pid $NG/nginx.pid;
+error_log $NG/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+    include /etc/nginx/mime.types;
+    default_type application/octet-stream;
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 100000;
+    client_body_temp_path $NG/tmp/body;
+    proxy_temp_path $NG/tmp/proxy;
+    fastcgi_temp_path $NG/tmp/fastcgi;
+    uwsgi_temp_path $NG/tmp/uwsgi;
+    scgi_temp_path $NG/tmp/scgi;
+    server {
+        listen 127.0.0.1:$NGINX_PORT;
+        root $DOCS;
+    }
+}
+EOF
+NGINX_CMD=(nginx -p "$NG" -c "$NG/nginx.conf" -e "$NG/logs/error.log")
+"${NGINX_CMD[@]}" -t >"$WORK/nginx-t.log" 2>&1 || {
+    cat "$WORK/nginx-t.log" >&2
+    die "nginx config test failed"
+}
+"${NGINX_CMD[@]}" >"$WORK/nginx.out" 2>&1 </dev/null &
+NGINX_PID=$!
+STARTED+=("$NGINX_PID")
+wait_port nginx "$NGINX_PORT" "$NGINX_PID" || die "nginx does not serve"
+
+for size in $SIZES; do
+    want="$(sha256sum <"$DOCS/f$size.bin" | cut -d' ' -f1)"
+    for port in "$TINE_PORT" "$NGINX_PORT"; do
+        got="$(curl -sf -m 20 "http://127.0.0.1:$port/f$size.bin" | sha256sum | cut -d' ' -f1)"
+        [[ "$got" == "$want" ]] || die "port $port serves f$size.bin wrong"
+    done
+done
+curl -s -D - -o /dev/null "http://127.0.0.1:$TINE_PORT/f12.bin" | tr -d '\r' >"$WORK/headers-tine.txt"
+curl -s -D - -o /dev/null "http://127.0.0.1:$NGINX_PORT/f12.bin" | tr -d '\r' >"$WORK/headers-nginx.txt"
+
+# ---------------------------------------------------------------- load
+CLK_TCK="$(getconf CLK_TCK)"
+tree_ticks() {
+    local total=0 p t
+    for p in "$1" $(descendants "$1"); do
+        t="$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13}')" || t=0
+        total=$((total + ${t:-0}))
+    done
+    echo "$total"
+}
+RAW="$WORK/rounds.tsv"
+printf 'round\tsize\tserver\treq_s\tp50_us\tp99_us\terrors\tserver_cpu_s\trequests\n' >"$RAW"
+run_one() { # round size name port pid
+    local out="$WORK/wrk-$3-$2-$1.txt" t0 t1
+    t0="$(tree_ticks "$5")"
+    timeout -k 5 $((DURATION + 30)) wrk -t"$WRK_THREADS" -c"$CONNS" -d"$DURATION"s --latency \
+        -s "$ROOT/bench/http/stats.lua" "http://127.0.0.1:$4/f$2.bin" >"$out" 2>&1 ||
+        die "wrk against $3 failed: $(tail -3 "$out")"
+    t1="$(tree_ticks "$5")"
+    kill -0 "$5" 2>/dev/null || die "$3 died during the run"
+    python3 - "$1" "$2" "$3" "$out" "$((t1 - t0))" "$CLK_TCK" >>"$RAW" <<'PY'
+import sys
+rnd, size, name, path, ticks, tck = sys.argv[1:]
+line = next(l for l in open(path) if l.startswith("RESULT "))
+kv = dict(x.split("=") for x in line.split()[1:])
+n, dur = int(kv["requests"]), int(kv["duration_us"]) / 1e6
+errs = sum(int(kv[k]) for k in kv if k.startswith("err_"))
+print("\t".join(map(str, [rnd, size, name, round(n / dur, 1), kv["p50_us"], kv["p99_us"], errs,
+                          round(int(ticks) / int(tck), 2), n])))
+PY
+    tail -1 "$RAW" | awk -F'\t' '{printf "  round %s %9s B %-6s %10s req/s  p50 %7s us  p99 %7s us  errors %s  server cpu %ss\n", $1, $2, $3, $4, $5, $6, $7, $8}' >&2
+}
+
+LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
+log "warm-up ${WARMUP}s per server and size"
+for size in $SIZES; do
+    for port in "$TINE_PORT" "$NGINX_PORT"; do
+        timeout -k 5 $((WARMUP + 30)) wrk -t1 -c"$CONNS" -d"$WARMUP"s "http://127.0.0.1:$port/f$size.bin" >/dev/null 2>&1 ||
+            die "warm-up failed on port $port"
+    done
+done
+log "measuring: $ROUNDS rounds x sizes ($SIZES) x 2 servers x ${DURATION}s"
+for round in $(seq 1 "$ROUNDS"); do
+    for size in $SIZES; do
+        if ((round % 2)); then order="tine nginx"; else order="nginx tine"; fi
+        for name in $order; do
+            if [[ "$name" == tine ]]; then run_one "$round" "$size" tine "$TINE_PORT" "$TINE_PID"; else
+                run_one "$round" "$size" nginx "$NGINX_PORT" "$NGINX_PID"; fi
+        done
+    done
+done
+LOAD_AFTER="$(cut -d' ' -f1-3 /proc/loadavg)"
+
+# ---------------------------------------------------------------- report
+mkdir -p "$(dirname "$OUT")"
+export B_DATE="$(date -u '+%F %T UTC')" B_NPROC="$(nproc)" B_KERNEL="$(uname -srm)"
+export B_CPU="$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
+export B_MEM="$(awk '/^MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
+export B_NGINX="$(nginx -v 2>&1)" B_WRK="$(wrk -v 2>&1 | head -1)"
+export B_COMMIT="$(cd "$ROOT" && git rev-parse --short HEAD)$(cd "$ROOT" && git diff --quiet HEAD || echo '+dirty')"
+export B_LOAD_BEFORE="$LOAD_BEFORE" B_LOAD_AFTER="$LOAD_AFTER"
+export B_CMD="ROUNDS=$ROUNDS DURATION=$DURATION CONNS=$CONNS bench/static/run.sh"
+export B_TINE_CMD="${TINE_CMD[*]}" B_WRK_CMD="wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s --latency URL"
+python3 - "$RAW" "$WORK/headers-tine.txt" "$WORK/headers-nginx.txt" >"$OUT" <<'PY'
+import os, statistics, sys
+from collections import defaultdict
+raw, htine, hnginx = sys.argv[1:]
+rows = [l.rstrip("\n").split("\t") for l in open(raw)][1:]
+by = defaultdict(list)
+for r in rows:
+    by[(int(r[1]), r[2])].append(r)
+def human(n):
+    for unit, f in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= f and n % f == 0:
+            return f"{n // f} {unit}"
+    return f"{n} B"
+def med(rs, i, f=float):
+    v = [f(r[i]) for r in rs]
+    return statistics.median(v), min(v), max(v)
+e = os.environ
+print("# Static files: tine vs nginx (sendfile on)\n")
+print(f"- date: {e['B_DATE']}; tine commit {e['B_COMMIT']}")
+print(f"- machine: {e['B_CPU']}, {e['B_NPROC']} cores, {e['B_MEM']}, {e['B_KERNEL']}")
+print(f"- load average (1/5/15 min) before: {e['B_LOAD_BEFORE']}; after: {e['B_LOAD_AFTER']} "
+      "(the machine is shared with other builds: treat small differences as noise)")
+print(f"- {e['B_NGINX']}; {e['B_WRK']}")
+print(f"- command: `{e['B_CMD']}`")
+print(f"- tine: `{e['B_TINE_CMD']}`; nginx: 2 workers, sendfile on, tcp_nopush on, access_log off")
+print(f"- load: `{e['B_WRK_CMD']}` on the same machine, tine and nginx interleaved in every round\n")
+print("## Medians (min-max over rounds)\n")
+print("| size | tine req/s | nginx req/s | ratio (median) | tine p50 / p99 µs | nginx p50 / p99 µs | tine CPU µs/req | nginx CPU µs/req | errors |")
+print("|---|---|---|---|---|---|---|---|---|")
+for size in sorted({k[0] for k in by}):
+    t, n = by[(size, "tine")], by[(size, "nginx")]
+    tr, nr = med(t, 3), med(n, 3)
+    def cpu(rs):
+        return statistics.median(float(r[7]) / max(1, int(r[8])) * 1e6 for r in rs)
+    ratios = sorted(float(a[3]) / float(b[3]) for a, b in zip(sorted(t), sorted(n)))
+    errs = sum(int(r[6]) for r in t + n)
+    print(f"| {human(size)} | {tr[0]:,.0f} ({tr[1]:,.0f}-{tr[2]:,.0f}) | {nr[0]:,.0f} ({nr[1]:,.0f}-{nr[2]:,.0f}) "
+          f"| **{tr[0] / nr[0]:.2f}×** (per round {ratios[0]:.2f}-{ratios[-1]:.2f}) "
+          f"| {med(t, 4)[0]:.0f} / {med(t, 5)[0]:.0f} | {med(n, 4)[0]:.0f} / {med(n, 5)[0]:.0f} "
+          f"| {cpu(t):.1f} | {cpu(n):.1f} | {errs} |")
+print("\nCPU µs/req: utime+stime of the server's whole process tree during the run divided by the "
+      "requests wrk completed (clock ticks of 10 ms, so coarse for short runs). It excludes the "
+      "kernel's softirq work for loopback, which /proc/PID/stat does not charge to the server.\n")
+print("## Every round\n")
+print("| round | size | server | req/s | p50 µs | p99 µs | errors | server CPU s | requests |")
+print("|---|---|---|---|---|---|---|---|---|")
+for r in rows:
+    print(f"| {r[0]} | {human(int(r[1]))} | {r[2]} | {float(r[3]):,.0f} | {r[4]} | {r[5]} | {r[6]} | {r[7]} | {r[8]} |")
+print("\n## Response headers for the 12 B file\n")
+for name, path in (("tine", htine), ("nginx", hnginx)):
+    print(f"{name}:\n```\n{open(path).read().strip()}\n```")
+PY
+log "wrote $OUT"
+sed -n '/## Medians/,/^CPU/p' "$OUT" >&2
