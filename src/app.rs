@@ -258,6 +258,64 @@ where
     }
 }
 
+/// The two ends of the connection a request came on: in every request's extensions.
+///
+/// Read it with `req.extensions().get::<tine::ConnectInfo>()`, or in axum with the
+/// `Extension<tine::ConnectInfo>` extractor. With tine's Cargo feature `axum`, a TCP request also
+/// carries axum's `ConnectInfo<SocketAddr>` (the `ConnectInfo` extractor works as under
+/// `axum::serve` with `into_make_service_with_connect_info`); with `tonic`, tonic's
+/// `TcpConnectInfo` or `UdsConnectInfo` (so `tonic::Request::remote_addr()` works).
+///
+/// ```
+/// # use tine::ConnectInfo;
+/// fn client<B>(req: &http::Request<B>) -> String {
+///     match req.extensions().get::<ConnectInfo>() {
+///         Some(ConnectInfo::Tcp { peer, .. }) => peer.ip().to_string(),
+///         Some(ConnectInfo::Unix { peer: Some(cred), .. }) => format!("uid {}", cred.uid()),
+///         _ => "unknown".into(),
+///     }
+/// }
+/// ```
+///
+/// A stream handler gets the same from [`Connection::connect_info`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectInfo {
+    /// A TCP connection.
+    Tcp {
+        /// The client's address.
+        peer: std::net::SocketAddr,
+        /// The address it connected to (the listener's, or with a wildcard listener, the
+        /// interface's).
+        local: std::net::SocketAddr,
+    },
+    /// A unix socket connection.
+    Unix {
+        /// The client process's credentials (`SO_PEERCRED`), if the kernel gave them.
+        peer: Option<tokio::net::unix::UCred>,
+        /// The listening socket's path, if it has one.
+        local: Option<Arc<std::path::Path>>,
+    },
+}
+
+impl ConnectInfo {
+    /// The client's address, for a TCP connection.
+    pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            ConnectInfo::Tcp { peer, .. } => Some(*peer),
+            ConnectInfo::Unix { .. } => None,
+        }
+    }
+
+    /// The local address, for a TCP connection.
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            ConnectInfo::Tcp { local, .. } => Some(*local),
+            ConnectInfo::Unix { .. } => None,
+        }
+    }
+}
+
 /// An accepted connection handed to a [`Handler::Stream`].
 #[derive(Debug)]
 pub enum Connection {
@@ -265,6 +323,81 @@ pub enum Connection {
     Tcp(tokio::net::TcpStream),
     /// A unix stream connection.
     Unix(tokio::net::UnixStream),
+}
+
+/// What every request of one connection carries in its extensions, made once per connection.
+#[derive(Debug, Clone)]
+pub(crate) struct Peer {
+    info: ConnectInfo,
+    /// tonic's own type for a unix socket (its peer address is shared, not copied, per request).
+    #[cfg(feature = "tonic")]
+    tonic_uds: Option<tonic::transport::server::UdsConnectInfo>,
+}
+
+impl Peer {
+    /// A connection accepted on TCP.
+    pub(crate) fn tcp(peer: std::net::SocketAddr, local: std::net::SocketAddr) -> Peer {
+        Peer {
+            info: ConnectInfo::Tcp { peer, local },
+            #[cfg(feature = "tonic")]
+            tonic_uds: None,
+        }
+    }
+
+    /// A connection accepted on a unix socket whose path is `local`.
+    pub(crate) fn unix(
+        stream: &tokio::net::UnixStream,
+        local: Option<Arc<std::path::Path>>,
+    ) -> Peer {
+        let peer = stream.peer_cred().ok();
+        Peer {
+            info: ConnectInfo::Unix { peer, local },
+            #[cfg(feature = "tonic")]
+            tonic_uds: Some(tonic::transport::server::UdsConnectInfo {
+                peer_addr: stream.peer_addr().ok().map(Arc::new),
+                peer_cred: peer,
+            }),
+        }
+    }
+
+    /// Puts the connection's addresses into a request's extensions: tine's type, and the
+    /// ecosystem's with their Cargo features.
+    pub(crate) fn insert_into(&self, extensions: &mut http::Extensions) {
+        #[cfg(feature = "axum")]
+        if let ConnectInfo::Tcp { peer, .. } = self.info {
+            extensions.insert(axum::extract::ConnectInfo(peer));
+        }
+        #[cfg(feature = "tonic")]
+        match (&self.info, &self.tonic_uds) {
+            (ConnectInfo::Tcp { peer, local }, _) => {
+                extensions.insert(tonic::transport::server::TcpConnectInfo {
+                    local_addr: Some(*local),
+                    remote_addr: Some(*peer),
+                });
+            }
+            (ConnectInfo::Unix { .. }, Some(uds)) => {
+                extensions.insert(uds.clone());
+            }
+            (ConnectInfo::Unix { .. }, None) => {}
+        }
+        extensions.insert(self.info.clone());
+    }
+}
+
+impl Connection {
+    /// The two ends of this connection, as an HTTP request's [`ConnectInfo`] has them.
+    pub fn connect_info(&self) -> std::io::Result<ConnectInfo> {
+        match self {
+            Connection::Tcp(s) => Ok(ConnectInfo::Tcp {
+                peer: s.peer_addr()?,
+                local: s.local_addr()?,
+            }),
+            Connection::Unix(s) => Ok(ConnectInfo::Unix {
+                peer: s.peer_cred().ok(),
+                local: s.local_addr()?.as_pathname().map(Arc::from),
+            }),
+        }
+    }
 }
 
 impl tokio::io::AsyncRead for Connection {

@@ -121,7 +121,7 @@ pub mod sys;
 mod worker;
 
 #[cfg(feature = "server")]
-pub use app::{App, Connection, Context, Handler, Shutdown, Worker};
+pub use app::{App, Body, ConnectInfo, Connection, Context, Handler, Shutdown, Worker};
 #[cfg(feature = "server")]
 pub use cli::run;
 #[cfg(feature = "server")]

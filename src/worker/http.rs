@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::Stop;
-use crate::app::{full, HttpService, Request};
+use crate::app::{full, HttpService, Peer, Request};
 use crate::config::Config;
 use crate::ipc::scoreboard::SlotWriter;
 use crate::listener::Listener;
@@ -83,6 +83,15 @@ impl AsyncListener {
                 AsyncListener::Unix(tokio::net::UnixListener::from_std(l)?)
             }
         })
+    }
+
+    /// A unix listener's path (once per listener: every connection's [`crate::ConnectInfo`]
+    /// shares it).
+    fn unix_path(&self) -> Option<Arc<std::path::Path>> {
+        match self {
+            AsyncListener::Tcp(_) => None,
+            AsyncListener::Unix(l) => l.local_addr().ok()?.as_pathname().map(Arc::from),
+        }
     }
 
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
@@ -185,6 +194,21 @@ fn take_queued<L, S>(
     taken
 }
 
+/// The addresses every request of a connection carries. A failed lookup (the client already
+/// gone) leaves the unspecified address: the connection fails at its first read anyway.
+fn peer_of(accepted: &Accepted, unix_path: &Option<Arc<std::path::Path>>) -> Peer {
+    match accepted {
+        Accepted::Tcp(s) => {
+            let unknown = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+            Peer::tcp(
+                s.peer_addr().unwrap_or(unknown),
+                s.local_addr().unwrap_or(unknown),
+            )
+        }
+        Accepted::Unix(s) => Peer::unix(s, unix_path.clone()),
+    }
+}
+
 impl From<Accepted> for crate::app::Connection {
     fn from(accepted: Accepted) -> crate::app::Connection {
         match accepted {
@@ -202,6 +226,7 @@ pub(super) fn spawn_accept_loop(
     mut stop: watch::Receiver<Stop>,
 ) -> io::Result<JoinHandle<()>> {
     let listener = AsyncListener::from_listener(listener, config.exclusive_accept)?;
+    let unix_path = listener.unix_path();
     // The builder lives as long as the worker; leaking it gives connections a 'static borrow.
     let builder: &'static Builder = Box::leak(Box::new(Builder::new(&config)));
     Ok(tokio::spawn(async move {
@@ -218,7 +243,9 @@ pub(super) fn spawn_accept_loop(
                     patience: config.header_read_timeout,
                     _open: open.clone(),
                 };
-                let service = request_service(service.clone(), config.clone(), slot, &life.shared);
+                let peer = peer_of(&accepted, &unix_path);
+                let service =
+                    request_service(service.clone(), config.clone(), slot, &life.shared, peer);
                 match accepted {
                     Accepted::Tcp(s) => builder.spawn(s, service, life),
                     Accepted::Unix(s) => builder.spawn(s, service, life),
@@ -745,12 +772,14 @@ fn head_size(req: &Request) -> usize {
         .fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
 }
 
-/// Wraps the app's service: scoreboard accounting, the request timeout, the debug header.
+/// Wraps the app's service: the connection's addresses, scoreboard accounting, the request timeout,
+/// the debug header.
 fn request_service(
     service: HttpService,
     config: Arc<Config>,
     slot: SlotWriter<'static>,
     shared: &Arc<Shared>,
+    peer: Peer,
 ) -> impl hyper::service::Service<
     Request,
     Response = http::Response<Sending>,
@@ -769,8 +798,9 @@ fn request_service(
     // of the boxed service per request.
     let own = std::cell::RefCell::new(service);
     let shared = shared.clone();
-    hyper::service::service_fn(move |req: Request| {
+    hyper::service::service_fn(move |mut req: Request| {
         shared.mark();
+        peer.insert_into(req.extensions_mut());
         let busy = Busy::new(&shared);
         // hyper bounds its read buffer by max_header_bytes, but a head that arrives in one large
         // read can pass whole; the limit is a promise, so check it exactly.

@@ -314,6 +314,18 @@ pub fn example_bin(name: &str) -> PathBuf {
     let mut cmd = Command::new(env!("CARGO"));
     cmd.args(["build", "--quiet", "--example", name])
         .current_dir(env!("CARGO_MANIFEST_DIR"));
+    // The same optional features as this test binary, so an example that needs one builds, and
+    // the library is built once for both.
+    let features: Vec<&str> = [
+        ("axum", cfg!(feature = "axum")),
+        ("tonic", cfg!(feature = "tonic")),
+    ]
+    .into_iter()
+    .filter_map(|(name, on)| on.then_some(name))
+    .collect();
+    if !features.is_empty() {
+        cmd.args(["--features", &features.join(",")]);
+    }
     if profile_dir.file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");
     }
