@@ -471,12 +471,24 @@ struct Builder {
 /// A socket whose first bytes can be looked at without consuming them.
 trait Peek: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Sync + 'static {
     fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
-    fn try_peek(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Peeks at the first bytes; a strict prefix of the HTTP/2 preface counts as not ready.
+    fn try_peek_preface(&self, buf: &mut [u8; PREFACE.len()]) -> io::Result<usize>;
 }
 
-fn peek_fd(fd: std::os::fd::RawFd, buf: &mut [u8]) -> io::Result<usize> {
+/// The bytes an HTTP/2 client with prior knowledge opens with.
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Peeks at the first bytes. A strict prefix of the preface (one split across packets, or a client
+/// that sent `P` and stopped) is reported as `WouldBlock`: inside `try_io` that clears the socket's
+/// readiness, so the task sleeps until more bytes arrive (the poller is edge-triggered) instead of
+/// peeking at the same bytes again and again until the head deadline.
+fn peek_preface(fd: std::os::fd::RawFd, buf: &mut [u8; PREFACE.len()]) -> io::Result<usize> {
     use nix::sys::socket::{recv, MsgFlags};
-    recv(fd, buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
+    let n = recv(fd, buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)?;
+    if n > 0 && n < PREFACE.len() && buf[..n] == PREFACE[..n] {
+        return Err(io::ErrorKind::WouldBlock.into());
+    }
+    Ok(n)
 }
 
 /// The same for both socket types: wait with tokio's readiness, peek with `MSG_PEEK`.
@@ -486,10 +498,10 @@ macro_rules! impl_peek {
             fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
                 <$stream>::readable(self)
             }
-            fn try_peek(&self, buf: &mut [u8]) -> io::Result<usize> {
+            fn try_peek_preface(&self, buf: &mut [u8; PREFACE.len()]) -> io::Result<usize> {
                 use std::os::fd::AsRawFd;
                 self.try_io(tokio::io::Interest::READABLE, || {
-                    peek_fd(self.as_raw_fd(), buf)
+                    peek_preface(self.as_raw_fd(), buf)
                 })
             }
         }
@@ -500,17 +512,14 @@ impl_peek!(tokio::net::TcpStream, tokio::net::UnixStream);
 
 /// Whether the client opens with the HTTP/2 preface. `Err` if it closed first.
 async fn starts_with_http2_preface<S: Peek>(stream: &S) -> io::Result<bool> {
-    const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-    let mut buf = [0u8; 24];
+    let mut buf = [0u8; PREFACE.len()];
     loop {
         stream.readable().await?;
-        match stream.try_peek(&mut buf) {
+        match stream.try_peek_preface(&mut buf) {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) if buf[..n] != PREFACE[..n] => return Ok(false),
-            Ok(n) if n == PREFACE.len() => return Ok(true),
-            // A preface split across packets (rare): the bytes stay readable, so wait a moment
-            // rather than spin; the caller's deadline bounds this.
-            Ok(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+            Ok(n) => return Ok(n == PREFACE.len() && buf == *PREFACE),
+            // Nothing yet, or only part of the preface: readiness is cleared, wait for more bytes
+            // (the caller's deadline bounds the wait).
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }
