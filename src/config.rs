@@ -342,6 +342,24 @@ options! {
     /// Serve HTTP/2 with prior knowledge next to HTTP/1.1 [default: true]
     #[arg(num_args = 0..=1, default_missing_value = "true")]
     http2: bool,
+    /// HTTP/2: streams (requests) a client may have open at once on one connection, advertised in
+    /// SETTINGS [default: 200]
+    http2_max_concurrent_streams: u32,
+    /// HTTP/2: send a PING after this long without a frame from the client, to tell a dead
+    /// connection (0 = never) [default: 0]
+    http2_keepalive_interval: Seconds,
+    /// HTTP/2: close the connection if a keep-alive PING is not answered within this
+    /// [default: 20]
+    http2_keepalive_timeout: Seconds,
+    /// HTTP/2: bytes a client may send on one stream before the server's window update
+    /// (flow control) [default: 1048576]
+    http2_initial_stream_window: u32,
+    /// HTTP/2: bytes a client may send on the whole connection before a window update
+    /// [default: 1048576]
+    http2_initial_connection_window: u32,
+    /// HTTP/2: largest frame payload the server accepts, advertised in SETTINGS (16384 to
+    /// 16777215) [default: 16384]
+    http2_max_frame_size: u32,
     /// Tokio worker threads per worker process; 1 is a current-thread runtime [default: 1]
     worker_threads: usize,
     /// Add an `x-tine-worker: PID` header to every response (for tests) [default: false]
@@ -453,6 +471,8 @@ pub struct Config {
     pub max_header_bytes: usize,
     /// HTTP/2 prior knowledge.
     pub http2: bool,
+    /// HTTP/2 settings and keep-alive pings.
+    pub http2_settings: Http2Settings,
     /// Runtime threads per worker.
     pub worker_threads: usize,
     /// Debug response header.
@@ -503,6 +523,23 @@ pub struct Config {
     pub watch_boot: Vec<PathBuf>,
     /// Privileges the children drop to.
     pub run_as: Option<RunAs>,
+}
+
+/// What an HTTP/2 connection advertises and how it checks its client is there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Http2Settings {
+    /// SETTINGS_MAX_CONCURRENT_STREAMS.
+    pub max_concurrent_streams: u32,
+    /// Idle time before a keep-alive PING (`None`: never).
+    pub keepalive_interval: Option<Duration>,
+    /// How long a keep-alive PING may go unanswered.
+    pub keepalive_timeout: Duration,
+    /// SETTINGS_INITIAL_WINDOW_SIZE.
+    pub initial_stream_window: u32,
+    /// The connection's flow-control window.
+    pub initial_connection_window: u32,
+    /// SETTINGS_MAX_FRAME_SIZE.
+    pub max_frame_size: u32,
 }
 
 /// A uid and gid the children switch to.
@@ -678,6 +715,50 @@ impl Options {
                 "a positive duration",
             ));
         }
+        let http2_settings = Http2Settings {
+            max_concurrent_streams: self.http2_max_concurrent_streams.unwrap_or(200),
+            keepalive_interval: self
+                .http2_keepalive_interval
+                .map(|s| s.0)
+                .filter(|d| !d.is_zero()),
+            keepalive_timeout: secs(self.http2_keepalive_timeout, 20),
+            initial_stream_window: self.http2_initial_stream_window.unwrap_or(1 << 20),
+            initial_connection_window: self.http2_initial_connection_window.unwrap_or(1 << 20),
+            max_frame_size: self.http2_max_frame_size.unwrap_or(16 * 1024),
+        };
+        // The ranges RFC 9113 allows (section 6.5.2); hyper would panic or send a bad frame.
+        const MAX_WINDOW: u32 = (1 << 31) - 1;
+        if http2_settings.max_concurrent_streams == 0 {
+            return Err(invalid("http2_max_concurrent_streams", 0, "at least 1"));
+        }
+        if http2_settings.keepalive_timeout.is_zero() {
+            return Err(invalid(
+                "http2_keepalive_timeout",
+                http2_settings.keepalive_timeout,
+                "a positive duration",
+            ));
+        }
+        for (key, window) in [
+            (
+                "http2_initial_stream_window",
+                http2_settings.initial_stream_window,
+            ),
+            (
+                "http2_initial_connection_window",
+                http2_settings.initial_connection_window,
+            ),
+        ] {
+            if !(1..=MAX_WINDOW).contains(&window) {
+                return Err(invalid(key, window, "a size from 1 to 2147483647"));
+            }
+        }
+        if !((1 << 14)..(1 << 24)).contains(&http2_settings.max_frame_size) {
+            return Err(invalid(
+                "http2_max_frame_size",
+                http2_settings.max_frame_size,
+                "a size from 16384 to 16777215",
+            ));
+        }
         Ok(Config {
             listen,
             listen_given,
@@ -703,6 +784,7 @@ impl Options {
             drain_grace: self.drain_grace.map_or(header_read_timeout, |s| s.0),
             max_header_bytes,
             http2: self.http2.unwrap_or(true),
+            http2_settings,
             worker_threads,
             debug_headers: self.debug_headers.unwrap_or(false),
             debug_routes: self.debug_routes.unwrap_or(false),

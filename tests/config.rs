@@ -132,6 +132,27 @@ fn values_out_of_range() {
         (&["--max-header-bytes", "100"], "max_header_bytes"),
         (&["--unix-mode", "999"], "unix_mode"),
         (&["--worker-threads", "0"], "worker_threads"),
+        (
+            &["--http2-max-concurrent-streams", "0"],
+            "http2_max_concurrent_streams",
+        ),
+        (
+            &["--http2-keepalive-timeout", "0"],
+            "http2_keepalive_timeout",
+        ),
+        (
+            &["--http2-initial-stream-window", "2147483648"],
+            "http2_initial_stream_window",
+        ),
+        (
+            &["--http2-initial-connection-window", "0"],
+            "http2_initial_connection_window",
+        ),
+        (&["--http2-max-frame-size", "1000"], "http2_max_frame_size"),
+        (
+            &["--http2-max-frame-size", "16777216"],
+            "http2_max_frame_size",
+        ),
         (&["--log-level", "not a [filter"], "log_level"),
     ] {
         assert_refused(serve().args(args), key);

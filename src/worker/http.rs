@@ -533,8 +533,15 @@ impl Builder {
         let mut http1 = http1::Builder::new();
         http1.max_buf_size(config.max_header_bytes).keep_alive(true);
         let http2 = config.http2.then(|| {
+            let settings = &config.http2_settings;
             let mut b = http2::Builder::new(TokioExecutor::new());
-            b.timer(TokioTimer::new());
+            b.timer(TokioTimer::new())
+                .max_concurrent_streams(settings.max_concurrent_streams)
+                .keep_alive_interval(settings.keepalive_interval)
+                .keep_alive_timeout(settings.keepalive_timeout)
+                .initial_stream_window_size(settings.initial_stream_window)
+                .initial_connection_window_size(settings.initial_connection_window)
+                .max_frame_size(settings.max_frame_size);
             b
         });
         Builder { http1, http2 }
