@@ -6,6 +6,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use common::*;
+use nix::sys::signal::Signal;
 
 /// CPU time (user + system) `pid` has used, in clock ticks, from `/proc/PID/stat`.
 fn cpu_ticks(pid: i32) -> u64 {
@@ -68,4 +69,84 @@ fn partial_http2_prefaces_do_not_spin_the_worker() {
     assert_eq!(server.get("/").status, 200);
     assert!(socket_inodes(worker).len() >= sockets_before + 200);
     drop(clients);
+}
+
+/// A process the test owns, killed when the test ends (pass or fail).
+struct Planted(std::process::Child);
+
+impl Drop for Planted {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn forged_spawn_reports_from_a_worker_are_ignored() {
+    // A process of the test's own: a compromised worker names it as a worker it "spawned", hoping
+    // the monitor (root in production) signals it later.
+    let mut planted = Planted(
+        std::process::Command::new("sleep")
+            .arg("120")
+            .spawn()
+            .expect("spawn sleep"),
+    );
+    let dir = TempDir::new();
+    let claim = dir.write("forge", planted.0.id().to_string());
+    let mut server = Launch::tine()
+        .args(["--workers", "1", "--debug-routes"])
+        .env("TINE_DEBUG_FORGE_SPAWN_REPORTS", &claim)
+        .start();
+    let forger = server.wait_workers(1, Duration::from_secs(10))[0];
+    server
+        .log
+        .wait_for_log("forged spawn reports sent", Duration::from_secs(10));
+    // The monitor has read the forgeries once it says it ignores them (or, without the fix, once
+    // it counted more failed spawns than max_consecutive_spawn_errors).
+    let read = poll_until(Duration::from_secs(10), || {
+        let log = server.log.text();
+        (log.contains("ignoring a SpawnFailed report")
+            || log.contains("max_consecutive_spawn_errors reached"))
+        .then_some(())
+    });
+    assert!(read.is_some(), "forgeries not read; log:\n{}", server.log.text());
+
+    // With no worker serving, counted spawn failures would make the monitor give up.
+    signal(forger, Signal::SIGKILL);
+    let replaced = poll_until(Duration::from_secs(15), || {
+        assert!(
+            !server.has_exited(),
+            "the monitor gave up after forged reports; log:\n{}",
+            server.log.text()
+        );
+        let workers = server.workers();
+        workers
+            .iter()
+            .any(|(_, pid, state)| *pid != forger && state == "ready")
+            .then_some(())
+    });
+    assert!(
+        replaced.is_some(),
+        "no new worker after the forger was killed; log:\n{}",
+        server.log.text()
+    );
+    assert_eq!(server.get("/").status, 200, "the tree keeps serving");
+    let log = server.log.text();
+    assert_eq!(
+        log.matches("ignoring a").count(),
+        1,
+        "stray reports are logged once per child; log:\n{log}"
+    );
+    assert!(
+        !log.contains("mold could not fork a worker"),
+        "a forged failure was counted; log:\n{log}"
+    );
+
+    // A graceful stop signals every worker the monitor knows of: never the planted pid.
+    server.signal(Signal::SIGTERM);
+    assert_eq!(server.exit_code_within(Duration::from_secs(20)), 0);
+    assert!(
+        planted.0.try_wait().expect("try_wait").is_none(),
+        "the planted process was signalled by the monitor"
+    );
 }

@@ -57,6 +57,10 @@ pub(crate) struct Child {
     pub promoted_generation: u32,
     /// The spawn request that asked for this worker (matches the mold's report of the fork).
     pub request: u64,
+    /// The slot of the mold the request was sent to: the only child whose report of it counts.
+    pub requested_from: Option<usize>,
+    /// Whether a spawn report this child had no business sending was already logged.
+    pub stray_report_logged: bool,
     /// Why it said it was exiting (`Report::Exiting`), to explain a failed start.
     pub exit_reason: Option<String>,
 }
@@ -76,6 +80,8 @@ impl Child {
             pss_checked: None,
             promoted_generation: 0,
             request: 0,
+            requested_from: None,
+            stray_report_logged: false,
             exit_reason: None,
         }
     }

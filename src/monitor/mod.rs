@@ -521,10 +521,13 @@ impl Monitor {
                 request,
                 pid,
             } => {
-                if let Some(w) = self.children.get_mut(&(worker_slot as usize)) {
-                    if w.pid.is_none() && w.request == request && pid > 1 {
-                        w.pid = Some(Pid::from_raw(pid));
-                    }
+                let worker_slot = worker_slot as usize;
+                if pid <= 1 || !self.is_pending_spawn(slot, worker_slot, request) {
+                    self.stray_spawn_report(slot, "Spawned", worker_slot, request);
+                    return;
+                }
+                if let Some(w) = self.children.get_mut(&worker_slot) {
+                    w.pid = Some(Pid::from_raw(pid));
                 }
             }
             Report::SpawnFailed {
@@ -532,17 +535,18 @@ impl Monitor {
                 request,
                 error,
             } => {
+                // Only the mold asked, about a request still pending, can report its failure: a
+                // slot of a running process named here is a confused mold, and a report from
+                // anyone else (a worker runs the app) must not count towards giving up.
+                let worker_slot = worker_slot as usize;
+                if !self.is_pending_spawn(slot, worker_slot, request) {
+                    self.stray_spawn_report(slot, "SpawnFailed", worker_slot, request);
+                    return;
+                }
                 tracing::error!(error, "mold could not fork a worker");
                 let resource = rollout::is_resource_error_text(&error);
-                // Only a request still pending can have failed; a slot of a running process
-                // named here is a confused mold, not a reason to forget that process.
-                let slot = worker_slot as usize;
-                if self.children.get(&slot).is_some_and(|w| {
-                    w.kind == Kind::Worker && w.pid.is_none() && w.request == request
-                }) {
-                    self.children.remove(&slot);
-                    self.board.clear(slot);
-                }
+                self.children.remove(&worker_slot);
+                self.board.clear(worker_slot);
                 self.spawn_failed(error, resource);
             }
             Report::Exiting { reason } => {
@@ -555,6 +559,40 @@ impl Monitor {
                 refork::on_promotion_failed(self, slot, &reason);
             }
         }
+    }
+
+    /// Whether `worker_slot` holds a worker not forked yet, asked of the mold in `mold_slot` with
+    /// `request`: the only spawn report that counts.
+    fn is_pending_spawn(&self, mold_slot: usize, worker_slot: usize, request: u64) -> bool {
+        let from_a_mold = self
+            .children
+            .get(&mold_slot)
+            .is_some_and(|m| m.kind == Kind::Mold);
+        from_a_mold
+            && self.children.get(&worker_slot).is_some_and(|w| {
+                w.kind == Kind::Worker
+                    && w.pid.is_none()
+                    && w.request == request
+                    && w.requested_from == Some(mold_slot)
+            })
+    }
+
+    /// A spawn report from a child that was not asked, or about no pending request: ignored, and
+    /// logged once per child (a compromised worker could otherwise flood the log).
+    fn stray_spawn_report(&mut self, from: usize, what: &str, worker_slot: usize, request: u64) {
+        let Some(c) = self.children.get_mut(&from) else {
+            return;
+        };
+        if std::mem::replace(&mut c.stray_report_logged, true) {
+            return;
+        }
+        tracing::warn!(
+            pid = c.pid_raw(),
+            slot = worker_slot,
+            request,
+            "ignoring a {what} report from {} about no spawn request pending with it (logged once per process)",
+            c.label()
+        );
     }
 
     /// A new worker `nr` is ready: retire the worker it replaces, if any.
@@ -906,6 +944,7 @@ impl Monitor {
         )?;
         let mut c = Child::new(Kind::Worker, nr, generation, mine);
         c.request = request;
+        c.requested_from = Some(mold_slot);
         c.max_requests = limits::max_requests_for(&self.config, slot);
         self.children.insert(slot, c);
         Ok(())

@@ -217,6 +217,9 @@ async fn serve(
     if channel.get_ref().send(&Report::Ready, &[]).is_err() {
         return (Stop::Quick, None);
     }
+    if config.debug_routes {
+        forge_spawn_reports(channel.get_ref()).await;
+    }
     let stop = read_commands(&channel).await;
     heartbeat.abort();
     if stop == Stop::Quick {
@@ -245,6 +248,51 @@ async fn serve(
         let _ = handle.await;
     }
     (stop, Some(channel.into_inner()))
+}
+
+/// Test hook (debug routes only): `TINE_DEBUG_FORGE_SPAWN_REPORTS=FILE` makes the first worker
+/// that removes FILE act as a compromised worker would: it sends the monitor forged `SpawnFailed`
+/// reports (more than `max_consecutive_spawn_errors`) and `Spawned` reports naming the pid
+/// written in FILE, for every slot and request number it can guess. The monitor must ignore them.
+async fn forge_spawn_reports(channel: &Channel) {
+    let Some(file) = std::env::var_os("TINE_DEBUG_FORGE_SPAWN_REPORTS") else {
+        return;
+    };
+    let Ok(planted) = std::fs::read_to_string(&file) else {
+        return;
+    };
+    // Removing it is the claim: only one worker forges, once.
+    if std::fs::remove_file(&file).is_err() {
+        return;
+    }
+    let pid: i32 = planted.trim().parse().unwrap_or(0);
+    tracing::warn!(pid, "TINE_DEBUG_FORGE_SPAWN_REPORTS: sending forged spawn reports");
+    let mut forged = Vec::new();
+    for request in 1..=32u64 {
+        for slot in 0..8u32 {
+            forged.push(Report::SpawnFailed {
+                slot,
+                request,
+                error: "forged by a worker".into(),
+            });
+            forged.push(Report::Spawned { slot, request, pid });
+        }
+    }
+    for report in &forged {
+        // The channel is non-blocking: wait for room rather than drop a forgery.
+        for _ in 0..1000 {
+            match channel.send(report, &[]) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    tokio::time::sleep(Duration::from_millis(1)).await
+                }
+                _ => break,
+            }
+        }
+    }
+    tracing::warn!(
+        count = forged.len(),
+        "TINE_DEBUG_FORGE_SPAWN_REPORTS: forged spawn reports sent"
+    );
 }
 
 /// Reads the monitor's commands until one ends the serving loop.
