@@ -109,7 +109,11 @@ fn forged_spawn_reports_from_a_worker_are_ignored() {
             || log.contains("max_consecutive_spawn_errors reached"))
         .then_some(())
     });
-    assert!(read.is_some(), "forgeries not read; log:\n{}", server.log.text());
+    assert!(
+        read.is_some(),
+        "forgeries not read; log:\n{}",
+        server.log.text()
+    );
 
     // With no worker serving, counted spawn failures would make the monitor give up.
     signal(forger, Signal::SIGKILL);

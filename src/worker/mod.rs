@@ -266,7 +266,10 @@ async fn forge_spawn_reports(channel: &Channel) {
         return;
     }
     let pid: i32 = planted.trim().parse().unwrap_or(0);
-    tracing::warn!(pid, "TINE_DEBUG_FORGE_SPAWN_REPORTS: sending forged spawn reports");
+    tracing::warn!(
+        pid,
+        "TINE_DEBUG_FORGE_SPAWN_REPORTS: sending forged spawn reports"
+    );
     let mut forged = Vec::new();
     for request in 1..=32u64 {
         for slot in 0..8u32 {
