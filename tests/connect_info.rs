@@ -122,3 +122,38 @@ fn axums_connect_info_extractor_gets_the_tcp_peer() {
     assert_eq!(status, 500, "{body}");
     assert!(body.contains("ConnectInfo"), "{body}");
 }
+
+/// The same over HTTP/2 (prior knowledge), with the h2 crate as the client.
+#[test]
+fn an_http2_request_carries_its_peer_too() {
+    let Running { tcp: addr, .. } = &start();
+    let addr = *addr;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (me, body) = runtime.block_on(async move {
+        let io = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let me = io.local_addr().unwrap();
+        let (mut client, connection) = h2::client::handshake(io).await.unwrap();
+        tokio::spawn(connection);
+        let request = http::Request::get(format!("http://{addr}/"))
+            .body(())
+            .unwrap();
+        let (response, _) = client.send_request(request, true).unwrap();
+        let response = tokio::time::timeout(IO_TIMEOUT, response)
+            .await
+            .expect("a response in time")
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let mut body = response.into_body();
+        let mut text = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            body.flow_control().release_capacity(chunk.len()).unwrap();
+            text.extend_from_slice(&chunk);
+        }
+        (me, String::from_utf8(text).unwrap())
+    });
+    assert_eq!(body, format!("tcp peer={me} local={addr}\n"));
+}
