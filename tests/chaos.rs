@@ -30,14 +30,15 @@ mod common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::strict::{Lost, StrictLoad, StrictReport};
 use common::*;
 use nix::sys::signal::Signal;
 
-/// Length of the chaos in the suite: with start-up and convergence the test stays near a minute.
-const DEFAULT_CHAOS_SECONDS: u64 = 40;
+/// Length of the chaos in the suite: about a minute (with start-up and convergence, a little more).
+const DEFAULT_CHAOS_SECONDS: u64 = 60;
 /// Workers at start (and after the final scale back, for the descriptor comparison).
 const START_WORKERS: usize = 3;
 /// The chaos keeps the target within 1..=MAX_TARGET (a 2-core machine).
@@ -50,8 +51,19 @@ const CONVERGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Descriptors the monitor may hold beyond its start count after convergence (a control
 /// connection being closed while it is counted).
 const FD_TOLERANCE: usize = 2;
-/// An event taking longer than this is reported (a `ctl` call or a signal's effect that waits).
+/// An event taking longer than this is reported with the time of each of its steps (a `ctl`
+/// call or a signal's effect that waits).
 const SLOW_EVENT: Duration = Duration::from_secs(2);
+/// An event taking longer than this is a stall, printed as one (not a failure: on two cores at a
+/// load average of 50 one `ctl` call may use its whole [`CTL_TIMEOUT`]).
+const STALLED_EVENT: Duration = Duration::from_secs(10);
+/// An event taking longer than this fails the test, naming the event and the step it is stuck
+/// in. Every step has its own bound (a `ctl` call [`CTL_TIMEOUT`], a wait for a log line 5 s,
+/// for a freeze 2 s) and an event's steps stay under this unless one of them blocks without
+/// bound (a `/proc` read, a spawn) or two `ctl` calls both time out (itself a failure). A
+/// watchdog thread enforces it when the step never returns: it kills the tree and ends the test
+/// process, since the harness cannot interrupt a blocked thread.
+const EVENT_HARD_LIMIT: Duration = Duration::from_secs(30);
 /// Pause between two events: at random within this range (pacing of the schedule).
 const GAP_MS: (u64, u64) = (20, 250);
 
@@ -135,6 +147,113 @@ struct Kill {
     /// How long it stayed frozen before the SIGKILL (zero when it was not frozen).
     frozen_for: Duration,
     ports: Option<HashSet<u16>>,
+}
+
+/// The steps of the event under way, timed, shared with the watchdog (which names the step an
+/// event is stuck in) and reported for slow events.
+#[derive(Clone, Default)]
+struct Steps(Arc<Mutex<StepsState>>);
+
+#[derive(Default)]
+struct StepsState {
+    /// The event under way and when it began (`None` between events).
+    event: Option<(String, Instant)>,
+    /// The step under way and when it began.
+    current: Option<(String, Instant)>,
+    /// The finished steps of this event and how long each took.
+    done: Vec<(String, Duration)>,
+    /// The chaos is over: the watchdog ends.
+    over: bool,
+}
+
+impl Steps {
+    fn state(&self) -> std::sync::MutexGuard<'_, StepsState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn begin_event(&self, what: &str) {
+        let mut s = self.state();
+        s.event = Some((what.to_string(), Instant::now()));
+        s.current = None;
+        s.done.clear();
+    }
+
+    /// Ends the step under way (if any) and begins `what`.
+    fn step(&self, what: impl Into<String>) {
+        let mut s = self.state();
+        if let Some((name, began)) = s.current.take() {
+            s.done.push((name, began.elapsed()));
+        }
+        s.current = Some((what.into(), Instant::now()));
+    }
+
+    /// Ends the event: its steps with their durations.
+    fn end_event(&self) -> Vec<(String, Duration)> {
+        let mut s = self.state();
+        if let Some((name, began)) = s.current.take() {
+            s.done.push((name, began.elapsed()));
+        }
+        s.event = None;
+        std::mem::take(&mut s.done)
+    }
+
+    /// Where the event under way is, if it has run past `limit`.
+    fn overdue(&self, limit: Duration) -> Option<String> {
+        let s = self.state();
+        let (what, began) = s.event.as_ref()?;
+        if began.elapsed() <= limit {
+            return None;
+        }
+        let (step, step_began) = s.current.as_ref()?;
+        Some(format!(
+            "event {what} has run for {:?}, {:?} of it in the step \"{step}\" (done before it: {})",
+            began.elapsed(),
+            step_began.elapsed(),
+            describe_steps(&s.done)
+        ))
+    }
+}
+
+/// Steps and their durations, the ones that took time (or the longest if none did).
+fn describe_steps(steps: &[(String, Duration)]) -> String {
+    let notable: Vec<String> = steps
+        .iter()
+        .filter(|(_, d)| *d >= Duration::from_millis(100))
+        .map(|(name, d)| format!("{name} {d:.2?}"))
+        .collect();
+    if !notable.is_empty() {
+        return notable.join(", ");
+    }
+    steps
+        .iter()
+        .max_by_key(|(_, d)| *d)
+        .map(|(name, d)| format!("longest: {name} {d:.2?}"))
+        .unwrap_or_else(|| "none".into())
+}
+
+/// Fails the test when an event runs past [`EVENT_HARD_LIMIT`] and never returns: prints where
+/// it is stuck, kills the tree (the monitor first, so it starts nothing more) and ends the test
+/// process with a failure (a blocked thread cannot be interrupted, nor the harness told).
+fn start_watchdog(steps: Steps, monitor: i32, seed: u64) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_millis(500));
+        if steps.state().over {
+            return;
+        }
+        // The loop fails the test itself when the event returns; give it a moment to.
+        let Some(stuck) = steps.overdue(EVENT_HARD_LIMIT + Duration::from_secs(5)) else {
+            continue;
+        };
+        eprintln!(
+            "chaos: FAILED (seed {seed}): {stuck}; over the hard limit of {EVENT_HARD_LIMIT:?}: killing the tree and ending the test"
+        );
+        signal(monitor, Signal::SIGSTOP);
+        for p in tree_states(monitor) {
+            signal(p.pid, Signal::SIGKILL);
+        }
+        signal(monitor, Signal::SIGKILL);
+        std::process::exit(101);
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -274,15 +393,15 @@ fn tree_states(root: i32) -> Vec<TreeProc> {
 
 /// Zombies that tine should reap: children of the monitor (its own, and orphans re-parented to
 /// it, a child subreaper) and of the mold. A worker's own children are the app's to reap.
-fn zombies(server: &Server) -> Vec<i32> {
-    let tree = tree_states(server.pid);
+fn zombies(monitor: i32) -> Vec<i32> {
+    let tree = tree_states(monitor);
     let molds: HashSet<i32> = tree
         .iter()
-        .filter(|p| p.ppid == server.pid && p.comm.starts_with("tine-mold"))
+        .filter(|p| p.ppid == monitor && p.comm.starts_with("tine-mold"))
         .map(|p| p.pid)
         .collect();
     tree.iter()
-        .filter(|p| p.state == 'Z' && (p.ppid == server.pid || molds.contains(&p.ppid)))
+        .filter(|p| p.state == 'Z' && (p.ppid == monitor || molds.contains(&p.ppid)))
         .map(|p| p.pid)
         .collect()
 }
@@ -298,6 +417,24 @@ fn proc_net_hex(addr: SocketAddr) -> String {
         a.port()
     )
 }
+
+/// Runs `f` on a thread of its own and waits at most `limit` for it: `None` if it did not return
+/// by then (the thread is left to finish). A `/proc` read can block: a scan of the process table
+/// between two events took 173 s and 258 s in two ten-minute runs on this shared machine, and
+/// must not hold the schedule.
+fn bounded<T: Send + 'static>(
+    limit: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).ok()
+}
+
+/// Longest a `/proc` look-up of the chaos loop may take (see [`bounded`]).
+const PROC_SCAN_LIMIT: Duration = Duration::from_secs(5);
 
 /// The client ports of the connections to `server_addr` whose server side `pid` holds.
 fn client_ports_held_by(pid: i32, server_addr: SocketAddr) -> HashSet<u16> {
@@ -336,16 +473,26 @@ fn stopped_or_gone(pid: i32) -> bool {
 }
 
 /// Freezes `pid`, notes the connections it holds, and SIGKILLs it.
-fn freeze_and_kill(pid: i32, server_addr: SocketAddr) -> Kill {
+fn freeze_and_kill(pid: i32, server_addr: SocketAddr, steps: &Steps) -> Kill {
+    // kill(0 or -1, …) would signal the test's own process group or every process.
+    assert!(pid > 1, "ctl status reported pid {pid} for a child");
     // The kill counts from the freeze: from then on the process answers nothing, and the client
     // may see the end of a connection before `kill` returns here.
     let at = Instant::now();
+    steps.step(format!("SIGSTOP pid {pid} and wait for the stop"));
     signal(pid, Signal::SIGSTOP);
     // A stopped process accepts nothing more; wait until the stop took effect.
     let stopped = poll_until(Duration::from_secs(2), || {
         stopped_or_gone(pid).then_some(())
     });
-    let ports = stopped.map(|()| client_ports_held_by(pid, server_addr));
+    steps.step(format!("/proc/{pid}/fd and /proc/net/tcp"));
+    // Not looked at in time: attributed by the last response on each connection instead.
+    let ports = stopped.and_then(|()| {
+        bounded(PROC_SCAN_LIMIT, move || {
+            client_ports_held_by(pid, server_addr)
+        })
+    });
+    steps.step(format!("SIGKILL pid {pid}"));
     signal(pid, Signal::SIGKILL);
     Kill {
         pid,
@@ -370,8 +517,11 @@ struct Chaos {
     /// asserted: a child that just died is a zombie until the next poll; reported).
     peak_fds: usize,
     peak_zombies: usize,
-    /// Events that took over [`SLOW_EVENT`] (the kind, when it began, how long it took).
+    /// Events that took over [`SLOW_EVENT`] (the kind, when it began, how long it took, its
+    /// steps that took time).
     slow: Vec<String>,
+    /// Events that took over [`STALLED_EVENT`], the same way.
+    stalled: Vec<String>,
 }
 
 impl Chaos {
@@ -409,34 +559,39 @@ fn event(
     kind: Kind,
     target: &mut usize,
     chaos: &mut Chaos,
+    steps: &Steps,
 ) {
+    steps.step("ctl status");
     let rows = status(server).map(|(rows, _)| rows).unwrap_or_default();
     let workers: Vec<&Row> = rows.iter().filter(|r| r.role == "worker").collect();
     match kind {
         Kind::KillWorker => {
             if let Some(w) = rng.pick(&workers) {
                 chaos.count("kill -9 worker");
-                chaos.kills.push(freeze_and_kill(w.pid, server_addr));
+                chaos.kills.push(freeze_and_kill(w.pid, server_addr, steps));
             }
         }
         Kind::KillMold => {
             let molds: Vec<&Row> = rows.iter().filter(|r| r.role == "mold").collect();
             if let Some(m) = rng.pick(&molds) {
                 chaos.count("kill -9 mold");
-                chaos.kills.push(freeze_and_kill(m.pid, server_addr));
+                chaos.kills.push(freeze_and_kill(m.pid, server_addr, steps));
             }
         }
         Kind::Refork => {
             chaos.count("USR2 (refork)");
+            steps.step("SIGUSR2 to the monitor");
             server.signal(Signal::SIGUSR2);
         }
         Kind::Reload => {
             chaos.count("HUP (reload)");
+            steps.step("SIGHUP to the monitor");
             server.signal(Signal::SIGHUP);
         }
         Kind::Ttin if *target < MAX_TARGET => {
             chaos.count("TTIN");
             *target += 1;
+            steps.step("SIGTTIN, then ctl status until the target is seen");
             server.signal(Signal::SIGTTIN);
             if let Err(e) = wait_target(server, *target, Duration::from_secs(10)) {
                 chaos.problems.push(format!("after TTIN: {e}"));
@@ -445,6 +600,7 @@ fn event(
         Kind::Ttou if *target > 1 => {
             chaos.count("TTOU");
             *target -= 1;
+            steps.step("SIGTTOU, then ctl status until the target is seen");
             server.signal(Signal::SIGTTOU);
             if let Err(e) = wait_target(server, *target, Duration::from_secs(10)) {
                 chaos.problems.push(format!("after TTOU: {e}"));
@@ -454,6 +610,7 @@ fn event(
         Kind::Scale => {
             let n = rng.range(1, MAX_TARGET as u64) as usize;
             chaos.count("ctl scale");
+            steps.step(format!("ctl scale {n}"));
             match server.ctl(&["scale", &n.to_string()]) {
                 Ok(_) => *target = n,
                 Err(e) => chaos.problems.push(format!("ctl scale {n}: {e}")),
@@ -470,6 +627,7 @@ fn event(
                 (Signal::SIGHUP, "forked mold", "kill -9 new mold after HUP")
             };
             let mark = server.log.mark();
+            steps.step(format!("{sig} to the monitor, wait for \"{pattern}\""));
             server.signal(sig);
             let line = server
                 .log
@@ -478,7 +636,7 @@ fn event(
             // refused: then there is nothing in transition to kill.
             if let Some(pid) = line.as_deref().and_then(|l| pids_in(l).last().copied()) {
                 chaos.count(what);
-                chaos.kills.push(freeze_and_kill(pid, server_addr));
+                chaos.kills.push(freeze_and_kill(pid, server_addr, steps));
             } else {
                 chaos.count(&format!("{what} (nothing started)"));
             }
@@ -495,15 +653,25 @@ fn event(
             let Some(w) = rng.pick(&single) else { return };
             let nr = w.nr.expect("a worker has a number").to_string();
             chaos.count("ctl kill-worker");
+            assert!(w.pid > 1, "ctl status reported pid {} for a worker", w.pid);
             let at = Instant::now();
+            steps.step(format!("SIGSTOP pid {} and wait for the stop", w.pid));
             signal(w.pid, Signal::SIGSTOP);
             let stopped = poll_until(Duration::from_secs(2), || {
                 stopped_or_gone(w.pid).then_some(())
             });
-            let ports = stopped.map(|()| client_ports_held_by(w.pid, server_addr));
+            steps.step(format!("/proc/{}/fd and /proc/net/tcp", w.pid));
+            let pid = w.pid;
+            let ports = stopped.and_then(|()| {
+                bounded(PROC_SCAN_LIMIT, move || {
+                    client_ports_held_by(pid, server_addr)
+                })
+            });
             let mark = server.log.mark();
+            steps.step(format!("ctl kill-worker {nr}"));
             match server.ctl(&["kill-worker", &nr]) {
                 Ok(_) => {
+                    steps.step("wait for the \"killing worker\" line");
                     let line = server
                         .log
                         .wait_for_line_since(mark, Duration::from_secs(5), |l| {
@@ -638,23 +806,37 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
         "the tree does not settle at start: {why:?}"
     );
     let fds_before = fd_count(server.pid);
-    let zombies_before = zombies(&server).len();
+    let zombies_before = zombies(server.pid).len();
 
     let mut chaos = Chaos::default();
     let mut target = START_WORKERS;
     let started = Instant::now();
     let mut monitor_died = None;
     let mut server = server;
+    let steps = Steps::default();
+    let watchdog = start_watchdog(steps.clone(), server.pid, seed);
     while started.elapsed() < Duration::from_secs(seconds) {
         if server.has_exited() {
             monitor_died = Some(started.elapsed());
             break;
         }
-        let event_began = Instant::now();
-        chaos.peak_fds = chaos.peak_fds.max(fd_count(server.pid));
-        chaos.peak_zombies = chaos.peak_zombies.max(zombies(&server).len());
-        let sampling = event_began.elapsed();
         let kind = pick_kind(&mut rng);
+        let event_began = Instant::now();
+        let at = event_began.duration_since(started);
+        steps.begin_event(&format!("{kind:?} at {at:.1?}"));
+        steps.step("/proc/MONITOR/fd count and /proc/*/stat scan for zombies");
+        let monitor = server.pid;
+        match bounded(PROC_SCAN_LIMIT, move || {
+            (fd_count(monitor), zombies(monitor).len())
+        }) {
+            Some((fds, zombies)) => {
+                chaos.peak_fds = chaos.peak_fds.max(fds);
+                chaos.peak_zombies = chaos.peak_zombies.max(zombies);
+            }
+            None => chaos.stalled.push(format!(
+                "{kind:?} at {at:.1?}: the /proc scan for fds and zombies did not return within {PROC_SCAN_LIMIT:?} (skipped)"
+            )),
+        }
         let kills_before = chaos.kills.len();
         event(
             &server,
@@ -663,22 +845,34 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
             kind,
             &mut target,
             &mut chaos,
+            &steps,
         );
-        if event_began.elapsed() > SLOW_EVENT {
-            // Where the time went: the /proc sampling, and how long a killed process was
-            // frozen (its /proc/net/tcp look-up) if this event froze one.
+        let took = event_began.elapsed();
+        let done = steps.end_event();
+        if took > SLOW_EVENT {
+            // Where the time went: each step, and how long a killed process was frozen.
             let frozen = chaos.kills[kills_before..]
                 .iter()
-                .map(|k| format!(", pid {} frozen for {:?}", k.pid, k.frozen_for))
+                .map(|k| format!("; pid {} frozen for {:.2?}", k.pid, k.frozen_for))
                 .collect::<String>();
-            chaos.slow.push(format!(
-                "{kind:?} at {:?} took {:?} (sampling {sampling:?}{frozen})",
-                event_began.duration_since(started),
-                event_began.elapsed(),
-            ));
+            let line = format!(
+                "{kind:?} at {at:.1?} took {took:.2?} ({}{frozen})",
+                describe_steps(&done)
+            );
+            assert!(
+                took <= EVENT_HARD_LIMIT,
+                "an event took over the hard limit of {EVENT_HARD_LIMIT:?} (seed {seed}): {line}"
+            );
+            if took > STALLED_EVENT {
+                chaos.stalled.push(line);
+            } else {
+                chaos.slow.push(line);
+            }
         }
         std::thread::sleep(Duration::from_millis(rng.range(GAP_MS.0, GAP_MS.1)));
     }
+    steps.state().over = true;
+    let _ = watchdog.join();
     let chaos_ended = Instant::now();
     let answered_during_chaos = load.answered();
 
@@ -718,7 +912,7 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
             // A child that exited a moment ago may not be reaped yet: allow a few polls.
             let mut z = Vec::new();
             let flat = poll_until(Duration::from_secs(5), || {
-                z = zombies(&server);
+                z = zombies(server.pid);
                 (z.len() <= zombies_before).then_some(())
             });
             zombies_after = Some((z.len(), flat.is_some(), z));
@@ -833,6 +1027,9 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
     eprintln!("chaos: took {phases}");
     for slow in &chaos.slow {
         eprintln!("  slow event: {slow}");
+    }
+    for stalled in &chaos.stalled {
+        eprintln!("  stalled event (over {STALLED_EVENT:?}): {stalled}");
     }
     for p in &chaos.problems {
         eprintln!("  problem: {p}");
