@@ -19,6 +19,7 @@
 # Knobs (environment): ROUNDS=3 DURATION=4 (s per wrk run) WARMUP=1 CONNS=16 WRK_THREADS=1
 #   SIZES="12 1024 65536 1048576 16777216" PORT_BASE=18180 SKIP_BUILD=0
 #   OUT=bench/results/static.md  BENCH_TINE_BIN=path (another build; shows in the report)
+#   BENCH_TINE_ARGS="--sched-batch false" (extra serve flags; shown in the report's tine command)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -106,7 +107,8 @@ wait_port() { # name port pid
     return 1
 }
 
-TINE_CMD=("$TINE_BIN" serve --listen "127.0.0.1:$TINE_PORT" --workers 2 --app static --root "$DOCS")
+read -r -a TINE_EXTRA_ARGS <<<"${BENCH_TINE_ARGS:-}"
+TINE_CMD=("$TINE_BIN" serve --listen "127.0.0.1:$TINE_PORT" --workers 2 --app static --root "$DOCS" "${TINE_EXTRA_ARGS[@]}")
 unset_env=()
 for v in $(compgen -e | grep '^TINE_' || true); do unset_env+=(-u "$v"); done
 (cd "$WORK" && exec env "${unset_env[@]}" "${TINE_CMD[@]}") >"$WORK/tine.out" 2>"$WORK/tine.err" </dev/null &
@@ -229,7 +231,7 @@ export B_MEM="$(awk '/^MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)
 export B_NGINX="$(nginx -v 2>&1)" B_WRK="$(wrk -v 2>&1 | head -1)"
 export B_COMMIT="$(cd "$ROOT" && git rev-parse --short HEAD)$(cd "$ROOT" && git diff --quiet HEAD || echo '+dirty')"
 export B_LOAD_BEFORE="$LOAD_BEFORE" B_LOAD_AFTER="$LOAD_AFTER"
-export B_CMD="ROUNDS=$ROUNDS DURATION=$DURATION CONNS=$CONNS bench/static/run.sh"
+export B_CMD="${BENCH_TINE_ARGS:+BENCH_TINE_ARGS=\"$BENCH_TINE_ARGS\" }ROUNDS=$ROUNDS DURATION=$DURATION CONNS=$CONNS bench/static/run.sh"
 export B_TINE_CMD="${TINE_CMD[*]}" B_WRK_CMD="wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s --latency URL"
 python3 - "$RAW" "$WORK/headers-tine.txt" "$WORK/headers-nginx.txt" >"$OUT" <<'PY'
 import os, statistics, sys
