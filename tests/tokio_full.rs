@@ -143,8 +143,9 @@ struct Run {
     reports: Vec<StrictReport>,
 }
 
-/// Routes under load, with their number of strict connections.
-const ROUTES: [(&str, usize); 3] = [("/", 2), ("/process", 1), ("/signal", 1)];
+/// Routes under load, with their number of strict connections: 16 in all, so every refork finds
+/// each worker holding several kept-alive connections with requests in flight.
+const ROUTES: [(&str, usize); 3] = [("/", 10), ("/process", 2), ("/signal", 4)];
 
 /// Starts the example, reforks it `REFORKS` times under strict load, each time waiting for the new
 /// generation to be ready and to serve, and checking the routes in a few generations.
