@@ -368,8 +368,8 @@ options! {
     /// Enable the reference app's debug routes (/sleep/MS, /stream/MS, /spin, /leak/KB, /crash, /subprocess/SECS) [default: false]
     #[arg(num_args = 0..=1, default_missing_value = "true")]
     debug_routes: bool,
-    /// Consecutive failed spawns before the monitor gives up and exits, counted only while no
-    /// worker serves [default: 10]
+    /// Consecutive failed spawns before the monitor gives up and exits, only if no worker has
+    /// been ready since it started (a start-up that never works) [default: 10]
     max_consecutive_spawn_errors: u32,
     /// Failed starts in a row of a new generation's workers (before one is ready) after which its
     /// rollout is abandoned and the previous generation keeps serving [default: 3]
@@ -479,7 +479,7 @@ pub struct Config {
     pub debug_headers: bool,
     /// Debug routes of the reference app.
     pub debug_routes: bool,
-    /// Spawn failures before giving up (only while no worker serves).
+    /// Spawn failures before giving up (only if no worker has ever been ready).
     pub max_consecutive_spawn_errors: u32,
     /// Failed starts of a new generation before its rollout is abandoned.
     pub rollout_max_failures: u32,

@@ -75,8 +75,10 @@
 //!
 //! **Supervision.** Every death is reaped and explained (exit code, signal, limit, timeout);
 //! replacements back off exponentially on crash loops, and the monitor exits after
-//! `max_consecutive_spawn_errors` only while no worker serves. Starts that fail for lack of
-//! resources (`EAGAIN`, `ENOMEM`, `EMFILE`) are retried with capped backoff and never counted. Limits end in replace-then-retire, so capacity never dips. If the
+//! `max_consecutive_spawn_errors` only if no worker has been ready since it started (a tree that
+//! has served keeps retrying, even with no worker left). A start that fails for lack of resources
+//! (`EAGAIN`, `ENOMEM`, `EMFILE`, `ENFILE` from `fork` or `socketpair`, or from building a worker's
+//! tokio runtime) is retried with capped backoff and never counted. Limits end in replace-then-retire, so capacity never dips. If the
 //! monitor dies, the parent-death signal and EOF on the channels take every child with it.
 //!
 //! **Spawner** ([`spawner`]). Separate from the server: a process forked first thing in `main`

@@ -600,3 +600,55 @@ fn failed_replacements_never_end_a_tree_that_still_serves() {
     assert_eq!(server.workers()[0].1, survivor);
     assert!(!server.has_exited());
 }
+
+/// A tree that has served loses every worker while the app cannot boot (they were all killed,
+/// as the OOM killer might): no worker serves and the replacements fail past
+/// `max_consecutive_spawn_errors` (3 here, where the old monitor exited, leaving nothing to
+/// restart them). The monitor stays, keeps retrying with capped backoff, and serves again once
+/// the boot file is fixed.
+#[test]
+fn a_tree_that_served_survives_losing_every_worker_while_boot_fails() {
+    let dir = TempDir::new();
+    let boot = dir.write("boot.txt", "v1\n");
+    let mut server = Launch::example("watch_demo")
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--workers",
+            "2",
+            "--max-consecutive-spawn-errors",
+            "3",
+        ])
+        .env("WATCH_DEMO_BOOT_FILE", &boot)
+        .start();
+    let gen0 = wait_gen0(&server, 2);
+    assert_eq!(server.get("/").text(), "v1\n");
+    write_atomically(&boot, b"\xff\xfe not text\n");
+    let mark = server.log.mark();
+    server.ctl(&["kill-worker", "0"]).expect("kill worker 0");
+    server.ctl(&["kill-worker", "1"]).expect("kill worker 1");
+    let failed = poll_until(Duration::from_secs(30), || {
+        (server.has_exited()
+            || server.log.lines()[mark..]
+                .iter()
+                .filter(|l| l.contains("boot failed"))
+                .count()
+                >= 6)
+            .then_some(())
+    });
+    assert!(failed.is_some(), "{}", server.log.text());
+    assert!(!server.has_exited(), "{}", server.log.text());
+    server.log.wait_for_log_since(
+        mark,
+        "max_consecutive_spawn_errors reached with no worker serving, but this tree has served",
+        Duration::from_secs(1),
+    );
+
+    write_atomically(&boot, "v1\n");
+    let back = wait_gen0(&server, 2);
+    assert_eq!(back.len(), gen0.len());
+    for _ in 0..10 {
+        assert_eq!(server.get("/").text(), "v1\n");
+    }
+    assert!(!server.has_exited());
+}

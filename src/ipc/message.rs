@@ -38,6 +38,10 @@ pub enum Command {
     },
 }
 
+/// How a worker's [`Report::Exiting`] reason starts when its tokio runtime could not be built:
+/// the monitor tells a lack of resources there (`… (os error 11)`) from a real failure by it.
+pub const RUNTIME_BUILD_FAILED: &str = "cannot build the runtime: ";
+
 /// What a child tells the monitor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Report {
@@ -66,7 +70,8 @@ pub enum Report {
         /// Why.
         error: String,
     },
-    /// From a process about to exit on purpose, with the reason.
+    /// From a process about to exit on purpose, with the reason (a worker whose runtime could
+    /// not be built starts it with [`RUNTIME_BUILD_FAILED`], followed by the `io::Error`).
     Exiting {
         /// Why.
         reason: String,

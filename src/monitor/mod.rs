@@ -94,6 +94,9 @@ pub(crate) struct Monitor {
     pid: Pid,
     pub(crate) started: Instant,
     spawn_errors: u32,
+    /// A worker has been ready since this image started (adopted ready workers count): from
+    /// then on, failed starts never end the monitor, however many (see `reconcile`).
+    ever_served: bool,
     last_spawn_error: String,
     backoff_until: Option<Instant>,
     announced_ready: bool,
@@ -504,6 +507,9 @@ impl Monitor {
                     );
                     self.spawn_errors = 0;
                     self.resource_errors = 0;
+                    if c.kind == Kind::Worker && !was_promoting {
+                        self.ever_served = true;
+                    }
                     if was_promoting {
                         self.board.count_refork();
                     }
@@ -636,12 +642,28 @@ impl Monitor {
         self.spawn_errors = self.spawn_errors.saturating_add(1);
         self.last_spawn_error = error.clone();
         self.backoff_until = Some(Instant::now() + spawn_backoff(self.spawn_errors));
-        if self.spawn_errors == self.config.max_consecutive_spawn_errors && self.serving() > 0 {
+        if self.spawn_errors == self.config.max_consecutive_spawn_errors && self.ever_served {
+            let serving = self.serving();
+            tracing::error!(
+                errors = self.spawn_errors,
+                serving,
+                error,
+                "{}",
+                if serving > 0 {
+                    "max_consecutive_spawn_errors reached, but workers still serve: staying, retrying every few seconds"
+                } else {
+                    "max_consecutive_spawn_errors reached with no worker serving, but this tree has served: staying, retrying every few seconds"
+                }
+            );
+        } else if self.ever_served
+            && self.spawn_errors > self.config.max_consecutive_spawn_errors
+            && self.spawn_errors % 10 == 0
+        {
             tracing::error!(
                 errors = self.spawn_errors,
                 serving = self.serving(),
                 error,
-                "max_consecutive_spawn_errors reached, but workers still serve: staying, retrying every few seconds"
+                "starts keep failing: still retrying every few seconds"
             );
         }
         self.rollout_start_failed(&error);
@@ -742,9 +764,15 @@ impl Monitor {
                         Some(reason) => format!(": {reason}"),
                         None => String::new(),
                     };
+                    // A worker that could not build its runtime for lack of resources is
+                    // retried with backoff, like a fork that failed with EAGAIN, never counted.
+                    let resource = c
+                        .exit_reason
+                        .as_deref()
+                        .is_some_and(rollout::is_resource_exit);
                     self.spawn_failed(
                         format!("{} exited before it was ready ({how}){why}", c.label()),
-                        false,
+                        resource,
                     );
                 }
                 if let Some(r) = &mut self.rollout {
@@ -840,8 +868,14 @@ impl Monitor {
         if self.mode != Mode::Running {
             return Ok(());
         }
-        // A start-up that never works ends; a tree that still serves stays and keeps trying.
-        if self.spawn_errors >= self.config.max_consecutive_spawn_errors && self.serving() == 0 {
+        // A start-up that never works ends; a tree that has served (since this image started)
+        // stays and keeps trying, with capped backoff, even while no worker serves: its workers
+        // may all have died of something passing (the OOM killer), and ending the monitor would
+        // turn that into an outage no one restarts.
+        if self.spawn_errors >= self.config.max_consecutive_spawn_errors
+            && self.serving() == 0
+            && !self.ever_served
+        {
             let error = MonitorError::SpawnErrors(self.spawn_errors, self.last_spawn_error.clone());
             tracing::error!("{error}");
             self.stop(false, "spawn errors");

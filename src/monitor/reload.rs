@@ -518,6 +518,10 @@ impl Monitor {
                 None if h.ready => Phase::Ready,
                 None => Phase::Starting,
             };
+            // The tree served before the re-exec: its failed starts never end this image.
+            if c.kind == Kind::Worker && c.phase == Phase::Ready {
+                self.ever_served = true;
+            }
             self.children.insert(h.slot, c);
         }
     }

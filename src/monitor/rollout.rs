@@ -116,6 +116,16 @@ pub(crate) fn is_resource_error_text(error: &str) -> bool {
         .is_some_and(|code| is_resource_error(&std::io::Error::from_raw_os_error(code)))
 }
 
+/// Whether a worker that exited before it was ready, saying `reason` ([`Report::Exiting`]), did
+/// so for lack of resources: its tokio runtime could not be built with `EAGAIN`, `ENOMEM`,
+/// `EMFILE` or `ENFILE`. Only the runtime's own failure counts: an app's `boot` failing is the
+/// app's, whatever OS error it names.
+///
+/// [`Report::Exiting`]: crate::ipc::message::Report::Exiting
+pub(crate) fn is_resource_exit(reason: &str) -> bool {
+    reason.starts_with(crate::ipc::message::RUNTIME_BUILD_FAILED) && is_resource_error_text(reason)
+}
+
 impl Monitor {
     /// Records the start of a rollout to `generation`.
     pub(super) fn begin_rollout(
@@ -409,5 +419,25 @@ mod tests {
             "refusing to fork: this process has 2 threads"
         ));
         assert!(!is_resource_error_text("(os error x)"));
+    }
+
+    #[test]
+    fn a_runtime_that_cannot_be_built_for_lack_of_resources_is_a_resource_exit() {
+        let runtime = |errno| {
+            format!(
+                "{}{}",
+                crate::ipc::message::RUNTIME_BUILD_FAILED,
+                std::io::Error::from_raw_os_error(errno)
+            )
+        };
+        for errno in [libc::EAGAIN, libc::EMFILE, libc::ENOMEM, libc::ENFILE] {
+            assert!(is_resource_exit(&runtime(errno)), "{}", runtime(errno));
+        }
+        assert!(!is_resource_exit(&runtime(libc::EINVAL)));
+        // The app's boot naming an OS error is the app's failure, counted.
+        let emfile = std::io::Error::from_raw_os_error(libc::EMFILE);
+        assert!(!is_resource_exit(&format!(
+            "boot failed: open config: {emfile}"
+        )));
     }
 }

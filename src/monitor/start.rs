@@ -111,6 +111,7 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
         pid: nix::unistd::getpid(),
         started: Instant::now(),
         spawn_errors: 0,
+        ever_served: false,
         last_spawn_error: String::new(),
         backoff_until: None,
         announced_ready: false,

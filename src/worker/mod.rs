@@ -124,7 +124,7 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot build the runtime");
-            let reason = format!("cannot build the runtime: {e}");
+            let reason = format!("{}{e}", crate::ipc::message::RUNTIME_BUILD_FAILED);
             let _ = channel.send(&Report::Exiting { reason }, &[]);
             return Outcome::Exit(3);
         }
