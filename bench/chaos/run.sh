@@ -21,10 +21,10 @@ started=$(date -u '+%Y-%m-%d %H:%M:%S UTC')
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 profile=()
 if [ "${RELEASE:-0}" = 1 ]; then profile=(--release); fi
-cmd="CHAOS_SECONDS=$seconds${CHAOS_SEED:+ CHAOS_SEED=$CHAOS_SEED}${CHAOS_EXAMPLE:+ CHAOS_EXAMPLE=$CHAOS_EXAMPLE}${CHAOS_PATH:+ CHAOS_PATH=$CHAOS_PATH} cargo test ${profile[*]:-}${profile[*]:+ }--test chaos -- --nocapture"
+cmd="CHAOS_SECONDS=$seconds${CHAOS_SEED:+ CHAOS_SEED=$CHAOS_SEED}${CHAOS_EXAMPLE:+ CHAOS_EXAMPLE=$CHAOS_EXAMPLE}${CHAOS_PATH:+ CHAOS_PATH=$CHAOS_PATH} cargo test ${profile[*]:-}${profile[*]:+ }--test chaos -- --include-ignored --nocapture"
 echo "running: $cmd" >&2
 set +e
-CHAOS_SECONDS=$seconds cargo test "${profile[@]}" --test chaos -- --nocapture >"$log" 2>&1
+CHAOS_SECONDS=$seconds cargo test "${profile[@]}" --test chaos -- --include-ignored --nocapture >"$log" 2>&1
 status=$?
 set -e
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
