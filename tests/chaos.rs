@@ -33,6 +33,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::status::{child_rows, Row};
 use common::strict::{Lost, StrictLoad, StrictReport};
 use common::*;
 use nix::sys::signal::Signal;
@@ -259,36 +260,11 @@ fn start_watchdog(steps: Steps, monitor: i32, seed: u64) -> std::thread::JoinHan
 // ---------------------------------------------------------------------------------------------
 // Looking at the tree
 
-/// One row of `ctl status --json`.
-#[derive(Debug, Clone)]
-struct Row {
-    role: String,
-    nr: Option<u64>,
-    pid: i32,
-    generation: u64,
-    state: String,
-}
-
 /// The children in `ctl status --json` and the target; `None` if the call failed.
 fn status(server: &Server) -> Option<(Vec<Row>, usize)> {
     let out = server.ctl(&["status", "--json"]).ok()?;
     let json: serde_json::Value = serde_json::from_str(&out).ok()?;
-    let rows = json["processes"]
-        .as_array()?
-        .iter()
-        .filter(|p| p["role"] != "monitor")
-        .map(|p| {
-            let pid = p["pid"].as_i64().unwrap_or(0) as i32;
-            server.remember(pid);
-            Row {
-                role: p["role"].as_str().unwrap_or("").to_string(),
-                nr: p["nr"].as_u64(),
-                pid,
-                generation: p["generation"].as_u64().unwrap_or(u64::MAX),
-                state: p["state"].as_str().unwrap_or("").to_string(),
-            }
-        })
-        .collect();
+    let rows = child_rows(server, &json)?;
     Some((rows, json["target"].as_u64()? as usize))
 }
 

@@ -12,6 +12,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::status::{child_rows, Row};
 use common::strict::{StrictLoad, StrictReport};
 use common::{poll_until, Launch, Server};
 use nix::sys::signal::Signal;
@@ -24,34 +25,8 @@ const EVENT_TIMEOUT: Duration = Duration::from_secs(40);
 /// Responses the load must have received before the event, and again after it.
 const FLOWING: u64 = 300;
 
-/// A molds' or workers' row of `ctl status --json`.
-#[derive(Debug, Clone)]
-struct Row {
-    role: String,
-    nr: Option<u64>,
-    pid: i32,
-    generation: u64,
-    state: String,
-}
-
 fn rows(server: &Server) -> Vec<Row> {
-    server.status()["processes"]
-        .as_array()
-        .expect("processes")
-        .iter()
-        .filter(|p| p["role"] != "monitor")
-        .map(|p| {
-            let row = Row {
-                role: p["role"].as_str().unwrap_or("").to_string(),
-                nr: p["nr"].as_u64(),
-                pid: p["pid"].as_i64().unwrap_or(0) as i32,
-                generation: p["generation"].as_u64().unwrap_or(u64::MAX),
-                state: p["state"].as_str().unwrap_or("").to_string(),
-            };
-            server.remember(row.pid);
-            row
-        })
-        .collect()
+    child_rows(server, &server.status()).expect("processes")
 }
 
 /// A settled tree: one mold and `workers` serving workers numbered 0..workers, all of the

@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+pub mod status;
 pub mod strict;
 
 /// How long a tree may take to report `tine ready` (debug build, 2 busy cores).
