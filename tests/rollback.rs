@@ -183,6 +183,18 @@ fn wait_new_generation(server: &Server, above: u32, workers: usize) -> u32 {
     })
 }
 
+/// `examples/watch_demo.rs` with two workers on a free port, its boot reading `boot`, and `extra`
+/// flags.
+fn watch_demo(boot: &Path, extra: &[&str]) -> Server {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut args = vec!["--listen", listen.as_str(), "--workers", "2"];
+    args.extend_from_slice(extra);
+    Launch::example("watch_demo")
+        .args(args)
+        .env("WATCH_DEMO_BOOT_FILE", boot)
+        .start()
+}
+
 /// Waits until the tree is the mold and `workers` workers of generation 0; returns it.
 fn wait_gen0(server: &Server, workers: usize) -> Vec<Proc> {
     let mut want: Vec<String> = (0..workers)
@@ -248,18 +260,10 @@ fn write_atomically(path: &Path, contents: impl AsRef<[u8]>) {
 fn a_reload_whose_workers_cannot_boot_rolls_back_and_the_old_workers_keep_serving() {
     let dir = TempDir::new();
     let boot = dir.write("boot.txt", "v1\n");
-    let mut server = Launch::example("watch_demo")
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--workers",
-            "2",
-            "--debug-headers",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        .env("WATCH_DEMO_BOOT_FILE", &boot)
-        .start();
+    let mut server = watch_demo(
+        &boot,
+        &["--debug-headers", "--metrics-listen", "127.0.0.1:0"],
+    );
     let gen0 = wait_gen0(&server, 2);
     let probe = Probe::start(server.addr(), "/", 3, Duration::from_secs(150));
     probe.wait_more(20, Duration::from_secs(10));
@@ -557,17 +561,7 @@ fn forks_failing_with_eagain_are_retried_and_leave_the_serving_tree_intact() {
 fn failed_replacements_never_end_a_tree_that_still_serves() {
     let dir = TempDir::new();
     let boot = dir.write("boot.txt", "v1\n");
-    let mut server = Launch::example("watch_demo")
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--workers",
-            "2",
-            "--max-consecutive-spawn-errors",
-            "3",
-        ])
-        .env("WATCH_DEMO_BOOT_FILE", &boot)
-        .start();
+    let mut server = watch_demo(&boot, &["--max-consecutive-spawn-errors", "3"]);
     let gen0 = wait_gen0(&server, 2);
     let survivor = server.workers()[0].1;
     write_atomically(&boot, b"\xff\xfe not text\n");
@@ -610,17 +604,7 @@ fn failed_replacements_never_end_a_tree_that_still_serves() {
 fn a_tree_that_served_survives_losing_every_worker_while_boot_fails() {
     let dir = TempDir::new();
     let boot = dir.write("boot.txt", "v1\n");
-    let mut server = Launch::example("watch_demo")
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--workers",
-            "2",
-            "--max-consecutive-spawn-errors",
-            "3",
-        ])
-        .env("WATCH_DEMO_BOOT_FILE", &boot)
-        .start();
+    let mut server = watch_demo(&boot, &["--max-consecutive-spawn-errors", "3"]);
     let gen0 = wait_gen0(&server, 2);
     assert_eq!(server.get("/").text(), "v1\n");
     write_atomically(&boot, b"\xff\xfe not text\n");
