@@ -537,8 +537,8 @@ pub(crate) fn status_json(m: &Monitor) -> serde_json::Value {
 pub fn request(path: &Path, command: &str) -> Result<String, String> {
     let mut stream = UnixStream::connect(path)
         .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
-    // A reload waits for the new generation to be ready, preload included; a refork for its
-    // first worker (promotion, boot, failed starts retried with backoff).
+    // A reload or a refork waits for every worker of the new generation to be ready (preload or
+    // promotion, boots, failed starts retried with backoff).
     let patience = match command.trim() {
         "reload" | "refork" => 600,
         _ => 10,

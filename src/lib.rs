@@ -58,9 +58,11 @@
 //! promoted: a replacement starts first, then the worker drains, drops its runtime, runs
 //! [`App::before_mold`], checks it is single-threaded and becomes the mold of generation N+1.
 //! Older workers are then replaced a few at a time, replace-then-retire, so memory warmed at run
-//! time is shared copy-on-write again. The new generation is on trial until one of its workers is
-//! ready: the previous mold stays meanwhile, and if the new workers keep failing to start the
-//! rollout is abandoned and the old generation serves on (a rollout rolls back, never down).
+//! time is shared copy-on-write again. The new generation is on trial until every worker is of it
+//! and ready: the previous mold stays meanwhile, and if new workers keep failing to start — before
+//! the first is ready or after some already serve — the rollout is abandoned, the new workers that
+//! serve are replaced from the previous mold, and the old generation serves on at full strength (a
+//! rollout rolls back, never down, and never sits half done).
 //! Shared data should be read through `&'static` references: a reference-count increment is a
 //! write that un-shares a page.
 //!

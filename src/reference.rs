@@ -5,9 +5,13 @@
 //! failures): the routes `/sleep/MS`, `/stream/MS` (a body that pauses), `/spin` (blocks the worker's thread forever), `/leak/KB`,
 //! `/crash` (aborts) and `/subprocess/SECS` (starts `sleep SECS`, answers its pid); the environment variable `TINE_DEBUG_BOOT_SLEEP_MS`, which makes
 //! every worker's `boot` block that long before it reports ready (a worker that never gets
-//! ready, for `spawn_timeout`); and `TINE_DEBUG_PROMOTION_BREAKS_BOOT=FILE`: a worker promoted to
+//! ready, for `spawn_timeout`); `TINE_DEBUG_PROMOTION_BREAKS_BOOT=FILE`: a worker promoted to
 //! mold while `FILE` exists keeps a broken state, so every worker that mold forks fails in `boot`
-//! (an app whose state does not survive promotion, for the rollback of a failed refork).
+//! (an app whose state does not survive promotion, for the rollback of a failed refork); and
+//! `TINE_DEBUG_PRELOAD_BREAKS_BOOT=FILE`: the same for a mold that preloads while `FILE` exists
+//! (the new mold of a reload: a deploy that cannot boot). For both, a number `N` in `FILE` lets
+//! the first `N` workers of that mold boot and breaks only the later ones (a deploy that works in
+//! one worker and fails in the next, for the rollback of a rollout half done).
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -25,8 +29,9 @@ use tine::{App, Config, Context, Handler, Worker};
 pub enum Reference {
     Hello {
         debug_routes: bool,
-        /// Set by `before_mold` under `TINE_DEBUG_PROMOTION_BREAKS_BOOT`: why `boot` fails.
-        broken: Option<String>,
+        /// Set by `preload` under `TINE_DEBUG_PRELOAD_BREAKS_BOOT` or by `before_mold` under
+        /// `TINE_DEBUG_PROMOTION_BREAKS_BOOT`: how this mold's workers fail in `boot`.
+        broken: Option<Breakage>,
     },
     Static {
         root: PathBuf,
@@ -108,7 +113,11 @@ impl App for Reference {
             }
             _ => Reference::Hello {
                 debug_routes: config.debug_routes,
-                broken: None,
+                broken: if config.debug_routes {
+                    Breakage::from_env("TINE_DEBUG_PRELOAD_BREAKS_BOOT", "preloaded")?
+                } else {
+                    None
+                },
             },
         })
     }
@@ -123,8 +132,8 @@ impl App for Reference {
                 if debug {
                     debug_boot_sleep()?;
                 }
-                if let Some(why) = broken {
-                    bail!("{why}");
+                if let Some(broken) = broken {
+                    broken.take_turn()?;
                 }
                 Handler::http(tower::service_fn(move |req: Request| hello(&req, debug)))
             }
@@ -151,16 +160,75 @@ impl App for Reference {
             broken,
         } = self
         {
-            if let Some(file) = std::env::var_os("TINE_DEBUG_PROMOTION_BREAKS_BOOT") {
-                if Path::new(&file).exists() {
-                    *broken = Some(format!(
-                        "debug: promoted while {} existed (TINE_DEBUG_PROMOTION_BREAKS_BOOT)",
-                        Path::new(&file).display()
-                    ));
-                }
+            if let Some(breakage) =
+                Breakage::from_env("TINE_DEBUG_PROMOTION_BREAKS_BOOT", "promoted")?
+            {
+                *broken = Some(breakage);
             }
         }
         Ok(())
+    }
+}
+
+/// How the workers of a mold made under a debug knob fail in `boot` (debug routes only).
+pub struct Breakage {
+    /// Why `boot` fails.
+    why: String,
+    /// Workers of this mold that boot normally before the others fail (the file's number).
+    spared: u32,
+    /// Prefix of the files by which this mold's workers claim their turn to boot (`PREFIX1`,
+    /// `PREFIX2`, …, each created exclusively, so two workers never get the same turn).
+    turns: String,
+}
+
+impl Breakage {
+    /// The breakage that the knob `var` asks of a mold made (`how`: preloaded, promoted) now:
+    /// none unless the file it names exists.
+    fn from_env(var: &str, how: &str) -> anyhow::Result<Option<Breakage>> {
+        let Some(file) = std::env::var_os(var) else {
+            return Ok(None);
+        };
+        let file = Path::new(&file);
+        let Ok(text) = std::fs::read_to_string(file) else {
+            return Ok(None);
+        };
+        let spared = match text.trim() {
+            "" => 0,
+            n => n.parse().with_context(|| {
+                format!(
+                    "invalid content {n:?} in {} ({var}): expected a number of workers",
+                    file.display()
+                )
+            })?,
+        };
+        Ok(Some(Breakage {
+            why: format!("debug: {how} while {} existed ({var})", file.display()),
+            spared,
+            turns: format!("{}.boot-{}-", file.display(), std::process::id()),
+        }))
+    }
+
+    /// Called in `boot`: fails unless this worker is one of the first `spared` of its mold.
+    fn take_turn(&self) -> anyhow::Result<()> {
+        for turn in 1..=self.spared {
+            let claim = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(format!("{}{turn}", self.turns));
+            match claim {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => bail!("{}: cannot claim a turn: {e}", self.why),
+            }
+        }
+        if self.spared == 0 {
+            bail!("{}", self.why);
+        }
+        bail!(
+            "{}: only the first {} worker(s) of this mold boot",
+            self.why,
+            self.spared
+        )
     }
 }
 

@@ -18,6 +18,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::metrics::sample_value;
+use common::strict::StrictLoad;
 use common::*;
 use nix::sys::signal::Signal;
 
@@ -322,6 +323,25 @@ fn a_reload_whose_workers_cannot_boot_rolls_back_and_the_old_workers_keep_servin
 // ---------------------------------------------------------------------------------------------
 // (b) refork
 
+/// The reference app with `workers` workers and its debug knob `knob` naming `breaker` (a file
+/// that does not exist yet): the workers of a mold made while it exists fail in `boot`, all of
+/// them, or all but the number the file holds.
+fn breakable_hello(knob: &str, breaker: &Path, workers: usize) -> Server {
+    Launch::tine()
+        .args([
+            "--app",
+            "hello",
+            "--debug-routes",
+            "--debug-headers",
+            "--workers",
+            &workers.to_string(),
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .env(knob, breaker)
+        .start()
+}
+
 /// A refork whose promoted mold cannot make a worker that boots (the app's state after
 /// promotion is broken): `ctl refork` answers with the error, the previous mold is still there,
 /// the old workers serve every request for 60 s; once the cause is gone, a refork goes through.
@@ -329,19 +349,7 @@ fn a_reload_whose_workers_cannot_boot_rolls_back_and_the_old_workers_keep_servin
 fn a_refork_whose_new_workers_cannot_boot_rolls_back_to_the_previous_mold() {
     let dir = TempDir::new();
     let breaker = dir.join("break-promotion");
-    let mut server = Launch::tine()
-        .args([
-            "--app",
-            "hello",
-            "--debug-routes",
-            "--debug-headers",
-            "--workers",
-            "2",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        .env("TINE_DEBUG_PROMOTION_BREAKS_BOOT", &breaker)
-        .start();
+    let mut server = breakable_hello("TINE_DEBUG_PROMOTION_BREAKS_BOOT", &breaker, 2);
     wait_gen0(&server, 2);
     let probe = Probe::start(server.addr(), "/", 3, Duration::from_secs(150));
     probe.wait_more(20, Duration::from_secs(10));
@@ -386,6 +394,142 @@ fn a_refork_whose_new_workers_cannot_boot_rolls_back_to_the_previous_mold() {
     assert!(out.contains("serving in"), "{out}");
     wait_new_generation(&server, 0, 2);
     finish_clean(probe, &mut server);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A rollout that fails half-way: its first new worker serves, the next ones cannot boot
+
+/// Workers of the half-way tests: enough that "full strength" means more than the one worker
+/// the broken generation managed to start.
+const HALF_WAY_WORKERS: usize = 3;
+/// Connections of the strict load across a half-way failure and the fixed rollout after it.
+const STRICT_CONNECTIONS: usize = 16;
+
+/// Waits until the strict load has `n` more answers than now.
+fn wait_flowing(load: &StrictLoad, n: u64, server: &Server) {
+    let from = load.answered();
+    let ok = poll_until(ROLLOUT_TIMEOUT, || {
+        (load.answered() >= from + n).then_some(())
+    });
+    assert!(
+        ok.is_some(),
+        "the strict load stalled at {}; log:\n{}",
+        load.answered(),
+        server.log.text()
+    );
+}
+
+/// The half-way failure of a rollout by `command` (`refork`, `reload`): the breaker file says
+/// that only the first worker of the new mold boots. The first new worker gets ready and serves,
+/// the second fails `rollout_max_failures` times in a row, and the rollout is abandoned anyway:
+/// `ctl COMMAND` answers the error, the new generation's serving worker is replaced from the
+/// previous mold and drains, and the tree is the previous mold (the same process) with every
+/// worker of the old generation, at full count. A strict client (POSTs on kept-alive connections,
+/// never retried) loses nothing throughout. Then, with the breaker gone, the same command rolls
+/// every worker over as before.
+fn a_rollout_that_fails_half_way_rolls_back(knob: &str, command: &str) {
+    let dir = TempDir::new();
+    let breaker = dir.join("break-boot");
+    let mut server = breakable_hello(knob, &breaker, HALF_WAY_WORKERS);
+    wait_gen0(&server, HALF_WAY_WORKERS);
+    let mold0 = server.with_title("tine mold (gen:0)");
+    assert_eq!(mold0.len(), 1, "{mold0:?}");
+    let load = StrictLoad::start(
+        &server.addr(),
+        STRICT_CONNECTIONS,
+        "/",
+        Duration::from_secs(150),
+    );
+    wait_flowing(&load, 300, &server);
+
+    std::fs::write(&breaker, "1\n").unwrap();
+    let mark = server.log.mark();
+    expect_rolled_back(
+        &server,
+        command,
+        &[
+            &format!("{command} to gen:1 failed"),
+            "only the first 1 worker(s) of this mold boot",
+            "rolled back: the old generation keeps serving (gen:0)",
+        ],
+    );
+    // It failed half-way: a worker of the new generation had been ready and serving.
+    let lines = server.log.lines()[mark..].to_vec();
+    assert!(
+        lines.iter().any(|l| l.contains("(gen:1) ready")),
+        "no worker of gen:1 got ready before the rollout failed; log:\n{}",
+        server.log.text()
+    );
+    // Back to the old generation at full count, from the same mold; the gen:1 worker drained.
+    let gen0 = wait_gen0(&server, HALF_WAY_WORKERS);
+    assert_eq!(
+        server.with_title("tine mold (gen:0)"),
+        mold0,
+        "the previous mold stays"
+    );
+    assert_eq!(
+        sample_value(
+            &server,
+            &format!("tine_rollouts_failed_total{{cause=\"{command}\"}}")
+        ),
+        Some(1.0)
+    );
+    assert_eq!(sample_value(&server, "tine_last_rollout_failed"), Some(1.0));
+    let status = server.ctl(&["status"]).expect("ctl status");
+    assert!(
+        status.lines().any(|l| l
+            .starts_with(&format!("last failed rollout: {command} to gen:1 failed"))
+            && l.contains("replaced from the previous mold")),
+        "{status}"
+    );
+    // The old generation serves on, untouched, and nothing sits half-done.
+    wait_flowing(&load, 300, &server);
+    assert!(!server.has_exited(), "{}", server.log.text());
+    assert_eq!(
+        titled(&server),
+        titled_of(&gen0),
+        "the old generation serves untouched"
+    );
+
+    // The deploy is fixed: a rollout that succeeds rolls every worker over, as before.
+    std::fs::remove_file(&breaker).unwrap();
+    let out = server
+        .ctl(&[command])
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", server.log.text()));
+    let done = if command == "reload" {
+        "reloaded in "
+    } else {
+        "serving in"
+    };
+    assert!(out.contains(done), "{out}");
+    let generation = wait_new_generation(&server, 0, HALF_WAY_WORKERS);
+    assert!(
+        server.with_title("tine mold (gen:0)").is_empty(),
+        "the previous mold retires once the rollout is complete"
+    );
+    wait_flowing(&load, 300, &server);
+    let report = load.stop();
+    assert!(
+        report.lost.is_empty() && report.status(200) == report.answered,
+        "{}; log:\n{}",
+        report.summary(),
+        server.log.text()
+    );
+    assert_eq!(sample_value(&server, "tine_last_rollout_failed"), Some(0.0));
+    assert!(generation >= 1);
+}
+
+/// A refork whose promoted mold boots its first worker and then no other: rolled back.
+#[test]
+fn a_refork_whose_second_new_worker_cannot_boot_rolls_back_completely() {
+    a_rollout_that_fails_half_way_rolls_back("TINE_DEBUG_PROMOTION_BREAKS_BOOT", "refork");
+}
+
+/// A reload (re-exec in place) whose new mold boots its first worker and then no other: rolled
+/// back.
+#[test]
+fn a_reload_whose_second_new_worker_cannot_boot_rolls_back_completely() {
+    a_rollout_that_fails_half_way_rolls_back("TINE_DEBUG_PRELOAD_BREAKS_BOOT", "reload");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -89,8 +89,8 @@ impl Monitor {
             .map(|(s, c)| (*s, c.generation))
             .collect();
         if !self.generation_proven(generation) {
-            // The new generation is on trial: the old mold stays until one of its workers is
-            // ready, so that a failed rollout can roll back to it.
+            // The new generation is on trial: the old mold stays until every worker is of the new
+            // generation and ready, so that a rollout that fails half-way can roll back to it.
             return;
         }
         for (slot, g) in old_molds {

@@ -1,14 +1,19 @@
 //! A rollout that fails rolls back, never down.
 //!
 //! A new generation — the freshly preloaded mold of a reload, or the promoted worker of a refork —
-//! is on trial until one of its workers is ready. Meanwhile the previous mold stays, and every old
-//! worker keeps serving (one marked for replacement leaves only once its replacement is ready).
-//! The trial fails when `rollout_max_failures` starts fail in a row (`boot` returned an error, the
-//! runtime could not be built, the worker died or missed `spawn_timeout`), when the new mold dies,
-//! or when the promotion fails. Then the rollout is abandoned: the new mold retires, the old
-//! workers' replacement marks are cleared, and the failure is logged, kept for `ctl status` and the
-//! metrics, and answered to whoever waits in `ctl reload` or `ctl refork`. Automatic reforks
-//! (`refork_after`) pause until an operator's refork or a successful rollout.
+//! is on trial until the rollout is done: every worker is of the new generation and ready, and no
+//! older worker serves any more (they may still be draining). Meanwhile the previous mold stays,
+//! and every old worker keeps serving (one marked for replacement leaves only once its
+//! replacement is ready). The trial fails when `rollout_max_failures` starts fail in a row (`boot`
+//! returned an error, the runtime could not be built, the worker died or missed `spawn_timeout`;
+//! only a worker getting ready ends a row), when the new mold dies, or when the promotion fails,
+//! whether or not some workers of the new generation are already serving. Then the rollout is
+//! abandoned: the new mold retires, the workers it was starting are ended, the ones it started
+//! that serve are replaced from the previous mold and then drain (replace-then-retire, so the old
+//! generation is back at full strength without a gap), the old workers' replacement marks are
+//! cleared, and the failure is logged, kept for `ctl status` and the metrics, and answered to
+//! whoever waits in `ctl reload` or `ctl refork`. Automatic reforks (`refork_after`) pause until an
+//! operator's refork or a successful rollout.
 //!
 //! A start that failed for lack of resources (a fork or socket pair failing with `EAGAIN`,
 //! `ENOMEM`, `EMFILE` or `ENFILE`) is not a failure of the new generation: it is retried with a
@@ -53,7 +58,10 @@ pub(crate) struct Rollout {
     pub failures: u32,
     /// Why the last start failed.
     pub last_error: String,
-    /// A worker of the new generation has been ready: the trial is over, the old mold retires.
+    /// When the first worker of the new generation got ready (ms after `started`).
+    pub first_ready_ms: Option<u64>,
+    /// Every worker is of the new generation and ready, and no older one serves: the trial is
+    /// over, the old mold retires, and a failure no longer rolls back.
     pub proven: bool,
     /// `ctl refork` clients waiting for the end of the trial.
     pub waiters: Vec<UnixStream>,
@@ -142,6 +150,7 @@ impl Monitor {
             started: Instant::now(),
             failures: 0,
             last_error: String::new(),
+            first_ready_ms: None,
             proven: false,
             waiters,
         });
@@ -170,30 +179,24 @@ impl Monitor {
         }
     }
 
-    /// A worker of `generation` is ready: the failures in a row end, and a worker of the new
-    /// generation ends its trial.
+    /// A worker of `generation` is ready: the failures in a row end. The trial goes on until
+    /// every worker is of the new generation ([`Monitor::check_rollout`]).
     pub(super) fn rollout_worker_ready(&mut self, generation: u32) {
         let Some(r) = &mut self.rollout else { return };
         if r.proven {
             return;
         }
         r.failures = 0;
-        if generation != r.generation {
+        if generation != r.generation || r.first_ready_ms.is_some() {
             return;
         }
-        r.proven = true;
         let ms = r.started.elapsed().as_millis() as u64;
+        r.first_ready_ms = Some(ms);
         tracing::info!(
             generation,
             elapsed_ms = ms,
-            "gen:{generation} serves: its first worker is ready; rolling the others over"
+            "gen:{generation} serves: its first worker is ready; rolling the others over (the previous mold stays until every worker is rolled)"
         );
-        let reply = format!(
-            "gen:{generation} serving in {ms} ms (first worker ready); rolling the other workers over\n"
-        );
-        for w in std::mem::take(&mut r.waiters) {
-            let _ = crate::control::reply_to(w, Ok(reply.clone()));
-        }
     }
 
     /// Every turn of the loop: ends a rollout whose new generation is gone (failed) or complete.
@@ -203,6 +206,11 @@ impl Monitor {
         }
         let Some(r) = &self.rollout else { return };
         let g = r.generation;
+        let new_ready = self
+            .children
+            .values()
+            .filter(|c| c.kind == Kind::Worker && c.generation == g && c.phase == Phase::Ready)
+            .count();
         let mold = self
             .children
             .values()
@@ -226,7 +234,7 @@ impl Monitor {
             };
             let reason = match r.cause {
                 Cause::Reload => format!("the new mold failed ({why})"),
-                Cause::Refork if r.proven => {
+                Cause::Refork if r.proven || new_ready > 0 => {
                     format!("the new mold died during its rollout ({why})")
                 }
                 Cause::Refork => format!("no new mold ({why})"),
@@ -235,15 +243,19 @@ impl Monitor {
             return;
         }
         let mold_ready = mold.is_some_and(|m| m.phase == Phase::Ready);
+        let old_serving = self
+            .children
+            .values()
+            .any(|c| c.kind == Kind::Worker && c.generation < g && !c.is_retiring());
+        let rolled = mold_ready && !old_serving && new_ready >= self.target;
+        if rolled && !r.proven {
+            self.rollout_proven(new_ready);
+        }
         let old_left = self
             .children
             .values()
             .any(|c| c.kind == Kind::Worker && c.generation < g);
-        let new_ready = self
-            .children
-            .values()
-            .filter(|c| c.kind == Kind::Worker && c.generation == g && c.phase == Phase::Ready)
-            .count();
+        let Some(r) = &self.rollout else { return };
         if !(r.proven && mold_ready && !old_left && new_ready >= self.target) {
             return;
         }
@@ -267,17 +279,52 @@ impl Monitor {
         }
     }
 
-    /// Gives the rollout up: the new mold and whatever it was starting go, the old workers lose
-    /// their replacement marks and keep serving, and the failure is reported.
+    /// Every worker of the tree is of the new generation and ready: the trial is over. The old
+    /// mold retires (`advance_rollout`), the old workers finish draining, and `ctl refork` is
+    /// answered.
+    fn rollout_proven(&mut self, workers: usize) {
+        let Some(r) = &mut self.rollout else { return };
+        r.proven = true;
+        let g = r.generation;
+        let ms = r.started.elapsed().as_millis() as u64;
+        let first = r.first_ready_ms.unwrap_or(ms);
+        tracing::info!(
+            generation = g,
+            elapsed_ms = ms,
+            workers,
+            "gen:{g} serves with every worker ready; the previous mold retires"
+        );
+        let reply = format!(
+            "gen:{g} serving in {ms} ms: all {workers} workers ready (the first after {first} ms); the old workers drain\n"
+        );
+        for w in std::mem::take(&mut r.waiters) {
+            let _ = crate::control::reply_to(w, Ok(reply.clone()));
+        }
+    }
+
+    /// Gives the rollout up: the new mold and whatever it was starting go, the workers it
+    /// started that serve are replaced from the previous mold and then retire, the old workers
+    /// lose their replacement marks and keep serving, and the failure is reported.
     pub(super) fn abandon_rollout(&mut self, reason: String) {
         let Some(r) = self.rollout.take() else { return };
         let g = r.generation;
         let rollout_mark = format!("rollout to gen:{g}");
+        let undo_mark = format!("rollout to gen:{g} abandoned");
         let mut retire = Vec::new();
         let mut kill = Vec::new();
-        // Once the new generation served, its mold died (nothing else ends a proven rollout):
-        // the replacements under way are asked of the next mold, as after any mold's death.
+        // Numbers of the old workers that serve on: a worker of the new generation with one of
+        // them has nothing to wait for (no replacement will come), it retires at once.
+        let old_nrs: Vec<u32> = self
+            .children
+            .values()
+            .filter(|c| c.kind == Kind::Worker && c.generation < g && !c.is_retiring())
+            .map(|c| c.nr)
+            .collect();
+        // Once every worker was rolled, the old mold was gone, and its own mold died (nothing else
+        // ends a proven rollout): the replacements under way are asked of the next mold, as after
+        // any mold's death.
         let roll_back = !r.proven;
+        let mut undone = 0;
         for (slot, c) in self.children.iter_mut().filter(|_| roll_back) {
             if c.is_retiring() {
                 continue;
@@ -288,6 +335,12 @@ impl Monitor {
                     retire.push(*slot)
                 }
                 Kind::Worker if c.generation == g && c.phase == Phase::Starting => kill.push(*slot),
+                Kind::Worker if c.generation == g && old_nrs.contains(&c.nr) => retire.push(*slot),
+                Kind::Worker if c.generation == g => {
+                    // Serving: it leaves once its replacement from the previous mold is ready.
+                    c.recycle = Some(undo_mark.clone());
+                    undone += 1;
+                }
                 Kind::Worker
                     if c.recycle.as_deref() == Some(refork::PROMOTE)
                         || c.recycle.as_deref() == Some(rollout_mark.as_str()) =>
@@ -308,6 +361,11 @@ impl Monitor {
         // back to, the workers of both generations go on.
         let outcome = if r.proven {
             format!("the workers already rolled to gen:{g} and the older ones keep serving")
+        } else if undone > 0 {
+            format!(
+                "{}; its {undone} worker(s) of gen:{g} are replaced from the previous mold, then drain",
+                kept(r.from)
+            )
         } else {
             kept(r.from)
         };
@@ -351,12 +409,23 @@ impl Monitor {
         }
     }
 
-    /// Whether the new mold of generation `g` may take over from older molds: one of its
-    /// workers has been ready (always true outside a rollout to `g`).
+    /// Whether the new mold of generation `g` may take over from older molds: every worker is of
+    /// generation `g` and ready (always true outside a rollout to `g`).
     pub(super) fn generation_proven(&self, g: u32) -> bool {
         self.rollout
             .as_ref()
             .is_none_or(|r| r.generation != g || r.proven)
+    }
+
+    /// Workers of the generation being rolled out that are ready.
+    fn rollout_workers_ready(&self) -> usize {
+        let Some(r) = &self.rollout else { return 0 };
+        self.children
+            .values()
+            .filter(|c| {
+                c.kind == Kind::Worker && c.generation == r.generation && c.phase == Phase::Ready
+            })
+            .count()
     }
 
     /// A line for `ctl status` about the rollout under way, if any.
@@ -366,15 +435,19 @@ impl Monitor {
             .from
             .map(|g| format!("gen:{g}"))
             .unwrap_or_else(|| "older workers".into());
+        let ready = self.rollout_workers_ready();
         let stage = if r.proven {
-            "rolling workers over".to_string()
+            "every worker rolled; the old ones drain".to_string()
         } else if r.failures > 0 {
             format!(
-                "on trial, {} failed start(s) of {} allowed (last: {})",
-                r.failures, self.config.rollout_max_failures, r.last_error
+                "on trial, {ready} of {} workers ready, {} failed start(s) in a row of {} allowed (last: {})",
+                self.target, r.failures, self.config.rollout_max_failures, r.last_error
             )
         } else {
-            "on trial (no worker of it ready yet)".to_string()
+            format!(
+                "on trial, {ready} of {} workers ready (the previous mold stays until all are)",
+                self.target
+            )
         };
         Some(format!(
             "{} from {from} to gen:{}, {} s: {stage}",
@@ -393,6 +466,7 @@ impl Monitor {
                 "from": r.from,
                 "generation": r.generation,
                 "proven": r.proven,
+                "workers_ready": self.rollout_workers_ready(),
                 "failures": r.failures,
                 "last_error": r.last_error,
                 "seconds": r.started.elapsed().as_secs(),
