@@ -107,6 +107,8 @@ pub mod config;
 mod control;
 #[cfg(all(doctest, feature = "server"))]
 mod doc_examples;
+#[cfg(feature = "tonic")]
+pub mod grpc;
 #[cfg(feature = "server")]
 pub mod ipc;
 #[cfg(feature = "server")]
