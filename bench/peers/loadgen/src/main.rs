@@ -210,6 +210,8 @@ struct Stats {
     idle_closes: u64,
     /// Open: requests that were due within the run but never sent (a connection still busy).
     unsent: u64,
+    /// Open: recorded requests still unanswered when the client stopped.
+    unanswered_at_stop: u64,
     first_answer: Option<f64>,
 }
 
@@ -483,22 +485,32 @@ impl Client {
                 }
             }
         }
-        // Open mode: requests that fell due within the run but were never sent.
+        // Open mode: requests that fell due within the run but were never sent (their connection
+        // was waiting for a late answer), and requests still unanswered now, are in the latency
+        // record too, each with the time it has waited so far (a lower bound): a stall must
+        // raise the percentiles, never shrink the sample.
+        let stopped = Instant::now();
         if self.args.mode == Mode::Open {
             let end = self.end;
             for j in 0..self.conns.len() {
                 let mut i = self.conns[j].next;
                 while self.due_of(j, i) < end {
-                    if self.due_of(j, i) >= self.record_from {
+                    let due = self.due_of(j, i);
+                    if due >= self.record_from {
                         self.stats.unsent += 1;
+                        self.stats.latencies_us.push(micros(stopped - due));
                     }
                     i += 1;
+                }
+                if matches!(self.conns[j].state, State::Busy { .. }) && self.conns[j].record {
+                    self.stats.unanswered_at_stop += 1;
+                    self.stats.latencies_us.push(micros(stopped - self.conns[j].due));
                 }
             }
         }
         for j in 0..self.conns.len() {
             if matches!(self.conns[j].state, State::Busy { .. }) {
-                self.close(j, Instant::now(), Some("still unanswered when the client stopped".into()));
+                self.close(j, stopped, Some("still unanswered when the client stopped".into()));
             }
         }
         Ok(())
@@ -629,11 +641,13 @@ fn main() {
     match client.args.mode {
         Mode::Open => {
             let l = &s.latencies_us;
-            let recorded = l.len() as f64;
+            // Answered within the measured window (the latency record also holds the unanswered).
+            let recorded = l.len() as f64 - s.unsent as f64 - s.unanswered_at_stop as f64;
             out.push_str(&format!(
-                ",\"target_rate\":{},\"recorded\":{},\"achieved_rate\":{:.1},\"unsent\":{},\"p50_us\":{},\"p90_us\":{},\"p99_us\":{},\"p999_us\":{},\"max_us\":{},\"send_lag_p50_us\":{},\"send_lag_p99_us\":{},\"send_lag_p999_us\":{}",
+                ",\"target_rate\":{},\"recorded\":{},\"unanswered_at_stop\":{},\"achieved_rate\":{:.1},\"unsent\":{},\"p50_us\":{},\"p90_us\":{},\"p99_us\":{},\"p999_us\":{},\"max_us\":{},\"send_lag_p50_us\":{},\"send_lag_p99_us\":{},\"send_lag_p999_us\":{}",
                 client.args.rate,
                 l.len(),
+                s.unanswered_at_stop,
                 recorded / client.args.seconds,
                 s.unsent,
                 quantile(l, 0.5),
