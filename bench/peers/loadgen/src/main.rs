@@ -166,10 +166,17 @@ fn parse_response(buf: &[u8], eof: bool) -> Result<Option<Response>, String> {
     let http10 = status_line.starts_with("HTTP/1.0");
     let (mut length, mut close, mut keep_alive) = (None, http10, false);
     for line in lines {
-        let Some((name, value)) = line.split_once(':') else { continue };
-        let (name, value) = (name.trim().to_ascii_lowercase(), value.trim().to_ascii_lowercase());
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let (name, value) = (
+            name.trim().to_ascii_lowercase(),
+            value.trim().to_ascii_lowercase(),
+        );
         match name.as_str() {
-            "content-length" => length = Some(value.parse::<usize>().map_err(|_| "bad content-length")?),
+            "content-length" => {
+                length = Some(value.parse::<usize>().map_err(|_| "bad content-length")?)
+            }
             "connection" if value.contains("close") => close = true,
             "connection" if value.contains("keep-alive") => keep_alive = true,
             "transfer-encoding" if value.contains("chunked") => {
@@ -183,10 +190,18 @@ fn parse_response(buf: &[u8], eof: bool) -> Result<Option<Response>, String> {
     }
     let body_start = head_end + 4;
     match length {
-        Some(n) if buf.len() >= body_start + n => Ok(Some(Response { status, len: body_start + n, close })),
+        Some(n) if buf.len() >= body_start + n => Ok(Some(Response {
+            status,
+            len: body_start + n,
+            close,
+        })),
         Some(_) => Ok(None),
         // No length: the body runs to EOF.
-        None if eof => Ok(Some(Response { status, len: buf.len(), close: true })),
+        None if eof => Ok(Some(Response {
+            status,
+            len: buf.len(),
+            close: true,
+        })),
         None => Ok(None),
     }
 }
@@ -238,7 +253,11 @@ impl Client {
         self.stats.connects += 1;
         match TcpStream::connect(self.args.addr) {
             Ok(mut s) => {
-                match self.poll.registry().register(&mut s, Token(j), Interest::READABLE | Interest::WRITABLE) {
+                match self.poll.registry().register(
+                    &mut s,
+                    Token(j),
+                    Interest::READABLE | Interest::WRITABLE,
+                ) {
                     Ok(()) => {
                         self.conns[j].stream = Some(s);
                         self.conns[j].state = State::Connecting;
@@ -253,7 +272,9 @@ impl Client {
     fn connect_failed(&mut self, j: usize, now: Instant, _e: &io::Error) {
         self.stats.connect_errors += 1;
         self.conns[j].stream = None;
-        self.conns[j].state = State::Down { at: now + CONNECT_BACKOFF };
+        self.conns[j].state = State::Down {
+            at: now + CONNECT_BACKOFF,
+        };
     }
 
     /// Closes connection `j`; `failure` is why its request in flight failed (if one was).
@@ -308,11 +329,15 @@ impl Client {
     }
 
     fn write(&mut self, j: usize, now: Instant) {
-        let State::Busy { written } = self.conns[j].state else { return };
+        let State::Busy { written } = self.conns[j].state else {
+            return;
+        };
         if written >= self.request.len() {
             return;
         }
-        let Some(stream) = self.conns[j].stream.as_mut() else { return };
+        let Some(stream) = self.conns[j].stream.as_mut() else {
+            return;
+        };
         let mut w = written;
         let result = loop {
             match stream.write(&self.request[w..]) {
@@ -336,7 +361,9 @@ impl Client {
 
     fn read(&mut self, j: usize, now: Instant) {
         let conn = &mut self.conns[j];
-        let Some(stream) = conn.stream.as_mut() else { return };
+        let Some(stream) = conn.stream.as_mut() else {
+            return;
+        };
         let mut chunk = [0u8; 16 * 1024];
         let mut eof = false;
         let mut failure = None;
@@ -357,7 +384,11 @@ impl Client {
         }
         if !matches!(self.conns[j].state, State::Busy { .. }) {
             if eof || failure.is_some() {
-                self.close(j, now, Some(failure.unwrap_or_else(|| "EOF while idle".into())));
+                self.close(
+                    j,
+                    now,
+                    Some(failure.unwrap_or_else(|| "EOF while idle".into())),
+                );
             } else if !self.conns[j].buf.is_empty() {
                 self.conns[j].buf.clear();
                 self.close(j, now, Some("bytes while idle".into()));
@@ -379,7 +410,11 @@ impl Client {
                 }
             }
             Ok(None) if eof => {
-                let why = if self.conns[j].buf.is_empty() { "EOF before any response byte" } else { "EOF in the response" };
+                let why = if self.conns[j].buf.is_empty() {
+                    "EOF before any response byte"
+                } else {
+                    "EOF in the response"
+                };
                 self.close(j, now, Some(why.into()));
             }
             Ok(None) => {
@@ -394,16 +429,25 @@ impl Client {
     fn finish(&mut self, j: usize, now: Instant, resp: &Response) {
         self.stats.answered += 1;
         *self.stats.by_status.entry(resp.status).or_default() += 1;
-        self.stats.first_answer.get_or_insert((now - self.t0).as_secs_f64());
+        self.stats
+            .first_answer
+            .get_or_insert((now - self.t0).as_secs_f64());
         if self.args.mode == Mode::Open && self.conns[j].record {
-            self.stats.latencies_us.push(micros(now - self.conns[j].due));
+            self.stats
+                .latencies_us
+                .push(micros(now - self.conns[j].due));
         }
     }
 
     fn run(&mut self, stop: &AtomicBool) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         let mut flowing_said = false;
-        let hard_end = self.end + if self.args.mode == Mode::Open { Duration::from_secs(1) } else { REQUEST_TIMEOUT };
+        let hard_end = self.end
+            + if self.args.mode == Mode::Open {
+                Duration::from_secs(1)
+            } else {
+                REQUEST_TIMEOUT
+            };
         for j in 0..self.conns.len() {
             self.connect(j, Instant::now());
         }
@@ -413,7 +457,11 @@ impl Client {
                 self.end = now;
             }
             let draining = now >= self.end;
-            let busy = self.conns.iter().filter(|c| matches!(c.state, State::Busy { .. } | State::Connecting)).count();
+            let busy = self
+                .conns
+                .iter()
+                .filter(|c| matches!(c.state, State::Busy { .. } | State::Connecting))
+                .count();
             if (draining && busy == 0) || now >= hard_end {
                 break;
             }
@@ -450,7 +498,10 @@ impl Client {
             for ev in events.iter() {
                 let j = ev.token().0;
                 if matches!(self.conns[j].state, State::Connecting) {
-                    let stream = self.conns[j].stream.as_ref().expect("connecting has a stream");
+                    let stream = self.conns[j]
+                        .stream
+                        .as_ref()
+                        .expect("connecting has a stream");
                     match stream.take_error() {
                         Ok(None) if stream.peer_addr().is_ok() => {
                             let _ = stream.set_nodelay(true);
@@ -464,7 +515,9 @@ impl Client {
                                 let _ = self.poll.registry().deregister(&mut s);
                             }
                             self.stats.connect_errors += 1;
-                            self.conns[j].state = State::Down { at: now + CONNECT_BACKOFF };
+                            self.conns[j].state = State::Down {
+                                at: now + CONNECT_BACKOFF,
+                            };
                             continue;
                         }
                     }
@@ -504,13 +557,19 @@ impl Client {
                 }
                 if matches!(self.conns[j].state, State::Busy { .. }) && self.conns[j].record {
                     self.stats.unanswered_at_stop += 1;
-                    self.stats.latencies_us.push(micros(stopped - self.conns[j].due));
+                    self.stats
+                        .latencies_us
+                        .push(micros(stopped - self.conns[j].due));
                 }
             }
         }
         for j in 0..self.conns.len() {
             if matches!(self.conns[j].state, State::Busy { .. }) {
-                self.close(j, stopped, Some("still unanswered when the client stopped".into()));
+                self.close(
+                    j,
+                    stopped,
+                    Some("still unanswered when the client stopped".into()),
+                );
             }
         }
         Ok(())
@@ -522,7 +581,11 @@ fn wait_readable(fd: RawFd, timeout: Duration) {
     if timeout.is_zero() {
         return;
     }
-    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     let ts = libc::timespec {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_nsec: timeout.subsec_nanos() as libc::c_long,
@@ -600,7 +663,11 @@ fn main() {
     }
     tight_timer_slack();
     let t0 = Instant::now() + Duration::from_millis(50);
-    let interval = if args.rate > 0.0 { args.conns as f64 / args.rate } else { 0.0 };
+    let interval = if args.rate > 0.0 {
+        args.conns as f64 / args.rate
+    } else {
+        0.0
+    };
     let poll = Poll::new().unwrap_or_else(|e| {
         eprintln!("peers-loadgen: epoll: {e}");
         std::process::exit(1)
@@ -618,7 +685,17 @@ fn main() {
         .collect();
     let record_from = t0 + Duration::from_secs_f64(args.warmup);
     let end = record_from + Duration::from_secs_f64(args.seconds);
-    let mut client = Client { args, request, poll, conns, stats: Stats::default(), t0, interval, record_from, end };
+    let mut client = Client {
+        args,
+        request,
+        poll,
+        conns,
+        stats: Stats::default(),
+        t0,
+        interval,
+        record_from,
+        end,
+    };
     if let Err(e) = client.run(&stop) {
         eprintln!("peers-loadgen: {e}");
         std::process::exit(1)
@@ -636,7 +713,11 @@ fn main() {
         s.connect_errors,
         s.idle_closes
     );
-    let statuses: Vec<String> = s.by_status.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+    let statuses: Vec<String> = s
+        .by_status
+        .iter()
+        .map(|(k, v)| format!("\"{k}\":{v}"))
+        .collect();
     out.push_str(&format!(",\"by_status\":{{{}}}", statuses.join(",")));
     match client.args.mode {
         Mode::Open => {
@@ -659,12 +740,19 @@ fn main() {
                 quantile(&s.send_lag_us, 0.99),
                 quantile(&s.send_lag_us, 0.999),
             ));
-            let errors: Vec<String> = s.errors.iter().map(|(k, v)| format!("{}:{v}", json_str(k))).collect();
+            let errors: Vec<String> = s
+                .errors
+                .iter()
+                .map(|(k, v)| format!("{}:{v}", json_str(k)))
+                .collect();
             out.push_str(&format!(",\"errors\":{{{}}}", errors.join(",")));
         }
         Mode::Strict => {
-            let lost: Vec<String> =
-                s.lost.iter().map(|(t, why)| format!("[{t:.4},{}]", json_str(why))).collect();
+            let lost: Vec<String> = s
+                .lost
+                .iter()
+                .map(|(t, why)| format!("[{t:.4},{}]", json_str(why)))
+                .collect();
             out.push_str(&format!(
                 ",\"first_answer_s\":{},\"lost\":[{}]",
                 s.first_answer.unwrap_or(-1.0),
