@@ -15,11 +15,13 @@ use bytes::Bytes;
 
 pub use crate::body::{full, Body};
 use crate::config::Config;
+pub use crate::request_body::{BodyTimedOut, RequestBody};
 
 /// Boxed error type used at the service boundary.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// The request type a worker hands to the app's service.
-pub type Request = http::Request<hyper::body::Incoming>;
+/// The request type a worker hands to the app's service. Its body is hyper's `Incoming`, watched
+/// for `body_read_timeout` (see [`RequestBody`]).
+pub type Request = http::Request<RequestBody>;
 /// A boxed, cloneable HTTP service.
 pub type HttpService = tower::util::BoxCloneService<Request, http::Response<Body>, Infallible>;
 /// A boxed raw stream handler.

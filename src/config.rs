@@ -337,6 +337,15 @@ options! {
     /// Seconds a draining worker keeps an idle kept-alive connection for the request the client
     /// may already be sending (answered with `Connection: close`) [default: header_read_timeout]
     drain_grace: Seconds,
+    /// Seconds an idle kept-alive connection (HTTP/1.1 between requests, HTTP/2 with no stream
+    /// open) is kept; an idle HTTP/2 connection is closed with a GOAWAY [default: 75]
+    keepalive_timeout: Seconds,
+    /// Seconds allowed between two reads of a request body while the app waits for it; past it
+    /// the request is answered 408 and its connection closed [default: 60]
+    body_read_timeout: Seconds,
+    /// Connections one worker holds at once; past it the worker stops accepting until one
+    /// closes, leaving new connections to other workers and the listen queue [default: 4096]
+    max_connections: usize,
     /// Largest request head in bytes; larger gets 431 [default: 16384, at least 8192]
     max_header_bytes: usize,
     /// Serve HTTP/2 with prior knowledge next to HTTP/1.1 [default: true]
@@ -365,7 +374,7 @@ options! {
     /// Add an `x-tine-worker: PID` header to every response (for tests) [default: false]
     #[arg(num_args = 0..=1, default_missing_value = "true")]
     debug_headers: bool,
-    /// Enable the reference app's debug routes (/sleep/MS, /stream/MS, /spin, /leak/KB, /crash, /subprocess/SECS) [default: false]
+    /// Enable the reference app's debug routes (/echo, /sleep/MS, /stream/MS, /spin, /leak/KB, /crash, /subprocess/SECS) [default: false]
     #[arg(num_args = 0..=1, default_missing_value = "true")]
     debug_routes: bool,
     /// Consecutive failed spawns before the monitor gives up and exits, only if no worker has
@@ -468,6 +477,12 @@ pub struct Config {
     pub header_read_timeout: Duration,
     /// How long a draining worker keeps an idle kept-alive connection.
     pub drain_grace: Duration,
+    /// How long an idle kept-alive connection is kept.
+    pub keepalive_timeout: Duration,
+    /// Longest wait between two reads of a request body.
+    pub body_read_timeout: Duration,
+    /// Connections one worker holds at once.
+    pub max_connections: usize,
     /// Request head size limit.
     pub max_header_bytes: usize,
     /// HTTP/2 prior knowledge.
@@ -716,6 +731,25 @@ impl Options {
                 "a positive duration",
             ));
         }
+        let keepalive_timeout = secs(self.keepalive_timeout, 75);
+        let body_read_timeout = secs(self.body_read_timeout, 60);
+        for (key, timeout) in [
+            ("keepalive_timeout", keepalive_timeout),
+            ("body_read_timeout", body_read_timeout),
+        ] {
+            // Zero would close every kept-alive connection or body at the next sweep.
+            if timeout.is_zero() {
+                return Err(invalid(key, timeout, "a positive duration"));
+            }
+        }
+        let max_connections = self.max_connections.unwrap_or(4096);
+        if !(1..=1 << 20).contains(&max_connections) {
+            return Err(invalid(
+                "max_connections",
+                max_connections,
+                "a number from 1 to 1048576",
+            ));
+        }
         let http2_settings = Http2Settings {
             max_concurrent_streams: self.http2_max_concurrent_streams.unwrap_or(200),
             keepalive_interval: self
@@ -783,6 +817,9 @@ impl Options {
             graceful_timeout: secs(self.graceful_timeout, 30),
             header_read_timeout,
             drain_grace: self.drain_grace.map_or(header_read_timeout, |s| s.0),
+            keepalive_timeout,
+            body_read_timeout,
+            max_connections,
             max_header_bytes,
             http2: self.http2.unwrap_or(true),
             http2_settings,

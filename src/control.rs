@@ -353,6 +353,9 @@ pub(crate) struct ProcessRow {
     pub state: String,
     pub requests: u64,
     pub in_flight: u64,
+    /// Connections a worker holds, and times it stopped accepting at `max_connections`.
+    pub connections: u64,
+    pub accept_pauses: u64,
     /// Method and path of the oldest request in flight, and how long it has run.
     pub oldest_request: Option<(String, Duration)>,
     pub uptime_s: u64,
@@ -388,6 +391,8 @@ pub(crate) fn process_rows(
         },
         requests: 0,
         in_flight: 0,
+        connections: 0,
+        accept_pauses: 0,
         oldest_request: None,
         uptime_s: m.started.elapsed().as_secs(),
         mem: memory(pid),
@@ -409,6 +414,8 @@ pub(crate) fn process_rows(
             state: child_state(c, view.as_ref()).to_string(),
             requests: view.as_ref().map(|v| v.requests).unwrap_or(0),
             in_flight: view.as_ref().map(|v| v.in_flight).unwrap_or(0),
+            connections: view.as_ref().map(|v| v.connections).unwrap_or(0),
+            accept_pauses: view.as_ref().map(|v| v.accept_pauses).unwrap_or(0),
             oldest_request,
             uptime_s: c.started.elapsed().as_secs(),
             mem: memory(c.pid_raw()),
@@ -507,6 +514,7 @@ pub(crate) fn status_json(m: &Monitor) -> serde_json::Value {
                 "uss_kb": r.mem.uss_kb,
                 "shared_percent": (shared_percent(&r.mem) * 10.0).round() / 10.0,
                 "in_flight": r.in_flight,
+                "connections": r.connections,
                 "oldest_request": r.oldest_request.as_ref().map(|(text, _)| text.clone()),
                 "oldest_request_ms": r.oldest_request.as_ref().map(|(_, age)| age.as_millis() as u64),
             })

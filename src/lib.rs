@@ -41,7 +41,8 @@
 //! tokio runtime (current-thread by default) and serves HTTP/1.1 and HTTP/2 with hyper, or hands
 //! connections to a stream handler. A new connection wakes one idle worker (`EPOLLEXCLUSIVE` on
 //! the runtime's registration of the listener, [`sys::epoll`]); one task per listener accepts,
-//! and sweeps its connections for the head and idle deadlines, so a request arms no timer; its
+//! and sweeps its connections for the head, keep-alive and request-body deadlines, so a request
+//! arms no timer (a worker holding `max_connections` stops accepting until one closes); its
 //! bookkeeping is its scoreboard slot. Workers run under `SCHED_BATCH` (`sched_batch`): woken on a busy CPU, they wait for the running
 //! task's slice instead of preempting it, which batches requests when cores are oversubscribed.
 //! It counts requests and refreshes a heartbeat in its scoreboard slot; the monitor reads those
@@ -121,13 +122,17 @@ mod metrics;
 mod mold;
 #[cfg(feature = "server")]
 mod monitor;
+#[cfg(feature = "server")]
+mod request_body;
 pub mod spawner;
 pub mod sys;
 #[cfg(feature = "server")]
 mod worker;
 
 #[cfg(feature = "server")]
-pub use app::{App, Body, ConnectInfo, Connection, Context, Handler, Shutdown, Worker};
+pub use app::{
+    App, Body, ConnectInfo, Connection, Context, Handler, RequestBody, Shutdown, Worker,
+};
 #[cfg(feature = "server")]
 pub use cli::run;
 #[cfg(feature = "server")]

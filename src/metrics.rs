@@ -537,7 +537,7 @@ fn render(m: &Monitor, server: &mut MetricsServer) -> String {
     server.requests_high_water = total;
     let _ = writeln!(out, "tine_requests_total {total}");
     let workers: Vec<_> = rows.iter().filter(|r| r.role == "worker").collect();
-    let per_worker: [Family<ProcessRow, String>; 3] = [
+    let per_worker: [Family<ProcessRow, String>; 5] = [
         (
             "tine_worker_requests_total",
             "counter",
@@ -549,6 +549,18 @@ fn render(m: &Monitor, server: &mut MetricsServer) -> String {
             "gauge",
             "Requests (or stream connections) a worker is serving.",
             |r| r.in_flight.to_string(),
+        ),
+        (
+            "tine_worker_connections",
+            "gauge",
+            "Connections a worker holds (at most max_connections).",
+            |r| r.connections.to_string(),
+        ),
+        (
+            "tine_worker_max_connections_reached_total",
+            "counter",
+            "Times a worker stopped accepting because it held max_connections.",
+            |r| r.accept_pauses.to_string(),
         ),
         (
             "tine_worker_oldest_request_seconds",

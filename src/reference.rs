@@ -135,7 +135,12 @@ impl App for Reference {
                 if let Some(broken) = broken {
                     broken.take_turn()?;
                 }
-                Handler::http(tower::service_fn(move |req: Request| hello(&req, debug)))
+                Handler::http(tower::service_fn(move |req: Request| {
+                    if debug && req.uri().path() == "/echo" {
+                        return echo(req);
+                    }
+                    hello(&req, debug)
+                }))
             }
             // Each worker opens the root itself: a descriptor of its own, after any privilege drop.
             Reference::Static {
@@ -318,6 +323,23 @@ fn hello(req: &Request, debug: bool) -> HelloFuture {
     } else {
         now(text(StatusCode::NOT_FOUND, "not found\n"))
     }
+}
+
+/// `/echo` (debug routes): reads the whole request body, then answers it. A body that fails
+/// (the client left, or stopped sending for `body_read_timeout`) is answered 400 with the error;
+/// tine answers a timed-out body 408 itself.
+fn echo(req: Request) -> HelloFuture {
+    use http_body_util::BodyExt;
+    futures_util::future::Either::Right(Box::pin(async move {
+        Ok(match req.into_body().collect().await {
+            Ok(body) => Response::new(full(body.to_bytes())),
+            Err(e) => {
+                let mut r = text_owned(format!("cannot read the body: {e}\n"));
+                *r.status_mut() = StatusCode::BAD_REQUEST;
+                r
+            }
+        })
+    }))
 }
 
 /// The body of `/stream/MS`: `first\n`, a pause, `last\n`.

@@ -246,8 +246,8 @@ fn slowloris_silent_connections_are_cut_off() {
 }
 
 #[test]
-fn idle_keep_alive_connections_are_closed_after_the_header_read_timeout() {
-    let server = start(&["--workers", "1", "--header-read-timeout", "1"]);
+fn idle_keep_alive_connections_are_closed_after_the_keepalive_timeout() {
+    let server = start(&["--workers", "1", "--keepalive-timeout", "1"]);
     let mut client = Client::connect(&server.addr()).unwrap();
     assert_eq!(client.get("/").unwrap().status, 200);
     let idle = Instant::now();
@@ -263,8 +263,16 @@ fn idle_keep_alive_connections_are_closed_after_the_header_read_timeout() {
 #[test]
 fn a_response_that_pauses_longer_than_the_head_timeout_is_not_cut() {
     // Server-sent events idle between events: the app is still writing the response, so the
-    // connection's idle deadline (header_read_timeout, 1 s here) must not close it.
-    let server = start(&["--workers", "1", "--header-read-timeout", "1"]);
+    // connection's deadlines (header_read_timeout and keepalive_timeout, 1 s here) must not
+    // close it.
+    let server = start(&[
+        "--workers",
+        "1",
+        "--header-read-timeout",
+        "1",
+        "--keepalive-timeout",
+        "1",
+    ]);
     let mut client = Client::connect(&server.addr()).unwrap();
     let started = Instant::now();
     let r = client
@@ -410,7 +418,7 @@ fn idle_kept_alive_connections_are_kept_for_their_next_request_on_graceful_stop(
     // A kept-alive connection idle when the drain begins may already carry the client's next
     // request: closing it at once would lose that request for a client that never retries. It is
     // kept until its next request, answered with `Connection: close`, or closed once idle for the
-    // drain grace (1 s here; the idle deadline, header_read_timeout, is 10 s), so idle clients do
+    // drain grace (1 s here; the idle deadline, keepalive_timeout, is 75 s), so idle clients do
     // not hold the stop long.
     let mut server = start(&["--workers", "1", "--drain-grace", "1"]);
     let [worker] = server.wait_workers(1, READY_TIMEOUT)[..] else {

@@ -1,5 +1,6 @@
 //! HTTP/2 settings (issue 16): what a client sees on the wire, read frame by frame from a raw
-//! socket: the advertised SETTINGS, the connection window, and keep-alive PINGs.
+//! socket: the advertised SETTINGS, the connection window, keep-alive PINGs, and the GOAWAY that
+//! closes an idle connection.
 
 mod common;
 
@@ -208,4 +209,62 @@ fn no_pings_unless_configured() {
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
         other => panic!("expected silence, got {other:?} {head:?}"),
     }
+}
+
+const GOAWAY: u8 = 0x7;
+
+#[test]
+fn an_idle_connection_outlives_the_head_deadline_then_gets_a_goaway_at_keepalive_timeout() {
+    let server = Launch::tine()
+        .args([
+            "--workers",
+            "1",
+            "--header-read-timeout",
+            "1",
+            "--keepalive-timeout",
+            "4",
+        ])
+        .start();
+    let mut client = RawH2::connect(server.tcp_addr());
+    client.handshake();
+    let idle = Instant::now();
+    // Idle, the client answering the server's PINGs as real clients do, until the GOAWAY.
+    let goaway = loop {
+        let f = client.read();
+        match f.kind {
+            PING if f.flags & ACK == 0 => client.send(PING, ACK, 0, &f.payload),
+            GOAWAY => break f,
+            _ => {}
+        }
+    };
+    let took = idle.elapsed();
+    // The head deadline (1 s) did not close it; keepalive_timeout (4 s; judged every 0.5 s) did.
+    assert!(took >= Duration::from_millis(3900), "GOAWAY after {took:?}");
+    assert!(took < Duration::from_secs(6), "GOAWAY only after {took:?}");
+    let error_code = u32::from_be_bytes(goaway.payload[4..8].try_into().unwrap());
+    assert_eq!(error_code, 0, "NO_ERROR");
+    // Then the server closes the connection (after its final GOAWAY, once the client has
+    // answered the PING that follows the first).
+    let closed = loop {
+        let mut head = [0u8; 9];
+        match client.stream.read_exact(&mut head) {
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break true,
+            Err(e) if common::is_closed_error(&e) => break true,
+            Err(_) => break false,
+            Ok(()) => {
+                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                let mut payload = vec![0u8; len];
+                client.stream.read_exact(&mut payload).unwrap();
+                if head[3] == PING && head[4] & ACK == 0 {
+                    client.send(PING, ACK, 0, &payload);
+                }
+            }
+        }
+    };
+    assert!(closed, "closed after the GOAWAY");
+    assert!(
+        idle.elapsed() < Duration::from_secs(9),
+        "{:?}",
+        idle.elapsed()
+    );
 }

@@ -54,6 +54,10 @@ const IN_FLIGHT: usize = 8;
 const OLDEST_START_MS: usize = 9;
 const FORK_SAFE: usize = 10;
 const STARTED_MS: usize = 11;
+/// Connections the worker holds (a gauge: added to and taken from by its connection tasks).
+const CONNECTIONS: usize = 12;
+/// Times the worker stopped accepting because it held `max_connections`.
+const ACCEPT_PAUSES: usize = 13;
 const TEXT: usize = 16;
 
 /// The role of the process in a slot.
@@ -133,6 +137,10 @@ pub struct SlotView {
     pub request: String,
     /// Whether the process may be promoted.
     pub fork_safe: bool,
+    /// Connections the worker holds.
+    pub connections: u64,
+    /// Times the worker stopped accepting because it held `max_connections`.
+    pub accept_pauses: u64,
 }
 
 /// Milliseconds on the system-wide monotonic clock (comparable between processes).
@@ -355,6 +363,8 @@ impl Scoreboard {
                 oldest_start_ms: copy[OLDEST_START_MS],
                 request: String::from_utf8_lossy(&text).into_owned(),
                 fork_safe: copy[FORK_SAFE] == 0,
+                connections: copy[CONNECTIONS],
+                accept_pauses: copy[ACCEPT_PAUSES],
             });
         }
         None
@@ -438,6 +448,20 @@ impl<'a> SlotWriter<'a> {
     /// Refreshes the heartbeat.
     pub fn heartbeat(&self) {
         self.w[HEARTBEAT_MS].store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Counts a connection opened (`true`) or closed. Any of the worker's threads may call it
+    /// (the word is a gauge on its own: no other field depends on it).
+    pub fn count_connection(&self, opened: bool) {
+        match opened {
+            true => self.w[CONNECTIONS].fetch_add(1, Ordering::Relaxed),
+            false => self.w[CONNECTIONS].fetch_sub(1, Ordering::Relaxed),
+        };
+    }
+
+    /// Counts a pause of accepting at `max_connections`.
+    pub fn count_accept_pause(&self) {
+        self.w[ACCEPT_PAUSES].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Marks the process as not fork-safe.

@@ -14,10 +14,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::Stop;
-use crate::app::{full, HttpService, Peer, Request};
+use crate::app::{full, HttpService, Peer, Request, RequestBody};
 use crate::config::Config;
 use crate::ipc::scoreboard::SlotWriter;
 use crate::listener::Listener;
+use crate::request_body::BodyWatch;
 
 /// Set when this worker starts draining. An HTTP/1 response written from then on says
 /// `Connection: close` itself: hyper's graceful shutdown only marks a request it is already
@@ -37,6 +38,22 @@ pub(super) enum AsyncListener {
     Unix(tokio::net::UnixListener),
 }
 
+/// A duplicate of a listening socket, not registered with the runtime: what an accept loop keeps
+/// to register the listener again after a pause at `max_connections`.
+pub(super) enum Dup {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+impl Dup {
+    pub(super) fn of(listener: &Listener) -> io::Result<Dup> {
+        Ok(match listener {
+            Listener::Tcp(l, _) => Dup::Tcp(l.try_clone()?),
+            Listener::Unix(l, _) => Dup::Unix(l.try_clone()?),
+        })
+    }
+}
+
 impl std::os::fd::AsFd for AsyncListener {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         match self {
@@ -47,10 +64,10 @@ impl std::os::fd::AsFd for AsyncListener {
 }
 
 impl AsyncListener {
-    /// Registers a duplicate of `listener` with this thread's runtime. With `exclusive`, a new
+    /// Registers a duplicate of `dup` with this thread's runtime. With `exclusive`, a new
     /// connection wakes one idle worker rather than all of them (see [`crate::sys::epoll`]).
-    pub(super) fn from_listener(listener: &Listener, exclusive: bool) -> io::Result<AsyncListener> {
-        let registered = AsyncListener::register(listener)?;
+    fn from_dup(dup: &Dup, exclusive: bool) -> io::Result<AsyncListener> {
+        let registered = AsyncListener::register(dup)?;
         if !exclusive {
             return Ok(registered);
         }
@@ -65,19 +82,19 @@ impl AsyncListener {
             Err(e) => {
                 tracing::warn!(error = %e, "exclusive accept wake-ups unavailable");
                 drop(registered);
-                AsyncListener::register(listener)
+                AsyncListener::register(dup)
             }
         }
     }
 
-    fn register(listener: &Listener) -> io::Result<AsyncListener> {
-        Ok(match listener {
-            Listener::Tcp(l, _) => {
+    fn register(dup: &Dup) -> io::Result<AsyncListener> {
+        Ok(match dup {
+            Dup::Tcp(l) => {
                 let l = l.try_clone()?;
                 l.set_nonblocking(true)?;
                 AsyncListener::Tcp(tokio::net::TcpListener::from_std(l)?)
             }
-            Listener::Unix(l, _) => {
+            Dup::Unix(l) => {
                 let l = l.try_clone()?;
                 l.set_nonblocking(true)?;
                 AsyncListener::Unix(tokio::net::UnixListener::from_std(l)?)
@@ -130,43 +147,216 @@ impl AsyncListener {
     /// that a connection arriving from then on wakes another worker, and every one queued before
     /// is taken here. Served during the drain, they are answered with `Connection: close`.
     pub(super) fn into_queued(self, nodelay: bool) -> Vec<Accepted> {
-        let Ok(fd) = std::os::fd::AsFd::as_fd(&self).try_clone_to_owned() else {
-            return Vec::new();
-        };
-        let tcp = matches!(self, AsyncListener::Tcp(_));
-        drop(self); // deregisters (and closes) this listener's reactor-registered duplicate
-        match tcp {
-            true => {
-                let listener = std::net::TcpListener::from(fd);
-                take_queued(
-                    listener.set_nonblocking(true).map(|()| &listener),
-                    |l| l.accept().map(|(s, _)| s),
-                    |s| {
-                        if nodelay {
-                            let _ = s.set_nodelay(true);
-                        }
-                        s.set_nonblocking(true)?;
-                        Ok(Accepted::Tcp(tokio::net::TcpStream::from_std(s)?))
-                    },
-                )
-            }
-            false => {
-                let listener = std::os::unix::net::UnixListener::from(fd);
-                take_queued(
-                    listener.set_nonblocking(true).map(|()| &listener),
-                    |l| l.accept().map(|(s, _)| s),
-                    |s| {
-                        s.set_nonblocking(true)?;
-                        Ok(Accepted::Unix(tokio::net::UnixStream::from_std(s)?))
-                    },
-                )
-            }
+        match self.into_dup() {
+            Ok(dup) => dup.into_queued(nodelay),
+            Err(_) => Vec::new(),
         }
     }
 
-    /// Accepts a connection as a stream handler's [`crate::app::Connection`].
-    pub(super) async fn accept_connection(&self, nodelay: bool) -> crate::app::Connection {
-        self.accept(nodelay).await.into()
+    /// Leaves the reactor, keeping the listener as an unregistered duplicate.
+    fn into_dup(self) -> io::Result<Dup> {
+        let dup = self.dup()?;
+        drop(self); // deregisters (and closes) this listener's reactor-registered duplicate
+        Ok(dup)
+    }
+
+    /// An unregistered duplicate of this listener.
+    fn dup(&self) -> io::Result<Dup> {
+        let fd = std::os::fd::AsFd::as_fd(self).try_clone_to_owned()?;
+        Ok(match self {
+            AsyncListener::Tcp(_) => Dup::Tcp(fd.into()),
+            AsyncListener::Unix(_) => Dup::Unix(fd.into()),
+        })
+    }
+}
+
+impl Dup {
+    /// Takes the connections queued on this listener, without waiting (see
+    /// [`AsyncListener::into_queued`]).
+    fn into_queued(self, nodelay: bool) -> Vec<Accepted> {
+        match self {
+            Dup::Tcp(listener) => take_queued(
+                listener.set_nonblocking(true).map(|()| &listener),
+                |l| l.accept().map(|(s, _)| s),
+                |s| {
+                    if nodelay {
+                        let _ = s.set_nodelay(true);
+                    }
+                    s.set_nonblocking(true)?;
+                    Ok(Accepted::Tcp(tokio::net::TcpStream::from_std(s)?))
+                },
+            ),
+            Dup::Unix(listener) => take_queued(
+                listener.set_nonblocking(true).map(|()| &listener),
+                |l| l.accept().map(|(s, _)| s),
+                |s| {
+                    s.set_nonblocking(true)?;
+                    Ok(Accepted::Unix(tokio::net::UnixStream::from_std(s)?))
+                },
+            ),
+        }
+    }
+}
+
+/// The connections one worker holds, over all its listeners, against `max_connections`.
+pub(super) struct Capacity {
+    open: std::sync::atomic::AtomicUsize,
+    max: usize,
+    /// Woken when a connection closes at the limit, for the accept loops waiting for room.
+    room: tokio::sync::Notify,
+    slot: SlotWriter<'static>,
+}
+
+impl Capacity {
+    pub(super) fn new(max: usize, slot: SlotWriter<'static>) -> Arc<Capacity> {
+        Arc::new(Capacity {
+            open: Default::default(),
+            max,
+            room: tokio::sync::Notify::new(),
+            slot,
+        })
+    }
+
+    fn is_full(&self) -> bool {
+        self.open.load(Ordering::SeqCst) >= self.max
+    }
+
+    /// Counts an accepted connection until the returned guard drops (when its socket closes).
+    pub(super) fn admit(self: &Arc<Capacity>) -> Admitted {
+        self.open.fetch_add(1, Ordering::SeqCst);
+        self.slot.count_connection(true);
+        Admitted(self.clone())
+    }
+
+    /// Resolves once the worker holds fewer than `max` connections.
+    async fn room(&self) {
+        loop {
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            // Registered before the check: a close between the two still wakes this.
+            notified.as_mut().enable();
+            if !self.is_full() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// One connection counted against `max_connections`, until dropped.
+pub(super) struct Admitted(Arc<Capacity>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let capacity = &self.0;
+        capacity.slot.count_connection(false);
+        // Only the close that makes room wakes the accept loops: no wake-up per close otherwise.
+        if capacity.open.fetch_sub(1, Ordering::SeqCst) == capacity.max {
+            capacity.room.notify_waiters();
+        }
+    }
+}
+
+/// A listener as its accept loop holds it: registered with the runtime while the worker has
+/// room for another connection, left while it holds `max_connections`.
+///
+/// Leaving the reactor (rather than merely not accepting) matters with exclusive wake-ups: the
+/// kernel wakes one waiting worker per new connection, and a full worker that stayed registered
+/// would take those wake-ups and leave the connections queued. Left, the kernel wakes workers
+/// with room, and what they do not take waits in the listen queue until some worker has room
+/// (registering again finds the queue non-empty at once). One gap remains, as in nginx: a
+/// connection queued in the instant this worker fills up, for which the kernel woke only this
+/// worker, waits for the next arrival (which wakes another worker) or for a close here.
+pub(super) struct Gate {
+    /// Registered while the worker has room, else left as a duplicate (one descriptor either way).
+    listener: Held,
+    exclusive: bool,
+    nodelay: bool,
+    capacity: Arc<Capacity>,
+    unix_path: Option<Arc<std::path::Path>>,
+}
+
+enum Held {
+    Registered(AsyncListener),
+    Left(Dup),
+}
+
+impl Gate {
+    pub(super) fn new(
+        listener: &Listener,
+        config: &Config,
+        capacity: Arc<Capacity>,
+    ) -> io::Result<Gate> {
+        let registered = AsyncListener::from_dup(&Dup::of(listener)?, config.exclusive_accept)?;
+        Ok(Gate {
+            unix_path: registered.unix_path(),
+            listener: Held::Registered(registered),
+            exclusive: config.exclusive_accept,
+            nodelay: config.nodelay,
+            capacity,
+        })
+    }
+
+    /// A unix listener's path (see [`AsyncListener::unix_path`]).
+    fn unix_path(&self) -> Option<Arc<std::path::Path>> {
+        self.unix_path.clone()
+    }
+
+    /// The next connection, once the worker has room for it. Cancel-safe: dropped at any await,
+    /// the next call carries on from the same state.
+    pub(super) async fn accept(&mut self) -> (Accepted, Admitted) {
+        loop {
+            if self.capacity.is_full() {
+                if let Held::Registered(l) = &self.listener {
+                    // Replacing it deregisters (and closes) the registered duplicate. If no
+                    // descriptor is free for the copy, it stays registered: merely not accepting.
+                    match l.dup() {
+                        Ok(dup) => self.listener = Held::Left(dup),
+                        Err(e) => tracing::warn!(error = %e, "cannot leave the reactor"),
+                    }
+                    self.capacity.slot.count_accept_pause();
+                    tracing::debug!(
+                        max_connections = self.capacity.max,
+                        "holding max_connections: not accepting until one closes"
+                    );
+                }
+                self.capacity.room().await;
+                continue;
+            }
+            let listener = match &self.listener {
+                Held::Registered(l) => l,
+                Held::Left(dup) => match AsyncListener::from_dup(dup, self.exclusive) {
+                    // The duplicate closes here: one descriptor again.
+                    Ok(l) => {
+                        self.listener = Held::Registered(l);
+                        let Held::Registered(l) = &self.listener else {
+                            unreachable!()
+                        };
+                        l
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot register the listener again");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                },
+            };
+            let accepted = listener.accept(self.nodelay).await;
+            return (accepted, self.capacity.admit());
+        }
+    }
+
+    /// Stops accepting and takes what is queued (see [`AsyncListener::into_queued`]), even past
+    /// `max_connections`: a drain is bounded, and what this worker leaves queued may be lost.
+    pub(super) fn into_queued(self) -> Vec<(Accepted, Admitted)> {
+        let queued = match self.listener {
+            Held::Registered(l) => l.into_queued(self.nodelay),
+            Held::Left(dup) => dup.into_queued(self.nodelay),
+        };
+        queued
+            .into_iter()
+            .map(|a| (a, self.capacity.admit()))
+            .collect()
     }
 }
 
@@ -223,29 +413,38 @@ pub(super) fn spawn_accept_loop(
     service: HttpService,
     config: Arc<Config>,
     slot: SlotWriter<'static>,
+    capacity: Arc<Capacity>,
     mut stop: watch::Receiver<Stop>,
 ) -> io::Result<JoinHandle<()>> {
-    let listener = AsyncListener::from_listener(listener, config.exclusive_accept)?;
-    let unix_path = listener.unix_path();
+    let mut gate = Gate::new(listener, &config, capacity)?;
+    let unix_path = gate.unix_path();
     // The builder lives as long as the worker; leaking it gives connections a 'static borrow.
     let builder: &'static Builder = Box::leak(Box::new(Builder::new(&config)));
     Ok(tokio::spawn(async move {
         // Every connection task holds a clone of `open`; `recv` returns None once all have ended.
         let (open, mut all_closed) = mpsc::channel::<()>(1);
-        let mut connections = Connections::new(config.header_read_timeout);
+        let mut connections = Connections::new(&config);
         let mut sweep = connections.sweep_interval();
         // Owns the service and the drain tracker's sender: dropping it is part of the drain.
         let serve = {
             let config = config.clone();
-            move |accepted: Accepted, connections: &mut Connections| {
+            let bodies = connections.bodies.clone();
+            move |(accepted, admitted): (Accepted, Admitted), connections: &mut Connections| {
                 let life = Life {
                     shared: connections.add(),
                     patience: config.header_read_timeout,
                     _open: open.clone(),
+                    admitted,
                 };
                 let peer = peer_of(&accepted, &unix_path);
-                let service =
-                    request_service(service.clone(), config.clone(), slot, &life.shared, peer);
+                let service = request_service(
+                    service.clone(),
+                    config.clone(),
+                    slot,
+                    &life.shared,
+                    &bodies,
+                    peer,
+                );
                 match accepted {
                     Accepted::Tcp(s) => builder.spawn(s, service, life),
                     Accepted::Unix(s) => builder.spawn(s, service, life),
@@ -260,13 +459,13 @@ pub(super) fn spawn_accept_loop(
                     connections.sweep();
                     continue;
                 }
-                a = listener.accept(config.nodelay) => a,
+                a = gate.accept() => a,
             };
             serve(accepted, &mut connections);
         }
         // Stop accepting before draining: take what is queued already; the listener's
         // duplicates close here.
-        for accepted in listener.into_queued(config.nodelay) {
+        for accepted in gate.into_queued() {
             serve(accepted, &mut connections);
         }
         // Kept-alive connections answer their next request with `Connection: close` (HTTP/2:
@@ -303,36 +502,86 @@ fn drain_grace(config: &Config, stop: Stop) -> Duration {
 /// The open connections of one listener, as its accept loop sees them: it sweeps them for
 /// deadlines and tells them to drain.
 ///
-/// Deadlines are kept coarsely, by one sweep of all connections every half `patience` instead of
-/// a timer per connection or per request: a connection that has completed no request head,
-/// written nothing and had no request in flight over two whole sweep periods is closed. So a
-/// client that sends nothing, trickles a head (slowloris), or idles on keep-alive is cut off
-/// after `patience` to `1.5 × patience`; a slow download (writes), a long request (in flight) or
-/// a response whose body waits on the app (a stream that pauses) is not. A client that stops
-/// reading a response is: nothing is written and nothing waits on the app. Nothing of this runs
-/// on a connection's request path but a few counter updates.
+/// Deadlines are kept coarsely, by one sweep of all connections every `period` (half the shortest
+/// of `header_read_timeout`, `keepalive_timeout` and `body_read_timeout`) instead of a timer per
+/// connection or per request: a deadline of T is "no progress over ⌈T / period⌉ whole sweep
+/// periods", so it is met between T and T + period. Each connection is judged in one of three
+/// phases:
+///
+/// - **Active**: a request or HTTP/2 stream is open. Progress is a request head or a write; a
+///   request waiting on the app (its response head not out yet, or a response body that pauses,
+///   as server-sent events do) is never cut here. A client that stops reading a response is cut
+///   after `header_read_timeout`: nothing is written and nothing waits on the app. A request body
+///   the app waits for is judged by itself (`body_read_timeout`, see [`BodyList`]).
+/// - **Head**: a new connection, or an HTTP/1.1 one that has read bytes of its next request.
+///   The head must complete within `header_read_timeout` (slowloris: a trickled head is cut).
+/// - **Keep-alive**: an HTTP/1.1 connection between requests that has read nothing since its
+///   last response, or an HTTP/2 connection with no stream open (its PINGs and SETTINGS do not
+///   count as progress). Closed after `keepalive_timeout`; HTTP/2 with a GOAWAY first (hyper's
+///   graceful shutdown: GOAWAY, a PING, the final GOAWAY), and closed outright if it has not
+///   ended `header_read_timeout` later.
+///
+/// Nothing of this runs on a connection's request path but a few counter updates.
 struct Connections {
-    patience: Duration,
-    /// Each connection's shared state, the progress it had at the last sweep, and the number of
-    /// sweeps since it last made any (`None`: not swept yet, so a connection accepted just
-    /// before a sweep is never judged on a partial period).
-    list: Vec<(Arc<Shared>, u64, Option<u8>)>,
+    period: Duration,
+    /// Each deadline in sweep periods.
+    head: u32,
+    keepalive: u32,
+    body: u32,
+    list: Vec<Judged>,
     /// The list's length at which `add` forgets ended connections, so that under connection
     /// churn the list stays within twice the open connections, however long the sweep period.
     compact_at: usize,
+    /// The request bodies the app waits for, judged by the same sweep.
+    bodies: Arc<BodyList>,
+}
+
+/// A connection as the sweep saw it last.
+struct Judged {
+    shared: Arc<Shared>,
+    phase: Phase,
+    /// The phase's measure of progress at the last sweep.
+    progress: u64,
+    /// Sweep periods in this phase without progress (`None`: not swept yet, so a connection
+    /// accepted just before a sweep is never judged on a partial period).
+    idle: Option<u32>,
+    /// Sweeps since an idle HTTP/2 connection was sent its GOAWAY.
+    goaway: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Active,
+    Head,
+    KeepAlive,
+}
+
+/// How many whole sweep periods make `timeout` (at least one).
+fn periods(timeout: Duration, period: Duration) -> u32 {
+    let n = timeout.as_nanos().div_ceil(period.as_nanos().max(1));
+    n.clamp(1, u32::MAX as u128) as u32
 }
 
 impl Connections {
-    fn new(patience: Duration) -> Connections {
+    fn new(config: &Config) -> Connections {
+        let shortest = config
+            .header_read_timeout
+            .min(config.keepalive_timeout)
+            .min(config.body_read_timeout);
+        let period = (shortest / 2).max(Duration::from_millis(1));
         Connections {
-            patience,
+            period,
+            head: periods(config.header_read_timeout, period),
+            keepalive: periods(config.keepalive_timeout, period),
+            body: periods(config.body_read_timeout, period),
             list: Vec::new(),
             compact_at: 64,
+            bodies: Arc::new(BodyList::new(config.body_read_timeout)),
         }
     }
 
     fn sweep_interval(&self) -> tokio::time::Interval {
-        let period = (self.patience / 2).max(Duration::from_millis(1));
+        let period = self.period;
         let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         interval
@@ -340,34 +589,63 @@ impl Connections {
 
     fn add(&mut self) -> Arc<Shared> {
         if self.list.len() >= self.compact_at {
-            self.list
-                .retain(|(shared, _, _)| Arc::strong_count(shared) > 1);
+            self.list.retain(|c| Arc::strong_count(&c.shared) > 1);
             self.compact_at = (self.list.len() * 2).max(64);
         }
         let shared = Arc::new(Shared::default());
-        self.list.push((shared.clone(), 0, None));
+        self.list.push(Judged {
+            shared: shared.clone(),
+            phase: Phase::Head,
+            progress: 0,
+            idle: None,
+            goaway: None,
+        });
         shared
     }
 
-    /// Forgets ended connections and closes those idle for two whole sweep periods.
+    /// Forgets ended connections and closes those past their phase's deadline; judges the
+    /// request bodies.
     fn sweep(&mut self) {
-        self.list.retain_mut(|(shared, last, idle)| {
+        let (head, keepalive) = (self.head, self.keepalive);
+        self.list.retain_mut(|c| {
+            let shared = &c.shared;
             if Arc::strong_count(shared) == 1 {
                 return false; // the connection's task has ended
             }
-            let progress = shared.progress();
-            let busy = shared.busy.load(Ordering::Relaxed) > 0;
-            *idle = match *idle {
-                Some(n) if progress == *last && !busy => Some(n + 1),
+            if let Some(sweeps) = &mut c.goaway {
+                // GOAWAY sent: hyper closes once the client has acknowledged it; a client that
+                // does not is closed outright.
+                *sweeps += 1;
+                if *sweeps > head {
+                    shared.order(CLOSE);
+                    return false;
+                }
+                return true;
+            }
+            let (phase, progress) = shared.phase();
+            c.idle = match c.idle {
+                Some(n) if phase == c.phase && progress == c.progress => Some(n + 1),
                 _ => Some(0),
             };
-            *last = progress;
-            if *idle >= Some(2) {
-                shared.order(CLOSE);
-                return false;
+            c.phase = phase;
+            c.progress = progress;
+            let limit = match phase {
+                Phase::Active if shared.busy.load(Ordering::Relaxed) > 0 => return true,
+                Phase::Active | Phase::Head => head,
+                Phase::KeepAlive => keepalive,
+            };
+            if c.idle < Some(limit) {
+                return true;
             }
-            true
+            if phase == Phase::KeepAlive && shared.h2.load(Ordering::Relaxed) {
+                shared.order(DRAIN);
+                c.goaway = Some(0);
+                return true;
+            }
+            shared.order(CLOSE);
+            false
         });
+        self.bodies.sweep(self.body);
     }
 
     /// Tells every connection to drain. HTTP/2 connections send `GOAWAY`; HTTP/1 ones need no
@@ -377,11 +655,52 @@ impl Connections {
     fn drain(&mut self) -> Vec<(std::sync::Weak<Shared>, u64)> {
         self.list
             .iter()
-            .map(|(shared, _, _)| {
-                shared.order(DRAIN);
-                (Arc::downgrade(shared), shared.progress())
+            .map(|c| {
+                c.shared.order(DRAIN);
+                (Arc::downgrade(&c.shared), c.shared.progress())
             })
             .collect()
+    }
+}
+
+/// The request bodies of one listener's connections that may make the app wait (those not
+/// complete when their head arrived), for the sweep to judge against `body_read_timeout`.
+struct BodyList {
+    timeout: Duration,
+    /// The bodies, and the length at which `add` forgets ended ones (as [`Connections::add`]).
+    list: std::sync::Mutex<(Vec<Arc<BodyWatch>>, usize)>,
+}
+
+impl BodyList {
+    fn new(timeout: Duration) -> BodyList {
+        BodyList {
+            timeout,
+            list: std::sync::Mutex::new((Vec::new(), 64)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<Arc<BodyWatch>>, usize)> {
+        self.list.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn add(&self) -> Arc<BodyWatch> {
+        let watch = Arc::new(BodyWatch::new(self.timeout));
+        let mut guard = self.lock();
+        let (list, compact_at) = &mut *guard;
+        if list.len() >= *compact_at {
+            list.retain(|w| Arc::strong_count(w) > 1);
+            *compact_at = (list.len() * 2).max(64);
+        }
+        list.push(watch.clone());
+        watch
+    }
+
+    /// Forgets ended bodies (their request is over) and fails those the app has waited on for
+    /// `limit` sweep periods with nothing received.
+    fn sweep(&self, limit: u32) {
+        self.lock()
+            .0
+            .retain(|w| Arc::strong_count(w) > 1 && !w.sweep(limit));
     }
 }
 
@@ -409,14 +728,25 @@ const DRAIN: u8 = 1;
 const CLOSE: u8 = 2;
 
 /// What a connection and its accept loop share: counters the connection updates on its request
-/// path (request heads, writes, requests in flight) and orders the accept loop gives it.
+/// path (request heads, reads, writes, requests in flight) and orders the accept loop gives it.
 #[derive(Default)]
 struct Shared {
     heads: AtomicU64,
     writes: AtomicU64,
+    /// Reads that returned bytes.
+    reads: AtomicU64,
+    /// `reads` when the last open request ended: more since means the next head is arriving.
+    reads_at_rest: AtomicU64,
     /// Work on the app's side: requests whose response head is not out yet, and response bodies
     /// waiting for the app to produce their next part (a stream that pauses).
     busy: AtomicU64,
+    /// Requests (HTTP/2: streams) whose response has not ended.
+    open: AtomicU64,
+    /// An HTTP/2 connection.
+    h2: AtomicBool,
+    /// Close this connection with a lingering close even outside a drain (it answered a request
+    /// whose body it did not read to the end: unread bytes would make the close a reset).
+    linger: AtomicBool,
     orders: AtomicU8,
     /// The connection task's waker. Kept (woken by reference, never taken) so the task can
     /// skip registering again while its waker stays the same; cleared when the task ends, so an
@@ -431,6 +761,8 @@ struct Life {
     patience: Duration,
     /// Dropped when the task ends: the accept loop's drain waits for all of these.
     _open: mpsc::Sender<()>,
+    /// The connection's place under `max_connections`, held by its socket.
+    admitted: Admitted,
 }
 
 impl Shared {
@@ -443,6 +775,27 @@ impl Shared {
 
     fn progress(&self) -> u64 {
         self.heads.load(Ordering::Relaxed) + self.writes.load(Ordering::Relaxed)
+    }
+
+    /// The connection's phase for the sweep, and that phase's measure of progress.
+    fn phase(&self) -> (Phase, u64) {
+        let h2 = self.h2.load(Ordering::Relaxed);
+        let heads = self.heads.load(Ordering::Relaxed);
+        let open = self.open.load(Ordering::Relaxed) > 0 || self.busy.load(Ordering::Relaxed) > 0;
+        if open {
+            return (Phase::Active, self.progress());
+        }
+        if h2 {
+            // Only a new stream ends an HTTP/2 connection's idleness: PINGs and SETTINGS are
+            // reads and writes too.
+            return (Phase::KeepAlive, heads);
+        }
+        let reading =
+            self.reads.load(Ordering::Relaxed) != self.reads_at_rest.load(Ordering::Relaxed);
+        match heads == 0 || reading {
+            true => (Phase::Head, self.progress()),
+            false => (Phase::KeepAlive, self.progress()),
+        }
     }
 
     fn order(&self, order: u8) {
@@ -552,7 +905,7 @@ impl Builder {
     where
         I: Peek,
         S: hyper::service::Service<
-                Request,
+                http::Request<hyper::body::Incoming>,
                 Response = http::Response<Sending>,
                 Error = std::convert::Infallible,
             > + Send
@@ -577,9 +930,11 @@ impl Builder {
                 inner: io,
                 shared: life.shared.clone(),
                 _open: life._open.clone(),
+                _admitted: life.admitted,
                 closing: None,
             };
             if let (true, Some(http2)) = (sniffed, &self.http2) {
+                life.shared.h2.store(true, Ordering::Relaxed);
                 // GOAWAY: hyper sends one naming no stream and a ping, then the last stream it
                 // took once the ping returns; clients resend only what it never saw.
                 let conn = http2.serve_connection(TokioIo::new(io), service);
@@ -638,19 +993,55 @@ async fn drive<C: Future>(conn: C, shared: &Shared, drain: Option<fn(Pin<&mut C>
     .await
 }
 
-/// Counts a request in flight on its connection until dropped (however the request ends).
-struct Busy(Arc<Shared>);
+/// A request on its connection, from its head until its response has ended (hyper drops the
+/// response body) or the request is dropped: the connection is not idle meanwhile.
+struct Open(Arc<Shared>);
+
+impl Open {
+    fn new(shared: &Arc<Shared>) -> Open {
+        shared.open.fetch_add(1, Ordering::Relaxed);
+        Open(shared.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        let shared = &self.0;
+        // What the connection reads from now on belongs to the next request (HTTP/1.1).
+        shared
+            .reads_at_rest
+            .store(shared.reads.load(Ordering::Relaxed), Ordering::Relaxed);
+        shared.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts a request as busy (waiting on the app) until its response head is out, or until
+/// dropped (however the request ends).
+struct Busy(Option<Open>);
 
 impl Busy {
     fn new(shared: &Arc<Shared>) -> Busy {
         shared.busy.fetch_add(1, Ordering::Relaxed);
-        Busy(shared.clone())
+        Busy(Some(Open::new(shared)))
+    }
+
+    fn shared(&self) -> &Arc<Shared> {
+        &self.0.as_ref().expect("held until into_open").0
+    }
+
+    /// The response head is out: no longer busy, still open until the response body ends.
+    fn into_open(mut self) -> Open {
+        let open = self.0.take().expect("held until into_open");
+        open.0.busy.fetch_sub(1, Ordering::Relaxed);
+        open
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+        if let Some(open) = &self.0 {
+            open.0.busy.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -664,6 +1055,8 @@ struct Counted<I> {
     /// drops it, so a drain waits for it (the app hears of the drain through `Worker::shutdown`)
     /// instead of cutting it when the runtime goes.
     _open: mpsc::Sender<()>,
+    /// Its place under `max_connections`: an upgraded connection keeps it until the app drops it.
+    _admitted: Admitted,
     /// Set once the write side is shut: the lingering close's deadline, armed only if the client
     /// has not closed its side by then.
     closing: Option<Option<Pin<Box<tokio::time::Sleep>>>>,
@@ -683,7 +1076,10 @@ impl<I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Counted<I> {
     /// something hyper refuses), the close stays as short as before: no timer, no extra wake-up.
     fn poll_linger(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
         use std::task::Poll;
-        if self.closing.is_none() && !DRAINING.load(Ordering::Relaxed) {
+        if self.closing.is_none()
+            && !DRAINING.load(Ordering::Relaxed)
+            && !self.shared.linger.load(Ordering::Relaxed)
+        {
             return Pin::new(&mut self.inner).poll_shutdown(cx);
         }
         if self.closing.is_none() {
@@ -726,7 +1122,12 @@ impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<I> {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            bump(&self.shared.reads);
+        }
+        r
     }
 }
 
@@ -795,9 +1196,10 @@ fn request_service(
     config: Arc<Config>,
     slot: SlotWriter<'static>,
     shared: &Arc<Shared>,
+    bodies: &Arc<BodyList>,
     peer: Peer,
 ) -> impl hyper::service::Service<
-    Request,
+    http::Request<hyper::body::Incoming>,
     Response = http::Response<Sending>,
     Error = std::convert::Infallible,
     Future = impl std::future::Future<
@@ -814,8 +1216,13 @@ fn request_service(
     // of the boxed service per request.
     let own = std::cell::RefCell::new(service);
     let shared = shared.clone();
-    hyper::service::service_fn(move |mut req: Request| {
+    let bodies = bodies.clone();
+    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
         shared.mark();
+        // Only a body still to come can make the app wait on the client (most requests have
+        // none): only those are watched for `body_read_timeout`.
+        let watch = (!http_body::Body::is_end_stream(req.body())).then(|| bodies.add());
+        let mut req: Request = req.map(|body| RequestBody::new(body, watch.clone()));
         peer.insert_into(req.extensions_mut());
         let busy = Busy::new(&shared);
         // hyper bounds its read buffer by max_header_bytes, but a head that arrives in one large
@@ -835,21 +1242,62 @@ fn request_service(
                     http::header::CONNECTION,
                     http::HeaderValue::from_static("close"),
                 );
-                return Ok(r.map(Sending::complete));
+                return Ok(r.map(|body| Sending::new(body, busy.into_open())));
             };
-            let mut response = if request_timeout.is_zero() {
-                call.await?
-            } else {
+            let app = async move {
+                if request_timeout.is_zero() {
+                    return call.await;
+                }
                 // Boxed: the timer is large, and most apps set no request timeout; unboxed it
                 // would grow every request's future, which hyper moves into place.
-                match Box::pin(tokio::time::timeout(request_timeout, call)).await {
-                    Ok(r) => r?,
-                    Err(_) => {
-                        // The handler's future was dropped with the timeout.
-                        let mut r = http::Response::new(full("request timed out\n"));
-                        *r.status_mut() = http::StatusCode::GATEWAY_TIMEOUT;
-                        r
+                Ok(
+                    match Box::pin(tokio::time::timeout(request_timeout, call)).await {
+                        Ok(r) => r?,
+                        Err(_) => {
+                            // The handler's future was dropped with the timeout.
+                            let mut r = http::Response::new(full("request timed out\n"));
+                            *r.status_mut() = http::StatusCode::GATEWAY_TIMEOUT;
+                            r
+                        }
+                    },
+                )
+            };
+            let answered = match watch {
+                None => Some(app.await),
+                // Boxed, as the timeout: only requests with a body pay for the race.
+                Some(watch) => {
+                    Box::pin(async move {
+                        // The stall first: the app, woken by its failed body read, may have
+                        // answered in the same poll; the client is owed the 408.
+                        tokio::select! {
+                            biased;
+                            () = watch.stalled() => None,
+                            r = app => Some(r),
+                        }
+                    })
+                    .await
+                }
+            };
+            let mut response = match answered {
+                Some(r) => r?,
+                None => {
+                    // The client stopped sending the body: the handler's future is dropped, and
+                    // whatever it would have answered, the client learns why (as nginx's
+                    // client_body_timeout). The rest of the body is never read, so the
+                    // connection cannot serve another request: it closes, lingering, so that the
+                    // bytes still arriving do not turn the close into a reset that destroys
+                    // this answer.
+                    tracing::debug!("request body timed out (body_read_timeout)");
+                    let mut r = http::Response::new(full("request body timed out\n"));
+                    *r.status_mut() = http::StatusCode::REQUEST_TIMEOUT;
+                    if http1 {
+                        busy.shared().linger.store(true, Ordering::Relaxed);
+                        r.headers_mut().insert(
+                            http::header::CONNECTION,
+                            http::HeaderValue::from_static("close"),
+                        );
                     }
+                    r
                 }
             };
             drop(guard);
@@ -868,9 +1316,10 @@ fn request_service(
                     .headers_mut()
                     .insert("x-tine-worker", http::HeaderValue::from(std::process::id()));
             }
-            // The request is no longer in flight once its head is out (`busy` drops here); a body
-            // that waits on the app keeps the connection busy by itself.
-            Ok(response.map(|body| Sending::new(body, &busy.0)))
+            // The request is no longer busy once its head is out; a body that waits on the app
+            // makes the connection busy by itself, and the request stays open until its body
+            // has ended.
+            Ok(response.map(|body| Sending::new(body, busy.into_open())))
         }
     })
 }
@@ -880,41 +1329,34 @@ fn request_service(
 /// close it; a client that stops reading is still cut off (no writes, nothing waited on).
 struct Sending {
     body: crate::app::Body,
-    /// The connection's shared state, for bodies that may wait (none for a complete buffer: the
-    /// common response costs nothing more).
-    shared: Option<Arc<Shared>>,
+    /// The request, open until this body is dropped.
+    open: Open,
+    /// Whether the body may wait on the app (not for a complete buffer: the common response
+    /// costs nothing more).
+    may_wait: bool,
     waiting: bool,
 }
 
 impl Sending {
-    fn complete(body: crate::app::Body) -> Sending {
+    fn new(body: crate::app::Body, open: Open) -> Sending {
         Sending {
+            may_wait: !body.is_complete(),
             body,
-            shared: None,
-            waiting: false,
-        }
-    }
-
-    fn new(body: crate::app::Body, shared: &Arc<Shared>) -> Sending {
-        let shared = (!body.is_complete()).then(|| shared.clone());
-        Sending {
-            body,
-            shared,
+            open,
             waiting: false,
         }
     }
 
     fn set_waiting(&mut self, waiting: bool) {
-        if waiting == self.waiting {
+        if waiting == self.waiting || !self.may_wait {
             return;
         }
         self.waiting = waiting;
-        if let Some(shared) = &self.shared {
-            match waiting {
-                true => shared.busy.fetch_add(1, Ordering::Relaxed),
-                false => shared.busy.fetch_sub(1, Ordering::Relaxed),
-            };
-        }
+        let shared = &self.open.0;
+        match waiting {
+            true => shared.busy.fetch_add(1, Ordering::Relaxed),
+            false => shared.busy.fetch_sub(1, Ordering::Relaxed),
+        };
     }
 }
 

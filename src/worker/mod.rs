@@ -178,6 +178,8 @@ async fn serve(
     // Inherited as true by the workers of a promoted worker's generation: reset.
     http::DRAINING.store(false, std::sync::atomic::Ordering::Relaxed);
     let mut accept_loops = Vec::new();
+    // One count of connections for all the listeners: `max_connections` is per worker.
+    let capacity = http::Capacity::new(config.max_connections, slot);
     for listener in listeners {
         let loop_ = match &handler {
             Handler::Http(service) => http::spawn_accept_loop(
@@ -185,6 +187,7 @@ async fn serve(
                 service.clone(),
                 config.clone(),
                 slot,
+                capacity.clone(),
                 stop_rx.clone(),
             ),
             Handler::Stream(f) => stream::spawn_accept_loop(
@@ -192,6 +195,7 @@ async fn serve(
                 f.clone(),
                 config.clone(),
                 slot,
+                capacity.clone(),
                 stop_rx.clone(),
             ),
         };

@@ -8,7 +8,7 @@ use futures_util::FutureExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::http::AsyncListener;
+use super::http::{Admitted, Capacity, Gate};
 use super::Stop;
 use crate::app::{Connection, StreamHandler};
 use crate::config::Config;
@@ -20,16 +20,17 @@ pub(super) fn spawn_accept_loop(
     handler: StreamHandler,
     config: Arc<Config>,
     slot: SlotWriter<'static>,
+    capacity: Arc<Capacity>,
     mut stop: watch::Receiver<Stop>,
 ) -> io::Result<JoinHandle<()>> {
-    let listener = AsyncListener::from_listener(listener, config.exclusive_accept)?;
+    let mut gate = Gate::new(listener, &config, capacity)?;
     Ok(tokio::spawn(async move {
         // Every connection task holds a clone of `open`; `recv` returns None once all have ended.
         let (open, mut all_closed) = mpsc::channel::<()>(1);
         // Owns the drain tracker's sender: dropping it is part of the drain.
-        let serve = move |conn: Connection| {
+        let serve = move |(conn, admitted): (Connection, Admitted)| {
             let handler = handler.clone();
-            let in_flight = InFlight::begin(slot, open.clone());
+            let in_flight = InFlight::begin(slot, open.clone(), admitted);
             tokio::spawn(async move {
                 // The handler's own call too: a panic before its future exists ends the same way.
                 let run = AssertUnwindSafe(async move { handler(conn).await });
@@ -46,13 +47,13 @@ pub(super) fn spawn_accept_loop(
             let conn = tokio::select! {
                 biased;
                 _ = stop.changed() => break,
-                c = listener.accept_connection(config.nodelay) => c,
+                (c, admitted) = gate.accept() => (c.into(), admitted),
             };
             serve(conn);
         }
         // What is queued already is this worker's to serve (see `AsyncListener::into_queued`).
-        for accepted in listener.into_queued(config.nodelay) {
-            serve(accepted.into());
+        for (accepted, admitted) in gate.into_queued() {
+            serve((accepted.into(), admitted));
         }
         drop(serve);
         // The handlers heard of the drain through `Worker::shutdown`; the monitor's
@@ -66,12 +67,18 @@ pub(super) fn spawn_accept_loop(
 struct InFlight {
     slot: SlotWriter<'static>,
     _open: mpsc::Sender<()>,
+    /// Its place under `max_connections`.
+    _admitted: Admitted,
 }
 
 impl InFlight {
-    fn begin(slot: SlotWriter<'static>, open: mpsc::Sender<()>) -> InFlight {
+    fn begin(slot: SlotWriter<'static>, open: mpsc::Sender<()>, admitted: Admitted) -> InFlight {
         slot.begin_request("STREAM", "");
-        InFlight { slot, _open: open }
+        InFlight {
+            slot,
+            _open: open,
+            _admitted: admitted,
+        }
     }
 }
 
