@@ -380,9 +380,9 @@ options! {
     /// Consecutive failed spawns before the monitor gives up and exits, only if no worker has
     /// been ready since it started (a start-up that never works) [default: 10]
     max_consecutive_spawn_errors: u32,
-    /// Failed starts in a row of a new generation's workers (until every worker is of it and
-    /// ready) after which its rollout is abandoned and the previous generation keeps serving
-    /// [default: 3]
+    /// Failures of a new generation during its rollout (failed starts, and its workers dying
+    /// after they were ready) after which the rollout is abandoned and the previous generation
+    /// keeps serving [default: 3]
     rollout_max_failures: u32,
     /// Seconds a new process may take to report ready [default: 30]
     spawn_timeout: Seconds,

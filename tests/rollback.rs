@@ -323,10 +323,11 @@ fn a_reload_whose_workers_cannot_boot_rolls_back_and_the_old_workers_keep_servin
 // ---------------------------------------------------------------------------------------------
 // (b) refork
 
-/// The reference app with `workers` workers and its debug knob `knob` naming `breaker` (a file
-/// that does not exist yet): the workers of a mold made while it exists fail in `boot`, all of
-/// them, or all but the number the file holds.
-fn breakable_hello(knob: &str, breaker: &Path, workers: usize) -> Server {
+/// The reference app with `workers` workers, its debug routes and metrics, and the debug knob
+/// `knob` set to `value` (for `TINE_DEBUG_*_BREAKS_BOOT`, a file that does not exist yet: the
+/// workers of a mold made while it exists fail in `boot`, all of them, or all but the number the
+/// file holds).
+fn debug_hello(workers: usize, knob: &str, value: impl AsRef<std::ffi::OsStr>) -> Server {
     Launch::tine()
         .args([
             "--app",
@@ -337,8 +338,10 @@ fn breakable_hello(knob: &str, breaker: &Path, workers: usize) -> Server {
             &workers.to_string(),
             "--metrics-listen",
             "127.0.0.1:0",
+            "--spawn-timeout",
+            "10",
         ])
-        .env(knob, breaker)
+        .env(knob, value)
         .start()
 }
 
@@ -349,7 +352,7 @@ fn breakable_hello(knob: &str, breaker: &Path, workers: usize) -> Server {
 fn a_refork_whose_new_workers_cannot_boot_rolls_back_to_the_previous_mold() {
     let dir = TempDir::new();
     let breaker = dir.join("break-promotion");
-    let mut server = breakable_hello("TINE_DEBUG_PROMOTION_BREAKS_BOOT", &breaker, 2);
+    let mut server = debug_hello(2, "TINE_DEBUG_PROMOTION_BREAKS_BOOT", &breaker);
     wait_gen0(&server, 2);
     let probe = Probe::start(server.addr(), "/", 3, Duration::from_secs(150));
     probe.wait_more(20, Duration::from_secs(10));
@@ -421,7 +424,7 @@ fn wait_flowing(load: &StrictLoad, n: u64, server: &Server) {
 
 /// The half-way failure of a rollout by `command` (`refork`, `reload`): the breaker file says
 /// that only the first worker of the new mold boots. The first new worker gets ready and serves,
-/// the second fails `rollout_max_failures` times in a row, and the rollout is abandoned anyway:
+/// the second fails `rollout_max_failures` times, and the rollout is abandoned anyway:
 /// `ctl COMMAND` answers the error, the new generation's serving worker is replaced from the
 /// previous mold and drains, and the tree is the previous mold (the same process) with every
 /// worker of the old generation, at full count. A strict client (POSTs on kept-alive connections,
@@ -430,7 +433,7 @@ fn wait_flowing(load: &StrictLoad, n: u64, server: &Server) {
 fn a_rollout_that_fails_half_way_rolls_back(knob: &str, command: &str) {
     let dir = TempDir::new();
     let breaker = dir.join("break-boot");
-    let mut server = breakable_hello(knob, &breaker, HALF_WAY_WORKERS);
+    let mut server = debug_hello(HALF_WAY_WORKERS, knob, &breaker);
     wait_gen0(&server, HALF_WAY_WORKERS);
     let mold0 = server.with_title("tine mold (gen:0)");
     assert_eq!(mold0.len(), 1, "{mold0:?}");
@@ -530,6 +533,69 @@ fn a_refork_whose_second_new_worker_cannot_boot_rolls_back_completely() {
 #[test]
 fn a_reload_whose_second_new_worker_cannot_boot_rolls_back_completely() {
     a_rollout_that_fails_half_way_rolls_back("TINE_DEBUG_PRELOAD_BREAKS_BOOT", "reload");
+}
+
+/// A refork whose new workers boot and then die (SIGKILLed here the moment each reports ready, as
+/// a deploy that crashes under traffic ends them): each death of a ready gen:1 worker during the
+/// rollout counts, and after `rollout_max_failures` (3) the rollout is abandoned though gen:1
+/// workers were serving. `ctl refork` answers the error, and the tree is the previous mold (the
+/// same process) with every worker of gen:0 again.
+#[test]
+fn a_refork_whose_new_workers_die_once_ready_rolls_back() {
+    // Each worker takes 300 ms to boot: the rollout of 4 lasts over a second, and a killed gen:1
+    // worker is not back before the next one is ready.
+    let mut server = debug_hello(4, "TINE_DEBUG_BOOT_SLEEP_MS", "300");
+    wait_gen0(&server, 4);
+    let mold0 = server.with_title("tine mold (gen:0)");
+    let mark = server.log.mark();
+    let socket = server.control_socket.clone();
+    let refork = std::thread::spawn(move || ctl(&socket, &["refork"]));
+    let mut killed: Vec<i32> = Vec::new();
+    while killed.len() < 3 {
+        let line = server.log.wait_for_line_since(mark, ROLLOUT_TIMEOUT, |l| {
+            l.contains("(gen:1) ready pid=")
+                && l.contains("worker[")
+                && !killed
+                    .iter()
+                    .any(|p| l.contains(&format!("ready pid={p} ")))
+        });
+        let line = line.unwrap_or_else(|| {
+            panic!(
+                "no more gen:1 workers got ready after killing {killed:?}; log:\n{}",
+                server.log.text()
+            )
+        });
+        let pid: i32 = line
+            .split("ready pid=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {line:?}"));
+        server.remember(pid);
+        common::signal(pid, Signal::SIGKILL);
+        killed.push(pid);
+    }
+    let err = refork
+        .join()
+        .expect("ctl thread")
+        .expect_err("the new workers keep dying: the refork fails");
+    for needle in [
+        "refork to gen:1 failed: 3 failures of the new generation",
+        "died after it was ready (signal SIGKILL)",
+        "rolled back: the old generation keeps serving (gen:0)",
+    ] {
+        assert!(err.contains(needle), "{needle:?} not in {err:?}");
+    }
+    wait_gen0(&server, 4);
+    assert_eq!(
+        server.with_title("tine mold (gen:0)"),
+        mold0,
+        "the previous mold stays"
+    );
+    for _ in 0..20 {
+        let r = server.get("/");
+        assert_eq!((r.status, r.text()), (200, "hello\n".to_string()));
+    }
+    assert!(!server.has_exited(), "{}", server.log.text());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -666,7 +666,7 @@ impl Monitor {
                 "starts keep failing: still retrying every few seconds"
             );
         }
-        self.rollout_start_failed(&error);
+        self.rollout_failure(&error);
     }
 
     /// Workers serving now.
@@ -774,6 +774,16 @@ impl Monitor {
                         format!("{} exited before it was ready ({how}){why}", c.label()),
                         resource,
                     );
+                }
+                let new_worker_died = c.kind == Kind::Worker
+                    && c.phase == Phase::Ready
+                    && self
+                        .rollout
+                        .as_ref()
+                        .is_some_and(|r| r.generation == c.generation);
+                if new_worker_died {
+                    // A deploy that boots but crashes under traffic fails its rollout too.
+                    self.rollout_failure(&format!("{} died after it was ready ({how})", c.label()));
                 }
                 if let Some(r) = &mut self.rollout {
                     if c.phase == Phase::Promoting {

@@ -4,10 +4,12 @@
 //! is on trial until the rollout is done: every worker is of the new generation and ready, and no
 //! older worker serves any more (they may still be draining). Meanwhile the previous mold stays,
 //! and every old worker keeps serving (one marked for replacement leaves only once its
-//! replacement is ready). The trial fails when `rollout_max_failures` starts fail in a row (`boot`
-//! returned an error, the runtime could not be built, the worker died or missed `spawn_timeout`;
-//! only a worker getting ready ends a row), when the new mold dies, or when the promotion fails,
-//! whether or not some workers of the new generation are already serving. Then the rollout is
+//! replacement is ready). The trial fails after `rollout_max_failures` failures during the
+//! rollout, counted over the whole trial (a start that failed: `boot` returned an error, the
+//! runtime could not be built, the worker died or missed `spawn_timeout`; or a worker of the new
+//! generation that died after it was ready, as a deploy that crashes under traffic does), when the
+//! new mold dies, or when the promotion fails, whether or not some workers of the new generation
+//! are already serving. Then the rollout is
 //! abandoned: the new mold retires, the workers it was starting are ended, the ones it started
 //! that serve are replaced from the previous mold and then drain (replace-then-retire, so the old
 //! generation is back at full strength without a gap), the old workers' replacement marks are
@@ -54,7 +56,8 @@ pub(crate) struct Rollout {
     pub from: Option<u32>,
     pub cause: Cause,
     pub started: Instant,
-    /// Failed starts in a row since the rollout began or a worker last got ready.
+    /// Failures since the rollout began: failed starts, and workers of the new generation that
+    /// died after they were ready.
     pub failures: u32,
     /// Why the last start failed.
     pub last_error: String,
@@ -156,8 +159,9 @@ impl Monitor {
         });
     }
 
-    /// A start failed (not for lack of resources): counts against a rollout on trial.
-    pub(super) fn rollout_start_failed(&mut self, error: &str) {
+    /// A start failed (not for lack of resources), or a worker of the new generation died:
+    /// counts against a rollout on trial.
+    pub(super) fn rollout_failure(&mut self, error: &str) {
         let limit = self.config.rollout_max_failures;
         let Some(r) = &mut self.rollout else { return };
         if r.proven {
@@ -170,24 +174,23 @@ impl Monitor {
             failures = r.failures,
             limit,
             error,
-            "a start failed during the rollout to gen:{}",
+            "a failure during the rollout to gen:{}",
             r.generation
         );
         if r.failures >= limit {
-            let reason = format!("{} failed starts in a row; last: {error}", r.failures);
+            let reason = format!(
+                "{} failures of the new generation; last: {error}",
+                r.failures
+            );
             self.abandon_rollout(reason);
         }
     }
 
-    /// A worker of `generation` is ready: the failures in a row end. The trial goes on until
-    /// every worker is of the new generation ([`Monitor::check_rollout`]).
+    /// A worker of `generation` is ready. The trial goes on until every worker is of the new
+    /// generation ([`Monitor::check_rollout`]); failures before it still count.
     pub(super) fn rollout_worker_ready(&mut self, generation: u32) {
         let Some(r) = &mut self.rollout else { return };
-        if r.proven {
-            return;
-        }
-        r.failures = 0;
-        if generation != r.generation || r.first_ready_ms.is_some() {
+        if r.proven || generation != r.generation || r.first_ready_ms.is_some() {
             return;
         }
         let ms = r.started.elapsed().as_millis() as u64;
@@ -440,7 +443,7 @@ impl Monitor {
             "every worker rolled; the old ones drain".to_string()
         } else if r.failures > 0 {
             format!(
-                "on trial, {ready} of {} workers ready, {} failed start(s) in a row of {} allowed (last: {})",
+                "on trial, {ready} of {} workers ready, {} failure(s) of {} allowed (last: {})",
                 self.target, r.failures, self.config.rollout_max_failures, r.last_error
             )
         } else {
