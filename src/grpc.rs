@@ -280,6 +280,65 @@ mod tests {
         assert_eq!(parse_grpc_timeout(&HeaderMap::new()), Ok(None));
     }
 
+    /// Calls `layer` around a method that answers after `method`; returns the response's
+    /// `grpc-status` (head or trailers) and how long the call took.
+    fn call(layer: DeadlineLayer, header: Option<&str>, method: Duration) -> (String, Duration) {
+        use http_body_util::BodyExt;
+        use tower::{Layer, ServiceExt};
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let slow = tower::service_fn(move |_: http::Request<()>| async move {
+                tokio::time::sleep(method).await;
+                let mut response = http::Response::new(http_body_util::Full::new(Bytes::new()));
+                response
+                    .headers_mut()
+                    .insert("grpc-status", HeaderValue::from_static("0"));
+                Ok::<_, std::convert::Infallible>(response)
+            });
+            let mut request = http::Request::new(());
+            if let Some(value) = header {
+                let value = HeaderValue::from_str(value).unwrap();
+                request.headers_mut().insert(GRPC_TIMEOUT, value);
+            }
+            let started = std::time::Instant::now();
+            let response = layer.layer(slow).oneshot(request).await.unwrap();
+            let (head, body) = response.into_parts();
+            let trailers = body.collect().await.unwrap().trailers().cloned();
+            let status = head
+                .headers
+                .get("grpc-status")
+                .or(trailers.as_ref().and_then(|t| t.get("grpc-status")))
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default();
+            (status, started.elapsed())
+        })
+    }
+
+    #[test]
+    fn the_server_timeout_caps_a_call_without_a_deadline_and_the_shorter_one_wins() {
+        let ten_s = Duration::from_secs(10);
+        let capped = DeadlineLayer::new().server_timeout(Duration::from_millis(50));
+        let (status, took) = call(capped, None, ten_s);
+        assert_eq!(status, "4"); // DEADLINE_EXCEEDED
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        // The client's 50 ms is shorter than the server's 10 s.
+        let (status, took) = call(
+            DeadlineLayer::new().server_timeout(ten_s),
+            Some("50m"),
+            ten_s,
+        );
+        assert_eq!(status, "4");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        // A call that meets its deadline keeps its own status.
+        let (status, _) = call(capped, Some("10S"), Duration::from_millis(1));
+        assert_eq!(status, "0");
+        let (status, _) = call(DeadlineLayer::new(), None, Duration::from_millis(1));
+        assert_eq!(status, "0");
+    }
+
     #[test]
     fn malformed_grpc_timeouts_are_refused() {
         for bad in [

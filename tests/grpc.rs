@@ -7,8 +7,11 @@
 //! - the client's deadline (`grpc-timeout`) is enforced by the server: a call with a 50 ms
 //!   deadline against a 10 s method ends with `DEADLINE_EXCEEDED` promptly, as does a stream that
 //!   outlives its deadline;
-//! - across a `HUP` reload and a `USR2` refork under load, every unary call and every 100-message
-//!   stream completes: 0 failures, counted.
+//! - across a `HUP` reload and a `USR2` refork under load (a tonic `Channel` and hyper-util's
+//!   pooled client), every unary call and every 100-message stream completes: 0 failures,
+//!   counted, streams under way when their worker began to drain included. Calls the server
+//!   provably did not run (cancelled unsent, or refused by a GOAWAY) are sent again, as gRPC's
+//!   own clients do transparently and tonic does not, and counted apart.
 //!
 //! Needs tine's `tonic` feature (the example does): `cargo test --features tonic --test grpc`.
 
@@ -36,7 +39,7 @@ mod greeter {
 }
 
 use greeter::greeter_client::GreeterClient;
-use greeter::{CountRequest, HelloRequest, WaitRequest};
+use greeter::{CountReply, CountRequest, HelloRequest, WaitRequest};
 
 /// Longest any one call may take in these tests before it counts as hung (debug build, 2 busy
 /// cores); the deadline tests assert far tighter bounds of their own.
@@ -140,23 +143,77 @@ fn hello(name: &str) -> HelloRequest {
     HelloRequest { name: name.into() }
 }
 
-/// `Count` of `count` replies `pause_ms` apart: the numbers received, and how the stream ended.
+/// A `Count` call: the replies received, and how the stream ended.
+async fn count_replies(
+    client: &mut Client,
+    request: Request<CountRequest>,
+) -> (Vec<CountReply>, Result<(), tonic::Status>) {
+    let mut replies = Vec::new();
+    let mut stream = match client.count(request).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => return (replies, Err(status)),
+    };
+    loop {
+        match stream.message().await {
+            Ok(Some(reply)) => replies.push(reply),
+            Ok(None) => return (replies, Ok(())),
+            Err(status) => return (replies, Err(status)),
+        }
+    }
+}
+
+/// A `Count` call: the numbers received, and how the stream ended.
 async fn count(
     client: &mut Client,
     request: Request<CountRequest>,
 ) -> (Vec<u32>, Result<(), tonic::Status>) {
-    let mut numbers = Vec::new();
-    let mut stream = match client.count(request).await {
-        Ok(response) => response.into_inner(),
-        Err(status) => return (numbers, Err(status)),
-    };
-    loop {
-        match stream.message().await {
-            Ok(Some(reply)) => numbers.push(reply.n),
-            Ok(None) => return (numbers, Ok(())),
-            Err(status) => return (numbers, Err(status)),
-        }
-    }
+    let (replies, end) = count_replies(client, request).await;
+    (replies.iter().map(|r| r.n).collect(), end)
+}
+
+/// Now, in ms since the epoch (the server's log lines are stamped with the same clock).
+fn now_ms() -> u64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    since.expect("a clock after 1970").as_millis() as u64
+}
+
+/// A log line's time stamp (`2026-11-30T20:25:16.826Z …`) in ms since the epoch.
+fn log_ms(line: &str) -> Option<u64> {
+    let stamp = line.split_whitespace().next()?.strip_suffix('Z')?;
+    let (date, time) = stamp.split_once('T')?;
+    let mut ymd = date.split('-').map(|f| f.parse::<i64>().ok());
+    let (y, m, d) = (ymd.next()??, ymd.next()??, ymd.next()??);
+    let (hms, ms) = time.split_once('.')?;
+    let mut hms = hms.split(':').map(|f| f.parse::<i64>().ok());
+    let (h, min, sec) = (hms.next()??, hms.next()??, hms.next()??);
+    // Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's days_from_civil).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + min * 60 + sec;
+    Some(secs as u64 * 1000 + ms.parse::<u64>().ok()?)
+}
+
+/// When each worker began to drain, from the log: `(pid, ms since the epoch)` of every
+/// `retiring worker` (replaced) and `promoting worker` (to become a mold) line.
+fn drains(server: &Server) -> Vec<(u32, u64)> {
+    let lines = server.log.lines();
+    lines
+        .iter()
+        .filter_map(|line| {
+            let (_, message) = line.split_once(": ")?;
+            if !(message.starts_with("retiring worker ")
+                || message.starts_with("promoting worker "))
+            {
+                return None;
+            }
+            let pid = message.split(" pid=").nth(1)?.split_whitespace().next()?;
+            Some((pid.parse().ok()?, log_ms(line)?))
+        })
+        .collect()
 }
 
 #[test]
@@ -292,6 +349,9 @@ struct Tally {
     failures: Mutex<Vec<String>>,
     /// The worker pids that answered.
     pids: Mutex<BTreeSet<u32>>,
+    /// Every completed stream: when it started and ended (ms since the epoch, as the server's
+    /// log lines are stamped) and the worker that sent it.
+    streams_done: Mutex<Vec<(u64, u64, u32)>>,
 }
 
 impl Tally {
@@ -391,30 +451,38 @@ async fn stream_loop(
     let mut i = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let mut tries = 0;
+        let mut started = now_ms();
         let result = loop {
             let request = Request::new(CountRequest {
                 count: 100,
                 pause_ms: 2,
             });
-            match tokio::time::timeout(CALL_TIMEOUT, count(&mut client, request)).await {
-                Ok((numbers, Err(status)))
-                    if numbers.is_empty()
+            match tokio::time::timeout(CALL_TIMEOUT, count_replies(&mut client, request)).await {
+                Ok((replies, Err(status)))
+                    if replies.is_empty()
                         && not_processed(&status).is_some()
                         && tries < RETRIES =>
                 {
                     tries += 1;
                     tally.retry(kind, not_processed(&status).unwrap_or_default());
+                    started = now_ms();
                 }
                 other => break other,
             }
         };
         match result {
-            Ok((numbers, Ok(()))) if numbers == (0..100).collect::<Vec<_>>() => {
+            Ok((replies, Ok(())))
+                if replies.iter().map(|r| r.n).eq(0..100)
+                    && replies.iter().all(|r| r.pid == replies[0].pid) =>
+            {
+                let done = (started, now_ms(), replies[0].pid);
+                tally.streams_done.lock().unwrap().push(done);
                 tally.streams_ok.fetch_add(1, Ordering::Relaxed);
             }
-            Ok((numbers, end)) => tally.fail(format!(
-                "stream {i}: {} messages, ended {end:?}",
-                numbers.len()
+            Ok((replies, end)) => tally.fail(format!(
+                "stream {i}: {} messages ({:?}…), ended {end:?}",
+                replies.len(),
+                replies.first()
             )),
             Err(_) => tally.fail(format!("stream {i}: not over within {CALL_TIMEOUT:?}")),
         }
@@ -561,6 +629,26 @@ fn every_call_and_stream_completes_across_a_reload_and_a_refork() {
         failures.len(),
         server.log.text()
     );
+    // Streams really crossed the events: for each, a stream that its worker was still sending
+    // when that worker began to drain, completed.
+    let drains = drains(&server);
+    let streams = tally.streams_done.lock().unwrap().clone();
+    for (event, old) in [("HUP", &first), ("USR2", &reloaded)] {
+        let spanning = streams.iter().filter(|(start, end, pid)| {
+            drains.iter().any(|(p, at)| {
+                p == pid && old.workers.contains(&(*p as i32)) && start < at && at < end
+            })
+        });
+        let spanning = spanning.count();
+        eprintln!(
+            "{event}: {spanning} completed streams were under way when their worker began to drain"
+        );
+        assert!(
+            spanning > 0,
+            "{event}: no completed stream spans its worker's drain; streams {streams:?}, drains \
+             {drains:?}"
+        );
+    }
     // Each generation of workers answered: the load really ran across both events.
     for generation in [&first, &reloaded, &reforked] {
         let workers = &generation.workers;
