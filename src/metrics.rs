@@ -619,6 +619,17 @@ fn render(m: &Monitor, server: &mut MetricsServer) -> String {
     );
     family(
         &mut out,
+        "tine_monitor_slow_steps_total",
+        "counter",
+        "Steps of the monitor's loop that took over 100 ms (each logged with its name): every child, signal and ctl call waited for them.",
+    );
+    let _ = writeln!(
+        out,
+        "tine_monitor_slow_steps_total {}",
+        crate::monitor::slow_steps()
+    );
+    family(
+        &mut out,
         "tine_rollouts_failed_total",
         "counter",
         "Rollouts abandoned (new generation rolled back), by cause: reload or refork.",

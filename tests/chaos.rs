@@ -258,11 +258,272 @@ fn start_watchdog(steps: Steps, monitor: i32, seed: u64) -> std::thread::JoinHan
 }
 
 // ---------------------------------------------------------------------------------------------
+// Watched `ctl` calls
+
+/// A `ctl` call still outstanding after this is sampled (see [`ctl`]).
+const CTL_SAMPLE_AFTER: Duration = Duration::from_secs(1);
+/// Samples kept per stalled call.
+const CTL_SAMPLES: usize = 12;
+
+/// What was seen during `ctl` calls that took over [`CTL_SAMPLE_AFTER`]: printed at the end.
+static CTL_STALLS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Every `ctl` call of the chaos: how many, the slowest, and the failures (a `ctl status` that
+/// fails is otherwise only a `None` to its caller).
+#[derive(Default)]
+struct CtlStats {
+    calls: u64,
+    over_100ms: u64,
+    slowest: Duration,
+    failures: Vec<String>,
+}
+
+static CTL_STATS: Mutex<CtlStats> = Mutex::new(CtlStats {
+    calls: 0,
+    over_100ms: 0,
+    slowest: Duration::ZERO,
+    failures: Vec::new(),
+});
+
+/// A stall of the whole machine (or of this test process): a thread that wakes every 50 ms woke
+/// `gap` late. `accounted` is the CPU time `/proc/stat` counted meanwhile, per CPU, busy or idle:
+/// about `gap` when the machine ran (this process was starved), far less when the machine itself
+/// was stopped (a paused virtual machine counts no ticks).
+struct MachineStall {
+    at: Instant,
+    gap: Duration,
+    accounted: f64,
+    busy: f64,
+    steal: f64,
+}
+
+/// The `cpu` line of `/proc/stat`: user, nice, system, idle, iowait, irq, softirq, steal (ticks).
+fn cpu_ticks() -> Vec<u64> {
+    std::fs::read_to_string("/proc/stat")
+        .unwrap_or_default()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+/// Watches for machine stalls (see [`MachineStall`]) until `over` is set.
+fn start_stall_watch(
+    over: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Vec<MachineStall>> {
+    std::thread::spawn(move || {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        // USER_HZ: 100 on every Linux architecture tine supports.
+        let per_second = 100.0 * cpus;
+        let mut stalls = Vec::new();
+        let mut last = (Instant::now(), cpu_ticks());
+        while !over.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = (Instant::now(), cpu_ticks());
+            let gap = now.0.duration_since(last.0);
+            if gap > Duration::from_secs(1) && now.1.len() == 8 && last.1.len() == 8 {
+                let d: Vec<f64> = now
+                    .1
+                    .iter()
+                    .zip(&last.1)
+                    .map(|(b, a)| b.saturating_sub(*a) as f64 / per_second)
+                    .collect();
+                stalls.push(MachineStall {
+                    at: last.0,
+                    gap,
+                    accounted: d.iter().sum(),
+                    busy: d.iter().sum::<f64>() - d[3] - d[4],
+                    steal: d[7],
+                });
+            }
+            last = now;
+        }
+        stalls
+    })
+}
+
+/// `tine ctl ARGS` (as [`common::ctl`]: a child process, as an operator runs it, bounded by
+/// [`CTL_TIMEOUT`]), watched: while the call is outstanding past [`CTL_SAMPLE_AFTER`], the kernel
+/// side of the monitor and of the `tine ctl` process is sampled every 250 ms (see
+/// [`sample_procs`]); the samples and the monitor's log lines of that time go to [`CTL_STALLS`].
+/// A `ctl` reply that waits seconds is the symptom this test hunts: the samples say whether the
+/// monitor was blocked (and in what), runnable but not run, or never asked.
+fn ctl(server: &Server, args: &[&str]) -> Result<String, String> {
+    let began = Instant::now();
+    let mark = server.log.mark();
+    let mut child = std::process::Command::new(tine_bin())
+        .arg("ctl")
+        .arg("--control-socket")
+        .arg(&server.control_socket)
+        .args(args)
+        .env_remove("TINE_CONTROL_SOCKET")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawn tine ctl: {e}"))?;
+    let spawned = began.elapsed();
+    let pid = child.id() as i32;
+    let out = Log::capture(child.stdout.take().expect("stdout"));
+    let err = Log::capture(child.stderr.take().expect("stderr"));
+    let mut samples = Vec::new();
+    let mut next_sample = began + CTL_SAMPLE_AFTER;
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break Some(status);
+        }
+        let now = Instant::now();
+        if now.duration_since(began) >= CTL_TIMEOUT {
+            break None;
+        }
+        if now >= next_sample && samples.len() < CTL_SAMPLES {
+            next_sample = now + Duration::from_millis(250);
+            let monitor = server.pid;
+            let at = now.duration_since(began);
+            // Unreaped, so `pid` is still this call's process.
+            let seen = bounded(Duration::from_secs(1), move || {
+                sample_procs(&[("monitor", monitor), ("tine ctl", pid)])
+            })
+            .unwrap_or_else(|| "reading /proc did not return within 1 s".into());
+            samples.push(format!("at {at:.2?}: {seen}"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let took = began.elapsed();
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    {
+        let mut stats = CTL_STATS.lock().unwrap_or_else(|e| e.into_inner());
+        stats.calls += 1;
+        stats.over_100ms += u64::from(took > Duration::from_millis(100));
+        stats.slowest = stats.slowest.max(took);
+        if !status.is_some_and(|s| s.success()) && stats.failures.len() < 20 {
+            let why = match status {
+                Some(s) => format!("{s}: {}", err.text()),
+                None => "killed at the limit".into(),
+            };
+            stats
+                .failures
+                .push(format!("ctl {args:?} after {took:.2?}: {why}"));
+        }
+    }
+    if took >= CTL_SAMPLE_AFTER {
+        let lines = server.log.lines();
+        let during: Vec<&String> = lines.iter().skip(mark).take(40).collect();
+        let mut text = format!(
+            "ctl {args:?} took {took:.2?} (spawning it {spawned:.2?}){}\n",
+            if status.is_none() {
+                ", killed at the limit"
+            } else {
+                ""
+            }
+        );
+        for s in &samples {
+            text.push_str(&format!("    {s}\n"));
+        }
+        text.push_str("    monitor log meanwhile:\n");
+        for l in during {
+            text.push_str(&format!("      {l}\n"));
+        }
+        CTL_STALLS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(text);
+    }
+    let Some(status) = status else {
+        return Err(format!(
+            "tine ctl {args:?} did not finish within {CTL_TIMEOUT:?}"
+        ));
+    };
+    out.wait_eof(Duration::from_secs(2));
+    err.wait_eof(Duration::from_secs(2));
+    if status.success() {
+        Ok(out.lines().iter().map(|l| format!("{l}\n")).collect())
+    } else {
+        Err(format!("{status}: {}", err.text()))
+    }
+}
+
+/// The kernel side of each process: per thread its state, the kernel function it sleeps in
+/// (`wchan`), the system call it is in (`syscall`: number and first argument), its CPU time
+/// and run-queue wait so far (`schedstat`, in ms: a runnable thread not run shows as wait
+/// growing between samples) and its kernel stack; and the `/proc` files the process has open
+/// (a read of another process's `/proc` entry is the suspect of a blocked monitor).
+fn sample_procs(procs: &[(&str, i32)]) -> String {
+    let read = |path: String| std::fs::read_to_string(path).unwrap_or_default();
+    let mut out = Vec::new();
+    for (label, pid) in procs {
+        let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if tasks.is_empty() {
+            out.push(format!("{label} {pid}: gone"));
+            continue;
+        }
+        for tid in tasks {
+            let dir = format!("/proc/{pid}/task/{tid}");
+            let stat = read(format!("{dir}/stat"));
+            let state = stat
+                .rfind(')')
+                .and_then(|i| stat.get(i + 2..i + 3))
+                .unwrap_or("?")
+                .to_string();
+            let syscall: Vec<String> = read(format!("{dir}/syscall"))
+                .split_whitespace()
+                .take(2)
+                .map(str::to_string)
+                .collect();
+            let sched: Vec<u64> = read(format!("{dir}/schedstat"))
+                .split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect();
+            let stack: Vec<String> = read(format!("{dir}/stack"))
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(1))
+                .map(|f| f.split('+').next().unwrap_or(f).to_string())
+                .take(12)
+                .collect();
+            out.push(format!(
+                "{label} {pid}/{tid} {state} wchan={} syscall={} cpu={}ms wait={}ms stack=[{}]",
+                read(format!("{dir}/wchan")),
+                syscall.join(" "),
+                sched.first().copied().unwrap_or(0) / 1_000_000,
+                sched.get(1).copied().unwrap_or(0) / 1_000_000,
+                stack.join(" < ")
+            ));
+        }
+        let proc_files: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| std::fs::read_link(e.path()).ok())
+                    .map(|t| t.display().to_string())
+                    .filter(|t| t.starts_with("/proc"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !proc_files.is_empty() {
+            out.push(format!("{label} {pid} has open: {}", proc_files.join(", ")));
+        }
+    }
+    out.join("; ")
+}
+
+// ---------------------------------------------------------------------------------------------
 // Looking at the tree
 
 /// The children in `ctl status --json` and the target; `None` if the call failed.
 fn status(server: &Server) -> Option<(Vec<Row>, usize)> {
-    let out = server.ctl(&["status", "--json"]).ok()?;
+    let out = ctl(server, &["status", "--json"]).ok()?;
     let json: serde_json::Value = serde_json::from_str(&out).ok()?;
     let rows = child_rows(server, &json)?;
     Some((rows, json["target"].as_u64()? as usize))
@@ -587,7 +848,7 @@ fn event(
             let n = rng.range(1, MAX_TARGET as u64) as usize;
             chaos.count("ctl scale");
             steps.step(format!("ctl scale {n}"));
-            match server.ctl(&["scale", &n.to_string()]) {
+            match ctl(server, &["scale", &n.to_string()]) {
                 Ok(_) => *target = n,
                 Err(e) => chaos.problems.push(format!("ctl scale {n}: {e}")),
             }
@@ -645,7 +906,7 @@ fn event(
             });
             let mark = server.log.mark();
             steps.step(format!("ctl kill-worker {nr}"));
-            match server.ctl(&["kill-worker", &nr]) {
+            match ctl(server, &["kill-worker", &nr]) {
                 Ok(_) => {
                     steps.step("wait for the \"killing worker\" line");
                     let line = server
@@ -796,6 +1057,8 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
     let mut server = server;
     let steps = Steps::default();
     let watchdog = start_watchdog(steps.clone(), server.pid, seed);
+    let stall_watch_over = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stall_watch = start_stall_watch(stall_watch_over.clone());
     while started.elapsed() < Duration::from_secs(seconds) {
         if server.has_exited() {
             monitor_died = Some(started.elapsed());
@@ -854,6 +1117,8 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
     }
     steps.state().over = true;
     let _ = watchdog.join();
+    stall_watch_over.store(true, std::sync::atomic::Ordering::Relaxed);
+    let machine_stalls = stall_watch.join().unwrap_or_default();
     let chaos_ended = Instant::now();
     let answered_during_chaos = load.answered();
 
@@ -1014,6 +1279,53 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
     }
     for p in &chaos.problems {
         eprintln!("  problem: {p}");
+    }
+    let monitor_slow: Vec<String> = log
+        .iter()
+        .filter(|l| l.contains("slow monitor step"))
+        .cloned()
+        .collect();
+    eprintln!(
+        "chaos: slow monitor steps (over 100 ms, from its log): {}",
+        monitor_slow.len()
+    );
+    for l in monitor_slow.iter().take(20) {
+        eprintln!("  slow monitor step: {l}");
+    }
+    {
+        let stats = CTL_STATS.lock().unwrap_or_else(|e| e.into_inner());
+        eprintln!(
+            "chaos: ctl calls {}, over 100 ms {}, slowest {:.2?}, failed {}",
+            stats.calls,
+            stats.over_100ms,
+            stats.slowest,
+            stats.failures.len()
+        );
+        for f in &stats.failures {
+            eprintln!("  ctl failed: {f}");
+        }
+    }
+    eprintln!(
+        "chaos: machine stalls (a thread sleeping 50 ms woke over 1 s late): {}",
+        machine_stalls.len()
+    );
+    for m in &machine_stalls {
+        eprintln!(
+            "  machine stall: {:.1?} into the chaos, {:.2?} long; /proc/stat accounted {:.2} s per CPU meanwhile (busy {:.2}, steal {:.2})",
+            m.at.saturating_duration_since(started),
+            m.gap,
+            m.accounted,
+            m.busy,
+            m.steal
+        );
+    }
+    let stalls = std::mem::take(&mut *CTL_STALLS.lock().unwrap_or_else(|e| e.into_inner()));
+    eprintln!(
+        "chaos: ctl calls over {CTL_SAMPLE_AFTER:?}: {}",
+        stalls.len()
+    );
+    for s in stalls.iter().take(10) {
+        eprintln!("  slow ctl: {s}");
     }
 
     assert!(monitor_alive, "the monitor died (seed {seed})");

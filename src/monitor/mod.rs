@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::resource::{getrusage, Usage, UsageWho};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::signalfd::SignalFd;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -145,29 +146,62 @@ impl Monitor {
         loop {
             let timeout = self.poll_timeout();
             let ready = self.wait(timeout);
+            let turn = turn_usage();
             for source in ready {
-                match source {
-                    Source::Signals => self.on_signals(),
-                    Source::Child(slot) => self.on_child_readable(slot),
-                    Source::Control => self.on_control(),
-                    Source::ControlClient(i) => self.on_control_client(i),
+                let began = Instant::now();
+                let step = match source {
+                    Source::Signals => {
+                        self.on_signals();
+                        "signals"
+                    }
+                    Source::Child(slot) => {
+                        self.on_child_readable(slot);
+                        "a child's channel"
+                    }
+                    Source::Control => {
+                        self.on_control();
+                        "control socket accept"
+                    }
+                    Source::ControlClient(i) => {
+                        if let Some(command) = self.on_control_client(i) {
+                            slow_step(&format!("ctl {command}"), began, &turn);
+                            continue;
+                        }
+                        "control client"
+                    }
                     Source::Watch => {
                         if let Some(w) = &mut self.watcher {
                             w.on_readable();
                         }
+                        "file watcher"
                     }
-                    Source::Metrics => crate::metrics::on_listener(self),
-                    Source::MetricsClient(id) => crate::metrics::on_client(self, id),
-                }
+                    Source::Metrics => {
+                        crate::metrics::on_listener(self);
+                        "metrics accept"
+                    }
+                    Source::MetricsClient(id) => {
+                        crate::metrics::on_client(self, id);
+                        "metrics request"
+                    }
+                };
+                slow_step(step, began, &turn);
             }
+            let began = Instant::now();
             self.reap();
+            let began = slow_step("reap", began, &turn);
             self.check_limits();
+            let began = slow_step("limits", began, &turn);
             // Event-driven too: the next old worker is replaced as soon as the last one is.
             self.advance_rollout();
+            let began = slow_step("advance rollout", began, &turn);
             self.check_preflight();
+            let began = slow_step("reload preflight", began, &turn);
             self.check_rollout();
+            let began = slow_step("check rollout", began, &turn);
             self.check_watch();
+            let began = slow_step("watch", began, &turn);
             systemd::watchdog_tick(self);
+            slow_step("systemd watchdog", began, &turn);
             if let Mode::Stopping { deadline, .. } = self.mode {
                 if self.children.is_empty() {
                     tracing::info!("stopped");
@@ -179,8 +213,11 @@ impl Monitor {
                     return Ok(0);
                 }
             }
+            let began = Instant::now();
             self.reconcile()?;
+            let began = slow_step("reconcile", began, &turn);
             self.update_title();
+            slow_step("process title", began, &turn);
         }
     }
 
@@ -1096,31 +1133,38 @@ impl Monitor {
         }
     }
 
-    fn on_control_client(&mut self, i: usize) {
-        let Some(mut control) = self.control.take() else {
-            return;
+    /// Reads from control client `i`; once its command is whole, runs it and returns it (to
+    /// name the step if it was slow).
+    fn on_control_client(&mut self, i: usize) -> Option<String> {
+        let mut control = self.control.take()?;
+        let Some(request) = control.read(i) else {
+            self.control = Some(control);
+            return None;
         };
-        if let Some(request) = control.read(i) {
-            if request.command.as_deref() == Ok("reload") {
-                // Answered when the reload completes or fails (possibly by the next image).
-                self.control = Some(control);
-                self.reload(Some(request.client), "ctl reload");
-                return;
-            }
-            let refork = request
-                .command
-                .as_deref()
-                .is_ok_and(|c| matches!(control::parse(c), Ok(control::Op::Refork)));
-            if refork {
-                // Answered when the new generation serves or the refork fails.
-                self.control = Some(control);
-                self.refork(Some(request.client), "ctl refork");
-                return;
-            }
-            let reply = control::handle(self, request.command);
-            control.reply(request.client, reply);
+        let name = match &request.command {
+            Ok(c) => c.chars().take(40).collect(),
+            Err(_) => "(malformed)".to_string(),
+        };
+        if request.command.as_deref() == Ok("reload") {
+            // Answered when the reload completes or fails (possibly by the next image).
+            self.control = Some(control);
+            self.reload(Some(request.client), "ctl reload");
+            return Some(name);
         }
+        let refork = request
+            .command
+            .as_deref()
+            .is_ok_and(|c| matches!(control::parse(c), Ok(control::Op::Refork)));
+        if refork {
+            // Answered when the new generation serves or the refork fails.
+            self.control = Some(control);
+            self.refork(Some(request.client), "ctl refork");
+            return Some(name);
+        }
+        let reply = control::handle(self, request.command);
+        control.reply(request.client, reply);
         self.control = Some(control);
+        Some(name)
     }
 
     /// `SIGUSR1` and `ctl reopen-logs`: reopens the log file (after rotation) here and in every
@@ -1157,6 +1201,59 @@ impl Monitor {
 fn spawn_backoff(failures: u32) -> Duration {
     let exp = failures.saturating_sub(1).min(6);
     Duration::from_millis(100 << exp).min(Duration::from_secs(5))
+}
+
+/// A step of the monitor's loop that takes longer than this is logged: the loop serves every
+/// child, signal and `ctl` call in turn, so one step that blocks delays them all.
+const SLOW_STEP: Duration = Duration::from_millis(100);
+
+/// This thread's resource usage at the start of a turn of the loop (after `poll`), to tell in
+/// a slow step's warning whether the monitor was computing, blocked, or waiting for a CPU.
+fn turn_usage() -> Option<Usage> {
+    getrusage(UsageWho::RUSAGE_THREAD).ok()
+}
+
+/// Logs `step` (a warning, counted in metrics) if it ran for over [`SLOW_STEP`] since `began`;
+/// returns now, the start of the next step. The warning says what the monitor's thread did since
+/// the turn of the loop began (`turn`): CPU time used, times it blocked (voluntary context
+/// switches: a system call that waited) and times it was preempted (a busy machine).
+fn slow_step(step: &str, began: Instant, turn: &Option<Usage>) -> Instant {
+    let now = Instant::now();
+    let took = now.duration_since(began);
+    if took > SLOW_STEP {
+        SLOW_STEPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (cpu_ms, blocked, preempted) = match (turn, turn_usage()) {
+            (Some(a), Some(b)) => {
+                let cpu = |u: &Usage| {
+                    let t = u.user_time() + u.system_time();
+                    t.tv_sec() * 1000 + t.tv_usec() / 1000
+                };
+                (
+                    cpu(&b) - cpu(a),
+                    b.voluntary_context_switches() - a.voluntary_context_switches(),
+                    b.involuntary_context_switches() - a.involuntary_context_switches(),
+                )
+            }
+            _ => (-1, -1, -1),
+        };
+        tracing::warn!(
+            step,
+            took_ms = took.as_millis() as u64,
+            cpu_ms,
+            blocked,
+            preempted,
+            "slow monitor step: every child, signal and ctl call waited for it (cpu_ms, blocked, preempted: since this turn of the loop began)"
+        );
+    }
+    now
+}
+
+/// Steps of the loop that took over [`SLOW_STEP`] (`tine_monitor_slow_steps_total`).
+static SLOW_STEPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Steps of the monitor's loop that took over 100 ms since it started.
+pub(crate) fn slow_steps() -> u64 {
+    SLOW_STEPS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// A readable poll source.
