@@ -346,6 +346,12 @@ options! {
     /// Connections one worker holds at once; past it the worker stops accepting until one
     /// closes, leaving new connections to other workers and the listen queue [default: 4096]
     max_connections: usize,
+    /// Expect a PROXY protocol header (v1 or v2, as HAProxy, nginx and cloud load balancers send)
+    /// first on every connection of every listener; the client address it carries becomes the
+    /// request's peer. A connection without a valid one within header_read_timeout is closed
+    /// [default: false]
+    #[arg(num_args = 0..=1, default_missing_value = "true")]
+    proxy_protocol: bool,
     /// Largest request head in bytes; larger gets 431 [default: 16384, at least 8192]
     max_header_bytes: usize,
     /// Serve HTTP/2 with prior knowledge next to HTTP/1.1 [default: true]
@@ -483,6 +489,8 @@ pub struct Config {
     pub body_read_timeout: Duration,
     /// Connections one worker holds at once.
     pub max_connections: usize,
+    /// Every connection starts with a PROXY protocol header.
+    pub proxy_protocol: bool,
     /// Request head size limit.
     pub max_header_bytes: usize,
     /// HTTP/2 prior knowledge.
@@ -820,6 +828,7 @@ impl Options {
             keepalive_timeout,
             body_read_timeout,
             max_connections,
+            proxy_protocol: self.proxy_protocol.unwrap_or(false),
             max_header_bytes,
             http2: self.http2.unwrap_or(true),
             http2_settings,

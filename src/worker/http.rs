@@ -437,17 +437,16 @@ pub(super) fn spawn_accept_loop(
                     admitted,
                 };
                 let peer = peer_of(&accepted, &unix_path);
-                let service = request_service(
-                    service.clone(),
-                    config.clone(),
-                    slot,
-                    &life.shared,
-                    &bodies,
-                    peer,
-                );
+                // Made in the connection's task: with `proxy_protocol` the peer is known only
+                // once the PROXY header has been read.
+                let make_service = {
+                    let (service, config) = (service.clone(), config.clone());
+                    let (shared, bodies) = (life.shared.clone(), bodies.clone());
+                    move |peer| request_service(service, config, slot, &shared, &bodies, peer)
+                };
                 match accepted {
-                    Accepted::Tcp(s) => builder.spawn(s, service, life),
-                    Accepted::Unix(s) => builder.spawn(s, service, life),
+                    Accepted::Tcp(s) => builder.spawn(s, peer, make_service, life),
+                    Accepted::Unix(s) => builder.spawn(s, peer, make_service, life),
                 }
             }
         };
@@ -819,6 +818,8 @@ impl Shared {
 struct Builder {
     http1: http1::Builder,
     http2: Option<http2::Builder<TokioExecutor>>,
+    /// Every connection starts with a PROXY protocol header.
+    proxy_protocol: bool,
 }
 
 /// A socket whose first bytes can be looked at without consuming them.
@@ -826,6 +827,11 @@ trait Peek: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Sync +
     fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
     /// Peeks at the first bytes; a strict prefix of the HTTP/2 preface counts as not ready.
     fn try_peek_preface(&self, buf: &mut [u8; PREFACE.len()]) -> io::Result<usize>;
+    /// Runs `f` on the socket's descriptor; `WouldBlock` from it clears the read readiness.
+    fn try_read_with<T>(
+        &self,
+        f: impl FnOnce(std::os::fd::RawFd) -> io::Result<T>,
+    ) -> io::Result<T>;
 }
 
 /// The bytes an HTTP/2 client with prior knowledge opens with.
@@ -852,10 +858,14 @@ macro_rules! impl_peek {
                 <$stream>::readable(self)
             }
             fn try_peek_preface(&self, buf: &mut [u8; PREFACE.len()]) -> io::Result<usize> {
+                self.try_read_with(|fd| peek_preface(fd, buf))
+            }
+            fn try_read_with<T>(
+                &self,
+                f: impl FnOnce(std::os::fd::RawFd) -> io::Result<T>,
+            ) -> io::Result<T> {
                 use std::os::fd::AsRawFd;
-                self.try_io(tokio::io::Interest::READABLE, || {
-                    peek_preface(self.as_raw_fd(), buf)
-                })
+                self.try_io(tokio::io::Interest::READABLE, || f(self.as_raw_fd()))
             }
         }
     )*};
@@ -879,6 +889,109 @@ async fn starts_with_http2_preface<S: Peek>(stream: &S) -> io::Result<bool> {
     }
 }
 
+/// The longest PROXY header read: v1's is at most 107 bytes, v2's 16 plus its addresses and
+/// extensions (TLVs), which proxies keep to a few hundred bytes.
+const MAX_PROXY_HEADER: usize = 4096;
+
+/// Reads the PROXY protocol header (v1 or v2) that opens the connection, and nothing more: the
+/// bytes after it are the client's, left for HTTP. Returns the client's and the proxy's
+/// addresses, `None` for a connection of the proxy's own (v2 `LOCAL`, v1 `UNKNOWN`), or why
+/// the header is refused. Parsing is the `ppp` crate's.
+async fn read_proxy_header<S: Peek>(
+    stream: &S,
+) -> Result<Option<(std::net::SocketAddr, std::net::SocketAddr)>, String> {
+    use nix::sys::socket::{recv, MsgFlags};
+    use ppp::{HeaderResult, PartialResult};
+    use std::net::SocketAddr;
+    let mut buf = vec![0u8; MAX_PROXY_HEADER];
+    loop {
+        stream.readable().await.map_err(|e| e.to_string())?;
+        let read = stream.try_read_with(|fd| {
+            let n = recv(fd, &mut buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT)
+                .map_err(io::Error::from)?;
+            if n == 0 {
+                return Ok(Err(
+                    "the connection closed before its PROXY header".to_string()
+                ));
+            }
+            let parsed = HeaderResult::parse(&buf[..n]);
+            if parsed.is_incomplete() {
+                if n == buf.len() {
+                    return Ok(Err(format!("no PROXY header in the first {n} bytes")));
+                }
+                // Part of a header (split across packets): readiness is cleared, wait for more.
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let v4 = |ip: std::net::Ipv4Addr, port| SocketAddr::from((ip, port));
+            let v6 = |ip: std::net::Ipv6Addr, port| SocketAddr::from((ip, port));
+            let (len, addresses) = match parsed {
+                HeaderResult::V1(Ok(h)) => (
+                    h.header.len(),
+                    match h.addresses {
+                        ppp::v1::Addresses::Tcp4(a) => Some((
+                            v4(a.source_address, a.source_port),
+                            v4(a.destination_address, a.destination_port),
+                        )),
+                        ppp::v1::Addresses::Tcp6(a) => Some((
+                            v6(a.source_address, a.source_port),
+                            v6(a.destination_address, a.destination_port),
+                        )),
+                        ppp::v1::Addresses::Unknown => None,
+                    },
+                ),
+                HeaderResult::V2(Ok(h)) => (
+                    h.len(),
+                    match (h.command, h.addresses) {
+                        (ppp::v2::Command::Local, _) => None,
+                        (_, ppp::v2::Addresses::IPv4(a)) => Some((
+                            v4(a.source_address, a.source_port),
+                            v4(a.destination_address, a.destination_port),
+                        )),
+                        (_, ppp::v2::Addresses::IPv6(a)) => Some((
+                            v6(a.source_address, a.source_port),
+                            v6(a.destination_address, a.destination_port),
+                        )),
+                        // A unix or unspecified source: no address to give; the socket's stay.
+                        (_, ppp::v2::Addresses::Unix(_) | ppp::v2::Addresses::Unspecified) => None,
+                    },
+                ),
+                HeaderResult::V1(Err(e)) => return Ok(Err(format!("bad PROXY v1 header: {e}"))),
+                HeaderResult::V2(Err(e)) => return Ok(Err(format!("bad PROXY v2 header: {e}"))),
+            };
+            // Consumes exactly the header: it is all in the socket's buffer (just peeked).
+            let taken =
+                recv(fd, &mut buf[..len], MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)?;
+            Ok(match taken == len {
+                true => Ok(addresses),
+                false => Err(format!("read {taken} of the PROXY header's {len} bytes")),
+            })
+        });
+        match read {
+            Ok(result) => return result,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// Logs a refused PROXY header: the first in this worker as a warning (a proxy sending none is
+/// a misconfiguration to notice), later ones at debug level, so that a client sending garbage on
+/// every connection cannot flood the log. Either way the connection is closed.
+fn proxy_header_refused(why: &str) {
+    static LOGGED: AtomicBool = AtomicBool::new(false);
+    if !LOGGED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            reason = why,
+            "closing a connection without a valid PROXY header (proxy_protocol = true; further ones are logged at debug level)"
+        );
+    } else {
+        tracing::debug!(
+            reason = why,
+            "closing a connection without a valid PROXY header"
+        );
+    }
+}
+
 impl Builder {
     fn new(config: &Config) -> Builder {
         // No timer for HTTP/1: hyper would arm a boxed sleep for every request head. The head
@@ -897,12 +1010,22 @@ impl Builder {
                 .max_frame_size(settings.max_frame_size);
             b
         });
-        Builder { http1, http2 }
+        Builder {
+            http1,
+            http2,
+            proxy_protocol: config.proxy_protocol,
+        }
     }
 
-    /// Serves one connection in a task of its own.
-    fn spawn<I, S>(&'static self, io: I, service: S, life: Life)
-    where
+    /// Serves one connection in a task of its own, with the service `make_service` makes for
+    /// its peer (`peer`, or the client a PROXY header names).
+    fn spawn<I, S>(
+        &'static self,
+        io: I,
+        peer: Peer,
+        make_service: impl FnOnce(Peer) -> S + Send + 'static,
+        life: Life,
+    ) where
         I: Peek,
         S: hyper::service::Service<
                 http::Request<hyper::body::Incoming>,
@@ -915,6 +1038,24 @@ impl Builder {
         tokio::spawn(async move {
             // Hold all of `life` (its drain-tracking sender too) for as long as the task runs.
             let life = life;
+            let peer = match self.proxy_protocol {
+                false => peer,
+                true => {
+                    match tokio::time::timeout(life.patience, read_proxy_header(&io)).await {
+                        Ok(Ok(Some((client, proxy)))) => Peer::tcp(client, proxy),
+                        // LOCAL (v2) or UNKNOWN (v1): the proxy's own connection (a health
+                        // check); its addresses are the socket's.
+                        Ok(Ok(None)) => peer,
+                        Ok(Err(why)) => {
+                            proxy_header_refused(&why);
+                            return;
+                        }
+                        // Silent past the head deadline: dropped as any slow head is.
+                        Err(_) => return,
+                    }
+                }
+            };
+            let service = make_service(peer);
             let sniffed = match &self.http2 {
                 None => false,
                 Some(_) => {
