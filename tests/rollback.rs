@@ -323,11 +323,11 @@ fn a_reload_whose_workers_cannot_boot_rolls_back_and_the_old_workers_keep_servin
 // ---------------------------------------------------------------------------------------------
 // (b) refork
 
-/// The reference app with `workers` workers, its debug routes and metrics, and the debug knob
+/// Launches the reference app with `workers` workers, its debug routes and metrics, and the debug knob
 /// `knob` set to `value` (for `TINE_DEBUG_*_BREAKS_BOOT`, a file that does not exist yet: the
 /// workers of a mold made while it exists fail in `boot`, all of them, or all but the number the
 /// file holds).
-fn debug_hello(workers: usize, knob: &str, value: impl AsRef<std::ffi::OsStr>) -> Server {
+fn debug_hello(workers: usize, knob: &str, value: impl AsRef<std::ffi::OsStr>) -> Launch {
     Launch::tine()
         .args([
             "--app",
@@ -342,7 +342,6 @@ fn debug_hello(workers: usize, knob: &str, value: impl AsRef<std::ffi::OsStr>) -
             "10",
         ])
         .env(knob, value)
-        .start()
 }
 
 /// A refork whose promoted mold cannot make a worker that boots (the app's state after
@@ -352,7 +351,7 @@ fn debug_hello(workers: usize, knob: &str, value: impl AsRef<std::ffi::OsStr>) -
 fn a_refork_whose_new_workers_cannot_boot_rolls_back_to_the_previous_mold() {
     let dir = TempDir::new();
     let breaker = dir.join("break-promotion");
-    let mut server = debug_hello(2, "TINE_DEBUG_PROMOTION_BREAKS_BOOT", &breaker);
+    let mut server = debug_hello(2, "TINE_DEBUG_PROMOTION_BREAKS_BOOT", &breaker).start();
     wait_gen0(&server, 2);
     let probe = Probe::start(server.addr(), "/", 3, Duration::from_secs(150));
     probe.wait_more(20, Duration::from_secs(10));
@@ -433,7 +432,7 @@ fn wait_flowing(load: &StrictLoad, n: u64, server: &Server) {
 fn a_rollout_that_fails_half_way_rolls_back(knob: &str, command: &str) {
     let dir = TempDir::new();
     let breaker = dir.join("break-boot");
-    let mut server = debug_hello(HALF_WAY_WORKERS, knob, &breaker);
+    let mut server = debug_hello(HALF_WAY_WORKERS, knob, &breaker).start();
     wait_gen0(&server, HALF_WAY_WORKERS);
     let mold0 = server.with_title("tine mold (gen:0)");
     assert_eq!(mold0.len(), 1, "{mold0:?}");
@@ -544,7 +543,7 @@ fn a_reload_whose_second_new_worker_cannot_boot_rolls_back_completely() {
 fn a_refork_whose_new_workers_die_once_ready_rolls_back() {
     // Each worker takes 300 ms to boot: the rollout of 4 lasts over a second, and a killed gen:1
     // worker is not back before the next one is ready.
-    let mut server = debug_hello(4, "TINE_DEBUG_BOOT_SLEEP_MS", "300");
+    let mut server = debug_hello(4, "TINE_DEBUG_BOOT_SLEEP_MS", "300").start();
     wait_gen0(&server, 4);
     let mold0 = server.with_title("tine mold (gen:0)");
     let mark = server.log.mark();
@@ -594,6 +593,66 @@ fn a_refork_whose_new_workers_die_once_ready_rolls_back() {
     for _ in 0..20 {
         let r = server.get("/");
         assert_eq!((r.status, r.text()), (200, "hello\n".to_string()));
+    }
+    assert!(!server.has_exited(), "{}", server.log.text());
+}
+
+/// Scaled down by one (`TTOU`) while a refork waits out the backoff of a replacement that keeps
+/// failing (only the promoted mold's first worker boots): the old worker marked for that
+/// replacement needs none any more, since the other workers make the new target, and leaves; the
+/// rollout goes on, fails its next start (`rollout_max_failures` = 5) and is rolled back, where the
+/// previous main waited for that replacement for ever, the rollout neither failing nor completing.
+#[test]
+fn a_scale_down_during_a_failing_rollout_does_not_stall_it() {
+    let dir = TempDir::new();
+    let breaker = dir.join("break-boot");
+    let mut server = debug_hello(3, "TINE_DEBUG_PROMOTION_BREAKS_BOOT", &breaker)
+        .env("TINE_ROLLOUT_MAX_FAILURES", "5")
+        .start();
+    wait_gen0(&server, 3);
+    let mold0 = server.with_title("tine mold (gen:0)");
+    std::fs::write(&breaker, "1\n").unwrap();
+    let mark = server.log.mark();
+    let socket = server.control_socket.clone();
+    let refork = std::thread::spawn(move || ctl(&socket, &["refork"]));
+    // Four failed starts: the next one waits out a backoff of 800 ms.
+    server
+        .log
+        .wait_for_log_since(mark, "failures=4 limit=5", ROLLOUT_TIMEOUT);
+    server.signal(Signal::SIGTTOU);
+    let err = refork
+        .join()
+        .expect("ctl thread")
+        .expect_err("the refork fails");
+    for needle in [
+        "refork to gen:1 failed: 5 failures of the new generation",
+        "rolled back: the old generation keeps serving (gen:0)",
+    ] {
+        assert!(
+            err.contains(needle),
+            "{needle:?} not in {err:?}; log:\n{}",
+            server.log.text()
+        );
+    }
+    server.log.wait_for_log_since(
+        mark,
+        "a worker marked for replacement needs none (the target is met): it leaves now",
+        Duration::from_secs(1),
+    );
+    // The previous mold and two workers of gen:0 (the numbers a scale-down leaves).
+    let mut last = Vec::new();
+    let settled = poll_until(READY_TIMEOUT, || {
+        last = titled(&server);
+        let workers = last
+            .iter()
+            .filter(|(_, t)| t.starts_with("tine worker[") && t.ends_with("(gen:0)"))
+            .count();
+        (workers == 2 && last.len() == 3 && server.with_title("tine mold (gen:0)") == mold0)
+            .then_some(())
+    });
+    assert!(settled.is_some(), "{last:?}; log:\n{}", server.log.text());
+    for _ in 0..20 {
+        assert_eq!(server.get("/").status, 200);
     }
     assert!(!server.has_exited(), "{}", server.log.text());
 }

@@ -957,6 +957,9 @@ impl Monitor {
             let (_, slot) = active.pop().expect("non-empty");
             self.retire(slot, "scaled down");
         }
+        if active.len() >= self.target {
+            self.release_unreplaced(&active);
+        }
         // Start missing workers from the current mold.
         let Some((mold_slot, mold)) = self.current_mold() else {
             return Ok(());
@@ -995,6 +998,36 @@ impl Monitor {
         }
         self.announce_ready();
         Ok(())
+    }
+
+    /// Workers marked for replacement (a rollout, a limit, a promotion) with no replacement under
+    /// way while the `active` workers already make the target — it went down after they were
+    /// marked — would wait for ever, and hold up a rollout with them: each leaves now (retires, or
+    /// is promoted), since the target needs no replacement.
+    fn release_unreplaced(&mut self, active: &[(u32, usize)]) {
+        let waiting: Vec<(usize, u32, String)> = self
+            .children
+            .iter()
+            .filter(|(_, c)| {
+                c.kind == Kind::Worker
+                    && c.phase == Phase::Ready
+                    && !active.iter().any(|(nr, _)| *nr == c.nr)
+            })
+            .filter_map(|(s, c)| Some((*s, c.nr, c.recycle.clone()?)))
+            .collect();
+        for (slot, nr, reason) in waiting {
+            tracing::info!(
+                nr,
+                reason,
+                target = self.target,
+                "a worker marked for replacement needs none (the target is met): it leaves now"
+            );
+            if reason == refork::PROMOTE {
+                refork::promote(self, slot);
+            } else {
+                self.retire(slot, &reason);
+            }
+        }
     }
 
     fn request_worker(
