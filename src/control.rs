@@ -494,7 +494,9 @@ fn status_text(m: &Monitor) -> String {
     out
 }
 
-/// The status as JSON: `{"processes": [...], "target": N, "total_pss_kb": N}`.
+/// The status as JSON: `{"processes": [...], "target": N, "total_pss_kb": N, ...}`. What `tine
+/// top` shows comes from here: per process also its CPU time (`cpu_ms`, for CPU %), and for the
+/// tree restarts by reason, the listeners' accept queues and the recent events.
 pub(crate) fn status_json(m: &Monitor) -> serde_json::Value {
     let rows = rows(m);
     let total_pss: u64 = rows.iter().map(|r| r.mem.pss_kb).sum();
@@ -517,6 +519,20 @@ pub(crate) fn status_json(m: &Monitor) -> serde_json::Value {
                 "connections": r.connections,
                 "oldest_request": r.oldest_request.as_ref().map(|(text, _)| text.clone()),
                 "oldest_request_ms": r.oldest_request.as_ref().map(|(_, age)| age.as_millis() as u64),
+                "cpu_ms": meminfo::cpu_seconds(r.pid).map(|s| (s * 1000.0).round() as u64),
+            })
+        })
+        .collect();
+    let queues = crate::metrics::queue::depths(&m.listeners);
+    let listen_queues: Vec<_> = m
+        .listeners
+        .iter()
+        .zip(&queues)
+        .map(|(l, q)| {
+            json!({
+                "listener": l.addr().to_string(),
+                "waiting": q.map(|q| q.waiting),
+                "limit": q.map(|q| q.limit),
             })
         })
         .collect();
@@ -538,6 +554,13 @@ pub(crate) fn status_json(m: &Monitor) -> serde_json::Value {
         "last_failed_rollout": last_failed_rollout,
         "rollouts_failed": m.rollouts_failed.values().sum::<u64>(),
         "spawn_resource_errors": m.resource_errors_total,
+        "max_workers": m.config.max_workers,
+        "generation": m.current_mold().map(|(_, c)| c.generation),
+        "requests_total": crate::metrics::total_requests(m.board),
+        "reforks": m.board.reforks(),
+        "restarts": m.restarts,
+        "listen_queues": listen_queues,
+        "events": m.events.iter().collect::<Vec<_>>(),
     })
 }
 
@@ -549,6 +572,8 @@ pub fn request(path: &Path, command: &str) -> Result<String, String> {
     // promotion, boots, failed starts retried with backoff).
     let patience = match command.trim() {
         "reload" | "refork" => 600,
+        // A profile answers when it is written: its seconds, then the flamegraph.
+        c if c.starts_with("profile ") => 600,
         _ => 10,
     };
     stream

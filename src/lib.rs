@@ -21,9 +21,10 @@
 //! the generation-0 mold. Then it loops on one `poll` over the signalfd, one channel per child, the
 //! control socket and a timer. Each wake-up ends in `reconcile`, which compares the table of
 //! children with the target (a mold, N workers) and acts; a tick checks limits and hangs; the
-//! control socket (`tine ctl`) and an optional Prometheus endpoint are served by the same loop. It never
-//! starts a thread: before every fork the thread count is checked ([`sys::process::fork`]; no
-//! fork if it cannot be read). Logging never ends or blocks it (a line that cannot be written is
+//! control socket (`tine ctl`, and `tine top`, a live terminal view built on `ctl status --json`
+//! with the recent events the monitor keeps) and an optional Prometheus endpoint are served by
+//! the same loop. It never starts a thread: before every fork the thread count is checked
+//! ([`sys::process::fork`]; no fork if it cannot be read). Logging never ends or blocks it (a line that cannot be written is
 //! dropped and counted), and accept errors on its sockets back off instead of spinning.
 //!
 //! **Mold** (`mold`). Generation 0 is forked by the monitor and runs [`App::preload`] — the
@@ -126,6 +127,8 @@ mod monitor;
 mod request_body;
 pub mod spawner;
 pub mod sys;
+#[cfg(feature = "top")]
+mod top;
 #[cfg(feature = "server")]
 mod worker;
 

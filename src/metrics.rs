@@ -449,7 +449,7 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 }
 
 /// The tree's requests: every live slot plus what gone processes served.
-fn total_requests(board: &Scoreboard) -> u64 {
+pub(crate) fn total_requests(board: &Scoreboard) -> u64 {
     // Header first: a count moving from a slot to the header meanwhile is missed, not doubled;
     // the high-water mark then hides the dip.
     let gone = board.requests_of_gone();
@@ -721,7 +721,7 @@ fn render(m: &Monitor, server: &mut MetricsServer) -> String {
 /// Accept-queue depth of listening sockets through `sock_diag` netlink: the kernel dumps only
 /// listening sockets (cheap, unlike `/proc/net/tcp`, which lists every connection), and it
 /// reports unix listeners' queues too. Listeners are matched by socket inode.
-mod queue {
+pub(crate) mod queue {
     use super::*;
     use nix::sys::socket::{
         recv, sendto, setsockopt, socket, sockopt, AddressFamily, MsgFlags, NetlinkAddr, SockFlag,

@@ -32,6 +32,34 @@ enum Cmd {
     /// Send a command to a running server: status [--json], scale N, stop [--quick],
     /// kill-worker NR, refork, reload, reopen-logs.
     Ctl(CtlArgs),
+    /// Watch a running server live: a row per process (requests/s, in flight, oldest request,
+    /// CPU %, memory), restarts, accept queues, recent events. Keys: +/- scale by one, r refork,
+    /// R reload, k kill the selected worker, p profile it for 10 s, arrows select, q quit.
+    #[cfg(feature = "top")]
+    Top(TopArgs),
+}
+
+#[cfg(feature = "top")]
+#[derive(Args)]
+struct TopArgs {
+    /// The server's control socket.
+    #[arg(long, env = "TINE_CONTROL_SOCKET", default_value = "tine.sock")]
+    control_socket: PathBuf,
+    /// Seconds between two refreshes (0.2 to 60).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_interval)]
+    interval: f64,
+}
+
+#[cfg(feature = "top")]
+fn parse_interval(text: &str) -> Result<f64, String> {
+    let secs: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if (0.2..=60.0).contains(&secs) {
+        Ok(secs)
+    } else {
+        Err(format!("{secs} is outside 0.2..=60 seconds"))
+    }
 }
 
 #[derive(Args)]
@@ -102,7 +130,7 @@ fn print_stdout(text: &str) {
     let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
-/// Runs the tine command line for app `A`: `serve`, `check` and `ctl`.
+/// Runs the tine command line for app `A`: `serve`, `check`, `ctl` and `top`.
 ///
 /// Call it first thing in `main`, before any thread exists (the monitor forks).
 pub fn run<A: App>() -> ExitCode {
@@ -182,6 +210,20 @@ pub fn run<A: App>() -> ExitCode {
                 }
                 Err(e) => {
                     crate::log::print_stderr(format_args!("tine ctl: {e}"));
+                    ExitCode::from(1)
+                }
+            }
+        }
+        #[cfg(feature = "top")]
+        Cmd::Top(args) => {
+            let options = crate::top::Options {
+                control_socket: args.control_socket,
+                interval: std::time::Duration::from_secs_f64(args.interval),
+            };
+            match crate::top::run(options) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    crate::log::print_stderr(format_args!("tine top: {e}"));
                     ExitCode::from(1)
                 }
             }

@@ -131,6 +131,14 @@ impl Monitor {
             if let Some(ch) = &c.channel {
                 let _ = ch.send(&Command::Stop { graceful: true }, &[]);
             }
+            self.events.push(
+                "timeout",
+                format!(
+                    "{} pid {} hung ({why}), serving {request}: asked to exit",
+                    c.label(),
+                    c.pid_raw()
+                ),
+            );
             c.recycle = Some("timeout".into());
             c.phase = Phase::Retiring {
                 reason: "timeout".into(),
@@ -149,6 +157,10 @@ impl Monitor {
                     generation = c.generation,
                     reason,
                     "recycling worker"
+                );
+                self.events.push(
+                    "recycle",
+                    format!("{} pid {} recycled: {reason}", c.label(), c.pid_raw()),
                 );
                 c.recycle = Some(reason);
             }

@@ -5,6 +5,7 @@
 //! [`Monitor::reconcile`], which compares the table of children with the target and acts.
 
 mod children;
+pub(crate) mod events;
 mod limits;
 mod refork;
 mod reload;
@@ -135,6 +136,8 @@ pub(crate) struct Monitor {
     resource_errors: u32,
     /// Every start that failed for lack of resources, for metrics.
     pub(crate) resource_errors_total: u64,
+    /// Recent reforks, reloads, kills, deaths, recycles and scaling, for `ctl status` and `tine top`.
+    pub(crate) events: events::Events,
 }
 
 /// How long a worker requested from a mold that then died may still report itself.
@@ -330,6 +333,8 @@ impl Monitor {
         let n = n.clamp(1, self.config.max_workers);
         if n != self.target {
             tracing::info!(from = self.target, to = n, "{why}: scaling");
+            self.events
+                .push("scale", format!("workers {} -> {n} ({why})", self.target));
             self.target = n;
         }
         n
@@ -435,6 +440,14 @@ impl Monitor {
             "killing {}",
             c.kind.name()
         );
+        self.events.push(
+            "kill",
+            format!(
+                "killed {} pid {}: {reason} (request in flight: {request})",
+                c.label(),
+                c.pid_raw()
+            ),
+        );
         match c.pid {
             Some(pid) => {
                 let _ = kill(pid, Signal::SIGKILL);
@@ -458,12 +471,16 @@ impl Monitor {
         tracing::info!("{why}: refork requested");
         match refork::request_refork(self) {
             Ok(()) => {
+                self.events
+                    .push("refork", format!("refork requested ({why})"));
                 if let (Some(w), Some(r)) = (waiter, &mut self.rollout) {
                     r.waiters.push(w);
                 }
             }
             Err(e) => {
                 tracing::warn!("{why}: refork refused: {e}");
+                self.events
+                    .push("refork", format!("refork refused ({why}): {e}"));
                 if let Some(w) = waiter {
                     let _ = crate::control::reply_to(w, Err(format!("refork refused: {e}")));
                 }
@@ -789,6 +806,10 @@ impl Monitor {
                     how,
                     "{} died",
                     c.kind.name()
+                );
+                self.events.push(
+                    "died",
+                    format!("{} pid {} died ({how})", c.label(), pid.as_raw()),
                 );
             }
             if self.mode == Mode::Running {

@@ -139,8 +139,14 @@ impl Monitor {
         });
         if warm {
             tracing::info!(generation, threshold, "refork_after reached");
-            if let Err(e) = request_refork(self) {
-                tracing::warn!("refork_after: refork refused: {e}");
+            match request_refork(self) {
+                Ok(()) => self.events.push(
+                    "refork",
+                    format!(
+                        "refork requested (refork_after {threshold} reached by gen:{generation})"
+                    ),
+                ),
+                Err(e) => tracing::warn!("refork_after: refork refused: {e}"),
             }
         }
     }

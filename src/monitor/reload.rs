@@ -57,6 +57,9 @@ pub(crate) struct Handover {
     /// Starts that failed for lack of resources, for metrics.
     #[serde(default)]
     pub resource_errors_total: u64,
+    /// The recent events (`ctl status`, `tine top`).
+    #[serde(default)]
+    pub events: Vec<super::events::Event>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -274,6 +277,8 @@ impl Monitor {
             return;
         }
         tracing::info!("{why}: reloading");
+        self.events
+            .push("reload", format!("reload requested ({why})"));
         super::systemd::notify_reloading(self);
         let waiters: Vec<UnixStream> = waiter.into_iter().collect();
         match start_preflight() {
@@ -348,6 +353,8 @@ impl Monitor {
 
     fn refuse_reload(&mut self, error: String, waiters: Vec<UnixStream>) {
         tracing::error!(error, "reload refused; the running service is unchanged");
+        self.events
+            .push("reload", format!("reload refused: {error}"));
         if self.is_running() {
             super::systemd::notify_ready(self, "reload failed; old generation serving");
         }
@@ -426,6 +433,7 @@ impl Monitor {
             last_rollout_failure: self.last_rollout_failure.clone(),
             last_rollout_failed: self.last_rollout_failed,
             resource_errors_total: self.resource_errors_total,
+            events: self.events.to_vec(),
             metrics: self.metrics.as_ref().and_then(|m| {
                 m.local_addr()
                     .ok()
@@ -568,6 +576,13 @@ impl Monitor {
             Ok(msg) => tracing::info!("reload complete: {}", msg.trim()),
             Err(e) => tracing::error!("reload failed: {e}"),
         }
+        self.events.push(
+            "reload",
+            match &outcome {
+                Ok(msg) => format!("reload complete: {}", msg.trim()),
+                Err(e) => format!("reload failed: {e}"),
+            },
+        );
         super::systemd::notify_ready(
             self,
             if outcome.is_ok() {

@@ -270,6 +270,13 @@ impl Monitor {
             "rollout to gen:{g} ({}) complete",
             r.cause.name()
         );
+        self.events.push(
+            "rollout",
+            format!(
+                "rollout to gen:{g} ({}) complete in {ms} ms",
+                r.cause.name()
+            ),
+        );
         self.last_rollout_failed = false;
         self.refork_paused = None;
         if let Some(progress) = self.reload.as_ref().filter(|_| r.cause == Cause::Reload) {
@@ -378,6 +385,8 @@ impl Monitor {
             cause = r.cause.name(),
             "rollout abandoned: {message}"
         );
+        self.events
+            .push("rollout", format!("rollout abandoned: {message}"));
         *self
             .rollouts_failed
             .entry(r.cause.name().to_string())

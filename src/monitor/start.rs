@@ -134,6 +134,7 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
         refork_paused: None,
         resource_errors: 0,
         resource_errors_total: 0,
+        events: super::events::Events::default(),
     };
     if !monitor.config.watch.is_empty() || !monitor.config.watch_boot.is_empty() {
         let w = watch::Watcher::new(
@@ -161,6 +162,7 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
         monitor.last_rollout_failure = h.last_rollout_failure;
         monitor.last_rollout_failed = h.last_rollout_failed;
         monitor.resource_errors_total = h.resource_errors_total;
+        monitor.events = super::events::Events::from_handover(h.events);
         monitor.adopt_children(h.children);
         let waiters = h.waiters.into_iter().map(reload::adopt_waiter).collect();
         for p in &problems {

@@ -42,6 +42,7 @@ use nix::unistd::Pid;
 
 pub mod status;
 pub mod strict;
+pub mod tmux;
 
 /// How long a tree may take to report `tine ready` (debug build, 2 busy cores).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);

@@ -1,0 +1,232 @@
+//! `tine top` as an operator uses it: in a real terminal (tmux), typing keys and reading the
+//! screen, against a real server whose state is checked through `tine ctl status`.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::tmux::Tmux;
+use common::{poll_until, tine_bin, Launch, Server};
+
+/// Longest wait for something to show on the screen or in the server (debug build, busy cores).
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Runs `tine top` against `socket` in a `width`×`height` terminal, from a shell that says
+/// `before top` first, and after top exits prints its exit status and the terminal's settings.
+fn top(socket: &Path, width: u16, height: u16) -> Tmux {
+    let script = r#"printf 'before top\n'; "$TINE" top --control-socket "$SOCK"; echo "top exited with $?"; stty -a; sleep 60"#;
+    Tmux::start(
+        width,
+        height,
+        script,
+        &[
+            ("TINE", tine_bin().as_os_str()),
+            ("SOCK", socket.as_os_str()),
+        ],
+    )
+}
+
+/// The screen's row of the process with `pid` (its pid as a whole word), if shown.
+fn row_of(screen: &str, pid: i32) -> Option<String> {
+    let pid = pid.to_string();
+    screen
+        .lines()
+        .find(|l| l.split_whitespace().any(|w| w == pid))
+        .map(str::to_string)
+}
+
+/// Waits until every worker of `pids` (by number) has its row, naming it `worker` and its number.
+fn wait_rows(tmux: &Tmux, pids: &[i32]) -> String {
+    tmux.wait(&format!("a row per worker {pids:?}"), WAIT, |s| {
+        pids.iter().enumerate().all(|(nr, pid)| {
+            row_of(s, *pid).is_some_and(|row| {
+                let words: Vec<&str> = row.split_whitespace().collect();
+                words.contains(&"worker") && words.contains(&nr.to_string().as_str())
+            })
+        })
+    })
+}
+
+fn two_workers() -> (Server, Vec<i32>) {
+    let server = Launch::tine().args(["--workers", "2"]).start();
+    let pids = server.wait_workers(2, WAIT);
+    (server, pids)
+}
+
+#[test]
+fn a_row_per_worker_and_plus_minus_scale_by_one() {
+    let (server, pids) = two_workers();
+    let tmux = top(&server.control_socket, 120, 40);
+    let screen = wait_rows(&tmux, &pids);
+    for word in [
+        "ROLE",
+        "PID",
+        "REQ/S",
+        "CPU%",
+        "PSS",
+        "OLDEST REQUEST",
+        "monitor",
+        "mold",
+    ] {
+        assert!(
+            screen.contains(word),
+            "no {word:?} on the screen:\n{screen}"
+        );
+    }
+    assert!(screen.contains("workers 2/2"), "{screen}");
+
+    tmux.keys(&["+"]);
+    let pids = server.wait_workers(3, WAIT);
+    assert_eq!(server.status()["target"], 3);
+    let screen = wait_rows(&tmux, &pids);
+    assert!(
+        screen.contains("workers 2 -> 3 (ctl scale)"),
+        "no scale event:\n{screen}"
+    );
+
+    tmux.keys(&["-"]);
+    poll_until(WAIT, || (server.status()["target"] == 2).then_some(()))
+        .expect("`-` scales back to 2");
+    server.wait_workers(2, WAIT);
+    tmux.wait_for("workers 3 -> 2 (ctl scale)", WAIT);
+}
+
+#[test]
+fn k_asks_first_then_kills_the_selected_worker() {
+    let (server, pids) = two_workers();
+    let tmux = top(&server.control_socket, 120, 40);
+    wait_rows(&tmux, &pids);
+    // The first worker is selected at first; one row down is worker 1.
+    tmux.keys(&["Down"]);
+    let selected = |s: &str| row_of(s, pids[1]).is_some_and(|r| r.starts_with("> worker"));
+    tmux.wait("worker 1 selected", WAIT, selected);
+
+    let prompt = format!("Kill worker[1] (pid {}) now (SIGKILL)? y/n", pids[1]);
+    tmux.keys(&["k"]);
+    tmux.wait_for(&prompt, WAIT);
+    tmux.keys(&["n"]);
+    tmux.wait_for("cancelled", WAIT);
+    assert_eq!(server.wait_workers(2, WAIT), pids, "n killed nothing");
+
+    tmux.keys(&["k"]);
+    tmux.wait_for(&prompt, WAIT);
+    tmux.keys(&["y"]);
+    let replaced = poll_until(WAIT, || {
+        let now = server.wait_workers(2, WAIT);
+        (now[1] != pids[1]).then_some(now)
+    })
+    .expect("worker 1 replaced");
+    assert_eq!(replaced[0], pids[0], "only the selected worker was killed");
+    assert!(common::gone(pids[1]), "pid {} still alive", pids[1]);
+    let killed = format!("killed worker[1] (gen:0) pid {}: ctl kill-worker", pids[1]);
+    tmux.wait_for(&killed, WAIT);
+    // Counted once reaped.
+    tmux.wait_for("restarts: ctl_kill_worker 1", WAIT);
+    wait_rows(&tmux, &replaced);
+}
+
+#[test]
+fn a_narrow_terminal_drops_columns_and_a_tiny_one_says_so() {
+    let (server, pids) = two_workers();
+    let tmux = top(&server.control_socket, 50, 20);
+    let screen = wait_rows(&tmux, &pids);
+    assert!(screen.contains("columns hidden"), "{screen}");
+    assert!(
+        screen.contains("STATE") && !screen.contains("RSS"),
+        "{screen}"
+    );
+
+    tmux.resize(20, 6);
+    tmux.wait("the too-small notice", WAIT, |s| {
+        s.contains("too small") && s.contains("20x6")
+    });
+    tmux.resize(120, 40);
+    let screen = tmux.wait("every column again", WAIT, |s| s.contains("OLDEST REQUEST"));
+    assert!(!screen.contains("hidden"), "{screen}");
+    wait_rows(&tmux, &pids);
+}
+
+#[test]
+fn the_server_going_away_is_shown_and_top_finds_the_next_one() {
+    let (mut server, pids) = two_workers();
+    let socket = server.control_socket.clone();
+    let tmux = top(&socket, 120, 40);
+    wait_rows(&tmux, &pids);
+
+    server.kill_tree();
+    let screen = tmux.wait_for("server went away", WAIT);
+    assert!(screen.contains("retrying"), "{screen}");
+    assert!(
+        !screen.contains("top exited"),
+        "top must keep running:\n{screen}"
+    );
+
+    // A new server on the same control socket: top finds it by itself.
+    let next = Launch::tine()
+        .args(["--workers", "1"])
+        .arg("--control-socket")
+        .arg(&socket)
+        .start();
+    let status = common::ctl(&socket, &["status", "--json"]).expect("ctl status");
+    let status: serde_json::Value = serde_json::from_str(&status).expect("JSON");
+    let rows = common::status::child_rows(&next, &status).expect("rows");
+    let new_pids: Vec<i32> = rows
+        .iter()
+        .filter(|r| r.role == "worker")
+        .map(|r| r.pid)
+        .collect();
+    assert_eq!(new_pids.len(), 1, "{rows:?}");
+    let screen = wait_rows(&tmux, &new_pids);
+    assert!(!screen.contains("went away"), "{screen}");
+}
+
+#[test]
+fn r_reforks_and_capital_r_reloads_after_confirming() {
+    let (server, pids) = two_workers();
+    let tmux = top(&server.control_socket, 120, 40);
+    wait_rows(&tmux, &pids);
+
+    tmux.keys(&["r"]);
+    tmux.wait_for("rollout to gen:1 (refork) complete", WAIT);
+    poll_until(WAIT, || (server.status()["generation"] == 1).then_some(()))
+        .expect("generation 1 after r");
+
+    tmux.keys(&["R"]);
+    tmux.wait_for("Reload the server", WAIT);
+    tmux.keys(&["n"]);
+    tmux.wait_for("reload: cancelled", WAIT);
+    assert_eq!(server.status()["generation"], 1, "n reloads nothing");
+
+    tmux.keys(&["R"]);
+    tmux.wait_for("Reload the server", WAIT);
+    tmux.keys(&["y"]);
+    tmux.wait_for("reload complete: reloaded in", WAIT);
+    assert_eq!(server.status()["generation"], 2);
+}
+
+#[test]
+fn q_quits_and_gives_the_terminal_back() {
+    let (server, pids) = two_workers();
+    let tmux = top(&server.control_socket, 120, 40);
+    let screen = wait_rows(&tmux, &pids);
+    assert!(
+        !screen.contains("before top"),
+        "top draws on the alternate screen:\n{screen}"
+    );
+
+    tmux.keys(&["q"]);
+    // `stty -a` prints its flags after the exit status: wait for them too.
+    let screen = tmux.wait("top's exit status and stty's flags", WAIT, |s| {
+        s.contains("top exited with 0") && s.contains("icanon")
+    });
+    // The shell's screen is back, and the terminal is cooked again (`stty -a`).
+    assert!(screen.contains("before top"), "{screen}");
+    let settings: Vec<&str> = screen.split_whitespace().collect();
+    for flag in ["icanon", "echo", "isig"] {
+        assert!(
+            settings.contains(&flag) && !settings.contains(&format!("-{flag}").as_str()),
+            "the terminal still has -{flag} after top exited:\n{screen}"
+        );
+    }
+}
