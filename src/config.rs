@@ -341,7 +341,7 @@ options! {
     /// open) is kept; an idle HTTP/2 connection is closed with a GOAWAY [default: 75]
     keepalive_timeout: Seconds,
     /// Seconds allowed between two reads of a request body while the app waits for it; past it
-    /// the request is answered 408 and its connection closed [default: 60]
+    /// the request is answered 408 and its connection closed (0 = no limit) [default: 60]
     body_read_timeout: Seconds,
     /// Connections one worker holds at once; past it the worker stops accepting until one
     /// closes, leaving new connections to other workers and the listen queue [default: 4096]
@@ -485,7 +485,7 @@ pub struct Config {
     pub drain_grace: Duration,
     /// How long an idle kept-alive connection is kept.
     pub keepalive_timeout: Duration,
-    /// Longest wait between two reads of a request body.
+    /// Longest wait between two reads of a request body (zero: no limit).
     pub body_read_timeout: Duration,
     /// Connections one worker holds at once.
     pub max_connections: usize,
@@ -741,14 +741,13 @@ impl Options {
         }
         let keepalive_timeout = secs(self.keepalive_timeout, 75);
         let body_read_timeout = secs(self.body_read_timeout, 60);
-        for (key, timeout) in [
-            ("keepalive_timeout", keepalive_timeout),
-            ("body_read_timeout", body_read_timeout),
-        ] {
-            // Zero would close every kept-alive connection or body at the next sweep.
-            if timeout.is_zero() {
-                return Err(invalid(key, timeout, "a positive duration"));
-            }
+        // Zero would close every kept-alive connection at the next sweep.
+        if keepalive_timeout.is_zero() {
+            return Err(invalid(
+                "keepalive_timeout",
+                keepalive_timeout,
+                "a positive duration",
+            ));
         }
         let max_connections = self.max_connections.unwrap_or(4096);
         if !(1..=1 << 20).contains(&max_connections) {

@@ -221,3 +221,60 @@ fn an_idle_kept_alive_connection_is_kept_for_keepalive_timeout_not_the_head_dead
     let took = closed.expect("a silent connection is cut") - connected;
     assert!(took < Duration::from_millis(2500), "cut after {took:?}");
 }
+
+#[test]
+fn a_stalled_http2_request_body_ends_its_stream_with_408_and_the_connection_serves_on() {
+    let server = start(&["--workers", "1", "--body-read-timeout", "1"]);
+    let addr = server.tcp_addr();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let io = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut client, connection) = h2::client::handshake(io).await.unwrap();
+        tokio::spawn(connection);
+        let request = http::Request::post(format!("http://{addr}/echo"))
+            .body(())
+            .unwrap();
+        let (response, mut body) = client.send_request(request, false).unwrap();
+        body.send_data(bytes::Bytes::from_static(b"a first part"), false)
+            .unwrap();
+        // Then nothing more: the stream's body stalls (the stream stays open on our side).
+        let stalled = Instant::now();
+        let response = tokio::time::timeout(Duration::from_secs(10), response)
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        let took = stalled.elapsed();
+        assert_eq!(response.status(), 408);
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+            "408 after {took:?} (body_read_timeout 1 s)"
+        );
+        // The connection is not the stalled stream's: another request on it is served.
+        client = client
+            .ready()
+            .await
+            .expect("the connection is still usable");
+        let request = http::Request::post(format!("http://{addr}/echo"))
+            .body(())
+            .unwrap();
+        let (response, mut body) = client.send_request(request, false).unwrap();
+        body.send_data(bytes::Bytes::from_static(b"whole"), true)
+            .unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(10), response)
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let mut got = Vec::new();
+        let mut body = response.into_body();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            body.flow_control().release_capacity(chunk.len()).unwrap();
+            got.extend_from_slice(&chunk);
+        }
+        assert_eq!(got, b"whole");
+    });
+}

@@ -563,16 +563,21 @@ fn periods(timeout: Duration, period: Duration) -> u32 {
 
 impl Connections {
     fn new(config: &Config) -> Connections {
+        // A zero body_read_timeout is no limit: it does not shorten the period.
+        let body_read_timeout = match config.body_read_timeout.is_zero() {
+            true => Duration::MAX,
+            false => config.body_read_timeout,
+        };
         let shortest = config
             .header_read_timeout
             .min(config.keepalive_timeout)
-            .min(config.body_read_timeout);
+            .min(body_read_timeout);
         let period = (shortest / 2).max(Duration::from_millis(1));
         Connections {
             period,
             head: periods(config.header_read_timeout, period),
             keepalive: periods(config.keepalive_timeout, period),
-            body: periods(config.body_read_timeout, period),
+            body: periods(body_read_timeout, period),
             list: Vec::new(),
             compact_at: 64,
             bodies: Arc::new(BodyList::new(config.body_read_timeout)),
@@ -1348,10 +1353,11 @@ fn request_service(
     > + Send,
 > + Clone {
     // Per-connection copies of what every request needs: no reference count touched per request.
-    let (max_head, request_timeout, debug_headers) = (
+    let (max_head, request_timeout, debug_headers, watch_bodies) = (
         config.max_header_bytes,
         config.request_timeout,
         config.debug_headers,
+        !config.body_read_timeout.is_zero(),
     );
     // The connection's own handle on the service, called in place (`call_in_place`): no clone
     // of the boxed service per request.
@@ -1362,7 +1368,8 @@ fn request_service(
         shared.mark();
         // Only a body still to come can make the app wait on the client (most requests have
         // none): only those are watched for `body_read_timeout`.
-        let watch = (!http_body::Body::is_end_stream(req.body())).then(|| bodies.add());
+        let watch =
+            (watch_bodies && !http_body::Body::is_end_stream(req.body())).then(|| bodies.add());
         let mut req: Request = req.map(|body| RequestBody::new(body, watch.clone()));
         peer.insert_into(req.extensions_mut());
         let busy = Busy::new(&shared);
