@@ -243,6 +243,17 @@ fn expect_rolled_back(server: &Server, command: &str, needles: &[&str]) {
         .wait_for_log_since(mark, "rollout abandoned", Duration::from_secs(5));
 }
 
+/// Asserts that `text` (a `ctl` error) names each of `needles`, with the log if not.
+fn assert_names(text: &str, needles: &[&str], server: &Server) {
+    for needle in needles {
+        assert!(
+            text.contains(needle),
+            "{needle:?} not in {text:?}; log:\n{}",
+            server.log.text()
+        );
+    }
+}
+
 /// Writes `contents` to `path` atomically (temporary file, then rename).
 fn write_atomically(path: &Path, contents: impl AsRef<[u8]>) {
     let tmp = path.with_extension("tmp~");
@@ -624,16 +635,14 @@ fn a_scale_down_during_a_failing_rollout_does_not_stall_it() {
         .join()
         .expect("ctl thread")
         .expect_err("the refork fails");
-    for needle in [
-        "refork to gen:1 failed: 5 failures of the new generation",
-        "rolled back: the old generation keeps serving (gen:0)",
-    ] {
-        assert!(
-            err.contains(needle),
-            "{needle:?} not in {err:?}; log:\n{}",
-            server.log.text()
-        );
-    }
+    assert_names(
+        &err,
+        &[
+            "refork to gen:1 failed: 5 failures of the new generation",
+            "rolled back: the old generation keeps serving (gen:0)",
+        ],
+        &server,
+    );
     server.log.wait_for_log_since(
         mark,
         "a worker marked for replacement needs none (the target is met): it leaves now",
@@ -651,6 +660,68 @@ fn a_scale_down_during_a_failing_rollout_does_not_stall_it() {
             .then_some(())
     });
     assert!(settled.is_some(), "{last:?}; log:\n{}", server.log.text());
+    for _ in 0..20 {
+        assert_eq!(server.get("/").status, 200);
+    }
+    assert!(!server.has_exited(), "{}", server.log.text());
+}
+
+/// A reload that interrupts a refork on trial (only the promoted mold's first worker boots), and
+/// whose own new workers cannot boot either: the refork is rolled back before the re-exec (and not
+/// counted as a failure), so the reload's rollback goes back to the gen:0 mold — the same process —
+/// with every worker of gen:0 again. The previous main handed the refork's generation over as if
+/// it had served, and rolled the failed reload back to that broken mold.
+#[test]
+fn a_reload_that_interrupts_a_refork_on_trial_rolls_back_to_the_mold_before_both() {
+    let dir = TempDir::new();
+    let promotion = dir.join("break-promotion");
+    let preload = dir.join("break-preload");
+    let mut server = debug_hello(3, "TINE_DEBUG_PROMOTION_BREAKS_BOOT", &promotion)
+        .env("TINE_DEBUG_PRELOAD_BREAKS_BOOT", &preload)
+        .env("TINE_ROLLOUT_MAX_FAILURES", "4")
+        .start();
+    wait_gen0(&server, 3);
+    let mold0 = server.with_title("tine mold (gen:0)");
+    std::fs::write(&promotion, "1\n").unwrap();
+    let mark = server.log.mark();
+    server.signal(Signal::SIGUSR2);
+    // The refork is on trial: its first worker serves, the second failed once.
+    server
+        .log
+        .wait_for_log_since(mark, "failures=1 limit=4", ROLLOUT_TIMEOUT);
+    std::fs::write(&preload, "").unwrap();
+    let err = server
+        .ctl(&["reload"])
+        .expect_err("the reload's workers cannot boot: the reload fails");
+    assert_names(
+        &err,
+        &[
+            "failed: 4 failures of the new generation",
+            "debug: preloaded while",
+            "rolled back: the old generation keeps serving (gen:0)",
+        ],
+        &server,
+    );
+    server.log.wait_for_log_since(
+        mark,
+        "rollout interrupted: refork to gen:1 interrupted by a reload",
+        Duration::from_secs(1),
+    );
+    wait_gen0(&server, 3);
+    assert_eq!(
+        server.with_title("tine mold (gen:0)"),
+        mold0,
+        "the gen:0 mold stays"
+    );
+    assert_eq!(
+        sample_value(&server, "tine_rollouts_failed_total{cause=\"reload\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample_value(&server, "tine_rollouts_failed_total{cause=\"refork\"}"),
+        Some(0.0),
+        "an interrupted refork is not a failed one"
+    );
     for _ in 0..20 {
         assert_eq!(server.get("/").status, 200);
     }

@@ -80,6 +80,9 @@ pub(crate) struct HandedChild {
     pub slot: usize,
     pub ready: bool,
     pub retiring: Option<String>,
+    /// Marked for replacement, and why (a limit, a rolled-back generation).
+    #[serde(default)]
+    pub recycle: Option<String>,
 }
 
 /// A reload in progress: who waits for it, and since when.
@@ -343,8 +346,9 @@ impl Monitor {
             if !self.is_running() {
                 return Err("the server is stopping".to_string());
             }
-            // The new image rolls every worker to a generation of its own.
-            self.drop_rollout("interrupted by a reload, which rolls every worker over");
+            // The new image rolls every worker to a generation of its own; one on trial goes back
+            // first, so that the reload's own rollback has the previous mold to go back to.
+            self.interrupt_rollout("interrupted by a reload, which rolls every worker over");
             self.exec_with_handover(p.started_ms, &waiters)
         });
         // Only failures come back here.
@@ -458,6 +462,7 @@ impl Monitor {
                     Phase::Retiring { reason, .. } => Some(reason.clone()),
                     _ => None,
                 },
+                recycle: c.recycle.clone(),
             });
         }
         let mut fds: Vec<RawFd> = handover.listeners.iter().map(|l| l.fd).collect();
@@ -526,6 +531,11 @@ impl Monitor {
                 None if h.ready => Phase::Ready,
                 None => Phase::Starting,
             };
+            // Still to be replaced (from whatever mold is current after the exec); a promotion
+            // in view is not: the reload rolls every worker over anyway.
+            c.recycle = h
+                .recycle
+                .filter(|r| c.kind == Kind::Worker && r != super::refork::PROMOTE);
             // The tree served before the re-exec: its failed starts never end this image.
             if c.kind == Kind::Worker && c.phase == Phase::Ready {
                 self.ever_served = true;

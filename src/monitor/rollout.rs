@@ -316,6 +316,24 @@ impl Monitor {
     /// started that serve are replaced from the previous mold and then retire, the old workers
     /// lose their replacement marks and keep serving, and the failure is reported.
     pub(super) fn abandon_rollout(&mut self, reason: String) {
+        self.end_rollout(reason, true);
+    }
+
+    /// A reload is about to re-execute while a rollout is on trial: it is rolled back as a failed
+    /// one would be (the reload then rolls every worker over, and can itself roll back to the
+    /// previous mold, not to the interrupted generation's), but not counted as a failure. A
+    /// rollout past its trial is only forgotten: its generation stays.
+    pub(super) fn interrupt_rollout(&mut self, why: &str) {
+        if self.rollout.as_ref().is_some_and(|r| !r.proven) {
+            self.end_rollout(why.to_string(), false);
+        } else {
+            self.drop_rollout(why);
+        }
+    }
+
+    /// Ends the rollout under way and rolls it back (see [`Monitor::abandon_rollout`]); a
+    /// `failed` one is also reported as a failure.
+    fn end_rollout(&mut self, reason: String, failed: bool) {
         let Some(r) = self.rollout.take() else { return };
         let g = r.generation;
         let rollout_mark = format!("rollout to gen:{g}");
@@ -379,6 +397,14 @@ impl Monitor {
         } else {
             kept(r.from)
         };
+        if !failed {
+            let message = format!("{} to gen:{g} {reason}; {outcome}", r.cause.name());
+            tracing::warn!(generation = g, "rollout interrupted: {message}");
+            for w in r.waiters {
+                let _ = crate::control::reply_to(w, Err(message.clone()));
+            }
+            return;
+        }
         let message = format!("{} to gen:{g} failed: {reason}; {outcome}", r.cause.name());
         tracing::error!(
             generation = g,
