@@ -437,6 +437,12 @@ options! {
     user: String,
     /// Run the mold and workers with this group (name or gid) [default: the user's group]
     group: String,
+    /// Directory where a worker writes its profile (SIGUSR2 to a worker, `tine ctl profile`):
+    /// tine-profile-worker<NR>-<PID>-<UNIX TIME>.svg and .folded [default: the working directory]
+    profile_dir: PathBuf,
+    /// Seconds after which a profile started with SIGUSR2 stops by itself and is written (also
+    /// the most `ctl profile --seconds` may ask) [default: 300]
+    profile_max_seconds: u32,
 }
 
 /// The validated configuration with every default filled in.
@@ -465,6 +471,10 @@ pub struct Config {
     pub control_socket: PathBuf,
     /// Pid file.
     pub pid_file: Option<PathBuf>,
+    /// Where workers write their profiles.
+    pub profile_dir: PathBuf,
+    /// The longest a profile runs.
+    pub profile_max_seconds: u32,
     /// Listen backlog.
     pub backlog: i32,
     /// SO_REUSEPORT.
@@ -801,6 +811,14 @@ impl Options {
                 "a size from 16384 to 16777215",
             ));
         }
+        let profile_max_seconds = self.profile_max_seconds.unwrap_or(300);
+        if !(1..=86_400).contains(&profile_max_seconds) {
+            return Err(invalid(
+                "profile_max_seconds",
+                profile_max_seconds,
+                "a number of seconds from 1 to 86400",
+            ));
+        }
         Ok(Config {
             listen,
             listen_given,
@@ -815,6 +833,8 @@ impl Options {
                 .control_socket
                 .unwrap_or_else(|| PathBuf::from("tine.sock")),
             pid_file: self.pid_file,
+            profile_dir: self.profile_dir.unwrap_or_else(|| PathBuf::from(".")),
+            profile_max_seconds,
             backlog,
             reuseport: self.reuseport.unwrap_or(false),
             nodelay: self.nodelay.unwrap_or(true),

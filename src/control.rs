@@ -274,12 +274,54 @@ pub(crate) fn reply_to(mut stream: UnixStream, reply: Reply) -> io::Result<()> {
 /// A parsed control command (`reload` is handled by the monitor's loop before this).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Op {
-    Status { json: bool },
+    Status {
+        json: bool,
+    },
     Scale(usize),
-    Stop { quick: bool },
+    Stop {
+        quick: bool,
+    },
     KillWorker(u32),
     Refork,
     ReopenLogs,
+    /// Profile worker `nr` for `seconds`; answered with the SVG's path (or JSON).
+    Profile {
+        nr: u32,
+        seconds: u32,
+        json: bool,
+    },
+}
+
+/// `ctl profile`'s length without `--seconds`.
+pub(crate) const DEFAULT_PROFILE_SECONDS: u32 = 10;
+
+/// `profile NR [--seconds N] [--json]`, the options in any order.
+fn parse_profile(args: &[&str]) -> Result<Op, String> {
+    const USAGE: &str = "usage: profile NR [--seconds N] [--json]";
+    let Some((nr, mut rest)) = args.split_first() else {
+        return Err(USAGE.into());
+    };
+    let nr = nr
+        .parse()
+        .map_err(|_| format!("profile: {nr:?} is not a worker number; {USAGE}"))?;
+    let (mut seconds, mut json) = (DEFAULT_PROFILE_SECONDS, false);
+    while let Some((word, tail)) = rest.split_first() {
+        rest = tail;
+        match *word {
+            "--json" => json = true,
+            "--seconds" => {
+                let Some((n, tail)) = rest.split_first() else {
+                    return Err(format!("profile: --seconds needs a number; {USAGE}"));
+                };
+                rest = tail;
+                seconds = n
+                    .parse()
+                    .map_err(|_| format!("profile: --seconds {n:?} is not a number of seconds"))?;
+            }
+            other => return Err(format!("profile: unexpected {other:?}; {USAGE}")),
+        }
+    }
+    Ok(Op::Profile { nr, seconds, json })
 }
 
 /// Parses one command line; any text gives an [`Op`] or a message for the client.
@@ -297,8 +339,9 @@ pub(crate) fn parse(command: &str) -> Result<Op, String> {
         ),
         ["refork"] => Op::Refork,
         ["reopen-logs"] => Op::ReopenLogs,
+        ["profile", args @ ..] => parse_profile(args)?,
         _ => return Err(format!(
-            "unknown command {command:?}; expected status [--json], scale N, stop [--quick], kill-worker NR, refork, reload, reopen-logs"
+            "unknown command {command:?}; expected status [--json], scale N, stop [--quick], kill-worker NR, refork, reload, reopen-logs, profile NR [--seconds N] [--json]"
         )),
     })
 }
@@ -339,6 +382,8 @@ pub(crate) fn handle(m: &mut Monitor, command: Result<String, String>) -> Reply 
         // The loop passes `refork` its connection to wait on; this is only reached for a client
         // settled just before a reload's exec, which rolls every worker over anyway.
         Op::Refork => Err("refork refused: a reload is in progress".into()),
+        // Likewise: the loop keeps a `profile` client until the worker answers.
+        Op::Profile { .. } => Err("profile refused: a reload is in progress".into()),
         Op::ReopenLogs => m.reopen_logs(),
     }
 }
@@ -360,6 +405,8 @@ pub(crate) struct ProcessRow {
     pub oldest_request: Option<(String, Duration)>,
     pub uptime_s: u64,
     pub mem: meminfo::Memory,
+    /// The profile running in this worker: for how long, and its limit in seconds.
+    pub profiling: Option<(Duration, u32)>,
 }
 
 /// The state of a child as shown to operators: the monitor's phase, refined by the scoreboard.
@@ -396,6 +443,7 @@ pub(crate) fn process_rows(
         oldest_request: None,
         uptime_s: m.started.elapsed().as_secs(),
         mem: memory(pid),
+        profiling: None,
     }];
     let mut children: Vec<_> = m.children.iter().filter(|(_, c)| c.pid.is_some()).collect();
     children.sort_by_key(|(_, c)| (c.kind == Kind::Worker, c.nr, c.generation));
@@ -419,6 +467,10 @@ pub(crate) fn process_rows(
             oldest_request,
             uptime_s: c.started.elapsed().as_secs(),
             mem: memory(c.pid_raw()),
+            profiling: m
+                .profiles
+                .running(c.pid_raw())
+                .map(|run| (run.since.elapsed(), run.seconds)),
         });
     }
     rows
@@ -473,6 +525,15 @@ fn status_text(m: &Monitor) -> String {
         "total PSS: {total_pss} KiB; workers: target {}\n",
         m.target
     ));
+    for r in &rows {
+        if let (Some(nr), Some((elapsed, limit))) = (r.nr, r.profiling) {
+            out.push_str(&format!(
+                "profiling: worker {nr} (pid {}) for {} s, stops after {limit} s\n",
+                r.pid,
+                elapsed.as_secs()
+            ));
+        }
+    }
     let dropped = crate::log::lines_dropped();
     if dropped > 0 {
         out.push_str(&format!(
@@ -520,6 +581,10 @@ pub(crate) fn status_json(m: &Monitor) -> serde_json::Value {
                 "oldest_request": r.oldest_request.as_ref().map(|(text, _)| text.clone()),
                 "oldest_request_ms": r.oldest_request.as_ref().map(|(_, age)| age.as_millis() as u64),
                 "cpu_ms": meminfo::cpu_seconds(r.pid).map(|s| (s * 1000.0).round() as u64),
+                "profiling": r.profiling.map(|(elapsed, limit)| json!({
+                    "elapsed_ms": elapsed.as_millis() as u64,
+                    "max_seconds": limit,
+                })),
             })
         })
         .collect();
@@ -570,10 +635,11 @@ pub fn request(path: &Path, command: &str) -> Result<String, String> {
         .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
     // A reload or a refork waits for every worker of the new generation to be ready (preload or
     // promotion, boots, failed starts retried with backoff).
-    let patience = match command.trim() {
-        "reload" | "refork" => 600,
-        // A profile answers when it is written: its seconds, then the flamegraph.
-        c if c.starts_with("profile ") => 600,
+    let patience = match parse(command.trim()) {
+        _ if matches!(command.trim(), "reload" | "refork") => 600,
+        // A profile answers once written: its length, then symbolizing (60 s is the monitor's own
+        // limit for that).
+        Ok(Op::Profile { seconds, .. }) => u64::from(seconds) + 70,
         _ => 10,
     };
     stream

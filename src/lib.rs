@@ -124,6 +124,8 @@ mod mold;
 #[cfg(feature = "server")]
 mod monitor;
 #[cfg(feature = "server")]
+mod profile;
+#[cfg(feature = "server")]
 mod request_body;
 pub mod spawner;
 pub mod sys;

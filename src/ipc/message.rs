@@ -36,6 +36,13 @@ pub enum Command {
         /// The scoreboard slot the new mold writes.
         slot: u32,
     },
+    /// To a worker (`tine ctl profile`): profile for `seconds` (capped by `profile_max_seconds`),
+    /// then write the flamegraph and report [`Report::ProfileWritten`]. Appended last, so every
+    /// earlier message keeps its encoding.
+    Profile {
+        /// How long.
+        seconds: u32,
+    },
 }
 
 /// How a worker's [`Report::Exiting`] reason starts when its tokio runtime could not be built:
@@ -81,6 +88,29 @@ pub enum Report {
         /// Why.
         reason: String,
     },
+    /// From a worker: a profile started (`SIGUSR2` or [`Command::Profile`]); it stops by itself
+    /// after `seconds` at the latest.
+    ProfileStarted {
+        /// The longest it runs.
+        seconds: u32,
+    },
+    /// From a worker: the profile stopped and its flamegraph was written.
+    ProfileWritten {
+        /// The SVG file (absolute); the folded stacks are beside it (`.folded`).
+        svg: String,
+        /// Samples in it.
+        samples: u64,
+    },
+    /// From a worker: the profile stopped but could not be written, or could not start.
+    ProfileFailed {
+        /// Why.
+        error: String,
+        /// A profile (started earlier) is still running.
+        still_running: bool,
+    },
+    /// From a worker: its profiler thread runs, so it takes [`Command::Profile`] (a worker of an
+    /// older tine, adopted across a reload, never says so and is never sent one).
+    ProfilerReady,
 }
 
 /// Why a packet could not be decoded.
@@ -161,6 +191,7 @@ mod fuzz {
             Just(Command::ReopenLogs),
             (any::<u32>(), any::<u32>())
                 .prop_map(|(generation, slot)| Command::Promote { generation, slot }),
+            any::<u32>().prop_map(|seconds| Command::Profile { seconds }),
         ]
     }
 
@@ -179,6 +210,13 @@ mod fuzz {
             }),
             ".*".prop_map(|reason| Report::Exiting { reason }),
             ".*".prop_map(|reason| Report::PromotionFailed { reason }),
+            any::<u32>().prop_map(|seconds| Report::ProfileStarted { seconds }),
+            (".*", any::<u64>()).prop_map(|(svg, samples)| Report::ProfileWritten { svg, samples }),
+            (".*", any::<bool>()).prop_map(|(error, still_running)| Report::ProfileFailed {
+                error,
+                still_running
+            }),
+            Just(Report::ProfilerReady),
         ]
     }
 

@@ -114,8 +114,12 @@ impl Monitor {
                 recycle.push((*slot, "max_lifetime".into()));
             }
         }
-        // Hung workers: asked to exit now, killed after timeout_cleanup. Their request is logged.
+        // Hung workers: asked to exit now, killed after timeout_cleanup. Their request is logged,
+        // and each of their threads is asked for its stack, which the worker logs before the kill.
         for (slot, why, request) in hung {
+            if let Some(pid) = self.children.get(&slot).and_then(|c| c.pid) {
+                self.request_stacks(pid.as_raw());
+            }
             let Some(c) = self.children.get_mut(&slot) else {
                 continue;
             };
@@ -126,7 +130,8 @@ impl Monitor {
                 reason = "timeout",
                 why,
                 request = %request,
-                "worker is hung; asking it to exit, killing it after timeout_cleanup"
+                "worker is hung; asked its threads for their stacks; asking it to exit, killing \
+                 it after timeout_cleanup"
             );
             if let Some(ch) = &c.channel {
                 let _ = ch.send(&Command::Stop { graceful: true }, &[]);

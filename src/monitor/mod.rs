@@ -7,6 +7,7 @@
 mod children;
 pub(crate) mod events;
 mod limits;
+mod profiling;
 mod refork;
 mod reload;
 mod rollout;
@@ -138,6 +139,8 @@ pub(crate) struct Monitor {
     pub(crate) resource_errors_total: u64,
     /// Recent reforks, reloads, kills, deaths, recycles and scaling, for `ctl status` and `tine top`.
     pub(crate) events: events::Events,
+    /// Workers' profiles and the `ctl profile` clients waiting for them.
+    pub(crate) profiles: profiling::Profiles,
 }
 
 /// How long a worker requested from a mold that then died may still report itself.
@@ -192,6 +195,8 @@ impl Monitor {
             let began = Instant::now();
             self.reap();
             let began = slow_step("reap", began, &turn);
+            self.check_profiles();
+            let began = slow_step("profiles", began, &turn);
             self.check_limits();
             let began = slow_step("limits", began, &turn);
             // Event-driven too: the next old worker is replaced as soon as the last one is.
@@ -618,6 +623,10 @@ impl Monitor {
                 tracing::warn!(reason, "{} cannot be promoted", c.label());
                 refork::on_promotion_failed(self, slot, &reason);
             }
+            Report::ProfilerReady
+            | Report::ProfileStarted { .. }
+            | Report::ProfileWritten { .. }
+            | Report::ProfileFailed { .. } => self.on_profile_report(slot, report),
         }
     }
 
@@ -1213,6 +1222,16 @@ impl Monitor {
             // Answered when the new generation serves or the refork fails.
             self.control = Some(control);
             self.refork(Some(request.client), "ctl refork");
+            return Some(name);
+        }
+        let profile = match request.command.as_deref().map(control::parse) {
+            Ok(Ok(control::Op::Profile { nr, seconds, json })) => Some((nr, seconds, json)),
+            _ => None,
+        };
+        if let Some((nr, seconds, json)) = profile {
+            // Answered when the worker wrote the profile, failed, or exited.
+            self.control = Some(control);
+            self.profile(request.client, nr, seconds, json);
             return Some(name);
         }
         let reply = control::handle(self, request.command);

@@ -135,6 +135,7 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
         resource_errors: 0,
         resource_errors_total: 0,
         events: super::events::Events::default(),
+        profiles: Default::default(),
     };
     if !monitor.config.watch.is_empty() || !monitor.config.watch_boot.is_empty() {
         let w = watch::Watcher::new(

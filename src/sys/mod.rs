@@ -27,5 +27,7 @@ pub mod io;
 pub mod meminfo;
 pub mod process;
 pub mod proctitle;
+#[cfg(feature = "server")]
+pub mod sampling;
 pub mod shm;
 pub mod spawner;

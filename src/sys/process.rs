@@ -178,6 +178,14 @@ pub fn switch_policy(from: Policy, to: Policy) -> io::Result<bool> {
     }
 }
 
+/// Gives the memory that the allocator holds free back to the system (glibc's `malloc_trim`), e.g.
+/// after a large, short-lived use such as reading debug information.
+pub fn release_free_memory() {
+    // SAFETY: malloc_trim takes a plain integer and only releases free heap memory; it is
+    // thread-safe (it takes the allocator's own locks).
+    unsafe { libc::malloc_trim(0) };
+}
+
 /// Sets the short name of the calling thread (`comm`, 15 bytes).
 pub fn set_thread_name(name: &str) {
     let short: String = name.chars().take(15).collect();

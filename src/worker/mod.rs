@@ -109,6 +109,7 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
             return Outcome::Exit(3);
         }
     };
+    let profiler = start_profiler(nr, generation, slot, config, &channel);
     let mut builder = if config.worker_threads == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -137,7 +138,12 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
         slot_writer,
         channel,
         worker.shutdown(),
+        profiler.as_ref().map(crate::profile::Agent::handle),
     ));
+    // A profile still running is written now; the thread must be gone before a promotion.
+    if let Some(profiler) = profiler {
+        profiler.shutdown();
+    }
     let Some(channel) = channel else {
         return Outcome::Exit(0);
     };
@@ -158,6 +164,40 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
     }
 }
 
+/// Starts the worker's profiler thread (`SIGUSR2`, `ctl profile`, hang stacks: crate::profile).
+/// Without it the worker serves on, and ignores those signals (as inherited from its mold).
+fn start_profiler(
+    nr: u32,
+    generation: u32,
+    slot: usize,
+    config: &Config,
+    channel: &Channel,
+) -> Option<crate::profile::Agent> {
+    use std::os::fd::AsFd;
+    let reports = match channel.as_fd().try_clone_to_owned() {
+        Ok(fd) => Channel::from_fd(fd),
+        Err(e) => {
+            tracing::warn!(error = %e, "profiling unavailable: cannot duplicate the channel");
+            return None;
+        }
+    };
+    let settings = crate::profile::Settings {
+        nr,
+        generation,
+        slot,
+        dir: config.profile_dir.clone(),
+        max_seconds: config.profile_max_seconds,
+        threads: config.worker_threads,
+    };
+    match crate::profile::Agent::start(settings, reports) {
+        Ok(agent) => Some(agent),
+        Err(e) => {
+            tracing::warn!(error = %e, "profiling unavailable: cannot start its thread");
+            None
+        }
+    }
+}
+
 /// Serves until stopped; returns why it stopped.
 async fn serve(
     handler: Handler,
@@ -166,6 +206,7 @@ async fn serve(
     slot: SlotWriter<'static>,
     channel: Channel,
     shutdown: crate::app::Shutdown,
+    profiler: Option<crate::profile::Handle>,
 ) -> (Stop, Option<Channel>) {
     let channel = match crate::sys::fd::register_async(channel) {
         Ok(c) => c,
@@ -224,7 +265,7 @@ async fn serve(
     if config.debug_routes {
         forge_spawn_reports(channel.get_ref()).await;
     }
-    let stop = read_commands(&channel).await;
+    let stop = read_commands(&channel, profiler.as_ref()).await;
     heartbeat.abort();
     if stop == Stop::Quick {
         return (stop, None);
@@ -303,7 +344,10 @@ async fn forge_spawn_reports(channel: &Channel) {
 }
 
 /// Reads the monitor's commands until one ends the serving loop.
-async fn read_commands(channel: &AsyncFd<Channel>) -> Stop {
+async fn read_commands(
+    channel: &AsyncFd<Channel>,
+    profiler: Option<&crate::profile::Handle>,
+) -> Stop {
     loop {
         let Ok(mut guard) = channel.readable().await else {
             return Stop::Quick;
@@ -336,6 +380,16 @@ async fn read_commands(channel: &AsyncFd<Channel>) -> Stop {
                 Command::SpawnWorker { .. } => {
                     tracing::warn!("ignoring SpawnWorker sent to a worker");
                 }
+                Command::Profile { seconds } => match profiler {
+                    Some(profiler) => profiler.start(seconds),
+                    None => {
+                        let report = Report::ProfileFailed {
+                            error: "profiling is unavailable in this worker (see its log)".into(),
+                            still_running: false,
+                        };
+                        let _ = channel.get_ref().send(&report, &[]);
+                    }
+                },
             },
             // The monitor was upgraded in place and speaks a newer wire format: this worker is of
             // the old generation, so it drains (the new monitor replaces it) rather than dies.
@@ -377,7 +431,7 @@ mod tests {
             .expect("runtime");
         rt.block_on(async {
             let fd = crate::sys::fd::register_async(worker).expect("register");
-            read_commands(&fd).await
+            read_commands(&fd, None).await
         })
     }
 
