@@ -1,5 +1,6 @@
-//! HTTP serving with hyper: HTTP/1.1 keep-alive, HTTP/2 with prior knowledge, a request-head
-//! timeout and size limit, and graceful drain.
+//! HTTP serving with hyper: HTTP/1.1 keep-alive, HTTP/2 with prior knowledge, the connection
+//! deadlines (request head, keep-alive, request body), `max_connections`, PROXY protocol headers,
+//! a request-head size limit, and graceful drain.
 
 use std::future::Future;
 use std::io;
