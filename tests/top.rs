@@ -75,6 +75,29 @@ fn a_row_per_worker_and_plus_minus_scale_by_one() {
         );
     }
     assert!(screen.contains("workers 2/2"), "{screen}");
+    // The listener's accept queue, from the status top reads (the default backlog is 1024).
+    let status = server.status();
+    let queue = &status["listen_queues"][0];
+    assert_eq!(queue["limit"], 1024, "{status}");
+    let shown = format!(
+        "queue {} {}/1024",
+        queue["listener"].as_str().unwrap(),
+        queue["waiting"]
+    );
+    assert!(screen.contains(&shown), "no {shown:?}:\n{screen}");
+
+    // Requests show as a rate: the total row's REQ/S (its 4th word) becomes positive.
+    let total_rate = |s: &str| -> Option<f64> {
+        let row = s.lines().find(|l| l.trim_start().starts_with("total"))?;
+        row.split_whitespace().nth(3)?.parse().ok()
+    };
+    poll_until(WAIT, || {
+        for _ in 0..20 {
+            server.get("/");
+        }
+        total_rate(&tmux.screen()).filter(|r| *r > 0.0)
+    })
+    .unwrap_or_else(|| panic!("REQ/S stayed at 0:\n{}", tmux.screen()));
 
     tmux.keys(&["+"]);
     let pids = server.wait_workers(3, WAIT);
