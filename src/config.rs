@@ -328,6 +328,12 @@ options! {
     /// [default: true]
     #[arg(num_args = 0..=1, default_missing_value = "true")]
     sched_batch: bool,
+    /// Nice levels the monitor raises its own CPU priority above the tree's (0 to 39; 0 = none):
+    /// on a saturated machine the monitor, which needs little CPU but needs it at once, is not
+    /// kept waiting behind busy processes. Needs CAP_SYS_NICE (root) or RLIMIT_NICE, else the
+    /// monitor stays at the tree's level (logged); the mold and workers keep the inherited nice
+    /// value [default: 5]
+    monitor_nice_boost: u8,
     /// Permission bits of unix listening sockets, octal [default: 660]
     unix_mode: String,
     /// Seconds a graceful stop waits for in-flight requests and connections (WebSockets, streams) before SIGKILL [default: 30]
@@ -485,6 +491,8 @@ pub struct Config {
     pub exclusive_accept: bool,
     /// Workers under SCHED_BATCH.
     pub sched_batch: bool,
+    /// Nice levels the monitor runs above the tree (0: none).
+    pub monitor_nice_boost: u8,
     /// Unix socket permission bits.
     pub unix_mode: u32,
     /// Graceful stop limit.
@@ -707,6 +715,14 @@ impl Options {
         if listen.is_empty() {
             listen.push(ListenAddr::Tcp(([127, 0, 0, 1], 8080).into()));
         }
+        let monitor_nice_boost = self.monitor_nice_boost.unwrap_or(5);
+        if monitor_nice_boost > 39 {
+            return Err(invalid(
+                "monitor_nice_boost",
+                monitor_nice_boost,
+                "a number from 0 to 39 (nice values span -20 to 19)",
+            ));
+        }
         let max_consecutive_spawn_errors = self.max_consecutive_spawn_errors.unwrap_or(10);
         if max_consecutive_spawn_errors == 0 {
             return Err(invalid("max_consecutive_spawn_errors", 0, "at least 1"));
@@ -840,6 +856,7 @@ impl Options {
             nodelay: self.nodelay.unwrap_or(true),
             exclusive_accept: self.exclusive_accept.unwrap_or(true),
             sched_batch: self.sched_batch.unwrap_or(true),
+            monitor_nice_boost,
             unix_mode,
             graceful_timeout: secs(self.graceful_timeout, 30),
             header_read_timeout,

@@ -46,6 +46,9 @@
 //! arms no timer (a worker holding `max_connections` stops accepting until one closes); its
 //! bookkeeping is its scoreboard slot. Workers run under `SCHED_BATCH` (`sched_batch`): woken on a busy CPU, they wait for the running
 //! task's slice instead of preempting it, which batches requests when cores are oversubscribed.
+//! The monitor, which needs little CPU but needs it at once, runs `monitor_nice_boost` (5) nice
+//! levels above the tree when it may (`CAP_SYS_NICE`): on a saturated machine a `ctl` reply, a
+//! reap or a hang check does not wait seconds behind busy processes.
 //! It counts requests and refreshes a heartbeat in its scoreboard slot; the monitor reads those
 //! for hang detection, `max_requests`, memory and CPU limits. A graceful stop drains, losing no
 //! request of a client that never retries: the worker stops accepting but serves what is queued,

@@ -60,6 +60,10 @@ pub(crate) struct Handover {
     /// The recent events (`ctl status`, `tine top`).
     #[serde(default)]
     pub events: Vec<super::events::Event>,
+    /// The nice value of the tree (the one tine was started with): the monitor may run above it
+    /// (`monitor_nice_boost`), and its new image must not take its own as the tree's.
+    #[serde(default)]
+    pub tree_nice: Option<i32>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -438,6 +442,7 @@ impl Monitor {
             last_rollout_failed: self.last_rollout_failed,
             resource_errors_total: self.resource_errors_total,
             events: self.events.to_vec(),
+            tree_nice: Some(super::start::tree_nice()),
             metrics: self.metrics.as_ref().and_then(|m| {
                 m.local_addr()
                     .ok()

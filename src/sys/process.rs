@@ -135,6 +135,35 @@ pub fn set_child_subreaper() -> io::Result<()> {
     Ok(())
 }
 
+/// The calling thread's nice value (`getpriority`; on Linux, `PRIO_PROCESS` with pid 0 names
+/// the calling thread, and a process of one thread is that thread).
+pub fn nice() -> io::Result<i32> {
+    // SAFETY: errno is thread-local and writable; it is cleared so that a nice value of -1 can be
+    // told from a failure, as getpriority(2) prescribes.
+    unsafe { *libc::__errno_location() = 0 };
+    // SAFETY: getpriority takes no pointer; pid 0 names the calling thread.
+    let n = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    if n == -1 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error().is_some_and(|code| code != 0) {
+            return Err(e);
+        }
+    }
+    Ok(n)
+}
+
+/// Sets the calling thread's nice value (`setpriority`): lowering it needs `CAP_SYS_NICE` or a
+/// high enough `RLIMIT_NICE` (`EACCES` otherwise); raising it never does.
+pub fn set_nice(n: i32) -> io::Result<()> {
+    // SAFETY: setpriority takes no pointer; pid 0 names the calling thread.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, n) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// The scheduling policies [`switch_policy`] moves between.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Policy {
