@@ -608,6 +608,60 @@ fn a_refork_whose_new_workers_die_once_ready_rolls_back() {
     assert!(!server.has_exited(), "{}", server.log.text());
 }
 
+/// A refork on trial that cannot complete: three workers, a promoted mold that boots only its
+/// first worker, `rollout_max_failures` = `limit`. Started with `ctl refork`, whose reply
+/// [`FailingRefork::outcome`] waits for.
+struct FailingRefork {
+    server: Server,
+    /// The gen:0 mold.
+    mold0: Vec<Proc>,
+    /// The log's length when the refork was asked.
+    mark: usize,
+    refork: Option<JoinHandle<Result<String, String>>>,
+    /// Holds the breaker file.
+    _dir: TempDir,
+}
+
+impl FailingRefork {
+    /// Starts the server and the refork; returns once `failures` starts of the new generation
+    /// failed.
+    fn start(limit: u32, failures: u32) -> FailingRefork {
+        let dir = TempDir::new();
+        let breaker = dir.join("break-boot");
+        let server = debug_hello(3, "TINE_DEBUG_PROMOTION_BREAKS_BOOT", &breaker)
+            .env("TINE_ROLLOUT_MAX_FAILURES", limit.to_string())
+            .start();
+        wait_gen0(&server, 3);
+        let mold0 = server.with_title("tine mold (gen:0)");
+        std::fs::write(&breaker, "1\n").unwrap();
+        let mark = server.log.mark();
+        let socket = server.control_socket.clone();
+        let refork = std::thread::spawn(move || ctl(&socket, &["refork"]));
+        server.log.wait_for_log_since(
+            mark,
+            &format!("failures={failures} limit={limit}"),
+            ROLLOUT_TIMEOUT,
+        );
+        FailingRefork {
+            server,
+            mold0,
+            mark,
+            refork: Some(refork),
+            _dir: dir,
+        }
+    }
+
+    /// The `ctl refork` reply, which must be an error.
+    fn outcome(&mut self) -> String {
+        self.refork
+            .take()
+            .expect("asked once")
+            .join()
+            .expect("ctl thread")
+            .expect_err("the refork fails")
+    }
+}
+
 /// Scaled down by one (`TTOU`) while a refork waits out the backoff of a replacement that keeps
 /// failing (only the promoted mold's first worker boots): the old worker marked for that
 /// replacement needs none any more, since the other workers make the new target, and leaves; the
@@ -615,33 +669,19 @@ fn a_refork_whose_new_workers_die_once_ready_rolls_back() {
 /// previous main waited for that replacement for ever, the rollout neither failing nor completing.
 #[test]
 fn a_scale_down_during_a_failing_rollout_does_not_stall_it() {
-    let dir = TempDir::new();
-    let breaker = dir.join("break-boot");
-    let mut server = debug_hello(3, "TINE_DEBUG_PROMOTION_BREAKS_BOOT", &breaker)
-        .env("TINE_ROLLOUT_MAX_FAILURES", "5")
-        .start();
-    wait_gen0(&server, 3);
-    let mold0 = server.with_title("tine mold (gen:0)");
-    std::fs::write(&breaker, "1\n").unwrap();
-    let mark = server.log.mark();
-    let socket = server.control_socket.clone();
-    let refork = std::thread::spawn(move || ctl(&socket, &["refork"]));
     // Four failed starts: the next one waits out a backoff of 800 ms.
-    server
-        .log
-        .wait_for_log_since(mark, "failures=4 limit=5", ROLLOUT_TIMEOUT);
+    let mut trial = FailingRefork::start(5, 4);
+    let (server, mold0, mark) = (&trial.server, trial.mold0.clone(), trial.mark);
     server.signal(Signal::SIGTTOU);
-    let err = refork
-        .join()
-        .expect("ctl thread")
-        .expect_err("the refork fails");
+    let err = trial.outcome();
+    let server = &mut trial.server;
     assert_names(
         &err,
         &[
             "refork to gen:1 failed: 5 failures of the new generation",
             "rolled back: the old generation keeps serving (gen:0)",
         ],
-        &server,
+        server,
     );
     server.log.wait_for_log_since(
         mark,
@@ -651,7 +691,7 @@ fn a_scale_down_during_a_failing_rollout_does_not_stall_it() {
     // The previous mold and two workers of gen:0 (the numbers a scale-down leaves).
     let mut last = Vec::new();
     let settled = poll_until(READY_TIMEOUT, || {
-        last = titled(&server);
+        last = titled(server);
         let workers = last
             .iter()
             .filter(|(_, t)| t.starts_with("tine worker[") && t.ends_with("(gen:0)"))
@@ -722,6 +762,34 @@ fn a_reload_that_interrupts_a_refork_on_trial_rolls_back_to_the_mold_before_both
         Some(0.0),
         "an interrupted refork is not a failed one"
     );
+    for _ in 0..20 {
+        assert_eq!(server.get("/").status, 200);
+    }
+    assert!(!server.has_exited(), "{}", server.log.text());
+}
+
+/// The previous mold is killed while a refork is on trial, and then the refork fails (only its
+/// first worker boots): there is no mold to roll back to, and the reply says so. The old workers
+/// serve on, the new generation's serving worker is replaced all the same, from a fresh gen:0 mold
+/// (which preloads again), and the tree is back at full count.
+#[test]
+fn a_rollout_that_fails_after_the_previous_mold_died_says_so_and_recovers() {
+    let mut trial = FailingRefork::start(4, 1);
+    let mold0 = trial.mold0.clone();
+    common::signal(mold0[0].pid, Signal::SIGKILL);
+    let err = trial.outcome();
+    let server = &mut trial.server;
+    assert_names(
+        &err,
+        &[
+            "refork to gen:1 failed: 4 failures of the new generation",
+            "the previous mold died during the rollout: a fresh gen:0 mold preloads for the missing workers",
+        ],
+        server,
+    );
+    wait_gen0(server, 3);
+    let fresh = server.with_title("tine mold (gen:0)");
+    assert_ne!(fresh[0].pid, mold0[0].pid, "a fresh gen:0 mold");
     for _ in 0..20 {
         assert_eq!(server.get("/").status, 200);
     }

@@ -385,10 +385,21 @@ impl Monitor {
         for slot in kill {
             self.kill_child(slot, "rollout abandoned");
         }
-        // Once a worker of the new generation served, the old mold was gone: nothing to roll
-        // back to, the workers of both generations go on.
+        // Once every worker was rolled, the old mold was gone: nothing to roll back to, the
+        // workers of both generations go on.
+        let previous_mold = self
+            .children
+            .values()
+            .any(|c| c.kind == Kind::Mold && c.generation != g && !c.is_retiring());
         let outcome = if r.proven {
             format!("the workers already rolled to gen:{g} and the older ones keep serving")
+        } else if !previous_mold {
+            // It died during the trial: the old workers serve on, and what is missing comes from
+            // a fresh generation-0 mold, which preloads again.
+            format!(
+                "{}; the previous mold died during the rollout: a fresh gen:0 mold preloads for the missing workers",
+                kept(r.from)
+            )
         } else if undone > 0 {
             format!(
                 "{}; its {undone} worker(s) of gen:{g} are replaced from the previous mold, then drain",
