@@ -278,3 +278,34 @@ fn a_stalled_http2_request_body_ends_its_stream_with_408_and_the_connection_serv
         assert_eq!(got, b"whole");
     });
 }
+
+#[test]
+fn max_connections_caps_stream_handler_connections_too() {
+    // raas: a raw stream handler, one line per connection.
+    let server = Launch::example("raas")
+        .args(["--workers", "1", "--max-connections", "2"])
+        .start();
+    let addr = server.tcp_addr();
+    let line = |s: &mut TcpStream, text: &[u8]| {
+        s.write_all(text).unwrap();
+        until_closed(s, Duration::from_secs(10))
+    };
+    let mut first = TcpStream::connect(addr).unwrap();
+    let mut second = TcpStream::connect(addr).unwrap();
+    // Both accepted (an answer proves it for the second; the first is still waiting).
+    assert_eq!(line(&mut second, b"ab\n").0, "ba\n");
+    let mut held = TcpStream::connect(addr).unwrap();
+    let mut queued = TcpStream::connect(addr).unwrap();
+    queued.write_all(b"abc\n").unwrap();
+    // Two open (first, held): the fourth waits in the listen queue, unanswered.
+    assert_silent(
+        &mut queued,
+        Duration::from_secs(1),
+        "beyond max_connections",
+    );
+    // One closes: the queued one is accepted and answered.
+    assert_eq!(line(&mut first, b"x\n").0, "x\n");
+    let (got, closed) = until_closed(&mut queued, Duration::from_secs(10));
+    assert_eq!((got.as_str(), closed.is_some()), ("cba\n", true));
+    assert_eq!(line(&mut held, b"yz\n").0, "zy\n");
+}
