@@ -2,15 +2,17 @@
 //! HTTP service like any other.
 //!
 //! ```sh
-//! cargo run --example grpc --features tonic -- serve --listen 127.0.0.1:50051 --workers 4
+//! cargo run --example grpc --features tonic -- serve --listen 127.0.0.1:50051 --workers 4 \
+//!     --listen unix:/tmp/grpc.sock
 //! grpcurl -plaintext -import-path examples/grpc -proto greeter.proto \
 //!     -d '{"name": "tine"}' 127.0.0.1:50051 greeter.Greeter/SayHello
 //! ```
 //!
 //! Three kinds of call (the service is `examples/grpc/greeter.proto`):
-//! - `SayHello`, unary: `hello, NAME`, the answering worker's pid and the caller's address from
-//!   `tonic::Request::remote_addr()` (tine's `tonic` feature puts tonic's `TcpConnectInfo` in each
-//!   request). An empty name is refused with `INVALID_ARGUMENT` and a message.
+//! - `SayHello`, unary: `hello, NAME`, the answering worker's pid and the caller: its address from
+//!   `tonic::Request::remote_addr()`, or on a unix socket its credentials from tonic's
+//!   `UdsConnectInfo` (tine's `tonic` feature puts tonic's `TcpConnectInfo` or `UdsConnectInfo` in
+//!   each request). An empty name is refused with `INVALID_ARGUMENT` and a message.
 //! - `Count`, server streaming: `count` numbered replies, `pause_ms` apart.
 //! - `Wait`, unary and slow on purpose: answers after `millis`.
 //!
@@ -33,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::Stream;
 use tine::{App, Context, Handler, Worker};
+use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 use tower::Layer;
 
@@ -71,9 +74,7 @@ impl Greeter for MyGreeter {
         &self,
         request: Request<HelloRequest>,
     ) -> Result<Response<HelloReply>, Status> {
-        let peer = request
-            .remote_addr()
-            .map_or_else(String::new, |a| a.to_string());
+        let peer = caller(&request);
         let name = request.into_inner().name;
         if name.is_empty() {
             return Err(Status::invalid_argument("name must not be empty"));
@@ -123,6 +124,20 @@ impl Greeter for MyGreeter {
         Ok(Response::new(WaitReply {
             waited_ms: start.elapsed().as_millis() as u32,
         }))
+    }
+}
+
+/// Who called: `remote_addr()` on TCP; on a unix socket (where tonic's `remote_addr()` is `None`)
+/// the client's credentials from tonic's `UdsConnectInfo`. tine's `tonic` feature puts tonic's
+/// types in each request, as tonic's own server does.
+fn caller<T>(request: &Request<T>) -> String {
+    if let Some(addr) = request.remote_addr() {
+        return addr.to_string();
+    }
+    let uds = request.extensions().get::<UdsConnectInfo>();
+    match uds.and_then(|uds| uds.peer_cred) {
+        Some(cred) => format!("unix pid={} uid={}", cred.pid().unwrap_or(0), cred.uid()),
+        None => String::new(),
     }
 }
 

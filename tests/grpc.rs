@@ -3,7 +3,8 @@
 //! `examples/grpc/greeter.proto`, tonic's codec, HTTP/2 by hyper).
 //!
 //! - unary, failing (`INVALID_ARGUMENT` and its message) and server-streaming calls arrive whole;
-//! - a method gets the caller's address from `tonic::Request::remote_addr()`;
+//! - a method learns its caller: `tonic::Request::remote_addr()` on TCP, tonic's `UdsConnectInfo`
+//!   (the client's credentials) on a unix socket;
 //! - the client's deadline (`grpc-timeout`) is enforced by the server: a call with a 50 ms
 //!   deadline against a 10 s method ends with `DEADLINE_EXCEEDED` promptly, as does a stream that
 //!   outlives its deadline;
@@ -259,9 +260,16 @@ fn unary_failing_and_streaming_calls_arrive_with_their_statuses_and_messages() {
 }
 
 #[test]
-fn a_method_gets_the_callers_address_from_remote_addr() {
-    let (_server, addr) = start(1);
+fn a_method_learns_its_caller_on_tcp_and_on_a_unix_socket() {
+    let dir = common::TempDir::new();
+    let sock = dir.join("grpc.sock");
+    let server = Launch::example("grpc")
+        .args(["--workers", "1", "--listen", "127.0.0.1:0", "--listen"])
+        .arg(format!("unix:{}", sock.display()))
+        .start();
+    let addr = server.tcp_addr();
     runtime().block_on(async {
+        // TCP: `remote_addr()` is the client's end of the connection.
         let (mut client, locals) = channel(addr);
         let reply = tokio::time::timeout(CALL_TIMEOUT, client.say_hello(hello("me")))
             .await
@@ -270,7 +278,33 @@ fn a_method_gets_the_callers_address_from_remote_addr() {
             .into_inner();
         let me = *locals.lock().unwrap().last().expect("a connection");
         assert_eq!(reply.peer, me.to_string());
+
+        // A unix socket: tonic's `UdsConnectInfo`, with this process's credentials.
+        let path = sock.clone();
+        let connector = tower::service_fn(move |_: http::Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        });
+        let channel =
+            Endpoint::from_static("http://localhost").connect_with_connector_lazy(connector);
+        let mut client = GreeterClient::new(boxed(channel));
+        let reply = tokio::time::timeout(CALL_TIMEOUT, client.say_hello(hello("me")))
+            .await
+            .expect("an answer in time")
+            .unwrap()
+            .into_inner();
+        let expected = format!(
+            "unix pid={} uid={}",
+            std::process::id(),
+            nix::unistd::getuid()
+        );
+        assert_eq!(reply.peer, expected);
+        assert_eq!(reply.message, "hello, me");
     });
+    // `server` drops (the tree is killed) before `dir`, which holds the socket.
 }
 
 #[test]

@@ -13,8 +13,8 @@ pub struct HelloReply {
     /// The worker process that answered.
     #[prost(uint32, tag = "2")]
     pub pid: u32,
-    /// The caller's address as tonic::Request::remote_addr() gives it ("" when it is None: tine
-    /// built without its `tonic` feature).
+    /// The caller: its address as tonic::Request::remote_addr() gives it, or on a unix socket
+    /// "unix pid=PID uid=UID" from tonic's UdsConnectInfo.
     #[prost(string, tag = "3")]
     pub peer: ::prost::alloc::string::String,
 }

@@ -18,7 +18,8 @@ struct MyGreeter;
 
 #[tonic::async_trait]
 impl Greeter for MyGreeter {
-    /// The same body as `examples/grpc.rs`'s.
+    /// The same body as `examples/grpc.rs`'s on TCP (there, `caller` reads `UdsConnectInfo` only
+    /// when `remote_addr()` is `None`).
     async fn say_hello(
         &self,
         request: Request<HelloRequest>,
