@@ -6,6 +6,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
+use common::strict::StrictLoad;
 use common::tmux::Tmux;
 use common::{poll_until, tine_bin, Launch, Server};
 
@@ -226,6 +227,48 @@ fn r_reforks_and_capital_r_reloads_after_confirming() {
     tmux.keys(&["y"]);
     tmux.wait_for("reload complete: reloaded in", WAIT);
     assert_eq!(server.status()["generation"], 2);
+}
+
+#[test]
+fn p_profiles_the_selected_worker_and_shows_the_flamegraphs_path() {
+    let (server, pids) = two_workers();
+    let load = StrictLoad::start(&server.addr(), 2, "/", Duration::from_secs(120));
+    let tmux = top(&server.control_socket, 120, 40);
+    wait_rows(&tmux, &pids);
+    tmux.keys(&["Down"]);
+    tmux.wait("worker 1 selected", WAIT, |s| {
+        row_of(s, pids[1]).is_some_and(|r| r.starts_with("> worker"))
+    });
+
+    tmux.keys(&["p"]);
+    // While it runs, its row says so (from `ctl status`), and the message line says what waits.
+    tmux.wait("worker 1 marked as being profiled", WAIT, |s| {
+        row_of(s, pids[1]).is_some_and(|r| r.contains("prof "))
+    });
+    tmux.wait_for(
+        &format!("waiting: profile worker[1] (pid {})", pids[1]),
+        WAIT,
+    );
+    // Ten seconds of profile, then symbolizing (debug build).
+    let prefix = "profile of worker[1]: ";
+    let screen = tmux.wait_for(prefix, Duration::from_secs(120));
+    let path = screen
+        .lines()
+        .find_map(|l| l.split(prefix).nth(1))
+        .map(|p| p.trim().to_string())
+        .unwrap();
+    assert!(path.ends_with(".svg"), "{screen}");
+    let svg = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    assert!(
+        svg.starts_with("<?xml") && svg.contains("<svg"),
+        "{path}: {svg:.200}"
+    );
+    let report = load.stop();
+    assert!(
+        report.answered > 0 && report.lost.is_empty(),
+        "{}",
+        report.summary()
+    );
 }
 
 #[test]

@@ -45,6 +45,16 @@ pub(crate) struct Process {
     pub pss_kb: u64,
     pub uss_kb: u64,
     pub shared_percent: f64,
+    /// Set while the worker is being profiled (`ctl profile`, `p`, or `SIGUSR2` to it).
+    pub profiling: Option<Profiling>,
+}
+
+/// A profile running in a worker.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct Profiling {
+    pub elapsed_ms: u64,
+    pub max_seconds: u64,
 }
 
 /// A listener's accept queue (`waiting` and `limit` unknown where the kernel did not say).

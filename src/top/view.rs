@@ -120,7 +120,10 @@ fn cells(p: &Process, r: Option<&Rate>) -> [String; 14] {
         p.nr.map(|n| n.to_string()).unwrap_or_else(dash),
         p.pid.to_string(),
         p.generation.to_string(),
-        p.state.clone(),
+        match &p.profiling {
+            Some(prof) => format!("prof {}s", prof.elapsed_ms / 1000),
+            None => p.state.clone(),
+        },
         match (p.role.as_str(), r) {
             ("worker", Some(r)) => rate(r.requests_per_s),
             _ => dash(),
@@ -173,6 +176,9 @@ fn totals(status: &Status, rates: &HashMap<i32, Rate>, total_rate: Option<f64>) 
 }
 
 fn row_style(p: &Process) -> Style {
+    if p.profiling.is_some() {
+        return Style::default().fg(Color::Magenta);
+    }
     match p.state.as_str() {
         "busy" => Style::default().fg(Color::Yellow),
         "starting" | "booting" | "promoting" => Style::default().fg(Color::Cyan),
