@@ -5,11 +5,12 @@
 //!
 //! ```sh
 //! cargo run --example not_fork_safe -- serve --listen 127.0.0.1:8080 --workers 2 --debug-headers
-//! curl -s localhost:8080/          # worker 0 pid 1234 fork_safe false threads 2
+//! curl -s localhost:8080/          # worker 0 pid 1234 fork_safe false threads 3
 //! ```
 //!
 //! Every response says which worker answered, whether it is still fork-safe, and how many threads
-//! the process has.
+//! the process has: the runtime's, tine's `tine-profile` (joined before any promotion), and, in
+//! worker 0, the app's.
 
 use std::convert::Infallible;
 use std::process::ExitCode;
