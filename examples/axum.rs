@@ -109,7 +109,8 @@ async fn user(
 
 async fn whoami(State(state): State<PerWorker>) -> Json<WhoAmI> {
     Json(WhoAmI {
-        worker: state.nr,
+        // A hot spare learns its number when it is activated, after boot.
+        worker: Worker::current_nr().unwrap_or(state.nr),
         generation: state.generation,
         pid: std::process::id(),
     })

@@ -90,7 +90,9 @@ impl App for TokioFullApp {
 async fn hello(State(state): State<PerWorker>) -> String {
     format!(
         "hello from tokio full (worker {}, gen {})\n",
-        state.nr, state.generation
+        // A hot spare learns its number when it is activated, after boot.
+        Worker::current_nr().unwrap_or(state.nr),
+        state.generation
     )
 }
 

@@ -8,7 +8,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -70,6 +70,8 @@ impl Context {
 #[derive(Debug)]
 pub struct Worker {
     pub(crate) nr: u32,
+    /// A hot spare booting before it knows which worker it will be.
+    pub(crate) spare: bool,
     pub(crate) generation: u32,
     pub(crate) config: Config,
     pub(crate) shutdown: Shutdown,
@@ -77,10 +79,42 @@ pub struct Worker {
 
 static FORK_SAFE: AtomicBool = AtomicBool::new(true);
 
+/// This process's worker number once it serves ([`Worker::current_nr`]); `u32::MAX`: none yet.
+static CURRENT_NR: AtomicU32 = AtomicU32::new(u32::MAX);
+
+/// Records the worker number this process serves as (at start, or at a spare's activation).
+pub(crate) fn set_current_nr(nr: u32) {
+    CURRENT_NR.store(nr, Ordering::Relaxed);
+}
+
 impl Worker {
     /// The worker number (`worker[N]` in `ps`).
+    ///
+    /// A hot spare (`spare_workers`) boots before it knows which worker it will replace: its
+    /// `nr()` is then [`Worker::SPARE_NR`] and [`Worker::is_spare`] is true. It takes a number
+    /// when the monitor activates it; read that with [`Worker::current_nr`] (for example in a
+    /// handler) rather than keeping the number seen in `boot`.
     pub fn nr(&self) -> u32 {
         self.nr
+    }
+
+    /// What [`Worker::nr`] says in the `boot` of a hot spare, which has no number yet.
+    pub const SPARE_NR: u32 = u32::MAX;
+
+    /// Whether this `boot` runs in a hot spare: a worker booted ahead of need that accepts
+    /// nothing until the monitor activates it in place of a worker that died, was recycled or
+    /// is added. Its number is known only then ([`Worker::current_nr`]).
+    pub fn is_spare(&self) -> bool {
+        self.spare
+    }
+
+    /// The number of the worker this process serves as now: `None` in a spare not activated yet
+    /// (and outside a worker).
+    pub fn current_nr() -> Option<u32> {
+        match CURRENT_NR.load(Ordering::Relaxed) {
+            u32::MAX => None,
+            nr => Some(nr),
+        }
     }
 
     /// The generation of the mold this worker was forked from.

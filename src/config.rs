@@ -423,6 +423,9 @@ options! {
     /// How reload replaces workers [default: surge]
     #[arg(value_enum)]
     reload_strategy: ReloadStrategy,
+    /// Hot spares: workers forked and booted ahead of need that accept nothing until one takes
+    /// over from a worker that died, was recycled or is added (0 to 16) [default: 1]
+    spare_workers: usize,
     /// Prometheus metrics address, served by the monitor (HOST:PORT) [default: off]
     metrics_listen: std::net::SocketAddr,
     /// Log format [default: plain]
@@ -450,6 +453,9 @@ options! {
     /// the most `ctl profile --seconds` may ask) [default: 300]
     profile_max_seconds: u32,
 }
+
+/// The most hot spares (`spare_workers`) a tree keeps.
+pub const MAX_SPARE_WORKERS: usize = 16;
 
 /// The validated configuration with every default filled in.
 #[derive(Debug, Clone)]
@@ -551,6 +557,8 @@ pub struct Config {
     pub refork_max_unavailable: usize,
     /// Reload strategy.
     pub reload_strategy: ReloadStrategy,
+    /// Hot spare workers kept booted, not accepting, to take over at once.
+    pub spare_workers: usize,
     /// Metrics address.
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Log format.
@@ -740,6 +748,16 @@ impl Options {
                 &format!("a number from 1 to max_workers ({max_workers})"),
             ));
         }
+        let spare_workers = self.spare_workers.unwrap_or(1);
+        // Each spare takes two scoreboard slots during a rollout (the old generation's and the
+        // new one's): a bound keeps the scoreboard and the monitor's descriptors small.
+        if spare_workers > MAX_SPARE_WORKERS {
+            return Err(invalid(
+                "spare_workers",
+                spare_workers,
+                &format!("a number from 0 to {MAX_SPARE_WORKERS}"),
+            ));
+        }
         let secs = |v: Option<Seconds>, default: u64| {
             v.map(|s| s.0).unwrap_or(Duration::from_secs(default))
         };
@@ -886,6 +904,7 @@ impl Options {
             refork_after: self.refork_after.unwrap_or_default(),
             refork_max_unavailable,
             reload_strategy: self.reload_strategy.unwrap_or_default(),
+            spare_workers,
             metrics_listen: self.metrics_listen,
             log_format: self.log_format.unwrap_or_default(),
             log_level: self.log_level.unwrap_or_else(|| "info".into()),

@@ -419,7 +419,7 @@ pub(crate) fn child_state(c: &Child, view: Option<&SlotView>) -> &'static str {
     }
 }
 
-/// The monitor, then molds, then workers by number; `memory` reads a process's memory.
+/// The monitor, then molds, workers by number and hot spares; `memory` reads a process's memory.
 pub(crate) fn process_rows(
     m: &Monitor,
     memory: &mut dyn FnMut(i32) -> meminfo::Memory,
@@ -446,7 +446,8 @@ pub(crate) fn process_rows(
         profiling: None,
     }];
     let mut children: Vec<_> = m.children.iter().filter(|(_, c)| c.pid.is_some()).collect();
-    children.sort_by_key(|(_, c)| (c.kind == Kind::Worker, c.nr, c.generation));
+    // Molds, workers by number, then spares.
+    children.sort_by_key(|(s, c)| (c.kind != Kind::Mold, c.kind == Kind::Spare, c.nr, **s));
     for (slot, c) in children {
         // A slot still holding another pid (not claimed yet) says nothing about this child.
         let view = m.board.read(*slot).filter(|v| v.pid == c.pid_raw());
@@ -522,8 +523,8 @@ fn status_text(m: &Monitor) -> String {
         ));
     }
     out.push_str(&format!(
-        "total PSS: {total_pss} KiB; workers: target {}\n",
-        m.target
+        "total PSS: {total_pss} KiB; workers: target {}; spares: {} kept, {} activated\n",
+        m.target, m.config.spare_workers, m.spare_activations
     ));
     for r in &rows {
         if let (Some(nr), Some((elapsed, limit))) = (r.nr, r.profiling) {
@@ -626,6 +627,8 @@ pub(crate) fn status_json(m: &Monitor) -> serde_json::Value {
         "restarts": m.restarts,
         "listen_queues": listen_queues,
         "events": m.events.iter().collect::<Vec<_>>(),
+        "spare_workers": m.config.spare_workers,
+        "spare_activations": m.spare_activations,
     })
 }
 

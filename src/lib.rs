@@ -9,7 +9,8 @@
 //! tine monitor (gen:1 workers:4/4)   single-threaded poll loop; never runs app code
 //!  ├─ tine mold (gen:1)              the template: forks workers on request, serves nothing
 //!  ├─ tine worker[0] (gen:1)         serves requests
-//!  └─ tine worker[1] (gen:0)         an older generation, being rolled over
+//!  ├─ tine worker[1] (gen:0)         an older generation, being rolled over
+//!  └─ tine spare (gen:1)             booted, accepting nothing until it replaces a worker
 //! ```
 //!
 //! **Monitor** ([`run`] → `monitor`). Stands on firm ground first: signal dispositions a
@@ -58,6 +59,17 @@
 //! Upgraded connections (WebSockets) and stream connections count as in flight until the app drops
 //! them; the app learns that the drain began from [`Worker::shutdown`] and ends them politely (a
 //! close frame `1001 going away`), or the monitor kills the worker at `graceful_timeout`.
+//!
+//! **Hot spares** (`spare_workers`, default 1; `monitor::spares`). A spare is a worker forked
+//! from the current mold with `SpawnSpare`: it lets go of the listening sockets (so it can
+//! neither accept nor keep one open past a stop), boots, builds its runtime, reports ready and
+//! waits on its channel. Whenever `reconcile` finds a worker number missing — a death, a limit's
+//! replace-then-retire, a scale-up, a rollout's replacement — it first sends a ready spare
+//! `Activate { nr }` with the listening sockets: the spare registers them and accepts at once,
+//! and a new spare is requested in the same turn. Only when no spare is ready is a worker forked and booted.
+//! Spares come from the newest ready mold; older spares retire once the new generation is proven
+//! and has its own ready, so a worker that dies during a rollout's trial is still replaced at once.
+//! A spare's `boot` runs before it has a number ([`Worker::is_spare`], [`Worker::current_nr`]).
 //!
 //! **Reforking.** Once a worker is warm (`refork_after`, `SIGUSR2`, `tine ctl refork`) it is
 //! promoted: a replacement starts first, then the worker drains, drops its runtime, runs

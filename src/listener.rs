@@ -130,6 +130,17 @@ impl Listener {
         Ok(())
     }
 
+    /// Listens again in this process after [`Listener::close_in_place`]: `socket` (the same
+    /// listening socket, passed by the monitor) takes the descriptor number back.
+    pub(crate) fn reopen_in_place(&self, socket: std::os::fd::OwnedFd) -> io::Result<()> {
+        nix::unistd::dup3(
+            socket.as_raw_fd(),
+            self.as_fd().as_raw_fd(),
+            nix::fcntl::OFlag::O_CLOEXEC,
+        )?;
+        Ok(())
+    }
+
     /// Removes the socket file of a unix listener (on exit).
     pub fn cleanup(&self) {
         if let Listener::Unix(_, ListenAddr::Unix(path)) = self {

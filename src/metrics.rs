@@ -651,6 +651,30 @@ fn render(m: &Monitor, server: &mut MetricsServer) -> String {
     );
     family(
         &mut out,
+        "tine_spares",
+        "gauge",
+        "Hot spares (spare_workers): booted, not accepting, ready to take over (by state).",
+    );
+    let mut spares: BTreeMap<&str, u64> = BTreeMap::new();
+    for (slot, c) in m.children.iter().filter(|(_, c)| c.kind == Kind::Spare) {
+        let view = m
+            .board
+            .read(*slot)
+            .filter(|v| c.pid.is_some_and(|p| p.as_raw() == v.pid));
+        *spares.entry(child_state(c, view.as_ref())).or_default() += 1;
+    }
+    for (state, n) in &spares {
+        let _ = writeln!(out, "tine_spares{{state=\"{state}\"}} {n}");
+    }
+    family(
+        &mut out,
+        "tine_spare_activations_total",
+        "counter",
+        "Hot spares that took over from a worker that died, was recycled or was added.",
+    );
+    let _ = writeln!(out, "tine_spare_activations_total {}", m.spare_activations);
+    family(
+        &mut out,
         "tine_spawn_resource_errors_total",
         "counter",
         "Starts that failed for lack of resources (EAGAIN, ENOMEM, EMFILE, ENFILE), retried.",

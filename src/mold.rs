@@ -107,51 +107,77 @@ pub(crate) fn run<A: App>(app: &mut A, start: Start<'_>) -> i32 {
         };
         match received.msg {
             Command::SpawnWorker { nr, slot, request } => {
-                let Some(fd) = received.fds.into_iter().next() else {
-                    let _ = start.channel.send(
-                        &Report::SpawnFailed {
-                            slot,
-                            request,
-                            error: "no channel passed".into(),
-                        },
-                        &[],
-                    );
-                    continue;
-                };
-                match spawn_worker(app, &start, (nr, slot, request), Channel::from_fd(fd)) {
-                    Ok(()) => fork_failures = 0,
-                    Err(e) => {
-                        // Lack of processes, memory or descriptors is the system's, not this
-                        // mold's: the monitor retries later. Other errors (this process has
-                        // threads, say) mean the mold itself is unfit.
-                        if !crate::monitor::is_resource_error(&e) {
-                            fork_failures += 1;
-                        }
-                        tracing::error!(error = %e, nr, "fork failed");
-                        let _ = start.channel.send(
-                            &Report::SpawnFailed {
-                                slot,
-                                request,
-                                error: e.to_string(),
-                            },
-                            &[],
-                        );
-                        if fork_failures >= 2 {
-                            // The monitor notices and makes a fresh generation-0 mold.
-                            return 75;
-                        }
-                    }
+                let request = (nr, slot, request);
+                if spawn_requested(app, &start, request, received.fds, &mut fork_failures) {
+                    // The monitor notices and makes a fresh generation-0 mold.
+                    return 75;
+                }
+            }
+            Command::SpawnSpare { slot, request } => {
+                let request = (SPARE, slot, request);
+                if spawn_requested(app, &start, request, received.fds, &mut fork_failures) {
+                    return 75;
                 }
             }
             Command::Stop { .. } => return 0,
             Command::ReopenLogs => crate::log::adopt_log_fd(received.fds.into_iter().next()),
             Command::Promote { .. } => tracing::warn!("ignoring Promote sent to a mold"),
             Command::Profile { .. } => tracing::warn!("ignoring Profile sent to a mold"),
+            Command::Activate { .. } => tracing::warn!("ignoring Activate sent to a mold"),
         }
     }
 }
 
-/// Forks worker `nr` as a sibling: the middle process reports the worker's pid and exits at once.
+/// The worker number in a spawn request that asks for a hot spare (it gets a real one when the
+/// monitor activates it).
+const SPARE: u32 = crate::app::Worker::SPARE_NR;
+
+/// Serves one spawn request (`nr` [`SPARE`]: a hot spare) with the channel passed along,
+/// reporting a failure to the monitor. Returns true if this mold is unfit to go on: its forks
+/// failed twice in a row for a reason of its own.
+fn spawn_requested<A: App>(
+    app: &mut A,
+    start: &Start<'_>,
+    (nr, slot, request): (u32, u32, u64),
+    fds: Vec<std::os::fd::OwnedFd>,
+    fork_failures: &mut u32,
+) -> bool {
+    let Some(fd) = fds.into_iter().next() else {
+        let _ = start.channel.send(
+            &Report::SpawnFailed {
+                slot,
+                request,
+                error: "no channel passed".into(),
+            },
+            &[],
+        );
+        return false;
+    };
+    match spawn_worker(app, start, (nr, slot, request), Channel::from_fd(fd)) {
+        Ok(()) => *fork_failures = 0,
+        Err(e) => {
+            // Lack of processes, memory or descriptors is the system's, not this mold's: the
+            // monitor retries later. Other errors (this process has threads, say) mean the mold
+            // itself is unfit.
+            if !crate::monitor::is_resource_error(&e) {
+                *fork_failures += 1;
+            }
+            tracing::error!(error = %e, nr, "fork failed");
+            let _ = start.channel.send(
+                &Report::SpawnFailed {
+                    slot,
+                    request,
+                    error: e.to_string(),
+                },
+                &[],
+            );
+        }
+    }
+    *fork_failures >= 2
+}
+
+/// Forks worker `nr` (or a hot spare) as a sibling: the middle process reports the worker's pid
+/// and exits at once.
 fn spawn_worker<A: App>(
     app: &mut A,
     start: &Start<'_>,
@@ -189,6 +215,7 @@ fn spawn_worker<A: App>(
                     app,
                     worker::Start {
                         nr,
+                        spare: nr == SPARE,
                         generation: start.generation,
                         slot: slot as usize,
                         channel,

@@ -679,7 +679,9 @@ fn not_converged(server: &Server, target: usize) -> Option<String> {
     }
     let mut workers: Vec<&Row> = rows.iter().filter(|r| r.role == "worker").collect();
     workers.sort_by_key(|r| r.nr);
-    let settled = rows.len() == target + 1
+    // Hot spares (spare_workers 1 by default) come and go with the events: not counted here.
+    let spares = rows.iter().filter(|r| r.role == "spare").count();
+    let settled = rows.len() == target + 1 + spares
         && workers.len() == target
         && workers.iter().enumerate().all(|(i, w)| {
             // No worker older than the mold: its rollout is complete. Newer ones are fine: when

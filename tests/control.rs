@@ -218,6 +218,18 @@ fn status_json_is_complete_and_agrees_with_proc() {
         .args(["--workers", "3", "--debug-headers"])
         .start();
     server.wait_workers(3, READY_TIMEOUT);
+    let standby = poll_until(READY_TIMEOUT, || {
+        server.status()["processes"]
+            .as_array()?
+            .iter()
+            .any(|p| p["role"] == "spare" && p["state"] == "standby")
+            .then_some(())
+    });
+    assert!(
+        standby.is_some(),
+        "no spare standing by: {}",
+        server.status()
+    );
     let report = load(&server.addr(), "/", 3, 40, false, Duration::from_secs(30));
     assert_eq!(report.status(200), 120, "{report:?}");
 
@@ -227,9 +239,10 @@ fn status_json_is_complete_and_agrees_with_proc() {
         .iter()
         .map(|p| p["role"].as_str().unwrap())
         .collect();
+    // The hot spare (spare_workers 1 by default) is listed last once it stands by.
     assert_eq!(
         roles,
-        ["monitor", "mold", "worker", "worker", "worker"],
+        ["monitor", "mold", "worker", "worker", "worker", "spare"],
         "{status}"
     );
     for p in processes {
@@ -263,15 +276,22 @@ fn status_json_is_complete_and_agrees_with_proc() {
     assert_eq!(processes[0]["pid"].as_i64(), Some(server.pid as i64));
     assert!(processes[0]["nr"].is_null() && processes[1]["nr"].is_null());
     assert_eq!(processes[1]["state"], "mold");
-    let nrs: Vec<u64> = processes[2..]
+    let nrs: Vec<u64> = processes[2..5]
         .iter()
         .map(|p| p["nr"].as_u64().unwrap())
         .collect();
     assert_eq!(nrs, [0, 1, 2]);
-    for w in &processes[2..] {
+    for w in &processes[2..5] {
         assert_eq!(w["state"], "ready", "{w}");
         assert_eq!(w["in_flight"], 0, "{w}");
     }
+    // The spare has no number and has served nothing.
+    let spare = &processes[5];
+    assert!(spare["nr"].is_null(), "{spare}");
+    assert_eq!(
+        (spare["state"].as_str(), spare["requests"].as_u64()),
+        (Some("standby"), Some(0))
+    );
     // Requests: every one of ours, counted once (ctl calls are not requests).
     let requests: u64 = processes
         .iter()

@@ -424,7 +424,12 @@ fn axum_websocket_is_told_going_away_on_a_refork() {
             .collect();
         let mold = procs.iter().find(|p| p["role"] == "mold")?;
         let workers: Vec<_> = procs.iter().filter(|p| p["role"] == "worker").collect();
-        (procs.len() == 2
+        // And the hot spare (spare_workers 1 by default), refreshed from the new mold.
+        let spares: Vec<_> = procs.iter().filter(|p| p["role"] == "spare").collect();
+        (procs.len() == 3
+            && spares.len() == 1
+            && spares[0]["generation"] == 1
+            && spares[0]["state"] == "standby"
             && mold["pid"].as_i64() == Some(worker.into())
             && mold["generation"] == 1
             && workers.len() == 1

@@ -30,7 +30,7 @@ fn rows(server: &Server) -> Vec<Row> {
 }
 
 /// A settled tree: one mold and `workers` serving workers numbered 0..workers, all of the
-/// mold's generation, nothing else.
+/// mold's generation, and its hot spare standing by, nothing else.
 #[derive(Debug, Clone)]
 struct Settled {
     generation: u64,
@@ -46,8 +46,14 @@ fn wait_settled(server: &Server, workers: usize, ok: impl Fn(&Settled) -> bool) 
         let mut ws: Vec<_> = last.iter().filter(|r| r.role == "worker").collect();
         ws.sort_by_key(|r| r.nr);
         let [mold] = molds[..] else { return None };
+        // The hot spare (spare_workers 1 by default) stands by, refreshed from the mold.
+        let spares: Vec<_> = last.iter().filter(|r| r.role == "spare").collect();
         let settled = mold.state == "mold"
-            && last.len() == workers + 1
+            && last.len() == workers + 1 + spares.len()
+            && spares.len() == 1
+            && spares
+                .iter()
+                .all(|s| s.state == "standby" && s.generation == mold.generation)
             && ws.iter().enumerate().all(|(i, w)| {
                 w.nr == Some(i as u64)
                     && w.generation == mold.generation

@@ -202,7 +202,10 @@ fn metrics_describe_the_tree_and_the_load() {
             "{rss:?} {pss:?} {uss:?}"
         );
         let role = rss.label("role");
-        assert!(["monitor", "mold", "worker"].contains(&role), "{rss:?}");
+        assert!(
+            ["monitor", "mold", "worker", "spare"].contains(&role),
+            "{rss:?}"
+        );
         assert_eq!(role == "worker", !rss.label("nr").is_empty(), "{rss:?}");
         assert_eq!(role == "monitor", pid == server.pid);
     }

@@ -57,8 +57,9 @@ fn processes(server: &Server) -> Vec<(String, Option<u64>, i32, u64, String)> {
         .collect()
 }
 
-/// Waits until the tree is exactly one mold of `generation` and `workers` serving workers of that
-/// generation, numbered 0..workers, nothing else (no starting, retiring or promoting process).
+/// Waits until the tree is exactly one mold of `generation`, `workers` serving workers of that
+/// generation, numbered 0..workers, and its hot spare standing by, nothing else (no starting,
+/// retiring or promoting process).
 fn wait_generation(
     server: &Server,
     generation: u64,
@@ -71,7 +72,11 @@ fn wait_generation(
         let molds: Vec<_> = last.iter().filter(|p| p.0 == "mold").collect();
         let mut ws: Vec<_> = last.iter().filter(|p| p.0 == "worker").collect();
         ws.sort_by_key(|p| p.1);
-        let settled = last.len() == workers + 1
+        // The hot spare (spare_workers 1 by default) stands by, refreshed from the new mold.
+        let spares: Vec<_> = last.iter().filter(|p| p.0 == "spare").collect();
+        let settled = last.len() == workers + 1 + spares.len()
+            && spares.len() == 1
+            && spares.iter().all(|p| p.3 == generation && p.4 == "standby")
             && molds.len() == 1
             && molds[0].3 == generation
             && molds[0].4 == "mold"
@@ -700,7 +705,11 @@ fn repeated_reforks_leak_nothing() {
     let fds_after = fd_count(server.pid);
     let rss_after = status_number(server.pid, "VmRSS");
     let tree = server.tree();
-    assert_eq!(tree.len(), 2, "one mold and one worker: {tree:?}");
+    assert_eq!(
+        tree.len(),
+        3,
+        "one mold, one worker and the spare: {tree:?}"
+    );
     assert_eq!(
         fds_after, fds_before,
         "the monitor's descriptors after {REFORKS} reforks"

@@ -108,15 +108,19 @@ fn titles(server: &Server) -> Vec<String> {
     t
 }
 
-/// The titles of a settled tree of generation `generation` with `workers` workers.
+/// The titles of a settled tree of generation `generation` with `workers` workers (and the hot
+/// spare, `spare_workers` 1 by default, refreshed from the generation's mold).
 fn settled(generation: u32, workers: usize) -> Vec<String> {
-    let mut t = vec![format!("tine mold (gen:{generation})")];
+    let mut t = vec![
+        format!("tine mold (gen:{generation})"),
+        format!("tine spare (gen:{generation})"),
+    ];
     t.extend((0..workers).map(|nr| format!("tine worker[{nr}] (gen:{generation})")));
     t.sort();
     t
 }
 
-/// Waits until the tree is exactly the mold and `workers` workers of `generation`.
+/// Waits until the tree is exactly the mold, `workers` workers and the spare of `generation`.
 fn wait_settled(server: &Server, generation: u32, workers: usize) -> Vec<Proc> {
     let want = settled(generation, workers);
     let mut last = Vec::new();

@@ -155,9 +155,10 @@ fn titled_of(procs: &[Proc]) -> Vec<(i32, String)> {
     v
 }
 
-/// Waits until the tree is exactly a mold and `workers` workers, all of one generation > `above`;
-/// returns that generation.
+/// Waits until the tree is exactly a mold, `workers` workers and the spares, all of one generation
+/// > `above`; returns that generation.
 fn wait_new_generation(server: &Server, above: u32, workers: usize) -> u32 {
+    let spares = configured_spares(server);
     let mut last = Vec::new();
     let found = poll_until(ROLLOUT_TIMEOUT, || {
         last = titled(server);
@@ -171,6 +172,7 @@ fn wait_new_generation(server: &Server, above: u32, workers: usize) -> u32 {
             .map(|nr| format!("tine worker[{nr}] (gen:{generation})"))
             .collect();
         want.push(format!("tine mold (gen:{generation})"));
+        want.extend(spare_titles(spares, generation));
         want.sort();
         let mut have: Vec<String> = last.iter().map(|(_, t)| t.clone()).collect();
         have.sort();
@@ -196,12 +198,24 @@ fn watch_demo(boot: &Path, extra: &[&str]) -> Server {
         .start()
 }
 
-/// Waits until the tree is the mold and `workers` workers of generation 0; returns it.
+/// The hot spares the tree keeps (`spare_workers`, 1 by default).
+fn configured_spares(server: &Server) -> usize {
+    server.status()["spare_workers"].as_u64().unwrap_or(0) as usize
+}
+
+/// The titles of `n` spares of `generation` (a settled tree's spares come from its mold).
+fn spare_titles(n: usize, generation: u32) -> Vec<String> {
+    vec![format!("tine spare (gen:{generation})"); n]
+}
+
+/// Waits until the tree is the mold, `workers` workers and the spares of generation 0; returns
+/// it.
 fn wait_gen0(server: &Server, workers: usize) -> Vec<Proc> {
     let mut want: Vec<String> = (0..workers)
         .map(|nr| format!("tine worker[{nr}] (gen:0)"))
         .collect();
     want.push("tine mold (gen:0)".into());
+    want.extend(spare_titles(configured_spares(server), 0));
     want.sort();
     let mut last = Vec::new();
     let ok = poll_until(READY_TIMEOUT, || {
@@ -696,7 +710,12 @@ fn a_scale_down_during_a_failing_rollout_does_not_stall_it() {
             .iter()
             .filter(|(_, t)| t.starts_with("tine worker[") && t.ends_with("(gen:0)"))
             .count();
-        (workers == 2 && last.len() == 3 && server.with_title("tine mold (gen:0)") == mold0)
+        // And the hot spare (spare_workers 1 by default), not counted here.
+        let others = last
+            .iter()
+            .filter(|(_, t)| !t.starts_with("tine spare"))
+            .count();
+        (workers == 2 && others == 3 && server.with_title("tine mold (gen:0)") == mold0)
             .then_some(())
     });
     assert!(settled.is_some(), "{last:?}; log:\n{}", server.log.text());
@@ -902,6 +921,10 @@ fn forks_failing_with_eagain_are_retried_and_leave_the_serving_tree_intact() {
             "3",
             "--metrics-listen",
             "127.0.0.1:0",
+            // No hot spare: it would replace the worker chosen for promotion without a fork,
+            // and the refork would go ahead; here the replacement itself must be forked.
+            "--spare-workers",
+            "0",
         ])
         .start();
     let gen0 = wait_gen0(&server, 2);
@@ -969,7 +992,16 @@ fn forks_failing_with_eagain_are_retried_and_leave_the_serving_tree_intact() {
 fn failed_replacements_never_end_a_tree_that_still_serves() {
     let dir = TempDir::new();
     let boot = dir.write("boot.txt", "v1\n");
-    let mut server = watch_demo(&boot, &["--max-consecutive-spawn-errors", "3"]);
+    // No hot spare: it would take over from the killed worker; here every replacement boots.
+    let mut server = watch_demo(
+        &boot,
+        &[
+            "--max-consecutive-spawn-errors",
+            "3",
+            "--spare-workers",
+            "0",
+        ],
+    );
     let gen0 = wait_gen0(&server, 2);
     let survivor = server.workers()[0].1;
     write_atomically(&boot, b"\xff\xfe not text\n");
@@ -1012,7 +1044,16 @@ fn failed_replacements_never_end_a_tree_that_still_serves() {
 fn a_tree_that_served_survives_losing_every_worker_while_boot_fails() {
     let dir = TempDir::new();
     let boot = dir.write("boot.txt", "v1\n");
-    let mut server = watch_demo(&boot, &["--max-consecutive-spawn-errors", "3"]);
+    // No hot spare: it would take over from a killed worker; here every replacement boots.
+    let mut server = watch_demo(
+        &boot,
+        &[
+            "--max-consecutive-spawn-errors",
+            "3",
+            "--spare-workers",
+            "0",
+        ],
+    );
     let gen0 = wait_gen0(&server, 2);
     assert_eq!(server.get("/").text(), "v1\n");
     write_atomically(&boot, b"\xff\xfe not text\n");

@@ -59,11 +59,12 @@ fn starts_serves_and_stops_gracefully() {
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), "hello\n");
     assert!(server.control_socket.exists(), "control socket is created");
+    common::spares::wait_spares(&server, 1, READY_TIMEOUT);
     let pids = server.all_pids();
     assert_eq!(
         pids.len(),
-        4,
-        "monitor, mold and 2 workers: {:?}",
+        5,
+        "monitor, mold, 2 workers and the hot spare: {:?}",
         server.tree()
     );
     server.signal(Signal::SIGTERM);
@@ -97,6 +98,7 @@ fn ctl_stop_stops_the_tree() {
 fn titles_in_ps_show_roles_and_generations() {
     let server = start(2);
     server.wait_workers(2, READY_TIMEOUT);
+    common::spares::wait_spares(&server, 1, READY_TIMEOUT);
     // The monitor's title is updated by its loop right after the workers report ready.
     let monitor = poll_until(Duration::from_secs(5), || {
         title(server.pid).filter(|t| t == "tine monitor (gen:0 workers:2/2)")
@@ -109,6 +111,7 @@ fn titles_in_ps_show_roles_and_generations() {
         titles,
         [
             "tine mold (gen:0)",
+            "tine spare (gen:0)",
             "tine worker[0] (gen:0)",
             "tine worker[1] (gen:0)"
         ],
@@ -298,8 +301,9 @@ fn a_killed_mold_is_replaced_and_workers_keep_serving() {
 fn monitor_sigkill_takes_the_whole_tree_down_within_a_second() {
     let mut server = start(2);
     server.wait_workers(2, READY_TIMEOUT);
+    common::spares::wait_spares(&server, 1, READY_TIMEOUT);
     let children: Vec<i32> = server.tree().iter().map(|p| p.pid).collect();
-    assert_eq!(children.len(), 3);
+    assert_eq!(children.len(), 4, "the mold, 2 workers and the spare");
     server.signal(Signal::SIGKILL);
     let killed = Instant::now();
     server

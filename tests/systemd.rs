@@ -448,8 +448,13 @@ fn user_nobody_runs_the_mold_and_workers_unprivileged_and_the_monitor_as_root() 
             [0, 0, 0, 0],
             "the monitor keeps root (to bind and signal)"
         );
-        let tree = server.tree();
-        assert_eq!(tree.len(), 3, "{tree:?}");
+        // The mold, two workers and the hot spare (spare_workers 1 by default), which may still
+        // be booting.
+        let tree = poll_until(Duration::from_secs(10), || {
+            let tree = server.tree();
+            (tree.len() == 4).then_some(tree)
+        })
+        .unwrap_or_else(|| panic!("not 4 processes: {:?}", server.tree()));
         for p in &tree {
             assert_eq!(ids(p.pid, "Uid"), [uid; 4], "{} runs as nobody", p.title);
             assert_eq!(
@@ -476,7 +481,7 @@ fn user_nobody_runs_the_mold_and_workers_unprivileged_and_the_monitor_as_root() 
         .unwrap_or_else(|e| panic!("{e}; log:\n{}", server.log.text()));
     server.wait_workers(2, Duration::from_secs(10));
     poll_until(Duration::from_secs(10), || {
-        (server.tree().len() == 3).then_some(())
+        (server.tree().len() == 4).then_some(())
     });
     check(&server);
 

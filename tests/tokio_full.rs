@@ -33,7 +33,7 @@ struct Generation {
     workers: Vec<i32>,
 }
 
-/// `generation` once the tree is exactly its mold and `WORKERS` ready workers.
+/// `generation` once the tree is exactly its mold, `WORKERS` ready workers and a spare.
 fn wait_generation(server: &Server, generation: u64) -> Generation {
     let mut last = serde_json::Value::Null;
     let found = poll_until(ROLLOUT_TIMEOUT, || {
@@ -54,12 +54,16 @@ fn wait_generation(server: &Server, generation: u64) -> Generation {
         };
         let molds = pids("mold", &["mold"]);
         let workers = pids("worker", &["ready", "busy"]);
-        (processes.len() == WORKERS + 1 && molds.len() == 1 && workers.len() == WORKERS).then(
-            || Generation {
+        // And the hot spare (spare_workers 1 by default), refreshed from the mold.
+        let spares = pids("spare", &["standby"]);
+        (processes.len() == WORKERS + 2
+            && molds.len() == 1
+            && workers.len() == WORKERS
+            && spares.len() == 1)
+            .then(|| Generation {
                 mold: molds[0],
                 workers,
-            },
-        )
+            })
     });
     found.unwrap_or_else(|| {
         panic!(

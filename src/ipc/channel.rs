@@ -14,7 +14,7 @@ use super::message::{decode, encode, DecodeError};
 /// Largest packet accepted; bigger ones are truncated and rejected.
 pub const MAX_PACKET: usize = 4096;
 /// Most descriptors accepted with one packet.
-const MAX_FDS: usize = 8;
+pub(crate) const MAX_FDS: usize = 8;
 
 /// Errors of a channel.
 #[derive(Debug, thiserror::Error)]

@@ -37,11 +37,29 @@ pub enum Command {
         slot: u32,
     },
     /// To a worker (`tine ctl profile`): profile for `seconds` (capped by `profile_max_seconds`),
-    /// then write the flamegraph and report [`Report::ProfileWritten`]. Appended last, so every
-    /// earlier message keeps its encoding.
+    /// then write the flamegraph and report [`Report::ProfileWritten`]. Appended after the
+    /// others, so every earlier message keeps its encoding.
     Profile {
         /// How long.
         seconds: u32,
+    },
+    /// To a mold: fork a hot spare of your generation, a worker that boots, reports `Ready` and
+    /// accepts nothing until [`Command::Activate`]; its channel travels with this message. Sent
+    /// only to molds of a build that knows it (appended after the others, so that they keep their
+    /// encoding).
+    SpawnSpare {
+        /// Scoreboard slot the spare writes.
+        slot: u32,
+        /// Identifies this request, like [`Command::SpawnWorker`]'s.
+        request: u64,
+    },
+    /// To a hot spare: start accepting now, as worker `nr`. The listening sockets travel with
+    /// this message, in the order of the spare's listeners: a spare drops its own references
+    /// while it stands by, so that it can neither accept nor keep a socket open that the rest of
+    /// the tree has closed (a stop would then reset what is queued).
+    Activate {
+        /// The worker number it takes.
+        nr: u32,
     },
 }
 
@@ -192,6 +210,9 @@ mod fuzz {
             (any::<u32>(), any::<u32>())
                 .prop_map(|(generation, slot)| Command::Promote { generation, slot }),
             any::<u32>().prop_map(|seconds| Command::Profile { seconds }),
+            (any::<u32>(), any::<u64>())
+                .prop_map(|(slot, request)| Command::SpawnSpare { slot, request }),
+            any::<u32>().prop_map(|nr| Command::Activate { nr }),
         ]
     }
 

@@ -86,6 +86,8 @@ pub enum State {
     Mold = 4,
     /// Being promoted to a mold.
     Promoting = 5,
+    /// A hot spare: booted, accepting nothing until the monitor activates it.
+    Standby = 6,
 }
 
 impl State {
@@ -98,6 +100,7 @@ impl State {
             State::Draining => "draining",
             State::Mold => "mold",
             State::Promoting => "promoting",
+            State::Standby => "standby",
         }
     }
 
@@ -109,6 +112,7 @@ impl State {
             3 => State::Draining,
             4 => State::Mold,
             5 => State::Promoting,
+            6 => State::Standby,
             _ => return None,
         })
     }
@@ -435,6 +439,16 @@ impl<'a> SlotWriter<'a> {
             w[NR].store(nr as u64, Ordering::Relaxed);
             w[STATE].store(state as u64, Ordering::Relaxed);
             w[HEARTBEAT_MS].store(now, Ordering::Relaxed);
+            w[STARTED_MS].store(now, Ordering::Relaxed);
+        });
+    }
+
+    /// A hot spare becomes worker `nr`: its number, and its uptime starts now.
+    pub fn take_nr(&self, nr: u32) {
+        let set = self.lock_requests();
+        let now = now_ms();
+        self.write(&set, |w| {
+            w[NR].store(nr as u64, Ordering::Relaxed);
             w[STARTED_MS].store(now, Ordering::Relaxed);
         });
     }

@@ -11,6 +11,9 @@ use crate::ipc::channel::Channel;
 pub(crate) enum Kind {
     Mold,
     Worker,
+    /// A hot spare: a worker booted ahead of need, accepting nothing until activated (it is a
+    /// `Worker` from then on).
+    Spare,
 }
 
 impl Kind {
@@ -18,6 +21,7 @@ impl Kind {
         match self {
             Kind::Mold => "mold",
             Kind::Worker => "worker",
+            Kind::Spare => "spare",
         }
     }
 }
@@ -63,6 +67,10 @@ pub(crate) struct Child {
     pub stray_report_logged: bool,
     /// Why it said it was exiting (`Report::Exiting`), to explain a failed start.
     pub exit_reason: Option<String>,
+    /// Forked or promoted by this image's code, with its listening sockets: may make hot spares
+    /// (a mold) or be activated as one (a spare). False for what a reload adopted, which may be
+    /// an older build that does not know `SpawnSpare` and `Activate`, or have other listeners.
+    pub knows_spares: bool,
 }
 
 impl Child {
@@ -83,6 +91,7 @@ impl Child {
             requested_from: None,
             stray_report_logged: false,
             exit_reason: None,
+            knows_spares: false,
         }
     }
 
@@ -106,6 +115,7 @@ impl Child {
         match self.kind {
             Kind::Mold => format!("mold (gen:{})", self.generation),
             Kind::Worker => format!("worker[{}] (gen:{})", self.nr, self.generation),
+            Kind::Spare => format!("spare (gen:{})", self.generation),
         }
     }
 }

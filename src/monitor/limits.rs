@@ -60,8 +60,9 @@ impl Monitor {
         let mut hung = Vec::new();
         let mut recycle = Vec::new();
         for (slot, c) in &mut self.children {
-            // A worker already marked for recycling can still hang while its replacement starts.
-            if c.kind != Kind::Worker || c.phase != Phase::Ready {
+            // A worker already marked for recycling can still hang while its replacement starts,
+            // and a spare standing by heartbeats too: a hung one would not take over.
+            if c.kind == Kind::Mold || c.phase != Phase::Ready {
                 continue;
             }
             let Some(view) = self.board.read(*slot) else {
@@ -75,7 +76,7 @@ impl Monitor {
                 hung.push((*slot, why, view.request.clone()));
                 continue;
             }
-            if c.recycle.is_some() {
+            if c.kind == Kind::Spare || c.recycle.is_some() {
                 continue;
             }
             if c.max_requests > 0 && view.requests >= c.max_requests {

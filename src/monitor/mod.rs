@@ -11,6 +11,7 @@ mod profiling;
 mod refork;
 mod reload;
 mod rollout;
+mod spares;
 mod start;
 mod systemd;
 mod watch;
@@ -29,7 +30,7 @@ use nix::unistd::Pid;
 
 use crate::config::Config;
 use crate::control::{self, ControlServer};
-use crate::ipc::channel::{Channel, ChannelError};
+use crate::ipc::channel::ChannelError;
 use crate::ipc::message::{Command, Report};
 use crate::ipc::scoreboard::Scoreboard;
 use crate::listener::Listener;
@@ -141,6 +142,8 @@ pub(crate) struct Monitor {
     pub(crate) events: events::Events,
     /// Workers' profiles and the `ctl profile` clients waiting for them.
     pub(crate) profiles: profiling::Profiles,
+    /// Hot spares that took over from a worker (see `spares`), for metrics.
+    pub(crate) spare_activations: u64,
 }
 
 /// How long a worker requested from a mold that then died may still report itself.
@@ -573,11 +576,14 @@ impl Monitor {
                         self.board.count_refork();
                     }
                     let (kind, nr, generation) = (c.kind, c.nr, c.generation);
-                    if kind == Kind::Worker && !was_promoting {
-                        self.rollout_worker_ready(generation);
-                        self.retire_replaced(nr, slot);
-                    } else {
-                        refork::on_mold_ready(self, slot);
+                    match kind {
+                        // Booted and standing by: it serves once activated.
+                        Kind::Spare => {}
+                        Kind::Worker if !was_promoting => {
+                            self.rollout_worker_ready(generation);
+                            self.retire_replaced(nr, slot);
+                        }
+                        _ => refork::on_mold_ready(self, slot),
                     }
                 }
             }
@@ -639,7 +645,7 @@ impl Monitor {
             .is_some_and(|m| m.kind == Kind::Mold);
         from_a_mold
             && self.children.get(&worker_slot).is_some_and(|w| {
-                w.kind == Kind::Worker
+                matches!(w.kind, Kind::Worker | Kind::Spare)
                     && w.pid.is_none()
                     && w.request == request
                     && w.requested_from == Some(mold_slot)
@@ -963,6 +969,9 @@ impl Monitor {
             return Ok(());
         }
         self.backoff_until = None;
+        if self.current_mold().is_none() {
+            self.activate_spares_without_mold();
+        }
         // A mold, always.
         let has_mold = self
             .children
@@ -1015,16 +1024,24 @@ impl Monitor {
             .collect();
         missing.truncate(self.target.saturating_sub(running));
         for nr in missing {
+            // A hot spare takes over at once; a new one is requested below.
+            let oldest = self.spare_generation_for(nr, generation);
+            if self.activate_spare(nr, oldest) {
+                continue;
+            }
             if self.free_slot().is_none() {
                 // Every slot is taken by a process still leaving (a wide rollout): wait for one,
                 // which is not a failed spawn.
                 break;
             }
-            if let Err(e) = self.request_worker(mold_slot, nr, generation) {
+            if let Err(e) = self.request_child(mold_slot, Kind::Worker, nr, generation) {
                 tracing::error!(error = %e, nr, "cannot request a worker");
                 self.spawn_failed(e.to_string(), rollout::is_resource_error(&e));
                 break;
             }
+        }
+        if self.backoff_until.is_none() {
+            self.keep_spares(mold_slot);
         }
         self.announce_ready();
         Ok(())
@@ -1058,40 +1075,6 @@ impl Monitor {
                 self.retire(slot, &reason);
             }
         }
-    }
-
-    fn request_worker(
-        &mut self,
-        mold_slot: usize,
-        nr: u32,
-        generation: u32,
-    ) -> std::io::Result<()> {
-        let slot = self
-            .free_slot()
-            .ok_or_else(|| std::io::Error::other("no free scoreboard slot"))?;
-        let (mine, theirs) = Channel::pair()?;
-        self.board.clear(slot);
-        let mold = self
-            .children
-            .get(&mold_slot)
-            .and_then(|m| m.channel.as_ref())
-            .ok_or_else(|| std::io::Error::other("mold channel closed"))?;
-        self.next_request += 1;
-        let request = self.next_request;
-        mold.send(
-            &Command::SpawnWorker {
-                nr,
-                slot: slot as u32,
-                request,
-            },
-            &[theirs.as_fd()],
-        )?;
-        let mut c = Child::new(Kind::Worker, nr, generation, mine);
-        c.request = request;
-        c.requested_from = Some(mold_slot);
-        c.max_requests = limits::max_requests_for(&self.config, slot);
-        self.children.insert(slot, c);
-        Ok(())
     }
 
     fn announce_ready(&mut self) {

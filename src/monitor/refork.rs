@@ -97,7 +97,7 @@ impl Monitor {
             let pending = self
                 .children
                 .values()
-                .any(|c| c.kind == Kind::Worker && c.generation == g && c.phase == Phase::Starting);
+                .any(|c| c.kind != Kind::Mold && c.generation == g && c.phase == Phase::Starting);
             if !pending {
                 self.retire(slot, "replaced by a newer mold");
             }

@@ -64,6 +64,9 @@ pub(crate) struct Handover {
     /// (`monitor_nice_boost`), and its new image must not take its own as the tree's.
     #[serde(default)]
     pub tree_nice: Option<i32>,
+    /// Hot spares activated, for metrics.
+    #[serde(default)]
+    pub spare_activations: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -87,6 +90,10 @@ pub(crate) struct HandedChild {
     /// Marked for replacement, and why (a limit, a rolled-back generation).
     #[serde(default)]
     pub recycle: Option<String>,
+    /// A hot spare (also `worker`: an older image that does not know spares takes it for a
+    /// surplus worker, numbered out of range, and retires it).
+    #[serde(default)]
+    pub spare: bool,
 }
 
 /// A reload in progress: who waits for it, and since when.
@@ -118,9 +125,9 @@ pub(crate) fn take_handover() -> Result<Option<Handover>, String> {
     parse_handover(&text).map(Some)
 }
 
-/// Most scoreboard slots a handover may name (`max_workers` is at most 4096, and a rollout adds
-/// at most as many again).
-const MAX_HANDED_SLOTS: usize = 2 * 4096 + 2;
+/// Most scoreboard slots a handover may name (`max_workers` is at most 4096, a rollout adds at
+/// most as many again, and the spares of two generations).
+const MAX_HANDED_SLOTS: usize = 2 * 4096 + 2 + 2 * crate::config::MAX_SPARE_WORKERS;
 
 /// Parses and checks a handover: the right version, and nothing that the adoption would take on
 /// trust and turn into harm: every descriptor non-negative and named once (each becomes an
@@ -443,6 +450,7 @@ impl Monitor {
             resource_errors_total: self.resource_errors_total,
             events: self.events.to_vec(),
             tree_nice: Some(super::start::tree_nice()),
+            spare_activations: self.spare_activations,
             metrics: self.metrics.as_ref().and_then(|m| {
                 m.local_addr()
                     .ok()
@@ -454,7 +462,8 @@ impl Monitor {
             handover.children.push(HandedChild {
                 channel: c.channel.as_ref().map(|ch| ch.as_raw_fd()),
                 pid: pid.as_raw(),
-                worker: c.kind == Kind::Worker,
+                worker: c.kind != Kind::Mold,
+                spare: c.kind == Kind::Spare,
                 nr: c.nr,
                 generation: if c.phase == Phase::Promoting {
                     c.promoted_generation
@@ -524,8 +533,13 @@ impl Monitor {
             let channel = h
                 .channel
                 .map(|fd| Channel::from_fd(crate::sys::fd::adopt(fd)));
-            let kind = if h.worker { Kind::Worker } else { Kind::Mold };
+            let kind = match (h.worker, h.spare) {
+                (true, true) => Kind::Spare,
+                (true, false) => Kind::Worker,
+                (false, _) => Kind::Mold,
+            };
             let Some(channel) = channel else { continue };
+            // Adopted: never asked for a spare nor activated as one (see `spares`).
             let mut c = Child::new(kind, h.nr, h.generation, channel);
             c.pid = Some(nix::unistd::Pid::from_raw(h.pid));
             c.phase = match h.retiring {

@@ -369,6 +369,8 @@ impl Monitor {
                     c.recycle = Some(undo_mark.clone());
                     undone += 1;
                 }
+                // Its spares never served: they go with it (the older ones stayed).
+                Kind::Spare if c.generation == g => kill.push(*slot),
                 Kind::Worker
                     if c.recycle.as_deref() == Some(refork::PROMOTE)
                         || c.recycle.as_deref() == Some(rollout_mark.as_str()) =>

@@ -143,6 +143,7 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
         resource_errors_total: 0,
         events: super::events::Events::default(),
         profiles: Default::default(),
+        spare_activations: 0,
     };
     if !monitor.config.watch.is_empty() || !monitor.config.watch_boot.is_empty() {
         let w = watch::Watcher::new(
@@ -171,6 +172,7 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
         monitor.last_rollout_failed = h.last_rollout_failed;
         monitor.resource_errors_total = h.resource_errors_total;
         monitor.events = super::events::Events::from_handover(h.events);
+        monitor.spare_activations = h.spare_activations;
         monitor.adopt_children(h.children);
         let waiters = h.waiters.into_iter().map(reload::adopt_waiter).collect();
         for p in &problems {
@@ -239,7 +241,7 @@ fn fresh_resources(config: &Config) -> Result<Resources, MonitorError> {
     };
     let control = ControlServer::bind(&config.control_socket)
         .map_err(|e| MonitorError::Config(e.to_string()))?;
-    let capacity = config.max_workers + config.refork_max_unavailable + 2;
+    let capacity = scoreboard_slots(config);
     let board = Scoreboard::create(capacity).map_err(setup("cannot create the scoreboard"))?;
     Ok((listeners, control, board, from_systemd))
 }
@@ -370,8 +372,14 @@ fn raise_nofile_limit() -> u64 {
 /// listeners, the control socket and its clients, the metrics socket and its clients, the watcher,
 /// a reload's memfds and preflight, and per scoreboard slot a child's channel plus the spare end
 /// of the channel being made for the next one.
+/// Scoreboard slots: every worker, the replacements of a rollout, two molds, and the spares of
+/// two generations (during a rollout).
+fn scoreboard_slots(config: &Config) -> usize {
+    config.max_workers + config.refork_max_unavailable + 2 + 2 * config.spare_workers
+}
+
 pub(crate) fn monitor_descriptors(config: &Config) -> u64 {
-    let slots = config.max_workers + config.refork_max_unavailable + 2;
+    let slots = scoreboard_slots(config);
     let fixed = 3 + 2 + config.listen.len() + 1 + crate::control::MAX_CLIENTS;
     let metrics = if config.metrics_listen.is_some() {
         1 + crate::metrics::MAX_CLIENTS
@@ -438,6 +446,7 @@ fn fork_mold<A: App>(m: &mut Monitor, generation: u32) -> std::io::Result<()> {
             drop(theirs);
             let mut c = Child::new(Kind::Mold, 0, generation, mine);
             c.pid = Some(pid);
+            c.knows_spares = true;
             tracing::info!(pid = pid.as_raw(), "forked mold (gen:{generation})");
             m.children.insert(slot, c);
             Ok(())

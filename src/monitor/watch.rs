@@ -222,6 +222,16 @@ impl super::Monitor {
                         c.recycle = Some(BOOT_RELOAD.into());
                     }
                 }
+                // Spares ran `boot` with the old files: new ones boot with the new.
+                let spares: Vec<usize> = self
+                    .children
+                    .iter()
+                    .filter(|(_, c)| c.kind == super::Kind::Spare)
+                    .map(|(s, _)| *s)
+                    .collect();
+                for slot in spares {
+                    self.retire(slot, BOOT_RELOAD);
+                }
                 self.boot_reload = Some((Instant::now(), path));
             }
         }

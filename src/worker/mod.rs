@@ -19,6 +19,8 @@ use crate::listener::Listener;
 /// What a worker needs to start, handed over by the mold after the fork.
 pub(crate) struct Start<'a> {
     pub nr: u32,
+    /// A hot spare: boots, then waits for the monitor's `Activate` before it accepts.
+    pub spare: bool,
     pub generation: u32,
     pub slot: usize,
     pub channel: Channel,
@@ -61,28 +63,47 @@ pub(crate) fn restore_scheduling_policy() {
     }
 }
 
+/// Moves this worker to `SCHED_BATCH` (`sched_batch`), remembering that it did.
+fn enter_sched_batch() {
+    use crate::sys::process::{switch_policy, Policy};
+    match switch_policy(Policy::Other, Policy::Batch) {
+        Ok(switched) => BATCH_SET_HERE.store(switched, std::sync::atomic::Ordering::Relaxed),
+        Err(e) => tracing::warn!(error = %e, "SCHED_BATCH not set"),
+    }
+}
+
 /// Runs a worker to the end of its life. Called in the freshly forked process, after
 /// `child::after_fork`.
 pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
     let Start {
         nr,
+        spare,
         generation,
         slot,
         channel,
         listeners,
         config,
-        ..
     } = start;
-    let title = format!("tine worker[{nr}] (gen:{generation})");
-    crate::sys::proctitle::set(&title);
-    crate::sys::process::set_thread_name(&format!("tine-worker-{nr}"));
-    crate::log::set_process_tag(format!("worker[{nr}] gen:{generation}"));
-    if config.sched_batch {
-        use crate::sys::process::{switch_policy, Policy};
-        match switch_policy(Policy::Other, Policy::Batch) {
-            Ok(switched) => BATCH_SET_HERE.store(switched, std::sync::atomic::Ordering::Relaxed),
-            Err(e) => tracing::warn!(error = %e, "SCHED_BATCH not set"),
+    if spare {
+        // Until activated this process must not hold the listening sockets: it would not accept
+        // from them, and if it were the last holder when the tree stops, its exit would reset
+        // the connections queued meanwhile. The monitor passes them back with `Activate`.
+        for listener in listeners {
+            if let Err(e) = listener.close_in_place() {
+                tracing::error!(error = %e, listener = %listener.addr(), "cannot let go of the listener");
+                return Outcome::Exit(72);
+            }
         }
+        crate::sys::proctitle::set(&format!("tine spare (gen:{generation})"));
+        crate::sys::process::set_thread_name("tine-spare");
+        crate::log::set_process_tag(format!("spare gen:{generation}"));
+    } else {
+        take_identity(nr, generation);
+    }
+    // A spare switches once activated: its wake-up by `Activate` must preempt, not wait for a
+    // busy CPU's running task (what SCHED_BATCH would make it do).
+    if config.sched_batch && !spare {
+        enter_sched_batch();
     }
     let Some(slot_writer) = scoreboard::global().slot(slot) else {
         tracing::error!(slot, "scoreboard slot out of range");
@@ -95,6 +116,7 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
     }
     let worker = Worker {
         nr,
+        spare,
         generation,
         config: config.clone(),
         shutdown: crate::app::Shutdown::default(),
@@ -139,6 +161,7 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
         channel,
         worker.shutdown(),
         profiler.as_ref().map(crate::profile::Agent::handle),
+        spare.then_some(generation),
     ));
     // A profile still running is written now; the thread must be gone before a promotion.
     if let Some(profiler) = profiler {
@@ -199,6 +222,16 @@ fn start_profiler(
 }
 
 /// Serves until stopped; returns why it stopped.
+/// Names this process as worker `nr`: title, thread name, log tag and [`Worker::current_nr`].
+fn take_identity(nr: u32, generation: u32) {
+    crate::app::set_current_nr(nr);
+    crate::sys::proctitle::set(&format!("tine worker[{nr}] (gen:{generation})"));
+    crate::sys::process::set_thread_name(&format!("tine-worker-{nr}"));
+    crate::log::set_process_tag(format!("worker[{nr}] gen:{generation}"));
+}
+
+/// Serves until stopped; returns why it stopped. A hot spare (`spare`: its generation) first
+/// reports itself ready and waits for the monitor's `Activate`, accepting nothing meanwhile.
 async fn serve(
     handler: Handler,
     listeners: &[Listener],
@@ -207,6 +240,7 @@ async fn serve(
     channel: Channel,
     shutdown: crate::app::Shutdown,
     profiler: Option<crate::profile::Handle>,
+    spare: Option<u32>,
 ) -> (Stop, Option<Channel>) {
     let channel = match crate::sys::fd::register_async(channel) {
         Ok(c) => c,
@@ -218,6 +252,49 @@ async fn serve(
     let (stop_tx, stop_rx) = watch::channel(Stop::Running);
     // Inherited as true by the workers of a promoted worker's generation: reset.
     http::DRAINING.store(false, std::sync::atomic::Ordering::Relaxed);
+    let heartbeat = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            slot.heartbeat();
+            if !Worker::is_fork_safe() {
+                slot.set_not_fork_safe();
+            }
+        }
+    });
+    if let Some(generation) = spare {
+        // Booted and runtime built: all that is left at activation is to take the listening
+        // sockets back (they come with `Activate`), register them and accept.
+        slot.set_state(State::Standby);
+        if channel.get_ref().send(&Report::Ready, &[]).is_err() {
+            return (Stop::Quick, None);
+        }
+        match await_activation(&channel).await {
+            Ok((nr, sockets)) => {
+                if sockets.len() != listeners.len() {
+                    tracing::error!(
+                        passed = sockets.len(),
+                        listeners = listeners.len(),
+                        "activated with other listening sockets than this spare's"
+                    );
+                    return (Stop::Quick, None);
+                }
+                for (listener, socket) in listeners.iter().zip(sockets) {
+                    if let Err(e) = listener.reopen_in_place(socket) {
+                        tracing::error!(error = %e, listener = %listener.addr(), "cannot take the listener back");
+                        return (Stop::Quick, None);
+                    }
+                }
+                slot.take_nr(nr);
+                take_identity(nr, generation);
+            }
+            Err(why) => {
+                tracing::debug!("spare stopping before activation: {why:?}");
+                heartbeat.abort();
+                return (Stop::Quick, None);
+            }
+        }
+    }
     let mut accept_loops = Vec::new();
     // One count of connections for all the listeners: `max_connections` is per worker.
     let capacity = http::Capacity::new(config.max_connections, slot);
@@ -248,18 +325,12 @@ async fn serve(
             }
         }
     }
-    let heartbeat = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        loop {
-            tick.tick().await;
-            slot.heartbeat();
-            if !Worker::is_fork_safe() {
-                slot.set_not_fork_safe();
-            }
-        }
-    });
+    if spare.is_some() && config.sched_batch {
+        enter_sched_batch();
+    }
     slot.set_state(State::Ready);
-    if channel.get_ref().send(&Report::Ready, &[]).is_err() {
+    // An activated spare was counted serving by the monitor when it sent `Activate`.
+    if spare.is_none() && channel.get_ref().send(&Report::Ready, &[]).is_err() {
         return (Stop::Quick, None);
     }
     if config.debug_routes {
@@ -343,66 +414,105 @@ async fn forge_spawn_reports(channel: &Channel) {
     );
 }
 
+/// The next command from the monitor (`Ok(None)`: the monitor closed the channel).
+async fn next_command(
+    channel: &AsyncFd<Channel>,
+) -> Result<Option<crate::ipc::channel::Received<Command>>, ChannelError> {
+    loop {
+        let Ok(mut guard) = channel.readable().await else {
+            return Ok(None);
+        };
+        let received = guard.try_io(|inner| match inner.get_ref().recv::<Command>(false) {
+            Err(ChannelError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => Err(e),
+            other => Ok(other),
+        });
+        match received {
+            Err(_would_block) => continue,
+            Ok(Err(e)) => return Err(ChannelError::Io(e)),
+            Ok(Ok(r)) => return r,
+        }
+    }
+}
+
+/// How a channel error ends a worker: a monitor upgraded in place that speaks a newer wire
+/// format means this worker is of the old generation, so it drains (the new monitor replaces
+/// it) rather than dies; anything else ends it at once.
+fn stop_for(error: ChannelError) -> Stop {
+    match error {
+        ChannelError::Decode(crate::ipc::message::DecodeError::Version(v)) => {
+            tracing::warn!(
+                version = v,
+                "the monitor speaks another wire version; draining"
+            );
+            Stop::Graceful
+        }
+        e => {
+            tracing::error!(error = %e, "bad message from the monitor");
+            Stop::Quick
+        }
+    }
+}
+
+/// A hot spare waits here for the monitor: `Ok` to serve as worker `nr` on the listening sockets
+/// passed along, or `Err` with how to stop (told to, or the monitor gone).
+async fn await_activation(
+    channel: &AsyncFd<Channel>,
+) -> Result<(u32, Vec<std::os::fd::OwnedFd>), Stop> {
+    loop {
+        let r = match next_command(channel).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err(Stop::Quick),
+            Err(e) => return Err(stop_for(e)),
+        };
+        match r.msg {
+            Command::Activate { nr } => return Ok((nr, r.fds)),
+            Command::Stop { graceful: true } => return Err(Stop::Graceful),
+            Command::Stop { graceful: false } => return Err(Stop::Quick),
+            Command::ReopenLogs => crate::log::adopt_log_fd(r.fds.into_iter().next()),
+            other => tracing::warn!("ignoring {other:?} sent to a spare"),
+        }
+    }
+}
+
 /// Reads the monitor's commands until one ends the serving loop.
 async fn read_commands(
     channel: &AsyncFd<Channel>,
     profiler: Option<&crate::profile::Handle>,
 ) -> Stop {
     loop {
-        let Ok(mut guard) = channel.readable().await else {
-            return Stop::Quick;
-        };
-        let received = guard.try_io(|inner| match inner.get_ref().recv::<Command>(false) {
-            Err(ChannelError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => Err(e),
-            other => Ok(other),
-        });
-        let result = match received {
-            Err(_would_block) => continue,
-            Ok(Err(e)) => Err(ChannelError::Io(e)),
-            Ok(Ok(r)) => r,
-        };
-        match result {
+        let r = match next_command(channel).await {
             // The monitor is gone: nobody can supervise this process any more.
             Ok(None) => return Stop::Quick,
-            Ok(Some(r)) => match r.msg {
-                Command::Stop { graceful: true } => return Stop::Graceful,
-                Command::Stop { graceful: false } => return Stop::Quick,
-                Command::Promote { generation, slot } => {
-                    if Worker::is_fork_safe() {
-                        return Stop::Promote { generation, slot };
-                    }
-                    let report = Report::PromotionFailed {
-                        reason: "marked not fork-safe".into(),
+            Ok(Some(r)) => r,
+            Err(e) => return stop_for(e),
+        };
+        match r.msg {
+            Command::Stop { graceful: true } => return Stop::Graceful,
+            Command::Stop { graceful: false } => return Stop::Quick,
+            Command::Promote { generation, slot } => {
+                if Worker::is_fork_safe() {
+                    return Stop::Promote { generation, slot };
+                }
+                let report = Report::PromotionFailed {
+                    reason: "marked not fork-safe".into(),
+                };
+                let _ = channel.get_ref().send(&report, &[]);
+            }
+            Command::ReopenLogs => crate::log::adopt_log_fd(r.fds.into_iter().next()),
+            Command::Profile { seconds } => match profiler {
+                Some(profiler) => profiler.start(seconds),
+                None => {
+                    let report = Report::ProfileFailed {
+                        error: "profiling is unavailable in this worker (see its log)".into(),
+                        still_running: false,
                     };
                     let _ = channel.get_ref().send(&report, &[]);
                 }
-                Command::ReopenLogs => crate::log::adopt_log_fd(r.fds.into_iter().next()),
-                Command::SpawnWorker { .. } => {
-                    tracing::warn!("ignoring SpawnWorker sent to a worker");
-                }
-                Command::Profile { seconds } => match profiler {
-                    Some(profiler) => profiler.start(seconds),
-                    None => {
-                        let report = Report::ProfileFailed {
-                            error: "profiling is unavailable in this worker (see its log)".into(),
-                            still_running: false,
-                        };
-                        let _ = channel.get_ref().send(&report, &[]);
-                    }
-                },
             },
-            // The monitor was upgraded in place and speaks a newer wire format: this worker is of
-            // the old generation, so it drains (the new monitor replaces it) rather than dies.
-            Err(ChannelError::Decode(crate::ipc::message::DecodeError::Version(v))) => {
-                tracing::warn!(
-                    version = v,
-                    "the monitor speaks another wire version; draining"
-                );
-                return Stop::Graceful;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "bad message from the monitor");
-                return Stop::Quick;
+            other @ (Command::SpawnWorker { .. }
+            | Command::SpawnSpare { .. }
+            | Command::Activate { .. }) => {
+                tracing::warn!("ignoring {other:?} sent to a serving worker");
             }
         }
     }

@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+pub mod spares;
 pub mod status;
 pub mod strict;
 pub mod tmux;

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Time from kill -9 of a busy worker to the first response served by another process: tine with a
+# hot spare (spare_workers 1, the default), tine without (spare_workers 0: fork and boot), and nginx
+# (the master forks a new worker). One worker, 4 kept-alive clients in a loop; see
+# examples/respawn_bench.rs. Variants are interleaved in blocks of ROUNDS kills, BLOCKS times.
+#
+#   bench/respawn/run.sh              # 3 blocks of 20 kills per variant (60 each), ~3 minutes
+#   ROUNDS=5 BLOCKS=1 bench/respawn/run.sh --quick   # writes to bench/results/tmp/
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+out=bench/results
+if [ "${1:-}" = "--quick" ]; then out=bench/results/tmp; fi
+mkdir -p "$out"
+rounds=${ROUNDS:-20}
+blocks=${BLOCKS:-3}
+cargo build --release --quiet --bin tine --example respawn_bench
+driver=target/release/examples/respawn_bench
+raw="$out/respawn.jsonl"
+: > "$raw"
+for block in $(seq "$blocks"); do
+  for variant in "tine 1" "tine 0" "nginx 0"; do
+    set -- $variant
+    echo "block $block: $1 spares=$2" >&2
+    "$driver" --server "$1" --spares "$2" --rounds "$rounds" --tine target/release/tine >> "$raw"
+  done
+done
+python3 - "$raw" "$out/respawn.md" "$rounds" "$blocks" <<'PY'
+import json, statistics, sys, platform, subprocess, os, datetime
+raw, md, rounds, blocks = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+runs = [json.loads(l) for l in open(raw) if l.strip()]
+def key(r): return ("tine, spare_workers=1" if r["server"] == "tine" and r["spares"] else
+                    "tine, spare_workers=0" if r["server"] == "tine" else "nginx")
+groups = {}
+for r in runs:
+    g = groups.setdefault(key(r), {"samples": [], "failures": 0, "medians": []})
+    g["samples"] += r["samples_us"]; g["failures"] += r["failures"]; g["medians"].append(r["median_us"])
+def q(xs, p):
+    xs = sorted(xs); return xs[round((len(xs) - 1) * p)] if xs else float("nan")
+commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+lines = [
+    "# Respawn: kill -9 of a busy worker to the first response by another process",
+    "",
+    f"{datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, commit {commit}, {os.cpu_count()} CPUs ({cpu}), "
+    f"Linux {platform.release()}. Command: `bench/respawn/run.sh` ({blocks} interleaved blocks of {rounds} kills per variant).",
+    "",
+    "Shared, noisy machine: other builds and tests ran at the same time; read the spread, not just the median.",
+    "",
+    "One worker; 4 kept-alive clients send `GET /` in a loop, reconnecting at once after a failure, so",
+    "the worker is busy when it dies and every request waits for the replacement. The clock starts just",
+    "before `kill(SIGKILL)` of the pid that served the latest response and stops at the end of the first",
+    "response naming another pid (`x-tine-worker`; nginx sends `$pid` in the same header). Between kills",
+    "the tree settles (tine: a spare stands by again) and rests 300 ms. Release build, `examples/respawn_bench.rs`.",
+    "",
+    "| server | kills | failed | median | p10 | p90 | min | max | block medians |",
+    "|---|---|---|---|---|---|---|---|---|",
+]
+for name in ["tine, spare_workers=1", "tine, spare_workers=0", "nginx"]:
+    g = groups.get(name)
+    if not g: continue
+    s = g["samples"]
+    ms = lambda us: f"{us/1000:.2f} ms"
+    lines.append(f"| {name} | {len(s)} | {g['failures']} | {ms(q(s,.5))} | {ms(q(s,.1))} | {ms(q(s,.9))} | "
+                 f"{ms(min(s))} | {ms(max(s))} | {', '.join(ms(m) for m in g['medians'])} |")
+lines += ["", f"Raw samples (µs) per run: `{os.path.basename(raw)}`.", ""]
+open(md, "w").write("\n".join(lines))
+print("\n".join(lines))
+PY

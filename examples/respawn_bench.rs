@@ -1,0 +1,356 @@
+//! Driver of bench/respawn: the time from `kill -9` of a busy worker to the first response served
+//! by another process, for tine (with and without a hot spare) and for nginx.
+//!
+//! One worker serves, so every request waits for the replacement: `--clients` kept-alive
+//! connections send `GET /` in a loop (the worker is busy when it dies) and each reconnects at
+//! once after a failure. Each round reads the pid that served the latest response
+//! (`x-tine-worker`, tine's `--debug-headers`; nginx adds the same header from `$pid`),
+//! SIGKILLs it, and stops the clock at the end of the first response that names another pid.
+//! Between rounds the tree settles (tine: a spare stands by again, if any).
+//!
+//! ```text
+//! cargo build --release --example respawn_bench
+//! target/release/examples/respawn_bench --server tine --tine target/release/tine --spares 1
+//! target/release/examples/respawn_bench --server nginx
+//! ```
+//! Prints one JSON line of results; bench/respawn/run.sh runs the variants and writes the report.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// The round under way: whom we killed and when, and the first response from anyone else.
+#[derive(Default)]
+struct Round {
+    victim: i32,
+    killed: Option<Instant>,
+    first: Option<(Instant, i32)>,
+}
+
+struct Shared {
+    stop: AtomicBool,
+    round: Mutex<Round>,
+    /// The pid of the latest response, and when it came.
+    latest: Mutex<Option<(Instant, i32)>>,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let opt = |name: &str, default: &str| -> String {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+            .unwrap_or_else(|| default.to_string())
+    };
+    let server = opt("--server", "tine");
+    let rounds: usize = opt("--rounds", "50").parse().expect("--rounds N");
+    let clients: usize = opt("--clients", "4").parse().expect("--clients N");
+    let spares = opt("--spares", "1");
+    let tine = opt("--tine", "target/release/tine");
+    let work = std::env::temp_dir().join(format!("respawn-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work).expect("work dir");
+    let port = free_port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let control = work.join("ctl.sock");
+    let mut child = match server.as_str() {
+        "tine" => Command::new(&tine)
+            .args([
+                "serve",
+                "--workers",
+                "1",
+                "--debug-headers",
+                "--log-level",
+                "warn",
+            ])
+            .args(["--spare-workers", &spares])
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--control-socket")
+            .arg(&control)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tine"),
+        "nginx" => start_nginx(&work, port),
+        other => panic!("--server tine|nginx, not {other}"),
+    };
+    let result = std::panic::catch_unwind(|| {
+        run(
+            &server,
+            addr,
+            &control,
+            rounds,
+            clients,
+            spares.parse().unwrap_or(0),
+        )
+    });
+    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && child.try_wait().ok().flatten().is_none() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&work);
+    match result {
+        Ok(line) => println!("{line}"),
+        Err(_) => std::process::exit(1),
+    }
+}
+
+fn run(
+    server: &str,
+    addr: SocketAddr,
+    control: &std::path::Path,
+    rounds: usize,
+    clients: usize,
+    spares: usize,
+) -> String {
+    wait_until(Duration::from_secs(20), "the server answers", || {
+        response_pid(addr).is_some()
+    });
+    let shared = Arc::new(Shared {
+        stop: AtomicBool::new(false),
+        round: Mutex::new(Round::default()),
+        latest: Mutex::new(None),
+    });
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let shared = shared.clone();
+            std::thread::spawn(move || client(addr, &shared))
+        })
+        .collect();
+    let mut samples_us = Vec::new();
+    let mut failures = 0;
+    for _ in 0..rounds {
+        settle(server, control, spares, &shared);
+        let Some((_, victim)) = *shared.latest.lock().unwrap() else {
+            failures += 1;
+            continue;
+        };
+        {
+            let mut r = shared.round.lock().unwrap();
+            *r = Round {
+                victim,
+                killed: None,
+                first: None,
+            };
+            r.killed = Some(Instant::now());
+            // Under the lock: no response is judged before the clock starts.
+            kill(Pid::from_raw(victim), Signal::SIGKILL).expect("kill the worker");
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let took = loop {
+            let r = shared.round.lock().unwrap();
+            if let (Some(k), Some((t, _))) = (r.killed, r.first) {
+                break Some(t.duration_since(k));
+            }
+            drop(r);
+            if Instant::now() > deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        };
+        match took {
+            Some(d) => samples_us.push(d.as_secs_f64() * 1e6),
+            None => failures += 1,
+        }
+    }
+    shared.stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    let mut sorted = samples_us.clone();
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pct = |p: f64| -> f64 {
+        if sorted.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+        sorted[i]
+    };
+    format!(
+        "{{\"server\":\"{server}\",\"spares\":{},\"rounds\":{rounds},\"failures\":{failures},\
+         \"clients\":{clients},\"median_us\":{:.0},\"p10_us\":{:.0},\"p90_us\":{:.0},\
+         \"min_us\":{:.0},\"max_us\":{:.0},\"samples_us\":[{}]}}",
+        if server == "tine" { spares } else { 0 },
+        pct(0.5),
+        pct(0.1),
+        pct(0.9),
+        pct(0.0),
+        pct(1.0),
+        samples_us
+            .iter()
+            .map(|s| format!("{s:.0}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    )
+}
+
+/// Waits for the tree to be steady again: a new worker serving for a while and, for tine with
+/// spares, a spare standing by.
+fn settle(server: &str, control: &std::path::Path, spares: usize, shared: &Shared) {
+    let since = Instant::now();
+    wait_until(Duration::from_secs(20), "a response after the kill", || {
+        shared
+            .latest
+            .lock()
+            .unwrap()
+            .is_some_and(|(t, _)| t > since)
+    });
+    if server == "tine" && spares > 0 {
+        wait_until(Duration::from_secs(20), "a spare standing by", || {
+            spare_standing_by(control)
+        });
+    }
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+/// Whether `ctl status --json` (read straight from the control socket) shows a spare in standby.
+fn spare_standing_by(control: &std::path::Path) -> bool {
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(control) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if s.write_all(b"status --json\n").is_err() {
+        return false;
+    }
+    let mut reply = String::new();
+    let _ = s.read_to_string(&mut reply);
+    reply.contains("\"role\":\"spare\"") && reply.contains("\"state\":\"standby\"")
+}
+
+/// One kept-alive client: `GET /` in a loop; reconnects at once after any failure.
+fn client(addr: SocketAddr, shared: &Shared) {
+    let mut conn: Option<TcpStream> = None;
+    let mut buf = vec![0u8; 4096];
+    while !shared.stop.load(Ordering::Relaxed) {
+        let stream = match conn.as_mut() {
+            Some(s) => s,
+            None => match TcpStream::connect(addr) {
+                Ok(s) => {
+                    let _ = s.set_nodelay(true);
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                    conn.insert(s)
+                }
+                Err(_) => continue,
+            },
+        };
+        match exchange(stream, &mut buf) {
+            Some(pid) => {
+                let now = Instant::now();
+                *shared.latest.lock().unwrap() = Some((now, pid));
+                let mut r = shared.round.lock().unwrap();
+                if r.killed.is_some() && r.first.is_none() && pid != r.victim {
+                    r.first = Some((now, pid));
+                }
+            }
+            None => conn = None,
+        }
+    }
+}
+
+/// Sends one `GET /` and reads the response: the pid in `x-tine-worker`.
+fn exchange(stream: &mut TcpStream, buf: &mut [u8]) -> Option<i32> {
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+        .ok()?;
+    let mut have = 0;
+    loop {
+        let n = stream.read(&mut buf[have..]).ok()?;
+        if n == 0 {
+            return None;
+        }
+        have += n;
+        let text = std::str::from_utf8(&buf[..have]).ok()?;
+        let Some(end) = text.find("\r\n\r\n") else {
+            continue;
+        };
+        let head = text[..end].to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())?;
+        if have < end + 4 + length {
+            continue;
+        }
+        return head
+            .lines()
+            .find_map(|l| l.strip_prefix("x-tine-worker:"))
+            .and_then(|v| v.trim().parse().ok());
+    }
+}
+
+fn response_pid(addr: SocketAddr) -> Option<i32> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    exchange(&mut s, &mut [0u8; 4096])
+}
+
+fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        if Instant::now() > deadline {
+            panic!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn start_nginx(work: &std::path::Path, port: u16) -> Child {
+    let p = work.join("nginx");
+    std::fs::create_dir_all(p.join("logs")).expect("nginx dir");
+    std::fs::create_dir_all(p.join("tmp")).expect("nginx dir");
+    let p = p.display();
+    let conf = format!(
+        "worker_processes 1;
+daemon off;
+master_process on;
+pid {p}/nginx.pid;
+error_log {p}/logs/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 100000;
+    default_type text/plain;
+    client_body_temp_path {p}/tmp/body;
+    proxy_temp_path {p}/tmp/proxy;
+    fastcgi_temp_path {p}/tmp/fastcgi;
+    uwsgi_temp_path {p}/tmp/uwsgi;
+    scgi_temp_path {p}/tmp/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ add_header x-tine-worker $pid always; return 200 \"hello\\n\"; }}
+    }}
+}}
+"
+    );
+    let path = work.join("nginx.conf");
+    std::fs::write(&path, conf).expect("nginx.conf");
+    Command::new("nginx")
+        .arg("-p")
+        .arg(work.join("nginx"))
+        .arg("-c")
+        .arg(&path)
+        .arg("-e")
+        .arg(work.join("nginx/logs/error.log"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start nginx")
+}

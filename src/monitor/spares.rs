@@ -1,0 +1,253 @@
+//! Hot spares (`spare_workers`): workers forked from the current mold and booted ahead of need
+//! that accept nothing until the monitor activates one with a single message (`Activate`).
+//!
+//! A worker that dies, one recycled by a limit or replaced by a rollout, and one added by a
+//! scale-up are all a worker number missing from the table in `reconcile`: a ready spare takes
+//! that number at once, and a new spare is requested from the current mold in the same turn of
+//! the loop, booting in the background. Only when no ready spare fits is a worker forked and
+//! booted the ordinary way.
+//!
+//! Generations. Spares come from the current mold (the newest ready one), so a refork or a reload
+//! refreshes them: once the new generation is proven (one of its workers served) and has its
+//! spares ready, older spares retire. Until then the older spares stay: a worker that dies while a
+//! new generation is on trial is still replaced at once, by a spare of the old generation, which
+//! the rollout then rolls over like any old worker; if the rollout is abandoned, the new
+//! generation's spares go with it. A spare older than the current mold never replaces a worker
+//! that a rollout is rolling to the current generation (it would be rolled over in turn).
+//!
+//! A spare does not hold the listening sockets while it stands by (it points their descriptors at
+//! `/dev/null` before `boot`): it cannot accept, and a stop of the tree never waits on it to close
+//! them. `Activate` passes them back (`SCM_RIGHTS`, in the monitor's order, which is the spare's).
+//!
+//! A spare counts in `ctl status` (role `spare`, state `standby`), in the PSS totals and in the
+//! metrics, but not towards `workers`. Spares are only requested of, and activated from, molds
+//! this image forked or promoted ([`super::Child::knows_spares`]): what a reload adopted may be an
+//! older build that does not know the messages, or have another set of listening sockets; the
+//! reload rolls it over anyway, and the new mold's spares replace the adopted ones.
+
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use super::{limits, Child, Kind, Monitor, Phase};
+use crate::ipc::channel::Channel;
+use crate::ipc::message::Command;
+use crate::ipc::scoreboard::age;
+
+/// A spare whose heartbeat is older than this is passed over (it refreshes it every 500 ms).
+const STALE_HEARTBEAT_MS: u64 = 2000;
+
+impl Monitor {
+    /// Activates a ready spare of generation `min_generation` or newer as worker `nr`: true if
+    /// one took over. The newest generation is preferred.
+    pub(super) fn activate_spare(&mut self, nr: u32, min_generation: u32) -> bool {
+        loop {
+            let Some(slot) = self
+                .children
+                .iter()
+                .filter(|(s, c)| {
+                    c.kind == Kind::Spare
+                        && c.knows_spares
+                        && c.phase == Phase::Ready
+                        && c.generation >= min_generation
+                        && self.is_alive_on_the_board(**s, c)
+                })
+                .max_by_key(|(s, c)| (c.generation, std::cmp::Reverse(**s)))
+                .map(|(s, _)| *s)
+            else {
+                return false;
+            };
+            let Some(c) = self.children.get_mut(&slot) else {
+                return false;
+            };
+            let sockets: Vec<_> = self.listeners.iter().map(|l| l.as_fd()).collect();
+            let sent = c
+                .channel
+                .as_ref()
+                .is_some_and(|ch| ch.send(&Command::Activate { nr }, &sockets).is_ok());
+            if !sent {
+                // Gone without our noticing yet: SIGCHLD follows. Try the next one.
+                c.channel = None;
+                self.kill_child(slot, "its channel closed while it stood by");
+                continue;
+            }
+            let stood_by = c.started.elapsed();
+            c.kind = Kind::Worker;
+            c.nr = nr;
+            // Its life as a worker starts now: max_lifetime, max_requests and the uptime count
+            // from here.
+            c.started = Instant::now();
+            c.max_requests = limits::max_requests_for(&self.config, slot);
+            let (pid, generation, label) = (c.pid_raw(), c.generation, c.label());
+            self.spare_activations += 1;
+            self.ever_served = true;
+            // The same message as a worker that booted, so that whoever waits for it finds it.
+            tracing::info!(
+                pid,
+                hot_spare = true,
+                stood_by_ms = stood_by.as_millis() as u64,
+                "{label} ready"
+            );
+            self.rollout_worker_ready(generation);
+            self.retire_replaced(nr, slot);
+            return true;
+        }
+    }
+
+    /// With no ready mold (it died and a new one preloads), nothing can be forked, but a ready
+    /// spare can still take a missing worker's place.
+    pub(super) fn activate_spares_without_mold(&mut self) {
+        let used: Vec<u32> = self
+            .children
+            .values()
+            .filter(|c| c.is_active_worker())
+            .map(|c| c.nr)
+            .collect();
+        let missing: Vec<u32> = (0..self.target as u32)
+            .filter(|nr| !used.contains(nr))
+            .collect();
+        for nr in missing {
+            if !self.activate_spare(nr, 0) {
+                return;
+            }
+        }
+    }
+
+    /// Whether `c`'s scoreboard slot is its own and its heartbeat (every 500 ms) is recent: a
+    /// spare that is stopped or stuck would take a worker's place and serve nothing.
+    fn is_alive_on_the_board(&self, slot: usize, c: &Child) -> bool {
+        let Some(pid) = c.pid else { return false };
+        self.board.read(slot).is_some_and(|v| {
+            v.pid == pid.as_raw() && age(v.heartbeat_ms) < Duration::from_millis(STALE_HEARTBEAT_MS)
+        })
+    }
+
+    /// The oldest generation of spare that may take worker `nr`'s place: the current one when a
+    /// rollout is replacing it (an older spare would be rolled over in turn), any otherwise.
+    pub(super) fn spare_generation_for(&self, nr: u32, current: u32) -> u32 {
+        let rolled = self.children.values().any(|c| {
+            c.kind == Kind::Worker
+                && c.nr == nr
+                && c.generation < current
+                && c.recycle
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with("rollout to gen:"))
+        });
+        let retire_first = self.reload.is_some()
+            && self.config.reload_strategy == crate::config::ReloadStrategy::RetireFirst;
+        if rolled || retire_first {
+            current
+        } else {
+            0
+        }
+    }
+
+    /// Keeps `spare_workers` spares of the current mold's generation: requests the missing ones
+    /// and retires what is surplus or of another generation once the current one can stand in.
+    pub(super) fn keep_spares(&mut self, mold_slot: usize) {
+        let Some(mold) = self.children.get(&mold_slot) else {
+            return;
+        };
+        let (generation, knows_spares) = (mold.generation, mold.knows_spares);
+        let wanted = self.config.spare_workers;
+        let current: Vec<(usize, bool)> = self
+            .children
+            .iter()
+            .filter(|(_, c)| {
+                c.kind == Kind::Spare && !c.is_retiring() && c.generation == generation
+            })
+            .map(|(s, c)| (*s, c.phase == Phase::Ready))
+            .collect();
+        let ready = current.iter().filter(|(_, r)| *r).count();
+        // Surplus of this generation (spare_workers lowered by a reload): the last ones go.
+        for (slot, _) in current.iter().skip(wanted) {
+            self.retire(*slot, "more spares than spare_workers");
+        }
+        if ready >= wanted && self.generation_proven(generation) {
+            let outdated: Vec<usize> = self
+                .children
+                .iter()
+                .filter(|(_, c)| {
+                    c.kind == Kind::Spare && !c.is_retiring() && c.generation != generation
+                })
+                .map(|(s, _)| *s)
+                .collect();
+            for slot in outdated {
+                self.retire(slot, &format!("replaced by a spare of gen:{generation}"));
+            }
+        }
+        // A worker being promoted makes a new mold soon: its spares come from that one. And no
+        // spare before a worker has served, or while starts fail: a spare would only double
+        // the failed starts of a broken `boot`. The listening sockets must fit in the one
+        // `Activate` message.
+        if !knows_spares
+            || self.listeners.len() > crate::ipc::channel::MAX_FDS
+            || self.promotion_in_progress()
+            || !self.ever_served
+            || self.spawn_errors > 0
+        {
+            return;
+        }
+        for _ in current.len()..wanted {
+            if self.free_slot().is_none() {
+                // Every slot is taken (a wide rollout): a spare waits, it is not a failure.
+                return;
+            }
+            if let Err(e) = self.request_child(mold_slot, Kind::Spare, SPARE_NR, generation) {
+                tracing::error!(error = %e, "cannot request a spare");
+                self.spawn_failed(e.to_string(), super::rollout::is_resource_error(&e));
+                return;
+            }
+        }
+    }
+
+    /// Asks the mold in `mold_slot` for a worker `nr` (or, `kind` [`Kind::Spare`], a hot spare):
+    /// its channel goes with the request; the child is in the table, starting, from now on.
+    pub(super) fn request_child(
+        &mut self,
+        mold_slot: usize,
+        kind: Kind,
+        nr: u32,
+        generation: u32,
+    ) -> std::io::Result<()> {
+        let slot = self
+            .free_slot()
+            .ok_or_else(|| std::io::Error::other("no free scoreboard slot"))?;
+        let (mine, theirs) = Channel::pair()?;
+        self.board.clear(slot);
+        let mold = self
+            .children
+            .get(&mold_slot)
+            .ok_or_else(|| std::io::Error::other("mold gone"))?;
+        let knows_spares = mold.knows_spares;
+        let channel = mold
+            .channel
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("mold channel closed"))?;
+        self.next_request += 1;
+        let request = self.next_request;
+        let command = match kind {
+            Kind::Spare => Command::SpawnSpare {
+                slot: slot as u32,
+                request,
+            },
+            _ => Command::SpawnWorker {
+                nr,
+                slot: slot as u32,
+                request,
+            },
+        };
+        channel.send(&command, &[theirs.as_fd()])?;
+        let mut c = Child::new(kind, nr, generation, mine);
+        c.request = request;
+        c.requested_from = Some(mold_slot);
+        c.knows_spares = knows_spares;
+        c.max_requests = limits::max_requests_for(&self.config, slot);
+        self.children.insert(slot, c);
+        Ok(())
+    }
+}
+
+/// The worker number a spare has in the monitor's table until it is activated (as in its own
+/// `boot`): out of every worker's range, so that no table lookup by number finds it, and an
+/// older image adopting it across a reload takes it for a surplus worker and retires it.
+pub(crate) const SPARE_NR: u32 = crate::app::Worker::SPARE_NR;

@@ -1,0 +1,292 @@
+//! Hot spares (`spare_workers`): a worker booted ahead of need that accepts nothing until the
+//! monitor activates it, then takes over at once from a worker that died, was recycled or was
+//! added; a new spare is made in the background; reforks and reloads refresh it.
+//!
+//! Everything runs the real `tine` binary (reference `hello` app, `--debug-headers`: every
+//! response names the pid that served it) and reads the tree through `ctl status --json`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::status::{child_rows, Row};
+use common::*;
+use nix::sys::signal::Signal;
+
+/// How long the tree may take to settle after a change (a debug build on a busy machine).
+const SETTLE: Duration = Duration::from_secs(20);
+
+fn launch(workers: usize, extra: &[&str]) -> Server {
+    let workers = workers.to_string();
+    Launch::tine()
+        .args(["--workers", workers.as_str(), "--debug-headers"])
+        .args(extra)
+        .start()
+}
+
+fn rows(server: &Server) -> Vec<Row> {
+    child_rows(server, &server.status()).expect("a process list")
+}
+
+/// Waits until the tree shows exactly one spare, standing by, for which `fits` holds; returns it.
+fn wait_spare(server: &Server, what: &str, fits: impl Fn(&Row) -> bool) -> Row {
+    let mut last = Vec::new();
+    poll_until(SETTLE, || {
+        last = rows(server);
+        let spares: Vec<&Row> = last.iter().filter(|r| r.role == "spare").collect();
+        match spares.as_slice() {
+            [one] if one.state == "standby" && fits(one) => Some((*one).clone()),
+            _ => None,
+        }
+    })
+    .unwrap_or_else(|| panic!("no spare {what}: {last:#?}\nlog:\n{}", server.log.text()))
+}
+
+/// Waits until worker `nr` is `pid`, serving.
+fn wait_worker_is(server: &Server, nr: u64, pid: i32) {
+    let mut last = Vec::new();
+    poll_until(SETTLE, || {
+        last = server.workers();
+        last.iter()
+            .any(|(n, p, state)| *n == nr && *p == pid && (state == "ready" || state == "busy"))
+            .then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "worker {nr} is not {pid}: {last:?}\nlog:\n{}",
+            server.log.text()
+        )
+    });
+}
+
+/// `GET /` answered by: the pid in `x-tine-worker`.
+fn served_by(server: &Server) -> i32 {
+    let response = server.get("/");
+    assert_eq!(response.status, 200);
+    response
+        .header("x-tine-worker")
+        .and_then(|p| p.parse().ok())
+        .expect("an x-tine-worker header")
+}
+
+#[test]
+fn a_spare_never_accepts_before_it_is_activated() {
+    let server = launch(1, &["--spare-workers", "1"]);
+    let worker = server.wait_workers(1, READY_TIMEOUT)[0];
+    let spare = wait_spare(&server, "at start", |_| true);
+    assert_ne!(spare.pid, worker);
+    // The listening socket is the one socket the monitor and a worker share (their channel's two
+    // ends are two sockets); the spare does not even hold it.
+    let monitor = socket_inodes(server.pid);
+    let listening: Vec<u64> = socket_inodes(worker)
+        .into_iter()
+        .filter(|i| monitor.contains(i))
+        .collect();
+    assert!(
+        !listening.is_empty(),
+        "the worker holds the listening socket"
+    );
+    let held: Vec<u64> = socket_inodes(spare.pid)
+        .into_iter()
+        .filter(|i| listening.contains(i))
+        .collect();
+    assert!(
+        held.is_empty(),
+        "the spare holds the listening socket: {held:?}"
+    );
+
+    // The only worker stops: connections queue, and a spare that accepted would answer them.
+    signal(worker, Signal::SIGSTOP);
+    let addr = server.tcp_addr();
+    let mut clients: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).expect("connect");
+            s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                .expect("write");
+            s.set_read_timeout(Some(Duration::from_millis(1500)))
+                .expect("timeout");
+            s
+        })
+        .collect();
+    for c in &mut clients {
+        let mut byte = [0u8; 1];
+        match c.read(&mut byte) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            other => {
+                signal(worker, Signal::SIGCONT);
+                panic!("a connection was answered while the only worker was stopped: {other:?}");
+            }
+        }
+    }
+    let standing = rows(&server);
+    assert!(
+        standing
+            .iter()
+            .any(|r| r.pid == spare.pid && r.role == "spare" && r.state == "standby"),
+        "the spare still stands by: {standing:#?}"
+    );
+
+    // The worker resumes and answers every queued connection itself.
+    signal(worker, Signal::SIGCONT);
+    for mut c in clients {
+        c.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+        let mut text = String::new();
+        c.read_to_string(&mut text).expect("the response");
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(
+            text.to_ascii_lowercase()
+                .contains(&format!("x-tine-worker: {worker}\r\n")),
+            "answered by the worker {worker}, not the spare {}: {text}",
+            spare.pid
+        );
+    }
+}
+
+#[test]
+fn a_spare_takes_over_when_a_worker_dies_and_a_new_spare_is_made() {
+    let server = launch(1, &["--spare-workers", "1"]);
+    let worker = server.wait_workers(1, READY_TIMEOUT)[0];
+    let spare = wait_spare(&server, "at start", |_| true);
+    let mark = server.log.mark();
+    signal(worker, Signal::SIGKILL);
+    wait_worker_is(&server, 0, spare.pid);
+    server
+        .log
+        .wait_for_log_since(mark, "hot_spare=true", SETTLE);
+    assert_eq!(served_by(&server), spare.pid);
+    // It was handed the listening socket when activated.
+    let monitor = socket_inodes(server.pid);
+    assert!(
+        socket_inodes(spare.pid).iter().any(|i| monitor.contains(i)),
+        "the activated spare holds the listening socket"
+    );
+    let next = wait_spare(&server, "made after the takeover", |r| {
+        r.pid != spare.pid && r.pid != worker
+    });
+    assert_eq!(next.generation, 0);
+    let status = server.status();
+    assert_eq!(status["spare_activations"], 1, "{status}");
+}
+
+#[test]
+fn a_spare_takes_over_from_a_worker_recycled_at_max_requests() {
+    let server = launch(
+        1,
+        &[
+            "--spare-workers",
+            "1",
+            "--max-requests",
+            "10",
+            "--max-requests-jitter",
+            "0",
+        ],
+    );
+    let worker = server.wait_workers(1, READY_TIMEOUT)[0];
+    let spare = wait_spare(&server, "at start", |_| true);
+    let mark = server.log.mark();
+    for _ in 0..10 {
+        assert_eq!(served_by(&server), worker);
+    }
+    wait_worker_is(&server, 0, spare.pid);
+    let line = server
+        .log
+        .wait_for_log_since(mark, "hot_spare=true", SETTLE);
+    assert!(line.contains(&format!("pid={}", spare.pid)), "{line}");
+    server
+        .log
+        .wait_for_log_since(mark, "reason=max_requests", SETTLE);
+    assert_eq!(served_by(&server), spare.pid);
+    wait_spare(&server, "made after the recycle", |r| r.pid != spare.pid);
+}
+
+#[test]
+fn a_spare_is_the_worker_a_scale_up_adds() {
+    let server = launch(1, &["--spare-workers", "1"]);
+    let worker = server.wait_workers(1, READY_TIMEOUT)[0];
+    let spare = wait_spare(&server, "at start", |_| true);
+    assert_eq!(server.ctl(&["scale", "2"]).unwrap().trim(), "workers: 2");
+    wait_worker_is(&server, 1, spare.pid);
+    wait_worker_is(&server, 0, worker);
+    wait_spare(&server, "made after the scale-up", |r| r.pid != spare.pid);
+}
+
+#[test]
+fn a_spare_that_dies_is_replaced_and_the_workers_are_untouched() {
+    let server = launch(2, &["--spare-workers", "1"]);
+    let workers = server.wait_workers(2, READY_TIMEOUT);
+    let spare = wait_spare(&server, "at start", |_| true);
+    let mark = server.log.mark();
+    signal(spare.pid, Signal::SIGKILL);
+    server.log.wait_for_log_since(mark, "spare died", SETTLE);
+    wait_spare(&server, "replacing the one killed", |r| r.pid != spare.pid);
+    assert_eq!(server.wait_workers(2, READY_TIMEOUT), workers);
+}
+
+#[test]
+fn a_refork_refreshes_the_spare_from_the_new_mold() {
+    let server = launch(2, &["--spare-workers", "1"]);
+    server.wait_workers(2, READY_TIMEOUT);
+    let old = wait_spare(&server, "at start", |r| r.generation == 0);
+    let reply = server.ctl(&["refork"]).expect("refork");
+    assert!(reply.contains("gen:1"), "{reply}");
+    let new = wait_spare(&server, "of gen:1", |r| r.generation == 1);
+    assert_ne!(new.pid, old.pid);
+    let rows = rows(&server);
+    assert!(
+        rows.iter()
+            .filter(|r| r.role == "worker")
+            .all(|r| r.generation == 1),
+        "{rows:#?}"
+    );
+}
+
+#[test]
+fn a_reload_refreshes_the_spare_from_the_new_mold() {
+    let server = launch(2, &["--spare-workers", "1"]);
+    server.wait_workers(2, READY_TIMEOUT);
+    let old = wait_spare(&server, "at start", |r| r.generation == 0);
+    let reply = server.ctl(&["reload"]).expect("reload");
+    assert!(reply.contains("reloaded"), "{reply}");
+    let new = wait_spare(&server, "of the reloaded generation", |r| r.generation >= 1);
+    assert_ne!(new.pid, old.pid);
+    assert!(
+        poll_until(SETTLE, || gone(old.pid).then_some(())).is_some(),
+        "the old spare {} is still alive",
+        old.pid
+    );
+    let rows = rows(&server);
+    let mold = rows.iter().find(|r| r.role == "mold").expect("a mold");
+    assert_eq!(new.generation, mold.generation, "{rows:#?}");
+}
+
+#[test]
+fn with_no_spares_a_dead_worker_is_replaced_by_a_fresh_boot() {
+    let server = launch(1, &["--spare-workers", "0"]);
+    let worker = server.wait_workers(1, READY_TIMEOUT)[0];
+    let status = server.status();
+    assert_eq!(status["spare_workers"], 0, "{status}");
+    let mark = server.log.mark();
+    signal(worker, Signal::SIGKILL);
+    let ready = server
+        .log
+        .wait_for_log_since(mark, "worker[0] (gen:0) ready", SETTLE);
+    assert!(
+        ready.contains("elapsed_ms=") && !ready.contains("spare"),
+        "a worker forked and booted: {ready}"
+    );
+    let pid = server.wait_workers(1, READY_TIMEOUT)[0];
+    assert_ne!(pid, worker);
+    let rows = rows(&server);
+    assert!(rows.iter().all(|r| r.role != "spare"), "{rows:#?}");
+    assert!(
+        !server.log.text().contains("spare"),
+        "{}",
+        server.log.text()
+    );
+}
