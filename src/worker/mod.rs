@@ -153,16 +153,16 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
         }
     };
     let config = Arc::new(config.clone());
-    let (stop, channel) = runtime.block_on(serve(
+    let (stop, channel) = runtime.block_on(serve(Serving {
         handler,
         listeners,
-        config.clone(),
-        slot_writer,
+        config: config.clone(),
+        slot: slot_writer,
         channel,
-        worker.shutdown(),
-        profiler.as_ref().map(crate::profile::Agent::handle),
-        spare.then_some(generation),
-    ));
+        shutdown: worker.shutdown(),
+        profiler: profiler.as_ref().map(crate::profile::Agent::handle),
+        spare: spare.then_some(generation),
+    }));
     // A profile still running is written now; the thread must be gone before a promotion.
     if let Some(profiler) = profiler {
         profiler.shutdown();
@@ -230,18 +230,32 @@ fn take_identity(nr: u32, generation: u32) {
     crate::log::set_process_tag(format!("worker[{nr}] gen:{generation}"));
 }
 
-/// Serves until stopped; returns why it stopped. A hot spare (`spare`: its generation) first
-/// reports itself ready and waits for the monitor's `Activate`, accepting nothing meanwhile.
-async fn serve(
+/// What [`serve`] needs.
+struct Serving<'a> {
     handler: Handler,
-    listeners: &[Listener],
+    listeners: &'a [Listener],
     config: Arc<Config>,
     slot: SlotWriter<'static>,
     channel: Channel,
     shutdown: crate::app::Shutdown,
     profiler: Option<crate::profile::Handle>,
+    /// A hot spare's generation: it waits for `Activate` before it accepts.
     spare: Option<u32>,
-) -> (Stop, Option<Channel>) {
+}
+
+/// Serves until stopped; returns why it stopped. A hot spare first reports itself ready and
+/// waits for the monitor's `Activate`, accepting nothing meanwhile.
+async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
+    let Serving {
+        handler,
+        listeners,
+        config,
+        slot,
+        channel,
+        shutdown,
+        profiler,
+        spare,
+    } = serving;
     let channel = match crate::sys::fd::register_async(channel) {
         Ok(c) => c,
         Err(e) => {
