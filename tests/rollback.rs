@@ -536,6 +536,10 @@ fn a_rollout_that_fails_half_way_rolls_back(knob: &str, command: &str) {
     );
     wait_flowing(&load, 300, &server);
     let report = load.stop();
+    eprintln!(
+        "{command} failing half-way, rolled back, then fixed and rolled out ({STRICT_CONNECTIONS} strict connections): {}",
+        report.summary()
+    );
     assert!(
         report.lost.is_empty() && report.status(200) == report.answered,
         "{}; log:\n{}",
