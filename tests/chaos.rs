@@ -509,6 +509,8 @@ struct Probe {
     monitor_syscall: Option<u64>,
     monitor_cpu_ms: u64,
     client_state: char,
+    /// The system call the client is in (`None` while it runs).
+    client_syscall: Option<u64>,
 }
 
 impl Probe {
@@ -520,9 +522,11 @@ impl Probe {
                 .and_then(|rest| rest.chars().next())
                 .unwrap_or('?')
         };
-        let syscall = std::fs::read_to_string(format!("/proc/{monitor}/syscall"))
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse().ok());
+        let syscall = |pid: i32| {
+            std::fs::read_to_string(format!("/proc/{pid}/syscall"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        };
         let cpu = std::fs::read_to_string(format!("/proc/{monitor}/schedstat"))
             .ok()
             .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
@@ -530,20 +534,24 @@ impl Probe {
             / 1_000_000;
         Probe {
             monitor_state: state(monitor),
-            monitor_syscall: syscall,
+            monitor_syscall: syscall(monitor),
             monitor_cpu_ms: cpu,
             client_state: state(client),
+            client_syscall: syscall(client),
         }
     }
 }
 
 /// `poll(2)` on x86-64: the monitor's loop sleeps in it between events.
 const SYS_POLL: u64 = 7;
+/// `exit_group(2)` on x86-64: a `ctl` client in it has printed its reply and is ending.
+const SYS_EXIT_GROUP: u64 = 231;
 
 /// Whether a `ctl` call that timed out was only kept waiting for a CPU (`Ok`, with the evidence),
 /// or the monitor stalled (`Err`, with what it was seen doing). Starved: in every sample the
-/// monitor or the client was runnable (waiting for a CPU, or running), and the monitor did not
-/// spend the time computing (a busy loop would be a stall too). Stalled: a sample with both
+/// monitor or the client was runnable (waiting for a CPU, or running), or the monitor was idle
+/// with the client in `exit_group` (its reply printed, the kernel tearing it down), and the
+/// monitor did not spend the time computing (a busy loop would be a stall too). Stalled: a sample with both
 /// asleep in something other than the monitor's `poll` with the client waiting for its reply
 /// (the monitor blocked in a system call, or not woken for a request it had), or no sample at all.
 fn starved_not_stalled(probes: &[(Duration, Probe)]) -> Result<String, String> {
@@ -554,7 +562,12 @@ fn starved_not_stalled(probes: &[(Duration, Probe)]) -> Result<String, String> {
         let monitor_waits_for_cpu = p.monitor_state == 'R';
         let client_waits_for_cpu = p.client_state == 'R';
         let monitor_idle = p.monitor_state == 'S' && p.monitor_syscall == Some(SYS_POLL);
-        if !(monitor_waits_for_cpu || client_waits_for_cpu) {
+        // Seen in a 600 s run: the client stuck for over 9 s in `exit_group`, in D state in
+        // exit_mmap -> free_pgtables -> unlink_file_vma_batch_process (the lock of the file
+        // mapping every process of the tree shares: the tine executable), with its reply
+        // printed and the monitor idle. The kernel's, not the monitor's.
+        let client_exiting = p.client_syscall == Some(SYS_EXIT_GROUP);
+        if !(monitor_waits_for_cpu || client_waits_for_cpu || (monitor_idle && client_exiting)) {
             return Err(format!(
                 "at {at:.2?} the monitor was {} (syscall {:?}) and the client {}: {}",
                 p.monitor_state,
@@ -576,7 +589,7 @@ fn starved_not_stalled(probes: &[(Duration, Probe)]) -> Result<String, String> {
         ));
     }
     Ok(format!(
-        "in all {} samples the monitor or the client was runnable, waiting for a CPU (the monitor computed {cpu} ms of {sampled:.2?})",
+        "in all {} samples the monitor or the client was runnable (waiting for a CPU), or the client was exiting after its reply (the monitor computed {cpu} ms of {sampled:.2?})",
         probes.len()
     ))
 }
@@ -1210,11 +1223,12 @@ fn why_stopped(lines: &[String], pid: i32) -> String {
 }
 
 #[test]
-// Out of the default run until the control-socket stalls it finds are fixed (a `ctl` reply taking
-// 8–35 s about once in five to ten minutes of chaos: issue 10, bench/results/chaos.md); a flaky
-// test would block every landing. Run it with `cargo test --test chaos -- --include-ignored`
-// (bench/chaos/run.sh does).
-#[ignore = "control-socket stalls under chaos are open (issue 10); run with --include-ignored"]
+// Out of the default run while it is not reliable on the shared machine: the control-socket
+// stalls it found are explained and excused with evidence (bench/results/chaos.md), but one 60 s
+// run in four (seed 1796072012774922819, at 3d68571) did not converge: a reload interrupted by
+// kill -9 of the previous mold stayed "in progress" for good (issue 10 gap 2's area). Run it with
+// `cargo test --test chaos -- --include-ignored` (bench/chaos/run.sh does).
+#[ignore = "one 60 s run in four did not converge (a reload stuck in progress); run with --include-ignored"]
 fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
     let test_began = Instant::now();
     let seed = env_u64("CHAOS_SEED").unwrap_or_else(|| {

@@ -9,13 +9,19 @@
 #
 #   bench/chaos/run.sh                      # 10 minutes, a fresh seed
 #   CHAOS_SECONDS=60 CHAOS_SEED=42 bench/chaos/run.sh
+#   LOG=/tmp/chaos.log OUT=/tmp/chaos.md bench/chaos/run.sh   # keep the full log, write elsewhere
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 seconds=${CHAOS_SECONDS:-600}
 out=${OUT:-bench/results/chaos.md}
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+# LOG=path keeps the whole output of the test (the server's log included) there.
+if [ -n "${LOG:-}" ]; then
+    log=$LOG
+else
+    log=$(mktemp)
+    trap 'rm -f "$log"' EXIT
+fi
 
 started=$(date -u '+%Y-%m-%d %H:%M:%S UTC')
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
