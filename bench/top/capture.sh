@@ -19,12 +19,12 @@ TINE=$(realpath "$TINE")
 OUT=bench/results/top-screen.txt
 DIR=$(mktemp -d)
 SOCK="$DIR/tine.sock"
-TMUX_NAME="tine-capture-$$"
+TMUX_SOCK="$DIR/tmux.sock"
 LOAD_PID=""
 SLOW_PID=""
 
 cleanup() {
-  tmux -L "$TMUX_NAME" kill-server 2>/dev/null || true
+  tmux -S "$TMUX_SOCK" kill-server 2>/dev/null || true
   # shellcheck disable=SC2086 # a list of pids
   [ -n "$LOAD_PID" ] && kill $LOAD_PID 2>/dev/null || true
   [ -n "$SLOW_PID" ] && kill "$SLOW_PID" 2>/dev/null || true
@@ -71,12 +71,12 @@ load & LOAD_PID="$LOAD_PID $!"
 curl -s -o /dev/null "http://$ADDR/sleep/20000" &
 SLOW_PID=$!
 
-tmux -L "$TMUX_NAME" -f /dev/null new-session -d -s top -x 120 -y 24 \
+tmux -S "$TMUX_SOCK" -f /dev/null new-session -d -s top -x 120 -y 24 \
   "$TINE top --control-socket '$SOCK'"
 # Rates need two status replies; the slow request must be in flight and the killed worker back.
-wait_until "tmux -L '$TMUX_NAME' capture-pane -p -t top | grep -q 'GET /sleep/20000'" 30
-wait_until "[ \$(tmux -L '$TMUX_NAME' capture-pane -p -t top | grep -c ' ready\| busy') -ge 3 ]" 30
+wait_until "tmux -S '$TMUX_SOCK' capture-pane -p -t top | grep -q 'GET /sleep/20000'" 30
+wait_until "[ \$(tmux -S '$TMUX_SOCK' capture-pane -p -t top | grep -c ' ready\| busy') -ge 3 ]" 30
 sleep 3 # a few more refreshes, so that requests/s and CPU % cover whole intervals
-tmux -L "$TMUX_NAME" capture-pane -p -t top | sed -e 's/[[:space:]]*$//' >"$OUT"
+tmux -S "$TMUX_SOCK" capture-pane -p -t top | sed -e 's/[[:space:]]*$//' >"$OUT"
 echo "captured $OUT:"
 cat "$OUT"

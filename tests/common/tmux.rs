@@ -1,28 +1,26 @@
 //! A terminal program under test, as a person sees it: tmux runs it in a detached session of a
 //! given size, [`Tmux::keys`] types, [`Tmux::screen`] reads what is shown. Each [`Tmux`] has a
-//! tmux server of its own (its own socket name, no config file), killed with everything in it
-//! when the value drops, pass or fail.
+//! tmux server of its own (its socket in a temp dir of its own, no config file), killed with
+//! everything in it when the value drops, pass or fail, and its socket removed.
 
 use std::ffi::OsStr;
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use super::poll_until;
+use super::{poll_until, TempDir};
 
 /// One tmux server with one session running one shell command.
 pub struct Tmux {
-    socket: String,
+    /// Holds the server's socket; removed after the server is killed (fields drop after `drop`).
+    dir: TempDir,
 }
 
 impl Tmux {
     /// Starts `sh -c SCRIPT` in a new detached session of `width`×`height` cells. `env` is set in
     /// the shell. Panics with a clear message if tmux is missing (`.ci/run` installs it).
     pub fn start(width: u16, height: u16, script: &str, env: &[(&str, &OsStr)]) -> Tmux {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let tmux = Tmux {
-            socket: format!("tine-test-{}-{n}", std::process::id()),
+            dir: TempDir::new(),
         };
         // The script is given through the environment, so no quoting of it is needed.
         let mut cmd = tmux.command();
@@ -45,7 +43,8 @@ impl Tmux {
 
     fn command(&self) -> Command {
         let mut cmd = Command::new("tmux");
-        cmd.args(["-u", "-L", &self.socket, "-f", "/dev/null"]);
+        cmd.args(["-u", "-f", "/dev/null", "-S"])
+            .arg(self.dir.join("tmux.sock"));
         cmd
     }
 
