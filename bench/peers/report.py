@@ -286,7 +286,10 @@ def cell(vals, goal, higher_better):
         return "n/a", None
     m, (lo, hi) = med(vals), spread(vals)
     ok = m >= goal if higher_better else m <= goal
-    return f"{'**met**' if ok else '**not met**'} {m:.2f} ({lo:.2f}–{hi:.2f})", ok
+    # A verdict on the median alone would hide a spread that crosses the goal: say so.
+    crosses = lo <= goal <= hi and len(vals) > 1
+    verdict = ("met" if ok else "not met") + (" (median; spread crosses the goal)" if crosses else "")
+    return f"**{verdict}** {m:.2f} ({lo:.2f}–{hi:.2f})", (None if crosses else ok)
 
 
 rows = []
@@ -317,8 +320,9 @@ for name, goal_s, goal, hb, f in rows:
     p(f"| {name} | {goal_s} | " + " | ".join(cells) + " |")
 p("")
 for t, oks in verdicts.items():
-    known = [x for x in oks if x is not None]
-    p(f"- {LABEL.get(t, t)}: {sum(known)} of {len(known)} checks met.")
+    met, not_met = oks.count(True), oks.count(False)
+    p(f"- {LABEL.get(t, t)}: {met} checks met and {not_met} not met with every round on the same side of the goal; "
+      f"{len(oks) - met - not_met} undecided (the rounds' spread crosses the goal).")
 p("")
 for layout in ("pinned", "shared"):
     o = R.get(f"open_{layout}")
