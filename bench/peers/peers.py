@@ -41,6 +41,7 @@ OPEN_FRACTIONS = [float(x) for x in os.environ.get("OPEN_FRACTIONS", "0.5,0.9").
 KILLS = env_int("KILLS", 7)
 RELOADS = env_int("RELOADS", 3)
 STRICT_CONNS = env_int("STRICT_CONNS", 16)
+RELOAD_TIMEOUT = env_int("RELOAD_TIMEOUT", 90)  # puma's phased restart waits up to worker_shutdown_timeout (30 s) per worker
 PORT_BASE = env_int("PORT_BASE", 19600)
 PHASES = os.environ.get("PHASES", "shared,open-shared,reload,pinned,open-pinned,kill").split(",")
 ONLY = [x for x in os.environ.get("ONLY", "").split(",") if x]
@@ -397,7 +398,7 @@ def kill_to_serving(server):
 def reload_losses(server):
     """Strict non-retrying POST load; RELOADS graceful reloads, each waited until every worker is new."""
     proc = subprocess.Popen([LOADGEN, "strict", "--addr", f"127.0.0.1:{server.port}", "--conns", str(STRICT_CONNS),
-                             "--seconds", str(30 + RELOADS * 35)],
+                             "--seconds", str(30 + RELOADS * (RELOAD_TIMEOUT + 5))],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     durations, t_start = [], time.monotonic()
     try:
@@ -410,14 +411,14 @@ def reload_losses(server):
             server.track()
             t0 = time.monotonic()
             os.kill(server.pid, server.reload_sig)
-            deadline = t0 + 30
+            deadline = t0 + RELOAD_TIMEOUT
             while True:
                 server.track()
                 now = server.workers()
                 if len(now) == server.nworkers and not (set(now) & old):
                     break
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{server.name}: reload {i} did not replace every worker in 30 s")
+                    raise RuntimeError(f"reload {i + 1} had not replaced every worker after {RELOAD_TIMEOUT} s")
                 time.sleep(0.01)
             durations.append(time.monotonic() - t0)
             time.sleep(1)  # steady load between reloads
@@ -497,7 +498,7 @@ def main():
     work = tempfile.mkdtemp(prefix="tine-bench-peers.")
     results = {"settings": {k: globals()[k] for k in (
         "ROUNDS", "DURATION", "WARMUP", "CONNS", "OPEN_SECONDS", "OPEN_CONNS", "OPEN_FRACTIONS", "KILLS", "RELOADS",
-        "STRICT_CONNS", "PHASES", "QUIET_WAIT", "QUIET_MAX_BUSY")}, "default_sched_batch": DEFAULT_BATCH, "loadavg_before": loadavg(),
+        "STRICT_CONNS", "RELOAD_TIMEOUT", "PHASES", "QUIET_WAIT", "QUIET_MAX_BUSY")}, "default_sched_batch": DEFAULT_BATCH, "loadavg_before": loadavg(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "servers": {}, "commands": {}}
     for name, label, kind in specs:
         results["servers"][name] = {"label": label, "kind": kind}
@@ -553,7 +554,12 @@ def main():
                     if s.reload_sig is None:
                         continue
                     wait_quiet()
-                    r = reload_losses(s)
+                    try:
+                        r = reload_losses(s)
+                    except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as e:
+                        log(f"reload {s.name} failed: {e}")
+                        results.setdefault("failures", {})[f"reload {s.name}"] = str(e)
+                        continue
                     results["reload"][s.name] = r
                     log(f"reload {s.name}: {len(r['lost'])} lost in {RELOADS} reloads, answered {r['answered']}, "
                         f"connect errors {r['connect_errors']}, reload s {[round(x, 2) for x in r['reload_seconds']]}")
@@ -562,7 +568,12 @@ def main():
                 for s in servers:
                     if s.kind == "hyper":
                         continue
-                    samples, failed = kill_to_serving(s)
+                    try:
+                        samples, failed = kill_to_serving(s)
+                    except (RuntimeError, OSError) as e:
+                        log(f"kill -9 {s.name} failed: {e}")
+                        results.setdefault("failures", {})[f"kill {s.name}"] = str(e)
+                        continue
                     results["kill"][s.name] = samples
                     results.setdefault("kill_failed_tries", {})[s.name] = failed
                     log(f"kill -9 {s.name}: ms {[round(x, 2) for x in samples]}, failed tries {failed}")

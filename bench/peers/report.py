@@ -234,10 +234,15 @@ p(f"tine's default `sched_batch` at this commit: **{R['default_sched_batch']}**;
 for title, svg in charts:
     p(f"![{title}]({svg})\n")
 
+if R.get("failures"):
+    p("**Measurements that failed** (the rest of the run went on):\n")
+    for what, why in R["failures"].items():
+        p(f"- {what}: {why}")
+    p("")
 p("## All servers\n")
 p("Medians over interleaved rounds (min–max in brackets). Shared: 2 workers, wrk on the same 2 cores. "
   "Pinned: 1 worker, the whole server tree on CPU 0 (`taskset -c 0`), wrk on CPU 1.\n")
-p("| server | req/s shared | req/s pinned | p50 / p99 shared | p50 / p99 pinned | server CPU per request (shared) | "
+p("| server | req/s shared | req/s pinned | p50 / p99 shared | p50 / p99 pinned | server CPU per request shared / pinned | "
   "idle PSS per worker | idle PSS rest | kill -9 → answered | lost per reload |")
 p("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for s in SERVERS:
@@ -258,13 +263,22 @@ for s in SERVERS:
     rel = R.get("reload", {}).get(s)
     rel_s = f"{len(rel['lost']) / R['settings']['RELOADS']:g} ({len(rel['lost'])} of {rel['answered'] + len(rel['lost']):,})" \
         if rel else ("n/a" if R["servers"][s]["kind"] == "hyper" else "not run")
-    cpu = med(wrk("shared", s, "server_cpu_us_per_req"))
+    cpu = " / ".join("n/a" if c is None else f"{c:.2f} µs" for c in
+                     (med(wrk(layout, s, "server_cpu_us_per_req")) for layout in ("shared", "pinned")))
     p(f"| {LABEL.get(s, s)} | {rs('shared')} | {rs('pinned')} | {lat('shared')} | {lat('pinned')} | "
-      f"{'n/a' if cpu is None else f'{cpu:.1f} µs'} | {fmt_mib(worker_pss(s))} | {rest} | {kill_s} | {rel_s} |")
+      f"{cpu} | {fmt_mib(worker_pss(s))} | {rest} | {kill_s} | {rel_s} |")
 p("")
 if R.get("kill_failed_tries"):
     p("kill -9 → answered: connects or requests that failed (refused, reset, closed) before the answer, all kills: "
       + ", ".join(f"{LABEL.get(s, s)} {n}" for s, n in R["kill_failed_tries"].items()) + ".\n")
+p("Server CPU per request: user+system CPU of the server's whole process tree during a wrk run "
+  "(/proc/PID/stat) divided by the requests it answered. Unlike req/s and latency it hardly depends "
+  "on what else the machine runs, so on a busy machine it is the steadiest comparison of cost.\n")
+busy = [r["machine_busy_other_pct"] for layout in ("shared", "pinned") for rs_ in R.get(f"wrk_{layout}", {}).values()
+        for r in rs_]
+if busy:
+    p(f"Other work on the machine during the wrk runs (CPU not used by the server under test or wrk, % of "
+      f"all cores): median {med(busy):.0f}%, min {min(busy):.0f}%, max {max(busy):.0f}%.\n")
 errs = {(layout, s): sum(sum(r["errors"].values()) for r in R.get(f"wrk_{layout}", {}).get(s, []))
         for layout in ("shared", "pinned") for s in SERVERS}
 if any(errs.values()):
@@ -285,6 +299,8 @@ def cell(vals, goal, higher_better):
     if not vals:
         return "n/a", None
     m, (lo, hi) = med(vals), spread(vals)
+    if goal is None:  # shown for context, no verdict
+        return f"{m:.2f} ({lo:.2f}–{hi:.2f})", "context"
     ok = m >= goal if higher_better else m <= goal
     # A verdict on the median alone would hide a spread that crosses the goal: say so.
     crosses = lo <= goal <= hi and len(vals) > 1
@@ -297,6 +313,9 @@ for layout, goal in (("pinned", 1.0), ("shared", 1.05)):
     for peer in ("nginx", "hyper"):
         rows.append((f"req/s {layout}, ÷ {LABEL.get(peer, peer)}", f"≥ {goal}", goal, True,
                      lambda t, layout=layout, peer=peer: paired(layout, t, peer)))
+for layout in ("pinned", "shared"):
+    rows.append((f"server CPU per request {layout}, ÷ nginx (lower is cheaper)", "not a goal", None, False,
+                 lambda t, layout=layout: paired(layout, t, "nginx", "server_cpu_us_per_req")))
 for layout in ("shared", "pinned"):
     rows.append((f"p99 at saturation {layout} (wrk), ÷ nginx", "≤ 1.5", 1.5, False,
                  lambda t, layout=layout: paired(layout, t, "nginx", "p99_us")))
@@ -315,7 +334,8 @@ for name, goal_s, goal, hb, f in rows:
         if t not in SERVERS:
             continue
         c, ok = cell(f(t), goal, hb)
-        verdicts.setdefault(t, []).append(ok)
+        if ok != "context":
+            verdicts.setdefault(t, []).append(ok)
         cells.append(c)
     p(f"| {name} | {goal_s} | " + " | ".join(cells) + " |")
 p("")
