@@ -179,13 +179,16 @@ if "wrk_shared" in R:
          PEERS, series, fmt_us, log=True, tick_fmt=tick_us)
     charts.append(("Latency at saturation", "peers-latency.svg"))
 if any(R["servers"][s].get("memory_idle") for s in PEERS):
-    series = [("idle PSS per worker", "#2f9e44", [worker_pss(s) for s in PEERS], None, None),
+    def mib(kb):
+        return None if kb is None else kb / 1024
+    series = [("idle PSS per worker", "#2f9e44", [mib(worker_pss(s)) for s in PEERS], None, None),
               ("idle PSS of the rest (master/monitor, mold)", "#b2f2bb",
-               [sum(R["servers"][s]["memory_idle"]["overhead_pss_kb"]) if R["servers"][s].get("memory_idle") else None
+               [mib(sum(R["servers"][s]["memory_idle"]["overhead_pss_kb"]))
+                if R["servers"][s].get("memory_idle") and R["servers"][s]["kind"] != "hyper" else None
                 for s in PEERS], None, None)]
     hbar("peers-memory.svg", "Idle memory: PSS (lower is better)",
          "/proc/PID/smaps_rollup after start-up, before any load; 2 workers; hyper is one process",
-         PEERS, series, lambda kb: f"{kb / 1024:.1f} MiB")
+         PEERS, series, lambda m: f"{m:.1f} MiB", tick_fmt=lambda m: f"{m:g} MiB")
     charts.append(("Memory", "peers-memory.svg"))
 if R.get("kill"):
     ks = [s for s in PEERS if s in R["kill"]]
@@ -200,7 +203,7 @@ if R.get("reload"):
     hbar("peers-reload.svg", "Requests lost per graceful reload, strict non-retrying client (lower is better)",
          f"{R['settings']['STRICT_CONNS']} kept-alive connections sending POSTs; {n} reloads each; 2 workers",
          rs, [("lost per reload", "#c92a2a", [len(R["reload"][s]["lost"]) / n for s in rs], None, None)],
-         lambda v: f"{v:g}")
+         lambda v: f"{v:.1f}")
     charts.append(("Reload", "peers-reload.svg"))
 for layout in ("pinned", "shared"):
     o = R.get(f"open_{layout}")
@@ -261,7 +264,7 @@ for s in SERVERS:
     kill_s = f"{fmt_ms(med(kill))} ({fmt_ms(min(kill))}–{fmt_ms(max(kill))})" if kill else "n/a (no supervisor)" \
         if R["servers"][s]["kind"] == "hyper" else "not run"
     rel = R.get("reload", {}).get(s)
-    rel_s = f"{len(rel['lost']) / R['settings']['RELOADS']:g} ({len(rel['lost'])} of {rel['answered'] + len(rel['lost']):,})" \
+    rel_s = f"{len(rel['lost']) / R['settings']['RELOADS']:.1f} ({len(rel['lost'])} of {rel['answered'] + len(rel['lost']):,})" \
         if rel else ("n/a" if R["servers"][s]["kind"] == "hyper" else "not run")
     cpu = " / ".join("n/a" if c is None else f"{c:.2f} µs" for c in
                      (med(wrk(layout, s, "server_cpu_us_per_req")) for layout in ("shared", "pinned")))
