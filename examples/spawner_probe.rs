@@ -31,6 +31,19 @@ impl Job for Echo {
     }
 }
 
+/// An output of `len` bytes.
+#[derive(Serialize, Deserialize)]
+struct Bytes {
+    len: usize,
+}
+impl Job for Bytes {
+    const NAME: &'static str = "probe.bytes";
+    type Output = Vec<u8>;
+    fn run(self) -> Vec<u8> {
+        vec![7; self.len]
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct Pid;
 impl Job for Pid {
@@ -305,6 +318,7 @@ fn main() -> anyhow::Result<()> {
     }
     let spawner = Spawner::builder()
         .register::<Echo>()
+        .register::<Bytes>()
         .register::<Pid>()
         .register::<Crash>()
         .register::<Sleep>()
@@ -338,6 +352,18 @@ fn main() -> anyhow::Result<()> {
                 .await
             });
             result(json!({"case": "async", "expect_sum": sum, "r": outcome(r)}));
+            // Past the wire's limit of one message (64 MiB), either way: a clear error for that
+            // call, and the pool serves on.
+            let huge = 65 << 20;
+            result(
+                json!({"case": "job_too_big", "r": outcome(pool.run_blocking(Echo { text: "huge".into(), blob: vec![0; huge] }))}),
+            );
+            result(
+                json!({"case": "output_too_big", "r": outcome(pool.run_blocking(Bytes { len: huge }).map(|v| v.len()))}),
+            );
+            result(
+                json!({"case": "after_too_big", "r": outcome(pool.run_blocking(Bytes { len: 3 }))}),
+            );
             // Many concurrent callers on 2 workers: every result must come back to its caller.
             let p = pool.clone();
             let rs = rt.block_on(async move {

@@ -178,6 +178,20 @@ fn results_round_trip() {
         "a 1 MB job crosses several packets"
     );
     assert_eq!(big["r"]["ok"][2], big["expect_sum"]);
+    for name in ["job_too_big", "output_too_big"] {
+        let display = case(&r, name)["r"]["err"]["display"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(
+            display.contains("over the wire's limit"),
+            "{name}: {:?}",
+            case(&r, name)
+        );
+    }
+    assert_eq!(
+        case(&r, "after_too_big")["r"]["ok"],
+        serde_json::json!([7, 7, 7])
+    );
     let a = case(&r, "async");
     assert_eq!(a["r"]["ok"][0], "ASYNC");
     assert_eq!(a["r"]["ok"][2], a["expect_sum"]);

@@ -319,6 +319,18 @@ impl Inner {
             side: Side::EncodeJob,
             message: e.to_string(),
         })?;
+        if body.len() > wire::MAX_MESSAGE {
+            return Err(Error::Serialization {
+                pid: None,
+                side: Side::EncodeJob,
+                message: format!(
+                    "the job is {} bytes encoded, over the wire's limit of {} (pass big data as a \
+                     descriptor, e.g. a memfd)",
+                    body.len(),
+                    wire::MAX_MESSAGE
+                ),
+            });
+        }
         // An idle worker may have died meanwhile (killed from outside): the job never reached it,
         // so it is safe to try once more on another one.
         for attempt in 0..2 {

@@ -344,6 +344,16 @@ fn reply(msg: &FromWorker, fds: &[RawFd]) {
     let Some(chan) = CHANNEL.get() else { return };
     match wire::encode(msg) {
         Ok(body) => {
+            if body.len() > wire::MAX_MESSAGE {
+                // The caller would refuse it: tell it why instead of leaving it waiting.
+                let why = format!(
+                    "the output is {} bytes encoded, over the wire's limit of {} (pass big data as \
+                     a descriptor, e.g. a memfd)",
+                    body.len(),
+                    wire::MAX_MESSAGE
+                );
+                return reply(&FromWorker::Failed(Failure::Encode(why)), &[]);
+            }
             // A caller that went away (cancelled) shows up as EPIPE: nothing to tell anyone.
             let _ = wire::send(chan.as_fd(), &body, fds);
         }

@@ -20,6 +20,10 @@ pub(crate) const VERSION: u8 = 2;
 /// Largest body of one packet; larger messages are split (AF_UNIX datagrams are bounded by the
 /// socket send buffer, about 200 KiB by default).
 const MAX_BODY: usize = 64 * 1024;
+/// Largest body of one whole message. A receiver reassembling a message of many packets refuses it
+/// past this size (and skips its remaining packets) instead of growing its buffer without bound on
+/// a peer's say-so; a sender refuses to send one. Bigger data travels as a descriptor (a memfd).
+pub(crate) const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 /// Most descriptors one message may carry (the kernel's SCM_MAX_FD is 253).
 pub(crate) const MAX_FDS: usize = 200;
 const FLAG_MORE: u8 = 1;
@@ -189,6 +193,9 @@ pub(crate) fn send(fd: BorrowedFd<'_>, body: &[u8], fds: &[RawFd]) -> io::Result
             ),
         ));
     }
+    if body.len() > MAX_MESSAGE {
+        return Err(too_large(body.len()));
+    }
     let mut chunks = body.chunks(MAX_BODY).peekable();
     let mut first = true;
     if body.is_empty() {
@@ -245,6 +252,8 @@ pub(crate) struct Receiver {
     partial: Vec<u8>,
     fds: Vec<OwnedFd>,
     in_message: bool,
+    /// The rest of a refused message's packets are still to come: they are dropped.
+    skipping: bool,
 }
 
 impl Default for Receiver {
@@ -262,6 +271,7 @@ impl Receiver {
             partial: Vec::new(),
             fds: Vec::new(),
             in_message: false,
+            skipping: false,
         }
     }
 
@@ -326,10 +336,24 @@ impl Receiver {
                 )));
             }
             let more = self.scratch[1] & FLAG_MORE != 0;
+            if self.skipping {
+                // A packet of a message already refused as too large.
+                self.fds.clear();
+                self.skipping = more;
+                continue;
+            }
             if !more && !self.in_message {
                 // The common case: a message of one packet.
                 let body = self.scratch[2..n].to_vec();
                 return Ok(Received::Message(body, std::mem::take(&mut self.fds)));
+            }
+            if self.partial.len() + (n - 2) > MAX_MESSAGE {
+                let len = self.partial.len() + (n - 2);
+                self.reset();
+                // Give the memory back: a refused message should not keep its buffer.
+                self.partial = Vec::new();
+                self.skipping = more;
+                return Err(too_large(len));
             }
             self.partial.extend_from_slice(&self.scratch[2..n]);
             self.in_message = more;
@@ -360,6 +384,13 @@ impl Receiver {
         self.fds.clear();
         self.in_message = false;
     }
+}
+
+fn too_large(len: usize) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("message over the wire's limit ({len} > {MAX_MESSAGE} bytes)"),
+    )
 }
 
 fn bad(what: &str) -> io::Error {
@@ -462,5 +493,40 @@ mod fuzz {
                 other => prop_assert!(false, "{:?}", other),
             }
         }
+    }
+
+    /// A peer that sends a message of many packets past [`MAX_MESSAGE`] gets it refused before the
+    /// receiver holds more than the limit, its remaining packets are skipped, and the next
+    /// message on the same socket arrives whole.
+    #[test]
+    fn a_message_past_the_limit_is_refused_and_the_next_one_arrives() {
+        let (tx, rx) = pair();
+        let sender = std::thread::spawn(move || {
+            let chunk = vec![7u8; MAX_BODY];
+            let packets = MAX_MESSAGE / MAX_BODY + 2;
+            for i in 0..packets {
+                let flags = if i + 1 < packets { FLAG_MORE } else { 0 };
+                send_packet(tx.as_fd(), &[VERSION, flags], &chunk, &[]).unwrap();
+            }
+            let next = encode(&FromWorker::Done(b"after".to_vec())).unwrap();
+            send(tx.as_fd(), &next, &[]).unwrap();
+            tx
+        });
+        let mut receiver = Receiver::new();
+        let err = receiver.recv(rx.as_fd(), false).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        assert!(err.to_string().contains("limit"), "{err}");
+        match receiver.recv(rx.as_fd(), false).unwrap() {
+            Received::Message(body, _) => match decode::<FromWorker>(&body).unwrap() {
+                FromWorker::Done(out) => assert_eq!(out, b"after"),
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+        let _tx = sender.join().unwrap();
+        // And nobody sends one.
+        let (tx, _rx) = pair();
+        let err = send(tx.as_fd(), &vec![0; MAX_MESSAGE + 1], &[]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
     }
 }
