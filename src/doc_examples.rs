@@ -19,6 +19,9 @@ pub struct Config;
 #[doc = include_str!("../docs/DEPLOYMENT.md")]
 pub struct Deployment;
 
+#[doc = include_str!("../docs/DEBUGGING.md")]
+pub struct Debugging;
+
 #[doc = include_str!("../docs/FAQ.md")]
 pub struct Faq;
 

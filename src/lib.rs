@@ -103,9 +103,17 @@
 //! **Spawner** ([`spawner`]). Separate from the server: a process forked first thing in `main`
 //! that runs typed jobs in pooled, isolated worker processes.
 //!
+//! **Seeing inside** (`profile`, docs/DEBUGGING.md). Each worker runs one more thread,
+//! `tine-profile`, joined before the worker exits or is promoted. `SIGUSR2` to a worker (or
+//! `tine ctl profile`, through the monitor and the channel) starts a CPU profile: `ITIMER_PROF`
+//! sends `SIGPROF` to the running thread, whose handler records its stack into a preallocated
+//! buffer; the thread writes a flamegraph when it stops. A worker found hung is sent a real-time
+//! signal on each thread before the kill; each records its stack, and the thread logs them,
+//! symbolized.
+//!
 //! Raw system calls are wrapped in [`sys`] only; the rest is safe Rust. Signals: `INT` quick
-//! stop, `TERM`/`QUIT` graceful stop, `HUP` reload, `USR2` refork, `USR1` reopen logs,
-//! `TTIN`/`TTOU` one worker more/less.
+//! stop, `TERM`/`QUIT` graceful stop, `HUP` reload, `USR2` refork (to a worker: toggle its
+//! profile), `USR1` reopen logs, `TTIN`/`TTOU` one worker more/less.
 #![deny(missing_docs)]
 
 // The application server: everything but the spawner and `sys` (Cargo feature `server`, on by
