@@ -465,11 +465,14 @@ async fn unary_loop(
                     tally.pids.lock().unwrap().insert(reply.pid);
                     tally.calls_ok.fetch_add(1, Ordering::Relaxed);
                 } else {
-                    tally.fail(format!("{name}: wrong reply {reply:?}"));
+                    tally.fail(format!("{kind} {name}: wrong reply {reply:?}"));
                 }
             }
-            Ok(Err(status)) => tally.fail(format!("{name}: {status:?}")),
-            Err(_) => tally.fail(format!("{name}: no answer within {CALL_TIMEOUT:?}")),
+            Ok(Err(status)) => tally.fail(format!("{kind} {name}: {status:?}")),
+            Err(_) => tally.fail(format!(
+                "{kind} {name}: no answer within {CALL_TIMEOUT:?} (sent at {} ms)",
+                now_ms() - CALL_TIMEOUT.as_millis() as u64
+            )),
         }
         i += 1;
     }
@@ -514,11 +517,13 @@ async fn stream_loop(
                 tally.streams_ok.fetch_add(1, Ordering::Relaxed);
             }
             Ok((replies, end)) => tally.fail(format!(
-                "stream {i}: {} messages ({:?}…), ended {end:?}",
+                "{kind} stream {i}: {} messages ({:?}…), ended {end:?}",
                 replies.len(),
                 replies.first()
             )),
-            Err(_) => tally.fail(format!("stream {i}: not over within {CALL_TIMEOUT:?}")),
+            Err(_) => tally.fail(format!(
+                "{kind} stream {i}: not over within {CALL_TIMEOUT:?} (started at {started} ms)"
+            )),
         }
         i += 1;
     }
