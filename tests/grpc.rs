@@ -537,15 +537,17 @@ struct Settled {
 }
 
 /// The tree once it is settled: one mold and `workers` ready workers of its generation, numbered
-/// 0..workers.
+/// 0..workers (and any hot spares).
 fn settled(server: &Server, workers: usize) -> Option<Settled> {
     let rows = child_rows(server, &server.status())?;
     let molds: Vec<_> = rows.iter().filter(|r| r.role == "mold").collect();
     let [mold] = molds[..] else { return None };
     let mut ws: Vec<_> = rows.iter().filter(|r| r.role == "worker").collect();
     ws.sort_by_key(|r| r.nr);
+    // Hot spares (`spare_workers`) stand by beside the workers and serve nothing until used.
+    let spares = rows.iter().filter(|r| r.role == "spare").count();
     let ok = mold.state == "mold"
-        && rows.len() == workers + 1
+        && rows.len() == workers + 1 + spares
         && ws.iter().enumerate().all(|(i, w)| {
             w.nr == Some(i as u64)
                 && w.generation == mold.generation
