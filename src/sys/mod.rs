@@ -7,16 +7,16 @@
 //! counting threads, replace descriptors other values own) are crate-private, each with a
 //! `# Contract` section its callers uphold; these do not compile outside the crate:
 //!
-//! ```compile_fail,E0603
+//! ```compile_fail
 //! let _ = tine::sys::fd::adopt(0);
 //! ```
-//! ```compile_fail,E0603
+//! ```compile_fail
 //! let _ = tine::sys::process::close_fds_except(&[0, 1, 2]);
 //! ```
-//! ```compile_fail,E0603
+//! ```compile_fail
 //! let _ = tine::sys::spawner::fork_single_threaded();
 //! ```
-//! ```compile_fail,E0603
+//! ```compile_fail
 //! let _ = tine::sys::fd::renew_socket_pair(3, 4);
 //! ```
 
