@@ -709,9 +709,10 @@ fn not_converged(server: &Server, target: usize) -> Option<String> {
     }
     // The process table agrees: the monitor has no other child (the workers' own children
     // belong to the app).
+    // Hot spare workers (`tine-spare`, issue 13) are children of the monitor by design.
     let children: Vec<TreeProc> = tree_states(server.pid)
         .into_iter()
-        .filter(|p| p.ppid == server.pid && p.state != 'Z')
+        .filter(|p| p.ppid == server.pid && p.state != 'Z' && !p.comm.starts_with("tine-spare"))
         .collect();
     if children.len() != target + 1 {
         return Some(format!(
