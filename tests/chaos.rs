@@ -1224,12 +1224,6 @@ fn why_stopped(lines: &[String], pid: i32) -> String {
 }
 
 #[test]
-// Out of the default run while it is not reliable on the shared machine: the control-socket
-// stalls it found are explained and excused with evidence (bench/results/chaos.md), but one 60 s
-// run in four (seed 1796072012774922819, at 3d68571) did not converge: a reload interrupted by
-// kill -9 of the previous mold stayed "in progress" for good (issue 10 gap 2's area). Run it with
-// `cargo test --test chaos -- --include-ignored` (bench/chaos/run.sh does).
-#[ignore = "one 60 s run in four did not converge (a reload stuck in progress); run with --include-ignored"]
 fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
     let test_began = Instant::now();
     let seed = env_u64("CHAOS_SEED").unwrap_or_else(|| {
