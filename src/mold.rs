@@ -143,14 +143,7 @@ fn spawn_requested<A: App>(
     fork_failures: &mut u32,
 ) -> bool {
     let Some(fd) = fds.into_iter().next() else {
-        let _ = start.channel.send(
-            &Report::SpawnFailed {
-                slot,
-                request,
-                error: "no channel passed".into(),
-            },
-            &[],
-        );
+        report_spawn_failed(start, slot, request, "no channel passed");
         return false;
     };
     match spawn_worker(app, start, (nr, slot, request), Channel::from_fd(fd)) {
@@ -163,14 +156,7 @@ fn spawn_requested<A: App>(
                 *fork_failures += 1;
             }
             tracing::error!(error = %e, nr, "fork failed");
-            let _ = start.channel.send(
-                &Report::SpawnFailed {
-                    slot,
-                    request,
-                    error: e.to_string(),
-                },
-                &[],
-            );
+            report_spawn_failed(start, slot, request, &e);
         }
     }
     *fork_failures >= 2
@@ -233,18 +219,24 @@ fn spawn_worker<A: App>(
                 }
             }),
             Err(e) => {
-                let _ = start.channel.send(
-                    &Report::SpawnFailed {
-                        slot,
-                        request,
-                        error: e.to_string(),
-                    },
-                    &[],
-                );
+                report_spawn_failed(start, slot, request, &e);
                 1
             }
         }),
     }
+}
+
+/// Answers the monitor's request `request` (for scoreboard slot `slot`): no worker comes of it,
+/// and why. A failed send means the monitor is gone, and the mold follows it anyway.
+fn report_spawn_failed(start: &Start<'_>, slot: u32, request: u64, error: impl std::fmt::Display) {
+    let _ = start.channel.send(
+        &Report::SpawnFailed {
+            slot,
+            request,
+            error: error.to_string(),
+        },
+        &[],
+    );
 }
 
 /// A worker whose runtime is gone becomes the mold of `generation`.

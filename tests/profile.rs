@@ -8,11 +8,10 @@ mod common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::strict::StrictLoad;
-use common::{poll_until, tine_bin, Addr, Launch, Log, Server};
+use common::{ctl_within, poll_until, spawn_ctl, Addr, Launch, Server};
 use nix::sys::signal::Signal;
 
 /// A profile is symbolized with the debug build's full debug information: seconds on a busy CI.
@@ -52,41 +51,14 @@ fn read_flamegraph(svg: &Path) -> String {
     text
 }
 
-/// Starts `tine ctl ARGS` against `server`; returns it with its stdout and stderr being read.
-fn spawn_ctl(server: &Server, args: &[&str]) -> (std::process::Child, Log, Log) {
-    let mut child = Command::new(tine_bin())
-        .arg("ctl")
-        .arg("--control-socket")
-        .arg(&server.control_socket)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn tine ctl");
-    let out = Log::capture(child.stdout.take().expect("stdout"));
-    let err = Log::capture(child.stderr.take().expect("stderr"));
-    (child, out, err)
-}
-
 /// `tine ctl ARGS` with a longer patience than the harness's (a profile takes its length, then
 /// symbolizing): stdout on success, stderr on failure.
 fn ctl_slow(server: &Server, args: &[&str]) -> Result<String, String> {
-    let (mut child, out, err) = spawn_ctl(server, args);
-    let Some(status) = poll_until(WRITE_TIMEOUT + Duration::from_secs(20), || {
-        child.try_wait().ok().flatten()
-    }) else {
-        let _ = child.kill();
-        let _ = child.wait();
-        return Err(format!("tine ctl {args:?} did not finish"));
-    };
-    out.wait_eof(Duration::from_secs(2));
-    err.wait_eof(Duration::from_secs(2));
-    if status.success() {
-        Ok(out.text())
-    } else {
-        Err(err.text())
-    }
+    ctl_within(
+        &server.control_socket,
+        args,
+        WRITE_TIMEOUT + Duration::from_secs(20),
+    )
 }
 
 /// The worker's pid with number `nr` in `ctl status`.
@@ -212,8 +184,10 @@ fn ctl_profile_prints_the_path_of_a_valid_svg_and_status_marks_the_worker() {
     assert!(err.contains("not a worker number"), "{err}");
 
     // A JSON profile of worker 1, watched from `ctl status` while it runs.
-    let (mut json_run, json_out, _json_err) =
-        spawn_ctl(&server, &["profile", "1", "--seconds", "3", "--json"]);
+    let (mut json_run, json_out, _json_err) = spawn_ctl(
+        &server.control_socket,
+        &["profile", "1", "--seconds", "3", "--json"],
+    );
     let marked = poll_until(Duration::from_secs(10), || {
         let status = server.status();
         status["processes"]

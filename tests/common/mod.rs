@@ -830,24 +830,18 @@ impl Drop for Server {
 /// Runs `tine ctl --control-socket SOCKET ARGS…` (bounded by [`CTL_TIMEOUT`]): stdout on success,
 /// stderr on failure.
 pub fn ctl(socket: &Path, args: &[&str]) -> Result<String, String> {
-    let mut child = Command::new(tine_bin())
-        .arg("ctl")
-        .arg("--control-socket")
-        .arg(socket)
-        .args(args)
-        .env_remove("TINE_CONTROL_SOCKET")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn tine ctl");
-    let out = Log::capture(child.stdout.take().expect("stdout"));
-    let err = Log::capture(child.stderr.take().expect("stderr"));
-    let Some(status) = poll_until(CTL_TIMEOUT, || child.try_wait().ok().flatten()) else {
+    ctl_within(socket, args, CTL_TIMEOUT)
+}
+
+/// [`ctl`] with another patience (a command that answers only once its work is done, such as
+/// `ctl profile --seconds N`).
+pub fn ctl_within(socket: &Path, args: &[&str], patience: Duration) -> Result<String, String> {
+    let (mut child, out, err) = spawn_ctl(socket, args);
+    let Some(status) = poll_until(patience, || child.try_wait().ok().flatten()) else {
         let _ = child.kill();
         let _ = child.wait();
         return Err(format!(
-            "tine ctl {args:?} did not finish within {CTL_TIMEOUT:?}"
+            "tine ctl {args:?} did not finish within {patience:?}"
         ));
     };
     out.wait_eof(Duration::from_secs(2));
@@ -863,6 +857,25 @@ pub fn ctl(socket: &Path, args: &[&str]) -> Result<String, String> {
     } else {
         Err(format!("{status}: {}", text(&err)))
     }
+}
+
+/// Starts `tine ctl --control-socket SOCKET ARGS…`; returns it with its stdout and stderr being
+/// read (for a test that watches a command while it runs).
+pub fn spawn_ctl(socket: &Path, args: &[&str]) -> (std::process::Child, Log, Log) {
+    let mut child = Command::new(tine_bin())
+        .arg("ctl")
+        .arg("--control-socket")
+        .arg(socket)
+        .args(args)
+        .env_remove("TINE_CONTROL_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tine ctl");
+    let out = Log::capture(child.stdout.take().expect("stdout"));
+    let err = Log::capture(child.stderr.take().expect("stderr"));
+    (child, out, err)
 }
 
 // ---------------------------------------------------------------------------------------------
