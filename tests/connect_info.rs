@@ -9,41 +9,13 @@ use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use common::{Addr, Launch, Server};
+use common::client_addr::{self, ClientAddr};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A running `examples/client_addr`, its TCP address and unix socket path.
-struct Running {
-    _server: Server,
-    tcp: std::net::SocketAddr,
-    sock: std::path::PathBuf,
-    /// Holds the socket's directory (dropped after the server).
-    _dir: common::TempDir,
-}
-
 /// Starts `examples/client_addr` on a TCP port and a unix socket.
-fn start() -> Running {
-    let dir = common::TempDir::new();
-    let sock = dir.join("client_addr.sock");
-    let server = Launch::example("client_addr")
-        .args(["--workers", "1", "--listen", "127.0.0.1:0", "--listen"])
-        .arg(format!("unix:{}", sock.display()))
-        .start();
-    let addrs = server.addrs();
-    let tcp = addrs
-        .iter()
-        .find_map(|a| match a {
-            Addr::Tcp(a) => Some(*a),
-            Addr::Unix(_) => None,
-        })
-        .expect("a TCP listener");
-    Running {
-        _server: server,
-        tcp,
-        sock,
-        _dir: dir,
-    }
+fn start() -> ClientAddr {
+    client_addr::start(&[])
 }
 
 /// Sends `GET path` with `Connection: close` on `stream`; returns the status and body.
@@ -79,7 +51,7 @@ fn unix(path: &std::path::Path) -> UnixStream {
 
 #[test]
 fn a_tcp_request_carries_its_peer_and_local_address() {
-    let Running { tcp: addr, .. } = &start();
+    let ClientAddr { tcp: addr, .. } = &start();
     let addr = *addr;
     for _ in 0..3 {
         let stream = tcp(addr);
@@ -92,7 +64,7 @@ fn a_tcp_request_carries_its_peer_and_local_address() {
 
 #[test]
 fn a_unix_request_carries_the_client_credentials_and_socket_path() {
-    let Running { sock, .. } = &start();
+    let ClientAddr { sock, .. } = &start();
     let (status, body) = get_on(unix(sock), "/");
     assert_eq!(status, 200, "{body}");
     let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
@@ -109,7 +81,7 @@ fn a_unix_request_carries_the_client_credentials_and_socket_path() {
 #[cfg(feature = "axum")]
 #[test]
 fn axums_connect_info_extractor_gets_the_tcp_peer() {
-    let Running {
+    let ClientAddr {
         tcp: addr, sock, ..
     } = &start();
     let addr = *addr;
@@ -126,7 +98,7 @@ fn axums_connect_info_extractor_gets_the_tcp_peer() {
 /// The same over HTTP/2 (prior knowledge), with the h2 crate as the client.
 #[test]
 fn an_http2_request_carries_its_peer_too() {
-    let Running { tcp: addr, .. } = &start();
+    let ClientAddr { tcp: addr, .. } = &start();
     let addr = *addr;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

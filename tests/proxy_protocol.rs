@@ -12,47 +12,14 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use common::{Addr, Launch, Server};
+use common::client_addr::{self, ClientAddr};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
-struct Running {
-    server: Server,
-    tcp: SocketAddr,
-    sock: std::path::PathBuf,
-    _dir: common::TempDir,
-}
-
-fn start() -> Running {
-    let dir = common::TempDir::new();
-    let sock = dir.join("proxied.sock");
-    let server = Launch::example("client_addr")
-        .args([
-            "--workers",
-            "1",
-            "--proxy-protocol",
-            "--header-read-timeout",
-            "1",
-            "--listen",
-            "127.0.0.1:0",
-            "--listen",
-        ])
-        .arg(format!("unix:{}", sock.display()))
-        .start();
-    let tcp = server
-        .addrs()
-        .iter()
-        .find_map(|a| match a {
-            Addr::Tcp(a) => Some(*a),
-            Addr::Unix(_) => None,
-        })
-        .expect("a TCP listener");
-    Running {
-        server,
-        tcp,
-        sock,
-        _dir: dir,
-    }
+/// `examples/client_addr` behind the PROXY protocol (a short head deadline for the incomplete
+/// header tests).
+fn start() -> ClientAddr {
+    client_addr::start(&["--proxy-protocol", "--header-read-timeout", "1"])
 }
 
 /// Sends `header`, then `GET path` with `Connection: close`; returns the whole answer (empty if

@@ -22,6 +22,7 @@
 
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod client_addr;
 pub mod metrics;
 pub mod websocket;
 
