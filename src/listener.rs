@@ -130,6 +130,36 @@ impl Listener {
         Ok(())
     }
 
+    /// Stops new connections from joining this socket's queue, for every process that holds it,
+    /// while the connections already queued stay there to be accepted: the first step of a stop
+    /// of the whole tree, before any process lets go of the socket.
+    ///
+    /// Closing alone cannot do it. The kernel resets the connections queued on a listening socket
+    /// when its last descriptor closes, and those clients have usually written their request
+    /// already. Whatever process closes last (a worker just after taking its queue, or the mold,
+    /// which never accepts, exiting after every worker has drained) leaves a window in which new
+    /// connections are queued only to be reset: at 16 connections reconnecting after
+    /// `Connection: close`, a mold exiting 20 ms after the last worker cost every one of them.
+    ///
+    /// TCP: a socket filter dropping SYN segments is attached, shared by every descriptor of the
+    /// socket. A new connect is not answered; its SYN is retried (1 s later) and meets the closed
+    /// port then: refused, no request written. A handshake already answered completes (its ACK
+    /// has no SYN flag) and joins the queue. Unix: the socket's path is removed, so a new connect
+    /// fails at once (`ENOENT`); those queued stay.
+    ///
+    /// Not for a socket systemd passed in: systemd keeps it for the next start, which must be
+    /// able to connect (the caller skips it).
+    pub(crate) fn refuse_new_connections(&self) -> io::Result<()> {
+        match self {
+            Listener::Tcp(l, _) => socket2::SockRef::from(l).attach_filter(&DROP_SYN_FILTER),
+            Listener::Unix(_, ListenAddr::Unix(path)) => match std::fs::remove_file(path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+            Listener::Unix(..) => Ok(()),
+        }
+    }
+
     /// Listens again in this process after [`Listener::close_in_place`]: `socket` (the same
     /// listening socket, passed by the monitor) takes the descriptor number back.
     pub(crate) fn reopen_in_place(&self, socket: std::os::fd::OwnedFd) -> io::Result<()> {
@@ -177,5 +207,109 @@ pub fn remove_stale_socket(path: &std::path::Path) -> io::Result<()> {
             "another server is listening on this socket",
         )),
         Err(_) => std::fs::remove_file(path),
+    }
+}
+
+/// A classic BPF program for a listening TCP socket: drop a segment with the SYN flag, keep the
+/// rest. The kernel runs a TCP socket's filter with the packet starting at the TCP header (see
+/// `tcp_filter`), whose byte 13 holds the flags; SYN is 0x02.
+const DROP_SYN_FILTER: [libc::sock_filter; 4] = [
+    // A = the flags byte.
+    bpf(libc::BPF_LD | libc::BPF_B | libc::BPF_ABS, 0, 0, 13),
+    // SYN set: on to "drop", else skip it.
+    bpf(libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K, 0, 1, 0x02),
+    // Drop: keep 0 bytes.
+    bpf(libc::BPF_RET | libc::BPF_K, 0, 0, 0),
+    // Keep the whole segment.
+    bpf(libc::BPF_RET | libc::BPF_K, 0, 0, u32::MAX),
+];
+
+/// One BPF instruction.
+const fn bpf(code: u32, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+    libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Duration;
+
+    /// After `refuse_new_connections`, a connection queued before it is still accepted and
+    /// served, a new connect gets no answer (its SYN is dropped, not queued to be reset later),
+    /// and once the socket closes a connect is refused.
+    #[test]
+    fn a_refusing_tcp_listener_keeps_its_queue_and_queues_nothing_new() {
+        let std_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = std_listener.local_addr().unwrap();
+        let listener = Listener::Tcp(std_listener, ListenAddr::Tcp(addr));
+        let mut queued = TcpStream::connect(addr).unwrap();
+        queued.write_all(b"ping").unwrap();
+
+        listener.refuse_new_connections().unwrap();
+
+        let late = TcpStream::connect_timeout(&addr, Duration::from_millis(300));
+        assert!(
+            late.as_ref()
+                .is_err_and(|e| e.kind() == io::ErrorKind::TimedOut),
+            "a connect after refuse_new_connections: {late:?}"
+        );
+        let Listener::Tcp(l, _) = &listener else {
+            unreachable!()
+        };
+        let (mut accepted, _) = l.accept().unwrap();
+        let mut got = [0u8; 4];
+        accepted.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ping");
+        accepted.write_all(b"pong").unwrap();
+        queued.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"pong");
+        // Nothing else made it into the queue.
+        l.set_nonblocking(true).unwrap();
+        assert_eq!(
+            l.accept().map(|_| ()).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+
+        drop(listener);
+        let closed = TcpStream::connect(addr);
+        assert!(
+            closed
+                .as_ref()
+                .is_err_and(|e| e.kind() == io::ErrorKind::ConnectionRefused),
+            "a connect once the socket closed: {closed:?}"
+        );
+    }
+
+    /// A unix listener that refuses new connections cannot be reached by its path any more;
+    /// the connection queued before is still accepted.
+    #[test]
+    fn a_refusing_unix_listener_keeps_its_queue() {
+        let dir = std::env::temp_dir().join(format!("tine-refuse-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let _ = std::fs::remove_file(&path);
+        let std_listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let listener = Listener::Unix(std_listener, ListenAddr::Unix(path.clone()));
+        let mut queued = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        queued.write_all(b"ping").unwrap();
+
+        listener.refuse_new_connections().unwrap();
+
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_err());
+        let Listener::Unix(l, _) = &listener else {
+            unreachable!()
+        };
+        let (mut accepted, _) = l.accept().unwrap();
+        let mut got = [0u8; 4];
+        accepted.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ping");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

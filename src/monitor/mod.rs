@@ -375,9 +375,20 @@ impl Monitor {
             graceful,
             deadline: Instant::now() + wait,
         };
-        // Nothing will accept again: the socket closes as the children stop listening, and new
-        // connections are refused rather than queued to be reset at exit (a systemd socket unit
-        // keeps its own copy, queuing them for the next start).
+        // Nothing will accept again. First no new connection may join a queue (before any child
+        // hears of the stop and takes its queue for the last time): whichever process lets go
+        // of a socket last, the mold included, would reset what joined after that last take,
+        // requests already written. A systemd socket unit keeps its own copy, queuing new
+        // connections for the next start: its sockets are left as they are. Then the socket
+        // closes as the children stop listening, and a new connect is refused.
+        for l in &self.listeners {
+            if self.activated {
+                break;
+            }
+            if let Err(e) = l.refuse_new_connections() {
+                tracing::warn!(error = %e, listener = %l.addr(), "cannot stop new connections from queuing");
+            }
+        }
         for l in &self.listeners {
             if let Err(e) = l.close_in_place() {
                 tracing::warn!(error = %e, listener = %l.addr(), "cannot close the listener");
