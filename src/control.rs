@@ -419,11 +419,8 @@ pub(crate) fn child_state(c: &Child, view: Option<&SlotView>) -> &'static str {
     }
 }
 
-/// The monitor, then molds, workers by number and hot spares; `memory` reads a process's memory.
-pub(crate) fn process_rows(
-    m: &Monitor,
-    memory: &mut dyn FnMut(i32) -> meminfo::Memory,
-) -> Vec<ProcessRow> {
+/// The monitor, then molds, workers by number and hot spares, with memory from the monitor's cache.
+pub(crate) fn process_rows(m: &Monitor) -> Vec<ProcessRow> {
     let pid = std::process::id() as i32;
     let generation = m.current_mold().map(|(_, c)| c.generation).unwrap_or(0);
     let mut rows = vec![ProcessRow {
@@ -442,7 +439,7 @@ pub(crate) fn process_rows(
         accept_pauses: 0,
         oldest_request: None,
         uptime_s: m.started.elapsed().as_secs(),
-        mem: memory(pid),
+        mem: m.memory.get(pid),
         profiling: None,
     }];
     let mut children: Vec<_> = m.children.iter().filter(|(_, c)| c.pid.is_some()).collect();
@@ -467,18 +464,16 @@ pub(crate) fn process_rows(
             accept_pauses: view.as_ref().map(|v| v.accept_pauses).unwrap_or(0),
             oldest_request,
             uptime_s: c.started.elapsed().as_secs(),
-            mem: memory(c.pid_raw()),
+            mem: m.memory.get(c.pid_raw()),
             profiling: m
                 .profiles
                 .running(c.pid_raw())
                 .map(|run| (run.since.elapsed(), run.seconds)),
         });
     }
+    let live: Vec<i32> = rows.iter().map(|r| r.pid).collect();
+    m.memory.retain(&live);
     rows
-}
-
-fn rows(m: &Monitor) -> Vec<ProcessRow> {
-    process_rows(m, &mut |pid| meminfo::memory(pid).unwrap_or_default())
 }
 
 pub(crate) fn shared_percent(mem: &meminfo::Memory) -> f64 {
@@ -504,7 +499,7 @@ fn status_text(m: &Monitor) -> String {
         "USS_KB",
         "SHARED"
     );
-    let rows = rows(m);
+    let rows = process_rows(m);
     let total_pss: u64 = rows.iter().map(|r| r.mem.pss_kb).sum();
     for r in &rows {
         out.push_str(&format!(
@@ -560,7 +555,7 @@ fn status_text(m: &Monitor) -> String {
 /// top` shows comes from here: per process also its CPU time (`cpu_ms`, for CPU %), and for the
 /// tree restarts by reason, the listeners' accept queues and the recent events.
 pub(crate) fn status_json(m: &Monitor) -> serde_json::Value {
-    let rows = rows(m);
+    let rows = process_rows(m);
     let total_pss: u64 = rows.iter().map(|r| r.mem.pss_kb).sum();
     let processes: Vec<_> = rows
         .iter()

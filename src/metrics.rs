@@ -9,7 +9,8 @@
 //! What is exported comes from the monitor's table and the scoreboard: workers by state and
 //! generation, requests (per worker, in flight, the tree's total including exited processes),
 //! restarts by reason, reforks, log lines the tree could not write, memory per process (RSS, PSS,
-//! USS: `smaps_rollup` walks page tables, so each process's figures are cached for a few seconds)
+//! USS: `smaps_rollup` walks page tables, so the figures come from the monitor's one cache,
+//! `monitor::memory`, shared with `ctl status`: at most 1 s old)
 //! and the accept-queue depth of every listener (from the kernel's `sock_diag` netlink interface,
 //! which also covers unix listeners, whose queue `/proc/net/unix` does not show).
 
@@ -24,7 +25,6 @@ use crate::control::{child_state, process_rows, AcceptBackoff, AcceptError, Proc
 use crate::ipc::scoreboard::Scoreboard;
 use crate::listener::Listener;
 use crate::monitor::{Kind, Monitor};
-use crate::sys::meminfo::{self, Memory};
 
 /// Largest request head accepted (request line and headers).
 const MAX_HEAD: usize = 8 * 1024;
@@ -38,15 +38,12 @@ const DRAIN_DEADLINE: Duration = Duration::from_millis(500);
 /// Bytes read from one client per wake-up of the monitor, at most: a client that keeps sending
 /// cannot hold the single-threaded monitor (hang checks, reaping, `ctl`) in a read loop.
 const READ_BUDGET: usize = 64 * 1024;
-/// How long a process's memory figures are reused.
-const MEMORY_TTL: Duration = Duration::from_secs(5);
 
 /// The metrics listener and its clients.
 pub(crate) struct MetricsServer {
     listener: TcpListener,
     clients: Vec<Client>,
     next_id: u64,
-    memory: HashMap<i32, (Instant, Memory)>,
     /// Highest total of requests reported: the counter never goes back, even while a promoted
     /// worker's count moves from its slot to the scoreboard header.
     requests_high_water: u64,
@@ -98,7 +95,6 @@ impl MetricsServer {
             listener,
             clients: Vec::new(),
             next_id: 0,
-            memory: HashMap::new(),
             requests_high_water: 0,
             backoff: AcceptBackoff::default(),
         })
@@ -273,18 +269,6 @@ impl MetricsServer {
         self.clients.retain(|c| {
             c.since.elapsed() < CLIENT_DEADLINE && c.draining_until.is_none_or(|u| now < u)
         });
-    }
-
-    /// Memory of `pid`, read at most every [`MEMORY_TTL`].
-    fn memory(&mut self, pid: i32) -> Memory {
-        if let Some((at, m)) = self.memory.get(&pid) {
-            if at.elapsed() < MEMORY_TTL {
-                return *m;
-            }
-        }
-        let m = meminfo::memory(pid).unwrap_or_default();
-        self.memory.insert(pid, (Instant::now(), m));
-        m
     }
 }
 
@@ -463,9 +447,7 @@ pub(crate) fn total_requests(board: &Scoreboard) -> u64 {
 /// The whole exposition.
 fn render(m: &Monitor, server: &mut MetricsServer) -> String {
     let mut out = String::with_capacity(4096);
-    let rows = process_rows(m, &mut |pid| server.memory(pid));
-    let live: Vec<i32> = rows.iter().map(|r| r.pid).collect();
-    server.memory.retain(|pid, _| live.contains(pid));
+    let rows = process_rows(m);
 
     family(
         &mut out,

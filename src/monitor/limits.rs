@@ -96,11 +96,11 @@ impl Monitor {
                     .is_none_or(|t| t.elapsed() > Duration::from_secs(5))
             {
                 c.pss_checked = Some(Instant::now());
-                if let Some(m) = meminfo::memory(pid.as_raw()) {
-                    if m.pss_kb > cfg.max_pss_mb * 1024 {
-                        recycle.push((*slot, format!("max_pss_mb (pss {} MiB)", m.pss_kb / 1024)));
-                        continue;
-                    }
+                // From the cache `ctl status` and the metrics share (zeros for a process gone).
+                let m = self.memory.get(pid.as_raw());
+                if m.pss_kb > cfg.max_pss_mb * 1024 {
+                    recycle.push((*slot, format!("max_pss_mb (pss {} MiB)", m.pss_kb / 1024)));
+                    continue;
                 }
             }
             if cfg.max_cpu_seconds > 0 {

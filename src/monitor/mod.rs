@@ -7,6 +7,7 @@
 mod children;
 pub(crate) mod events;
 mod limits;
+pub(crate) mod memory;
 mod profiling;
 mod refork;
 mod reload;
@@ -142,6 +143,8 @@ pub(crate) struct Monitor {
     pub(crate) events: events::Events,
     /// Workers' profiles and the `ctl profile` clients waiting for them.
     pub(crate) profiles: profiling::Profiles,
+    /// Every process's memory figures, shared by `ctl status`, the metrics and the limits.
+    pub(crate) memory: memory::MemoryCache,
     /// Hot spares that took over from a worker (see `spares`), for metrics.
     pub(crate) spare_activations: u64,
 }

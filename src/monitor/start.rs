@@ -143,6 +143,7 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
         resource_errors_total: 0,
         events: super::events::Events::default(),
         profiles: Default::default(),
+        memory: Default::default(),
         spare_activations: 0,
     };
     if !monitor.config.watch.is_empty() || !monitor.config.watch_boot.is_empty() {
