@@ -15,6 +15,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
 
 use crate::app::BoxError;
+use crate::file_body::FileBody;
 
 /// A response body: a complete buffer kept inline, or any other body boxed.
 pub struct Body {
@@ -25,6 +26,8 @@ enum Kind {
     /// A complete buffer; `None` once it has been yielded (or if it was empty).
     Full(Option<Bytes>),
     Boxed(UnsyncBoxBody<Bytes, BoxError>),
+    /// A range of an open file: sent with `sendfile(2)` on HTTP/1, read in chunks elsewhere.
+    File(Box<FileBody>),
 }
 
 impl Body {
@@ -40,6 +43,20 @@ impl Body {
     pub fn empty() -> Body {
         Body {
             kind: Kind::Full(None),
+        }
+    }
+
+    /// A body of `len` bytes of `file` from `offset` (hyper writes its `Content-Length`).
+    ///
+    /// On an HTTP/1 connection the bytes go from the page cache to the socket with
+    /// `sendfile(2)`, never copied through the worker; on HTTP/2 they are read in chunks. Either
+    /// way the worker's thread never waits for a disk: what is not in the page cache is read in
+    /// tokio's blocking pool first. The file is read where it is at the time it is sent: a file
+    /// that shrinks meanwhile ends the response with an error (the connection closes before the
+    /// promised length), never with other bytes.
+    pub fn file(file: std::fs::File, offset: u64, len: u64) -> Body {
+        Body {
+            kind: Kind::File(Box::new(FileBody::new(file, offset, len))),
         }
     }
 
@@ -93,6 +110,14 @@ impl Body {
     pub(crate) fn is_complete(&self) -> bool {
         matches!(self.kind, Kind::Full(_))
     }
+
+    /// The file this body sends, if it is one ([`Body::file`]).
+    pub(crate) fn file_mut(&mut self) -> Option<&mut FileBody> {
+        match &mut self.kind {
+            Kind::File(f) => Some(f),
+            _ => None,
+        }
+    }
 }
 
 impl Default for Body {
@@ -109,6 +134,7 @@ impl std::fmt::Debug for Body {
                 .field(&b.as_ref().map_or(0, Bytes::len))
                 .finish(),
             Kind::Boxed(_) => f.write_str("Body::Boxed"),
+            Kind::File(b) => f.debug_tuple("Body::File").field(&b.len()).finish(),
         }
     }
 }
@@ -124,6 +150,7 @@ impl http_body::Body for Body {
         match &mut self.get_mut().kind {
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Kind::Boxed(b) => Pin::new(b).poll_frame(cx),
+            Kind::File(b) => b.poll_frame(cx).map_err(Into::into),
         }
     }
 
@@ -131,6 +158,7 @@ impl http_body::Body for Body {
         match &self.kind {
             Kind::Full(b) => b.is_none(),
             Kind::Boxed(b) => b.is_end_stream(),
+            Kind::File(b) => b.is_end_stream(),
         }
     }
 
@@ -138,6 +166,7 @@ impl http_body::Body for Body {
         match &self.kind {
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Boxed(b) => b.size_hint(),
+            Kind::File(b) => SizeHint::with_exact(b.len()),
         }
     }
 }

@@ -132,6 +132,8 @@ pub mod config;
 mod control;
 #[cfg(all(doctest, feature = "server"))]
 mod doc_examples;
+#[cfg(feature = "server")]
+mod file_body;
 #[cfg(feature = "tonic")]
 pub mod grpc;
 #[cfg(feature = "server")]

@@ -9,7 +9,6 @@
 
 use std::convert::Infallible;
 use std::fs::File;
-use std::future::Future as _;
 use std::io;
 use std::os::fd::AsFd;
 use std::path::{Component, Path, PathBuf};
@@ -26,10 +25,9 @@ use tine::config::FollowSymlinks;
 use tine::sys::fs::{open_beneath, read_cached_at, Symlinks};
 use tine::Handler;
 
-/// Files up to this size are answered with one buffer read at once; larger ones are streamed in
-/// chunks of this size. Large chunks keep the per-chunk cost (a read, a wake-up, a write) small
-/// next to the copying; the buffer of a chunk is freed once hyper has written it.
-const CHUNK: usize = 256 * 1024;
+/// Files (ranges) up to this size are read at once into one buffer; larger ones are sent from the
+/// file ([`Body::file`]).
+const READ_AT_ONCE: usize = 16 * 1024;
 
 /// The name served for a directory requested with a trailing slash.
 const INDEX: &str = "index.html";
@@ -344,11 +342,13 @@ fn serve_file(
     with_validators(r)
 }
 
-/// `len` bytes of `file` from `start`. A file up to [`CHUNK`] whose bytes are in the page cache is
-/// read at once on the worker's thread (no task, no copy but the kernel's); anything else is a
-/// [`FileBody`] that goes on the same way chunk by chunk.
+/// `len` bytes of `file` from `start`. Up to [`READ_AT_ONCE`] bytes in the page cache are read at
+/// once on the worker's thread and answered as one buffer (for a small file one read costs less
+/// than setting up `sendfile`); anything else is a [`Body::file`], sent from the page cache with
+/// `sendfile(2)` on HTTP/1 (read in chunks on HTTP/2), never waiting for a disk on the worker's
+/// thread.
 fn file_body(file: File, start: u64, len: u64) -> io::Result<Body> {
-    if len <= CHUNK as u64 {
+    if len <= READ_AT_ONCE as u64 {
         let mut bytes = Vec::new();
         loop {
             let missing = len as usize - bytes.len();
@@ -359,21 +359,17 @@ fn file_body(file: File, start: u64, len: u64) -> io::Result<Body> {
             match read_cached_at(&file, &mut bytes, missing, at) {
                 Ok(0) => return Err(shrank()),
                 Ok(_) => {}
+                // Not (all) cached: the body reads it in the blocking pool.
                 Err(e) if must_wait(&e) => break,
                 Err(e) => return Err(e),
             }
         }
-        // Not (all) cached: the rest comes from the blocking pool, like a large file's.
-        let read = bytes.len() as u64;
-        let mut body = FileBody::new(file, start + read, len - read);
-        body.first = (read > 0).then(|| Bytes::from(bytes));
-        return Ok(Body::new(body));
     }
-    Ok(Body::new(FileBody::new(file, start, len)))
+    Ok(Body::file(file, start, len))
 }
 
 /// Whether a read failed only because its bytes are not in the page cache (or the filesystem
-/// cannot say): then it is done in the blocking pool instead.
+/// cannot say).
 fn must_wait(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::EOPNOTSUPP)
 }
@@ -383,94 +379,6 @@ fn shrank() -> io::Error {
         io::ErrorKind::UnexpectedEof,
         "the file shrank while it was served",
     )
-}
-
-/// A file's bytes `[offset, offset + remaining)` as a body, in chunks of up to [`CHUNK`]: each read
-/// on the worker's thread when the page cache has it (`RWF_NOWAIT`), else in tokio's blocking
-/// pool, so a disk read never stalls the worker's other connections.
-struct FileBody {
-    file: Arc<File>,
-    offset: u64,
-    remaining: u64,
-    /// Bytes already read, yielded first.
-    first: Option<Bytes>,
-    /// A read waiting for the disk.
-    blocking: Option<tokio::task::JoinHandle<io::Result<Vec<u8>>>>,
-}
-
-impl FileBody {
-    fn new(file: File, offset: u64, remaining: u64) -> FileBody {
-        FileBody {
-            file: Arc::new(file),
-            offset,
-            remaining,
-            first: None,
-            blocking: None,
-        }
-    }
-
-    fn advance(&mut self, chunk: Vec<u8>) -> Option<Result<http_body::Frame<Bytes>, io::Error>> {
-        if chunk.is_empty() {
-            self.remaining = 0;
-            return Some(Err(shrank()));
-        }
-        self.offset += chunk.len() as u64;
-        self.remaining -= chunk.len() as u64;
-        Some(Ok(http_body::Frame::data(Bytes::from(chunk))))
-    }
-}
-
-impl http_body::Body for FileBody {
-    type Data = Bytes;
-    type Error = io::Error;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, io::Error>>> {
-        use std::task::Poll;
-        let this = self.get_mut();
-        if let Some(first) = this.first.take() {
-            return Poll::Ready(Some(Ok(http_body::Frame::data(first))));
-        }
-        if let Some(task) = &mut this.blocking {
-            let read = std::task::ready!(std::pin::Pin::new(task).poll(cx));
-            this.blocking = None;
-            return Poll::Ready(match read.map_err(io::Error::other).and_then(|r| r) {
-                Ok(chunk) => this.advance(chunk),
-                Err(e) => Some(Err(e)),
-            });
-        }
-        if this.remaining == 0 {
-            return Poll::Ready(None);
-        }
-        let want = this.remaining.min(CHUNK as u64) as usize;
-        let mut chunk = Vec::new();
-        match read_cached_at(&this.file, &mut chunk, want, this.offset) {
-            Ok(_) => Poll::Ready(this.advance(chunk)),
-            Err(e) if must_wait(&e) => {
-                let (file, offset) = (this.file.clone(), this.offset);
-                this.blocking = Some(tokio::task::spawn_blocking(move || {
-                    use std::os::unix::fs::FileExt as _;
-                    let mut chunk = vec![0; want];
-                    let n = file.read_at(&mut chunk, offset)?;
-                    chunk.truncate(n);
-                    Ok(chunk)
-                }));
-                std::pin::Pin::new(this).poll_frame(cx)
-            }
-            Err(e) => Poll::Ready(Some(Err(e))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.remaining == 0 && self.first.is_none()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        let first = self.first.as_ref().map_or(0, |b| b.len() as u64);
-        http_body::SizeHint::with_exact(self.remaining + first)
-    }
 }
 
 fn status(code: StatusCode, body: &'static str) -> Response<Body> {
@@ -616,6 +524,9 @@ mod fuzz {
 #[cfg(test)]
 mod bodies {
     use super::*;
+
+    /// The chunk size of a file body read in copy mode (HTTP/2).
+    const CHUNK: usize = 256 * 1024;
     use http_body_util::BodyExt as _;
     use std::os::fd::AsRawFd as _;
 

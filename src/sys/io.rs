@@ -49,3 +49,47 @@ pub fn is_cloexec(fd: impl AsRawFd) -> io::Result<bool> {
     let flags = FdFlag::from_bits_truncate(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFD)?);
     Ok(flags.contains(FdFlag::FD_CLOEXEC))
 }
+
+/// Sends up to `count` bytes of `file` from `offset` to the socket `out` with `sendfile(2)`: the
+/// kernel hands the page cache's pages to the socket, never copying them through user space.
+/// Returns the bytes sent (0: `offset` is at or past the end of the file); `WouldBlock` when a
+/// non-blocking socket is full. Reading a page that is not cached waits for the disk: callers
+/// that must not wait check [`crate::sys::fs::cached_bytes`] first.
+pub fn sendfile_at(
+    out: BorrowedFd<'_>,
+    file: BorrowedFd<'_>,
+    offset: u64,
+    count: usize,
+) -> io::Result<usize> {
+    let mut offset =
+        libc::off64_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    loop {
+        match nix::sys::sendfile::sendfile64(out, file, Some(&mut offset), count) {
+            Err(nix::errno::Errno::EINTR) => {}
+            other => return Ok(other?),
+        }
+    }
+}
+
+/// Sends `bufs` on the socket `fd` without waiting (`MSG_DONTWAIT`, and `MSG_NOSIGNAL`: a closed
+/// peer is `EPIPE`, not a signal). With `more`, the kernel is told that more data follows at once
+/// (`MSG_MORE`, as `TCP_CORK` for one call): a response head sent just before its body by
+/// [`sendfile_at`] leaves in the same packets as the body's first bytes.
+pub fn send_vectored(
+    fd: BorrowedFd<'_>,
+    bufs: &[io::IoSlice<'_>],
+    more: bool,
+) -> io::Result<usize> {
+    use nix::sys::socket::{sendmsg, MsgFlags};
+    let mut flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+    if more {
+        // nix 0.29 has no name for it.
+        flags |= MsgFlags::from_bits_retain(libc::MSG_MORE);
+    }
+    loop {
+        match sendmsg::<()>(fd.as_raw_fd(), bufs, &[], flags, None) {
+            Err(nix::errno::Errno::EINTR) => {}
+            other => return Ok(other?),
+        }
+    }
+}

@@ -753,6 +753,11 @@ struct Shared {
     /// whose body it did not read to the end: unread bytes would make the close a reset).
     linger: AtomicBool,
     orders: AtomicU8,
+    /// An HTTP/1 connection: a file body ([`crate::Body::file`]) is sent with `sendfile(2)`.
+    zero_copy: AtomicBool,
+    /// The file windows hyper has been given placeholders for and has not written out yet, in
+    /// the order it writes them (see [`Counted::poll_write_zero_copy`]).
+    windows: std::sync::Mutex<std::collections::VecDeque<crate::file_body::Window>>,
     /// The connection task's waker. Kept (woken by reference, never taken) so the task can
     /// skip registering again while its waker stays the same; cleared when the task ends, so an
     /// ended connection waiting for the next sweep does not keep its task's memory.
@@ -838,6 +843,13 @@ trait Peek: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Sync +
         &self,
         f: impl FnOnce(std::os::fd::RawFd) -> io::Result<T>,
     ) -> io::Result<T>;
+    /// Ready once the socket may take more bytes (registering `cx` to be woken otherwise).
+    fn poll_write_ready(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>>;
+    /// Runs `f` on the socket's descriptor; `WouldBlock` from it clears the write readiness.
+    fn try_write_with<T>(
+        &self,
+        f: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> io::Result<T>,
+    ) -> io::Result<T>;
 }
 
 /// The bytes an HTTP/2 client with prior knowledge opens with.
@@ -872,6 +884,19 @@ macro_rules! impl_peek {
             ) -> io::Result<T> {
                 use std::os::fd::AsRawFd;
                 self.try_io(tokio::io::Interest::READABLE, || f(self.as_raw_fd()))
+            }
+            fn poll_write_ready(
+                &self,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<io::Result<()>> {
+                <$stream>::poll_write_ready(self, cx)
+            }
+            fn try_write_with<T>(
+                &self,
+                f: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> io::Result<T>,
+            ) -> io::Result<T> {
+                use std::os::fd::AsFd;
+                self.try_io(tokio::io::Interest::WRITABLE, || f(self.as_fd()))
             }
         }
     )*};
@@ -1087,6 +1112,7 @@ impl Builder {
                 let conn = http2.serve_connection(TokioIo::new(io), service);
                 return drive(conn, &life.shared, Some(|c| c.graceful_shutdown())).await;
             }
+            life.shared.zero_copy.store(true, Ordering::Relaxed);
             // No graceful shutdown for HTTP/1: it would close an idle kept-alive connection at
             // once, under a request the client may already be sending. The next response says
             // `Connection: close` instead (see `DRAINING`), and an idle connection is kept until
@@ -1278,12 +1304,117 @@ impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<I> {
     }
 }
 
-impl<I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<I> {
+impl<I: Peek> Counted<I> {
+    /// Writes `bufs`, some of which are placeholders of file windows
+    /// ([`crate::file_body::placeholder_offset`]): the other buffers are sent as they are, each
+    /// placeholder is replaced by its window of the file, sent with `sendfile(2)`. A response
+    /// head followed by a window is sent with `MSG_MORE`, so it leaves with the file's first
+    /// bytes. Returns the bytes written, as a write would (hyper advances past them: the rest of
+    /// a window comes back as the rest of its placeholder).
+    ///
+    /// A placeholder that matches no window would be a bug; it fails the connection rather than
+    /// send the placeholder's zeros as if they were the file.
+    fn poll_write_zero_copy(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        use crate::file_body::placeholder_offset;
+        use std::os::fd::AsFd as _;
+        use std::task::Poll;
+        let send = |fd: std::os::fd::BorrowedFd<'_>| -> io::Result<usize> {
+            let mut written = 0;
+            let mut rest = bufs;
+            // What was written so far, or the error if nothing was.
+            let partial = |written: usize, e: io::Error| match written {
+                0 => Err(e),
+                n => Ok(n),
+            };
+            while !rest.is_empty() {
+                let plain = rest
+                    .iter()
+                    .position(|b| placeholder_offset(b).is_some())
+                    .unwrap_or(rest.len());
+                if plain > 0 {
+                    let want: usize = rest[..plain].iter().map(|b| b.len()).sum();
+                    let more = plain < rest.len();
+                    match crate::sys::io::send_vectored(fd, &rest[..plain], more) {
+                        Ok(n) => {
+                            written += n;
+                            if n < want {
+                                return Ok(written);
+                            }
+                        }
+                        Err(e) => return partial(written, e),
+                    }
+                    rest = &rest[plain..];
+                    continue;
+                }
+                let buf = &rest[0];
+                let at = placeholder_offset(buf).expect("found above");
+                let mut windows = self
+                    .shared
+                    .windows
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let Some(window) = windows.front().filter(|w| at + buf.len() == w.len) else {
+                    return Err(io::Error::other(
+                        "a file window's placeholder does not match the window being sent",
+                    ));
+                };
+                let sent = crate::sys::io::sendfile_at(
+                    fd,
+                    window.file.as_fd(),
+                    window.offset + at as u64,
+                    buf.len(),
+                );
+                match sent {
+                    Ok(0) => return partial(written, crate::file_body::shrank()),
+                    Ok(n) => {
+                        written += n;
+                        if at + n == window.len {
+                            windows.pop_front();
+                        }
+                        if n < buf.len() {
+                            return Ok(written);
+                        }
+                    }
+                    Err(e) => return partial(written, e),
+                }
+                rest = &rest[1..];
+            }
+            Ok(written)
+        };
+        loop {
+            std::task::ready!(self.inner.poll_write_ready(cx))?;
+            match self.inner.try_write_with(send) {
+                Ok(n) => {
+                    bump(&self.shared.writes);
+                    return Poll::Ready(Ok(n));
+                }
+                // Readiness cleared: the next poll registers for the socket's room.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+/// Whether hyper is writing a file window's placeholder (see [`Counted::poll_write_zero_copy`]).
+fn has_placeholder(bufs: &[io::IoSlice<'_>]) -> bool {
+    bufs.iter()
+        .any(|b| crate::file_body::placeholder_offset(b).is_some())
+}
+
+impl<I: Peek> tokio::io::AsyncWrite for Counted<I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<io::Result<usize>> {
+        if crate::file_body::placeholder_offset(buf).is_some() {
+            return self.poll_write_zero_copy(cx, &[io::IoSlice::new(buf)]);
+        }
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let std::task::Poll::Ready(Ok(n)) = &r {
             if *n > 0 {
@@ -1298,6 +1429,9 @@ impl<I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWr
         cx: &mut std::task::Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> std::task::Poll<io::Result<usize>> {
+        if has_placeholder(bufs) {
+            return self.poll_write_zero_copy(cx, bufs);
+        }
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if let std::task::Poll::Ready(Ok(n)) = &r {
             if *n > 0 {
@@ -1484,16 +1618,41 @@ struct Sending {
     /// costs nothing more).
     may_wait: bool,
     waiting: bool,
+    /// A file body on an HTTP/1 connection: sent in windows by `sendfile(2)`.
+    zero_copy: bool,
 }
 
 impl Sending {
-    fn new(body: crate::app::Body, open: Open) -> Sending {
+    fn new(mut body: crate::app::Body, open: Open) -> Sending {
         Sending {
             may_wait: !body.is_complete(),
+            zero_copy: body.file_mut().is_some() && open.0.zero_copy.load(Ordering::Relaxed),
             body,
             open,
             waiting: false,
         }
+    }
+
+    /// The next window of a file body, queued for the connection's socket to send, as the
+    /// placeholder hyper writes in its place.
+    fn poll_window(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, crate::app::BoxError>>> {
+        let file = self
+            .body
+            .file_mut()
+            .expect("zero_copy is set for file bodies");
+        let next = std::task::ready!(file.poll_next_window(cx));
+        std::task::Poll::Ready(next.map(|next| match next {
+            Ok((window, placeholder)) => {
+                let shared = &self.open.0;
+                let mut windows = shared.windows.lock().unwrap_or_else(|e| e.into_inner());
+                windows.push_back(window);
+                Ok(http_body::Frame::data(placeholder))
+            }
+            Err(e) => Err(e.into()),
+        }))
     }
 
     fn set_waiting(&mut self, waiting: bool) {
@@ -1523,7 +1682,10 @@ impl http_body::Body for Sending {
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        let polled = match self.zero_copy {
+            true => self.poll_window(cx),
+            false => Pin::new(&mut self.body).poll_frame(cx),
+        };
         self.set_waiting(polled.is_pending());
         polled
     }
