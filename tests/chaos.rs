@@ -248,9 +248,13 @@ fn start_watchdog(steps: Steps, monitor: i32, seed: u64) -> std::thread::JoinHan
         eprintln!(
             "chaos: FAILED (seed {seed}): {stuck}; over the hard limit of {EVENT_HARD_LIMIT:?}: killing the tree and ending the test"
         );
+        // The monitor is the test's child, not reaped: its number is its own. The others are
+        // signalled through pidfds (a number may be reused by then).
         signal(monitor, Signal::SIGSTOP);
         for p in tree_states(monitor) {
-            signal(p.pid, Signal::SIGKILL);
+            if let Some(process) = common::pidfd::ProcessHandle::descendant_of(p.pid, monitor) {
+                process.signal(Signal::SIGKILL);
+            }
         }
         signal(monitor, Signal::SIGKILL);
         std::process::exit(101);
@@ -843,31 +847,36 @@ fn client_ports_held_by(pid: i32, server_addr: SocketAddr) -> HashSet<u16> {
         .collect()
 }
 
-/// Whether `pid` is stopped (a `SIGSTOP` took effect), a zombie or gone (read from its `stat`
-/// alone, see [`tree_states`]).
-fn stopped_or_gone(pid: i32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return true;
-    };
-    let state = stat
-        .rfind(')')
-        .and_then(|i| stat.get(i + 2..))
-        .and_then(|rest| rest.chars().next());
-    matches!(state, Some('T' | 't' | 'Z') | None)
+/// Whether `process` is stopped (a `SIGSTOP` took effect), a zombie or gone.
+fn stopped_or_gone(process: &common::pidfd::ProcessHandle) -> bool {
+    matches!(process.state(), Some('T' | 't') | None)
 }
 
-/// Freezes `pid`, notes the connections it holds, and SIGKILLs it.
-fn freeze_and_kill(pid: i32, server_addr: SocketAddr, steps: &Steps) -> Kill {
+/// Freezes `pid` (if it is still a process of the tree under `monitor`), notes the connections it
+/// holds, and SIGKILLs it. Signals go through a pidfd: a pid read from `ctl status` a moment ago
+/// may name another process by now (pid reuse), which must never be signalled.
+fn freeze_and_kill(pid: i32, monitor: i32, server_addr: SocketAddr, steps: &Steps) -> Kill {
     // kill(0 or -1, …) would signal the test's own process group or every process.
     assert!(pid > 1, "ctl status reported pid {pid} for a child");
     // The kill counts from the freeze: from then on the process answers nothing, and the client
     // may see the end of a connection before `kill` returns here.
     let at = Instant::now();
     steps.step(format!("SIGSTOP pid {pid} and wait for the stop"));
-    signal(pid, Signal::SIGSTOP);
+    let Some(process) = common::pidfd::ProcessHandle::descendant_of(pid, monitor) else {
+        // Gone already: nothing to signal (the number may be another process's now), and its
+        // connections ended with it.
+        return Kill {
+            pid,
+            at,
+            until: at,
+            frozen_for: Duration::ZERO,
+            ports: Some(HashSet::new()),
+        };
+    };
+    process.signal(Signal::SIGSTOP);
     // A stopped process accepts nothing more; wait until the stop took effect.
     let stopped = poll_until(Duration::from_secs(2), || {
-        stopped_or_gone(pid).then_some(())
+        stopped_or_gone(&process).then_some(())
     });
     steps.step(format!("/proc/{pid}/fd and /proc/net/tcp"));
     // Not looked at in time: attributed by the last response on each connection instead.
@@ -877,7 +886,7 @@ fn freeze_and_kill(pid: i32, server_addr: SocketAddr, steps: &Steps) -> Kill {
         })
     });
     steps.step(format!("SIGKILL pid {pid}"));
-    signal(pid, Signal::SIGKILL);
+    process.signal(Signal::SIGKILL);
     Kill {
         pid,
         at,
@@ -962,14 +971,18 @@ fn event(
         Kind::KillWorker => {
             if let Some(w) = rng.pick(&workers) {
                 chaos.count("kill -9 worker");
-                chaos.kills.push(freeze_and_kill(w.pid, server_addr, steps));
+                chaos
+                    .kills
+                    .push(freeze_and_kill(w.pid, server.pid, server_addr, steps));
             }
         }
         Kind::KillMold => {
             let molds: Vec<&Row> = rows.iter().filter(|r| r.role == "mold").collect();
             if let Some(m) = rng.pick(&molds) {
                 chaos.count("kill -9 mold");
-                chaos.kills.push(freeze_and_kill(m.pid, server_addr, steps));
+                chaos
+                    .kills
+                    .push(freeze_and_kill(m.pid, server.pid, server_addr, steps));
             }
         }
         Kind::Refork => {
@@ -1036,7 +1049,9 @@ fn event(
             // refused: then there is nothing in transition to kill.
             if let Some(pid) = line.as_deref().and_then(|l| pids_in(l).last().copied()) {
                 chaos.count(what);
-                chaos.kills.push(freeze_and_kill(pid, server_addr, steps));
+                chaos
+                    .kills
+                    .push(freeze_and_kill(pid, server.pid, server_addr, steps));
             } else {
                 chaos.count(&format!("{what} (nothing started)"));
             }
@@ -1052,13 +1067,18 @@ fn event(
                 .collect();
             let Some(w) = rng.pick(&single) else { return };
             let nr = w.nr.expect("a worker has a number").to_string();
-            chaos.count("ctl kill-worker");
             assert!(w.pid > 1, "ctl status reported pid {} for a worker", w.pid);
+            // Through a pidfd: the number may have gone to another process since the status.
+            let Some(process) = common::pidfd::ProcessHandle::descendant_of(w.pid, server.pid)
+            else {
+                return; // gone since the status: nothing to kill
+            };
+            chaos.count("ctl kill-worker");
             let at = Instant::now();
             steps.step(format!("SIGSTOP pid {} and wait for the stop", w.pid));
-            signal(w.pid, Signal::SIGSTOP);
+            process.signal(Signal::SIGSTOP);
             let stopped = poll_until(Duration::from_secs(2), || {
-                stopped_or_gone(w.pid).then_some(())
+                stopped_or_gone(&process).then_some(())
             });
             steps.step(format!("/proc/{}/fd and /proc/net/tcp", w.pid));
             let pid = w.pid;
@@ -1091,7 +1111,7 @@ fn event(
                             // The monitor picked another process of that number (a replacement
                             // started meanwhile): it was not frozen first; only `x-tine-worker`
                             // attributes its connections, and it died somewhere in [at, until].
-                            signal(w.pid, Signal::SIGCONT);
+                            process.signal(Signal::SIGCONT);
                             chaos.kills.push(Kill {
                                 pid,
                                 at,
@@ -1101,7 +1121,7 @@ fn event(
                             });
                         }
                         None => {
-                            signal(w.pid, Signal::SIGCONT);
+                            process.signal(Signal::SIGCONT);
                             chaos
                                 .problems
                                 .push(format!("ctl kill-worker {nr}: no \"killing worker\" line"));
@@ -1113,7 +1133,7 @@ fn event(
                 // frozen worker itself (a kill -9 like any other, its connections known).
                 Err(e) if e.starved => {
                     steps.step(format!("SIGKILL pid {}", w.pid));
-                    signal(w.pid, Signal::SIGKILL);
+                    process.signal(Signal::SIGKILL);
                     chaos.kills.push(Kill {
                         pid: w.pid,
                         at,
@@ -1123,7 +1143,7 @@ fn event(
                     });
                 }
                 Err(e) => {
-                    signal(w.pid, Signal::SIGCONT);
+                    process.signal(Signal::SIGCONT);
                     chaos.problems.push(format!("ctl kill-worker {nr}: {e}"));
                 }
             }
@@ -1619,5 +1639,69 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
         unexcused.is_empty(),
         "{} requests lost outside any kill -9 (seed {seed}), by the path that stopped their worker: {by_cause:?}",
         unexcused.len()
+    );
+}
+
+/// Starts `sleep 60` (a process outside any tree, the test's own child) with pid `pid`, by
+/// setting the kernel's last pid just below it: the way a compiler beside the test gets the number
+/// of a worker that died. `None` when the kernel does not let this test set it (not root in the
+/// initial pid namespace), or when other processes keep taking the number first.
+fn spawn_with_pid(pid: i32) -> Option<std::process::Child> {
+    for _ in 0..200 {
+        if std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).is_err() {
+            return None;
+        }
+        let mut child = std::process::Command::new("sleep").arg("60").spawn().ok()?;
+        if child.id() as i32 == pid {
+            return Some(child);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    None
+}
+
+/// The kill guard that ends every test's tree must never signal a process that merely reuses
+/// the number of one that was in the tree (a SIGKILL by number once took a `rustc` of a build
+/// running beside the 600 s chaos run: the guard killed every pid its log ever named that was
+/// alive and younger than the monitor). Nor may the chaos's kill -9 of a pid read a moment ago.
+#[test]
+fn no_signal_reaches_a_process_that_reuses_a_pid_of_the_tree() {
+    let server = Launch::tine().args(["--workers", "1"]).start();
+    let worker = server
+        .log
+        .wait_for_line_since(0, Duration::from_secs(10), |l| {
+            l.contains("worker[0] (gen:0) ready")
+        })
+        .and_then(|l| pids_in(&l).last().copied())
+        .expect("the worker's ready line names its pid");
+    let process = common::pidfd::ProcessHandle::descendant_of(worker, server.pid)
+        .expect("the worker is in the tree");
+    assert!(process.signal(Signal::SIGKILL));
+    // Reaped by the monitor: the number is free.
+    poll_until(Duration::from_secs(10), || {
+        proc_info(worker).is_none().then_some(())
+    })
+    .expect("the killed worker is reaped");
+    let Some(mut stranger) = spawn_with_pid(worker) else {
+        eprintln!(
+            "SKIPPED: cannot give a process pid {worker} (needs root to write /proc/sys/kernel/ns_last_pid)"
+        );
+        return;
+    };
+    // The handle on the dead worker reaches nothing, not the process with its number now.
+    assert!(!process.signal(Signal::SIGKILL));
+    // The chaos's kill -9 of a pid from a status read before the worker died.
+    let steps = Steps::default();
+    let kill = freeze_and_kill(worker, server.pid, server.tcp_addr(), &steps);
+    assert_eq!(kill.ports, Some(HashSet::new()));
+    // The guard ends the tree; the worker's pid is in its log.
+    drop(server);
+    let alive = stranger.try_wait().expect("try_wait");
+    let _ = stranger.kill();
+    let _ = stranger.wait();
+    assert!(
+        alive.is_none(),
+        "pid {worker} (a worker once, now a `sleep` outside the tree) was signalled: {alive:?}"
     );
 }

@@ -24,6 +24,7 @@
 
 pub mod client_addr;
 pub mod metrics;
+pub mod pidfd;
 pub mod websocket;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -771,10 +772,18 @@ impl Server {
         pids
     }
 
-    /// Whether `pid` may be one of ours: alive, and started no earlier than the monitor (a reused
-    /// pid of an older process is never killed).
-    fn ours(&self, pid: i32) -> bool {
-        proc_info(pid).is_some_and(|p| p.state != 'Z' && p.start_time >= self.start_time)
+    /// A handle on `pid` if it is one of ours now: a descendant of the monitor, or, once the
+    /// monitor is gone, an orphan (adopted by init) started no earlier than the monitor. Never a
+    /// process that merely reuses the number of one that was ours (a compiler's, beside the
+    /// test): it is held by a pidfd from the check on (see [`pidfd`]).
+    fn ours(&self, pid: i32, monitor_alive: bool) -> Option<pidfd::ProcessHandle> {
+        pidfd::ProcessHandle::open_if(pid, |p| {
+            if monitor_alive {
+                pidfd::descends_from(p, self.pid)
+            } else {
+                p.ppid == 1 && p.start_time >= self.start_time
+            }
+        })
     }
 
     /// SIGKILLs the monitor and every process of its tree, then reaps the monitor. Freezes the
@@ -785,32 +794,34 @@ impl Server {
             .as_mut()
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
         if monitor_alive {
+            // Our child, not reaped yet: its number cannot name another process.
             let _ = kill(Pid::from_raw(self.pid), Signal::SIGSTOP);
         }
-        let mut victims: HashSet<i32> = HashSet::new();
+        let mut victims: HashMap<i32, pidfd::ProcessHandle> = HashMap::new();
         for _round in 0..20 {
             let before = victims.len();
             for pid in self.known_pids() {
-                if !victims.contains(&pid) && self.ours(pid) {
-                    let _ = kill(Pid::from_raw(pid), Signal::SIGSTOP);
-                    victims.insert(pid);
+                if victims.contains_key(&pid) {
+                    continue;
+                }
+                if let Some(process) = self.ours(pid, monitor_alive) {
+                    process.signal(Signal::SIGSTOP);
+                    victims.insert(pid, process);
                 }
             }
             if victims.len() == before {
                 break;
             }
         }
-        for pid in &victims {
-            if self.ours(*pid) {
-                let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
-            }
+        for process in victims.values() {
+            process.signal(Signal::SIGKILL);
         }
         if let Some(child) = &mut self.child {
             let _ = child.kill();
             let _ = child.wait();
         }
         let _ = poll_until(Duration::from_secs(2), || {
-            victims.iter().all(|p| !self.ours(*p)).then_some(())
+            victims.values().all(|p| !p.alive()).then_some(())
         });
     }
 }
