@@ -13,12 +13,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-pub use crate::body::{full, Body};
+pub use crate::body::{full, Body, BoxError};
 use crate::config::Config;
 pub use crate::request_body::{BodyTimedOut, RequestBody};
 
-/// Boxed error type used at the service boundary.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The request type a worker hands to the app's service. Its body is hyper's `Incoming`, watched
 /// for `body_read_timeout` (see [`RequestBody`]).
 pub type Request = http::Request<RequestBody>;

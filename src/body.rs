@@ -14,8 +14,10 @@ use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
 
-use crate::app::BoxError;
 use crate::file_body::FileBody;
+
+/// Boxed error type used at the service boundary (`tine::app::BoxError`).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A response body: a complete buffer kept inline, or any other body boxed.
 pub struct Body {

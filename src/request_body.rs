@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::app::BoxError;
+use crate::body::BoxError;
 
 /// The body of a request as the app receives it ([`crate::app::Request`]): hyper's `Incoming`,
 /// plus tine's `body_read_timeout`.
