@@ -152,7 +152,7 @@ fn spawn_requested<A: App>(
             // Lack of processes, memory or descriptors is the system's, not this mold's: the
             // monitor retries later. Other errors (this process has threads, say) mean the mold
             // itself is unfit.
-            if !crate::monitor::is_resource_error(&e) {
+            if !process::is_resource_error(&e) {
                 *fork_failures += 1;
             }
             tracing::error!(error = %e, nr, "fork failed");

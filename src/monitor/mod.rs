@@ -38,7 +38,6 @@ use crate::listener::Listener;
 
 pub(crate) use children::{Child, Kind, Phase};
 pub(crate) use reload::HANDOVER_VERSION;
-pub(crate) use rollout::is_resource_error;
 pub use start::run;
 pub(crate) use start::{check_descriptor_budget, nofile_hard_limit};
 

@@ -108,14 +108,7 @@ fn kept(from: Option<u32>) -> String {
     }
 }
 
-/// Whether an error (an `io::Error` as the mold or the monitor printed it) means that the system
-/// lacked a resource (processes, memory, descriptors) rather than that the new code is broken.
-pub(crate) fn is_resource_error(error: &std::io::Error) -> bool {
-    matches!(
-        error.raw_os_error(),
-        Some(libc::EAGAIN | libc::ENOMEM | libc::EMFILE | libc::ENFILE)
-    )
-}
+pub(super) use crate::sys::process::is_resource_error;
 
 /// [`is_resource_error`] for an error that crossed the channel as text (a mold's `SpawnFailed`):
 /// `std::io::Error` prints an OS error as `… (os error N)`.

@@ -104,6 +104,17 @@ pub fn await_single_threaded(patience: std::time::Duration) -> Result<(), NotSin
     ensure_single_threaded()
 }
 
+/// Whether a failed start (`fork`, `socketpair`, building a runtime: an `io::Error` as the mold
+/// or the monitor got it) means that the system lacked a resource (processes, memory,
+/// descriptors) rather than that the new code is broken: such a start is retried, never counted.
+#[cfg(feature = "server")]
+pub(crate) fn is_resource_error(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EAGAIN | libc::ENOMEM | libc::EMFILE | libc::ENFILE)
+    )
+}
+
 /// Forks this process after checking that it is single-threaded.
 pub fn fork() -> io::Result<Forked> {
     ensure_single_threaded().map_err(io::Error::other)?;
