@@ -1,10 +1,8 @@
 //! The command line: `tine serve`, `tine check`, `tine ctl`. [`run`] gives any binary built on
 //! tine this whole CLI for its own [`App`].
 
-use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::OnceLock;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
@@ -82,22 +80,6 @@ struct CtlArgs {
     command: Vec<String>,
 }
 
-static ARGV: OnceLock<Vec<OsString>> = OnceLock::new();
-static EXE: OnceLock<PathBuf> = OnceLock::new();
-
-/// The absolute path of the executable, saved at start. A reload runs the file at this path (not
-/// `/proc/self/exe`, which keeps naming the old inode after a rebuild replaced the file).
-pub fn saved_exe() -> &'static std::path::Path {
-    EXE.get()
-        .map(PathBuf::as_path)
-        .unwrap_or(std::path::Path::new("/proc/self/exe"))
-}
-
-/// The command line this process started with (saved before the process title overwrote it).
-pub fn saved_argv() -> &'static [OsString] {
-    ARGV.get().map(Vec::as_slice).unwrap_or(&[])
-}
-
 /// Gives every option of `serve` and `check` its `TINE_<KEY>` environment variable.
 fn with_env_names(cmd: clap::Command) -> clap::Command {
     cmd.mut_args(|arg| {
@@ -135,14 +117,7 @@ fn print_stdout(text: &str) {
 ///
 /// Call it first thing in `main`, before any thread exists (the monitor forks).
 pub fn run<A: App>() -> ExitCode {
-    let _ = ARGV.set(std::env::args_os().collect());
-    if let Ok(exe) = std::env::current_exe() {
-        // After a rebuild replaced the file, the kernel's link names the old inode "(deleted)".
-        let text = exe.to_string_lossy();
-        let _ = EXE.set(PathBuf::from(
-            text.strip_suffix(" (deleted)").unwrap_or(&text).to_string(),
-        ));
-    }
+    crate::sys::exe::save();
     let cmd = Cli::command()
         .mut_subcommand("serve", with_env_names)
         .mut_subcommand("check", with_env_names);

@@ -195,8 +195,8 @@ const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Starts the executable on disk in check mode with the same arguments.
 fn start_preflight() -> Result<(std::process::Child, (std::fs::File, std::fs::File)), String> {
-    let exe = crate::cli::saved_exe();
-    let argv = crate::cli::saved_argv();
+    let exe = crate::sys::exe::saved_exe();
+    let argv = crate::sys::exe::saved_argv();
     let serve = argv
         .iter()
         .position(|a| a == "serve")
@@ -335,7 +335,7 @@ impl Monitor {
                 let mut p = self.preflight.take().expect("checked above");
                 let error = format!(
                     "{} check did not finish within {} s",
-                    crate::cli::saved_exe().display(),
+                    crate::sys::exe::saved_exe().display(),
                     PREFLIGHT_TIMEOUT.as_secs()
                 );
                 self.refuse_reload(error, std::mem::take(&mut p.waiters));
@@ -495,10 +495,10 @@ impl Monitor {
         for fd in &fds {
             set_cloexec(*fd, false).map_err(|e| format!("fd {fd}: {e}"))?;
         }
-        let exe = crate::cli::saved_exe();
+        let exe = crate::sys::exe::saved_exe();
         let cstr = |s: &std::ffi::OsStr| CString::new(s.as_bytes()).map_err(|e| e.to_string());
         let path = cstr(exe.as_os_str())?;
-        let argv: Vec<CString> = crate::cli::saved_argv()
+        let argv: Vec<CString> = crate::sys::exe::saved_argv()
             .iter()
             .map(|a| cstr(a))
             .collect::<Result<_, _>>()?;

@@ -150,7 +150,7 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
         let w = watch::Watcher::new(
             &monitor.config.watch,
             &monitor.config.watch_boot,
-            crate::cli::saved_exe(),
+            crate::sys::exe::saved_exe(),
         )
         .map_err(|e| MonitorError::Config(e.to_string()))?;
         monitor.watcher = Some(w);

@@ -21,6 +21,8 @@
 //! ```
 
 pub mod epoll;
+#[cfg(feature = "server")]
+pub(crate) mod exe;
 pub mod fd;
 pub mod fs;
 pub mod io;
