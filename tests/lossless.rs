@@ -371,3 +371,86 @@ fn idle_connections_do_not_hold_a_promotion() {
         );
     }
 }
+
+/// HTTP/2: a draining worker sends `GOAWAY` and answers every stream up to the last one it names;
+/// the strict HTTP/2 client ([`StrictH2Load`]) counts a stream above it as refused (sent again on
+/// a new connection by any client) and any other stream left without a complete response as lost.
+/// 8 connections of 4 concurrent streams each.
+mod http2 {
+    use super::*;
+    use common::strict_h2::{H2Report, StrictH2Load};
+
+    const CONNECTIONS: usize = 8;
+    const STREAMS: usize = 4;
+
+    fn wait_answered(load: &StrictH2Load, from: u64, server: &Server) {
+        poll_until(EVENT_TIMEOUT, || {
+            (load.answered() >= from + FLOWING).then_some(())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "the HTTP/2 load got {} responses, waiting for {}; log:\n{}",
+                load.answered(),
+                from + FLOWING,
+                server.log.text()
+            )
+        });
+    }
+
+    fn assert_lossless(report: &H2Report, what: &str, server: &Server) {
+        eprintln!("{what}: {}", report.summary());
+        assert!(
+            report.lost.is_empty() && report.by_status.get(&200) == Some(&report.answered),
+            "{what}: {}\nlog:\n{}",
+            report.summary(),
+            server.log.text()
+        );
+        // Every connection of the start was drained (its worker replaced or stopped): the
+        // GOAWAYs happened, the test did not pass by not meeting one.
+        assert!(
+            report.connections_ended >= CONNECTIONS as u64,
+            "{what}: the connections were not drained: {}",
+            report.summary()
+        );
+    }
+
+    /// USR2 three times: every worker is replaced each time, each of its connections drained.
+    #[test]
+    fn refork() {
+        let server = start(3, &[]);
+        let mut before = wait_settled(&server, 3, |_| true);
+        let load = StrictH2Load::start(server.tcp_addr(), CONNECTIONS, STREAMS, "/", LOAD_MAX);
+        wait_answered(&load, 0, &server);
+        for _ in 0..3 {
+            server.signal(Signal::SIGUSR2);
+            let after = wait_settled(&server, 3, |s| s.generation == before.generation + 1);
+            assert!(after.workers.iter().all(|w| !before.workers.contains(w)));
+            before = after;
+        }
+        wait_answered(&load, load.answered(), &server);
+        let report = load.stop();
+        assert_lossless(&report, "HTTP/2, 3 × USR2 refork", &server);
+    }
+
+    /// TERM: the whole tree drains its HTTP/2 connections and exits by itself.
+    #[test]
+    fn graceful_stop() {
+        let mut server = start(3, &[]);
+        wait_settled(&server, 3, |_| true);
+        let load = StrictH2Load::start(server.tcp_addr(), CONNECTIONS, STREAMS, "/", LOAD_MAX);
+        wait_answered(&load, 0, &server);
+        server.signal(Signal::SIGTERM);
+        let code = server.exit_code_within(EVENT_TIMEOUT);
+        assert_eq!(code, 0, "log:\n{}", server.log.text());
+        let report = load.stop();
+        assert!(
+            server
+                .log
+                .find("stopped (remaining processes killed")
+                .is_none(),
+            "the drain did not end by itself; log:\n{}",
+            server.log.text()
+        );
+        assert_lossless(&report, "HTTP/2, TERM", &server);
+    }
+}

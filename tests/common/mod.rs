@@ -45,6 +45,7 @@ use nix::unistd::Pid;
 pub mod spares;
 pub mod status;
 pub mod strict;
+pub mod strict_h2;
 pub mod tmux;
 
 /// How long a tree may take to report `tine ready` (debug build, 2 busy cores).
