@@ -6,14 +6,27 @@
 //! included; the response is then built from that one open descriptor (its `fstat`, its bytes).
 //! So what is served is exactly what was checked: there is no separate check for a symlink to be
 //! swapped under, and no file opened by a path that was not checked.
+//!
+//! **Small files are kept in memory, per worker** (up to [`READ_AT_ONCE`] bytes each,
+//! [`CACHE_ENTRIES`] files and [`CACHE_BYTES`] in all; filled as files are first served, not in
+//! `preload`, so that nothing is kept for files no one asks for). A kept file is still checked on
+//! every request: its path is resolved again beneath the root under the same symlink policy
+//! (`openat2` with `O_PATH`: located, not opened for reading) and its `fstat` must show the same
+//! version (device, inode, size, modification and change times), else it is forgotten and the
+//! request served from the disk. The change time cannot be set back by anyone, so a rewrite that
+//! keeps size and modification time is still seen. A file changed less than [`SETTLED`] ago is
+//! never kept: file times are coarse (a clock tick), and two writes within one tick can leave the
+//! same times behind.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Component, Path, PathBuf};
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use bytes::Bytes;
@@ -22,7 +35,7 @@ use http::{Method, Response, StatusCode};
 use nix::errno::Errno;
 use tine::app::{full, Body, Request};
 use tine::config::FollowSymlinks;
-use tine::sys::fs::{open_beneath, read_cached_at, Symlinks};
+use tine::sys::fs::{locate_beneath, open_beneath, read_cached_at, Symlinks};
 use tine::Handler;
 
 /// Files (ranges) up to this size are read at once into one buffer; larger ones are sent from the
@@ -32,10 +45,108 @@ const READ_AT_ONCE: usize = 16 * 1024;
 /// The name served for a directory requested with a trailing slash.
 const INDEX: &str = "index.html";
 
-/// An open root directory and the symlink policy every open beneath it follows.
+/// The most files a worker keeps in memory.
+const CACHE_ENTRIES: usize = 4096;
+/// The most bytes of files a worker keeps in memory.
+const CACHE_BYTES: usize = 32 << 20;
+/// How long ago a file must have last changed to be kept in memory (see the module's doc).
+const SETTLED: Duration = Duration::from_secs(1);
+
+/// An open root directory, the symlink policy every open beneath it follows, and the small files
+/// this worker keeps.
 pub struct Root {
     dir: File,
     symlinks: Symlinks,
+    cache: Mutex<Cache>,
+}
+
+/// The small files a worker keeps, by request path (the URI's path as received).
+#[derive(Default)]
+struct Cache {
+    entries: HashMap<String, Arc<Kept>>,
+    bytes: usize,
+}
+
+/// A small file kept in memory, with everything its answers carry.
+struct Kept {
+    /// The path opened for it beneath the root (a directory's index file included): located
+    /// again on every request.
+    name: PathBuf,
+    version: Version,
+    validators: Validators,
+    content_type: &'static str,
+    bytes: Bytes,
+}
+
+/// What tells one version of a file from another, from its `fstat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Version {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Version {
+    fn of(meta: &std::fs::Metadata) -> Version {
+        Version {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+
+    /// Whether the file last changed at least [`SETTLED`] ago.
+    fn is_settled(&self) -> bool {
+        let (secs, nanos) = self.ctime.max(self.mtime);
+        let changed =
+            UNIX_EPOCH + Duration::new(secs.max(0) as u64, nanos.clamp(0, 999_999_999) as u32);
+        SystemTime::now()
+            .duration_since(changed)
+            .is_ok_and(|age| age >= SETTLED)
+    }
+}
+
+impl Root {
+    /// The kept file for request path `path`, if it is still the version kept (see the module's
+    /// doc); a kept file that changed, moved or is refused now is forgotten.
+    fn kept(&self, path: &str) -> Option<Arc<Kept>> {
+        let kept = self.lock_cache().entries.get(path)?.clone();
+        let same = locate_beneath(self.dir.as_fd(), &kept.name, self.symlinks)
+            .and_then(|located| located.metadata())
+            .is_ok_and(|meta| meta.is_file() && Version::of(&meta) == kept.version);
+        if same {
+            return Some(kept);
+        }
+        let mut cache = self.lock_cache();
+        if let Some(gone) = cache.entries.remove(path) {
+            cache.bytes -= gone.bytes.len();
+        }
+        None
+    }
+
+    /// Keeps a small file read whole, if it has settled and there is room.
+    fn keep(&self, path: &str, kept: Kept) {
+        if !kept.version.is_settled() {
+            return;
+        }
+        let mut cache = self.lock_cache();
+        if cache.entries.len() >= CACHE_ENTRIES
+            || cache.bytes + kept.bytes.len() > CACHE_BYTES
+            || cache.entries.contains_key(path)
+        {
+            return;
+        }
+        cache.bytes += kept.bytes.len();
+        cache.entries.insert(path.to_string(), Arc::new(kept));
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// What [`open_beneath_root`] found for a request path.
@@ -46,6 +157,8 @@ pub enum Found {
         file: File,
         /// Its size, from `fstat`.
         len: u64,
+        /// Its version, from the same `fstat`.
+        version: Version,
         /// Its modification time, from `fstat`.
         modified: SystemTime,
         /// The name its content type is guessed from.
@@ -81,7 +194,11 @@ impl Root {
             FollowSymlinks::WithinRoot => Symlinks::WithinDir,
             FollowSymlinks::Never => Symlinks::Never,
         };
-        let root_handle = Root { dir, symlinks };
+        let root_handle = Root {
+            dir,
+            symlinks,
+            cache: Mutex::default(),
+        };
         open_beneath(root_handle.dir.as_fd(), Path::new("."), Symlinks::Never).map_err(|e| {
             if e.raw_os_error() == Some(libc::ENOSYS) {
                 anyhow::anyhow!(
@@ -121,6 +238,7 @@ pub fn open_beneath_root(root: &Root, uri_path: &str) -> Result<Found, Refused> 
     }
     Ok(Found::File {
         len: meta.len(),
+        version: Version::of(&meta),
         modified: meta.modified().unwrap_or(UNIX_EPOCH),
         file,
         name,
@@ -173,13 +291,27 @@ fn respond(root: &Root, req: &Request) -> Response<Body> {
         return r;
     }
     let path = req.uri().path();
-    let (file, len, modified, name) = match open_beneath_root(root, path) {
+    if let Some(kept) = root.kept(path) {
+        return answer(
+            req,
+            &kept.validators,
+            kept.content_type,
+            kept.version.size,
+            |start, len| {
+                Ok(full(
+                    kept.bytes.slice(start as usize..(start + len) as usize),
+                ))
+            },
+        );
+    }
+    let (file, len, modified, version, name) = match open_beneath_root(root, path) {
         Ok(Found::File {
             file,
             len,
             modified,
+            version,
             name,
-        }) => (file, len, modified, name),
+        }) => (file, len, modified, version, name),
         Ok(Found::Directory) => {
             let mut location = format!("{path}/");
             if let Some(query) = req.uri().query() {
@@ -199,30 +331,70 @@ fn respond(root: &Root, req: &Request) -> Response<Body> {
             return status(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n");
         }
     };
-    serve_file(req, file, len, modified, &name)
+    let validators = Validators::of(len, modified);
+    let content_type = mime_guess::from_path(&name)
+        .first_raw()
+        .unwrap_or("application/octet-stream");
+    let read = |start: u64, count: u64| {
+        if start == 0 && count == len && len <= READ_AT_ONCE as u64 {
+            if let Some(bytes) = read_range(&file, 0, len)? {
+                root.keep(
+                    path,
+                    Kept {
+                        name,
+                        version,
+                        validators: validators.clone(),
+                        content_type,
+                        bytes: bytes.clone(),
+                    },
+                );
+                return Ok(full(bytes));
+            }
+        }
+        file_body(file, start, count)
+    };
+    answer(req, &validators, content_type, len, read)
+}
+
+/// `len` bytes of `file` from `start`, read on this thread if the page cache has them all
+/// (`None`: the disk is needed).
+fn read_range(file: &File, start: u64, len: u64) -> io::Result<Option<Bytes>> {
+    let mut bytes = Vec::new();
+    while (bytes.len() as u64) < len {
+        let (missing, at) = (len as usize - bytes.len(), start + bytes.len() as u64);
+        match read_cached_at(file, &mut bytes, missing, at) {
+            Ok(0) => return Err(shrank()),
+            Ok(_) => {}
+            Err(e) if must_wait(&e) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Some(Bytes::from(bytes)))
 }
 
 /// The validators of one file version, from its `fstat`.
+#[derive(Clone)]
 struct Validators {
     /// `"mtime-size"` in hex, like nginx's: strong, it changes with every write that changes
     /// either.
     etag: HeaderValue,
     /// Modification time in whole seconds (what HTTP dates carry).
     modified: SystemTime,
+    /// The same as an HTTP date.
+    last_modified: HeaderValue,
 }
 
 impl Validators {
     fn of(len: u64, modified: SystemTime) -> Validators {
         let since_epoch = modified.duration_since(UNIX_EPOCH).unwrap_or_default();
         let etag = format!("\"{:x}-{:x}\"", since_epoch.as_nanos(), len);
+        let modified = UNIX_EPOCH + Duration::from_secs(since_epoch.as_secs());
         Validators {
             etag: HeaderValue::from_str(&etag).expect("hex digits and quotes"),
-            modified: UNIX_EPOCH + std::time::Duration::from_secs(since_epoch.as_secs()),
+            modified,
+            last_modified: HeaderValue::from_str(&httpdate::fmt_http_date(modified))
+                .expect("an HTTP date"),
         }
-    }
-
-    fn last_modified(&self) -> HeaderValue {
-        HeaderValue::from_str(&httpdate::fmt_http_date(self.modified)).expect("an HTTP date")
     }
 
     /// Whether an entity-tag list (`If-Match`, `If-None-Match`) names this version: `*`, or the
@@ -244,17 +416,17 @@ impl Validators {
     }
 }
 
-/// The answer for an open regular file: preconditions (RFC 9110 §13.2.2 order), then a range or
-/// the whole file. Every answer, 304 included, carries the validators and `Cache-Control`.
-fn serve_file(
+/// The answer for a regular file of `size` bytes: preconditions (RFC 9110 §13.2.2 order), then a
+/// range or the whole file, whose bytes `read(start, len)` gives. Every answer, 304 included,
+/// carries the validators and `Cache-Control`.
+fn answer(
     req: &Request,
-    file: File,
+    v: &Validators,
+    content_type: &'static str,
     size: u64,
-    modified: SystemTime,
-    name: &Path,
+    read: impl FnOnce(u64, u64) -> io::Result<Body>,
 ) -> Response<Body> {
     let headers = req.headers();
-    let v = Validators::of(size, modified);
     let with_validators = |mut r: Response<Body>| {
         // The file may change on disk at any moment and nothing says how long it stays fresh:
         // caches keep it but check back (cheap: a 304) rather than guess a lifetime from its
@@ -263,7 +435,7 @@ fn serve_file(
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         r.headers_mut().insert(header::ETAG, v.etag.clone());
         r.headers_mut()
-            .insert(header::LAST_MODIFIED, v.last_modified());
+            .insert(header::LAST_MODIFIED, v.last_modified.clone());
         r
     };
     // 1-2: If-Match, else If-Unmodified-Since.
@@ -315,7 +487,7 @@ fn serve_file(
     let body = if req.method() == Method::HEAD {
         Body::empty()
     } else {
-        match file_body(file, start, len) {
+        match read(start, len) {
             Ok(body) => body,
             Err(e) => {
                 tracing::warn!(error = %e, "static: cannot read a file beneath the root");
@@ -326,9 +498,6 @@ fn serve_file(
     let mut r = Response::new(body);
     *r.status_mut() = status_code;
     let h = r.headers_mut();
-    let content_type = mime_guess::from_path(name)
-        .first_raw()
-        .unwrap_or("application/octet-stream");
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
@@ -349,20 +518,8 @@ fn serve_file(
 /// thread.
 fn file_body(file: File, start: u64, len: u64) -> io::Result<Body> {
     if len <= READ_AT_ONCE as u64 {
-        let mut bytes = Vec::new();
-        loop {
-            let missing = len as usize - bytes.len();
-            if missing == 0 {
-                return Ok(full(bytes));
-            }
-            let at = start + bytes.len() as u64;
-            match read_cached_at(&file, &mut bytes, missing, at) {
-                Ok(0) => return Err(shrank()),
-                Ok(_) => {}
-                // Not (all) cached: the body reads it in the blocking pool.
-                Err(e) if must_wait(&e) => break,
-                Err(e) => return Err(e),
-            }
+        if let Some(bytes) = read_range(&file, start, len)? {
+            return Ok(full(bytes));
         }
     }
     Ok(Body::file(file, start, len))
@@ -393,7 +550,7 @@ fn status(code: StatusCode, body: &'static str) -> Response<Body> {
 mod fuzz {
     use super::*;
     use proptest::prelude::*;
-    use std::os::unix::fs::{symlink, MetadataExt as _};
+    use std::os::unix::fs::symlink;
 
     struct Tree {
         base: PathBuf,

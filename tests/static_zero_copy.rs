@@ -5,9 +5,7 @@
 
 mod common;
 
-use std::io::BufRead as _;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -64,7 +62,7 @@ fn assert_same(got: &[u8], want: &[u8], what: &str) {
 
 #[test]
 fn a_large_file_is_sent_with_sendfile_not_read_through_the_worker() {
-    if Command::new("strace").arg("-V").output().is_err() {
+    if !strace::available() {
         eprintln!(
             "SKIPPED: `strace` is not installed (apt-get install strace; .ci/run installs it)"
         );
@@ -75,62 +73,19 @@ fn a_large_file_is_sent_with_sendfile_not_read_through_the_worker() {
     let worker = server.wait_workers(1, Duration::from_secs(30))[0];
     // Warm the page cache (and the worker) so that the traced request is the steady state.
     assert_same(&server.get("/big.bin").body, &site.big, "warm-up");
-    let trace = site.dir.join("trace.txt");
-    let mut strace = Command::new("strace")
-        .args([
-            "-f",
-            "-qq",
-            "-e",
-            "trace=sendfile,read,pread64,preadv,preadv2,readv",
-        ])
-        .arg("-o")
-        .arg(&trace)
-        .args(["-p", &worker.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("strace starts");
-    // strace says nothing once attached with -qq: wait until it has attached to every thread of
-    // the worker (the worker's status names its tracer).
-    let attached = poll_until(Duration::from_secs(20), || {
-        let tasks = std::fs::read_dir(format!("/proc/{worker}/task")).ok()?;
-        let all = tasks.flatten().all(|t| {
-            std::fs::read_to_string(t.path().join("status")).is_ok_and(|s| {
-                s.lines().any(|l| {
-                    l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0")
-                })
-            })
-        });
-        all.then_some(())
-    });
-    if attached.is_none() {
-        let _ = strace.kill();
-        let _ = strace.wait();
-        let mut why = String::new();
-        if let Some(mut e) = strace.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut e, &mut why);
-        }
-        panic!("strace did not attach to worker {worker}: {why}");
-    }
+    let trace = strace::Trace::attach(
+        worker,
+        "sendfile,read,pread64,preadv,preadv2,readv",
+        site.dir.path(),
+    );
     let r = server.get("/big.bin");
     assert_eq!(r.status, 200);
     assert_same(&r.body, &site.big, "traced GET");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(strace.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
-    let _ = strace.wait();
-    let calls: Vec<String> = std::io::BufReader::new(std::fs::File::open(&trace).unwrap())
-        .lines()
-        .map_while(Result::ok)
-        .collect();
-    let returned = |line: &str| -> Option<u64> { line.rsplit_once(" = ")?.1.trim().parse().ok() };
+    let calls = trace.finish();
     let sent: u64 = calls
         .iter()
         .filter(|l| l.contains("sendfile("))
-        .filter_map(|l| returned(l))
+        .filter_map(|l| strace::returned(l))
         .sum();
     let file_reads: Vec<&String> = calls
         .iter()

@@ -20,6 +20,8 @@
 #   SIZES="12 1024 65536 1048576 16777216" PORT_BASE=18180 SKIP_BUILD=0
 #   OUT=bench/results/static.md  BENCH_TINE_BIN=path (another build; shows in the report)
 #   BENCH_TINE_ARGS="--sched-batch false" (extra serve flags; shown in the report's tine command)
+#   BENCH_TINE_BEFORE_BIN=path (optional: an older build, run as a third server "before", same
+#   flags, interleaved with the others, so a change is seen against the same noise)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -37,6 +39,8 @@ OUT="${OUT:-$ROOT/bench/results/static.md}"
 TINE_BIN="${BENCH_TINE_BIN:-$ROOT/target/release/tine}"
 TINE_PORT=$((PORT_BASE + 1))
 NGINX_PORT=$((PORT_BASE + 2))
+BEFORE_PORT=$((PORT_BASE + 3))
+BEFORE_BIN="${BENCH_TINE_BEFORE_BIN:-}"
 
 log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() {
@@ -78,7 +82,7 @@ trap 'exit 143' TERM
 for tool in wrk nginx curl python3 ps ss sha256sum; do
     command -v "$tool" >/dev/null || die "'$tool' not found (Debian: apt-get install -y wrk nginx-light curl procps iproute2)"
 done
-for port in "$TINE_PORT" "$NGINX_PORT"; do
+for port in "$TINE_PORT" "$NGINX_PORT" "$BEFORE_PORT"; do
     ss -Htln "sport = :$port" | grep -q . && die "port $port is in use; set PORT_BASE"
 done
 if [[ "$SKIP_BUILD" != 1 ]]; then
@@ -122,6 +126,21 @@ for i in $(seq 1 300); do
     grep -q 'tine ready' "$WORK/tine.err" "$WORK/tine.out" && break
     sleep 0.1
 done
+SERVERS=(tine nginx)
+if [[ -n "$BEFORE_BIN" ]]; then
+    [[ -x "$BEFORE_BIN" ]] || die "missing $BEFORE_BIN"
+    BEFORE_CMD=("$BEFORE_BIN" serve --listen "127.0.0.1:$BEFORE_PORT" --control-socket "$WORK/before.sock" --workers 2 --app static --root "$DOCS" "${TINE_EXTRA_ARGS[@]}")
+    (cd "$WORK" && exec env "${unset_env[@]}" "${BEFORE_CMD[@]}") >"$WORK/before.out" 2>"$WORK/before.err" </dev/null &
+    BEFORE_PID=$!
+    STARTED+=("$BEFORE_PID")
+    wait_port before "$BEFORE_PORT" "$BEFORE_PID" || {
+        tail -20 "$WORK/before.err" >&2
+        die "the before build does not serve"
+    }
+    SERVERS+=(before)
+fi
+port_of() { case "$1" in tine) echo "$TINE_PORT" ;; nginx) echo "$NGINX_PORT" ;; before) echo "$BEFORE_PORT" ;; esac; }
+pid_of() { case "$1" in tine) echo "$TINE_PID" ;; nginx) echo "$NGINX_PID" ;; before) echo "$BEFORE_PID" ;; esac; }
 
 NG="$WORK/nginx"
 mkdir -p "$NG/logs" "$NG/tmp"
@@ -162,7 +181,8 @@ wait_port nginx "$NGINX_PORT" "$NGINX_PID" || die "nginx does not serve"
 
 for size in $SIZES; do
     want="$(sha256sum <"$DOCS/f$size.bin" | cut -d' ' -f1)"
-    for port in "$TINE_PORT" "$NGINX_PORT"; do
+    for name in "${SERVERS[@]}"; do
+        port="$(port_of "$name")"
         got="$(curl -sf -m 20 "http://127.0.0.1:$port/f$size.bin" | sha256sum | cut -d' ' -f1)"
         [[ "$got" == "$want" ]] || die "port $port serves f$size.bin wrong"
     done
@@ -206,7 +226,8 @@ PY
 LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
 log "warm-up ${WARMUP}s per server and size"
 for size in $SIZES; do
-    for port in "$TINE_PORT" "$NGINX_PORT"; do
+    for name in "${SERVERS[@]}"; do
+        port="$(port_of "$name")"
         timeout -k 5 $((WARMUP + 30)) wrk -t1 -c"$CONNS" -d"$WARMUP"s "http://127.0.0.1:$port/f$size.bin" >/dev/null 2>&1 ||
             die "warm-up failed on port $port"
     done
@@ -214,10 +235,11 @@ done
 log "measuring: $ROUNDS rounds x sizes ($SIZES) x 2 servers x ${DURATION}s"
 for round in $(seq 1 "$ROUNDS"); do
     for size in $SIZES; do
-        if ((round % 2)); then order="tine nginx"; else order="nginx tine"; fi
-        for name in $order; do
-            if [[ "$name" == tine ]]; then run_one "$round" "$size" tine "$TINE_PORT" "$TINE_PID"; else
-                run_one "$round" "$size" nginx "$NGINX_PORT" "$NGINX_PID"; fi
+        # Rotate who goes first, so no server always runs right after another.
+        n=${#SERVERS[@]}
+        for k in $(seq 0 $((n - 1))); do
+            name="${SERVERS[$(((round + k) % n))]}"
+            run_one "$round" "$size" "$name" "$(port_of "$name")" "$(pid_of "$name")"
         done
     done
 done
@@ -231,7 +253,8 @@ export B_MEM="$(awk '/^MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)
 export B_NGINX="$(nginx -v 2>&1)" B_WRK="$(wrk -v 2>&1 | head -1)"
 export B_COMMIT="$(cd "$ROOT" && git rev-parse --short HEAD)$(cd "$ROOT" && git diff --quiet HEAD || echo '+dirty')"
 export B_LOAD_BEFORE="$LOAD_BEFORE" B_LOAD_AFTER="$LOAD_AFTER"
-export B_CMD="${BENCH_TINE_ARGS:+BENCH_TINE_ARGS=\"$BENCH_TINE_ARGS\" }ROUNDS=$ROUNDS DURATION=$DURATION CONNS=$CONNS bench/static/run.sh"
+export B_BEFORE="${BEFORE_BIN:+${BEFORE_CMD[*]}}"
+export B_CMD="${BENCH_TINE_BEFORE_BIN:+BENCH_TINE_BEFORE_BIN=$BENCH_TINE_BEFORE_BIN }${BENCH_TINE_ARGS:+BENCH_TINE_ARGS=\"$BENCH_TINE_ARGS\" }ROUNDS=$ROUNDS DURATION=$DURATION CONNS=$CONNS bench/static/run.sh"
 export B_TINE_CMD="${TINE_CMD[*]}" B_WRK_CMD="wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s --latency URL"
 python3 - "$RAW" "$WORK/headers-tine.txt" "$WORK/headers-nginx.txt" >"$OUT" <<'PY'
 import os, statistics, sys
@@ -258,21 +281,33 @@ print(f"- load average (1/5/15 min) before: {e['B_LOAD_BEFORE']}; after: {e['B_L
 print(f"- {e['B_NGINX']}; {e['B_WRK']}")
 print(f"- command: `{e['B_CMD']}`")
 print(f"- tine: `{e['B_TINE_CMD']}`; nginx: 2 workers, sendfile on, tcp_nopush on, access_log off")
-print(f"- load: `{e['B_WRK_CMD']}` on the same machine, tine and nginx interleaved in every round\n")
+if e.get("B_BEFORE"):
+    print(f"- before (an older tine build, same flags): `{e['B_BEFORE']}`")
+print(f"- load: `{e['B_WRK_CMD']}` on the same machine, the servers interleaved in every round\n")
 print("## Medians (min-max over rounds)\n")
-print("| size | tine req/s | nginx req/s | ratio (median) | tine p50 / p99 µs | nginx p50 / p99 µs | tine CPU µs/req | nginx CPU µs/req | errors |")
-print("|---|---|---|---|---|---|---|---|---|")
+print("Ratios are against nginx in the same round: req/s ratio (median of the per-round ratios, "
+      "their min-max), and CPU per request ratio (below 1: less CPU than nginx per request).\n")
+print("| size | server | req/s | req/s ratio | p50 / p99 µs | CPU µs/req | CPU ratio | errors |")
+print("|---|---|---|---|---|---|---|---|")
+def cpu_of(r):
+    return float(r[7]) / max(1, int(r[8])) * 1e6
+names = [x for x in ("tine", "before", "nginx") if any(k[1] == x for k in by)]
 for size in sorted({k[0] for k in by}):
-    t, n = by[(size, "tine")], by[(size, "nginx")]
-    tr, nr = med(t, 3), med(n, 3)
-    def cpu(rs):
-        return statistics.median(float(r[7]) / max(1, int(r[8])) * 1e6 for r in rs)
-    ratios = sorted(float(a[3]) / float(b[3]) for a, b in zip(sorted(t), sorted(n)))
-    errs = sum(int(r[6]) for r in t + n)
-    print(f"| {human(size)} | {tr[0]:,.0f} ({tr[1]:,.0f}-{tr[2]:,.0f}) | {nr[0]:,.0f} ({nr[1]:,.0f}-{nr[2]:,.0f}) "
-          f"| **{tr[0] / nr[0]:.2f}×** (per round {ratios[0]:.2f}-{ratios[-1]:.2f}) "
-          f"| {med(t, 4)[0]:.0f} / {med(t, 5)[0]:.0f} | {med(n, 4)[0]:.0f} / {med(n, 5)[0]:.0f} "
-          f"| {cpu(t):.1f} | {cpu(n):.1f} | {errs} |")
+    n = {r[0]: r for r in by[(size, "nginx")]}
+    for name in names:
+        rs = by[(size, name)]
+        req = med(rs, 3)
+        cpu = statistics.median(cpu_of(r) for r in rs)
+        if name == "nginx":
+            ratio, cratio = "1", "1"
+        else:
+            rr = sorted(float(r[3]) / float(n[r[0]][3]) for r in rs if r[0] in n)
+            cr = sorted(cpu_of(r) / max(1e-9, cpu_of(n[r[0]])) for r in rs if r[0] in n)
+            ratio = f"**{statistics.median(rr):.2f}×** ({rr[0]:.2f}-{rr[-1]:.2f})"
+            cratio = f"**{statistics.median(cr):.2f}** ({cr[0]:.2f}-{cr[-1]:.2f})"
+        errs = sum(int(r[6]) for r in rs)
+        print(f"| {human(size)} | {name} | {req[0]:,.0f} ({req[1]:,.0f}-{req[2]:,.0f}) | {ratio} "
+              f"| {med(rs, 4)[0]:.0f} / {med(rs, 5)[0]:.0f} | {cpu:.1f} | {cratio} | {errs} |")
 print("\nCPU µs/req: utime+stime of the server's whole process tree during the run divided by the "
       "requests wrk completed (clock ticks of 10 ms, so coarse for short runs). It excludes the "
       "kernel's softirq work for loopback, which /proc/PID/stat does not charge to the server.\n")

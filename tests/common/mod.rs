@@ -44,6 +44,7 @@ use nix::unistd::Pid;
 
 pub mod spares;
 pub mod status;
+pub mod strace;
 pub mod strict;
 pub mod strict_h2;
 pub mod tmux;
