@@ -12,12 +12,11 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use serde_json::json;
 
+use crate::ctl::protocol::{self, parse, Op, Reply, MAX_COMMAND};
 use crate::ipc::scoreboard::{age, SlotView};
 use crate::monitor::{Child, Kind, Monitor, Phase};
 use crate::sys::meminfo;
 
-/// Longest command line accepted.
-const MAX_COMMAND: usize = 1024;
 /// Clients kept at once while they send their command.
 pub(crate) const MAX_CLIENTS: usize = 32;
 
@@ -101,9 +100,6 @@ pub(crate) struct Request {
     pub client: UnixStream,
     pub command: Result<String, String>,
 }
-
-/// A reply: success with output, or an error message.
-pub(crate) type Reply = Result<String, String>;
 
 impl ControlServer {
     /// Binds the socket with mode 0600.
@@ -227,7 +223,7 @@ impl ControlServer {
             return None;
         }
         let mut client = self.clients.remove(i);
-        let command = if client.buf.len() > MAX_COMMAND {
+        if client.buf.len() > MAX_COMMAND {
             // Drain a bounded amount of what is still coming, so that closing with unread data
             // does not reset the connection before the client reads the error.
             for _ in 0..64 {
@@ -235,15 +231,8 @@ impl ControlServer {
                     break;
                 }
             }
-            Err(format!("command longer than {MAX_COMMAND} bytes"))
-        } else {
-            let line = client.buf.split(|b| *b == b'\n').next().unwrap_or_default();
-            match std::str::from_utf8(line) {
-                Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
-                Ok(_) => Err("empty command".into()),
-                Err(_) => Err("command is not UTF-8".into()),
-            }
-        };
+        }
+        let command = protocol::decode_command(&client.buf);
         Some(Request {
             client: client.stream,
             command,
@@ -264,86 +253,7 @@ impl ControlServer {
 /// can fill it, and then it loses the rest of its reply, not the monitor its time.
 pub(crate) fn reply_to(mut stream: UnixStream, reply: Reply) -> io::Result<()> {
     stream.set_nonblocking(true)?;
-    let text = match reply {
-        Ok(out) => format!("OK\n{out}"),
-        Err(e) => format!("ERR {e}\n"),
-    };
-    stream.write_all(text.as_bytes())
-}
-
-/// A parsed control command (`reload` is handled by the monitor's loop before this).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Op {
-    Status {
-        json: bool,
-    },
-    Scale(usize),
-    Stop {
-        quick: bool,
-    },
-    KillWorker(u32),
-    Refork,
-    ReopenLogs,
-    /// Profile worker `nr` for `seconds`; answered with the SVG's path (or JSON).
-    Profile {
-        nr: u32,
-        seconds: u32,
-        json: bool,
-    },
-}
-
-/// `ctl profile`'s length without `--seconds`.
-pub(crate) const DEFAULT_PROFILE_SECONDS: u32 = 10;
-
-/// `profile NR [--seconds N] [--json]`, the options in any order.
-fn parse_profile(args: &[&str]) -> Result<Op, String> {
-    const USAGE: &str = "usage: profile NR [--seconds N] [--json]";
-    let Some((nr, mut rest)) = args.split_first() else {
-        return Err(USAGE.into());
-    };
-    let nr = nr
-        .parse()
-        .map_err(|_| format!("profile: {nr:?} is not a worker number; {USAGE}"))?;
-    let (mut seconds, mut json) = (DEFAULT_PROFILE_SECONDS, false);
-    while let Some((word, tail)) = rest.split_first() {
-        rest = tail;
-        match *word {
-            "--json" => json = true,
-            "--seconds" => {
-                let Some((n, tail)) = rest.split_first() else {
-                    return Err(format!("profile: --seconds needs a number; {USAGE}"));
-                };
-                rest = tail;
-                seconds = n
-                    .parse()
-                    .map_err(|_| format!("profile: --seconds {n:?} is not a number of seconds"))?;
-            }
-            other => return Err(format!("profile: unexpected {other:?}; {USAGE}")),
-        }
-    }
-    Ok(Op::Profile { nr, seconds, json })
-}
-
-/// Parses one command line; any text gives an [`Op`] or a message for the client.
-pub(crate) fn parse(command: &str) -> Result<Op, String> {
-    let words: Vec<&str> = command.split_whitespace().collect();
-    Ok(match words.as_slice() {
-        ["status"] => Op::Status { json: false },
-        ["status", "--json"] => Op::Status { json: true },
-        ["scale", n] => Op::Scale(n.parse().map_err(|_| format!("scale: {n:?} is not a number"))?),
-        ["stop"] => Op::Stop { quick: false },
-        ["stop", "--quick"] => Op::Stop { quick: true },
-        ["kill-worker", nr] => Op::KillWorker(
-            nr.parse()
-                .map_err(|_| format!("kill-worker: {nr:?} is not a worker number"))?,
-        ),
-        ["refork"] => Op::Refork,
-        ["reopen-logs"] => Op::ReopenLogs,
-        ["profile", args @ ..] => parse_profile(args)?,
-        _ => return Err(format!(
-            "unknown command {command:?}; expected status [--json], scale N, stop [--quick], kill-worker NR, refork, reload, reopen-logs, profile NR [--seconds N] [--json]"
-        )),
-    })
+    stream.write_all(protocol::encode_reply(reply).as_bytes())
 }
 
 /// Runs one command against the monitor.
@@ -625,90 +535,4 @@ pub(crate) fn status_json(m: &Monitor) -> serde_json::Value {
         "spare_workers": m.config.spare_workers,
         "spare_activations": m.spare_activations,
     })
-}
-
-/// The client side (`tine ctl`): sends `command`, returns the reply.
-pub fn request(path: &Path, command: &str) -> Result<String, String> {
-    let mut stream = UnixStream::connect(path)
-        .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
-    // A reload or a refork waits for every worker of the new generation to be ready (preload or
-    // promotion, boots, failed starts retried with backoff).
-    let patience = match parse(command.trim()) {
-        _ if matches!(command.trim(), "reload" | "refork") => 600,
-        // A profile answers once written: its length, then symbolizing (60 s is the monitor's own
-        // limit for that).
-        Ok(Op::Profile { seconds, .. }) => u64::from(seconds) + 70,
-        _ => 10,
-    };
-    stream
-        .set_read_timeout(Some(Duration::from_secs(patience)))
-        .map_err(|e| e.to_string())?;
-    // A server that refuses us may close before we finish writing: its reply still counts.
-    let sent = stream.write_all(format!("{command}\n").as_bytes());
-    // Read to EOF; a reset after the reply (the server closed with our bytes unread) still
-    // leaves the reply readable.
-    let mut bytes = Vec::new();
-    let mut chunk = [0u8; 8192];
-    loop {
-        match stream.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) if bytes.is_empty() => return Err(format!("reading the reply: {e}")),
-            Err(_) => break,
-        }
-    }
-    if let (Err(e), true) = (sent, bytes.is_empty()) {
-        return Err(format!("sending the command: {e}"));
-    }
-    let reply = String::from_utf8_lossy(&bytes);
-    if let Some(body) = reply.strip_prefix("OK\n") {
-        Ok(body.to_string())
-    } else if let Some(err) = reply.strip_prefix("ERR ") {
-        Err(err.trim_end().to_string())
-    } else {
-        Err(format!("unexpected reply: {reply:?}"))
-    }
-}
-
-/// Property-based fuzzing (proptest; `PROPTEST_CASES` raises the case count): any command text
-/// parses to an operation or an error message, never a panic; tests/fuzz.rs sends any bytes
-/// through a real control socket.
-#[cfg(test)]
-mod fuzz {
-    use super::*;
-    use proptest::prelude::*;
-
-    proptest! {
-        #[test]
-        fn any_text_is_an_op_or_an_error(text in ".{0,200}") {
-            if let Err(e) = parse(&text) {
-                prop_assert!(!e.is_empty());
-            }
-        }
-
-        #[test]
-        fn near_misses_are_parsed_exactly(
-            word in prop::sample::select(vec![
-                "status", "scale", "stop", "kill-worker", "refork", "reopen-logs", "reload", "statu",
-            ]),
-            args in prop::collection::vec("[-a-z0-9]{0,12}|--json|--quick|[0-9]{1,25}", 0..3),
-            space in "[ \t]{1,3}",
-        ) {
-            let text = std::iter::once(word.to_string()).chain(args.clone()).collect::<Vec<_>>().join(&space);
-            let args: Vec<&str> = args.iter().map(String::as_str).filter(|a| !a.is_empty()).collect();
-            let expected = match (word, args.as_slice()) {
-                ("status", []) => Some(Op::Status { json: false }),
-                ("status", ["--json"]) => Some(Op::Status { json: true }),
-                ("scale", [n]) => n.parse().ok().map(Op::Scale),
-                ("stop", []) => Some(Op::Stop { quick: false }),
-                ("stop", ["--quick"]) => Some(Op::Stop { quick: true }),
-                ("kill-worker", [n]) => n.parse().ok().map(Op::KillWorker),
-                ("refork", []) => Some(Op::Refork),
-                ("reopen-logs", []) => Some(Op::ReopenLogs),
-                _ => None,
-            };
-            prop_assert_eq!(parse(&text).ok(), expected, "{:?}", text);
-        }
-    }
 }

@@ -130,6 +130,8 @@ pub mod cli;
 pub mod config;
 #[cfg(feature = "server")]
 mod control;
+#[cfg(feature = "server")]
+mod ctl;
 #[cfg(all(doctest, feature = "server"))]
 mod doc_examples;
 #[cfg(feature = "server")]

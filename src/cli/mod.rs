@@ -179,7 +179,7 @@ pub fn run<A: App>() -> ExitCode {
             ExitCode::SUCCESS
         }
         Cmd::Ctl(args) => {
-            match crate::control::request(&args.control_socket, &args.command.join(" ")) {
+            match crate::ctl::client::request(&args.control_socket, &args.command.join(" ")) {
                 Ok(out) => {
                     print_stdout(&out);
                     ExitCode::SUCCESS

@@ -31,6 +31,7 @@ use nix::unistd::Pid;
 
 use crate::config::Config;
 use crate::control::{self, ControlServer};
+use crate::ctl::protocol::{self, Op};
 use crate::ipc::channel::ChannelError;
 use crate::ipc::message::{Command, Report};
 use crate::ipc::scoreboard::Scoreboard;
@@ -1213,15 +1214,15 @@ impl Monitor {
         let refork = request
             .command
             .as_deref()
-            .is_ok_and(|c| matches!(control::parse(c), Ok(control::Op::Refork)));
+            .is_ok_and(|c| matches!(protocol::parse(c), Ok(Op::Refork)));
         if refork {
             // Answered when the new generation serves or the refork fails.
             self.control = Some(control);
             self.refork(Some(request.client), "ctl refork");
             return Some(name);
         }
-        let profile = match request.command.as_deref().map(control::parse) {
-            Ok(Ok(control::Op::Profile { nr, seconds, json })) => Some((nr, seconds, json)),
+        let profile = match request.command.as_deref().map(protocol::parse) {
+            Ok(Ok(Op::Profile { nr, seconds, json })) => Some((nr, seconds, json)),
             _ => None,
         };
         if let Some((nr, seconds, json)) = profile {

@@ -216,7 +216,7 @@ impl Top {
         let spawned = std::thread::Builder::new()
             .name("tine-top-ctl".into())
             .spawn(move || {
-                let result = crate::control::request(&socket, &command);
+                let result = crate::ctl::client::request(&socket, &command);
                 let _ = replies.send(reply(sent, result));
             });
         if let Err(e) = spawned {
