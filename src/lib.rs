@@ -129,8 +129,6 @@ pub mod cli;
 #[cfg(feature = "server")]
 pub mod config;
 #[cfg(feature = "server")]
-mod control;
-#[cfg(feature = "server")]
 mod ctl;
 #[cfg(all(doctest, feature = "server"))]
 mod doc_examples;
@@ -144,8 +142,6 @@ pub mod ipc;
 pub mod listener;
 #[cfg(feature = "server")]
 mod log;
-#[cfg(feature = "server")]
-mod metrics;
 #[cfg(feature = "server")]
 mod mold;
 #[cfg(feature = "server")]

@@ -5,9 +5,11 @@
 //! [`Monitor::reconcile`], which compares the table of children with the target and acts.
 
 mod children;
+mod control;
 pub(crate) mod events;
 mod limits;
 pub(crate) mod memory;
+mod metrics;
 mod profiling;
 mod refork;
 mod reload;
@@ -30,12 +32,12 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::config::Config;
-use crate::control::{self, ControlServer};
 use crate::ctl::protocol::{self, Op};
 use crate::ipc::channel::ChannelError;
 use crate::ipc::message::{Command, Report};
 use crate::ipc::scoreboard::Scoreboard;
 use crate::listener::Listener;
+use control::ControlServer;
 
 pub(crate) use children::{Child, Kind, Phase};
 pub(crate) use reload::HANDOVER_VERSION;
@@ -90,8 +92,8 @@ pub(crate) struct Monitor {
     pub(crate) board: &'static Scoreboard,
     signals: SignalFd,
     pub(crate) control: Option<ControlServer>,
-    /// The Prometheus endpoint (`metrics_listen`), if configured: see `crate::metrics`.
-    pub(crate) metrics: Option<crate::metrics::MetricsServer>,
+    /// The Prometheus endpoint (`metrics_listen`), if configured: see `metrics`.
+    pub(crate) metrics: Option<metrics::MetricsServer>,
     /// Children by scoreboard slot.
     pub(crate) children: BTreeMap<usize, Child>,
     pub(crate) target: usize,
@@ -188,11 +190,11 @@ impl Monitor {
                         "file watcher"
                     }
                     Source::Metrics => {
-                        crate::metrics::on_listener(self);
+                        metrics::on_listener(self);
                         "metrics accept"
                     }
                     Source::MetricsClient(id) => {
-                        crate::metrics::on_client(self, id);
+                        metrics::on_client(self, id);
                         "metrics request"
                     }
                 };
@@ -504,7 +506,7 @@ impl Monitor {
                 self.events
                     .push("refork", format!("refork refused ({why}): {e}"));
                 if let Some(w) = waiter {
-                    let _ = crate::control::reply_to(w, Err(format!("refork refused: {e}")));
+                    let _ = control::reply_to(w, Err(format!("refork refused: {e}")));
                 }
             }
         }
@@ -844,7 +846,7 @@ impl Monitor {
             if self.mode == Mode::Running {
                 // Keyed by the reason's kind ("rollout to gen:7" counts as rollout_to_gen), so
                 // the map stays bounded however many generations go by.
-                let label = crate::metrics::reason_label(if expected { &reason } else { "died" });
+                let label = metrics::reason_label(if expected { &reason } else { "died" });
                 *self.restarts.entry(label).or_default() += 1;
                 if c.phase == Phase::Starting {
                     let why = match &c.exit_reason {

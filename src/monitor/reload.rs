@@ -286,7 +286,7 @@ impl Monitor {
         }
         if !self.is_running() {
             if let Some(w) = waiter {
-                let _ = crate::control::reply_to(w, Err("stopping".into()));
+                let _ = super::control::reply_to(w, Err("stopping".into()));
             }
             return;
         }
@@ -374,7 +374,7 @@ impl Monitor {
             super::systemd::notify_ready(self, "reload failed; old generation serving");
         }
         for w in waiters {
-            let _ = crate::control::reply_to(w, Err(format!("reload failed: {error}")));
+            let _ = super::control::reply_to(w, Err(format!("reload failed: {error}")));
         }
     }
 
@@ -397,7 +397,7 @@ impl Monitor {
                 if request.command.as_deref() == Ok("reload") {
                     waiters.push(request.client);
                 } else {
-                    let reply = crate::control::handle(self, request.command);
+                    let reply = super::control::handle(self, request.command);
                     control.reply(request.client, reply);
                 }
             }
@@ -621,7 +621,7 @@ impl Monitor {
             },
         );
         for w in progress.waiters {
-            let _ = crate::control::reply_to(w, outcome.clone());
+            let _ = super::control::reply_to(w, outcome.clone());
         }
     }
 }

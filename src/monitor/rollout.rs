@@ -278,7 +278,7 @@ impl Monitor {
             self.finish_reload(Ok(format!("reloaded in {ms} ms (gen:{g})\n")));
         }
         for w in r.waiters {
-            let _ = crate::control::reply_to(w, Ok(format!("reforked to gen:{g} in {ms} ms\n")));
+            let _ = super::control::reply_to(w, Ok(format!("reforked to gen:{g} in {ms} ms\n")));
         }
     }
 
@@ -301,7 +301,7 @@ impl Monitor {
             "gen:{g} serving in {ms} ms: all {workers} workers ready (the first after {first} ms); the old workers drain\n"
         );
         for w in std::mem::take(&mut r.waiters) {
-            let _ = crate::control::reply_to(w, Ok(reply.clone()));
+            let _ = super::control::reply_to(w, Ok(reply.clone()));
         }
     }
 
@@ -407,7 +407,7 @@ impl Monitor {
             let message = format!("{} to gen:{g} {reason}; {outcome}", r.cause.name());
             tracing::warn!(generation = g, "rollout interrupted: {message}");
             for w in r.waiters {
-                let _ = crate::control::reply_to(w, Err(message.clone()));
+                let _ = super::control::reply_to(w, Err(message.clone()));
             }
             return;
         }
@@ -440,7 +440,7 @@ impl Monitor {
             Cause::Refork => self.refork_paused = r.from,
         }
         for w in r.waiters {
-            let _ = crate::control::reply_to(w, Err(message.clone()));
+            let _ = super::control::reply_to(w, Err(message.clone()));
         }
     }
 
@@ -448,7 +448,7 @@ impl Monitor {
     pub(super) fn drop_rollout(&mut self, why: &str) {
         if let Some(r) = self.rollout.take() {
             for w in r.waiters {
-                let _ = crate::control::reply_to(w, Err(why.to_string()));
+                let _ = super::control::reply_to(w, Err(why.to_string()));
             }
         }
     }

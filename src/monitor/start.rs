@@ -9,11 +9,11 @@ use std::time::Instant;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
+use super::control::ControlServer;
 use super::{reload, setup, systemd, watch, Child, Kind, Mode, Monitor, MonitorError};
 use crate::app::App;
 use crate::child;
 use crate::config::{Config, ListenAddr};
-use crate::control::ControlServer;
 use crate::ipc::channel::Channel;
 use crate::ipc::scoreboard::{self, Scoreboard};
 use crate::listener::Listener;
@@ -61,13 +61,13 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
             if same_listener(&ListenAddr::Tcp(old), &ListenAddr::Tcp(addr)) =>
         {
             Some(
-                crate::metrics::MetricsServer::adopt(crate::sys::fd::adopt(fd))
+                super::metrics::MetricsServer::adopt(crate::sys::fd::adopt(fd))
                     .map_err(setup("cannot adopt the metrics listener"))?,
             )
         }
         (wanted, handed) => {
             drop(handed.map(|(fd, _)| crate::sys::fd::adopt(fd)));
-            match wanted.map(crate::metrics::MetricsServer::bind).transpose() {
+            match wanted.map(super::metrics::MetricsServer::bind).transpose() {
                 Ok(m) => m,
                 Err(e) if handover.is_some() => {
                     problems.push(format!("metrics: {e}"));
@@ -381,9 +381,9 @@ fn scoreboard_slots(config: &Config) -> usize {
 
 pub(crate) fn monitor_descriptors(config: &Config) -> u64 {
     let slots = scoreboard_slots(config);
-    let fixed = 3 + 2 + config.listen.len() + 1 + crate::control::MAX_CLIENTS;
+    let fixed = 3 + 2 + config.listen.len() + 1 + super::control::MAX_CLIENTS;
     let metrics = if config.metrics_listen.is_some() {
-        1 + crate::metrics::MAX_CLIENTS
+        1 + super::metrics::MAX_CLIENTS
     } else {
         0
     };

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use serde_json::json;
 
+use super::{Child, Kind, Monitor, Phase};
 use crate::ctl::protocol::{self, parse, Op, Reply, MAX_COMMAND};
 use crate::ipc::scoreboard::{age, SlotView};
-use crate::monitor::{Child, Kind, Monitor, Phase};
 use crate::sys::meminfo;
 
 /// Clients kept at once while they send their command.
@@ -494,7 +494,7 @@ pub(crate) fn status_json(m: &Monitor) -> serde_json::Value {
             })
         })
         .collect();
-    let queues = crate::metrics::queue::depths(&m.listeners);
+    let queues = super::metrics::queue::depths(&m.listeners);
     let listen_queues: Vec<_> = m
         .listeners
         .iter()
@@ -527,7 +527,7 @@ pub(crate) fn status_json(m: &Monitor) -> serde_json::Value {
         "spawn_resource_errors": m.resource_errors_total,
         "max_workers": m.config.max_workers,
         "generation": m.current_mold().map(|(_, c)| c.generation),
-        "requests_total": crate::metrics::total_requests(m.board),
+        "requests_total": super::metrics::total_requests(m.board),
         "reforks": m.board.reforks(),
         "restarts": m.restarts,
         "listen_queues": listen_queues,

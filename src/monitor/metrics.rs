@@ -21,10 +21,10 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use crate::control::{child_state, process_rows, AcceptBackoff, AcceptError, ProcessRow};
+use super::control::{child_state, process_rows, AcceptBackoff, AcceptError, ProcessRow};
+use super::{Kind, Monitor};
 use crate::ipc::scoreboard::Scoreboard;
 use crate::listener::Listener;
-use crate::monitor::{Kind, Monitor};
 
 /// Largest request head accepted (request line and headers).
 const MAX_HEAD: usize = 8 * 1024;
@@ -605,11 +605,7 @@ fn render(m: &Monitor, server: &mut MetricsServer) -> String {
         "counter",
         "Steps of the monitor's loop that took over 100 ms (each logged with its name): every child, signal and ctl call waited for them.",
     );
-    let _ = writeln!(
-        out,
-        "tine_monitor_slow_steps_total {}",
-        crate::monitor::slow_steps()
-    );
+    let _ = writeln!(out, "tine_monitor_slow_steps_total {}", super::slow_steps());
     family(
         &mut out,
         "tine_rollouts_failed_total",
