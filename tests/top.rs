@@ -85,7 +85,8 @@ fn a_row_per_worker_and_plus_minus_scale_by_one() {
         queue["listener"].as_str().unwrap(),
         queue["waiting"]
     );
-    assert!(screen.contains(&shown), "no {shown:?}:\n{screen}");
+    // The screen that first showed the rows may be one the terminal had only partly received.
+    tmux.wait_for(&shown, WAIT);
 
     // Requests show as a rate: the total row's REQ/S (its 4th word) becomes positive.
     let total_rate = |s: &str| -> Option<f64> {
@@ -298,5 +299,56 @@ fn q_quits_and_gives_the_terminal_back() {
             settings.contains(&flag) && !settings.contains(&format!("-{flag}").as_str()),
             "the terminal still has -{flag} after top exited:\n{screen}"
         );
+    }
+}
+
+/// The pid of the `tine top` watching `socket` (a child of the pane's shell).
+fn top_pid(socket: &Path) -> i32 {
+    let wanted = ["top", "--control-socket", socket.to_str().unwrap()];
+    poll_until(WAIT, || {
+        std::fs::read_dir("/proc")
+            .ok()?
+            .flatten()
+            .find_map(|entry| {
+                let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+                let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+                let args: Vec<&str> = cmdline
+                    .split(|b| *b == 0)
+                    .filter_map(|a| std::str::from_utf8(a).ok())
+                    .collect();
+                args.windows(3).any(|w| w == wanted).then_some(pid)
+            })
+    })
+    .expect("tine top's process")
+}
+
+#[test]
+fn a_stop_signal_gives_the_terminal_back() {
+    let (server, pids) = two_workers();
+    for (signal, name) in [(15, "TERM"), (1, "HUP"), (2, "INT")] {
+        let tmux = top(&server.control_socket, 120, 40);
+        wait_rows(&tmux, &pids);
+        let pid = top_pid(&server.control_socket);
+        let killed = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success(), "kill -{name} {pid}");
+        let exited = format!("top exited with {}", 128 + signal);
+        let screen = tmux.wait(&format!("{exited:?} and stty's flags"), WAIT, |s| {
+            s.contains(&exited) && s.contains("icanon")
+        });
+        // The shell's screen is back, and the terminal is cooked again (`stty -a`).
+        assert!(screen.contains("before top"), "SIG{name}:\n{screen}");
+        let settings: Vec<&str> = screen.split_whitespace().collect();
+        for flag in ["icanon", "echo", "isig"] {
+            assert!(
+                settings.contains(&flag) && !settings.contains(&format!("-{flag}").as_str()),
+                "the terminal still has -{flag} after SIG{name}:\n{screen}"
+            );
+        }
+        // Typed text is echoed again (the pane's shell is in `sleep`, the terminal echoes).
+        tmux.keys(&["typed-after-top"]);
+        tmux.wait_for("typed-after-top", WAIT);
     }
 }

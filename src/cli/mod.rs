@@ -197,7 +197,8 @@ pub fn run<A: App>() -> ExitCode {
                 interval: std::time::Duration::from_secs_f64(args.interval),
             };
             match crate::top::run(options) {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(crate::top::Ended::Quit) => ExitCode::SUCCESS,
+                Ok(crate::top::Ended::Signal(signal)) => ExitCode::from((128 + signal) as u8),
                 Err(e) => {
                     crate::log::print_stderr(format_args!("tine top: {e}"));
                     ExitCode::from(1)

@@ -19,6 +19,7 @@ mod view;
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -412,17 +413,98 @@ impl Top {
     }
 }
 
-/// Runs `tine top` until `q`. Fails at once, with a clear message, without a terminal.
-pub fn run(options: Options) -> Result<(), String> {
+/// How `tine top` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The operator quit (`q`, Esc, Ctrl-C).
+    Quit,
+    /// A signal asked it to stop (SIGTERM, SIGHUP, SIGINT, SIGQUIT): the terminal was given back;
+    /// exit with 128 + this number, as a shell reports a process ended by it.
+    Signal(i32),
+}
+
+/// Signals that end `tine top` with the terminal given back (their default action would kill it
+/// in raw mode on the alternate screen, leaving the operator's shell without echo).
+const STOP_SIGNALS: [i32; 4] = [
+    signal_hook::consts::SIGTERM,
+    signal_hook::consts::SIGHUP,
+    signal_hook::consts::SIGINT,
+    signal_hook::consts::SIGQUIT,
+];
+/// How long the screen loop has, after a stop signal, to give the terminal back itself before the
+/// signal thread does it and exits (the loop checks every ≤ 200 ms; this covers a loop stuck in a
+/// write to a terminal nobody reads).
+const STOP_GRACE: Duration = Duration::from_secs(1);
+/// Room for one whole frame, so that each frame reaches the terminal in one write: a terminal
+/// (or tmux) reading while a frame is half written would otherwise show half a frame.
+const FRAME_BUFFER: usize = 256 * 1024;
+
+/// The signal that asked `tine top` to stop (0: none yet).
+static STOP: AtomicI32 = AtomicI32::new(0);
+
+/// Puts the terminal back as it was: cooked mode (echo, line editing), the main screen, the
+/// cursor shown. Written to stderr (the same terminal), not stdout: the screen loop may hold
+/// stdout's lock in a write when a signal's thread calls this.
+fn give_back_terminal() {
+    let _ = ratatui::crossterm::terminal::disable_raw_mode();
+    let _ = ratatui::crossterm::execute!(
+        std::io::stderr(),
+        ratatui::crossterm::terminal::LeaveAlternateScreen,
+        ratatui::crossterm::cursor::Show
+    );
+}
+
+/// Starts the thread that turns a stop signal into a clean exit: it tells the screen loop, and if
+/// the loop has not ended the process within [`STOP_GRACE`], gives the terminal back itself and
+/// exits with 128 + the signal.
+fn watch_stop_signals() -> std::io::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new(STOP_SIGNALS)?;
+    std::thread::Builder::new()
+        .name("tine-top-signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                STOP.store(signal, Ordering::SeqCst);
+                std::thread::sleep(STOP_GRACE);
+                give_back_terminal();
+                std::process::exit(128 + signal);
+            }
+        })?;
+    Ok(())
+}
+
+/// Runs `tine top` until `q` or a stop signal. Fails at once, with a clear message, without a
+/// terminal. The terminal is given back on every way out: quitting, an error, a stop signal
+/// (SIGTERM, SIGHUP, SIGINT, SIGQUIT) and a panic.
+pub fn run(options: Options) -> Result<Ended, String> {
     if !std::io::stdout().is_terminal() || !std::io::stdin().is_terminal() {
         return Err("tine top needs a terminal (use `tine ctl status --json` in scripts)".into());
     }
+    watch_stop_signals().map_err(|e| format!("cannot watch for stop signals: {e}"))?;
     let (tx, rx) = mpsc::channel();
     let mut top = Top::new(&options, tx);
-    let mut terminal =
-        ratatui::try_init().map_err(|e| format!("cannot set up the terminal: {e}"))?;
-    let result = (|| -> std::io::Result<()> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        give_back_terminal();
+        hook(info);
+    }));
+    let mut terminal = (|| {
+        ratatui::crossterm::terminal::enable_raw_mode()?;
+        ratatui::crossterm::execute!(
+            std::io::stdout(),
+            ratatui::crossterm::terminal::EnterAlternateScreen
+        )?;
+        let out = std::io::BufWriter::with_capacity(FRAME_BUFFER, std::io::stdout());
+        ratatui::Terminal::new(ratatui::backend::CrosstermBackend::new(out))
+    })()
+    .map_err(|e| {
+        give_back_terminal();
+        format!("cannot set up the terminal: {e}")
+    })?;
+    let result = (|| -> std::io::Result<Ended> {
         loop {
+            if let signal @ 1.. = STOP.load(Ordering::SeqCst) {
+                return Ok(Ended::Signal(signal));
+            }
             top.poll_status();
             while let Ok(reply) = rx.try_recv() {
                 top.on_reply(reply);
@@ -436,7 +518,7 @@ pub fn run(options: Options) -> Result<(), String> {
                 .clamp(Duration::from_millis(10), Duration::from_millis(200));
             if event::poll(wait)? {
                 match event::read()? {
-                    Event::Key(key) if !top.on_key(key) => return Ok(()),
+                    Event::Key(key) if !top.on_key(key) => return Ok(Ended::Quit),
                     Event::Resize(..) => terminal.autoresize()?,
                     _ => {}
                 }
@@ -444,7 +526,7 @@ pub fn run(options: Options) -> Result<(), String> {
         }
     })();
     drop(terminal);
-    ratatui::restore();
+    give_back_terminal();
     result.map_err(|e| format!("terminal: {e}"))
 }
 
