@@ -454,3 +454,77 @@ mod http2 {
         assert_lossless(&report, "HTTP/2, TERM", &server);
     }
 }
+
+/// The server-side state (`st` of `/proc/net/tcp`, `03` for `SYN_RECV`) of the connection from
+/// local port `client` to `server`, if the kernel lists it.
+fn server_side_state(server: std::net::SocketAddr, client: u16) -> Option<String> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    let port = |field: &str| u16::from_str_radix(field.rsplit(':').next()?, 16).ok();
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (port(f.get(1)?)? == server.port() && port(f.get(2)?)? == client)
+            .then(|| f.get(3).map(|s| s.to_string()))?
+    })
+}
+
+/// A client whose TCP handshake is still under way when TERM comes (its final ACK not arrived:
+/// a client a round trip away, or one that holds the ACK back until it sends — here `TCP_QUICKACK`
+/// off, so the ACK leaves with the delayed-ACK timer, up to 200 ms later) is served, not reset.
+/// The client already sees its connection open; if every worker had taken its queue for the last
+/// time and let go of the socket before the ACK came, the connection would be reset with the
+/// request on its way. The tree waits for such handshakes before its workers stop.
+#[test]
+fn graceful_stop_serves_a_connection_whose_handshake_is_under_way() {
+    use std::io::{Read, Write};
+    let mut server = start(2, &[]);
+    wait_settled(&server, 2, |_| true);
+    let addr = server.tcp_addr();
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("a socket");
+    socket.set_quickack(false).expect("TCP_QUICKACK off");
+    socket.connect(&addr.into()).expect("connect");
+    let local = socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("the client's address")
+        .port();
+    assert_eq!(
+        server_side_state(addr, local).as_deref(),
+        Some("03"),
+        "the handshake should still be under way on the server's side (SYN_RECV)"
+    );
+    server.signal(Signal::SIGTERM);
+    // The handshake completes when the client's ACK leaves (the delayed-ACK timer).
+    poll_until(EVENT_TIMEOUT, || {
+        (server_side_state(addr, local).as_deref() != Some("03")).then_some(())
+    })
+    .expect("the handshake ends");
+    let mut stream = std::net::TcpStream::from(socket);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("a read timeout");
+    let body = "strict=1";
+    let request = format!(
+        "POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut response = Vec::new();
+    let result = stream
+        .write_all(request.as_bytes())
+        .and_then(|()| stream.read_to_end(&mut response));
+    // Closed here: the worker's lingering close would wait for it.
+    drop(stream);
+    let text = String::from_utf8_lossy(&response);
+    assert!(
+        result.is_ok() && text.starts_with("HTTP/1.1 200"),
+        "the request on the connection whose handshake was under way at TERM: {result:?}, response {text:?}; log:\n{}",
+        server.log.text()
+    );
+    assert_eq!(
+        server.exit_code_within(EVENT_TIMEOUT),
+        0,
+        "log:\n{}",
+        server.log.text()
+    );
+}

@@ -85,6 +85,10 @@ enum Mode {
     Stopping { graceful: bool, deadline: Instant },
 }
 
+/// The longest a graceful stop waits for TCP handshakes under way (see `Monitor::stop`): a round
+/// trip on any sane network, and the 200 ms a client may hold back its final ACK.
+const HANDSHAKE_WAIT: Duration = Duration::from_secs(1);
+
 /// The monitor's state.
 pub(crate) struct Monitor {
     pub(crate) config: Config,
@@ -120,6 +124,9 @@ pub(crate) struct Monitor {
     next_request: u64,
     /// The listeners came from systemd socket activation.
     activated: bool,
+    /// A graceful stop waiting, before it tells the children, for TCP handshakes under way on
+    /// these addresses to reach a queue (see `stop`), until the instant given.
+    handshake_wait: Option<(Instant, Vec<std::net::SocketAddr>)>,
     /// Watchdog ping interval and last ping.
     watchdog: Option<(Duration, Instant)>,
     /// Development mode's file watcher.
@@ -218,6 +225,7 @@ impl Monitor {
             let began = slow_step("watch", began, &turn);
             systemd::watchdog_tick(self);
             slow_step("systemd watchdog", began, &turn);
+            self.check_handshake_wait();
             if let Mode::Stopping { deadline, .. } = self.mode {
                 if self.children.is_empty() {
                     tracing::info!("stopped");
@@ -294,6 +302,9 @@ impl Monitor {
             t = t
                 .min(deadline.saturating_duration_since(now))
                 .min(Duration::from_millis(50));
+        }
+        if self.handshake_wait.is_some() {
+            t = t.min(Duration::from_millis(5));
         }
         if let Some(due) = self.watcher.as_ref().and_then(|w| w.deadline()) {
             t = t.min(due.saturating_duration_since(now));
@@ -394,11 +405,40 @@ impl Monitor {
                 tracing::warn!(error = %e, listener = %l.addr(), "cannot stop new connections from queuing");
             }
         }
+        let tcp: Vec<std::net::SocketAddr> = if self.activated {
+            Vec::new()
+        } else {
+            self.listeners
+                .iter()
+                .filter_map(Listener::tcp_local_addr)
+                .collect()
+        };
         for l in &self.listeners {
             if let Err(e) = l.close_in_place() {
                 tracing::warn!(error = %e, listener = %l.addr(), "cannot close the listener");
             }
         }
+        // A handshake the kernel answered before the filter completes when the client's ACK
+        // arrives, a round trip later: if every worker had taken its queue for the last time by
+        // then, that connection (its request maybe already sent) would be reset. The workers go
+        // on accepting until no handshake is under way (bounded).
+        self.handshake_wait = None;
+        if graceful {
+            let under_way = crate::listener::handshakes_under_way(&tcp).unwrap_or(0);
+            if under_way > 0 {
+                tracing::info!(
+                    handshakes = under_way,
+                    "waiting for the TCP handshakes under way before stopping the children"
+                );
+                self.handshake_wait = Some((Instant::now() + HANDSHAKE_WAIT, tcp));
+                return;
+            }
+        }
+        self.stop_children(graceful);
+    }
+
+    /// Tells every child to stop (graceful), or sends it SIGTERM (quick).
+    fn stop_children(&mut self, graceful: bool) {
         let slots: Vec<usize> = self.children.keys().copied().collect();
         for slot in slots {
             if graceful {
@@ -409,6 +449,27 @@ impl Monitor {
                 }
             }
         }
+    }
+
+    /// A graceful stop waiting for handshakes (see `stop`): tells the children once none is under
+    /// way, or at the wait's end.
+    fn check_handshake_wait(&mut self) {
+        let Some((until, addrs)) = &self.handshake_wait else {
+            return;
+        };
+        let left = crate::listener::handshakes_under_way(addrs).unwrap_or(0);
+        let timed_out = Instant::now() >= *until;
+        if left > 0 && !timed_out {
+            return;
+        }
+        if left > 0 {
+            tracing::warn!(
+                handshakes = left,
+                "stopping the children with TCP handshakes still under way"
+            );
+        }
+        self.handshake_wait = None;
+        self.stop_children(true);
     }
 
     /// Asks a child to stop gracefully; it is killed if still alive after graceful_timeout.

@@ -130,6 +130,7 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
         preflight: None,
         next_request: 0,
         activated,
+        handshake_wait: None,
         watchdog: systemd::watchdog_interval().map(|i| (i, Instant::now())),
         watcher: None,
         boot_reload: None,
