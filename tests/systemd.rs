@@ -682,3 +682,39 @@ fn as_pid_1_of_a_pid_namespace_term_from_outside_drains_and_exits_zero() {
         Some(0)
     );
 }
+
+/// A socket-activated unix listener's file is systemd's (its socket unit keeps listening on it,
+/// queuing connections for the next start): a graceful stop leaves it where it is, at the stop's
+/// start (where tine removes its own sockets' paths so new connects fail at once) and at exit.
+#[test]
+fn a_socket_activated_unix_socket_file_outlives_the_server() {
+    let dir = TempDir::new();
+    let path = dir.path().join("web.sock");
+    let mut server = Launch::program(systemd_tool("systemd-socket-activate"))
+        .subcommand(None)
+        .arg("-l")
+        .arg(&path)
+        .arg(tine_bin())
+        .args(["serve", "--workers", "1", "--control-socket", "ctl.sock"])
+        .spawn();
+    server.log.wait_for_log("Listening on", READY_TIMEOUT);
+    // The first connection makes systemd-socket-activate exec the server in place.
+    let first = get(&Addr::Unix(path.clone()), "/").expect("served on the activated socket");
+    assert_eq!(first.status, 200);
+    server.wait_ready();
+    server.signal(Signal::SIGTERM);
+    assert_eq!(
+        server.exit_code_within(Duration::from_secs(30)),
+        0,
+        "log:\n{}",
+        server.log.text()
+    );
+    let kept = std::fs::symlink_metadata(&path)
+        .map(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
+    assert!(
+        matches!(kept, Ok(true)),
+        "the activated socket's file {} after the stop: {kept:?}; log:\n{}",
+        path.display(),
+        server.log.text()
+    );
+}

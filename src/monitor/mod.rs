@@ -1239,7 +1239,9 @@ impl Monitor {
         for pid in own_children() {
             let _ = kill(pid, Signal::SIGKILL);
         }
-        for l in &self.listeners {
+        // A socket-activated unix socket's file is systemd's: its socket unit goes on listening
+        // there for the next start.
+        for l in self.listeners.iter().filter(|_| !self.activated) {
             l.cleanup();
         }
         if let Some(control) = self.control.take() {
