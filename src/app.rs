@@ -91,7 +91,10 @@ impl Worker {
     /// A hot spare (`spare_workers`) boots before it knows which worker it will replace: its
     /// `nr()` is then [`Worker::SPARE_NR`] and [`Worker::is_spare`] is true. It takes a number
     /// when the monitor activates it; read that with [`Worker::current_nr`] (for example in a
-    /// handler) rather than keeping the number seen in `boot`.
+    /// handler) rather than keeping the number seen in `boot`. Until then nothing else shows a
+    /// number for it either: `ps` says `tine spare (gen:N)`, its runtime threads `tine-spare-w`,
+    /// the monitor's log lines carry no `nr`; once activated as worker N it is `worker[N]`, its
+    /// threads `tine-wN` and its profiles `tine-profile-workerN-…`, like a worker booted as N.
     pub fn nr(&self) -> u32 {
         self.nr
     }

@@ -62,11 +62,15 @@
 //!
 //! **Hot spares** (`spare_workers`, default 1; `monitor::spares`). A spare is a worker forked
 //! from the current mold with `SpawnSpare`: it lets go of the listening sockets (so it can
-//! neither accept nor keep one open past a stop), boots, builds its runtime, reports ready and
-//! waits on its channel. Whenever `reconcile` finds a worker number missing — a death, a limit's
-//! replace-then-retire, a scale-up, a rollout's replacement — it first sends a ready spare
-//! `Activate { nr }` with the listening sockets: the spare registers them and accepts at once,
-//! and a new spare is requested in the same turn. Only when no spare is ready is a worker forked and booted.
+//! neither accept nor keep one open past a stop), boots, builds its runtime, spawns its accept
+//! loops (each waiting for its listener), reports ready and waits on its channel. A serving
+//! worker whose channel closes is exiting (the kernel closes its files before it tells the
+//! monitor of the death): a ready spare takes its number at once. Whenever `reconcile` finds a
+//! worker number missing — a death, a limit's replace-then-retire, a scale-up, a rollout's
+//! replacement — it first sends a ready spare `Activate { nr }` with the listening sockets (more
+//! than 8 go ahead in `ListeningSockets`): the spare puts them back in place, registers them and
+//! accepts at once, and a new spare is requested in the same turn. Only when no spare is ready
+//! is a worker forked and booted.
 //! Spares come from the newest ready mold; older spares retire once the new generation is proven
 //! and has its own ready, so a worker that dies during a rollout's trial is still replaced at once.
 //! A spare's `boot` runs before it has a number ([`Worker::is_spare`], [`Worker::current_nr`]).

@@ -382,6 +382,24 @@ pub(crate) fn adopt_log_fd(fd: Option<std::os::fd::OwnedFd>) {
     }
 }
 
+/// `CLOCK_MONOTONIC` in microseconds: the same clock in every process of the tree (and in a
+/// client on the same machine), so the debug lines of target `tine::respawn` — a worker's death
+/// seen by the monitor, a spare's activation sent, received, listening, first connection — can
+/// be laid on one timeline (bench/respawn/timeline.py).
+pub(crate) fn monotonic_us() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1_000)
+        .unwrap_or(0)
+}
+
+/// This thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`) in microseconds: next to
+/// [`monotonic_us`] in the `tine::respawn` lines, it tells work from waiting for a CPU.
+pub(crate) fn thread_cpu_us() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1_000)
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

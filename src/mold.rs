@@ -123,7 +123,9 @@ pub(crate) fn run<A: App>(app: &mut A, start: Start<'_>) -> i32 {
             Command::ReopenLogs => crate::log::adopt_log_fd(received.fds.into_iter().next()),
             Command::Promote { .. } => tracing::warn!("ignoring Promote sent to a mold"),
             Command::Profile { .. } => tracing::warn!("ignoring Profile sent to a mold"),
-            Command::Activate { .. } => tracing::warn!("ignoring Activate sent to a mold"),
+            Command::Activate { .. } | Command::ListeningSockets => {
+                tracing::warn!("ignoring {:?} sent to a mold", received.msg)
+            }
         }
     }
 }

@@ -739,12 +739,10 @@ fn a_reload_that_interrupts_a_refork_on_trial_rolls_back_to_the_mold_before_both
     let dir = TempDir::new();
     let promotion = dir.join("break-promotion");
     let preload = dir.join("break-preload");
-    // No hot spare: the gen:0 spare is used up when the refork promotes a worker, and after the
-    // reload's rollback the mold is one the new image adopted, which is never asked for spares
-    // (it may be an older binary): whether a gen:0 spare is back at the end would depend on
-    // timing, and spares are not what this test is about.
+    // With the default hot spare: the gen:0 spare is used up when the refork promotes a worker,
+    // and after the reload's rollback the gen:0 mold, adopted by the new image, makes the next
+    // one (the handover says it can), so the tree ends with its gen:0 spare.
     let mut server = debug_hello(3, "TINE_DEBUG_PROMOTION_BREAKS_BOOT", &promotion)
-        .args(["--spare-workers", "0"])
         .env("TINE_DEBUG_PRELOAD_BREAKS_BOOT", &preload)
         .env("TINE_ROLLOUT_MAX_FAILURES", "4")
         .start();

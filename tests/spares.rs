@@ -290,3 +290,132 @@ fn with_no_spares_a_dead_worker_is_replaced_by_a_fresh_boot() {
         server.log.text()
     );
 }
+
+/// A reload whose new generation cannot boot is rolled back to the gen:0 mold, which the reloaded
+/// image adopted with the gen:0 spare: both still act as such. The adopted spare takes over from a
+/// worker that dies, and the adopted mold makes the next spare. (Before, the new image never
+/// activated an adopted spare nor asked an adopted mold for one: after such a rollback the tree
+/// had no working spare.)
+#[test]
+fn after_a_reload_rolls_back_the_adopted_mold_and_spare_still_work_as_such() {
+    let dir = TempDir::new();
+    let broken = dir.join("break-preload");
+    let server = Launch::tine()
+        .args(["--workers", "1", "--debug-headers", "--debug-routes"])
+        .args(["--spare-workers", "1", "--spawn-timeout", "10"])
+        .env("TINE_DEBUG_PRELOAD_BREAKS_BOOT", &broken)
+        .start();
+    let worker = server.wait_workers(1, READY_TIMEOUT)[0];
+    let spare = wait_spare(&server, "at start", |r| r.generation == 0);
+    std::fs::write(&broken, "").unwrap();
+    let err = server
+        .ctl(&["reload"])
+        .expect_err("the reloaded generation cannot boot: the reload fails");
+    assert!(err.contains("rolled back"), "{err}");
+    std::fs::remove_file(&broken).unwrap();
+    assert_eq!(
+        wait_spare(&server, "after the rollback", |r| r.generation == 0).pid,
+        spare.pid
+    );
+    let mark = server.log.mark();
+    signal(worker, Signal::SIGKILL);
+    wait_worker_is(&server, 0, spare.pid);
+    server
+        .log
+        .wait_for_log_since(mark, "hot_spare=true", SETTLE);
+    assert_eq!(served_by(&server), spare.pid);
+    wait_spare(&server, "made by the adopted gen:0 mold", |r| {
+        r.pid != spare.pid && r.generation == 0
+    });
+}
+
+/// More listening sockets than one packet carries (8): a tree with 10 still keeps a spare, and the
+/// spare, activated when the worker dies, serves on every one of them. (Before, such a tree kept
+/// no spare at all.)
+#[test]
+fn with_more_listeners_than_one_message_carries_the_spare_serves_on_all() {
+    let dir = TempDir::new();
+    let addrs: Vec<Addr> = (0..10)
+        .map(|i| Addr::Unix(dir.join(format!("l{i}.sock"))))
+        .collect();
+    let mut launch =
+        Launch::tine().args(["--workers", "1", "--debug-headers", "--spare-workers", "1"]);
+    for a in &addrs {
+        launch = launch.arg("--listen").arg(a.to_string());
+    }
+    let server = launch.start();
+    let worker = server.wait_workers(1, READY_TIMEOUT)[0];
+    let spare = wait_spare(&server, "with 10 listeners", |_| true);
+    signal(worker, Signal::SIGKILL);
+    wait_worker_is(&server, 0, spare.pid);
+    for a in &addrs {
+        let response = get(a, "/").unwrap_or_else(|e| panic!("GET on {a}: {e}"));
+        assert_eq!(response.status, 200, "{a}");
+        assert_eq!(
+            response.header("x-tine-worker"),
+            Some(spare.pid.to_string().as_str()),
+            "{a} is served by the activated spare"
+        );
+    }
+}
+
+/// A spare has no worker number until it is activated, and nothing shows a placeholder for one:
+/// the monitor's lines about a spare carry no `nr`; once activated as worker 0, its runtime threads
+/// are named `tine-w0` and its profile `tine-profile-worker0-…`, like a worker booted as 0.
+/// (Before, all three said 4294967295.)
+#[test]
+fn an_activated_spare_takes_its_number_everywhere() {
+    let dir = TempDir::new();
+    let profiles = dir.join("profiles");
+    std::fs::create_dir_all(&profiles).expect("mkdir");
+    let server = Launch::tine()
+        .args(["--workers", "1", "--debug-headers", "--spare-workers", "1"])
+        .args(["--worker-threads", "2"])
+        .arg("--profile-dir")
+        .arg(&profiles)
+        .start();
+    let worker = server.wait_workers(1, READY_TIMEOUT)[0];
+    let first = wait_spare(&server, "at start", |_| true);
+    let mark = server.log.mark();
+    signal(first.pid, Signal::SIGKILL);
+    let died = server.log.wait_for_log_since(mark, "spare died", SETTLE);
+    assert!(!died.contains("nr="), "{died}");
+    let spare = wait_spare(&server, "replacing the one killed", |r| r.pid != first.pid);
+    signal(worker, Signal::SIGKILL);
+    wait_worker_is(&server, 0, spare.pid);
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", spare.pid))
+        .expect("its threads")
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .map(|name| name.trim_end().to_string())
+        .collect();
+    assert!(
+        threads.iter().filter(|t| *t == "tine-w0").count() >= 2,
+        "the runtime's two threads are named after worker 0: {threads:?}"
+    );
+    assert!(
+        threads
+            .iter()
+            .all(|t| !t.contains("4294967") && !t.contains("spare")),
+        "{threads:?}"
+    );
+    let out = ctl_within(
+        &server.control_socket,
+        &["profile", "0", "--seconds", "1"],
+        Duration::from_secs(60),
+    )
+    .expect("ctl profile 0");
+    let svg = std::path::PathBuf::from(out.trim());
+    let name = svg.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    assert!(
+        name.starts_with(&format!("tine-profile-worker0-{}-", spare.pid)),
+        "{out}"
+    );
+    let title = std::fs::read_to_string(&svg).expect("the flamegraph");
+    assert!(title.contains("tine worker[0] (gen:0)"), "{svg:?}");
+    assert!(
+        !server.log.text().contains("4294967295"),
+        "{}",
+        server.log.text()
+    );
+}

@@ -61,6 +61,11 @@ pub enum Command {
         /// The worker number it takes.
         nr: u32,
     },
+    /// To a hot spare, just before its [`Command::Activate`], when its listening sockets are more
+    /// than one packet carries: the first of them (a packet carries at most 8), in order; the
+    /// `Activate` that follows carries the rest. Appended after the others, so that they keep
+    /// their encoding.
+    ListeningSockets,
 }
 
 /// How a worker's [`Report::Exiting`] reason starts when its tokio runtime could not be built:
@@ -213,6 +218,7 @@ mod fuzz {
             (any::<u32>(), any::<u64>())
                 .prop_map(|(slot, request)| Command::SpawnSpare { slot, request }),
             any::<u32>().prop_map(|nr| Command::Activate { nr }),
+            Just(Command::ListeningSockets),
         ]
     }
 

@@ -67,9 +67,10 @@ pub(crate) struct Child {
     pub stray_report_logged: bool,
     /// Why it said it was exiting (`Report::Exiting`), to explain a failed start.
     pub exit_reason: Option<String>,
-    /// Forked or promoted by this image's code, with its listening sockets: may make hot spares
-    /// (a mold) or be activated as one (a spare). False for what a reload adopted, which may be
-    /// an older build that does not know `SpawnSpare` and `Activate`, or have other listeners.
+    /// Speaks `SpawnSpare` and `Activate` and holds this image's listening sockets, in order: may
+    /// make hot spares (a mold) or be activated as one (a spare). True for what this image forked
+    /// or promoted; for what a reload adopted, only if the handover says so and the listeners are
+    /// unchanged (an older build, or other listeners, would not do).
     pub knows_spares: bool,
 }
 
@@ -99,12 +100,20 @@ impl Child {
         matches!(self.phase, Phase::Retiring { .. })
     }
 
-    /// A worker that counts towards the target: not leaving.
+    /// A worker that counts towards the target: not leaving. One whose channel closed is
+    /// exiting (only its exit closes it), even before it is reaped.
     pub(crate) fn is_active_worker(&self) -> bool {
         self.kind == Kind::Worker
+            && self.channel.is_some()
             && !self.is_retiring()
             && self.recycle.is_none()
             && self.phase != Phase::Promoting
+    }
+
+    /// The worker number for a log line: none for a spare, which has none until it is activated
+    /// (its `nr` is then [`crate::app::Worker::SPARE_NR`], a number no reader should see).
+    pub(crate) fn log_nr(&self) -> Option<u32> {
+        (self.kind != Kind::Spare).then_some(self.nr)
     }
 
     pub(crate) fn pid_raw(&self) -> i32 {

@@ -125,7 +125,7 @@ impl Monitor {
                 continue;
             };
             tracing::warn!(
-                nr = c.nr,
+                nr = c.log_nr(),
                 pid = c.pid_raw(),
                 generation = c.generation,
                 reason = "timeout",
@@ -158,7 +158,7 @@ impl Monitor {
             }
             if let Some(c) = self.children.get_mut(&slot) {
                 tracing::info!(
-                    nr = c.nr,
+                    nr = c.log_nr(),
                     pid = c.pid_raw(),
                     generation = c.generation,
                     reason,

@@ -156,6 +156,10 @@ pub(crate) struct Monitor {
     pub(crate) memory: memory::MemoryCache,
     /// Hot spares that took over from a worker (see `spares`), for metrics.
     pub(crate) spare_activations: u64,
+    /// When `poll` last returned ([`crate::log::monotonic_us`]), for the `tine::respawn` lines.
+    pub(crate) woke_us: u64,
+    /// The monitor's CPU time then ([`crate::log::thread_cpu_us`]).
+    pub(crate) woke_cpu_us: u64,
 }
 
 /// How long a worker requested from a mold that then died may still report itself.
@@ -167,6 +171,8 @@ impl Monitor {
         loop {
             let timeout = self.poll_timeout();
             let ready = self.wait(timeout);
+            self.woke_us = crate::log::monotonic_us();
+            self.woke_cpu_us = crate::log::thread_cpu_us();
             let turn = turn_usage();
             for source in ready {
                 let began = Instant::now();
@@ -482,7 +488,7 @@ impl Monitor {
             return;
         }
         tracing::info!(
-            nr = c.nr,
+            nr = c.log_nr(),
             pid = c.pid_raw(),
             generation = c.generation,
             reason,
@@ -517,7 +523,7 @@ impl Monitor {
             .map(|v| v.request)
             .unwrap_or_else(|| "none".into());
         tracing::warn!(
-            nr = c.nr,
+            nr = c.log_nr(),
             pid = c.pid_raw(),
             generation = c.generation,
             reason,
@@ -584,8 +590,19 @@ impl Monitor {
             match ch.recv::<Report>(false) {
                 Ok(Some(r)) => self.on_report(slot, r.msg),
                 Ok(None) => {
-                    // The child closed its end: it is exiting. SIGCHLD follows.
-                    c.channel = None;
+                    // The child closed its end: it is exiting. SIGCHLD follows, a little later
+                    // (the kernel closes a process's files before it tells its parent).
+                    let closed_us = crate::log::monotonic_us();
+                    let (pid, woke_us, woke_cpu_us) = (c.pid_raw(), self.woke_us, self.woke_cpu_us);
+                    self.channel_closed(slot);
+                    tracing::debug!(
+                        target: "tine::respawn",
+                        child = pid,
+                        woke_us,
+                        woke_cpu_us,
+                        closed_us,
+                        "channel closed"
+                    );
                     return;
                 }
                 Err(ChannelError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => return,
@@ -593,7 +610,7 @@ impl Monitor {
                     // ECONNRESET and the like: the child is gone (killed with unread packets), not
                     // misbehaving. SIGCHLD follows; the reason it was ended is kept.
                     tracing::debug!(slot, error = %e, "child channel closed");
-                    c.channel = None;
+                    self.channel_closed(slot);
                     return;
                 }
                 Err(ChannelError::Decode(crate::ipc::message::DecodeError::Version(v))) => {
@@ -613,6 +630,20 @@ impl Monitor {
                     return;
                 }
             }
+        }
+    }
+
+    /// The child in `slot` closed its channel: it is exiting. A serving worker's place is taken
+    /// at once by a ready spare.
+    fn channel_closed(&mut self, slot: usize) {
+        let Some(c) = self.children.get_mut(&slot) else {
+            return;
+        };
+        let was_active = c.is_active_worker();
+        c.channel = None;
+        if was_active {
+            let nr = c.nr;
+            self.replace_at_once(nr);
         }
     }
 
@@ -874,6 +905,18 @@ impl Monitor {
             let Some(c) = self.children.remove(&slot) else {
                 continue;
             };
+            if c.is_active_worker() {
+                // Its channel was not seen closed: its place is taken now.
+                self.replace_at_once(c.nr);
+            }
+            tracing::debug!(
+                target: "tine::respawn",
+                child = pid.as_raw(),
+                woke_us = self.woke_us,
+                reaped_us = crate::log::monotonic_us(),
+                "{} reaped",
+                c.label()
+            );
             self.board.clear(slot);
             let expected = c.is_retiring() || self.mode != Mode::Running;
             let reason = match &c.phase {
@@ -883,7 +926,7 @@ impl Monitor {
             if expected {
                 tracing::info!(
                     pid = pid.as_raw(),
-                    nr = c.nr,
+                    nr = c.log_nr(),
                     generation = c.generation,
                     reason,
                     how,
@@ -893,7 +936,7 @@ impl Monitor {
             } else {
                 tracing::warn!(
                     pid = pid.as_raw(),
-                    nr = c.nr,
+                    nr = c.log_nr(),
                     generation = c.generation,
                     how,
                     "{} died",
@@ -1203,7 +1246,7 @@ impl Monitor {
                     .map(|v| v.request)
                     .unwrap_or_else(|| "none".into());
                 tracing::warn!(
-                    nr = c.nr,
+                    nr = c.log_nr(),
                     pid = pid.as_raw(),
                     generation = c.generation,
                     reason = "stopping: killing what is left",

@@ -121,8 +121,11 @@ impl Monitor {
         let Some(c) = self.children.get(&slot) else {
             return;
         };
-        // Only workers profile; a mold (or a child not yet known by pid) has no business here.
-        if c.kind != Kind::Worker || c.pid.is_none() {
+        // Only workers profile; a mold (or a child not yet known by pid) has no business here. A
+        // hot spare starts its profiler as it boots, so that it can be profiled once activated.
+        let profiles = c.kind == Kind::Worker
+            || (c.kind == Kind::Spare && matches!(report, Report::ProfilerReady));
+        if !profiles || c.pid.is_none() {
             return;
         }
         let pid = c.pid_raw();
@@ -188,7 +191,7 @@ impl Monitor {
         let live: BTreeSet<i32> = self
             .children
             .values()
-            .filter(|c| c.kind == Kind::Worker && c.pid.is_some())
+            .filter(|c| matches!(c.kind, Kind::Worker | Kind::Spare) && c.pid.is_some())
             .map(|c| c.pid_raw())
             .collect();
         self.profiles.running.retain(|pid, _| live.contains(pid));

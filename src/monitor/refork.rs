@@ -67,7 +67,7 @@ impl Monitor {
             }
             if let Some(c) = self.children.get_mut(&slot) {
                 tracing::info!(
-                    nr = c.nr,
+                    nr = c.log_nr(),
                     pid = c.pid_raw(),
                     from = c.generation,
                     to = generation,

@@ -94,6 +94,12 @@ pub(crate) struct HandedChild {
     /// surplus worker, numbered out of range, and retires it).
     #[serde(default)]
     pub spare: bool,
+    /// Whether the image that hands it over could ask it for spares (a mold) or activate it (a
+    /// spare): it was forked or promoted by an image that speaks `SpawnSpare` and `Activate`,
+    /// with that image's listening sockets. An image from before this field says nothing, so
+    /// what it hands over is never asked (see `spares`).
+    #[serde(default)]
+    pub knows_spares: bool,
 }
 
 /// A reload in progress: who waits for it, and since when.
@@ -477,6 +483,7 @@ impl Monitor {
                     _ => None,
                 },
                 recycle: c.recycle.clone(),
+                knows_spares: c.knows_spares,
             });
         }
         let mut fds: Vec<RawFd> = handover.listeners.iter().map(|l| l.fd).collect();
@@ -526,8 +533,10 @@ impl Monitor {
     }
 
     /// Rebuilds the children table from a handover; children that died meanwhile are reaped by
-    /// the loop's first `reap`.
-    pub(crate) fn adopt_children(&mut self, handed: Vec<HandedChild>) {
+    /// the loop's first `reap`. `same_listeners`: this image serves exactly the listening sockets
+    /// the previous one did, in the same order (an `Activate` passes them in this image's order,
+    /// and a spare takes them back in its mold's).
+    pub(crate) fn adopt_children(&mut self, handed: Vec<HandedChild>, same_listeners: bool) {
         let grace = self.config.graceful_timeout;
         for h in handed {
             let channel = h
@@ -539,9 +548,11 @@ impl Monitor {
                 (false, _) => Kind::Mold,
             };
             let Some(channel) = channel else { continue };
-            // Adopted: never asked for a spare nor activated as one (see `spares`).
             let mut c = Child::new(kind, h.nr, h.generation, channel);
             c.pid = Some(nix::unistd::Pid::from_raw(h.pid));
+            // Asked for spares (a mold) or activated (a spare) only if the previous image could,
+            // with the same listening sockets: see `spares`.
+            c.knows_spares = h.knows_spares && same_listeners;
             c.phase = match h.retiring {
                 Some(reason) => Phase::Retiring {
                     reason,

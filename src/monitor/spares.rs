@@ -21,17 +21,26 @@
 //!
 //! A spare counts in `ctl status` (role `spare`, state `standby`), in the PSS totals and in the
 //! metrics, but not towards `workers`. Spares are only requested of, and activated from, molds
-//! this image forked or promoted ([`super::Child::knows_spares`]): what a reload adopted may be an
-//! older build that does not know the messages, or have another set of listening sockets; the
-//! reload rolls it over anyway, and the new mold's spares replace the adopted ones.
+//! that speak the messages with this image's listening sockets ([`super::Child::knows_spares`]):
+//! those this image forked or promoted, and those a reload adopted when the handover says the
+//! previous image could use them (its own `knows_spares`) and the listening sockets are the same,
+//! in the same order. So after a reload that rolls back, the adopted mold goes on making spares.
+//! What an older build handed over says nothing and is never asked: the reload rolls it over, and
+//! the new mold's spares replace the adopted ones.
+//!
+//! The time from a worker's death to its replacement serving is traced by debug lines of target
+//! `tine::respawn` (`--log-level warn,tine::respawn=debug`) with `CLOCK_MONOTONIC` and thread CPU
+//! timestamps: the monitor's wake-up, the `Activate` sent, the spare's receipt, its gates open,
+//! its first accept and first request. `bench/respawn/timeline.py` lays them out per stage.
 
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use super::{limits, Child, Kind, Monitor, Phase};
-use crate::ipc::channel::Channel;
+use super::{limits, Child, Kind, Mode, Monitor, Phase};
+use crate::ipc::channel::{Channel, MAX_FDS};
 use crate::ipc::message::Command;
 use crate::ipc::scoreboard::age;
+use crate::listener::Listener;
 
 /// A spare whose heartbeat is older than this is passed over (it refreshes it every 500 ms).
 const STALE_HEARTBEAT_MS: u64 = 2000;
@@ -59,17 +68,25 @@ impl Monitor {
             let Some(c) = self.children.get_mut(&slot) else {
                 return false;
             };
-            let sockets: Vec<_> = self.listeners.iter().map(|l| l.as_fd()).collect();
+            let (sent_us, sent_cpu_us) = (crate::log::monotonic_us(), crate::log::thread_cpu_us());
             let sent = c
                 .channel
                 .as_ref()
-                .is_some_and(|ch| ch.send(&Command::Activate { nr }, &sockets).is_ok());
+                .is_some_and(|ch| send_activation(ch, nr, &self.listeners).is_ok());
             if !sent {
                 // Gone without our noticing yet: SIGCHLD follows. Try the next one.
                 c.channel = None;
                 self.kill_child(slot, "its channel closed while it stood by");
                 continue;
             }
+            tracing::debug!(
+                target: "tine::respawn",
+                spare = c.pid_raw(),
+                nr,
+                sent_us,
+                sent_cpu_us,
+                "spare activated"
+            );
             let stood_by = c.started.elapsed();
             c.kind = Kind::Worker;
             c.nr = nr;
@@ -91,6 +108,26 @@ impl Monitor {
             self.retire_replaced(nr, slot);
             return true;
         }
+    }
+
+    /// Worker `nr` just went: its channel closed (it is exiting: only its exit closes it) or it
+    /// was reaped. A ready spare takes its number now, first thing, rather than at the end of the
+    /// loop's turn in `reconcile` (which does the rest: a new spare, or a fresh worker if no spare
+    /// was ready).
+    pub(super) fn replace_at_once(&mut self, nr: u32) {
+        if self.mode != Mode::Running || nr as usize >= self.target {
+            return;
+        }
+        if self
+            .children
+            .values()
+            .any(|c| c.is_active_worker() && c.nr == nr)
+        {
+            return;
+        }
+        let current = self.current_mold().map_or(0, |(_, m)| m.generation);
+        let oldest = self.spare_generation_for(nr, current);
+        self.activate_spare(nr, oldest);
     }
 
     /// With no ready mold (it died and a new one preloads), nothing can be forked, but a ready
@@ -177,10 +214,8 @@ impl Monitor {
         }
         // A worker being promoted makes a new mold soon: its spares come from that one. And no
         // spare before a worker has served, or while starts fail: a spare would only double
-        // the failed starts of a broken `boot`. The listening sockets must fit in the one
-        // `Activate` message.
+        // the failed starts of a broken `boot`.
         if !knows_spares
-            || self.listeners.len() > crate::ipc::channel::MAX_FDS
             || self.promotion_in_progress()
             || !self.ever_served
             || self.spawn_errors > 0
@@ -245,6 +280,19 @@ impl Monitor {
         self.children.insert(slot, c);
         Ok(())
     }
+}
+
+/// Activates the spare at the other end of `channel` as worker `nr`: `Activate`, carrying the
+/// listening sockets in order, preceded by `ListeningSockets` for those beyond what one packet
+/// carries.
+fn send_activation(channel: &Channel, nr: u32, listeners: &[Listener]) -> std::io::Result<()> {
+    let sockets: Vec<_> = listeners.iter().map(|l| l.as_fd()).collect();
+    let mut chunks: Vec<&[_]> = sockets.chunks(MAX_FDS).collect();
+    let last = chunks.pop().unwrap_or(&[]);
+    for chunk in chunks {
+        channel.send(&Command::ListeningSockets, chunk)?;
+    }
+    channel.send(&Command::Activate { nr }, last)
 }
 
 /// The worker number a spare has in the monitor's table until it is activated (as in its own

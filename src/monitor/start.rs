@@ -2,7 +2,7 @@
 //! image handed over), then into the loop. Also the fork of a preloading mold.
 
 use std::collections::BTreeMap;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Instant;
 
@@ -146,6 +146,8 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
         profiles: Default::default(),
         memory: Default::default(),
         spare_activations: 0,
+        woke_us: 0,
+        woke_cpu_us: 0,
     };
     if !monitor.config.watch.is_empty() || !monitor.config.watch_boot.is_empty() {
         let w = watch::Watcher::new(
@@ -175,7 +177,9 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
         monitor.resource_errors_total = h.resource_errors_total;
         monitor.events = super::events::Events::from_handover(h.events);
         monitor.spare_activations = h.spare_activations;
-        monitor.adopt_children(h.children);
+        let handed: Vec<RawFd> = h.listeners.iter().map(|l| l.fd).collect();
+        let serving: Vec<RawFd> = monitor.listeners.iter().map(Listener::raw_fd).collect();
+        monitor.adopt_children(h.children, handed == serving);
         let waiters = h.waiters.into_iter().map(reload::adopt_waiter).collect();
         for p in &problems {
             tracing::error!(problem = %p, "reload: the new configuration could not be applied in full");

@@ -301,7 +301,9 @@ impl ProfilerThread {
             .unwrap_or_default()
             .as_secs();
         let dir = absolute(&self.settings.dir)?;
-        let base = format!("tine-profile-worker{}-{pid}-{unix}", self.settings.nr);
+        // A hot spare activated after this agent started has its number only since then.
+        let nr = crate::app::Worker::current_nr().unwrap_or(self.settings.nr);
+        let base = format!("tine-profile-worker{nr}-{pid}-{unix}");
         let folded_path = dir.join(format!("{base}.folded"));
         let svg_path = dir.join(format!("{base}.svg"));
         let mut symbols = Symbolizer::default();
@@ -315,8 +317,8 @@ impl ProfilerThread {
         write_atomically(&folded_path, folded.as_bytes())?;
         let mut options = inferno::flamegraph::Options::default();
         options.title = format!(
-            "tine worker[{}] (gen:{}) pid {pid}",
-            self.settings.nr, self.settings.generation
+            "tine worker[{nr}] (gen:{}) pid {pid}",
+            self.settings.generation
         );
         options.subtitle = Some(format!(
             "{} samples at {SAMPLE_HZ} Hz of CPU time over {:.1} s{}",

@@ -16,6 +16,7 @@
 
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::Mutex;
 
 /// One registration in an epoll instance, as `/proc/self/fdinfo/<epfd>` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,9 +87,36 @@ fn ctl(epfd: RawFd, op: libc::c_int, fd: RawFd, reg: Option<Registration>) -> io
     }
 }
 
+/// The epoll instances of this process found by the last scan of `/proc/self/fd`: looked at first,
+/// so that registering a listener reads one fdinfo rather than every descriptor's link (a hot spare
+/// learns them while it stands by, off the path of its activation).
+static KNOWN_EPOLL_FDS: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
+
 /// Finds the epoll instance of this process that holds `target` (whose inode is `inode`), and
 /// its registration there.
 fn find_registration(target: RawFd, inode: u64) -> io::Result<Option<(RawFd, Registration)>> {
+    let known = KNOWN_EPOLL_FDS
+        .lock()
+        .map(|k| k.clone())
+        .unwrap_or_default();
+    // A number reused since by another file shows no registration of `target` (with its inode).
+    for fd in known {
+        if let Some(reg) = registration_in(fd, target, inode) {
+            return Ok(Some((fd, reg)));
+        }
+    }
+    for fd in learn_epoll_instances()? {
+        if let Some(reg) = registration_in(fd, target, inode) {
+            return Ok(Some((fd, reg)));
+        }
+    }
+    Ok(None)
+}
+
+/// Scans `/proc/self/fd` for the process's epoll instances (the runtime's reactor among them),
+/// remembers them for the next registration and returns them.
+pub fn learn_epoll_instances() -> io::Result<Vec<RawFd>> {
+    let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc/self/fd")? {
         let Ok(entry) = entry else { continue };
         let Some(fd) = entry
@@ -100,17 +128,20 @@ fn find_registration(target: RawFd, inode: u64) -> io::Result<Option<(RawFd, Reg
         };
         let is_epoll = std::fs::read_link(entry.path())
             .is_ok_and(|l| l.as_os_str() == "anon_inode:[eventpoll]");
-        if !is_epoll {
-            continue;
-        }
-        let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")) else {
-            continue;
-        };
-        if let Some(reg) = parse_fdinfo(&info, target, inode) {
-            return Ok(Some((fd, reg)));
+        if is_epoll {
+            found.push(fd);
         }
     }
-    Ok(None)
+    if let Ok(mut known) = KNOWN_EPOLL_FDS.lock() {
+        known.clone_from(&found);
+    }
+    Ok(found)
+}
+
+/// `target`'s registration in epoll instance `epfd`, if it is one and holds it.
+fn registration_in(epfd: RawFd, target: RawFd, inode: u64) -> Option<Registration> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{epfd}")).ok()?;
+    parse_fdinfo(&info, target, inode)
 }
 
 /// Reads `target`'s line of an epoll fdinfo:

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::Stop;
@@ -26,6 +26,11 @@ use crate::request_body::BodyWatch;
 /// serving, so the first request of a fresh connection, read and answered in the same turn as
 /// the drain began, was answered as kept alive and then the connection closed under the client.
 pub(super) static DRAINING: AtomicBool = AtomicBool::new(false);
+
+/// An activated spare logs its first accepted connection and its first request (target
+/// `tine::respawn`, debug).
+pub(super) static LOG_FIRST_ACCEPT: AtomicBool = AtomicBool::new(false);
+pub(super) static LOG_FIRST_REQUEST: AtomicBool = AtomicBool::new(false);
 
 /// An accepted connection of either listener kind.
 pub(super) enum Accepted {
@@ -343,6 +348,16 @@ impl Gate {
                 },
             };
             let accepted = listener.accept(self.nodelay).await;
+            if LOG_FIRST_ACCEPT.load(Ordering::Relaxed)
+                && LOG_FIRST_ACCEPT.swap(false, Ordering::Relaxed)
+            {
+                tracing::debug!(
+                    target: "tine::respawn",
+                    accepted_us = crate::log::monotonic_us(),
+                    accepted_cpu_us = crate::log::thread_cpu_us(),
+                    "first connection accepted"
+                );
+            }
             return (accepted, self.capacity.admit());
         }
     }
@@ -409,22 +424,24 @@ impl From<Accepted> for crate::app::Connection {
     }
 }
 
+/// Spawns the accept loop of the listener whose [`Gate`] comes through `gate` (dropped unsent: the
+/// task ends). Everything else is made now: a hot spare spawns its loops before it is activated,
+/// so that all that is left on the way to its first accept is the gate.
 pub(super) fn spawn_accept_loop(
-    listener: &Listener,
+    gate: oneshot::Receiver<Gate>,
     service: HttpService,
     config: Arc<Config>,
     slot: SlotWriter<'static>,
-    capacity: Arc<Capacity>,
     mut stop: watch::Receiver<Stop>,
-) -> io::Result<JoinHandle<()>> {
-    let mut gate = Gate::new(listener, &config, capacity)?;
-    let unix_path = gate.unix_path();
+) -> JoinHandle<()> {
     // The builder lives as long as the worker; leaking it gives connections a 'static borrow.
     let builder: &'static Builder = Box::leak(Box::new(Builder::new(&config)));
-    Ok(tokio::spawn(async move {
+    tokio::spawn(async move {
         // Every connection task holds a clone of `open`; `recv` returns None once all have ended.
         let (open, mut all_closed) = mpsc::channel::<()>(1);
         let mut connections = Connections::new(&config);
+        let Ok(mut gate) = gate.await else { return };
+        let unix_path = gate.unix_path();
         let mut sweep = connections.sweep_interval();
         // Owns the service and the drain tracker's sender: dropping it is part of the drain.
         let serve = {
@@ -486,7 +503,7 @@ pub(super) fn spawn_accept_loop(
                 }
             }
         }
-    }))
+    })
 }
 
 /// How long idle connections are kept by this drain: `drain_grace`, but at most a quarter of
@@ -1500,6 +1517,16 @@ fn request_service(
     let shared = shared.clone();
     let bodies = bodies.clone();
     hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        if LOG_FIRST_REQUEST.load(Ordering::Relaxed)
+            && LOG_FIRST_REQUEST.swap(false, Ordering::Relaxed)
+        {
+            tracing::debug!(
+                target: "tine::respawn",
+                parsed_us = crate::log::monotonic_us(),
+                parsed_cpu_us = crate::log::thread_cpu_us(),
+                "first request read"
+            );
+        }
         shared.mark();
         // Only a body still to come can make the app wait on the client (most requests have
         // none): only those are watched for `body_read_timeout`.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::app::{App, Handler, Worker};
 use crate::config::Config;
@@ -141,7 +141,11 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
     };
     let runtime = match builder
         .enable_all()
-        .thread_name(format!("tine-w{nr}"))
+        // A spare's threads are named once it has a number (see `take_identity`).
+        .thread_name_fn(|| match Worker::current_nr() {
+            Some(nr) => format!("tine-w{nr}"),
+            None => SPARE_THREAD_NAME.to_string(),
+        })
         .build()
     {
         Ok(rt) => rt,
@@ -228,6 +232,26 @@ fn take_identity(nr: u32, generation: u32) {
     crate::sys::proctitle::set(&format!("tine worker[{nr}] (gen:{generation})"));
     crate::sys::process::set_thread_name(&format!("tine-worker-{nr}"));
     crate::log::set_process_tag(format!("worker[{nr}] gen:{generation}"));
+    name_spare_threads(nr);
+}
+
+/// The name of a hot spare's runtime threads until it is activated.
+const SPARE_THREAD_NAME: &str = "tine-spare-w";
+
+/// Renames the runtime threads a hot spare started before it had a number (`ps -L`, `top -H`,
+/// profiles): they become `tine-w{nr}` like any worker's.
+fn name_spare_threads(nr: u32) {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return;
+    };
+    for task in tasks.flatten() {
+        let comm = task.path().join("comm");
+        let named_spare =
+            std::fs::read_to_string(&comm).is_ok_and(|name| name.trim_end() == SPARE_THREAD_NAME);
+        if named_spare {
+            let _ = std::fs::write(&comm, format!("tine-w{nr}"));
+        }
+    }
 }
 
 /// What [`serve`] needs.
@@ -276,15 +300,42 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
             }
         }
     });
+    // The accept loops are spawned first, each waiting for its listener's gate: a hot spare has
+    // them ready while it stands by, so that activation only opens the gates.
+    let mut gates = Vec::new();
+    let mut accept_loops = Vec::new();
+    for _ in listeners {
+        let (gate, gate_rx) = oneshot::channel();
+        gates.push(gate);
+        accept_loops.push(match &handler {
+            Handler::Http(service) => http::spawn_accept_loop(
+                gate_rx,
+                service.clone(),
+                config.clone(),
+                slot,
+                stop_rx.clone(),
+            ),
+            Handler::Stream(f) => {
+                stream::spawn_accept_loop(gate_rx, f.clone(), slot, stop_rx.clone())
+            }
+        });
+    }
+    let mut activated = None;
     if let Some(generation) = spare {
-        // Booted and runtime built: all that is left at activation is to take the listening
-        // sockets back (they come with `Activate`), register them and accept.
+        // Booted, runtime built, accept loops spawned: all that is left at activation is to take
+        // the listening sockets back (they come with `Activate`), register them and accept.
+        // Off the path of its activation: the reactor's epoll instance, found now, so that
+        // making the listeners' registrations exclusive reads one fdinfo (see `sys::epoll`).
+        if config.exclusive_accept {
+            let _ = crate::sys::epoll::learn_epoll_instances();
+        }
         slot.set_state(State::Standby);
         if channel.get_ref().send(&Report::Ready, &[]).is_err() {
             return (Stop::Quick, None);
         }
         match await_activation(&channel).await {
             Ok((nr, sockets)) => {
+                let received = (crate::log::monotonic_us(), crate::log::thread_cpu_us());
                 if sockets.len() != listeners.len() {
                     tracing::error!(
                         passed = sockets.len(),
@@ -299,8 +350,10 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
                         return (Stop::Quick, None);
                     }
                 }
+                // Its number before its first request: handlers may read `Worker::current_nr`.
+                crate::app::set_current_nr(nr);
                 slot.take_nr(nr);
-                take_identity(nr, generation);
+                activated = Some((nr, generation, received));
             }
             Err(why) => {
                 tracing::debug!("spare stopping before activation: {why:?}");
@@ -309,35 +362,36 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
             }
         }
     }
-    let mut accept_loops = Vec::new();
     // One count of connections for all the listeners: `max_connections` is per worker.
     let capacity = http::Capacity::new(config.max_connections, slot);
-    for listener in listeners {
-        let loop_ = match &handler {
-            Handler::Http(service) => http::spawn_accept_loop(
-                listener,
-                service.clone(),
-                config.clone(),
-                slot,
-                capacity.clone(),
-                stop_rx.clone(),
-            ),
-            Handler::Stream(f) => stream::spawn_accept_loop(
-                listener,
-                f.clone(),
-                config.clone(),
-                slot,
-                capacity.clone(),
-                stop_rx.clone(),
-            ),
-        };
-        match loop_ {
-            Ok(handle) => accept_loops.push(handle),
+    for (listener, gate) in listeners.iter().zip(gates) {
+        match http::Gate::new(listener, &config, capacity.clone()) {
+            Ok(g) => {
+                let _ = gate.send(g);
+            }
             Err(e) => {
                 tracing::error!(error = %e, listener = %listener.addr(), "cannot serve listener");
                 return (Stop::Quick, None);
             }
         }
+    }
+    if let Some((nr, generation, (received_us, received_cpu_us))) = activated {
+        let (listening_us, listening_cpu_us) =
+            (crate::log::monotonic_us(), crate::log::thread_cpu_us());
+        http::LOG_FIRST_ACCEPT.store(true, std::sync::atomic::Ordering::Relaxed);
+        http::LOG_FIRST_REQUEST.store(true, std::sync::atomic::Ordering::Relaxed);
+        // The rest of its new identity (title, log tag, thread names) after its gates opened.
+        take_identity(nr, generation);
+        tracing::debug!(
+            target: "tine::respawn",
+            received_us,
+            received_cpu_us,
+            listening_us,
+            listening_cpu_us,
+            named_us = crate::log::monotonic_us(),
+            named_cpu_us = crate::log::thread_cpu_us(),
+            "spare activated: listening"
+        );
     }
     if spare.is_some() && config.sched_batch {
         enter_sched_batch();
@@ -472,6 +526,8 @@ fn stop_for(error: ChannelError) -> Stop {
 async fn await_activation(
     channel: &AsyncFd<Channel>,
 ) -> Result<(u32, Vec<std::os::fd::OwnedFd>), Stop> {
+    // More listening sockets than one packet carries come first, in `ListeningSockets`.
+    let mut sockets = Vec::new();
     loop {
         let r = match next_command(channel).await {
             Ok(Some(r)) => r,
@@ -479,7 +535,11 @@ async fn await_activation(
             Err(e) => return Err(stop_for(e)),
         };
         match r.msg {
-            Command::Activate { nr } => return Ok((nr, r.fds)),
+            Command::ListeningSockets => sockets.extend(r.fds),
+            Command::Activate { nr } => {
+                sockets.extend(r.fds);
+                return Ok((nr, sockets));
+            }
             Command::Stop { graceful: true } => return Err(Stop::Graceful),
             Command::Stop { graceful: false } => return Err(Stop::Quick),
             Command::ReopenLogs => crate::log::adopt_log_fd(r.fds.into_iter().next()),
@@ -525,7 +585,8 @@ async fn read_commands(
             },
             other @ (Command::SpawnWorker { .. }
             | Command::SpawnSpare { .. }
-            | Command::Activate { .. }) => {
+            | Command::Activate { .. }
+            | Command::ListeningSockets) => {
                 tracing::warn!("ignoring {other:?} sent to a serving worker");
             }
         }

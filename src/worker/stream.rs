@@ -1,32 +1,28 @@
 //! Raw stream serving: every accepted connection goes to the app's handler.
 
-use std::io;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 
 use futures_util::FutureExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use super::http::{Admitted, Capacity, Gate};
+use super::http::{Admitted, Gate};
 use super::Stop;
 use crate::app::{Connection, StreamHandler};
-use crate::config::Config;
 use crate::ipc::scoreboard::SlotWriter;
-use crate::listener::Listener;
 
+/// Spawns the accept loop of the listener whose [`Gate`] comes through `gate` (dropped unsent: the
+/// task ends), as [`super::http::spawn_accept_loop`] does.
 pub(super) fn spawn_accept_loop(
-    listener: &Listener,
+    gate: oneshot::Receiver<Gate>,
     handler: StreamHandler,
-    config: Arc<Config>,
     slot: SlotWriter<'static>,
-    capacity: Arc<Capacity>,
     mut stop: watch::Receiver<Stop>,
-) -> io::Result<JoinHandle<()>> {
-    let mut gate = Gate::new(listener, &config, capacity)?;
-    Ok(tokio::spawn(async move {
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
         // Every connection task holds a clone of `open`; `recv` returns None once all have ended.
         let (open, mut all_closed) = mpsc::channel::<()>(1);
+        let Ok(mut gate) = gate.await else { return };
         // Owns the drain tracker's sender: dropping it is part of the drain.
         let serve = move |(conn, admitted): (Connection, Admitted)| {
             let handler = handler.clone();
@@ -59,7 +55,7 @@ pub(super) fn spawn_accept_loop(
         // The handlers heard of the drain through `Worker::shutdown`; the monitor's
         // graceful_timeout bounds the wait for those that do not listen.
         let _ = all_closed.recv().await;
-    }))
+    })
 }
 
 /// One stream connection in flight: counted on the scoreboard and by the drain until dropped,
