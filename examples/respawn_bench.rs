@@ -31,6 +31,11 @@ struct Round {
     victim: i32,
     killed: Option<Instant>,
     first: Option<(Instant, i32)>,
+    /// `--timeline`: CLOCK_MONOTONIC (µs) just before the kill, when a client first saw its
+    /// connection fail, and at the end of the first response by another process.
+    kill_us: u64,
+    reset_us: u64,
+    first_us: u64,
 }
 
 struct Shared {
@@ -54,6 +59,9 @@ fn main() {
     let clients: usize = opt("--clients", "4").parse().expect("--clients N");
     let spares = opt("--spares", "1");
     let tine = opt("--tine", "target/release/tine");
+    // `--timeline FILE`: tine logs its `tine::respawn` debug lines to FILE (stderr), and the
+    // result carries each round's client-side timestamps, for bench/respawn/timeline.py.
+    let timeline = opt("--timeline", "");
     let work = std::env::temp_dir().join(format!("respawn-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work).expect("work dir");
     let port = free_port();
@@ -67,7 +75,11 @@ fn main() {
                 "1",
                 "--debug-headers",
                 "--log-level",
-                "warn",
+                if timeline.is_empty() {
+                    "warn"
+                } else {
+                    "warn,tine::respawn=debug"
+                },
             ])
             .args(["--spare-workers", &spares])
             .arg("--listen")
@@ -75,7 +87,11 @@ fn main() {
             .arg("--control-socket")
             .arg(&control)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(if timeline.is_empty() {
+                Stdio::null()
+            } else {
+                Stdio::from(std::fs::File::create(&timeline).expect("--timeline FILE"))
+            })
             .spawn()
             .expect("start tine"),
         "nginx" => start_nginx(&work, port),
@@ -128,6 +144,7 @@ fn run(
         })
         .collect();
     let mut samples_us = Vec::new();
+    let mut timeline_rounds = Vec::new();
     let mut failures = 0;
     for _ in 0..rounds {
         settle(server, control, spares, &shared);
@@ -139,17 +156,21 @@ fn run(
             let mut r = shared.round.lock().unwrap();
             *r = Round {
                 victim,
-                killed: None,
-                first: None,
+                ..Round::default()
             };
             r.killed = Some(Instant::now());
+            r.kill_us = monotonic_us();
             // Under the lock: no response is judged before the clock starts.
             kill(Pid::from_raw(victim), Signal::SIGKILL).expect("kill the worker");
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         let took = loop {
             let r = shared.round.lock().unwrap();
-            if let (Some(k), Some((t, _))) = (r.killed, r.first) {
+            if let (Some(k), Some((t, pid))) = (r.killed, r.first) {
+                timeline_rounds.push(format!(
+                    "{{\"victim\":{},\"pid\":{pid},\"kill_us\":{},\"reset_us\":{},\"first_us\":{}}}",
+                    r.victim, r.kill_us, r.reset_us, r.first_us
+                ));
                 break Some(t.duration_since(k));
             }
             drop(r);
@@ -179,7 +200,7 @@ fn run(
     format!(
         "{{\"server\":\"{server}\",\"spares\":{},\"rounds\":{rounds},\"failures\":{failures},\
          \"clients\":{clients},\"median_us\":{:.0},\"p10_us\":{:.0},\"p90_us\":{:.0},\
-         \"min_us\":{:.0},\"max_us\":{:.0},\"samples_us\":[{}]}}",
+         \"min_us\":{:.0},\"max_us\":{:.0},\"samples_us\":[{}],\"rounds_timeline\":[{}]}}",
         if server == "tine" { spares } else { 0 },
         pct(0.5),
         pct(0.1),
@@ -190,7 +211,8 @@ fn run(
             .iter()
             .map(|s| format!("{s:.0}"))
             .collect::<Vec<_>>()
-            .join(",")
+            .join(","),
+        timeline_rounds.join(",")
     )
 }
 
@@ -250,9 +272,16 @@ fn client(addr: SocketAddr, shared: &Shared) {
                 let mut r = shared.round.lock().unwrap();
                 if r.killed.is_some() && r.first.is_none() && pid != r.victim {
                     r.first = Some((now, pid));
+                    r.first_us = monotonic_us();
                 }
             }
-            None => conn = None,
+            None => {
+                let mut r = shared.round.lock().unwrap();
+                if r.killed.is_some() && r.reset_us == 0 {
+                    r.reset_us = monotonic_us();
+                }
+                conn = None
+            }
         }
     }
 }
@@ -286,6 +315,13 @@ fn exchange(stream: &mut TcpStream, buf: &mut [u8]) -> Option<i32> {
             .find_map(|l| l.strip_prefix("x-tine-worker:"))
             .and_then(|v| v.trim().parse().ok());
     }
+}
+
+/// CLOCK_MONOTONIC in µs, the clock of tine's `tine::respawn` debug lines.
+fn monotonic_us() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1_000)
+        .unwrap_or(0)
 }
 
 fn response_pid(addr: SocketAddr) -> Option<i32> {
