@@ -55,7 +55,9 @@
 //! request of a client that never retries: the worker stops accepting but serves what is queued,
 //! a kept-alive connection is kept until its next request (or the idle deadline) and that request
 //! is answered with `Connection: close` (HTTP/2: `GOAWAY`), closes are lingering, and a stop of the
-//! whole tree closes the listening sockets so that no connection is left queued (docs/SIGNALS.md).
+//! whole tree first stops new connections from joining the listening sockets' queues (a SYN-dropping
+//! socket filter; a unix socket's path removed), waits for handshakes under way, then closes the
+//! sockets, so that no connection is left queued to be reset (docs/SIGNALS.md).
 //! Upgraded connections (WebSockets) and stream connections count as in flight until the app drops
 //! them; the app learns that the drain began from [`Worker::shutdown`] and ends them politely (a
 //! close frame `1001 going away`), or the monitor kills the worker at `graceful_timeout`.
