@@ -43,6 +43,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 pub mod spares;
+pub mod stall;
 pub mod status;
 pub mod strace;
 pub mod strict;

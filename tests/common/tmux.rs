@@ -7,7 +7,8 @@ use std::ffi::OsStr;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use super::{poll_until, TempDir};
+use super::stall::poll_until_running;
+use super::TempDir;
 
 /// One tmux server with one session running one shell command.
 pub struct Tmux {
@@ -77,14 +78,20 @@ impl Tmux {
     }
 
     /// Waits until the screen satisfies `pred`; returns that screen. Panics with `what` and the
-    /// last screen after `timeout`.
+    /// last screen after `timeout` of time the machine ran (see [`poll_until_running`]: a stall of
+    /// the whole machine stops the program under test too).
     pub fn wait(&self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
         let mut last = String::new();
-        poll_until(timeout, || {
+        poll_until_running(timeout, || {
             last = self.screen();
             pred(&last).then(|| last.clone())
         })
-        .unwrap_or_else(|| panic!("the screen never showed {what} within {timeout:?}:\n{last}"))
+        .unwrap_or_else(|stalled| {
+            panic!(
+                "the screen never showed {what} within {timeout:?} (plus {stalled:.1?} the \
+                 machine stalled meanwhile):\n{last}"
+            )
+        })
     }
 
     /// Waits until the screen contains `text`.
