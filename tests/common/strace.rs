@@ -14,9 +14,16 @@ pub struct Trace {
     out: PathBuf,
 }
 
-/// Whether `strace` is installed; tests that need it skip (saying so) when it is not.
+/// Whether `strace` is installed; when it is not, says that the test is skipped (CI installs it:
+/// .ci/run).
 pub fn available() -> bool {
-    Command::new("strace").arg("-V").output().is_ok()
+    let there = Command::new("strace").arg("-V").output().is_ok();
+    if !there {
+        eprintln!(
+            "SKIPPED: `strace` is not installed (apt-get install strace; .ci/run installs it)"
+        );
+    }
+    there
 }
 
 impl Trace {
