@@ -53,9 +53,17 @@ impl Body {
     /// On an HTTP/1 connection the bytes go from the page cache to the socket with
     /// `sendfile(2)`, never copied through the worker; on HTTP/2 they are read in chunks. Either
     /// way the worker's thread never waits for a disk: what is not in the page cache is read in
-    /// tokio's blocking pool first. The file is read where it is at the time it is sent: a file
-    /// that shrinks meanwhile ends the response with an error (the connection closes before the
-    /// promised length), never with other bytes.
+    /// tokio's blocking pool first.
+    ///
+    /// The file is read as it is at the time each part is sent, so change files by replacing
+    /// them (write a new file, `rename` it over the old one), not in place. A file that shrinks
+    /// while it is sent ends the response with an error: the connection closes before the
+    /// promised length, so the client sees a failed transfer. As with nginx's `sendfile`, the
+    /// bytes of that failed transfer may already show the change: the socket holds the page
+    /// cache's own pages until they are sent, and truncating a file zeroes the rest of the page
+    /// it now ends in (seen: a 32 MiB file truncated to 12,000,000 bytes mid-send gave the
+    /// client 1,280 zero bytes after byte 12,000,000, then the original bytes already queued,
+    /// then the close).
     pub fn file(file: std::fs::File, offset: u64, len: u64) -> Body {
         Body {
             kind: Kind::File(Box::new(FileBody::new(file, offset, len))),
