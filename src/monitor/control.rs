@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use serde_json::json;
 
-use super::{Child, Kind, Monitor, Phase};
-use crate::ctl::protocol::{self, parse, Op, Reply, MAX_COMMAND};
-use crate::ipc::scoreboard::{age, SlotView};
+use super::accept::{AcceptBackoff, AcceptError};
+use super::queue;
+use super::status::{shared_percent, Status};
+use crate::ctl::protocol::{self, Reply, MAX_COMMAND};
 use crate::sys::meminfo;
 
 /// Clients kept at once while they send their command.
@@ -26,67 +27,6 @@ pub(crate) struct ControlServer {
     path: PathBuf,
     clients: Vec<Client>,
     backoff: AcceptBackoff,
-}
-
-/// What to do after a failed `accept`.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum AcceptError {
-    /// Nothing is pending.
-    Empty,
-    /// That one connection failed (aborted by its client, interrupted): accept the next.
-    Skip,
-    /// A resource is short (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`): accepting is paused.
-    Paused,
-}
-
-/// Pauses accepting on a listener after an error that retrying at once would only repeat. The
-/// connection stays queued, so the listener stays readable: polling it again right away would
-/// spin the single-threaded monitor at 100% CPU. The pause doubles with every failure in a row,
-/// from 10 ms to 1 s; the listener is left out of the poll set meanwhile.
-#[derive(Debug, Default)]
-pub(crate) struct AcceptBackoff {
-    failures: u32,
-    until: Option<Instant>,
-}
-
-impl AcceptBackoff {
-    /// Whether accepting is paused now.
-    pub(crate) fn is_paused(&self) -> bool {
-        self.until.is_some_and(|u| Instant::now() < u)
-    }
-
-    /// When the pause ends, if one is on.
-    pub(crate) fn resumes_at(&self) -> Option<Instant> {
-        self.until.filter(|u| Instant::now() < *u)
-    }
-
-    /// An accept succeeded: no pause.
-    pub(crate) fn succeeded(&mut self) {
-        self.failures = 0;
-        self.until = None;
-    }
-
-    /// Classifies a failed accept on `what` and pauses if a resource is short.
-    pub(crate) fn failed(&mut self, what: &str, e: &io::Error) -> AcceptError {
-        if e.kind() == io::ErrorKind::WouldBlock {
-            return AcceptError::Empty;
-        }
-        if matches!(
-            e.raw_os_error(),
-            Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO | libc::EPERM)
-        ) {
-            return AcceptError::Skip;
-        }
-        self.failures = self.failures.saturating_add(1);
-        let pause = Duration::from_millis(10 << self.failures.min(7)).min(Duration::from_secs(1));
-        self.until = Some(Instant::now() + pause);
-        if self.failures == 1 {
-            tracing::warn!(error = %e, "{what}: accept failed; pausing accepts (retried with backoff up to 1 s)");
-        } else {
-            tracing::debug!(error = %e, failures = self.failures, "{what}: accept failed again");
-        }
-        AcceptError::Paused
-    }
 }
 
 struct Client {
@@ -256,145 +196,8 @@ pub(crate) fn reply_to(mut stream: UnixStream, reply: Reply) -> io::Result<()> {
     stream.write_all(protocol::encode_reply(reply).as_bytes())
 }
 
-/// Runs one command against the monitor.
-pub(crate) fn handle(m: &mut Monitor, command: Result<String, String>) -> Reply {
-    match parse(&command?)? {
-        Op::Status { json: false } => Ok(status_text(m)),
-        Op::Status { json: true } => Ok(format!("{}\n", status_json(m))),
-        Op::Scale(n) => {
-            if n == 0 || n > m.config.max_workers {
-                return Err(format!(
-                    "scale: {n} is out of range 1..={}",
-                    m.config.max_workers
-                ));
-            }
-            let target = m.scale(n, "ctl scale");
-            Ok(format!("workers: {target}\n"))
-        }
-        Op::Stop { quick: false } => {
-            m.stop(true, "ctl stop");
-            Ok("stopping\n".into())
-        }
-        Op::Stop { quick: true } => {
-            m.stop(false, "ctl stop --quick");
-            Ok("stopping quickly\n".into())
-        }
-        Op::KillWorker(nr) => {
-            let slot = m
-                .children
-                .iter()
-                .find(|(_, c)| c.kind == Kind::Worker && c.nr == nr && !c.is_retiring())
-                .map(|(s, _)| *s)
-                .ok_or_else(|| format!("kill-worker: no worker {nr}"))?;
-            m.kill_child(slot, "ctl kill-worker");
-            Ok(format!("killed worker {nr}\n"))
-        }
-        // The loop passes `refork` its connection to wait on; this is only reached for a client
-        // settled just before a reload's exec, which rolls every worker over anyway.
-        Op::Refork => Err("refork refused: a reload is in progress".into()),
-        // Likewise: the loop keeps a `profile` client until the worker answers.
-        Op::Profile { .. } => Err("profile refused: a reload is in progress".into()),
-        Op::ReopenLogs => m.reopen_logs(),
-    }
-}
-
-/// One process of the tree, as `status` and the metrics show it.
-pub(crate) struct ProcessRow {
-    pub role: &'static str,
-    /// Worker number (workers only).
-    pub nr: Option<u32>,
-    pub pid: i32,
-    pub generation: u32,
-    pub state: String,
-    pub requests: u64,
-    pub in_flight: u64,
-    /// Connections a worker holds, and times it stopped accepting at `max_connections`.
-    pub connections: u64,
-    pub accept_pauses: u64,
-    /// Method and path of the oldest request in flight, and how long it has run.
-    pub oldest_request: Option<(String, Duration)>,
-    pub uptime_s: u64,
-    pub mem: meminfo::Memory,
-    /// The profile running in this worker: for how long, and its limit in seconds.
-    pub profiling: Option<(Duration, u32)>,
-}
-
-/// The state of a child as shown to operators: the monitor's phase, refined by the scoreboard.
-pub(crate) fn child_state(c: &Child, view: Option<&SlotView>) -> &'static str {
-    match &c.phase {
-        Phase::Retiring { .. } => "retiring",
-        Phase::Starting => "starting",
-        Phase::Promoting => "promoting",
-        Phase::Ready => view.map(|v| v.state.name()).unwrap_or("ready"),
-    }
-}
-
-/// The monitor, then molds, workers by number and hot spares, with memory from the monitor's cache.
-pub(crate) fn process_rows(m: &Monitor) -> Vec<ProcessRow> {
-    let pid = std::process::id() as i32;
-    let generation = m.current_mold().map(|(_, c)| c.generation).unwrap_or(0);
-    let mut rows = vec![ProcessRow {
-        role: "monitor",
-        nr: None,
-        pid,
-        generation,
-        state: if m.is_running() {
-            "running".into()
-        } else {
-            "stopping".into()
-        },
-        requests: 0,
-        in_flight: 0,
-        connections: 0,
-        accept_pauses: 0,
-        oldest_request: None,
-        uptime_s: m.started.elapsed().as_secs(),
-        mem: m.memory.get(pid),
-        profiling: None,
-    }];
-    let mut children: Vec<_> = m.children.iter().filter(|(_, c)| c.pid.is_some()).collect();
-    // Molds, workers by number, then spares.
-    children.sort_by_key(|(s, c)| (c.kind != Kind::Mold, c.kind == Kind::Spare, c.nr, **s));
-    for (slot, c) in children {
-        // A slot still holding another pid (not claimed yet) says nothing about this child.
-        let view = m.board.read(*slot).filter(|v| v.pid == c.pid_raw());
-        let oldest_request = view
-            .as_ref()
-            .filter(|v| v.in_flight > 0 && v.oldest_start_ms > 0)
-            .map(|v| (v.request.clone(), age(v.oldest_start_ms)));
-        rows.push(ProcessRow {
-            role: c.kind.name(),
-            nr: (c.kind == Kind::Worker).then_some(c.nr),
-            pid: c.pid_raw(),
-            generation: c.generation,
-            state: child_state(c, view.as_ref()).to_string(),
-            requests: view.as_ref().map(|v| v.requests).unwrap_or(0),
-            in_flight: view.as_ref().map(|v| v.in_flight).unwrap_or(0),
-            connections: view.as_ref().map(|v| v.connections).unwrap_or(0),
-            accept_pauses: view.as_ref().map(|v| v.accept_pauses).unwrap_or(0),
-            oldest_request,
-            uptime_s: c.started.elapsed().as_secs(),
-            mem: m.memory.get(c.pid_raw()),
-            profiling: m
-                .profiles
-                .running(c.pid_raw())
-                .map(|run| (run.since.elapsed(), run.seconds)),
-        });
-    }
-    let live: Vec<i32> = rows.iter().map(|r| r.pid).collect();
-    m.memory.retain(&live);
-    rows
-}
-
-pub(crate) fn shared_percent(mem: &meminfo::Memory) -> f64 {
-    if mem.rss_kb == 0 {
-        0.0
-    } else {
-        100.0 * mem.shared_kb as f64 / mem.rss_kb as f64
-    }
-}
-
-fn status_text(m: &Monitor) -> String {
+/// `ctl status`: a table of the processes, then the tree's figures.
+pub(super) fn status_text(s: &Status) -> String {
     let mut out = format!(
         "{:<8} {:>3} {:>8} {:>4} {:<10} {:>10} {:>8} {:>9} {:>9} {:>9} {:>7}\n",
         "ROLE",
@@ -409,9 +212,9 @@ fn status_text(m: &Monitor) -> String {
         "USS_KB",
         "SHARED"
     );
-    let rows = process_rows(m);
+    let rows = &s.rows;
     let total_pss: u64 = rows.iter().map(|r| r.mem.pss_kb).sum();
-    for r in &rows {
+    for r in rows {
         out.push_str(&format!(
             "{:<8} {:>3} {:>8} {:>4} {:<10} {:>10} {:>7}s {:>9} {:>9} {:>9} {:>6.1}%\n",
             r.role,
@@ -429,9 +232,9 @@ fn status_text(m: &Monitor) -> String {
     }
     out.push_str(&format!(
         "total PSS: {total_pss} KiB; workers: target {}; spares: {} kept, {} activated\n",
-        m.target, m.config.spare_workers, m.spare_activations
+        s.target, s.spare_workers, s.spare_activations
     ));
-    for r in &rows {
+    for r in rows {
         if let (Some(nr), Some((elapsed, limit))) = (r.nr, r.profiling) {
             out.push_str(&format!(
                 "profiling: worker {nr} (pid {}) for {} s, stops after {limit} s\n",
@@ -440,22 +243,22 @@ fn status_text(m: &Monitor) -> String {
             ));
         }
     }
-    let dropped = crate::log::lines_dropped();
+    let dropped = s.log_lines_dropped;
     if dropped > 0 {
         out.push_str(&format!(
             "log lines dropped: {dropped} (stderr or the log file could not take them)\n"
         ));
     }
-    if let Some(rollout) = m.rollout_status() {
+    if let Some(rollout) = &s.rollout {
         out.push_str(&format!("rollout: {rollout}\n"));
     }
-    if let Some(failure) = &m.last_rollout_failure {
+    if let Some(failure) = s.last_rollout_failure {
         out.push_str(&format!("last failed rollout: {}\n", failure.describe()));
     }
-    if m.resource_errors_total > 0 {
+    if s.resource_errors_total > 0 {
         out.push_str(&format!(
             "starts delayed for lack of resources (EAGAIN, ENOMEM, EMFILE, ENFILE): {}\n",
-            m.resource_errors_total
+            s.resource_errors_total
         ));
     }
     out
@@ -464,8 +267,8 @@ fn status_text(m: &Monitor) -> String {
 /// The status as JSON: `{"processes": [...], "target": N, "total_pss_kb": N, ...}`. What `tine
 /// top` shows comes from here: per process also its CPU time (`cpu_ms`, for CPU %), and for the
 /// tree restarts by reason, the listeners' accept queues and the recent events.
-pub(crate) fn status_json(m: &Monitor) -> serde_json::Value {
-    let rows = process_rows(m);
+pub(super) fn status_json(s: &Status) -> serde_json::Value {
+    let rows = &s.rows;
     let total_pss: u64 = rows.iter().map(|r| r.mem.pss_kb).sum();
     let processes: Vec<_> = rows
         .iter()
@@ -494,8 +297,8 @@ pub(crate) fn status_json(m: &Monitor) -> serde_json::Value {
             })
         })
         .collect();
-    let queues = super::metrics::queue::depths(&m.listeners);
-    let listen_queues: Vec<_> = m
+    let queues = queue::depths(s.listeners);
+    let listen_queues: Vec<_> = s
         .listeners
         .iter()
         .zip(&queues)
@@ -507,7 +310,7 @@ pub(crate) fn status_json(m: &Monitor) -> serde_json::Value {
             })
         })
         .collect();
-    let last_failed_rollout = m.last_rollout_failure.as_ref().map(|f| {
+    let last_failed_rollout = s.last_rollout_failure.map(|f| {
         json!({
             "cause": f.cause.name(),
             "generation": f.generation,
@@ -518,21 +321,21 @@ pub(crate) fn status_json(m: &Monitor) -> serde_json::Value {
     });
     json!({
         "processes": processes,
-        "target": m.target,
+        "target": s.target,
         "total_pss_kb": total_pss,
-        "log_lines_dropped": crate::log::lines_dropped(),
-        "rollout": m.rollout_json(),
+        "log_lines_dropped": s.log_lines_dropped,
+        "rollout": s.rollout_json,
         "last_failed_rollout": last_failed_rollout,
-        "rollouts_failed": m.rollouts_failed.values().sum::<u64>(),
-        "spawn_resource_errors": m.resource_errors_total,
-        "max_workers": m.config.max_workers,
-        "generation": m.current_mold().map(|(_, c)| c.generation),
-        "requests_total": super::metrics::total_requests(m.board),
-        "reforks": m.board.reforks(),
-        "restarts": m.restarts,
+        "rollouts_failed": s.rollouts_failed.values().sum::<u64>(),
+        "spawn_resource_errors": s.resource_errors_total,
+        "max_workers": s.max_workers,
+        "generation": s.generation,
+        "requests_total": s.requests_total,
+        "reforks": s.reforks,
+        "restarts": s.restarts,
         "listen_queues": listen_queues,
-        "events": m.events.iter().collect::<Vec<_>>(),
-        "spare_workers": m.config.spare_workers,
-        "spare_activations": m.spare_activations,
+        "events": s.events.iter().collect::<Vec<_>>(),
+        "spare_workers": s.spare_workers,
+        "spare_activations": s.spare_activations,
     })
 }

@@ -14,17 +14,16 @@
 //! and the accept-queue depth of every listener (from the kernel's `sock_diag` netlink interface,
 //! which also covers unix listeners, whose queue `/proc/net/unix` does not show).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use super::control::{child_state, process_rows, AcceptBackoff, AcceptError, ProcessRow};
-use super::{Kind, Monitor};
-use crate::ipc::scoreboard::Scoreboard;
-use crate::listener::Listener;
+use super::accept::{AcceptBackoff, AcceptError};
+use super::queue;
+use super::status::{ProcessRow, Status};
 
 /// Largest request head accepted (request line and headers).
 const MAX_HEAD: usize = 8 * 1024;
@@ -272,58 +271,55 @@ impl MetricsServer {
     }
 }
 
-/// The listener is readable: accept.
-pub(crate) fn on_listener(m: &mut Monitor) {
-    if let Some(server) = &mut m.metrics {
-        server.accept();
+impl MetricsServer {
+    /// The listener is readable: accept.
+    pub(super) fn on_listener(&mut self) {
+        self.accept();
     }
-}
 
-/// Client `id` is readable or writable: read its head and answer, or write more of the answer.
-pub(crate) fn on_client(m: &mut Monitor, id: u64) {
-    let Some(mut server) = m.metrics.take() else {
-        return;
-    };
-    server.expire();
-    let (writing, draining) = server
-        .clients
-        .iter()
-        .find(|c| c.id == id)
-        .map_or((false, false), |c| {
-            (c.out.is_some(), c.draining_until.is_some())
-        });
-    if draining {
-        server.drain(id);
-    } else if writing {
-        server.write(id);
-    } else if let Some(request) = server.read_head(id) {
-        let response = match request {
-            Ok(Target::Metrics) => {
-                let body = render(m, &mut server);
-                response(200, "OK", "text/plain; version=0.0.4; charset=utf-8", &body)
-            }
-            Ok(Target::WrongMethod) => response(
-                405,
-                "Method Not Allowed",
-                "text/plain",
-                "only GET /metrics\n",
-            ),
-            Ok(Target::Other) => response(
-                404,
-                "Not Found",
-                "text/plain",
-                "not found: try GET /metrics\n",
-            ),
-            Err(Reject::TooLarge) => {
-                response(400, "Bad Request", "text/plain", "request head too large\n")
-            }
-            Err(Reject::Malformed) => {
-                response(400, "Bad Request", "text/plain", "malformed request\n")
-            }
-        };
-        server.respond(id, response);
+    /// Client `id` is readable or writable: read its head and answer, or write more of the answer.
+    /// The monitor's `status` is taken only when a client asks for the metrics.
+    pub(super) fn on_client<'m>(&mut self, id: u64, status: impl FnOnce() -> Status<'m>) {
+        self.expire();
+        let (writing, draining) = self
+            .clients
+            .iter()
+            .find(|c| c.id == id)
+            .map_or((false, false), |c| {
+                (c.out.is_some(), c.draining_until.is_some())
+            });
+        if draining {
+            self.drain(id);
+        } else if writing {
+            self.write(id);
+        } else if let Some(request) = self.read_head(id) {
+            let response = match request {
+                Ok(Target::Metrics) => {
+                    let body = render(&status(), &mut self.requests_high_water);
+                    response(200, "OK", "text/plain; version=0.0.4; charset=utf-8", &body)
+                }
+                Ok(Target::WrongMethod) => response(
+                    405,
+                    "Method Not Allowed",
+                    "text/plain",
+                    "only GET /metrics\n",
+                ),
+                Ok(Target::Other) => response(
+                    404,
+                    "Not Found",
+                    "text/plain",
+                    "not found: try GET /metrics\n",
+                ),
+                Err(Reject::TooLarge) => {
+                    response(400, "Bad Request", "text/plain", "request head too large\n")
+                }
+                Err(Reject::Malformed) => {
+                    response(400, "Bad Request", "text/plain", "malformed request\n")
+                }
+            };
+            self.respond(id, response);
+        }
     }
-    m.metrics = Some(server);
 }
 
 /// What a well-formed request asked for.
@@ -432,22 +428,10 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-/// The tree's requests: every live slot plus what gone processes served.
-pub(crate) fn total_requests(board: &Scoreboard) -> u64 {
-    // Header first: a count moving from a slot to the header meanwhile is missed, not doubled;
-    // the high-water mark then hides the dip.
-    let gone = board.requests_of_gone();
-    let live: u64 = (0..board.capacity())
-        .filter_map(|s| board.read(s))
-        .map(|v| v.requests)
-        .sum();
-    gone.saturating_add(live)
-}
-
 /// The whole exposition.
-fn render(m: &Monitor, server: &mut MetricsServer) -> String {
+fn render(s: &Status, requests_high_water: &mut u64) -> String {
     let mut out = String::with_capacity(4096);
-    let rows = process_rows(m);
+    let rows = &s.rows;
 
     family(
         &mut out,
@@ -455,29 +439,21 @@ fn render(m: &Monitor, server: &mut MetricsServer) -> String {
         "gauge",
         "1 while the monitor serves (0 while it stops).",
     );
-    let _ = writeln!(out, "tine_up {}", u8::from(m.is_running()));
+    let _ = writeln!(out, "tine_up {}", u8::from(s.running));
     family(
         &mut out,
         "tine_monitor_uptime_seconds",
         "gauge",
         "Seconds since the monitor started.",
     );
-    let _ = writeln!(
-        out,
-        "tine_monitor_uptime_seconds {}",
-        m.started.elapsed().as_secs()
-    );
+    let _ = writeln!(out, "tine_monitor_uptime_seconds {}", s.uptime.as_secs());
     family(
         &mut out,
         "tine_generation",
         "gauge",
         "Generation of the current mold.",
     );
-    let _ = writeln!(
-        out,
-        "tine_generation {}",
-        m.current_mold().map(|(_, c)| c.generation).unwrap_or(0)
-    );
+    let _ = writeln!(out, "tine_generation {}", s.generation.unwrap_or(0));
 
     family(
         &mut out,
@@ -485,24 +461,14 @@ fn render(m: &Monitor, server: &mut MetricsServer) -> String {
         "gauge",
         "Workers the monitor keeps running.",
     );
-    let _ = writeln!(out, "tine_workers_target {}", m.target);
+    let _ = writeln!(out, "tine_workers_target {}", s.target);
     family(
         &mut out,
         "tine_workers",
         "gauge",
         "Worker processes by state and generation.",
     );
-    let mut by_state: BTreeMap<(&str, u32), u64> = BTreeMap::new();
-    for (slot, c) in m.children.iter().filter(|(_, c)| c.kind == Kind::Worker) {
-        let view = m
-            .board
-            .read(*slot)
-            .filter(|v| c.pid.is_some_and(|p| p.as_raw() == v.pid));
-        *by_state
-            .entry((child_state(c, view.as_ref()), c.generation))
-            .or_default() += 1;
-    }
-    for ((state, generation), n) in &by_state {
+    for ((state, generation), n) in &s.workers_by_state {
         let _ = writeln!(
             out,
             "tine_workers{{state=\"{state}\",generation=\"{generation}\"}} {n}"
@@ -515,8 +481,8 @@ fn render(m: &Monitor, server: &mut MetricsServer) -> String {
         "counter",
         "Requests served by the tree, exited processes included.",
     );
-    let total = total_requests(m.board).max(server.requests_high_water);
-    server.requests_high_water = total;
+    let total = s.requests_total.max(*requests_high_water);
+    *requests_high_water = total;
     let _ = writeln!(out, "tine_requests_total {total}");
     let workers: Vec<_> = rows.iter().filter(|r| r.role == "worker").collect();
     let per_worker: [Family<ProcessRow, String>; 5] = [
@@ -575,7 +541,7 @@ fn render(m: &Monitor, server: &mut MetricsServer) -> String {
         "Processes that ended and were replaced, by reason.",
     );
     let mut restarts: BTreeMap<String, u64> = BTreeMap::new();
-    for (reason, n) in &m.restarts {
+    for (reason, n) in s.restarts {
         *restarts.entry(reason_label(reason)).or_default() += n;
     }
     for (reason, n) in &restarts {
@@ -587,25 +553,21 @@ fn render(m: &Monitor, server: &mut MetricsServer) -> String {
         "counter",
         "Completed reforks: workers promoted to mold.",
     );
-    let _ = writeln!(out, "tine_reforks_total {}", m.board.reforks());
+    let _ = writeln!(out, "tine_reforks_total {}", s.reforks);
     family(
         &mut out,
         "tine_log_lines_dropped_total",
         "counter",
         "Log lines a process of the tree could not write (stderr gone, disk full, pipe full).",
     );
-    let _ = writeln!(
-        out,
-        "tine_log_lines_dropped_total {}",
-        crate::log::lines_dropped()
-    );
+    let _ = writeln!(out, "tine_log_lines_dropped_total {}", s.log_lines_dropped);
     family(
         &mut out,
         "tine_monitor_slow_steps_total",
         "counter",
         "Steps of the monitor's loop that took over 100 ms (each logged with its name): every child, signal and ctl call waited for them.",
     );
-    let _ = writeln!(out, "tine_monitor_slow_steps_total {}", super::slow_steps());
+    let _ = writeln!(out, "tine_monitor_slow_steps_total {}", s.slow_steps);
     family(
         &mut out,
         "tine_rollouts_failed_total",
@@ -613,7 +575,7 @@ fn render(m: &Monitor, server: &mut MetricsServer) -> String {
         "Rollouts abandoned (new generation rolled back), by cause: reload or refork.",
     );
     for cause in ["reload", "refork"] {
-        let n = m.rollouts_failed.get(cause).copied().unwrap_or(0);
+        let n = s.rollouts_failed.get(cause).copied().unwrap_or(0);
         let _ = writeln!(out, "tine_rollouts_failed_total{{cause=\"{cause}\"}} {n}");
     }
     family(
@@ -625,7 +587,7 @@ fn render(m: &Monitor, server: &mut MetricsServer) -> String {
     let _ = writeln!(
         out,
         "tine_last_rollout_failed {}",
-        u8::from(m.last_rollout_failed)
+        u8::from(s.last_rollout_failed)
     );
     family(
         &mut out,
@@ -633,15 +595,7 @@ fn render(m: &Monitor, server: &mut MetricsServer) -> String {
         "gauge",
         "Hot spares (spare_workers): booted, not accepting, ready to take over (by state).",
     );
-    let mut spares: BTreeMap<&str, u64> = BTreeMap::new();
-    for (slot, c) in m.children.iter().filter(|(_, c)| c.kind == Kind::Spare) {
-        let view = m
-            .board
-            .read(*slot)
-            .filter(|v| c.pid.is_some_and(|p| p.as_raw() == v.pid));
-        *spares.entry(child_state(c, view.as_ref())).or_default() += 1;
-    }
-    for (state, n) in &spares {
+    for (state, n) in &s.spares_by_state {
         let _ = writeln!(out, "tine_spares{{state=\"{state}\"}} {n}");
     }
     family(
@@ -650,7 +604,7 @@ fn render(m: &Monitor, server: &mut MetricsServer) -> String {
         "counter",
         "Hot spares that took over from a worker that died, was recycled or was added.",
     );
-    let _ = writeln!(out, "tine_spare_activations_total {}", m.spare_activations);
+    let _ = writeln!(out, "tine_spare_activations_total {}", s.spare_activations);
     family(
         &mut out,
         "tine_spawn_resource_errors_total",
@@ -660,7 +614,7 @@ fn render(m: &Monitor, server: &mut MetricsServer) -> String {
     let _ = writeln!(
         out,
         "tine_spawn_resource_errors_total {}",
-        m.resource_errors_total
+        s.resource_errors_total
     );
 
     let memory_families = [
@@ -679,7 +633,7 @@ fn render(m: &Monitor, server: &mut MetricsServer) -> String {
     ];
     for (i, (name, help)) in memory_families.iter().enumerate() {
         family(&mut out, name, "gauge", help);
-        for r in &rows {
+        for r in rows {
             let kb = [r.mem.rss_kb, r.mem.pss_kb, r.mem.uss_kb][i];
             let nr = r.nr.map(|n| format!(",nr=\"{n}\"")).unwrap_or_default();
             let _ = writeln!(
@@ -693,7 +647,7 @@ fn render(m: &Monitor, server: &mut MetricsServer) -> String {
         }
     }
 
-    let queues = queue::depths(&m.listeners);
+    let queues = queue::depths(s.listeners);
     let per_listener: [Family<queue::Depth, u32>; 2] = [
         (
             "tine_listen_queue_length",
@@ -710,7 +664,7 @@ fn render(m: &Monitor, server: &mut MetricsServer) -> String {
     ];
     for (name, kind, help, value) in per_listener {
         family(&mut out, name, kind, help);
-        for (listener, q) in m.listeners.iter().zip(&queues) {
+        for (listener, q) in s.listeners.iter().zip(&queues) {
             if let Some(q) = q {
                 let addr = esc(&listener.addr().to_string());
                 let _ = writeln!(out, "{name}{{listener=\"{addr}\"}} {}", value(q));
@@ -718,191 +672,6 @@ fn render(m: &Monitor, server: &mut MetricsServer) -> String {
         }
     }
     out
-}
-
-/// Accept-queue depth of listening sockets through `sock_diag` netlink: the kernel dumps only
-/// listening sockets (cheap, unlike `/proc/net/tcp`, which lists every connection), and it
-/// reports unix listeners' queues too. Listeners are matched by socket inode.
-pub(crate) mod queue {
-    use super::*;
-    use nix::sys::socket::{
-        recv, sendto, setsockopt, socket, sockopt, AddressFamily, MsgFlags, NetlinkAddr, SockFlag,
-        SockProtocol, SockType,
-    };
-    use nix::sys::time::TimeVal;
-
-    /// A listener's accept queue: connections waiting, and the limit.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub(crate) struct Depth {
-        pub waiting: u32,
-        pub limit: u32,
-    }
-
-    const SOCK_DIAG_BY_FAMILY: u16 = 20;
-    const NLM_F_REQUEST: u16 = 0x1;
-    const NLM_F_DUMP: u16 = 0x300;
-    const NLMSG_ERROR: u16 = 2;
-    const NLMSG_DONE: u16 = 3;
-    const TCP_LISTEN: u32 = 10;
-    const AF_UNIX: u8 = 1;
-    const AF_INET: u8 = 2;
-    const AF_INET6: u8 = 10;
-    const IPPROTO_TCP: u8 = 6;
-    const UDIAG_SHOW_RQLEN: u32 = 0x10;
-    const UNIX_DIAG_RQLEN: u16 = 4;
-
-    /// The depth of each listener, in order; `None` where the kernel did not say.
-    pub(crate) fn depths(listeners: &[Listener]) -> Vec<Option<Depth>> {
-        let inodes: Vec<Option<u64>> = listeners
-            .iter()
-            .map(|l| {
-                nix::sys::stat::fstat(l.as_fd().as_raw_fd())
-                    .ok()
-                    .map(|s| s.st_ino)
-            })
-            .collect();
-        let mut found: HashMap<u64, Depth> = HashMap::new();
-        let has_tcp = listeners.iter().any(|l| matches!(l, Listener::Tcp(..)));
-        let has_unix = listeners.iter().any(|l| matches!(l, Listener::Unix(..)));
-        let mut requests = Vec::new();
-        if has_tcp {
-            requests.push(inet_request(AF_INET));
-            requests.push(inet_request(AF_INET6));
-        }
-        if has_unix {
-            requests.push(unix_request());
-        }
-        for request in requests {
-            match dump(&request, &mut found) {
-                Ok(()) => {}
-                Err(e) => tracing::debug!(error = %e, "metrics: sock_diag failed"),
-            }
-        }
-        inodes
-            .into_iter()
-            .map(|ino| ino.and_then(|i| found.get(&i).copied()))
-            .collect()
-    }
-
-    fn header(payload_len: usize) -> Vec<u8> {
-        let mut h = Vec::with_capacity(16 + payload_len);
-        h.extend_from_slice(&((16 + payload_len) as u32).to_ne_bytes());
-        h.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-        h.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-        h.extend_from_slice(&1u32.to_ne_bytes()); // sequence number
-        h.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
-        h
-    }
-
-    /// `struct inet_diag_req_v2` for listening TCP sockets of `family`.
-    fn inet_request(family: u8) -> Vec<u8> {
-        let mut r = header(56);
-        r.extend_from_slice(&[family, IPPROTO_TCP, 0, 0]);
-        r.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
-        r.extend_from_slice(&[0u8; 48]); // struct inet_diag_sockid: any
-        r
-    }
-
-    /// `struct unix_diag_req` for listening unix sockets, with their queue lengths.
-    fn unix_request() -> Vec<u8> {
-        let mut r = header(24);
-        r.extend_from_slice(&[AF_UNIX, 0, 0, 0]);
-        r.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
-        r.extend_from_slice(&0u32.to_ne_bytes()); // inode: any
-        r.extend_from_slice(&UDIAG_SHOW_RQLEN.to_ne_bytes());
-        r.extend_from_slice(&[0xff; 8]); // cookie: none
-        r
-    }
-
-    fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-        Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
-    }
-
-    fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-        Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
-    }
-
-    /// Sends one dump request and collects `inode → depth` until the kernel says done.
-    fn dump(request: &[u8], found: &mut HashMap<u64, Depth>) -> io::Result<()> {
-        let fd = socket(
-            AddressFamily::Netlink,
-            SockType::Datagram,
-            SockFlag::SOCK_CLOEXEC,
-            SockProtocol::NetlinkSockDiag,
-        )?;
-        // The kernel answers at once; the timeout only guards the monitor against the unexpected.
-        setsockopt(&fd, sockopt::ReceiveTimeout, &TimeVal::new(0, 200_000))?;
-        sendto(
-            fd.as_raw_fd(),
-            request,
-            &NetlinkAddr::new(0, 0),
-            MsgFlags::empty(),
-        )?;
-        let unix = request.get(16) == Some(&AF_UNIX);
-        let mut buf = vec![0u8; 64 * 1024];
-        for _ in 0..10_000 {
-            let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
-            let mut at = 0;
-            while at + 16 <= n {
-                let (Some(len), Some(kind)) = (u32_at(&buf, at), u16_at(&buf, at + 4)) else {
-                    break;
-                };
-                let len = len as usize;
-                if len < 16 || at + len > n {
-                    return Err(io::Error::other("malformed netlink message"));
-                }
-                match kind {
-                    NLMSG_DONE => return Ok(()),
-                    NLMSG_ERROR => {
-                        let errno = u32_at(&buf, at + 16).map(|e| -(e as i32)).unwrap_or(0);
-                        return Err(io::Error::from_raw_os_error(errno));
-                    }
-                    SOCK_DIAG_BY_FAMILY => {
-                        let msg = &buf[at + 16..at + len];
-                        let entry = if unix {
-                            parse_unix(msg)
-                        } else {
-                            parse_inet(msg)
-                        };
-                        if let Some((inode, depth)) = entry {
-                            found.insert(inode, depth);
-                        }
-                    }
-                    _ => {}
-                }
-                at += (len + 3) & !3;
-            }
-        }
-        Err(io::Error::other("netlink dump did not end"))
-    }
-
-    /// `struct inet_diag_msg`: for a listener, rqueue is the accept queue, wqueue its limit.
-    fn parse_inet(msg: &[u8]) -> Option<(u64, Depth)> {
-        let waiting = u32_at(msg, 56)?;
-        let limit = u32_at(msg, 60)?;
-        let inode = u32_at(msg, 68)?;
-        Some((u64::from(inode), Depth { waiting, limit }))
-    }
-
-    /// `struct unix_diag_msg` and its `UNIX_DIAG_RQLEN` attribute.
-    fn parse_unix(msg: &[u8]) -> Option<(u64, Depth)> {
-        let inode = u32_at(msg, 4)?;
-        let mut at = 16;
-        while at + 4 <= msg.len() {
-            let len = u16_at(msg, at)? as usize;
-            let kind = u16_at(msg, at + 2)?;
-            if len < 4 {
-                return None;
-            }
-            if kind == UNIX_DIAG_RQLEN {
-                let waiting = u32_at(msg, at + 4)?;
-                let limit = u32_at(msg, at + 8)?;
-                return Some((u64::from(inode), Depth { waiting, limit }));
-            }
-            at += (len + 3) & !3;
-        }
-        None
-    }
 }
 
 #[cfg(test)]

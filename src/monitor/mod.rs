@@ -4,6 +4,7 @@
 //! one channel per child, the control socket and a timer; every decision is made in
 //! [`Monitor::reconcile`], which compares the table of children with the target and acts.
 
+mod accept;
 mod children;
 mod control;
 pub(crate) mod events;
@@ -11,11 +12,13 @@ mod limits;
 pub(crate) mod memory;
 mod metrics;
 mod profiling;
+mod queue;
 mod refork;
 mod reload;
 mod rollout;
 mod spares;
 mod start;
+mod status;
 mod systemd;
 mod watch;
 
@@ -32,7 +35,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::config::Config;
-use crate::ctl::protocol::{self, Op};
+use crate::ctl::protocol::{self, Op, Reply};
 use crate::ipc::channel::ChannelError;
 use crate::ipc::message::{Command, Report};
 use crate::ipc::scoreboard::Scoreboard;
@@ -203,11 +206,16 @@ impl Monitor {
                         "file watcher"
                     }
                     Source::Metrics => {
-                        metrics::on_listener(self);
+                        if let Some(server) = &mut self.metrics {
+                            server.on_listener();
+                        }
                         "metrics accept"
                     }
                     Source::MetricsClient(id) => {
-                        metrics::on_client(self, id);
+                        if let Some(mut server) = self.metrics.take() {
+                            server.on_client(id, || self.status());
+                            self.metrics = Some(server);
+                        }
                         "metrics request"
                     }
                 };
@@ -1339,10 +1347,52 @@ impl Monitor {
             self.profile(request.client, nr, seconds, json);
             return Some(name);
         }
-        let reply = control::handle(self, request.command);
+        let reply = self.run_command(request.command);
         control.reply(request.client, reply);
         self.control = Some(control);
         Some(name)
+    }
+
+    /// Runs one `ctl` command (but those the loop answers later: reload, refork, profile).
+    fn run_command(&mut self, command: Result<String, String>) -> Reply {
+        match protocol::parse(&command?)? {
+            Op::Status { json: false } => Ok(control::status_text(&self.status())),
+            Op::Status { json: true } => Ok(format!("{}\n", control::status_json(&self.status()))),
+            Op::Scale(n) => {
+                if n == 0 || n > self.config.max_workers {
+                    return Err(format!(
+                        "scale: {n} is out of range 1..={}",
+                        self.config.max_workers
+                    ));
+                }
+                let target = self.scale(n, "ctl scale");
+                Ok(format!("workers: {target}\n"))
+            }
+            Op::Stop { quick: false } => {
+                self.stop(true, "ctl stop");
+                Ok("stopping\n".into())
+            }
+            Op::Stop { quick: true } => {
+                self.stop(false, "ctl stop --quick");
+                Ok("stopping quickly\n".into())
+            }
+            Op::KillWorker(nr) => {
+                let slot = self
+                    .children
+                    .iter()
+                    .find(|(_, c)| c.kind == Kind::Worker && c.nr == nr && !c.is_retiring())
+                    .map(|(s, _)| *s)
+                    .ok_or_else(|| format!("kill-worker: no worker {nr}"))?;
+                self.kill_child(slot, "ctl kill-worker");
+                Ok(format!("killed worker {nr}\n"))
+            }
+            // The loop passes `refork` its connection to wait on; this is only reached for a client
+            // settled just before a reload's exec, which rolls every worker over anyway.
+            Op::Refork => Err("refork refused: a reload is in progress".into()),
+            // Likewise: the loop keeps a `profile` client until the worker answers.
+            Op::Profile { .. } => Err("profile refused: a reload is in progress".into()),
+            Op::ReopenLogs => self.reopen_logs(),
+        }
     }
 
     /// `SIGUSR1` and `ctl reopen-logs`: reopens the log file (after rotation) here and in every

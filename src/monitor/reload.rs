@@ -403,7 +403,7 @@ impl Monitor {
                 if request.command.as_deref() == Ok("reload") {
                     waiters.push(request.client);
                 } else {
-                    let reply = super::control::handle(self, request.command);
+                    let reply = self.run_command(request.command);
                     control.reply(request.client, reply);
                 }
             }
