@@ -94,19 +94,19 @@ const HANDSHAKE_WAIT: Duration = Duration::from_secs(1);
 
 /// The monitor's state.
 pub(crate) struct Monitor {
-    pub(crate) config: Config,
-    pub(crate) listeners: Vec<Listener>,
-    pub(crate) board: &'static Scoreboard,
+    config: Config,
+    listeners: Vec<Listener>,
+    board: &'static Scoreboard,
     signals: SignalFd,
-    pub(crate) control: Option<ControlServer>,
+    control: Option<ControlServer>,
     /// The Prometheus endpoint (`metrics_listen`), if configured: see `metrics`.
-    pub(crate) metrics: Option<metrics::MetricsServer>,
+    metrics: Option<metrics::MetricsServer>,
     /// Children by scoreboard slot.
-    pub(crate) children: BTreeMap<usize, Child>,
-    pub(crate) target: usize,
+    children: BTreeMap<usize, Child>,
+    target: usize,
     mode: Mode,
     pid: Pid,
-    pub(crate) started: Instant,
+    started: Instant,
     spawn_errors: u32,
     /// A worker has been ready since this image started (adopted ready workers count): from
     /// then on, failed starts never end the monitor, however many (see `reconcile`).
@@ -117,7 +117,7 @@ pub(crate) struct Monitor {
     title: String,
     pid_file: Option<PathBuf>,
     /// Restarts by reason, for metrics.
-    pub(crate) restarts: BTreeMap<String, u64>,
+    restarts: BTreeMap<String, u64>,
     spawn_mold: fn(&mut Monitor, u32) -> std::io::Result<()>,
     /// A reload under way.
     reload: Option<reload::Progress>,
@@ -140,29 +140,29 @@ pub(crate) struct Monitor {
     /// The rollout to a new generation under way (reload or refork): see `rollout`.
     rollout: Option<rollout::Rollout>,
     /// Abandoned rollouts by cause (`reload`, `refork`), for metrics.
-    pub(crate) rollouts_failed: BTreeMap<String, u64>,
+    rollouts_failed: BTreeMap<String, u64>,
     /// The latest abandoned rollout, for `ctl status`.
-    pub(crate) last_rollout_failure: Option<rollout::Failure>,
+    last_rollout_failure: Option<rollout::Failure>,
     /// Whether the latest rollout that ended was abandoned (a gauge for alerts).
-    pub(crate) last_rollout_failed: bool,
+    last_rollout_failed: bool,
     /// `refork_after` does not refork this generation again: a refork from it was abandoned.
     refork_paused: Option<u32>,
     /// Starts that failed for lack of resources since one last succeeded (backoff only).
     resource_errors: u32,
     /// Every start that failed for lack of resources, for metrics.
-    pub(crate) resource_errors_total: u64,
+    resource_errors_total: u64,
     /// Recent reforks, reloads, kills, deaths, recycles and scaling, for `ctl status` and `tine top`.
-    pub(crate) events: events::Events,
+    events: events::Events,
     /// Workers' profiles and the `ctl profile` clients waiting for them.
-    pub(crate) profiles: profiling::Profiles,
+    profiles: profiling::Profiles,
     /// Every process's memory figures, shared by `ctl status`, the metrics and the limits.
-    pub(crate) memory: memory::MemoryCache,
+    memory: memory::MemoryCache,
     /// Hot spares that took over from a worker (see `spares`), for metrics.
-    pub(crate) spare_activations: u64,
+    spare_activations: u64,
     /// When `poll` last returned ([`crate::log::monotonic_us`]), for the `tine::respawn` lines.
-    pub(crate) woke_us: u64,
+    woke_us: u64,
     /// The monitor's CPU time then ([`crate::log::thread_cpu_us`]).
-    pub(crate) woke_cpu_us: u64,
+    woke_cpu_us: u64,
 }
 
 /// How long a worker requested from a mold that then died may still report itself.
