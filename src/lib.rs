@@ -120,6 +120,9 @@
 //! Raw system calls are wrapped in [`sys`] only; the rest is safe Rust. Signals: `INT` quick
 //! stop, `TERM`/`QUIT` graceful stop, `HUP` reload, `USR2` refork (to a worker: toggle its
 //! profile), `USR1` reopen logs, `TTIN`/`TTOU` one worker more/less.
+//!
+//! Where each part lives in the source, one room per process role with dependencies pointing
+//! down, is `ARCHITECTURE.md` (`tests/layout.rs` holds the code to it).
 #![deny(missing_docs)]
 
 // The application server: everything but the spawner and `sys` (Cargo feature `server`, on by
