@@ -326,10 +326,7 @@ fn out_of_descriptors_the_monitor_backs_off_accepting_and_recovers() {
         .args(["--workers", "1"])
         .arg("--metrics-listen")
         .arg(metrics.to_string())
-        .args([
-            "--log-level",
-            "info,tine::control=debug,tine::metrics=debug",
-        ])
+        .args(["--log-level", "info,tine::monitor::accept=debug"])
         .start();
     server.wait_workers(1, READY_TIMEOUT);
     let pid = server.pid.to_string();
