@@ -353,3 +353,43 @@ fn a_stop_signal_gives_the_terminal_back() {
         tmux.wait_for("typed-after-top", WAIT);
     }
 }
+
+/// Sends `signal` to `pid` (by number: the test's own monitor, alive until the test ends).
+fn signal(pid: i32, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+        .unwrap_or_else(|e| panic!("{signal} to {pid}: {e}"));
+}
+
+#[test]
+fn a_server_that_stops_answering_is_shown_at_once_not_as_stale_figures() {
+    let (server, pids) = two_workers();
+    let tmux = top(&server.control_socket, 120, 40);
+    wait_rows(&tmux, &pids);
+
+    // A monitor that cannot answer (stopped here; busy or starved alike): the status request
+    // waits for the control client's 10 s; the screen says so after 2 s instead of showing the
+    // last figures as if current.
+    signal(server.pid, nix::sys::signal::Signal::SIGSTOP);
+    struct Resume(i32);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0),
+                nix::sys::signal::Signal::SIGCONT,
+            );
+        }
+    }
+    let resume = Resume(server.pid);
+    let screen = tmux.wait_for("waiting for the server: no answer for", WAIT);
+    assert!(!screen.contains("went away"), "{screen}");
+    assert!(
+        screen.contains("workers 2/2"),
+        "the last figures stay:\n{screen}"
+    );
+
+    drop(resume);
+    tmux.wait("the notice gone once the server answers", WAIT, |s| {
+        !s.contains("waiting for the server") && !s.contains("went away")
+    });
+    wait_rows(&tmux, &pids);
+}

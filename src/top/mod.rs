@@ -31,6 +31,9 @@ use status::{Rate, Sample, Status};
 const PROFILE_SECONDS: u32 = 10;
 /// How long a message stays on the message line.
 const MESSAGE_TTL: Duration = Duration::from_secs(15);
+/// A status request unanswered this long is shown as such (the figures on screen are getting
+/// old); the request itself gives up after the control client's 10 s ("server went away").
+const SLOW_STATUS: Duration = Duration::from_secs(2);
 
 /// What `tine top` needs to run.
 #[derive(Debug, Clone)]
@@ -157,7 +160,8 @@ pub(crate) struct Top {
     pub message: Option<Message>,
     /// Operations sent and not answered yet.
     pub pending: Vec<String>,
-    status_in_flight: bool,
+    /// When the status request under way was sent.
+    status_sent: Option<Instant>,
     next_poll: Instant,
     replies: mpsc::Sender<Reply>,
 }
@@ -176,10 +180,19 @@ impl Top {
             confirm: None,
             message: None,
             pending: Vec::new(),
-            status_in_flight: false,
+            status_sent: None,
             next_poll: Instant::now(),
             replies,
         }
+    }
+
+    /// How long the status request under way has waited, once that is longer than
+    /// [`SLOW_STATUS`]: a monitor that is busy, stopped or starved shows as such at once, not as
+    /// figures that silently stop changing.
+    pub(crate) fn status_waiting(&self) -> Option<Duration> {
+        self.status_sent
+            .map(|sent| sent.elapsed())
+            .filter(|waited| *waited > SLOW_STATUS)
     }
 
     fn processes(&self) -> &[status::Process] {
@@ -227,10 +240,10 @@ impl Top {
     }
 
     fn poll_status(&mut self) {
-        if self.status_in_flight || Instant::now() < self.next_poll {
+        if self.status_sent.is_some() || Instant::now() < self.next_poll {
             return;
         }
-        self.status_in_flight = true;
+        self.status_sent = Some(Instant::now());
         self.send(None);
     }
 
@@ -243,7 +256,7 @@ impl Top {
     fn on_reply(&mut self, reply: Reply) {
         match reply {
             Reply::Status(result, at) => {
-                self.status_in_flight = false;
+                self.status_sent = None;
                 self.next_poll = at + self.interval;
                 match result.and_then(|text| Status::parse(&text)) {
                     Ok(status) => self.on_status(status, at),

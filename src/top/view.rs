@@ -245,7 +245,10 @@ fn draw_header(frame: &mut Frame, top: &Top, area: Rect) {
     )];
     first.push(Span::raw(format!("  {socket}")));
     let second = match (&top.connection, &top.sample) {
-        (Connection::Connecting, _) => Line::from("connecting…"),
+        (Connection::Connecting, _) => match top.status_waiting() {
+            Some(waited) => Line::from(format!("connecting… (no answer for {})", duration(waited))),
+            None => Line::from("connecting…"),
+        },
         (Connection::Lost { error, since }, last) => {
             let seen = match last {
                 Some(s) => format!(
@@ -315,7 +318,20 @@ fn draw_header(frame: &mut Frame, top: &Top, area: Rect) {
                     }
                 ));
             }
-            Line::from(text)
+            match top.status_waiting() {
+                // The figures stop changing: say why before anyone reads them as current.
+                Some(waited) => Line::from(vec![
+                    Span::styled(
+                        format!("waiting for the server: no answer for {}", duration(waited)),
+                        Style::default()
+                            .fg(Color::Black)
+                            .bg(Color::Yellow)
+                            .add_modifier(Modifier::BOLD),
+                    ),
+                    Span::raw(format!("  {text}")),
+                ]),
+                None => Line::from(text),
+            }
         }
         (Connection::Up, None) => Line::from("connected"),
     };
