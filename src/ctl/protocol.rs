@@ -5,6 +5,8 @@
 //! is `OK\n` and the output, or `ERR message\n`. Both ends live here — the monitor's server
 //! (`monitor/control.rs`) and the client ([`super::client`]) — so neither imports the other.
 
+use std::io::{self, Write};
+use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 /// Longest command line accepted.
@@ -108,6 +110,14 @@ pub(crate) fn encode_reply(reply: Reply) -> String {
         Ok(out) => format!("OK\n{out}"),
         Err(e) => format!("ERR {e}\n"),
     }
+}
+
+/// Writes a reply and closes the connection, never waiting: a reply (a few KiB) fits in a fresh
+/// socket's send buffer, so only a client that sent much more than a command and reads nothing
+/// can fill it, and then it loses the rest of its reply, not the monitor its time.
+pub(crate) fn send_reply(mut stream: UnixStream, reply: Reply) -> io::Result<()> {
+    stream.set_nonblocking(true)?;
+    stream.write_all(encode_reply(reply).as_bytes())
 }
 
 /// A reply as the client read it (everything up to EOF).

@@ -6,6 +6,10 @@ use nix::unistd::Pid;
 
 use crate::ipc::channel::Channel;
 
+/// The reason (`Child::recycle`) that marks a worker chosen for promotion: recycled by promotion
+/// to mold, not retired.
+pub(super) const PROMOTE: &str = "promotion to mold";
+
 /// The role of a child.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {

@@ -2,7 +2,7 @@
 //! from `tine ctl` and answers with text or JSON. Served by the monitor's poll loop, never blocking
 //! it: a client that sends garbage or too much gets an error reply and is closed.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -124,7 +124,7 @@ impl ControlServer {
                     peer_pid = cred.map(|c| c.pid()).unwrap_or(0),
                     "control socket: refused a client of another user"
                 );
-                let _ = reply_to(stream, Err("permission denied: only root or the server's owner may use the control socket".into()));
+                let _ = protocol::send_reply(stream, Err("permission denied: only root or the server's owner may use the control socket".into()));
                 continue;
             }
             if stream.set_nonblocking(true).is_ok() {
@@ -180,20 +180,12 @@ impl ControlServer {
     }
 
     pub(crate) fn reply(&self, client: UnixStream, reply: Reply) {
-        let _ = reply_to(client, reply);
+        let _ = protocol::send_reply(client, reply);
     }
 
     pub(crate) fn cleanup(self) {
         let _ = std::fs::remove_file(&self.path);
     }
-}
-
-/// Writes a reply and closes the connection, never waiting: a reply (a few KiB) fits in a fresh
-/// socket's send buffer, so only a client that sent much more than a command and reads nothing
-/// can fill it, and then it loses the rest of its reply, not the monitor its time.
-pub(crate) fn reply_to(mut stream: UnixStream, reply: Reply) -> io::Result<()> {
-    stream.set_nonblocking(true)?;
-    stream.write_all(protocol::encode_reply(reply).as_bytes())
 }
 
 /// `ctl status`: a table of the processes, then the tree's figures.

@@ -11,6 +11,7 @@ pub(crate) mod events;
 mod limits;
 pub(crate) mod memory;
 mod metrics;
+mod priority;
 mod profiling;
 mod queue;
 mod refork;
@@ -581,7 +582,8 @@ impl Monitor {
                 self.events
                     .push("refork", format!("refork refused ({why}): {e}"));
                 if let Some(w) = waiter {
-                    let _ = control::reply_to(w, Err(format!("refork refused: {e}")));
+                    let _ =
+                        crate::ctl::protocol::send_reply(w, Err(format!("refork refused: {e}")));
                 }
             }
         }
@@ -800,7 +802,7 @@ impl Monitor {
             })
             .map(|(s, c)| (*s, c.recycle.clone().unwrap_or_default()));
         if let Some((slot, reason)) = old {
-            if reason == refork::PROMOTE {
+            if reason == children::PROMOTE {
                 refork::promote(self, slot);
             } else {
                 self.retire(slot, &reason);
@@ -1197,7 +1199,7 @@ impl Monitor {
                 target = self.target,
                 "a worker marked for replacement needs none (the target is met): it leaves now"
             );
-            if reason == refork::PROMOTE {
+            if reason == children::PROMOTE {
                 refork::promote(self, slot);
             } else {
                 self.retire(slot, &reason);

@@ -56,7 +56,7 @@ impl Profiles {
 }
 
 fn answer(waiter: Waiter, reply: Result<String, String>) {
-    let _ = super::control::reply_to(waiter.client, reply);
+    let _ = crate::ctl::protocol::send_reply(waiter.client, reply);
 }
 
 impl Monitor {
@@ -72,7 +72,7 @@ impl Monitor {
                 json,
             }),
             Err(e) => {
-                let _ = super::control::reply_to(client, Err(format!("profile: {e}")));
+                let _ = crate::ctl::protocol::send_reply(client, Err(format!("profile: {e}")));
             }
         }
     }

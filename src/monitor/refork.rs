@@ -5,11 +5,9 @@ use std::time::Instant;
 
 use nix::sys::signal::{kill, Signal};
 
+use super::children::PROMOTE;
 use super::{Kind, Monitor, Phase};
 use crate::ipc::message::Command;
-
-/// Reason string that marks a worker chosen for promotion (recycled by promotion, not retirement).
-pub(super) const PROMOTE: &str = "promotion to mold";
 
 impl Monitor {
     /// Workers marked for replacement whose replacement is not ready yet.

@@ -292,7 +292,7 @@ impl Monitor {
         }
         if !self.is_running() {
             if let Some(w) = waiter {
-                let _ = super::control::reply_to(w, Err("stopping".into()));
+                let _ = crate::ctl::protocol::send_reply(w, Err("stopping".into()));
             }
             return;
         }
@@ -380,7 +380,7 @@ impl Monitor {
             super::systemd::notify_ready(self, "reload failed; old generation serving");
         }
         for w in waiters {
-            let _ = super::control::reply_to(w, Err(format!("reload failed: {error}")));
+            let _ = crate::ctl::protocol::send_reply(w, Err(format!("reload failed: {error}")));
         }
     }
 
@@ -455,7 +455,7 @@ impl Monitor {
             last_rollout_failed: self.last_rollout_failed,
             resource_errors_total: self.resource_errors_total,
             events: self.events.to_vec(),
-            tree_nice: Some(super::start::tree_nice()),
+            tree_nice: Some(super::priority::tree_nice()),
             spare_activations: self.spare_activations,
             metrics: self.metrics.as_ref().and_then(|m| {
                 m.local_addr()
@@ -565,7 +565,7 @@ impl Monitor {
             // in view is not: the reload rolls every worker over anyway.
             c.recycle = h
                 .recycle
-                .filter(|r| c.kind == Kind::Worker && r != super::refork::PROMOTE);
+                .filter(|r| c.kind == Kind::Worker && r != super::children::PROMOTE);
             // The tree served before the re-exec: its failed starts never end this image.
             if c.kind == Kind::Worker && c.phase == Phase::Ready {
                 self.ever_served = true;
@@ -632,7 +632,7 @@ impl Monitor {
             },
         );
         for w in progress.waiters {
-            let _ = super::control::reply_to(w, outcome.clone());
+            let _ = crate::ctl::protocol::send_reply(w, outcome.clone());
         }
     }
 }

@@ -26,7 +26,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::{refork, Kind, Monitor, Phase};
+use super::children::PROMOTE;
+use super::{Kind, Monitor, Phase};
 
 /// What started a rollout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -214,7 +215,7 @@ impl Monitor {
         let promoting = self.children.values().any(|c| {
             c.kind == Kind::Worker
                 && ((c.phase == Phase::Promoting && c.promoted_generation == g)
-                    || c.recycle.as_deref() == Some(refork::PROMOTE))
+                    || c.recycle.as_deref() == Some(PROMOTE))
         });
         if mold.is_none() && !promoting {
             // A reload forks its mold at once; give a mold that died at once its exit report.
@@ -278,7 +279,10 @@ impl Monitor {
             self.finish_reload(Ok(format!("reloaded in {ms} ms (gen:{g})\n")));
         }
         for w in r.waiters {
-            let _ = super::control::reply_to(w, Ok(format!("reforked to gen:{g} in {ms} ms\n")));
+            let _ = crate::ctl::protocol::send_reply(
+                w,
+                Ok(format!("reforked to gen:{g} in {ms} ms\n")),
+            );
         }
     }
 
@@ -301,7 +305,7 @@ impl Monitor {
             "gen:{g} serving in {ms} ms: all {workers} workers ready (the first after {first} ms); the old workers drain\n"
         );
         for w in std::mem::take(&mut r.waiters) {
-            let _ = super::control::reply_to(w, Ok(reply.clone()));
+            let _ = crate::ctl::protocol::send_reply(w, Ok(reply.clone()));
         }
     }
 
@@ -365,7 +369,7 @@ impl Monitor {
                 // Its spares never served: they go with it (the older ones stayed).
                 Kind::Spare if c.generation == g => kill.push(*slot),
                 Kind::Worker
-                    if c.recycle.as_deref() == Some(refork::PROMOTE)
+                    if c.recycle.as_deref() == Some(PROMOTE)
                         || c.recycle.as_deref() == Some(rollout_mark.as_str()) =>
                 {
                     // Not leaving after all: its replacement will never come from that mold.
@@ -407,7 +411,7 @@ impl Monitor {
             let message = format!("{} to gen:{g} {reason}; {outcome}", r.cause.name());
             tracing::warn!(generation = g, "rollout interrupted: {message}");
             for w in r.waiters {
-                let _ = super::control::reply_to(w, Err(message.clone()));
+                let _ = crate::ctl::protocol::send_reply(w, Err(message.clone()));
             }
             return;
         }
@@ -440,7 +444,7 @@ impl Monitor {
             Cause::Refork => self.refork_paused = r.from,
         }
         for w in r.waiters {
-            let _ = super::control::reply_to(w, Err(message.clone()));
+            let _ = crate::ctl::protocol::send_reply(w, Err(message.clone()));
         }
     }
 
@@ -448,7 +452,7 @@ impl Monitor {
     pub(super) fn drop_rollout(&mut self, why: &str) {
         if let Some(r) = self.rollout.take() {
             for w in r.waiters {
-                let _ = super::control::reply_to(w, Err(why.to_string()));
+                let _ = crate::ctl::protocol::send_reply(w, Err(why.to_string()));
             }
         }
     }

@@ -3,14 +3,13 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Instant;
 
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use super::control::ControlServer;
-use super::{reload, setup, systemd, watch, Child, Kind, Mode, Monitor, MonitorError};
+use super::{priority, reload, setup, systemd, watch, Child, Kind, Mode, Monitor, MonitorError};
 use crate::app::App;
 use crate::child;
 use crate::config::{Config, ListenAddr};
@@ -89,8 +88,7 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
         Some(n) => n,
         None => process::nice().unwrap_or(0),
     };
-    TREE_NICE.store(tree_nice, Ordering::Relaxed);
-    boost_priority(tree_nice, config.monitor_nice_boost);
+    priority::settle(tree_nice, config.monitor_nice_boost);
     let addrs: Vec<String> = listeners.iter().map(|l| l.addr().to_string()).collect();
     if handover.is_none() {
         tracing::info!(
@@ -189,40 +187,6 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
     let result = monitor.run_loop();
     monitor.cleanup();
     result
-}
-
-/// The nice value of the tree: the one tine was started with (handed over across a reload's
-/// re-exec). The mold sets it back after its fork, so the monitor's boost is its own.
-static TREE_NICE: AtomicI32 = AtomicI32::new(0);
-
-/// See [`TREE_NICE`].
-pub(super) fn tree_nice() -> i32 {
-    TREE_NICE.load(Ordering::Relaxed)
-}
-
-/// Runs the monitor `boost` nice levels above the tree (`monitor_nice_boost`): it needs little
-/// CPU, but at once (a `ctl` reply, a child to reap, a hang to catch), and on a saturated machine
-/// a process at the same level as the busy ones waits behind them for seconds at a time. Without
-/// the privilege to lower its nice value the monitor stays at the tree's level, and says so.
-fn boost_priority(tree_nice: i32, boost: u8) {
-    let wanted = (tree_nice - i32::from(boost)).clamp(-20, 19);
-    let now = process::nice().unwrap_or(tree_nice);
-    if now == wanted {
-        return;
-    }
-    match process::set_nice(wanted) {
-        Ok(()) => tracing::info!(
-            nice = wanted,
-            tree_nice,
-            "the monitor runs above the tree's CPU priority (monitor_nice_boost)"
-        ),
-        Err(e) => tracing::info!(
-            error = %e,
-            nice = now,
-            tree_nice,
-            "cannot raise the monitor's CPU priority (monitor_nice_boost needs CAP_SYS_NICE or RLIMIT_NICE); it stays where it is"
-        ),
-    }
 }
 
 type Resources = (Vec<Listener>, ControlServer, Scoreboard, bool);
@@ -460,7 +424,7 @@ fn fork_mold<A: App>(m: &mut Monitor, generation: u32) -> std::io::Result<()> {
         Forked::Child => child::run_child(|| {
             // The monitor's priority boost is its own: the mold (and the workers it forks) run
             // at the tree's level. Raising a nice value needs no privilege.
-            let _ = process::set_nice(tree_nice());
+            let _ = process::set_nice(priority::tree_nice());
             let mut keep: Vec<_> = m.listeners.iter().map(Listener::raw_fd).collect();
             keep.push(theirs.as_raw_fd());
             child::after_fork(m.pid, &keep, m.config.run_as, child::ForkedBy::Monitor);
