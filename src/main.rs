@@ -1,7 +1,6 @@
 //! The `tine` binary: the full CLI serving the built-in reference apps.
 
 mod reference;
-mod static_files;
 
 fn main() -> std::process::ExitCode {
     tine::run::<reference::Reference>()

@@ -13,6 +13,8 @@
 //! the first `N` workers of that mold boot and breaks only the later ones (a deploy that works in
 //! one worker and fails in the next, for the rollback of a rollout half done).
 
+mod static_files;
+
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -65,7 +67,7 @@ impl App for Reference {
                     );
                 }
                 // Refuses a kernel without openat2 now rather than in every worker.
-                crate::static_files::Root::open(root, config.follow_symlinks)?;
+                static_files::Root::open(root, config.follow_symlinks)?;
                 Ok(())
             }
             "cache-demo" => {
@@ -146,10 +148,7 @@ impl App for Reference {
             Reference::Static {
                 root,
                 follow_symlinks,
-            } => crate::static_files::handler(crate::static_files::Root::open(
-                root,
-                *follow_symlinks,
-            )?),
+            } => static_files::handler(static_files::Root::open(root, *follow_symlinks)?),
             Reference::CacheDemo { table, block_kb } => {
                 let (table, block_kb) = (*table, *block_kb);
                 Handler::http(tower::service_fn(move |req: Request| async move {
