@@ -357,7 +357,7 @@ fn a_worker_killed_for_timeout_logs_its_stack_naming_the_handler_before_the_kill
         .position(|l| l.contains("#") && l.contains("tine::reference::hello"))
         .unwrap_or_else(|| panic!("no frame names the handler; log:\n{}", server.log.text()));
     assert!(
-        between[handler].contains("reference.rs"),
+        between[handler].contains("reference/hello.rs"),
         "the frame has no source location: {}",
         between[handler]
     );
