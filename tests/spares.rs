@@ -383,12 +383,20 @@ fn an_activated_spare_takes_its_number_everywhere() {
     let spare = wait_spare(&server, "replacing the one killed", |r| r.pid != first.pid);
     signal(worker, Signal::SIGKILL);
     wait_worker_is(&server, 0, spare.pid);
-    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", spare.pid))
-        .expect("its threads")
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
-        .map(|name| name.trim_end().to_string())
-        .collect();
+    // Each runtime thread renames itself when it wakes after the activation (which wakes them).
+    let names = || -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{}/task", spare.pid))
+            .expect("its threads")
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+            .map(|name| name.trim_end().to_string())
+            .collect()
+    };
+    let mut threads = names();
+    let _ = poll_until(SETTLE, || {
+        threads = names();
+        (threads.iter().filter(|t| *t == "tine-w0").count() >= 2).then_some(())
+    });
     assert!(
         threads.iter().filter(|t| *t == "tine-w0").count() >= 2,
         "the runtime's two threads are named after worker 0: {threads:?}"

@@ -137,6 +137,8 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
     } else {
         let mut b = tokio::runtime::Builder::new_multi_thread();
         b.worker_threads(config.worker_threads);
+        // An activated spare's threads take its number as they wake (see name_runtime_thread).
+        b.on_thread_unpark(name_runtime_thread);
         b
     };
     let runtime = match builder
@@ -232,25 +234,33 @@ fn take_identity(nr: u32, generation: u32) {
     crate::sys::proctitle::set(&format!("tine worker[{nr}] (gen:{generation})"));
     crate::sys::process::set_thread_name(&format!("tine-worker-{nr}"));
     crate::log::set_process_tag(format!("worker[{nr}] gen:{generation}"));
-    name_spare_threads(nr);
 }
 
 /// The name of a hot spare's runtime threads until it is activated.
 const SPARE_THREAD_NAME: &str = "tine-spare-w";
 
-/// Renames the runtime threads a hot spare started before it had a number (`ps -L`, `top -H`,
-/// profiles): they become `tine-w{nr}` like any worker's.
-fn name_spare_threads(nr: u32) {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+/// Names the calling runtime thread after the worker number this process serves as, if it does
+/// not carry it yet. A hot spare starts its runtime before it has a number (its threads are
+/// [`SPARE_THREAD_NAME`]); each thread renames itself the next time it wakes after the activation
+/// (`on_thread_unpark`: one relaxed load and a thread-local compare when nothing changed).
+///
+/// Not by writing `/proc/self/task/TID/comm` for every thread: listing or looking up
+/// `/proc/self/task` leaves a dentry per thread in the kernel's cache, and when the worker exits
+/// its last thread, still invalidating its own, holds them while the monitor, woken by the
+/// group leader's death, reaps it and must invalidate the same dentries: the monitor's `waitpid`
+/// spun in `shrink_dcache_parent` until that thread got a CPU again (median 4-19 ms, up to
+/// 0.5 s per reap at load 14, seconds at load 65; ~0.1 ms without those dentries:
+/// bench/reap/reap_cost.sh).
+fn name_runtime_thread() {
+    thread_local! {
+        static NAMED_AS: std::cell::Cell<u32> = const { std::cell::Cell::new(u32::MAX) };
+    }
+    let Some(nr) = Worker::current_nr() else {
         return;
     };
-    for task in tasks.flatten() {
-        let comm = task.path().join("comm");
-        let named_spare =
-            std::fs::read_to_string(&comm).is_ok_and(|name| name.trim_end() == SPARE_THREAD_NAME);
-        if named_spare {
-            let _ = std::fs::write(&comm, format!("tine-w{nr}"));
-        }
+    if NAMED_AS.get() != nr {
+        NAMED_AS.set(nr);
+        crate::sys::process::set_thread_name(&format!("tine-w{nr}"));
     }
 }
 
@@ -382,6 +392,11 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
         http::LOG_FIRST_REQUEST.store(true, std::sync::atomic::Ordering::Relaxed);
         // The rest of its new identity (title, log tag, thread names) after its gates opened.
         take_identity(nr, generation);
+        // Wakes the runtime's threads, so that each renames itself (name_runtime_thread) now
+        // rather than when work first comes its way.
+        for _ in 0..config.worker_threads {
+            tokio::spawn(async {});
+        }
         tracing::debug!(
             target: "tine::respawn",
             received_us,
