@@ -366,3 +366,46 @@ fn a_worker_killed_for_timeout_logs_its_stack_naming_the_handler_before_the_kill
     assert_ne!(new, pid);
     assert_eq!(server.get("/").status, 200);
 }
+
+#[test]
+fn a_missing_profile_dir_fails_the_profile_at_once_not_after_it_ran() {
+    let dir = common::TempDir::new();
+    let missing = dir.join("no-such-dir");
+    let server = Launch::tine()
+        .args(["--workers", "1"])
+        .arg("--profile-dir")
+        .arg(&missing)
+        .start();
+    let pid = server.wait_workers(1, Duration::from_secs(20))[0];
+    // A 60 s profile with nowhere to write it: the operator hears so now, not in a minute.
+    let err = ctl_within(
+        &server.control_socket,
+        &["profile", "0", "--seconds", "60"],
+        Duration::from_secs(20),
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("cannot start profiling") && err.contains("no-such-dir"),
+        "{err}"
+    );
+    // Nothing is left running: the worker is not marked, and the next profile is refused again
+    // the same way (not "already being profiled"); USR2 logs why, and the worker serves on.
+    let status = server.status();
+    let profiling: Vec<_> = status["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .filter(|p| !p["profiling"].is_null())
+        .collect();
+    assert!(profiling.is_empty(), "still marked: {profiling:?}");
+    let mark = server.log.mark();
+    common::signal(pid, Signal::SIGUSR2);
+    let line = server.log.wait_for_log_since(
+        mark,
+        "cannot start profiling: nowhere to write the profile",
+        Duration::from_secs(10),
+    );
+    assert!(line.contains("no-such-dir"), "{line}");
+    assert_eq!(worker_pid(&server, 0), pid);
+    assert_eq!(server.get("/").status, 200);
+}

@@ -227,6 +227,16 @@ impl ProfilerThread {
     }
 
     fn start(&mut self, seconds: u32, by: &'static str) {
+        // A profile_dir that is missing or not a directory fails the profile now, not after it
+        // ran for its whole length (the write checks again: the directory may go meanwhile).
+        if let Err(e) = absolute(&self.settings.dir) {
+            tracing::error!(error = %e, "cannot start profiling: nowhere to write the profile");
+            self.report(&Report::ProfileFailed {
+                error: format!("cannot start profiling: {e}"),
+                still_running: false,
+            });
+            return;
+        }
         let seconds = seconds.clamp(1, self.settings.max_seconds.max(1));
         let capacity = (seconds as usize)
             .saturating_mul(SAMPLE_HZ as usize)
