@@ -718,3 +718,55 @@ fn a_socket_activated_unix_socket_file_outlives_the_server() {
         server.log.text()
     );
 }
+
+/// A reload whose `listen` names the address of a socket-activated listener keeps that socket (it
+/// is the same listener), and the socket is still systemd's: a graceful stop leaves its file (as
+/// it must leave a TCP socket unfiltered), since systemd's socket unit goes on listening on it.
+/// Before, the reloaded tree took such a socket for its own: the stop removed the file.
+#[test]
+fn a_socket_activated_socket_kept_by_a_configured_listen_stays_systemds() {
+    let dir = TempDir::new();
+    let path = dir.path().join("web.sock");
+    let config = dir.write("tine.toml", "workers = 1\n");
+    let mut server = Launch::program(systemd_tool("systemd-socket-activate"))
+        .subcommand(None)
+        .arg("-l")
+        .arg(&path)
+        .arg(tine_bin())
+        .args(["serve", "--control-socket", "ctl.sock", "--config"])
+        .arg(&config)
+        .spawn();
+    server.log.wait_for_log("Listening on", READY_TIMEOUT);
+    let addr = Addr::Unix(path.clone());
+    // The first connection makes systemd-socket-activate exec the server in place.
+    assert_eq!(get(&addr, "/").expect("served").status, 200);
+    server.wait_ready();
+    std::fs::write(
+        &config,
+        format!("workers = 1\nlisten = [\"unix:{}\"]\n", path.display()),
+    )
+    .unwrap();
+    let out = server
+        .ctl(&["reload"])
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", server.log.text()));
+    assert!(out.starts_with("reloaded in "), "{out}");
+    assert_eq!(
+        get(&addr, "/").expect("served after the reload").status,
+        200
+    );
+    server.signal(Signal::SIGTERM);
+    assert_eq!(
+        server.exit_code_within(Duration::from_secs(30)),
+        0,
+        "log:\n{}",
+        server.log.text()
+    );
+    let kept = std::fs::symlink_metadata(&path)
+        .map(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
+    assert!(
+        matches!(kept, Ok(true)),
+        "the activated socket's file {} after the stop: {kept:?}; log:\n{}",
+        path.display(),
+        server.log.text()
+    );
+}

@@ -228,7 +228,7 @@ fn adopt_resources(
             .map_err(setup("cannot adopt a listener"))?;
         handed.push((listener, l.activated));
     }
-    let from_systemd = !config.listen_given && handed.iter().any(|(_, a)| *a);
+    let mut from_systemd = !config.listen_given && handed.iter().any(|(_, a)| *a);
     let listeners = if from_systemd {
         handed.into_iter().map(|(l, _)| l).collect()
     } else {
@@ -238,7 +238,14 @@ fn adopt_resources(
                 .iter()
                 .position(|(l, _)| same_listener(&l.addr(), addr))
             {
-                Some(i) => out.push(handed.remove(i).0),
+                Some(i) => {
+                    let (listener, activated) = handed.remove(i);
+                    // A configured address that systemd's socket was bound to keeps that socket,
+                    // and it stays systemd's: a stop must neither filter it nor remove its file
+                    // (its socket unit goes on listening on it for the next start).
+                    from_systemd |= activated;
+                    out.push(listener);
+                }
                 None => match Listener::bind_all(&Config {
                     listen: vec![addr.clone()],
                     ..config.clone()
@@ -251,6 +258,7 @@ fn adopt_resources(
         if out.is_empty() {
             // Nothing of the new config could be served: keep serving what was.
             problems.push("kept the previous listeners".into());
+            from_systemd |= handed.iter().any(|(_, activated)| *activated);
             out.extend(handed.into_iter().map(|(l, _)| l));
         }
         out
