@@ -88,12 +88,54 @@ fn assert_priorities(server: &Server, tree: i32, boost: i32, when: &str) {
         );
     }
     for (role, pid) in children(server) {
+        // A hot spare standing by waits at the monitor's level (see `a_standing_by_spare_…`).
+        let wanted = if role == "spare" { monitor } else { tree };
         assert_eq!(
             nice_of(pid),
-            tree,
-            "{when}: {role} {pid} runs at the tree's nice value, not the monitor's"
+            wanted,
+            "{when}: {role} {pid} runs at nice {wanted} (tree {tree}, monitor {monitor})"
         );
     }
+}
+
+/// A hot spare standing by only waits for its activation, and a replacement serves only once it
+/// wakes: it waits at the monitor's raised priority (so its wake-up preempts busy workers as the
+/// monitor's does), and once activated runs at the tree's level like every worker.
+#[test]
+fn a_standing_by_spare_waits_at_the_monitors_priority_and_serves_at_the_trees() {
+    let tree = own_nice();
+    let server = Launch::tine()
+        .args(["--workers", "1", "--spare-workers", "1"])
+        .start();
+    let worker = server.wait_workers(1, READY_TIMEOUT)[0];
+    let spare_of = |server: &Server| -> Option<i32> {
+        children(server)
+            .into_iter()
+            .find_map(|(role, pid)| (role == "spare").then_some(pid))
+    };
+    let spare = poll_until(READY_TIMEOUT, || spare_of(&server)).expect("a spare");
+    let monitor = nice_of(server.pid);
+    if may_lower_nice_to(tree - 5) {
+        assert_eq!(monitor, tree - 5, "the monitor is boosted");
+    }
+    // Raised when it reports ready.
+    poll_until(READY_TIMEOUT, || (nice_of(spare) == monitor).then_some(()))
+        .unwrap_or_else(|| panic!("the spare stands at nice {}, not {monitor}", nice_of(spare)));
+    signal(worker, Signal::SIGKILL);
+    poll_until(READY_TIMEOUT, || {
+        server
+            .workers()
+            .iter()
+            .any(|(nr, pid, _)| *nr == 0 && *pid == spare)
+            .then_some(())
+    })
+    .expect("the spare serves as worker 0");
+    poll_until(READY_TIMEOUT, || (nice_of(spare) == tree).then_some(()))
+        .unwrap_or_else(|| panic!("activated, it runs at nice {}, not {tree}", nice_of(spare)));
+    let next = poll_until(READY_TIMEOUT, || spare_of(&server).filter(|p| *p != spare))
+        .expect("a new spare");
+    poll_until(READY_TIMEOUT, || (nice_of(next) == monitor).then_some(()))
+        .expect("the new spare stands by at the monitor's level");
 }
 
 #[test]

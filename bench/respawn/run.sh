@@ -13,20 +13,27 @@ if [ "${1:-}" = "--quick" ]; then out=bench/results/tmp; fi
 mkdir -p "$out"
 rounds=${ROUNDS:-20}
 blocks=${BLOCKS:-3}
-cargo build --release --quiet --bin tine --example respawn_bench
-driver=target/release/examples/respawn_bench
+# SKIP_BUILD=1 with TINE_BIN and DRIVER: binaries copied aside (a build may go on meanwhile).
+if [ -z "${SKIP_BUILD:-}" ]; then
+  cargo build --release --quiet --bin tine --example respawn_bench
+fi
+driver=${DRIVER:-target/release/examples/respawn_bench}
+tine=${TINE_BIN:-target/release/tine}
 raw="$out/respawn.jsonl"
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 : > "$raw"
 for block in $(seq "$blocks"); do
   for variant in "tine 1" "tine 0" "nginx 0"; do
     set -- $variant
     echo "block $block: $1 spares=$2" >&2
-    "$driver" --server "$1" --spares "$2" --rounds "$rounds" --tine target/release/tine >> "$raw"
+    "$driver" --server "$1" --spares "$2" --rounds "$rounds" --tine "$tine" >> "$raw"
   done
 done
-python3 - "$raw" "$out/respawn.md" "$rounds" "$blocks" <<'PY'
+load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+python3 - "$raw" "$out/respawn.md" "$rounds" "$blocks" "$load_before" "$load_after" <<'PY'
 import json, statistics, sys, platform, subprocess, os, datetime
 raw, md, rounds, blocks = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+load_before, load_after = sys.argv[5], sys.argv[6]
 runs = [json.loads(l) for l in open(raw) if l.strip()]
 def key(r): return ("tine, spare_workers=1" if r["server"] == "tine" and r["spares"] else
                     "tine, spare_workers=0" if r["server"] == "tine" else "nginx")
@@ -36,7 +43,7 @@ for r in runs:
     g["samples"] += r["samples_us"]; g["failures"] += r["failures"]; g["medians"].append(r["median_us"])
 def q(xs, p):
     xs = sorted(xs); return xs[round((len(xs) - 1) * p)] if xs else float("nan")
-commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+commit = os.environ.get("COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 lines = [
     "# Respawn: kill -9 of a busy worker to the first response by another process",
@@ -44,7 +51,8 @@ lines = [
     f"{datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, commit {commit}, {os.cpu_count()} CPUs ({cpu}), "
     f"Linux {platform.release()}. Command: `bench/respawn/run.sh` ({blocks} interleaved blocks of {rounds} kills per variant).",
     "",
-    "Shared, noisy machine: other builds and tests ran at the same time; read the spread, not just the median.",
+    f"Shared, noisy machine: other builds and tests ran at the same time (load average {load_before} before, "
+    f"{load_after} after); read the spread, not just the median.",
     "",
     "One worker; 4 kept-alive clients send `GET /` in a loop, reconnecting at once after a failure, so",
     "the worker is busy when it dies and every request waits for the replacement. The clock starts just",

@@ -693,10 +693,10 @@ impl Monitor {
                     if was_promoting {
                         self.board.count_refork();
                     }
-                    let (kind, nr, generation) = (c.kind, c.nr, c.generation);
+                    let (kind, nr, generation, pid) = (c.kind, c.nr, c.generation, c.pid);
                     match kind {
                         // Booted and standing by: it serves once activated.
-                        Kind::Spare => {}
+                        Kind::Spare => spares::raise_standby_priority(pid),
                         Kind::Worker if !was_promoting => {
                             self.rollout_worker_ready(generation);
                             self.retire_replaced(nr, slot);

@@ -282,6 +282,23 @@ impl Monitor {
     }
 }
 
+/// A spare standing by only waits for `Activate`, and everything after it waits on its wake-up:
+/// when the monitor runs above the tree (`monitor_nice_boost` had the privilege), the spare's
+/// thread is raised to the monitor's level until it is activated (it then puts itself back), so
+/// that on a saturated machine its wake-up preempts as the monitor's does instead of queueing
+/// behind busy workers. Otherwise it stays at the tree's level. It uses no CPU meanwhile.
+pub(super) fn raise_standby_priority(pid: Option<nix::unistd::Pid>) {
+    let (Some(pid), Ok(own)) = (pid, crate::sys::process::nice()) else {
+        return;
+    };
+    if own >= super::priority::tree_nice() {
+        return;
+    }
+    if let Err(e) = crate::sys::process::set_nice_of(pid, own) {
+        tracing::debug!(error = %e, pid = pid.as_raw(), "a spare's priority stays the tree's");
+    }
+}
+
 /// Activates the spare at the other end of `channel` as worker `nr`: `Activate`, carrying the
 /// listening sockets in order, preceded by `ListeningSockets` for those beyond what one packet
 /// carries.

@@ -175,6 +175,24 @@ pub fn set_nice(n: i32) -> io::Result<()> {
     }
 }
 
+/// Sets the nice value of thread `tid` (a process's main thread has its pid): lowering it needs
+/// `CAP_SYS_NICE` or a high enough `RLIMIT_NICE`, and for another user's thread `CAP_SYS_NICE`.
+pub fn set_nice_of(tid: Pid, n: i32) -> io::Result<()> {
+    let who = libc::id_t::try_from(tid.as_raw())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    if who == 0 {
+        // 0 would name the calling thread.
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: setpriority takes no pointer; `who` names one thread (never 0, the caller).
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, who, n) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// The scheduling policies [`switch_policy`] moves between.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Policy {

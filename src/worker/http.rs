@@ -432,7 +432,70 @@ pub(super) fn spawn_accept_loop(
     service: HttpService,
     config: Arc<Config>,
     slot: SlotWriter<'static>,
+    stop: watch::Receiver<Stop>,
+) -> JoinHandle<()> {
+    accept_loop(gate, service, config, slot, stop, false)
+}
+
+/// Runs one request through this worker's HTTP stack — an accept loop, a connection, hyper, the
+/// request service — on a private loopback listener of its own, answered by tine itself (`204`,
+/// neither the app called nor the request counted). A hot spare does it while it stands by: the
+/// same code then runs warm for its first real request after activation (its pages mapped, its
+/// allocations made), where it would otherwise cost a waiting client a few hundred microseconds.
+/// HTTP/1 only.
+pub(super) async fn warm_up(
+    service: HttpService,
+    config: Arc<Config>,
+    slot: SlotWriter<'static>,
+) -> io::Result<()> {
+    let private = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+    let addr = private.local_addr()?;
+    let listener = Listener::Tcp(private, crate::config::ListenAddr::Tcp(addr));
+    let (stop_tx, stop_rx) = watch::channel(Stop::Running);
+    let (gate_tx, gate_rx) = oneshot::channel();
+    let task = accept_loop(gate_rx, service, config.clone(), slot, stop_rx, true);
+    let capacity = Capacity::new(config.max_connections, slot);
+    let _ = gate_tx.send(Gate::new(&listener, &config, capacity)?);
+    let exchange = async {
+        let client = tokio::net::TcpStream::connect(addr).await?;
+        let mut request: &[u8] =
+            b"GET / HTTP/1.1\r\nHost: tine-warm-up\r\nConnection: close\r\n\r\n";
+        while !request.is_empty() {
+            client.writable().await?;
+            match client.try_write(request) {
+                Ok(n) => request = &request[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let mut buf = [0u8; 512];
+        loop {
+            client.readable().await?;
+            match client.try_read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    let outcome = tokio::time::timeout(Duration::from_secs(2), exchange).await;
+    let _ = stop_tx.send(Stop::Quick);
+    let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+    match outcome {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "no answer in 2 s")),
+    }
+}
+
+/// The accept loop; `warm_up`: the private one of [`warm_up`].
+fn accept_loop(
+    gate: oneshot::Receiver<Gate>,
+    service: HttpService,
+    config: Arc<Config>,
+    slot: SlotWriter<'static>,
     mut stop: watch::Receiver<Stop>,
+    warm_up: bool,
 ) -> JoinHandle<()> {
     // The builder lives as long as the worker; leaking it gives connections a 'static borrow.
     let builder: &'static Builder = Box::leak(Box::new(Builder::new(&config)));
@@ -460,7 +523,9 @@ pub(super) fn spawn_accept_loop(
                 let make_service = {
                     let (service, config) = (service.clone(), config.clone());
                     let (shared, bodies) = (life.shared.clone(), bodies.clone());
-                    move |peer| request_service(service, config, slot, &shared, &bodies, peer)
+                    move |peer| {
+                        request_service(service, config, slot, &shared, &bodies, peer, warm_up)
+                    }
                 };
                 match accepted {
                     Accepted::Tcp(s) => builder.spawn(s, peer, make_service, life),
@@ -1496,6 +1561,7 @@ fn request_service(
     shared: &Arc<Shared>,
     bodies: &Arc<BodyList>,
     peer: Peer,
+    warm_up: bool,
 ) -> impl hyper::service::Service<
     http::Request<hyper::body::Incoming>,
     Response = http::Response<Sending>,
@@ -1541,11 +1607,18 @@ fn request_service(
         let http1 = req.version() <= http::Version::HTTP_11;
         // Ends (counted, and no longer the oldest in flight) when dropped, however the request
         // ends: the scoreboard's hang detection sees the oldest request's age.
-        let guard = slot.track_request(req.method().as_str(), req.uri().path());
+        // A warm-up request (see `warm_up`) is neither counted nor shown to the app.
+        let guard = (!warm_up).then(|| slot.track_request(req.method().as_str(), req.uri().path()));
         // The app is called now (its synchronous part runs here), unless the head is refused.
-        let call = (!oversized).then(|| crate::app::call_in_place(&mut *own.borrow_mut(), req));
+        let call = (!oversized && !warm_up)
+            .then(|| crate::app::call_in_place(&mut *own.borrow_mut(), req));
         async move {
             let Some(call) = call else {
+                if warm_up {
+                    let mut r = http::Response::new(full(""));
+                    *r.status_mut() = http::StatusCode::NO_CONTENT;
+                    return Ok(r.map(|body| Sending::new(body, busy.into_open())));
+                }
                 let mut r = http::Response::new(full("request header fields too large\n"));
                 *r.status_mut() = http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
                 r.headers_mut().insert(

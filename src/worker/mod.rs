@@ -339,6 +339,16 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
         if config.exclusive_accept {
             let _ = crate::sys::epoll::learn_epoll_instances();
         }
+        // And its HTTP stack run once, so that its first request does not run cold (not with
+        // `proxy_protocol`: a request without the header would be refused, and logged).
+        if let (Handler::Http(service), false) = (&handler, config.proxy_protocol) {
+            if let Err(e) = http::warm_up(service.clone(), config.clone(), slot).await {
+                tracing::debug!(error = %e, "the spare's warm-up request failed");
+            }
+        }
+        // The monitor may raise this thread's priority while it stands by (see
+        // `monitor::spares`): once activated, it puts this one back.
+        let standby_nice = crate::sys::process::nice().ok();
         slot.set_state(State::Standby);
         if channel.get_ref().send(&Report::Ready, &[]).is_err() {
             return (Stop::Quick, None);
@@ -363,7 +373,7 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
                 // Its number before its first request: handlers may read `Worker::current_nr`.
                 crate::app::set_current_nr(nr);
                 slot.take_nr(nr);
-                activated = Some((nr, generation, received));
+                activated = Some((nr, generation, received, standby_nice));
             }
             Err(why) => {
                 tracing::debug!("spare stopping before activation: {why:?}");
@@ -385,17 +395,25 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
             }
         }
     }
-    if let Some((nr, generation, (received_us, received_cpu_us))) = activated {
+    if let Some((nr, generation, (received_us, received_cpu_us), standby_nice)) = activated {
         let (listening_us, listening_cpu_us) =
             (crate::log::monotonic_us(), crate::log::thread_cpu_us());
         http::LOG_FIRST_ACCEPT.store(true, std::sync::atomic::Ordering::Relaxed);
         http::LOG_FIRST_REQUEST.store(true, std::sync::atomic::Ordering::Relaxed);
-        // The rest of its new identity (title, log tag, thread names) after its gates opened.
+        // The rest of its new identity after its gates opened.
         take_identity(nr, generation);
         // Wakes the runtime's threads, so that each renames itself (name_runtime_thread) now
         // rather than when work first comes its way.
         for _ in 0..config.worker_threads {
             tokio::spawn(async {});
+        }
+        // Back to the tree's priority (raised by the monitor while it stood by) once it has
+        // served the connections queued for it at that priority.
+        if let Some(nice) = standby_nice {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let _ = crate::sys::process::set_nice(nice);
+            });
         }
         tracing::debug!(
             target: "tine::respawn",
