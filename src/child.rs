@@ -49,7 +49,7 @@ pub fn after_fork(monitor: Pid, keep: &[RawFd], run_as: Option<RunAs>, forked_by
             // Rust's runtime ignores SIGPIPE so that writes to closed sockets are errors, not
             // deaths.
             let _ = process::ignore_signal(Signal::SIGPIPE);
-            // SIGUSR2 and the hang-stack signal are a worker's (crate::profile): a mold, and a
+            // SIGUSR2 and the hang-stack signal are a worker's (crate::worker::profile): a mold, and a
             // worker until it installs its handlers, ignores them rather than dies of them.
             let _ = crate::sys::sampling::ignore_profiling_signals();
         }

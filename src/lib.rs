@@ -109,7 +109,7 @@
 //! **Spawner** ([`spawner`]). Separate from the server: a process forked first thing in `main`
 //! that runs typed jobs in pooled, isolated worker processes.
 //!
-//! **Seeing inside** (`profile`, docs/DEBUGGING.md). Each worker runs one more thread,
+//! **Seeing inside** (`worker::profile`, docs/DEBUGGING.md). Each worker runs one more thread,
 //! `tine-profile`, joined before the worker exits or is promoted. `SIGUSR2` to a worker (or
 //! `tine ctl profile`, through the monitor and the channel) starts a CPU profile: `ITIMER_PROF`
 //! sends `SIGPROF` to the running thread, whose handler records its stack into a preallocated
@@ -155,8 +155,6 @@ mod log;
 mod mold;
 #[cfg(feature = "server")]
 mod monitor;
-#[cfg(feature = "server")]
-mod profile;
 #[cfg(feature = "server")]
 mod request_body;
 pub mod spawner;

@@ -1,4 +1,4 @@
-//! The monitor's side of profiling (crate::profile): `tine ctl profile`, which workers are being
+//! The monitor's side of profiling (crate::worker::profile): `tine ctl profile`, which workers are being
 //! profiled (for `ctl status`), and asking a hung worker's threads for their stacks.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -220,7 +220,7 @@ impl Monitor {
     }
 
     /// Asks every thread of the hung worker `pid` for its stack: the worker's profiler thread logs
-    /// them (crate::profile). A worker without the handler ignores the signal (see child.rs).
+    /// them (crate::worker::profile). A worker without the handler ignores the signal (see child.rs).
     pub(super) fn request_stacks(&self, pid: i32) {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
             return;

@@ -1,4 +1,4 @@
-//! The signal side of profiling and of hung workers' stacks (`crate::profile` is the rest): the
+//! The signal side of profiling and of hung workers' stacks (`crate::worker::profile` is the rest): the
 //! handlers, the `ITIMER_PROF` timer, and the preallocated memory the handlers write into.
 //!
 //! # What runs in signal context, and why it is async-signal-safe

@@ -1,6 +1,7 @@
 //! The worker: serves requests on the inherited listeners until told to stop or to become a mold.
 
 mod http;
+mod profile;
 mod stream;
 
 use std::sync::Arc;
@@ -166,7 +167,7 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
         slot: slot_writer,
         channel,
         shutdown: worker.shutdown(),
-        profiler: profiler.as_ref().map(crate::profile::Agent::handle),
+        profiler: profiler.as_ref().map(profile::Agent::handle),
         spare: spare.then_some(generation),
     }));
     // A profile still running is written now; the thread must be gone before a promotion.
@@ -193,7 +194,7 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
     }
 }
 
-/// Starts the worker's profiler thread (`SIGUSR2`, `ctl profile`, hang stacks: crate::profile).
+/// Starts the worker's profiler thread (`SIGUSR2`, `ctl profile`, hang stacks: `profile`).
 /// Without it the worker serves on, and ignores those signals (as inherited from its mold).
 fn start_profiler(
     nr: u32,
@@ -201,7 +202,7 @@ fn start_profiler(
     slot: usize,
     config: &Config,
     channel: &Channel,
-) -> Option<crate::profile::Agent> {
+) -> Option<profile::Agent> {
     use std::os::fd::AsFd;
     let reports = match channel.as_fd().try_clone_to_owned() {
         Ok(fd) => Channel::from_fd(fd),
@@ -210,7 +211,7 @@ fn start_profiler(
             return None;
         }
     };
-    let settings = crate::profile::Settings {
+    let settings = profile::Settings {
         nr,
         generation,
         slot,
@@ -218,7 +219,7 @@ fn start_profiler(
         max_seconds: config.profile_max_seconds,
         threads: config.worker_threads,
     };
-    match crate::profile::Agent::start(settings, reports) {
+    match profile::Agent::start(settings, reports) {
         Ok(agent) => Some(agent),
         Err(e) => {
             tracing::warn!(error = %e, "profiling unavailable: cannot start its thread");
@@ -272,7 +273,7 @@ struct Serving<'a> {
     slot: SlotWriter<'static>,
     channel: Channel,
     shutdown: crate::app::Shutdown,
-    profiler: Option<crate::profile::Handle>,
+    profiler: Option<profile::Handle>,
     /// A hot spare's generation: it waits for `Activate` before it accepts.
     spare: Option<u32>,
 }
@@ -582,10 +583,7 @@ async fn await_activation(
 }
 
 /// Reads the monitor's commands until one ends the serving loop.
-async fn read_commands(
-    channel: &AsyncFd<Channel>,
-    profiler: Option<&crate::profile::Handle>,
-) -> Stop {
+async fn read_commands(channel: &AsyncFd<Channel>, profiler: Option<&profile::Handle>) -> Stop {
     loop {
         let r = match next_command(channel).await {
             // The monitor is gone: nobody can supervise this process any more.
