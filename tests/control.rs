@@ -345,3 +345,34 @@ fn status_json_is_complete_and_agrees_with_proc() {
         "{text}"
     );
 }
+
+/// `tine top`'s `k` asks "kill worker[1] (pid P)?" and then sends the pid it showed: if worker 1
+/// is another process by the time the operator says yes, nothing is killed.
+#[test]
+fn kill_worker_with_a_pid_kills_only_that_process() {
+    let server = Launch::tine().args(["--workers", "2"]).start();
+    let pids = server.wait_workers(2, Duration::from_secs(20));
+    let err = server
+        .ctl(&["kill-worker", "1", "--pid", &pids[0].to_string()])
+        .unwrap_err();
+    assert!(
+        err.contains(&format!(
+            "worker 1 is pid {} now, not {}; nothing killed",
+            pids[1], pids[0]
+        )),
+        "{err}"
+    );
+    let err = server.ctl(&["kill-worker", "1", "--pid", "x"]).unwrap_err();
+    assert!(err.contains("--pid \"x\" is not a pid"), "{err}");
+    assert_eq!(server.wait_workers(2, Duration::from_secs(5)), pids);
+
+    server
+        .ctl(&["kill-worker", "1", "--pid", &pids[1].to_string()])
+        .expect("kill-worker with the right pid");
+    let replaced = poll_until(Duration::from_secs(30), || {
+        let now = server.wait_workers(2, Duration::from_secs(30));
+        (now[1] != pids[1]).then_some(now)
+    })
+    .expect("worker 1 replaced");
+    assert_eq!(replaced[0], pids[0], "only worker 1 was killed");
+}

@@ -393,3 +393,31 @@ fn a_server_that_stops_answering_is_shown_at_once_not_as_stale_figures() {
     });
     wait_rows(&tmux, &pids);
 }
+
+#[test]
+fn k_confirmed_after_the_worker_was_replaced_kills_nothing() {
+    let (server, pids) = two_workers();
+    let tmux = top(&server.control_socket, 120, 40);
+    wait_rows(&tmux, &pids);
+    tmux.keys(&["Down"]);
+    tmux.wait("worker 1 selected", WAIT, |s| {
+        row_of(s, pids[1]).is_some_and(|r| r.starts_with("> worker"))
+    });
+    let prompt = format!("Kill worker[1] (pid {}) now (SIGKILL)? y/n", pids[1]);
+    tmux.keys(&["k"]);
+    tmux.wait_for(&prompt, WAIT);
+    // While the question is on the screen, worker 1 dies and another process takes its number.
+    server
+        .ctl(&["kill-worker", "1"])
+        .expect("ctl kill-worker 1");
+    let replaced = poll_until(WAIT, || {
+        let now = server.wait_workers(2, WAIT);
+        (now[1] != pids[1]).then_some(now)
+    })
+    .expect("worker 1 replaced");
+    // The yes was for the process shown, which is gone: the new worker 1 lives on.
+    tmux.keys(&["y"]);
+    tmux.wait_for("nothing killed", WAIT);
+    assert_eq!(server.wait_workers(2, WAIT), replaced);
+    assert!(common::proc_info(replaced[1]).is_some());
+}

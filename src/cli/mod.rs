@@ -28,7 +28,7 @@ enum Cmd {
     /// Validate the configuration and exit, starting nothing.
     Check(ServeArgs),
     /// Send a command to a running server: status [--json], scale N, stop [--quick],
-    /// kill-worker NR, refork, reload, reopen-logs, profile NR [--seconds N] [--json] (a CPU
+    /// kill-worker NR [--pid PID], refork, reload, reopen-logs, profile NR [--seconds N] [--json] (a CPU
     /// flamegraph of worker NR, 10 s by default; prints the SVG's path once written).
     Ctl(CtlArgs),
     /// Watch a running server live: a row per process (requests/s, in flight, oldest request,

@@ -25,7 +25,12 @@ pub(crate) enum Op {
     Stop {
         quick: bool,
     },
-    KillWorker(u32),
+    /// `SIGKILL` worker `nr`; with `pid`, only if that is still its pid (a client that showed
+    /// the operator a pid to confirm must not kill the worker that replaced it).
+    KillWorker {
+        nr: u32,
+        pid: Option<i32>,
+    },
     Refork,
     ReopenLogs,
     /// Profile worker `nr` for `seconds`; answered with the SVG's path (or JSON).
@@ -68,6 +73,11 @@ fn parse_profile(args: &[&str]) -> Result<Op, String> {
     Ok(Op::Profile { nr, seconds, json })
 }
 
+fn parse_worker_nr(nr: &str) -> Result<u32, String> {
+    nr.parse()
+        .map_err(|_| format!("kill-worker: {nr:?} is not a worker number"))
+}
+
 /// Parses one command line; any text gives an [`Op`] or a message for the client.
 pub(crate) fn parse(command: &str) -> Result<Op, String> {
     let words: Vec<&str> = command.split_whitespace().collect();
@@ -77,15 +87,22 @@ pub(crate) fn parse(command: &str) -> Result<Op, String> {
         ["scale", n] => Op::Scale(n.parse().map_err(|_| format!("scale: {n:?} is not a number"))?),
         ["stop"] => Op::Stop { quick: false },
         ["stop", "--quick"] => Op::Stop { quick: true },
-        ["kill-worker", nr] => Op::KillWorker(
-            nr.parse()
-                .map_err(|_| format!("kill-worker: {nr:?} is not a worker number"))?,
-        ),
+        ["kill-worker", nr] => Op::KillWorker {
+            nr: parse_worker_nr(nr)?,
+            pid: None,
+        },
+        ["kill-worker", nr, "--pid", pid] => Op::KillWorker {
+            nr: parse_worker_nr(nr)?,
+            pid: Some(
+                pid.parse()
+                    .map_err(|_| format!("kill-worker: --pid {pid:?} is not a pid"))?,
+            ),
+        },
         ["refork"] => Op::Refork,
         ["reopen-logs"] => Op::ReopenLogs,
         ["profile", args @ ..] => parse_profile(args)?,
         _ => return Err(format!(
-            "unknown command {command:?}; expected status [--json], scale N, stop [--quick], kill-worker NR, refork, reload, reopen-logs, profile NR [--seconds N] [--json]"
+            "unknown command {command:?}; expected status [--json], scale N, stop [--quick], kill-worker NR [--pid PID], refork, reload, reopen-logs, profile NR [--seconds N] [--json]"
         )),
     })
 }
@@ -178,7 +195,7 @@ mod fuzz {
                 ("scale", [n]) => n.parse().ok().map(Op::Scale),
                 ("stop", []) => Some(Op::Stop { quick: false }),
                 ("stop", ["--quick"]) => Some(Op::Stop { quick: true }),
-                ("kill-worker", [n]) => n.parse().ok().map(Op::KillWorker),
+                ("kill-worker", [n]) => n.parse().ok().map(|nr| Op::KillWorker { nr, pid: None }),
                 ("refork", []) => Some(Op::Refork),
                 ("reopen-logs", []) => Some(Op::ReopenLogs),
                 _ => None,

@@ -1378,13 +1378,18 @@ impl Monitor {
                 self.stop(false, "ctl stop --quick");
                 Ok("stopping quickly\n".into())
             }
-            Op::KillWorker(nr) => {
-                let slot = self
+            Op::KillWorker { nr, pid } => {
+                let (slot, now) = self
                     .children
                     .iter()
                     .find(|(_, c)| c.kind == Kind::Worker && c.nr == nr && !c.is_retiring())
-                    .map(|(s, _)| *s)
+                    .map(|(s, c)| (*s, c.pid_raw()))
                     .ok_or_else(|| format!("kill-worker: no worker {nr}"))?;
+                if let Some(pid) = pid.filter(|pid| *pid != now) {
+                    return Err(format!(
+                        "kill-worker: worker {nr} is pid {now} now, not {pid}; nothing killed"
+                    ));
+                }
                 self.kill_child(slot, "ctl kill-worker");
                 Ok(format!("killed worker {nr}\n"))
             }

@@ -70,7 +70,7 @@ impl Action {
             Action::Scale(n) => format!("scale {n}"),
             Action::Refork => "refork".into(),
             Action::Reload => "reload".into(),
-            Action::Kill { nr, .. } => format!("kill-worker {nr}"),
+            Action::Kill { nr, pid } => format!("kill-worker {nr} --pid {pid}"),
             Action::Profile { nr, .. } => format!("profile {nr} --seconds {PROFILE_SECONDS}"),
         }
     }
