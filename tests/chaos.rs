@@ -143,7 +143,8 @@ struct Kill {
     /// When the process was frozen (it served nothing after), or, if it was not, the start of
     /// the window in which the monitor killed it.
     at: Instant,
-    /// The end of that window (for a frozen process: when it was frozen too).
+    /// The end of that window. For a frozen process: when the stop was seen to take effect
+    /// (between `at` and then it may still have accepted connections, which it then held).
     until: Instant,
     /// How long it stayed frozen before the SIGKILL (zero when it was not frozen).
     frozen_for: Duration,
@@ -878,6 +879,9 @@ fn freeze_and_kill(pid: i32, monitor: i32, server_addr: SocketAddr, steps: &Step
     let stopped = poll_until(Duration::from_secs(2), || {
         stopped_or_gone(&process).then_some(())
     });
+    // Until here the process may have run on (the pidfd checks and the signal's delivery take
+    // time on a loaded machine): a connection it accepted meanwhile is among the ports read next.
+    let until = Instant::now();
     steps.step(format!("/proc/{pid}/fd and /proc/net/tcp"));
     // Not looked at in time: attributed by the last response on each connection instead.
     let ports = stopped.and_then(|()| {
@@ -890,7 +894,7 @@ fn freeze_and_kill(pid: i32, monitor: i32, server_addr: SocketAddr, steps: &Step
     Kill {
         pid,
         at,
-        until: at,
+        until,
         frozen_for: at.elapsed(),
         ports,
     }
@@ -1080,6 +1084,8 @@ fn event(
             let stopped = poll_until(Duration::from_secs(2), || {
                 stopped_or_gone(&process).then_some(())
             });
+            // As in `freeze_and_kill`: it may have accepted until the stop took effect.
+            let stopped_at = Instant::now();
             steps.step(format!("/proc/{}/fd and /proc/net/tcp", w.pid));
             let pid = w.pid;
             let ports = stopped.and_then(|()| {
@@ -1103,7 +1109,7 @@ fn event(
                         Some(pid) if pid == w.pid => chaos.kills.push(Kill {
                             pid,
                             at,
-                            until: at,
+                            until: stopped_at,
                             frozen_for: at.elapsed(),
                             ports,
                         }),
@@ -1137,7 +1143,7 @@ fn event(
                     chaos.kills.push(Kill {
                         pid: w.pid,
                         at,
-                        until: at,
+                        until: stopped_at,
                         frozen_for: at.elapsed(),
                         ports,
                     });
@@ -1209,9 +1215,13 @@ fn excuse<'a>(lost: &Lost, kills: &'a [Kill]) -> Option<&'a Kill> {
     kills.iter().find(|k| match &k.ports {
         // Frozen first: exactly the connections it held at the freeze (a connection it had
         // already closed by itself is not excused by a kill that came later; a later connection
-        // on the same client port is not the one it held).
+        // on the same client port is not the one it held). A connection opened while the stop
+        // was being delivered counts if the frozen process held it (a promoting worker takes the
+        // queue in one go).
         Some(ports) => {
-            lost.connected_at <= k.at && k.at <= lost.at && port.is_some_and(|p| ports.contains(&p))
+            lost.connected_at <= k.until
+                && k.at <= lost.at
+                && port.is_some_and(|p| ports.contains(&p))
         }
         // Killed by the monitor somewhere in [at, until]: a connection it answered on, open
         // before the window ended, lost after it began.
