@@ -249,6 +249,13 @@ fn start_watchdog(steps: Steps, monitor: i32, seed: u64) -> std::thread::JoinHan
         eprintln!(
             "chaos: FAILED (seed {seed}): {stuck}; over the hard limit of {EVENT_HARD_LIMIT:?}: killing the tree and ending the test"
         );
+        // What the slow `ctl` calls saw (the kernel side of the monitor and the client, and the
+        // monitor's log meanwhile): the only trace of a stuck monitor this exit path keeps.
+        let stalls = CTL_STALLS.lock().unwrap_or_else(|e| e.into_inner());
+        for stall in stalls.iter().rev().take(6).rev() {
+            eprintln!("chaos: {stall}");
+        }
+        drop(stalls);
         // The monitor is the test's child, not reaped: its number is its own. The others are
         // signalled through pidfds (a number may be reused by then).
         signal(monitor, Signal::SIGSTOP);
