@@ -328,14 +328,7 @@ fn graceful_stop(connections: usize) {
     let code = server.exit_code_within(EVENT_TIMEOUT);
     assert_eq!(code, 0, "log:\n{}", server.log.text());
     let report = load.stop();
-    assert!(
-        server
-            .log
-            .find("stopped (remaining processes killed")
-            .is_none(),
-        "the drain did not end by itself; log:\n{}",
-        server.log.text()
-    );
+    assert_drained_by_itself(&server);
     assert_lossless(
         &report,
         &format!("TERM, {connections} connections"),
@@ -443,14 +436,7 @@ mod http2 {
         let code = server.exit_code_within(EVENT_TIMEOUT);
         assert_eq!(code, 0, "log:\n{}", server.log.text());
         let report = load.stop();
-        assert!(
-            server
-                .log
-                .find("stopped (remaining processes killed")
-                .is_none(),
-            "the drain did not end by itself; log:\n{}",
-            server.log.text()
-        );
+        assert_drained_by_itself(&server);
         assert_lossless(&report, "HTTP/2, TERM", &server);
     }
 }
@@ -525,6 +511,18 @@ fn graceful_stop_serves_a_connection_whose_handshake_is_under_way() {
         server.exit_code_within(EVENT_TIMEOUT),
         0,
         "log:\n{}",
+        server.log.text()
+    );
+}
+
+/// The stop's drain ended by itself: nothing was left for the monitor to kill at the end.
+fn assert_drained_by_itself(server: &Server) {
+    assert!(
+        server
+            .log
+            .find("stopped (remaining processes killed")
+            .is_none(),
+        "the drain did not end by itself; log:\n{}",
         server.log.text()
     );
 }

@@ -690,7 +690,7 @@ fn as_pid_1_of_a_pid_namespace_term_from_outside_drains_and_exits_zero() {
 fn a_socket_activated_unix_socket_file_outlives_the_server() {
     let dir = TempDir::new();
     let path = dir.path().join("web.sock");
-    let mut server = Launch::program(systemd_tool("systemd-socket-activate"))
+    let server = Launch::program(systemd_tool("systemd-socket-activate"))
         .subcommand(None)
         .arg("-l")
         .arg(&path)
@@ -702,21 +702,7 @@ fn a_socket_activated_unix_socket_file_outlives_the_server() {
     let first = get(&Addr::Unix(path.clone()), "/").expect("served on the activated socket");
     assert_eq!(first.status, 200);
     server.wait_ready();
-    server.signal(Signal::SIGTERM);
-    assert_eq!(
-        server.exit_code_within(Duration::from_secs(30)),
-        0,
-        "log:\n{}",
-        server.log.text()
-    );
-    let kept = std::fs::symlink_metadata(&path)
-        .map(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
-    assert!(
-        matches!(kept, Ok(true)),
-        "the activated socket's file {} after the stop: {kept:?}; log:\n{}",
-        path.display(),
-        server.log.text()
-    );
+    stop_and_check_the_socket_file_is_kept(server, &path);
 }
 
 /// A reload whose `listen` names the address of a socket-activated listener keeps that socket (it
@@ -728,7 +714,7 @@ fn a_socket_activated_socket_kept_by_a_configured_listen_stays_systemds() {
     let dir = TempDir::new();
     let path = dir.path().join("web.sock");
     let config = dir.write("tine.toml", "workers = 1\n");
-    let mut server = Launch::program(systemd_tool("systemd-socket-activate"))
+    let server = Launch::program(systemd_tool("systemd-socket-activate"))
         .subcommand(None)
         .arg("-l")
         .arg(&path)
@@ -754,6 +740,12 @@ fn a_socket_activated_socket_kept_by_a_configured_listen_stays_systemds() {
         get(&addr, "/").expect("served after the reload").status,
         200
     );
+    stop_and_check_the_socket_file_is_kept(server, &path);
+}
+
+/// Stops `server` with TERM (exit 0) and checks that the socket file systemd activated it with is
+/// still there: systemd keeps listening on it for the next start.
+fn stop_and_check_the_socket_file_is_kept(mut server: Server, path: &Path) {
     server.signal(Signal::SIGTERM);
     assert_eq!(
         server.exit_code_within(Duration::from_secs(30)),
@@ -761,7 +753,7 @@ fn a_socket_activated_socket_kept_by_a_configured_listen_stays_systemds() {
         "log:\n{}",
         server.log.text()
     );
-    let kept = std::fs::symlink_metadata(&path)
+    let kept = std::fs::symlink_metadata(path)
         .map(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
     assert!(
         matches!(kept, Ok(true)),
