@@ -47,22 +47,17 @@ impl Site {
     }
 
     fn start(&self) -> Server {
-        Launch::tine()
-            .args(["--app", "static", "--workers", "1", "--spare-workers", "0"])
-            .arg("--root")
-            .arg(self.dir.join("root"))
-            .start()
+        static_app::serve_on_one_worker(&self.dir.join("root"))
     }
 }
 
 #[test]
 fn a_small_file_is_answered_from_memory_after_its_first_request() {
-    if !strace::available() {
-        return;
-    }
     let site = Site::new();
-    let server = site.start();
-    let worker = server.wait_workers(1, Duration::from_secs(30))[0];
+    let Some((server, worker)) = static_app::serve_on_one_traceable_worker(&site.dir.join("root"))
+    else {
+        return;
+    };
     wait_settled(&site.root("a.txt"));
     // The first request reads the file and keeps it.
     assert_eq!(server.get("/a.txt").text(), "version one\n");

@@ -45,11 +45,7 @@ impl Site {
     }
 
     fn start(&self) -> Server {
-        Launch::tine()
-            .args(["--app", "static", "--workers", "1", "--spare-workers", "0"])
-            .arg("--root")
-            .arg(self.dir.join("root"))
-            .start()
+        static_app::serve_on_one_worker(&self.dir.join("root"))
     }
 }
 
@@ -62,12 +58,11 @@ fn assert_same(got: &[u8], want: &[u8], what: &str) {
 
 #[test]
 fn a_large_file_is_sent_with_sendfile_not_read_through_the_worker() {
-    if !strace::available() {
-        return;
-    }
     let site = Site::new();
-    let server = site.start();
-    let worker = server.wait_workers(1, Duration::from_secs(30))[0];
+    let Some((server, worker)) = static_app::serve_on_one_traceable_worker(&site.dir.join("root"))
+    else {
+        return;
+    };
     // Warm the page cache (and the worker) so that the traced request is the steady state.
     assert_same(&server.get("/big.bin").body, &site.big, "warm-up");
     let trace = strace::Trace::attach(

@@ -57,6 +57,7 @@ use nix::unistd::Pid;
 
 pub mod spares;
 pub mod stall;
+pub mod static_app;
 pub mod status;
 pub mod strace;
 pub mod strict;
