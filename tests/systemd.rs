@@ -743,9 +743,67 @@ fn a_socket_activated_socket_kept_by_a_configured_listen_stays_systemds() {
     stop_and_check_the_socket_file_is_kept(server, &path);
 }
 
+/// A tree serving a systemd socket and a socket of its own (a reload's `listen` names systemd's
+/// socket and a new path): whether a socket is systemd's goes with the socket, not the tree. A
+/// graceful stop leaves systemd's file for its socket unit and removes tine's own, as for any
+/// tree. Before, one socket from systemd made the whole tree's sockets systemd's: the stop neither
+/// closed off nor removed the socket tine had bound.
+#[test]
+fn a_stop_leaves_systemds_socket_and_removes_its_own_next_to_it() {
+    let dir = TempDir::new();
+    let activated = dir.path().join("web.sock");
+    let own = dir.path().join("own.sock");
+    let config = dir.write("tine.toml", "workers = 1\n");
+    let server = Launch::program(systemd_tool("systemd-socket-activate"))
+        .subcommand(None)
+        .arg("-l")
+        .arg(&activated)
+        .arg(tine_bin())
+        .args(["serve", "--control-socket", "ctl.sock", "--config"])
+        .arg(&config)
+        .spawn();
+    server.log.wait_for_log("Listening on", READY_TIMEOUT);
+    // The first connection makes systemd-socket-activate exec the server in place.
+    assert_eq!(
+        get(&Addr::Unix(activated.clone()), "/")
+            .expect("served")
+            .status,
+        200
+    );
+    server.wait_ready();
+    std::fs::write(
+        &config,
+        format!(
+            "workers = 1\nlisten = [\"unix:{}\", \"unix:{}\"]\n",
+            activated.display(),
+            own.display()
+        ),
+    )
+    .unwrap();
+    let out = server
+        .ctl(&["reload"])
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", server.log.text()));
+    assert!(out.starts_with("reloaded in "), "{out}");
+    for path in [&activated, &own] {
+        let served = get(&Addr::Unix(path.clone()), "/");
+        assert_eq!(
+            served.as_ref().map(|r| r.status).ok(),
+            Some(200),
+            "{}: {served:?}",
+            path.display()
+        );
+    }
+    let text = stop_and_check_the_socket_file_is_kept(server, &activated);
+    assert!(
+        std::fs::symlink_metadata(&own).is_err(),
+        "tine's own socket file {} is still there after the stop; log:\n{text}",
+        own.display()
+    );
+}
+
 /// Stops `server` with TERM (exit 0) and checks that the socket file systemd activated it with is
-/// still there: systemd keeps listening on it for the next start.
-fn stop_and_check_the_socket_file_is_kept(mut server: Server, path: &Path) {
+/// still there: systemd keeps listening on it for the next start. Returns the server's log.
+fn stop_and_check_the_socket_file_is_kept(mut server: Server, path: &Path) -> String {
     server.signal(Signal::SIGTERM);
     assert_eq!(
         server.exit_code_within(Duration::from_secs(30)),
@@ -761,4 +819,5 @@ fn stop_and_check_the_socket_file_is_kept(mut server: Server, path: &Path) {
         path.display(),
         server.log.text()
     );
+    server.log.text()
 }

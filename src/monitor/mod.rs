@@ -126,8 +126,9 @@ pub(crate) struct Monitor {
     preflight: Option<reload::Preflight>,
     /// The last spawn request sent to a mold.
     next_request: u64,
-    /// The listeners came from systemd socket activation.
-    activated: bool,
+    /// For each of `listeners` (same order): it came from systemd socket activation, and is
+    /// systemd's (its socket unit keeps it, queuing connections for the next start).
+    from_systemd: Vec<bool>,
     /// A graceful stop waiting, before it tells the children, for TCP handshakes under way on
     /// these addresses to reach a queue (see `stop`), until the instant given.
     handshake_wait: Option<(Instant, Vec<std::net::SocketAddr>)>,
@@ -412,22 +413,15 @@ impl Monitor {
         // requests already written. A systemd socket unit keeps its own copy, queuing new
         // connections for the next start: its sockets are left as they are. Then the socket
         // closes as the children stop listening, and a new connect is refused.
-        for l in &self.listeners {
-            if self.activated {
-                break;
-            }
+        for l in self.own_listeners() {
             if let Err(e) = l.refuse_new_connections() {
                 tracing::warn!(error = %e, listener = %l.addr(), "cannot stop new connections from queuing");
             }
         }
-        let tcp: Vec<std::net::SocketAddr> = if self.activated {
-            Vec::new()
-        } else {
-            self.listeners
-                .iter()
-                .filter_map(Listener::tcp_local_addr)
-                .collect()
-        };
+        let tcp: Vec<std::net::SocketAddr> = self
+            .own_listeners()
+            .filter_map(Listener::tcp_local_addr)
+            .collect();
         for l in &self.listeners {
             if let Err(e) = l.close_in_place() {
                 tracing::warn!(error = %e, listener = %l.addr(), "cannot close the listener");
@@ -450,6 +444,15 @@ impl Monitor {
             }
         }
         self.stop_children(graceful);
+    }
+
+    /// The listeners that are tine's own (bound from `listen`), not systemd's.
+    fn own_listeners(&self) -> impl Iterator<Item = &Listener> {
+        self.listeners
+            .iter()
+            .zip(&self.from_systemd)
+            .filter(|(_, from_systemd)| !**from_systemd)
+            .map(|(l, _)| l)
     }
 
     /// Tells every child to stop (graceful), or sends it SIGTERM (quick).
@@ -1294,7 +1297,7 @@ impl Monitor {
         }
         // A socket-activated unix socket's file is systemd's: its socket unit goes on listening
         // there for the next start.
-        for l in self.listeners.iter().filter(|_| !self.activated) {
+        for l in self.own_listeners() {
             l.cleanup();
         }
         if let Some(control) = self.control.take() {

@@ -433,10 +433,11 @@ impl Monitor {
             listeners: self
                 .listeners
                 .iter()
-                .map(|l| HandedListener {
+                .zip(&self.from_systemd)
+                .map(|(l, from_systemd)| HandedListener {
                     fd: l.raw_fd(),
                     addr: l.addr().to_string(),
-                    activated: self.activated,
+                    activated: *from_systemd,
                 })
                 .collect(),
             control: self

@@ -48,7 +48,7 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
     // get (an address in use, say) must not take the tree down. It is reported to whoever waits
     // for the reload, and what was handed over keeps serving.
     let mut problems = Vec::new();
-    let (listeners, control, board, activated) = match &handover {
+    let (listeners, from_systemd, control, board) = match &handover {
         Some(h) => adopt_resources(&config, h, &mut problems)?,
         None => fresh_resources(&config)?,
     };
@@ -127,7 +127,7 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
         reload: None,
         preflight: None,
         next_request: 0,
-        activated,
+        from_systemd,
         handshake_wait: None,
         watchdog: systemd::watchdog_interval().map(|i| (i, Instant::now())),
         watcher: None,
@@ -189,31 +189,37 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
     result
 }
 
-type Resources = (Vec<Listener>, ControlServer, Scoreboard, bool);
+/// The listeners, and for each (in the same order) whether it is systemd's (passed by socket
+/// activation: its socket unit keeps it for the next start), the control socket, the scoreboard.
+type Resources = (Vec<Listener>, Vec<bool>, ControlServer, Scoreboard);
 
 /// Binds (or takes from systemd) the listeners, the control socket and a new scoreboard.
 fn fresh_resources(config: &Config) -> Result<Resources, MonitorError> {
     let activated = systemd::take_activated_sockets().map_err(MonitorError::Config)?;
-    let from_systemd = !activated.is_empty() && !config.listen_given;
-    let listeners = if from_systemd {
-        activated
+    let (listeners, from_systemd) = if !activated.is_empty() && !config.listen_given {
+        let listeners: Vec<Listener> = activated
             .into_iter()
             .map(|(l, name)| {
                 tracing::info!(name, addr = %l.addr(), "serving a socket-activated listener");
                 l
             })
-            .collect()
+            .collect();
+        let from_systemd = vec![true; listeners.len()];
+        (listeners, from_systemd)
     } else {
         if !activated.is_empty() {
             tracing::warn!("`listen` is configured: ignoring the socket-activated listeners");
         }
-        Listener::bind_all(config).map_err(|e| MonitorError::Config(e.to_string()))?
+        let listeners =
+            Listener::bind_all(config).map_err(|e| MonitorError::Config(e.to_string()))?;
+        let from_systemd = vec![false; listeners.len()];
+        (listeners, from_systemd)
     };
     let control = ControlServer::bind(&config.control_socket)
         .map_err(|e| MonitorError::Config(e.to_string()))?;
     let capacity = scoreboard_slots(config);
     let board = Scoreboard::create(capacity).map_err(setup("cannot create the scoreboard"))?;
-    Ok((listeners, control, board, from_systemd))
+    Ok((listeners, from_systemd, control, board))
 }
 
 /// Takes the sockets and scoreboard of the previous image; binds only what the new config adds.
@@ -228,41 +234,38 @@ fn adopt_resources(
             .map_err(setup("cannot adopt a listener"))?;
         handed.push((listener, l.activated));
     }
-    let mut from_systemd = !config.listen_given && handed.iter().any(|(_, a)| *a);
-    let listeners = if from_systemd {
-        handed.into_iter().map(|(l, _)| l).collect()
-    } else {
-        let mut out = Vec::new();
-        for addr in &config.listen {
-            match handed
-                .iter()
-                .position(|(l, _)| same_listener(&l.addr(), addr))
-            {
-                Some(i) => {
-                    let (listener, activated) = handed.remove(i);
+    // Whether each socket is systemd's travels with the socket, never with the tree: a stop must
+    // leave systemd's sockets as they are and still close off tine's own (see `Monitor::stop`).
+    let (listeners, from_systemd): (Vec<Listener>, Vec<bool>) =
+        if !config.listen_given && handed.iter().any(|(_, a)| *a) {
+            handed.into_iter().unzip()
+        } else {
+            let mut out = Vec::new();
+            for addr in &config.listen {
+                match handed
+                    .iter()
+                    .position(|(l, _)| same_listener(&l.addr(), addr))
+                {
                     // A configured address that systemd's socket was bound to keeps that socket,
                     // and it stays systemd's: a stop must neither filter it nor remove its file
                     // (its socket unit goes on listening on it for the next start).
-                    from_systemd |= activated;
-                    out.push(listener);
+                    Some(i) => out.push(handed.remove(i)),
+                    None => match Listener::bind_all(&Config {
+                        listen: vec![addr.clone()],
+                        ..config.clone()
+                    }) {
+                        Ok(l) => out.extend(l.into_iter().map(|l| (l, false))),
+                        Err(e) => problems.push(e.to_string()),
+                    },
                 }
-                None => match Listener::bind_all(&Config {
-                    listen: vec![addr.clone()],
-                    ..config.clone()
-                }) {
-                    Ok(l) => out.extend(l),
-                    Err(e) => problems.push(e.to_string()),
-                },
             }
-        }
-        if out.is_empty() {
-            // Nothing of the new config could be served: keep serving what was.
-            problems.push("kept the previous listeners".into());
-            from_systemd |= handed.iter().any(|(_, activated)| *activated);
-            out.extend(handed.into_iter().map(|(l, _)| l));
-        }
-        out
-    };
+            if out.is_empty() {
+                // Nothing of the new config could be served: keep serving what was.
+                problems.push("kept the previous listeners".into());
+                out.append(&mut handed);
+            }
+            out.into_iter().unzip()
+        };
     let control = match &h.control {
         Some((fd, path)) if *path == config.control_socket => {
             ControlServer::adopt(crate::sys::fd::adopt(*fd), path)
@@ -295,7 +298,7 @@ fn adopt_resources(
                 .map_err(setup("cannot create the scoreboard"))?
         }
     };
-    Ok((listeners, control, board, from_systemd))
+    Ok((listeners, from_systemd, control, board))
 }
 
 /// Whether a handed-over listener bound at `bound` serves the configured `wanted` address (a
