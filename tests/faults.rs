@@ -158,7 +158,7 @@ fn a_worker_death_is_reaped_and_replaced_when_the_launcher_ignored_sigchld() {
         "the monitor still blocks SIGALRM: SigBlk {blocked}"
     );
     let before = server.wait_workers(2, READY_TIMEOUT);
-    signal(before[0], Signal::SIGKILL);
+    server.signal_process(before[0], Signal::SIGKILL);
     let replaced = poll_until(Duration::from_secs(20), || {
         let now = server.workers();
         let serving = now.len() == 2
@@ -187,7 +187,7 @@ fn subprocess_sockets(server: &Server, addr: &Addr) -> Vec<u64> {
         .expect("the pid of the subprocess");
     server.remember(pid);
     let held = socket_inodes(pid);
-    signal(pid, Signal::SIGKILL);
+    server.signal_process(pid, Signal::SIGKILL);
     held
 }
 

@@ -116,7 +116,7 @@ fn forged_spawn_reports_from_a_worker_are_ignored() {
     );
 
     // With no worker serving, counted spawn failures would make the monitor give up.
-    signal(forger, Signal::SIGKILL);
+    server.signal_process(forger, Signal::SIGKILL);
     let replaced = poll_until(Duration::from_secs(15), || {
         assert!(
             !server.has_exited(),

@@ -121,7 +121,7 @@ fn a_standing_by_spare_waits_at_the_monitors_priority_and_serves_at_the_trees() 
     // Raised when it reports ready.
     poll_until(READY_TIMEOUT, || (nice_of(spare) == monitor).then_some(()))
         .unwrap_or_else(|| panic!("the spare stands at nice {}, not {monitor}", nice_of(spare)));
-    signal(worker, Signal::SIGKILL);
+    server.signal_process(worker, Signal::SIGKILL);
     poll_until(READY_TIMEOUT, || {
         server
             .workers()

@@ -75,7 +75,7 @@ fn worker_pid(server: &Server, nr: u64) -> i32 {
 /// mark from before the signal.
 fn start_profile_by_signal(server: &Server, pid: i32) -> usize {
     let mark = server.log.mark();
-    common::signal(pid, Signal::SIGUSR2);
+    server.signal_process(pid, Signal::SIGUSR2);
     server
         .log
         .wait_for_log_since(mark, "profiling started (SIGUSR2)", Duration::from_secs(10));
@@ -107,7 +107,7 @@ fn two_usr2_to_a_worker_under_load_write_a_flamegraph_and_it_keeps_serving() {
     let mark = start_profile_by_signal(&server, pid);
     // Enough requests under the profiler to be sampled many times over.
     wait_for_answers(&load, 2000, &server);
-    common::signal(pid, Signal::SIGUSR2);
+    server.signal_process(pid, Signal::SIGUSR2);
     let written = server.log.wait_for_log_since(
         mark,
         "profile written (stopped by the second SIGUSR2",
@@ -290,7 +290,7 @@ fn a_profiled_worker_promoted_to_mold_writes_its_profile_and_its_generation_prof
     let new = server.wait_workers(1, Duration::from_secs(30))[0];
     assert_ne!(new, pid);
     // The promoted worker's mold ignores USR2 (it would have died of it before).
-    common::signal(pid, Signal::SIGUSR2);
+    server.signal_process(pid, Signal::SIGUSR2);
     // A worker of the new generation profiles as well.
     let out = ctl_slow(&server, &["profile", "0", "--seconds", "1"]).expect("ctl profile");
     read_flamegraph(Path::new(out.trim()));
@@ -399,7 +399,7 @@ fn a_missing_profile_dir_fails_the_profile_at_once_not_after_it_ran() {
         .collect();
     assert!(profiling.is_empty(), "still marked: {profiling:?}");
     let mark = server.log.mark();
-    common::signal(pid, Signal::SIGUSR2);
+    server.signal_process(pid, Signal::SIGUSR2);
     let line = server.log.wait_for_log_since(
         mark,
         "cannot start profiling: nowhere to write the profile",

@@ -641,7 +641,7 @@ fn mold_killed_during_rollout() {
         l.contains("(gen:1) ready pid=") && l.contains("worker[")
     });
     assert!(first.is_some(), "no gen:1 worker became ready");
-    common::signal(mold, Signal::SIGKILL);
+    server.signal_process(mold, Signal::SIGKILL);
     let procs = processes(&server);
     let old_left = procs.iter().filter(|p| p.0 == "worker" && p.3 == 0).count();
     let new_alive = procs.iter().filter(|p| p.0 == "worker" && p.3 == 1).count();

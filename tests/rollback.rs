@@ -599,7 +599,7 @@ fn a_refork_whose_new_workers_die_once_ready_rolls_back() {
             .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
             .unwrap_or_else(|| panic!("no pid in {line:?}"));
         server.remember(pid);
-        common::signal(pid, Signal::SIGKILL);
+        server.signal_process(pid, Signal::SIGKILL);
         killed.push(pid);
     }
     let err = refork
@@ -802,7 +802,7 @@ fn a_reload_that_interrupts_a_refork_on_trial_rolls_back_to_the_mold_before_both
 fn a_rollout_that_fails_after_the_previous_mold_died_says_so_and_recovers() {
     let mut trial = FailingRefork::start(4, 1);
     let mold0 = trial.mold0.clone();
-    common::signal(mold0[0].pid, Signal::SIGKILL);
+    trial.server.signal_process(mold0[0].pid, Signal::SIGKILL);
     let err = trial.outcome();
     let server = &mut trial.server;
     assert_names(

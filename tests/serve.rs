@@ -233,7 +233,7 @@ fn a_killed_worker_is_replaced() {
     let server = start(2);
     let before = server.wait_workers(2, READY_TIMEOUT);
     let mark = server.log.mark();
-    signal(before[0], Signal::SIGKILL);
+    server.signal_process(before[0], Signal::SIGKILL);
     server.log.wait_for_log_since(
         mark,
         &format!("worker died pid={}", before[0]),
@@ -265,7 +265,7 @@ fn a_killed_mold_is_replaced_and_workers_keep_serving() {
     let workers = server.wait_workers(2, READY_TIMEOUT);
     let mold = server.with_title("tine mold").first().expect("a mold").pid;
     let mark = server.log.mark();
-    signal(mold, Signal::SIGKILL);
+    server.signal_process(mold, Signal::SIGKILL);
     server.log.wait_for_log_since(
         mark,
         &format!("mold died pid={mold}"),
@@ -286,7 +286,7 @@ fn a_killed_mold_is_replaced_and_workers_keep_serving() {
     );
     // The new mold works: a worker killed now is forked from it.
     let mark = server.log.mark();
-    signal(workers[1], Signal::SIGKILL);
+    server.signal_process(workers[1], Signal::SIGKILL);
     server
         .log
         .wait_for_log_since(mark, "worker[1] (gen:0) ready", Duration::from_secs(10));

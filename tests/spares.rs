@@ -98,7 +98,8 @@ fn a_spare_never_accepts_before_it_is_activated() {
     );
 
     // The only worker stops: connections queue, and a spare that accepted would answer them.
-    signal(worker, Signal::SIGSTOP);
+    let stopped = server.process(worker);
+    assert!(stopped.signal(Signal::SIGSTOP), "SIGSTOP to the worker");
     let addr = server.tcp_addr();
     let mut clients: Vec<TcpStream> = (0..3)
         .map(|_| {
@@ -119,7 +120,7 @@ fn a_spare_never_accepts_before_it_is_activated() {
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) => {}
             other => {
-                signal(worker, Signal::SIGCONT);
+                stopped.signal(Signal::SIGCONT);
                 panic!("a connection was answered while the only worker was stopped: {other:?}");
             }
         }
@@ -133,7 +134,7 @@ fn a_spare_never_accepts_before_it_is_activated() {
     );
 
     // The worker resumes and answers every queued connection itself.
-    signal(worker, Signal::SIGCONT);
+    assert!(stopped.signal(Signal::SIGCONT), "SIGCONT to the worker");
     for mut c in clients {
         c.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
         let mut text = String::new();
@@ -154,7 +155,7 @@ fn a_spare_takes_over_when_a_worker_dies_and_a_new_spare_is_made() {
     let worker = server.wait_workers(1, READY_TIMEOUT)[0];
     let spare = wait_spare(&server, "at start", |_| true);
     let mark = server.log.mark();
-    signal(worker, Signal::SIGKILL);
+    server.signal_process(worker, Signal::SIGKILL);
     wait_worker_is(&server, 0, spare.pid);
     server
         .log
@@ -222,7 +223,7 @@ fn a_spare_that_dies_is_replaced_and_the_workers_are_untouched() {
     let workers = server.wait_workers(2, READY_TIMEOUT);
     let spare = wait_spare(&server, "at start", |_| true);
     let mark = server.log.mark();
-    signal(spare.pid, Signal::SIGKILL);
+    server.signal_process(spare.pid, Signal::SIGKILL);
     server.log.wait_for_log_since(mark, "spare died", SETTLE);
     wait_spare(&server, "replacing the one killed", |r| r.pid != spare.pid);
     assert_eq!(server.wait_workers(2, READY_TIMEOUT), workers);
@@ -272,7 +273,7 @@ fn with_no_spares_a_dead_worker_is_replaced_by_a_fresh_boot() {
     let status = server.status();
     assert_eq!(status["spare_workers"], 0, "{status}");
     let mark = server.log.mark();
-    signal(worker, Signal::SIGKILL);
+    server.signal_process(worker, Signal::SIGKILL);
     let ready = server
         .log
         .wait_for_log_since(mark, "worker[0] (gen:0) ready", SETTLE);
@@ -318,7 +319,7 @@ fn after_a_reload_rolls_back_the_adopted_mold_and_spare_still_work_as_such() {
         spare.pid
     );
     let mark = server.log.mark();
-    signal(worker, Signal::SIGKILL);
+    server.signal_process(worker, Signal::SIGKILL);
     wait_worker_is(&server, 0, spare.pid);
     server
         .log
@@ -346,7 +347,7 @@ fn with_more_listeners_than_one_message_carries_the_spare_serves_on_all() {
     let server = launch.start();
     let worker = server.wait_workers(1, READY_TIMEOUT)[0];
     let spare = wait_spare(&server, "with 10 listeners", |_| true);
-    signal(worker, Signal::SIGKILL);
+    server.signal_process(worker, Signal::SIGKILL);
     wait_worker_is(&server, 0, spare.pid);
     for a in &addrs {
         let response = get(a, "/").unwrap_or_else(|e| panic!("GET on {a}: {e}"));
@@ -377,11 +378,11 @@ fn an_activated_spare_takes_its_number_everywhere() {
     let worker = server.wait_workers(1, READY_TIMEOUT)[0];
     let first = wait_spare(&server, "at start", |_| true);
     let mark = server.log.mark();
-    signal(first.pid, Signal::SIGKILL);
+    server.signal_process(first.pid, Signal::SIGKILL);
     let died = server.log.wait_for_log_since(mark, "spare died", SETTLE);
     assert!(!died.contains("nr="), "{died}");
     let spare = wait_spare(&server, "replacing the one killed", |r| r.pid != first.pid);
-    signal(worker, Signal::SIGKILL);
+    server.signal_process(worker, Signal::SIGKILL);
     wait_worker_is(&server, 0, spare.pid);
     // Each runtime thread renames itself when it wakes after the activation (which wakes them).
     let names = || -> Vec<String> {

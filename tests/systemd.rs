@@ -488,7 +488,7 @@ fn user_nobody_runs_the_mold_and_workers_unprivileged_and_the_monitor_as_root() 
     // The parent-death signal is set after the uid change (which clears it): children of a
     // monitor killed outright exit by themselves.
     let children: Vec<i32> = server.tree().iter().map(|p| p.pid).collect();
-    signal(server.pid, Signal::SIGKILL);
+    server.signal(Signal::SIGKILL);
     server
         .wait_exit(Duration::from_secs(5))
         .expect("the monitor is dead");
@@ -668,7 +668,7 @@ fn as_pid_1_of_a_pid_namespace_term_from_outside_drains_and_exits_zero() {
         server.workers().iter().any(|w| w.2 == "busy").then_some(())
     });
     assert!(busy.is_some(), "the slow request is in flight");
-    signal(monitor, Signal::SIGTERM);
+    server.signal_process(monitor, Signal::SIGTERM);
     assert_eq!(
         slow.join().unwrap().expect("the slow request is answered"),
         200

@@ -6,9 +6,11 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
+use common::pidfd::ProcessHandle;
 use common::strict::StrictLoad;
 use common::tmux::Tmux;
 use common::{poll_until, tine_bin, Launch, Server};
+use nix::sys::signal::Signal;
 
 /// Longest wait for something to show on the screen or in the server (debug build, busy cores).
 const WAIT: Duration = Duration::from_secs(30);
@@ -303,21 +305,27 @@ fn q_quits_and_gives_the_terminal_back() {
     }
 }
 
-/// The pid of the `tine top` watching `socket` (a child of the pane's shell).
-fn top_pid(socket: &Path) -> i32 {
+/// The `tine top` watching `socket` (a child of the pane's shell, not of the test), held by a
+/// pidfd opened while its command line is checked to be that one.
+fn top_process(socket: &Path) -> ProcessHandle {
     let wanted = ["top", "--control-socket", socket.to_str().unwrap()];
+    let is_top = |pid: i32| {
+        std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+            let args: Vec<&str> = cmdline
+                .split(|b| *b == 0)
+                .filter_map(|a| std::str::from_utf8(a).ok())
+                .collect();
+            args.windows(3).any(|w| w == wanted)
+        })
+    };
     poll_until(WAIT, || {
         std::fs::read_dir("/proc")
             .ok()?
             .flatten()
             .find_map(|entry| {
                 let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
-                let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-                let args: Vec<&str> = cmdline
-                    .split(|b| *b == 0)
-                    .filter_map(|a| std::str::from_utf8(a).ok())
-                    .collect();
-                args.windows(3).any(|w| w == wanted).then_some(pid)
+                is_top(pid).then_some(())?;
+                ProcessHandle::open_if(pid, |p| is_top(p.pid))
             })
     })
     .expect("tine top's process")
@@ -326,16 +334,16 @@ fn top_pid(socket: &Path) -> i32 {
 #[test]
 fn a_stop_signal_gives_the_terminal_back() {
     let (server, pids) = two_workers();
-    for (signal, name) in [(15, "TERM"), (1, "HUP"), (2, "INT")] {
+    for (signal, name) in [
+        (Signal::SIGTERM, "TERM"),
+        (Signal::SIGHUP, "HUP"),
+        (Signal::SIGINT, "INT"),
+    ] {
         let tmux = top(&server.control_socket, 120, 40);
         wait_rows(&tmux, &pids);
-        let pid = top_pid(&server.control_socket);
-        let killed = std::process::Command::new("kill")
-            .args([&format!("-{name}"), &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(killed.success(), "kill -{name} {pid}");
-        let exited = format!("top exited with {}", 128 + signal);
+        let top = top_process(&server.control_socket);
+        assert!(top.signal(signal), "SIG{name} to top (pid {})", top.pid());
+        let exited = format!("top exited with {}", 128 + signal as i32);
         let screen = tmux.wait(&format!("{exited:?} and stty's flags"), WAIT, |s| {
             s.contains(&exited) && s.contains("icanon")
         });
@@ -354,12 +362,6 @@ fn a_stop_signal_gives_the_terminal_back() {
     }
 }
 
-/// Sends `signal` to `pid` (by number: the test's own monitor, alive until the test ends).
-fn signal(pid: i32, signal: nix::sys::signal::Signal) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
-        .unwrap_or_else(|e| panic!("{signal} to {pid}: {e}"));
-}
-
 #[test]
 fn a_server_that_stops_answering_is_shown_at_once_not_as_stale_figures() {
     let (server, pids) = two_workers();
@@ -369,17 +371,17 @@ fn a_server_that_stops_answering_is_shown_at_once_not_as_stale_figures() {
     // A monitor that cannot answer (stopped here; busy or starved alike): the status request
     // waits for the control client's 10 s; the screen says so after 2 s instead of showing the
     // last figures as if current.
-    signal(server.pid, nix::sys::signal::Signal::SIGSTOP);
-    struct Resume(i32);
+    // The monitor is the test's own child (not reaped before the server is dropped), held by a
+    // pidfd all the same, so that the SIGCONT on the way out can reach nothing else.
+    let monitor = ProcessHandle::open_if(server.pid, |_| true).expect("the monitor is alive");
+    assert!(monitor.signal(Signal::SIGSTOP), "SIGSTOP to the monitor");
+    struct Resume(ProcessHandle);
     impl Drop for Resume {
         fn drop(&mut self) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.0),
-                nix::sys::signal::Signal::SIGCONT,
-            );
+            self.0.signal(Signal::SIGCONT);
         }
     }
-    let resume = Resume(server.pid);
+    let resume = Resume(monitor);
     let screen = tmux.wait_for("waiting for the server: no answer for", WAIT);
     assert!(!screen.contains("went away"), "{screen}");
     assert!(

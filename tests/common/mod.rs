@@ -63,6 +63,7 @@ pub mod strace;
 pub mod strict;
 pub mod strict_h2;
 pub mod tmux;
+pub mod tree_signals;
 
 /// How long a tree may take to report `tine ready` (debug build, 2 busy cores).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);

@@ -105,7 +105,9 @@ pub fn gone(pid: i32) -> bool {
     }
 }
 
-/// Sends `sig` to `pid`, ignoring a process that is already gone.
+/// Sends `sig` to `pid` by number, ignoring a process that is already gone. Only for the test's
+/// own child not reaped yet (a monitor), whose number cannot name another process; any other
+/// process of a tree is signalled through a pidfd ([`Server::signal_process`]).
 pub fn signal(pid: i32, sig: Signal) {
     let _ = kill(Pid::from_raw(pid), sig);
 }
