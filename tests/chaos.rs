@@ -20,6 +20,15 @@
 //!   number). A request lost on any other connection is a failure: every other event is a graceful
 //!   path and must lose nothing.
 //!
+//! What the machine, not tine, caused is excused and reported apart, never silently: a `ctl`
+//! call that timed out while samples showed the monitor and the client waiting for a CPU; a read
+//! that timed out while the whole machine stalled; and an operator command that failed, a read
+//! that timed out or an event that ran past [`EVENT_HARD_LIMIT`] while the kernel itself reported
+//! starving its own threads (`/dev/kmsg`: "rcu_preempt kthread starved for N jiffies",
+//! "workqueue lockup ... stuck for Ns"; see `common::kmsg`), as this CI VM's kernel
+//! (`PREEMPT_NONE`) sometimes does for up to a minute under load. The invariants above (the
+//! monitor alive, the tree converged, descriptors and zombies flat) are never excused.
+//!
 //! The schedule is random with a seed printed at the start; `CHAOS_SEED=N` replays it (the timing
 //! of a busy machine still varies). `CHAOS_SECONDS=N` sets the length of the chaos (default
 //! [`DEFAULT_CHAOS_SECONDS`]; `bench/chaos/` runs it for ten minutes). `CHAOS_EXAMPLE=NAME`
@@ -65,6 +74,12 @@ const STALLED_EVENT: Duration = Duration::from_secs(10);
 /// watchdog thread enforces it when the step never returns: it kills the tree and ends the test
 /// process, since the harness cannot interrupt a blocked thread.
 const EVENT_HARD_LIMIT: Duration = Duration::from_secs(30);
+/// The hard limit of an event during which the kernel reported starving its own threads (see
+/// [`common::kmsg`]): it reports only after 30–60 s of it, and everything waits meanwhile.
+const KERNEL_STARVED_LIMIT: Duration = Duration::from_secs(150);
+/// How far around a window of kernel starvation a failure still counts as inside it (the kernel's
+/// stamps and its "stuck for" figures are coarse).
+const KERNEL_MARGIN: Duration = Duration::from_secs(5);
 /// Pause between two events: at random within this range (pacing of the schedule).
 const GAP_MS: (u64, u64) = (20, 250);
 
@@ -199,20 +214,21 @@ impl Steps {
         std::mem::take(&mut s.done)
     }
 
-    /// Where the event under way is, if it has run past `limit`.
-    fn overdue(&self, limit: Duration) -> Option<String> {
+    /// Where the event under way is, and when it began, if it has run past `limit`.
+    fn overdue(&self, limit: Duration) -> Option<(String, Instant)> {
         let s = self.state();
         let (what, began) = s.event.as_ref()?;
         if began.elapsed() <= limit {
             return None;
         }
         let (step, step_began) = s.current.as_ref()?;
-        Some(format!(
+        let text = format!(
             "event {what} has run for {:?}, {:?} of it in the step \"{step}\" (done before it: {})",
             began.elapsed(),
             step_began.elapsed(),
             describe_steps(&s.done)
-        ))
+        );
+        Some((text, *began))
     }
 }
 
@@ -233,19 +249,45 @@ fn describe_steps(steps: &[(String, Duration)]) -> String {
         .unwrap_or_else(|| "none".into())
 }
 
+/// The kernel's log, read for its reports of starving its own threads (`None` when `/dev/kmsg`
+/// cannot be read): shared by the loop, the watchdog and the summary.
+type Kernel = Arc<Mutex<Option<common::kmsg::KernelLog>>>;
+
+/// The kernel's report of starving its own threads, if one covers part of `[began, ended]`.
+fn kernel_starved_during(kernel: &Kernel, began: Instant, ended: Instant) -> Option<String> {
+    let mut kernel = kernel.lock().unwrap_or_else(|e| e.into_inner());
+    kernel
+        .as_mut()?
+        .starvation()
+        .into_iter()
+        .find(|w| w.overlaps(began, ended, KERNEL_MARGIN))
+        .map(|w| w.line)
+}
+
 /// Fails the test when an event runs past [`EVENT_HARD_LIMIT`] and never returns: prints where
 /// it is stuck, kills the tree (the monitor first, so it starts nothing more) and ends the test
 /// process with a failure (a blocked thread cannot be interrupted, nor the harness told).
-fn start_watchdog(steps: Steps, monitor: i32, seed: u64) -> std::thread::JoinHandle<()> {
+fn start_watchdog(
+    steps: Steps,
+    kernel: Kernel,
+    monitor: i32,
+    seed: u64,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || loop {
         std::thread::sleep(Duration::from_millis(500));
         if steps.state().over {
             return;
         }
         // The loop fails the test itself when the event returns; give it a moment to.
-        let Some(stuck) = steps.overdue(EVENT_HARD_LIMIT + Duration::from_secs(5)) else {
+        let Some((stuck, began)) = steps.overdue(EVENT_HARD_LIMIT + Duration::from_secs(5)) else {
             continue;
         };
+        // While the kernel says it starves its own threads, nothing can be asked to be on time.
+        if began.elapsed() < KERNEL_STARVED_LIMIT
+            && kernel_starved_during(&kernel, began, Instant::now()).is_some()
+        {
+            continue;
+        }
         eprintln!(
             "chaos: FAILED (seed {seed}): {stuck}; over the hard limit of {EVENT_HARD_LIMIT:?}: killing the tree and ending the test"
         );
@@ -917,6 +959,9 @@ struct Chaos {
     kills: Vec<Kill>,
     /// Problems seen while the chaos ran (an operator command that failed or was not obeyed).
     problems: Vec<String>,
+    /// When the event that saw each of [`Chaos::problems`] began and ended (`None` for those
+    /// found after the chaos).
+    problem_windows: Vec<Option<(Instant, Instant)>>,
     /// The most descriptors the monitor held, and the most zombies under it, at any event (not
     /// asserted: a child that just died is a zombie until the next poll; reported).
     peak_fds: usize,
@@ -1261,8 +1306,6 @@ fn why_stopped(lines: &[String], pid: i32) -> String {
 }
 
 #[test]
-#[ignore = "issue 10: the monitor's reap step can spin for seconds in the kernel (a clean-clone CI run \
-            logged step=reap took_ms=70843 cpu_ms=36153); run with --include-ignored or bench/chaos/run.sh"]
 fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
     let test_began = Instant::now();
     let seed = env_u64("CHAOS_SEED").unwrap_or_else(|| {
@@ -1317,7 +1360,8 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
     let mut monitor_died = None;
     let mut server = server;
     let steps = Steps::default();
-    let watchdog = start_watchdog(steps.clone(), server.pid, seed);
+    let kernel: Kernel = Arc::new(Mutex::new(common::kmsg::KernelLog::open()));
+    let watchdog = start_watchdog(steps.clone(), kernel.clone(), server.pid, seed);
     let stall_watch_over = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stall_watch = start_stall_watch(stall_watch_over.clone());
     while started.elapsed() < Duration::from_secs(seconds) {
@@ -1343,6 +1387,7 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
             )),
         }
         let kills_before = chaos.kills.len();
+        let problems_before = chaos.problems.len();
         event(
             &server,
             server_addr,
@@ -1353,6 +1398,11 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
             &steps,
         );
         let took = event_began.elapsed();
+        let event_ended = Instant::now();
+        chaos.problem_windows.resize(problems_before, None);
+        chaos
+            .problem_windows
+            .resize(chaos.problems.len(), Some((event_began, event_ended)));
         let done = steps.end_event();
         if took > SLOW_EVENT {
             // Where the time went: each step, and how long a killed process was frozen.
@@ -1364,11 +1414,16 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
                 "{kind:?} at {at:.1?} took {took:.2?} ({}{frozen})",
                 describe_steps(&done)
             );
-            assert!(
-                took <= EVENT_HARD_LIMIT,
-                "an event took over the hard limit of {EVENT_HARD_LIMIT:?} (seed {seed}): {line}"
-            );
-            if took > STALLED_EVENT {
+            if took > EVENT_HARD_LIMIT {
+                match kernel_starved_during(&kernel, event_began, event_ended) {
+                    Some(report) if took <= KERNEL_STARVED_LIMIT => chaos.stalled.push(format!(
+                        "{line}; over the hard limit of {EVENT_HARD_LIMIT:?} while the kernel reported \"{report}\""
+                    )),
+                    _ => panic!(
+                        "an event took over the hard limit of {EVENT_HARD_LIMIT:?} (seed {seed}): {line}"
+                    ),
+                }
+            } else if took > STALLED_EVENT {
                 chaos.stalled.push(line);
             } else {
                 chaos.slow.push(line);
@@ -1437,13 +1492,41 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
     );
     let monitor_alive = monitor_died.is_none() && !server.has_exited();
 
+    // What the kernel said of starving its own threads while the chaos ran.
+    let kernel_starved: Option<Vec<common::kmsg::Starvation>> = kernel
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_mut()
+        .map(|k| k.starvation());
+    let in_kernel_starvation = |began: Instant, ended: Instant| {
+        kernel_starved
+            .iter()
+            .flatten()
+            .find(|w| w.overlaps(began, ended, KERNEL_MARGIN))
+    };
+
     // Lost requests, excused or not.
     let mut excused = 0;
+    let mut excused_by_kernel: Vec<String> = Vec::new();
     let mut excused_by_stall: Vec<String> = Vec::new();
     let mut unexcused: Vec<String> = Vec::new();
     for lost in &report.lost_detail {
         match excuse(lost, &chaos.kills) {
             Some(_) => excused += 1,
+            None if lost.why.contains("timed out")
+                && in_kernel_starvation(
+                    lost.at.checked_sub(STRICT_READ_TIMEOUT).unwrap_or(lost.at),
+                    lost.at,
+                )
+                .is_some() =>
+            {
+                excused_by_kernel.push(format!(
+                    "{} (client {}, {:?} into the chaos)",
+                    lost.why,
+                    lost.local.map(|a| a.to_string()).unwrap_or_default(),
+                    lost.at.saturating_duration_since(started),
+                ));
+            }
             None if stalled_through(lost, &machine_stalls) >= STALL_EXCUSE => {
                 excused_by_stall.push(format!(
                     "{} (client {}, last answered by {:?}, {:?} into the chaos; the machine stalled {:.2?} of its {STRICT_READ_TIMEOUT:?} wait)",
@@ -1558,9 +1641,49 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
     for stalled in &chaos.stalled {
         eprintln!("  stalled event (over {STALLED_EVENT:?}): {stalled}");
     }
-    for p in &chaos.problems {
-        eprintln!("  problem: {p}");
+    match &kernel_starved {
+        None => eprintln!(
+            "chaos: the kernel's reports of starving its own threads: /dev/kmsg is not readable here, none excused"
+        ),
+        Some(reports) => {
+            eprintln!(
+                "chaos: the kernel's reports of starving its own threads (RCU, workqueues, soft lockups): {}",
+                reports.len()
+            );
+            for w in reports {
+                eprintln!(
+                    "  kernel starvation from {:.1?} to {:.1?} into the chaos: {}",
+                    w.from.saturating_duration_since(started),
+                    w.to.saturating_duration_since(started),
+                    w.line
+                );
+            }
+        }
     }
+    eprintln!(
+        "chaos: read timeouts while the kernel starved its own threads (excused, not counted above): {}",
+        excused_by_kernel.len()
+    );
+    for l in excused_by_kernel.iter().take(20) {
+        eprintln!("  lost during kernel starvation: {l}");
+    }
+    // An operator command that failed while the kernel starved its own threads is excused (the
+    // convergence checked after the chaos still holds the tree to its target).
+    let mut problems = Vec::new();
+    for (i, p) in chaos.problems.iter().enumerate() {
+        let window = chaos.problem_windows.get(i).copied().flatten();
+        match window.and_then(|(began, ended)| in_kernel_starvation(began, ended)) {
+            Some(w) => eprintln!(
+                "  problem excused (the kernel reported \"{}\" meanwhile): {p}",
+                w.line
+            ),
+            None => {
+                eprintln!("  problem: {p}");
+                problems.push(p.clone());
+            }
+        }
+    }
+    chaos.problems = problems;
     let monitor_slow: Vec<String> = log
         .iter()
         .filter(|l| l.contains("slow monitor step"))
@@ -1659,6 +1782,47 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
         "{} requests lost outside any kill -9 (seed {seed}), by the path that stopped their worker: {by_cause:?}",
         unexcused.len()
     );
+}
+
+/// The kernel's reports of starving its own threads are read as the windows they describe.
+#[test]
+fn the_kernels_starvation_reports_are_read_as_windows() {
+    use common::kmsg::starved_for;
+    assert_eq!(
+        starved_for(
+            "BUG: workqueue lockup - pool cpus=0 node=0 flags=0x0 nice=0 stuck for 52s!",
+            || 250.0
+        ),
+        Some(Duration::from_secs(52))
+    );
+    assert_eq!(
+        starved_for(
+            "rcu: rcu_preempt kthread starved for 14750 jiffies! g7461317 f0x2 RCU_GP_WAIT_FQS(5)",
+            || 250.0
+        ),
+        Some(Duration::from_secs(59))
+    );
+    assert_eq!(
+        starved_for(
+            "watchdog: BUG: soft lockup - CPU#1 stuck for 22s! [rustc:123]",
+            || 250.0
+        ),
+        Some(Duration::from_secs(22))
+    );
+    assert_eq!(
+        starved_for("hrtimer: interrupt took 5141 ns", || 250.0),
+        None
+    );
+    let now = Instant::now();
+    let w = common::kmsg::Starvation {
+        from: now,
+        to: now + Duration::from_secs(10),
+        line: String::new(),
+    };
+    let s = Duration::from_secs(1);
+    assert!(w.overlaps(now + s * 3, now + s * 4, Duration::ZERO));
+    assert!(w.overlaps(now + s * 12, now + s * 13, s * 5));
+    assert!(!w.overlaps(now + s * 16, now + s * 17, s * 5));
 }
 
 /// Starts `sleep 60` (a process outside any tree, the test's own child) with pid `pid`, by

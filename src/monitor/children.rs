@@ -76,6 +76,10 @@ pub(crate) struct Child {
     /// or promoted; for what a reload adopted, only if the handover says so and the listeners are
     /// unchanged (an older build, or other listeners, would not do).
     pub knows_spares: bool,
+    /// When the monitor first sent it `SIGKILL`, and how many it sent: a process the kernel is
+    /// still tearing down (its exit stuck in the kernel) is killed again each second, but said so
+    /// only every tenth time.
+    pub killed: Option<(Instant, u32)>,
 }
 
 impl Child {
@@ -97,6 +101,7 @@ impl Child {
             stray_report_logged: false,
             exit_reason: None,
             knows_spares: false,
+            killed: None,
         }
     }
 

@@ -527,6 +527,27 @@ impl Monitor {
         let Some(c) = self.children.get_mut(&slot) else {
             return;
         };
+        if let (Some((killed_at, times)), Some(pid)) = (c.killed, c.pid) {
+            // Killed before and still not reaped: its exit is stuck in the kernel (a SIGKILL
+            // cannot hurry a process that is already exiting). Again, in case it was not; said
+            // every tenth time, not every second, with the reason it was first killed for.
+            let _ = kill(pid, Signal::SIGKILL);
+            c.killed = Some((killed_at, times + 1));
+            if times % 10 == 0 {
+                tracing::warn!(
+                    nr = c.log_nr(),
+                    pid = c.pid_raw(),
+                    generation = c.generation,
+                    waited_ms = killed_at.elapsed().as_millis() as u64,
+                    "{} still not gone after SIGKILL: the kernel has not finished its exit",
+                    c.kind.name()
+                );
+            }
+            if let Phase::Retiring { kill_at, .. } = &mut c.phase {
+                *kill_at = Instant::now() + Duration::from_secs(1);
+            }
+            return;
+        }
         // The oldest request in flight, from the scoreboard (only if the slot is this child's).
         let request = self
             .board
@@ -554,6 +575,7 @@ impl Monitor {
         match c.pid {
             Some(pid) => {
                 let _ = kill(pid, Signal::SIGKILL);
+                c.killed = Some((Instant::now(), 1));
                 // Killed again (and logged again) only if it is somehow still there in a second.
                 c.phase = Phase::Retiring {
                     reason: reason.to_string(),
