@@ -82,6 +82,18 @@ fn start_profile_by_signal(server: &Server, pid: i32) -> usize {
     mark
 }
 
+/// Asserts that `ctl status` marks no process as being profiled.
+fn assert_no_process_marked_as_profiling(server: &Server) {
+    let status = server.status();
+    let profiling: Vec<_> = status["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .filter(|p| !p["profiling"].is_null())
+        .collect();
+    assert!(profiling.is_empty(), "still marked: {profiling:?}");
+}
+
 /// Waits until the strict load has `more` answers beyond what it had when called.
 fn wait_for_answers(load: &StrictLoad, more: u64, server: &Server) {
     let from = load.answered();
@@ -230,14 +242,7 @@ fn ctl_profile_prints_the_path_of_a_valid_svg_and_status_marks_the_worker() {
     let svg = PathBuf::from(out.trim());
     assert!(svg.is_absolute(), "{out}");
     read_flamegraph(&svg);
-    let status = server.status();
-    let profiling: Vec<_> = status["processes"]
-        .as_array()
-        .expect("processes")
-        .iter()
-        .filter(|p| !p["profiling"].is_null())
-        .collect();
-    assert!(profiling.is_empty(), "still marked: {profiling:?}");
+    assert_no_process_marked_as_profiling(&server);
 
     let report = load.stop();
     assert!(report.lost.is_empty(), "{}", report.summary());
@@ -390,14 +395,7 @@ fn a_missing_profile_dir_fails_the_profile_at_once_not_after_it_ran() {
     );
     // Nothing is left running: the worker is not marked, and the next profile is refused again
     // the same way (not "already being profiled"); USR2 logs why, and the worker serves on.
-    let status = server.status();
-    let profiling: Vec<_> = status["processes"]
-        .as_array()
-        .expect("processes")
-        .iter()
-        .filter(|p| !p["profiling"].is_null())
-        .collect();
-    assert!(profiling.is_empty(), "still marked: {profiling:?}");
+    assert_no_process_marked_as_profiling(&server);
     let mark = server.log.mark();
     server.signal_process(pid, Signal::SIGUSR2);
     let line = server.log.wait_for_log_since(

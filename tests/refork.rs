@@ -599,17 +599,8 @@ fn not_fork_safe_worker_is_never_promoted() {
 #[test]
 fn mold_killed_during_rollout() {
     // Each worker takes 300 ms to boot, so the rollout of 4 workers lasts over a second.
-    let server = Launch::tine()
-        .args([
-            "--app",
-            "hello",
-            "--debug-routes",
-            "--debug-headers",
-            "--workers",
-            "4",
-            "--spawn-timeout",
-            "5",
-        ])
+    let server = Launch::debug_hello(4)
+        .args(["--spawn-timeout", "5"])
         .env("TINE_DEBUG_BOOT_SLEEP_MS", "300")
         .start();
     let gen0 = wait_generation(&server, 0, 4, Duration::from_secs(20));

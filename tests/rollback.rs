@@ -11,7 +11,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -353,19 +353,8 @@ fn a_reload_whose_workers_cannot_boot_rolls_back_and_the_old_workers_keep_servin
 /// workers of a mold made while it exists fail in `boot`, all of them, or all but the number the
 /// file holds).
 fn debug_hello(workers: usize, knob: &str, value: impl AsRef<std::ffi::OsStr>) -> Launch {
-    Launch::tine()
-        .args([
-            "--app",
-            "hello",
-            "--debug-routes",
-            "--debug-headers",
-            "--workers",
-            &workers.to_string(),
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--spawn-timeout",
-            "10",
-        ])
+    Launch::debug_hello(workers)
+        .args(["--metrics-listen", "127.0.0.1:0", "--spawn-timeout", "10"])
         .env(knob, value)
 }
 
@@ -991,16 +980,14 @@ fn forks_failing_with_eagain_are_retried_and_leave_the_serving_tree_intact() {
 // ---------------------------------------------------------------------------------------------
 // max_consecutive_spawn_errors
 
-/// A worker that dies while the app cannot boot (its boot file broke) cannot be replaced: the
-/// replacements fail again and again, past `max_consecutive_spawn_errors` (3 here, where the old
-/// monitor gave up and killed the worker still serving). The monitor stays while a worker serves,
-/// keeps retrying with backoff, and the worker comes back once the file is fixed.
-#[test]
-fn failed_replacements_never_end_a_tree_that_still_serves() {
+/// A `watch_demo` tree of 2 workers serving its boot file (`v1`), with
+/// `max_consecutive_spawn_errors` 3 and no hot spare (it would take over from a killed worker;
+/// here every replacement boots): the dir that holds the boot file, the file, the tree and its
+/// gen:0 processes once they serve.
+fn tree_that_gives_up_after_3_spawn_errors() -> (TempDir, PathBuf, Server, Vec<Proc>) {
     let dir = TempDir::new();
     let boot = dir.write("boot.txt", "v1\n");
-    // No hot spare: it would take over from the killed worker; here every replacement boots.
-    let mut server = watch_demo(
+    let server = watch_demo(
         &boot,
         &[
             "--max-consecutive-spawn-errors",
@@ -1010,6 +997,24 @@ fn failed_replacements_never_end_a_tree_that_still_serves() {
         ],
     );
     let gen0 = wait_gen0(&server, 2);
+    (dir, boot, server, gen0)
+}
+
+/// Writes the boot file back to `v1` and waits until the tree is its gen:0 again, as many
+/// processes as `gen0`.
+fn fix_the_boot_file_and_wait_for_every_worker(server: &Server, boot: &Path, gen0: &[Proc]) {
+    write_atomically(boot, "v1\n");
+    let back = wait_gen0(server, 2);
+    assert_eq!(back.len(), gen0.len());
+}
+
+/// A worker that dies while the app cannot boot (its boot file broke) cannot be replaced: the
+/// replacements fail again and again, past `max_consecutive_spawn_errors` (3 here, where the old
+/// monitor gave up and killed the worker still serving). The monitor stays while a worker serves,
+/// keeps retrying with backoff, and the worker comes back once the file is fixed.
+#[test]
+fn failed_replacements_never_end_a_tree_that_still_serves() {
+    let (_dir, boot, mut server, gen0) = tree_that_gives_up_after_3_spawn_errors();
     let survivor = server.workers()[0].1;
     write_atomically(&boot, b"\xff\xfe not text\n");
     let mark = server.log.mark();
@@ -1035,9 +1040,7 @@ fn failed_replacements_never_end_a_tree_that_still_serves() {
         Duration::from_secs(1),
     );
 
-    write_atomically(&boot, "v1\n");
-    let back = wait_gen0(&server, 2);
-    assert_eq!(back.len(), gen0.len());
+    fix_the_boot_file_and_wait_for_every_worker(&server, &boot, &gen0);
     assert_eq!(server.workers()[0].1, survivor);
     assert!(!server.has_exited());
 }
@@ -1049,19 +1052,7 @@ fn failed_replacements_never_end_a_tree_that_still_serves() {
 /// the boot file is fixed.
 #[test]
 fn a_tree_that_served_survives_losing_every_worker_while_boot_fails() {
-    let dir = TempDir::new();
-    let boot = dir.write("boot.txt", "v1\n");
-    // No hot spare: it would take over from a killed worker; here every replacement boots.
-    let mut server = watch_demo(
-        &boot,
-        &[
-            "--max-consecutive-spawn-errors",
-            "3",
-            "--spare-workers",
-            "0",
-        ],
-    );
-    let gen0 = wait_gen0(&server, 2);
+    let (_dir, boot, mut server, gen0) = tree_that_gives_up_after_3_spawn_errors();
     assert_eq!(server.get("/").text(), "v1\n");
     write_atomically(&boot, b"\xff\xfe not text\n");
     let mark = server.log.mark();
@@ -1084,9 +1075,7 @@ fn a_tree_that_served_survives_losing_every_worker_while_boot_fails() {
         Duration::from_secs(1),
     );
 
-    write_atomically(&boot, "v1\n");
-    let back = wait_gen0(&server, 2);
-    assert_eq!(back.len(), gen0.len());
+    fix_the_boot_file_and_wait_for_every_worker(&server, &boot, &gen0);
     for _ in 0..10 {
         assert_eq!(server.get("/").text(), "v1\n");
     }

@@ -71,6 +71,18 @@ fn served_by(server: &Server) -> i32 {
         .expect("an x-tine-worker header")
 }
 
+/// SIGKILLs `worker` (worker 0) and waits until `spare` is worker 0 in its place, activated as a
+/// hot spare (the log says so), and answers.
+fn kill_worker_0_and_see_the_spare_take_over(server: &Server, worker: i32, spare: i32) {
+    let mark = server.log.mark();
+    server.signal_process(worker, Signal::SIGKILL);
+    wait_worker_is(server, 0, spare);
+    server
+        .log
+        .wait_for_log_since(mark, "hot_spare=true", SETTLE);
+    assert_eq!(served_by(server), spare);
+}
+
 #[test]
 fn a_spare_never_accepts_before_it_is_activated() {
     let server = launch(1, &["--spare-workers", "1"]);
@@ -154,13 +166,7 @@ fn a_spare_takes_over_when_a_worker_dies_and_a_new_spare_is_made() {
     let server = launch(1, &["--spare-workers", "1"]);
     let worker = server.wait_workers(1, READY_TIMEOUT)[0];
     let spare = wait_spare(&server, "at start", |_| true);
-    let mark = server.log.mark();
-    server.signal_process(worker, Signal::SIGKILL);
-    wait_worker_is(&server, 0, spare.pid);
-    server
-        .log
-        .wait_for_log_since(mark, "hot_spare=true", SETTLE);
-    assert_eq!(served_by(&server), spare.pid);
+    kill_worker_0_and_see_the_spare_take_over(&server, worker, spare.pid);
     // It was handed the listening socket when activated.
     let monitor = socket_inodes(server.pid);
     assert!(
@@ -318,13 +324,7 @@ fn after_a_reload_rolls_back_the_adopted_mold_and_spare_still_work_as_such() {
         wait_spare(&server, "after the rollback", |r| r.generation == 0).pid,
         spare.pid
     );
-    let mark = server.log.mark();
-    server.signal_process(worker, Signal::SIGKILL);
-    wait_worker_is(&server, 0, spare.pid);
-    server
-        .log
-        .wait_for_log_since(mark, "hot_spare=true", SETTLE);
-    assert_eq!(served_by(&server), spare.pid);
+    kill_worker_0_and_see_the_spare_take_over(&server, worker, spare.pid);
     wait_spare(&server, "made by the adopted gen:0 mold", |r| {
         r.pid != spare.pid && r.generation == 0
     });

@@ -36,6 +36,7 @@ mod server;
 pub use {client::*, load::*, output::*, procfs::*, server::*};
 
 pub mod client_addr;
+pub mod debug_hello;
 pub mod kmsg;
 pub mod metrics;
 pub mod pidfd;
