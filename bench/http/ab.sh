@@ -19,51 +19,29 @@ fi
 WORKERS=$1
 ROUNDS=$2
 shift 2
-TICK_US=$((1000000 / $(getconf CLK_TCK)))
-WORK="$(mktemp -d /tmp/tine-ab.XXXXXX)"
+. "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
+bench_need wrk curl
+bench_work_dir tine-ab
+WORK=$BENCH_WORK
 pids=()
 ports=()
-cleanup() {
-    for p in "${pids[@]}"; do
-        pkill -KILL -P "$p" 2>/dev/null
-        kill -KILL "$p" 2>/dev/null
-    done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
 
 i=0
 for bin in "$@"; do
     bin="$(realpath "$bin")"
     port=$((19100 + i))
     dir="$WORK/$i"
-    mkdir -p "$dir"
     if [[ $bin == *hyper-hello* ]]; then
-        (cd "$dir" && exec "$bin" "127.0.0.1:$port" "$WORKERS" >log 2>&1) &
+        bench_start "$dir" "$bin" "127.0.0.1:$port" "$WORKERS"
+        bench_wait_http "$port" || exit 1
     else
-        (cd "$dir" && exec "$bin" serve --workers "$WORKERS" --listen "127.0.0.1:$port" \
-            --control-socket "$dir/ctl.sock" >log 2>&1) &
+        bench_serve_tine "$bin" "$dir" "$port" --workers "$WORKERS" || exit 1
     fi
-    pids+=($!)
+    pids+=("$BENCH_PID")
     ports+=("$port")
     i=$((i + 1))
 done
-for port in "${ports[@]}"; do
-    for _ in $(seq 1 100); do
-        curl -s -o /dev/null "127.0.0.1:$port/" && break
-        sleep 0.1
-    done
-done
-
-# CPU ticks of a process and its children and grandchildren; $2 = 14 for user time only.
-tree_ticks() {
-    local total=0 p t
-    for p in $1 $(pgrep -P "$1") $(for c in $(pgrep -P "$1"); do pgrep -P "$c"; done); do
-        t=$(awk -v f="${2:-0}" '{print f ? $f : $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)
-        total=$((total + t))
-    done
-    echo "$total"
-}
+bench_machine
 
 for r in $(seq 1 "$ROUNDS"); do
     line="round $r:"
@@ -71,15 +49,15 @@ for r in $(seq 1 "$ROUNDS"); do
         port=${ports[$i]}
         pid=${pids[$i]}
         timeout 5 wrk -t1 -c64 -d1s "http://127.0.0.1:$port/" >/dev/null
-        c0=$(tree_ticks "$pid")
-        u0=$(tree_ticks "$pid" 14)
+        c0=$(bench_tree_ticks "$pid")
+        u0=$(bench_tree_ticks "$pid" 14)
         out=$(timeout 15 wrk -t1 -c64 -d5s "http://127.0.0.1:$port/")
-        c1=$(tree_ticks "$pid")
-        u1=$(tree_ticks "$pid" 14)
+        c1=$(bench_tree_ticks "$pid")
+        u1=$(bench_tree_ticks "$pid" 14)
         n=$(awk '/requests in/{print $1}' <<<"$out")
         rps=$(awk '/Requests\/sec/{printf "%d", $2}' <<<"$out")
-        per=$(awk -v a="$c0" -v b="$c1" -v n="$n" -v t="$TICK_US" 'BEGIN{printf "%.2f", (b-a)*t/n}')
-        user=$(awk -v a="$u0" -v b="$u1" -v n="$n" -v t="$TICK_US" 'BEGIN{printf "%.2f", (b-a)*t/n}')
+        per=$(awk -v a="$c0" -v b="$c1" -v n="$n" -v t="$BENCH_TICK_US" 'BEGIN{printf "%.2f", (b-a)*t/n}')
+        user=$(awk -v a="$u0" -v b="$u1" -v n="$n" -v t="$BENCH_TICK_US" 'BEGIN{printf "%.2f", (b-a)*t/n}')
         line="$line  [$i] $rps req/s, $per µs/req (user $user)"
     done
     echo "$line"

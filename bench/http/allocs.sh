@@ -21,14 +21,12 @@ shift
 LIBC=$(ldconfig -p | awk '/libc\.so\.6 .*x86-64/{print $NF; exit}')
 [[ -n $LIBC ]] || { echo "libc.so.6 not found" >&2; exit 1; }
 command -v perf >/dev/null || { echo "needs perf (apt-get install -y linux-perf)" >&2; exit 1; }
+. "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
+bench_need wrk curl
 WORK="$(mktemp -d /tmp/tine-allocs.XXXXXX)"
-pids=()
 added=()
 cleanup() {
-    for p in "${pids[@]}"; do
-        pkill -KILL -P "$p" 2>/dev/null
-        kill -KILL "$p" 2>/dev/null
-    done
+    bench_stop_started
     for e in "${added[@]}"; do
         perf probe -q -d "$e" 2>/dev/null
     done
@@ -36,6 +34,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
+bench_machine
 events=()
 for f in malloc calloc realloc; do
     ev="probe_libc:tine_allocs_$f"
@@ -44,33 +43,20 @@ for f in malloc calloc realloc; do
     events+=(-e "$ev")
 done
 
-tree() {
-    local p=$1
-    echo "$p"
-    for c in $(pgrep -P "$p"); do tree "$c"; done
-}
-
 i=0
 for bin in "$@"; do
     bin="$(realpath "$bin")"
     port=$((19300 + i))
     dir="$WORK/$i"
-    mkdir -p "$dir"
     if [[ $bin == *hyper-hello* ]]; then
-        (cd "$dir" && exec "$bin" "127.0.0.1:$port" 1 >log 2>&1) &
+        bench_start "$dir" "$bin" "127.0.0.1:$port" 1
+        bench_wait_http "$port" || exit 1
     else
-        (cd "$dir" && exec "$bin" serve --workers 1 --spare-workers 0 --listen "127.0.0.1:$port" \
-            --control-socket "$dir/ctl.sock" >log 2>&1) &
+        bench_serve_tine "$bin" "$dir" "$port" --workers 1 --spare-workers 0 || exit 1
     fi
-    pid=$!
-    disown "$pid"
-    pids+=("$pid")
-    for _ in $(seq 1 100); do
-        curl -s -o /dev/null "127.0.0.1:$port/" && break
-        sleep 0.1
-    done
+    pid=$BENCH_PID
     timeout 5 wrk -t1 -c16 -d1s "http://127.0.0.1:$port/" >/dev/null
-    list=$(tree "$pid" | paste -sd,)
+    list=$(bench_tree "$pid" | paste -sd,)
     timeout $((SECONDS_EACH + 20)) perf stat -x, "${events[@]}" -p "$list" -o "$dir/stat" -- \
         wrk -t1 -c16 -d"${SECONDS_EACH}s" "http://127.0.0.1:$port/" >"$dir/wrk"
     n=$(awk '/requests in/{print $1}' "$dir/wrk")

@@ -8,26 +8,14 @@
 # Every process started is killed on exit; the load is bounded by wrk -d and `timeout`.
 set -eu
 cd "$(dirname "$0")/../.."
-BIN=$(realpath "${BIN:-target/release/tine}")
-[[ -x $BIN ]] || cargo build --release
-for tool in wrk curl; do
-    command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install -y $tool)" >&2; exit 1; }
-done
-WORK=$(mktemp -d /tmp/tine-flame.XXXXXX)
+. bench/lib.sh
+bench_need wrk curl
+BIN=$(bench_release_tine) || exit 1
+bench_work_dir tine-flame
+WORK=$BENCH_WORK
 PORT=${PORT:-19181}
-(cd "$WORK" && exec "$BIN" serve --workers 1 --listen "127.0.0.1:$PORT" \
-    --control-socket "$WORK/ctl.sock" --profile-dir "$WORK" >"$WORK/log" 2>&1) &
-server=$!
-cleanup() {
-    pkill -KILL -P "$server" 2>/dev/null || true
-    kill -KILL "$server" 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-for _ in $(seq 1 100); do
-    curl -s -o /dev/null "127.0.0.1:$PORT/" && break
-    sleep 0.1
-done
+bench_machine
+bench_serve_tine "$BIN" "$WORK" "$PORT" --workers 1 --profile-dir "$WORK"
 timeout 30 wrk -t1 -c64 -d12s "http://127.0.0.1:$PORT/" >"$WORK/wrk.txt" &
 load=$!
 sleep 1 # the load is flowing

@@ -6,47 +6,31 @@
 # and ranges. What an idle profiler costs (none running) is an A/B of builds instead:
 # bench/http/ab.sh 1 ROUNDS OLD_BIN NEW_BIN.
 #
-#   bench/profile/overhead.sh [ROUNDS]       # default 6; BIN=... to pick the binary
+#   bench/profile/overhead.sh [ROUNDS]       # default 6; builds target/release/tine if missing
+#   BIN=/path/to/tine bench/profile/overhead.sh 2
 #
 # Every process started is killed on exit; every load is bounded by wrk -d and `timeout`.
 set -u
 cd "$(dirname "$0")/../.."
 ROUNDS=${1:-6}
-BIN=$(realpath "${BIN:-target/release/tine}")
-[[ -x $BIN ]] || { echo "build it first: cargo build --release" >&2; exit 1; }
-TICK_US=$((1000000 / $(getconf CLK_TCK)))
-WORK=$(mktemp -d /tmp/tine-overhead.XXXXXX)
+. bench/lib.sh
+bench_need wrk curl
+BIN=$(bench_release_tine) || exit 1
+bench_work_dir tine-overhead
+WORK=$BENCH_WORK
 PORT=${PORT:-19182}
-(cd "$WORK" && exec "$BIN" serve --workers 1 --listen "127.0.0.1:$PORT" \
-    --control-socket "$WORK/ctl.sock" --profile-dir "$WORK" >"$WORK/log" 2>&1) &
-server=$!
-cleanup() {
-    pkill -KILL -P "$server" 2>/dev/null
-    kill -KILL "$server" 2>/dev/null
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-for _ in $(seq 1 100); do
-    curl -s -o /dev/null "127.0.0.1:$PORT/" && break
-    sleep 0.1
-done
-tree_ticks() {
-    local total=0 p t
-    for p in $1 $(pgrep -P "$1") $(for c in $(pgrep -P "$1"); do pgrep -P "$c"; done); do
-        t=$(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)
-        total=$((total + t))
-    done
-    echo "$total"
-}
+bench_machine
+bench_serve_tine "$BIN" "$WORK" "$PORT" --workers 1 --profile-dir "$WORK" || exit 1
+server=$BENCH_PID
 # One measured run: prints "REQ_PER_S US_PER_REQ".
 measure() {
     local c0 c1 out n rps
-    c0=$(tree_ticks "$server")
+    c0=$(bench_tree_ticks "$server")
     out=$(timeout 15 wrk -t1 -c64 -d5s "http://127.0.0.1:$PORT/")
-    c1=$(tree_ticks "$server")
+    c1=$(bench_tree_ticks "$server")
     n=$(awk '/requests in/{print $1}' <<<"$out")
     rps=$(awk '/Requests\/sec/{printf "%d", $2}' <<<"$out")
-    awk -v a="$c0" -v b="$c1" -v n="$n" -v t="$TICK_US" -v r="$rps" 'BEGIN{printf "%d %.2f\n", r, (b-a)*t/n}'
+    awk -v a="$c0" -v b="$c1" -v n="$n" -v t="$BENCH_TICK_US" -v r="$rps" 'BEGIN{printf "%d %.2f\n", r, (b-a)*t/n}'
 }
 timeout 5 wrk -t1 -c64 -d2s "http://127.0.0.1:$PORT/" >/dev/null # warm-up
 # One run with a profile sampling the worker: prints "REQ_PER_S US_PER_REQ".
