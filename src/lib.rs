@@ -66,8 +66,11 @@
 //! from the current mold with `SpawnSpare`: it lets go of the listening sockets (so it can
 //! neither accept nor keep one open past a stop), boots, builds its runtime, spawns its accept
 //! loops (each waiting for its listener), reports ready and waits on its channel. A serving
-//! worker whose channel closes is exiting (the kernel closes its files before it tells the
-//! monitor of the death): a ready spare takes its number at once. Whenever `reconcile` finds a
+//! worker whose death notice hangs up is exiting: a ready spare takes its number at once. The
+//! notice (`worker::sentinel`, passed with `Hello`) is a socket held by a thread of the worker
+//! with a descriptor table of its own, so it hangs up as the worker's threads start exiting,
+//! before the kernel has unmapped its memory (its channel and its clients' connections close
+//! only after that; without a notice the channel's EOF serves). Whenever `reconcile` finds a
 //! worker number missing — a death, a limit's replace-then-retire, a scale-up, a rollout's
 //! replacement — it first sends a ready spare `Activate { nr }` with the listening sockets (more
 //! than 8 go ahead in `ListeningSockets`): the spare puts them back in place, registers them and

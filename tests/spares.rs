@@ -428,3 +428,52 @@ fn an_activated_spare_takes_its_number_everywhere() {
         server.log.text()
     );
 }
+
+/// A worker killed while the kernel has much to tear down (a 1 GiB heap) is replaced while that
+/// teardown still runs: the monitor hears of the death from the worker's death notice, which hangs
+/// up as its threads start exiting, not from its channel, which closes only once the address
+/// space is gone (the kernel unmaps it before it closes a process's descriptors).
+#[test]
+fn a_spare_serves_while_the_killed_worker_is_still_being_torn_down() {
+    let server = launch(1, &["--spare-workers", "1", "--debug-routes"]);
+    let worker = server.wait_workers(1, READY_TIMEOUT)[0];
+    // Touching 1 GiB in a debug build on a loaded machine can take longer than IO_TIMEOUT.
+    let mut client = Client::connect(&server.addr()).expect("connect");
+    client
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("a read timeout");
+    let leaked = client
+        .request("GET", "/leak/1048576", &[("Connection", "close")], b"")
+        .expect("GET /leak");
+    assert_eq!(leaked.status, 200, "GET /leak: {}", leaked.text());
+    assert_eq!(
+        leaked.header("x-tine-worker"),
+        Some(worker.to_string().as_str())
+    );
+    let spare = wait_spare(&server, "at start", |_| true);
+    let victim = pidfd::ProcessHandle::descendant_of(worker, server.pid).expect("the worker");
+    let killed = std::time::Instant::now();
+    assert!(victim.signal(Signal::SIGKILL), "the worker was alive");
+    let mut answered_by = worker;
+    let answered = poll_until(SETTLE, || {
+        answered_by = served_by(&server);
+        (answered_by != worker).then(|| (killed.elapsed(), victim.alive()))
+    });
+    let (answered_after, still_tearing_down) = answered
+        .unwrap_or_else(|| panic!("no answer but the victim's; log:\n{}", server.log.text()));
+    let gone = poll_until(SETTLE, || (!victim.alive()).then(|| killed.elapsed()))
+        .expect("the killed worker exits");
+    eprintln!(
+        "the spare answered {answered_after:?} after the kill; the victim was gone after {gone:?}"
+    );
+    assert_eq!(answered_by, spare.pid);
+    // Before the teardown is half done (the unmapping is most of it): without the death notice
+    // the spare could answer only after it, when the channel closes.
+    assert!(
+        still_tearing_down && answered_after * 2 < gone,
+        "the spare answered {answered_after:?} after the kill, the killed worker was gone after \
+         {gone:?}: not early in its teardown; log:\n{}",
+        server.log.text()
+    );
+}

@@ -7,8 +7,10 @@ CLOCK_MONOTONIC (µs):
 
   kill      the driver's kill(SIGKILL) of the worker
   reset     a client first saw its connection to the dead worker fail (the kernel closed its files)
+  notice    the dead worker's death notice hung up (src/worker/sentinel.rs; woke_us of that turn)
   closed    the monitor read EOF on the dead worker's channel (woke_us: when its poll returned)
-  woke      the monitor's poll returned in the turn that first saw the death (closed or reaped)
+  woke      the monitor's poll returned in the turn that first saw the death (notice, closed or
+            reaped)
   reaped    the monitor's waitpid returned the worker
   sent      the monitor sent Activate to the spare
   received  the spare read Activate
@@ -26,7 +28,7 @@ import statistics
 import sys
 
 STAGES = [
-    ("kill", "reset"), ("reset", "woke"), ("kill", "woke"), ("woke", "sent"), ("sent", "received"), ("received", "listening"),
+    ("kill", "reset"), ("reset", "woke"), ("kill", "woke"), ("kill", "notice"), ("kill", "closed"), ("woke", "sent"), ("sent", "received"), ("received", "listening"),
     ("listening", "named"), ("named", "accepted"), ("accepted", "parsed"), ("parsed", "first"),
     ("kill", "first"),
     # CPU time used by the monitor (woke -> sent) and the spare's thread (received -> ...).
@@ -49,6 +51,10 @@ def parse_log(path):
             ev(fields["child"], "woke", fields["woke_us"])
             if "woke_cpu_us" in fields:
                 ev(fields["child"], "woke_cpu", fields["woke_cpu_us"])
+        elif "death notice" in line and "woke_us" in fields:
+            ev(fields["child"], "notice", fields["woke_us"])
+            ev(fields["child"], "woke", fields["woke_us"])
+            ev(fields["child"], "woke_cpu", fields["woke_cpu_us"])
         elif "channel closed" in line and "closed_us" in fields:
             ev(fields["child"], "closed", fields["closed_us"])
             ev(fields["child"], "woke", fields["woke_us"])
@@ -88,7 +94,7 @@ def main():
         for r in result.get("rounds_timeline", []):
             victim, spare = events.get(r["victim"], {}), events.get(r["pid"], {})
             t = {"kill": r["kill_us"], "reset": r["reset_us"] or None, "first": r["first_us"]}
-            for name in ("woke", "reaped", "closed", "woke_cpu"):
+            for name in ("woke", "reaped", "closed", "notice", "woke_cpu"):
                 t[name] = victim.get(name)
             for name in ("sent", "received", "listening", "named", "accepted", "parsed",
                          "sent_cpu", "received_cpu", "listening_cpu", "named_cpu",

@@ -80,6 +80,11 @@ pub(crate) struct Child {
     /// still tearing down (its exit stuck in the kernel) is killed again each second, but said so
     /// only every tenth time.
     pub killed: Option<(Instant, u32)>,
+    /// A worker's death notice (`worker::sentinel`), sent with its `Hello`: hangs up when the
+    /// worker starts exiting, before its channel closes.
+    pub death_notice: Option<std::os::fd::OwnedFd>,
+    /// Its death notice hung up while it served: it is exiting and its place was taken.
+    pub dying: bool,
 }
 
 impl Child {
@@ -102,6 +107,8 @@ impl Child {
             exit_reason: None,
             knows_spares: false,
             killed: None,
+            death_notice: None,
+            dying: false,
         }
     }
 
@@ -109,11 +116,12 @@ impl Child {
         matches!(self.phase, Phase::Retiring { .. })
     }
 
-    /// A worker that counts towards the target: not leaving. One whose channel closed is
-    /// exiting (only its exit closes it), even before it is reaped.
+    /// A worker that counts towards the target: not leaving. One whose channel closed or whose
+    /// death notice hung up is exiting (only its exit does that), even before it is reaped.
     pub(crate) fn is_active_worker(&self) -> bool {
         self.kind == Kind::Worker
             && self.channel.is_some()
+            && !self.dying
             && !self.is_retiring()
             && self.recycle.is_none()
             && self.phase != Phase::Promoting

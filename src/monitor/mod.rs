@@ -190,6 +190,10 @@ impl Monitor {
                         self.on_child_readable(slot);
                         "a child's channel"
                     }
+                    Source::DeathNotice(slot) => {
+                        self.on_death_notice(slot);
+                        "a worker's death notice"
+                    }
                     Source::Control => {
                         self.on_control();
                         "control socket accept"
@@ -266,6 +270,11 @@ impl Monitor {
         let mut sources = vec![Source::Signals];
         let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
         for (slot, c) in &self.children {
+            // First: a death notice is the earliest word of a worker's death.
+            if let Some(notice) = &c.death_notice {
+                sources.push(Source::DeathNotice(*slot));
+                fds.push(PollFd::new(notice.as_fd(), PollFlags::POLLIN));
+            }
             if let Some(ch) = &c.channel {
                 sources.push(Source::Child(*slot));
                 fds.push(PollFd::new(ch.as_fd(), PollFlags::POLLIN));
@@ -623,7 +632,16 @@ impl Monitor {
             };
             let Some(ch) = &c.channel else { return };
             match ch.recv::<Report>(false) {
-                Ok(Some(r)) => self.on_report(slot, r.msg),
+                Ok(Some(r)) => {
+                    if let (Report::Hello { .. }, Some(notice)) = (&r.msg, r.fds.into_iter().next())
+                    {
+                        // A worker's or spare's death notice (a mold sends none). Only the first.
+                        if c.kind != Kind::Mold && c.death_notice.is_none() {
+                            c.death_notice = Some(notice);
+                        }
+                    }
+                    self.on_report(slot, r.msg)
+                }
                 Ok(None) => {
                     // The child closed its end: it is exiting. SIGCHLD follows, a little later
                     // (the kernel closes a process's files before it tells its parent).
@@ -666,6 +684,32 @@ impl Monitor {
                 }
             }
         }
+    }
+
+    /// The death notice of the child in `slot` hung up (see `worker::sentinel`): nothing is sent
+    /// on it, so it is readable only once the thread holding its other end is gone, which happens
+    /// when the process exits, before its channel closes (or when a worker being promoted to mold
+    /// ends it: ignored). A serving worker's place is taken at once by a ready spare; its channel
+    /// is still read for what it said before it went, and its reaping follows as for any death.
+    fn on_death_notice(&mut self, slot: usize) {
+        let Some(c) = self.children.get_mut(&slot) else {
+            return;
+        };
+        c.death_notice = None;
+        if !c.is_active_worker() {
+            return;
+        }
+        c.dying = true;
+        let (nr, pid) = (c.nr, c.pid_raw());
+        let (woke_us, woke_cpu_us) = (self.woke_us, self.woke_cpu_us);
+        self.replace_at_once(nr);
+        tracing::debug!(
+            target: "tine::respawn",
+            child = pid,
+            woke_us,
+            woke_cpu_us,
+            "death notice"
+        );
     }
 
     /// The child in `slot` closed its channel: it is exiting. A serving worker's place is taken
@@ -1521,6 +1565,8 @@ enum Source {
     Watch,
     Signals,
     Child(usize),
+    /// A worker's death notice (see `on_death_notice`).
+    DeathNotice(usize),
     Control,
     ControlClient(usize),
     Metrics,

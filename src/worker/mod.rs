@@ -2,6 +2,7 @@
 
 mod http;
 mod profile;
+mod sentinel;
 mod stream;
 
 use std::sync::Arc;
@@ -112,9 +113,21 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
     };
     let pid = std::process::id() as i32;
     slot_writer.claim(pid, Role::Worker, generation, nr, State::Booting);
-    if channel.send(&Report::Hello { pid }, &[]).is_err() {
+    // Started while this is the only thread (its descriptor table is copied then emptied); the
+    // monitor's end goes with `Hello`. Without it the monitor hears of a death by the channel.
+    let (sentinel, notice) = match sentinel::Sentinel::start() {
+        Ok((s, notice)) => (Some(s), Some(notice)),
+        Err(e) => {
+            tracing::debug!(error = %e, "no death notice: the monitor hears of a death later");
+            (None, None)
+        }
+    };
+    let notice_fds: Vec<_> = notice.iter().map(std::os::fd::AsFd::as_fd).collect();
+    if channel.send(&Report::Hello { pid }, &notice_fds).is_err() {
         return Outcome::Exit(72);
     }
+    drop(notice_fds);
+    drop(notice);
     let worker = Worker {
         nr,
         spare,
@@ -179,8 +192,12 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
     };
     match stop {
         Stop::Promote { generation, slot } => {
-            // The runtime must be gone, threads and all, before this process may fork.
+            // The runtime must be gone, threads and all, before this process may fork. The
+            // sentinel too (the monitor ignores its hang-up from a worker it is promoting).
             runtime.shutdown_timeout(Duration::from_secs(5));
+            if let Some(sentinel) = sentinel {
+                sentinel.stop();
+            }
             Outcome::Promote {
                 generation,
                 slot: slot as usize,

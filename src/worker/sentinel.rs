@@ -1,0 +1,88 @@
+//! A worker's death notice: a thread of its own descriptor table, holding one end of a socket
+//! pair whose other end the monitor polls, so that the monitor hears of the worker's death at the
+//! start of the kernel's teardown rather than at its end.
+//!
+//! Why. When a process is killed, each of its threads runs `do_exit`, which lets go of the
+//! address space (`exit_mm`) before the descriptor table (`exit_files`), and the last thread to
+//! let go of the address space tears it down (`exit_mmap`: every mapped page unmapped). The
+//! descriptors shared by all threads (the channel to the monitor, the clients' connections) close
+//! only when the last thread sharing the table exits. So with one table the monitor reads EOF on
+//! the channel, and clients see their connections reset, only after the whole address space is
+//! gone: ~250 µs of kernel CPU for a hello worker (5 MB resident) on the 2-vCPU VM of
+//! bench/results/respawn.md, and more with a bigger heap.
+//!
+//! This thread's table is its own (`CLOSE_RANGE_UNSHARE`) and holds only its end of the pair.
+//! Whichever order the threads die in:
+//! - this thread exits before the last of the others: it is not the last user of the address
+//!   space, so its exit closes its table at once, and the monitor's end reads EOF (hangs up)
+//!   while another thread is still tearing the address space down;
+//! - it exits last: the other threads have closed the shared table already (the channel, the
+//!   connections) and it is this thread that tears the address space down, after them.
+//!
+//! Either way the monitor knows before `exit_mmap` and has a spare serving meanwhile.
+//!
+//! Nothing is ever sent on the pair; it only ever hangs up, when this thread exits: when the
+//! process exits (killed, crashed or done) or when [`Sentinel::stop`] ends it, before a worker
+//! promoted to mold forks (a mold must be single-threaded). The monitor (`on_death_notice`) acts
+//! only on a worker that is serving and not being promoted.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+
+/// The running death-notice thread.
+pub(crate) struct Sentinel {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Sentinel {
+    /// Starts the thread. Returns it and the monitor's end of the pair (for `Report::Hello`).
+    /// Call it while this process has no other thread that opens descriptors.
+    pub(crate) fn start() -> std::io::Result<(Sentinel, OwnedFd)> {
+        let (monitor_end, own_end) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (kept_tx, kept_rx) = std::sync::mpsc::sync_channel(1);
+        let keep = own_end.as_raw_fd();
+        let thread = std::thread::Builder::new()
+            .name("tine-sentinel".into())
+            .stack_size(64 * 1024)
+            .spawn({
+                let stop = stop.clone();
+                move || {
+                    // From here on this thread uses no descriptor (not even stderr): it only parks.
+                    let _ = kept_tx.send(crate::sys::fd::keep_only_in_own_table(keep));
+                    while !stop.load(Ordering::Acquire) {
+                        std::thread::park();
+                    }
+                }
+            })?;
+        let sentinel = Sentinel { stop, thread };
+        let kept = kept_rx
+            .recv()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the thread ended")));
+        // The shared table's copy goes now: the sentinel's own table holds the only one.
+        drop(own_end);
+        match kept {
+            Ok(()) => Ok((sentinel, monitor_end)),
+            Err(e) => {
+                sentinel.stop();
+                Err(e)
+            }
+        }
+    }
+
+    /// Ends the thread (its end of the pair closes with it) and waits for it.
+    pub(crate) fn stop(self) {
+        self.stop.store(true, Ordering::Release);
+        self.thread.thread().unpark();
+        let _ = self.thread.join();
+    }
+}
