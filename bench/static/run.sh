@@ -10,8 +10,10 @@
 #      sendfile on, tcp_nopush on, no access log, same root);
 #   4. checks both serve every file byte for byte (sha256 of a curl download);
 #   5. warms both up, then for ROUNDS rounds runs wrk -c$CONNS against each size, tine and nginx
-#      interleaved (size by size inside a round), recording req/s, p50/p99 and the CPU time the
-#      server's processes used (utime+stime from /proc/PID/stat of the whole tree) per request;
+#      interleaved (size by size inside a round), recording req/s, p50/p99, wrk's errors by kind
+#      and the CPU time the server's whole process tree used per request (bench/static/cpu.py:
+#      every thread's schedstat, in nanoseconds), with the time its threads waited for a CPU and
+#      how long wrk overran its duration (both say when the machine, not the server, stalled);
 #   6. writes the report: machine, load average, command, per-round table, medians with min-max,
 #      ratios tine/nginx.
 # Every process it starts is killed on exit (trap EXIT); every load is bounded by wrk -d and timeout.
@@ -191,37 +193,40 @@ curl -s -D - -o /dev/null "http://127.0.0.1:$TINE_PORT/f12.bin" | tr -d '\r' >"$
 curl -s -D - -o /dev/null "http://127.0.0.1:$NGINX_PORT/f12.bin" | tr -d '\r' >"$WORK/headers-nginx.txt"
 
 # ---------------------------------------------------------------- load
-CLK_TCK="$(getconf CLK_TCK)"
-tree_ticks() {
-    local total=0 p t
-    for p in "$1" $(descendants "$1"); do
-        t="$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13}')" || t=0
-        total=$((total + ${t:-0}))
-    done
-    echo "$total"
-}
 RAW="$WORK/rounds.tsv"
-printf 'round\tsize\tserver\treq_s\tp50_us\tp99_us\terrors\tserver_cpu_s\trequests\n' >"$RAW"
+printf 'round\tsize\tserver\treq_s\tp50_us\tp99_us\terrors\tserver_cpu_s\trequests\terr_kinds\trunq_s\twrk_overrun_s\tcpu_source\n' >"$RAW"
 run_one() { # round size name port pid
-    local out="$WORK/wrk-$3-$2-$1.txt" t0 t1
-    t0="$(tree_ticks "$5")"
+    local out="$WORK/wrk-$3-$2-$1.txt" log_at
+    log_at="$(wc -l <"$(log_of "$3")")"
+    python3 "$HERE/cpu.py" snapshot "$5" >"$WORK/cpu0.json"
     timeout -k 5 $((DURATION + 30)) wrk -t"$WRK_THREADS" -c"$CONNS" -d"$DURATION"s --latency \
         -s "$ROOT/bench/http/stats.lua" "http://127.0.0.1:$4/f$2.bin" >"$out" 2>&1 ||
         die "wrk against $3 failed: $(tail -3 "$out")"
-    t1="$(tree_ticks "$5")"
+    python3 "$HERE/cpu.py" snapshot "$5" >"$WORK/cpu1.json"
     kill -0 "$5" 2>/dev/null || die "$3 died during the run"
-    python3 - "$1" "$2" "$3" "$out" "$((t1 - t0))" "$CLK_TCK" >>"$RAW" <<'PY'
+    python3 - "$1" "$2" "$3" "$out" "$(python3 "$HERE/cpu.py" diff "$WORK/cpu0.json" "$WORK/cpu1.json")" "$DURATION" >>"$RAW" <<'PY'
 import sys
-rnd, size, name, path, ticks, tck = sys.argv[1:]
+rnd, size, name, path, cpu, duration = sys.argv[1:]
+cpu_s, runq_s, source = cpu.split()
 line = next(l for l in open(path) if l.startswith("RESULT "))
 kv = dict(x.split("=") for x in line.split()[1:])
 n, dur = int(kv["requests"]), int(kv["duration_us"]) / 1e6
-errs = sum(int(kv[k]) for k in kv if k.startswith("err_"))
+kinds = {k[4:]: int(v) for k, v in kv.items() if k.startswith("err_") and int(v)}
+errs = sum(kinds.values())
+# wrk's own thread stops within 0.1 s of the duration: more means wrk itself did not run.
+overrun = max(0.0, dur - float(duration))
 print("\t".join(map(str, [rnd, size, name, round(n / dur, 1), kv["p50_us"], kv["p99_us"], errs,
-                          round(int(ticks) / int(tck), 2), n])))
+                          cpu_s, n, ",".join(f"{k}={v}" for k, v in kinds.items()) or "-",
+                          runq_s, round(overrun, 2), source])))
 PY
-    tail -1 "$RAW" | awk -F'\t' '{printf "  round %s %9s B %-6s %10s req/s  p50 %7s us  p99 %7s us  errors %s  server cpu %ss\n", $1, $2, $3, $4, $5, $6, $7, $8}' >&2
+    if [[ "$(tail -1 "$RAW" | cut -f7)" != 0 ]]; then
+        # Keep what the server said during a run with errors (tine's log; nginx's error log).
+        { echo "== round $1, $2 B, $3"; tail -n +"$((log_at + 1))" "$(log_of "$3")" | grep -v ' INFO ' | tail -20; } >>"$WORK/errors.log"
+    fi
+    tail -1 "$RAW" | awk -F'\t' '{printf "  round %s %9s B %-6s %10s req/s  p50 %7s us  p99 %7s us  errors %s (%s)  server cpu %ss  run-queue wait %ss  wrk overran %ss\n", $1, $2, $3, $4, $5, $6, $7, $10, $8, $11, $12}' >&2
 }
+log_of() { case "$1" in tine) echo "$WORK/tine.err" ;; nginx) echo "$NG/logs/error.log" ;; before) echo "$WORK/before.err" ;; esac; }
+touch "$WORK/errors.log"
 
 LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
 log "warm-up ${WARMUP}s per server and size"
@@ -256,10 +261,10 @@ export B_LOAD_BEFORE="$LOAD_BEFORE" B_LOAD_AFTER="$LOAD_AFTER"
 export B_BEFORE="${BEFORE_BIN:+${BEFORE_CMD[*]}}"
 export B_CMD="${BENCH_TINE_BEFORE_BIN:+BENCH_TINE_BEFORE_BIN=$BENCH_TINE_BEFORE_BIN }${BENCH_TINE_ARGS:+BENCH_TINE_ARGS=\"$BENCH_TINE_ARGS\" }ROUNDS=$ROUNDS DURATION=$DURATION CONNS=$CONNS bench/static/run.sh"
 export B_TINE_CMD="${TINE_CMD[*]}" B_WRK_CMD="wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s --latency URL"
-python3 - "$RAW" "$WORK/headers-tine.txt" "$WORK/headers-nginx.txt" >"$OUT" <<'PY'
+python3 - "$RAW" "$WORK/headers-tine.txt" "$WORK/headers-nginx.txt" "$WORK/errors.log" >"$OUT" <<'PY'
 import os, statistics, sys
 from collections import defaultdict
-raw, htine, hnginx = sys.argv[1:]
+raw, htine, hnginx, errlog = sys.argv[1:]
 rows = [l.rstrip("\n").split("\t") for l in open(raw)][1:]
 by = defaultdict(list)
 for r in rows:
@@ -305,17 +310,38 @@ for size in sorted({k[0] for k in by}):
             cr = sorted(cpu_of(r) / max(1e-9, cpu_of(n[r[0]])) for r in rs if r[0] in n)
             ratio = f"**{statistics.median(rr):.2f}×** ({rr[0]:.2f}-{rr[-1]:.2f})"
             cratio = f"**{statistics.median(cr):.2f}** ({cr[0]:.2f}-{cr[-1]:.2f})"
-        errs = sum(int(r[6]) for r in rs)
+        kinds = defaultdict(int)
+        for r in rs:
+            for kv in filter(None, r[9].split(",")) if r[9] != "-" else []:
+                k, v = kv.split("=")
+                kinds[k] += int(v)
+        errs = sum(kinds.values())
+        if errs:
+            errs = f"{errs} ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})"
         print(f"| {human(size)} | {name} | {req[0]:,.0f} ({req[1]:,.0f}-{req[2]:,.0f}) | {ratio} "
               f"| {med(rs, 4)[0]:.0f} / {med(rs, 5)[0]:.0f} | {cpu:.1f} | {cratio} | {errs} |")
-print("\nCPU µs/req: utime+stime of the server's whole process tree during the run divided by the "
-      "requests wrk completed (clock ticks of 10 ms, so coarse for short runs). It excludes the "
-      "kernel's softirq work for loopback, which /proc/PID/stat does not charge to the server.\n")
+print("\nCPU µs/req: the time every thread of the server's process tree ran during the run "
+      "(/proc/PID/task/TID/schedstat, nanoseconds; bench/static/cpu.py) divided by the requests "
+      "wrk completed. The kernel's loopback work is charged to whichever task it interrupts, so "
+      "part of the receiver's work lands on the server and part of the server's on wrk: compare "
+      "medians, not single runs.\n")
+print("Errors are wrk's, by kind (timeout: a response not complete 2 s after its request, counted "
+      "for every connection waiting at wrk's 2 s check). `wrk overran`: how much longer than its "
+      "duration wrk ran; wrk's thread stops within 0.1 s of it, so more means wrk itself was not "
+      "running (the machine starved the client). `run-queue s`: the time the server's threads were "
+      "runnable but not running (summed over threads), from the same schedstat.\n")
 print("## Every round\n")
-print("| round | size | server | req/s | p50 µs | p99 µs | errors | server CPU s | requests |")
-print("|---|---|---|---|---|---|---|---|---|")
+print("| round | size | server | req/s | p50 µs | p99 µs | errors | server CPU s | run-queue s | wrk overran s | requests |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
-    print(f"| {r[0]} | {human(int(r[1]))} | {r[2]} | {float(r[3]):,.0f} | {r[4]} | {r[5]} | {r[6]} | {r[7]} | {r[8]} |")
+    errs = r[6] if r[6] == "0" else f"{r[6]} ({r[9]})"
+    cpu = r[7] if r[12] == "schedstat" else f"{r[7]} (ticks)"
+    print(f"| {r[0]} | {human(int(r[1]))} | {r[2]} | {float(r[3]):,.0f} | {r[4]} | {r[5]} | {errs} "
+          f"| {cpu} | {r[10]} | {r[11]} | {r[8]} |")
+log = open(errlog).read().strip()
+if log:
+    print("\n## What the servers logged during runs with errors (INFO lines left out)\n")
+    print(f"```\n{log}\n```")
 print("\n## Response headers for the 12 B file\n")
 for name, path in (("tine", htine), ("nginx", hnginx)):
     print(f"{name}:\n```\n{open(path).read().strip()}\n```")
