@@ -17,6 +17,10 @@
 //! keeps size and modification time is still seen. A file changed less than [`SETTLED`] ago is
 //! never kept: file times are coarse (a clock tick), and two writes within one tick can leave the
 //! same times behind.
+//!
+//! A larger file is opened and `fstat`ed on every request (its bytes are sent from that
+//! descriptor); what its answers carry besides the bytes (`ETag`, `Last-Modified`, content type)
+//! is worked out once per version of the file and reused while the `fstat` shows that version.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -65,6 +69,19 @@ pub struct Root {
 struct Cache {
     entries: HashMap<String, Arc<Kept>>,
     bytes: usize,
+    /// What the answers for a larger file (sent from its open descriptor) carry besides its
+    /// bytes, by request path: worked out again only when the file's `fstat` shows another
+    /// version (at most [`CACHE_ENTRIES`]).
+    described: HashMap<String, Arc<Described>>,
+}
+
+/// The validators and content type of one version of a file: a function of its name, size and
+/// modification time alone, so reusing them for the same version is always right.
+struct Described {
+    name: PathBuf,
+    version: Version,
+    validators: Validators,
+    content_type: &'static str,
 }
 
 /// A small file kept in memory, with everything its answers carry.
@@ -142,6 +159,35 @@ impl Root {
         }
         cache.bytes += kept.bytes.len();
         cache.entries.insert(path.to_string(), Arc::new(kept));
+    }
+
+    /// The validators and content type of the file `path` opened as `name`, at `version`: the
+    /// ones worked out for the same version before, else worked out now (and kept for next time).
+    fn describe(
+        &self,
+        path: &str,
+        name: PathBuf,
+        version: Version,
+        modified: SystemTime,
+    ) -> Arc<Described> {
+        if let Some(d) = self.lock_cache().described.get(path) {
+            if d.version == version && d.name == name {
+                return d.clone();
+            }
+        }
+        let described = Arc::new(Described {
+            validators: Validators::of(version.size, modified),
+            content_type: mime_guess::from_path(&name)
+                .first_raw()
+                .unwrap_or("application/octet-stream"),
+            name,
+            version,
+        });
+        let mut cache = self.lock_cache();
+        if cache.described.len() < CACHE_ENTRIES || cache.described.contains_key(path) {
+            cache.described.insert(path.to_string(), described.clone());
+        }
+        described
     }
 
     fn lock_cache(&self) -> std::sync::MutexGuard<'_, Cache> {
@@ -331,12 +377,18 @@ fn respond(root: &Root, req: &Request) -> Response<Body> {
             return status(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n");
         }
     };
+    if len > READ_AT_ONCE as u64 {
+        // Too large to keep: its validators and content type are kept instead.
+        let d = root.describe(path, name, version, modified);
+        let read = |start, count| file_body(file, start, count);
+        return answer(req, &d.validators, d.content_type, len, read);
+    }
     let validators = Validators::of(len, modified);
     let content_type = mime_guess::from_path(&name)
         .first_raw()
         .unwrap_or("application/octet-stream");
     let read = |start: u64, count: u64| {
-        if start == 0 && count == len && len <= READ_AT_ONCE as u64 {
+        if start == 0 && count == len {
             if let Some(bytes) = read_range(&file, 0, len)? {
                 root.keep(
                     path,
@@ -673,6 +725,51 @@ mod fuzz {
             open_beneath_root(&root, "/sub/page.html"),
             Ok(Found::File { .. })
         ));
+    }
+}
+
+/// A larger file's validators are worked out once per version: reused while its `fstat` shows
+/// the same version, new as soon as it changes (same size, another modification time).
+#[cfg(test)]
+mod described {
+    use super::*;
+
+    #[test]
+    fn a_larger_files_validators_are_reused_for_its_version_and_renewed_when_it_changes() {
+        let base =
+            std::env::temp_dir().join(format!("tine-static-described-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        let big = base.join("big.bin");
+        std::fs::write(&big, vec![1u8; READ_AT_ONCE + 1]).unwrap();
+        let root = Root::open(&base, FollowSymlinks::WithinRoot).unwrap();
+        let describe = || match open_beneath_root(&root, "/big.bin") {
+            Ok(Found::File {
+                version,
+                modified,
+                name,
+                ..
+            }) => root.describe("/big.bin", name, version, modified),
+            _ => panic!("big.bin not found"),
+        };
+        let first = describe();
+        assert!(
+            Arc::ptr_eq(&first, &describe()),
+            "the same version is described once"
+        );
+        assert_eq!(first.content_type, "application/octet-stream");
+        // Another version of the same size: only its modification time tells it apart.
+        let file = std::fs::OpenOptions::new().write(true).open(&big).unwrap();
+        file.set_modified(SystemTime::now() + Duration::from_secs(5))
+            .unwrap();
+        let second = describe();
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert_ne!(first.validators.etag, second.validators.etag);
+        assert_ne!(
+            first.validators.last_modified,
+            second.validators.last_modified
+        );
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }
 
