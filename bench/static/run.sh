@@ -14,13 +14,14 @@
 #      and the CPU time the server's whole process tree used per request (bench/static/cpu.py:
 #      every thread's schedstat, in nanoseconds), with the time its threads waited for a CPU and
 #      how long wrk overran its duration (both say when the machine, not the server, stalled);
-#   6. writes the report: machine, load average, command, per-round table, medians with min-max,
-#      ratios tine/nginx.
+#   6. writes the report on top of OUT's earlier ones: machine, load average, command, per-round
+#      table, medians with min-max, ratios tine/nginx.
 # Every process it starts is killed on exit (trap EXIT); every load is bounded by wrk -d and timeout.
 #
 # Knobs (environment): ROUNDS=3 DURATION=4 (s per wrk run) WARMUP=1 CONNS=16 WRK_THREADS=1
 #   SIZES="12 1024 65536 1048576 16777216" PORT_BASE=18180 SKIP_BUILD=0
-#   OUT=bench/results/static.md  BENCH_TINE_BIN=path (another build; shows in the report)
+#   OUT=bench/results/static.md (the new report goes on top, earlier ones stay below; KEEP_EARLIER=0
+#   replaces the file)  BENCH_TINE_BIN=path (another build; shows in the report)
 #   BENCH_TINE_ARGS="--sched-batch false" (extra serve flags; shown in the report's tine command)
 #   BENCH_TINE_BEFORE_BIN=path (optional: an older build, run as a third server "before", same
 #   flags, interleaved with the others, so a change is seen against the same noise)
@@ -38,6 +39,7 @@ SIZES="${SIZES:-12 1024 65536 1048576 16777216}"
 PORT_BASE="${PORT_BASE:-18180}"
 SKIP_BUILD="${SKIP_BUILD:-0}"
 OUT="${OUT:-$ROOT/bench/results/static.md}"
+KEEP_EARLIER="${KEEP_EARLIER:-1}"
 TINE_BIN="${BENCH_TINE_BIN:-$ROOT/target/release/tine}"
 TINE_PORT=$((PORT_BASE + 1))
 NGINX_PORT=$((PORT_BASE + 2))
@@ -261,7 +263,7 @@ export B_LOAD_BEFORE="$LOAD_BEFORE" B_LOAD_AFTER="$LOAD_AFTER"
 export B_BEFORE="${BEFORE_BIN:+${BEFORE_CMD[*]}}"
 export B_CMD="${BENCH_TINE_BEFORE_BIN:+BENCH_TINE_BEFORE_BIN=$BENCH_TINE_BEFORE_BIN }${BENCH_TINE_ARGS:+BENCH_TINE_ARGS=\"$BENCH_TINE_ARGS\" }ROUNDS=$ROUNDS DURATION=$DURATION CONNS=$CONNS bench/static/run.sh"
 export B_TINE_CMD="${TINE_CMD[*]}" B_WRK_CMD="wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s --latency URL"
-python3 - "$RAW" "$WORK/headers-tine.txt" "$WORK/headers-nginx.txt" "$WORK/errors.log" >"$OUT" <<'PY'
+python3 - "$RAW" "$WORK/headers-tine.txt" "$WORK/headers-nginx.txt" "$WORK/errors.log" >"$WORK/report.md" <<'PY'
 import os, statistics, sys
 from collections import defaultdict
 raw, htine, hnginx, errlog = sys.argv[1:]
@@ -346,5 +348,11 @@ print("\n## Response headers for the 12 B file\n")
 for name, path in (("tine", htine), ("nginx", hnginx)):
     print(f"{name}:\n```\n{open(path).read().strip()}\n```")
 PY
+# The new report goes on top; earlier ones stay below it (KEEP_EARLIER=0: replace the file).
+if [[ "$KEEP_EARLIER" == 1 && -s "$OUT" ]]; then
+    printf '\n---\n\n' >>"$WORK/report.md"
+    cat "$OUT" >>"$WORK/report.md"
+fi
+cp "$WORK/report.md" "$OUT"
 log "wrote $OUT"
-sed -n '/## Medians/,/^CPU/p' "$OUT" >&2
+sed -n '/## Medians/,/^CPU/p' "$WORK/report.md" >&2
