@@ -11,8 +11,8 @@ cd "$(dirname "$0")/../.."
 ROUNDS=${1:-3}
 N=${2:-10000}
 PY_N=$((N / 4))
-cargo build --release --quiet --example spawner_bench
-BIN=${CARGO_TARGET_DIR:-target}/release/examples/spawner_bench
+. bench/lib.sh
+BIN=$(bench_release_example spawner_bench) || exit 1
 RAW=bench/results/spawner-cpus.jsonl
 : > "$RAW"
 tag() { sed "s/^{/{\"round\":$1,\"load\":$(cut -d' ' -f1 /proc/loadavg),\"placement\":\"$2\",\"spin\":\"$3\",/"; }

@@ -9,8 +9,8 @@ cd "$(dirname "$0")/../.."
 ROUNDS=${1:-5}
 N=${2:-20000}
 PY_N=$((N / 4))
-cargo build --release --quiet --example spawner_bench
-BIN=${CARGO_TARGET_DIR:-target}/release/examples/spawner_bench
+. bench/lib.sh
+BIN=$(bench_release_example spawner_bench) || exit 1
 mkdir -p bench/results
 RAW=bench/results/spawner.jsonl
 : > "$RAW"
