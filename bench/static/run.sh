@@ -223,7 +223,10 @@ print("\t".join(map(str, [rnd, size, name, round(n / dur, 1), kv["p50_us"], kv["
 PY
     if [[ "$(tail -1 "$RAW" | cut -f7)" != 0 ]]; then
         # Keep what the server said during a run with errors (tine's log; nginx's error log).
-        { echo "== round $1, $2 B, $3"; tail -n +"$((log_at + 1))" "$(log_of "$3")" | grep -v ' INFO ' | tail -20; } >>"$WORK/errors.log"
+        {
+            echo "== round $1, $2 B, $3"
+            tail -n +"$((log_at + 1))" "$(log_of "$3")" | { grep -v ' INFO ' || echo "(nothing)"; } | tail -20
+        } >>"$WORK/errors.log"
     fi
     tail -1 "$RAW" | awk -F'\t' '{printf "  round %s %9s B %-6s %10s req/s  p50 %7s us  p99 %7s us  errors %s (%s)  server cpu %ss  run-queue wait %ss  wrk overran %ss\n", $1, $2, $3, $4, $5, $6, $7, $10, $8, $11, $12}' >&2
 }
