@@ -247,6 +247,17 @@ fn read_until_closed(s: &mut TcpStream) -> String {
     String::from_utf8(out).expect("UTF-8 answer")
 }
 
+/// Asserts that the log never says a worker was still alive after graceful_timeout (the monitor
+/// kills such a worker; a handler that watches `Worker::shutdown` lets it end sooner).
+fn assert_no_worker_was_killed_at_graceful_timeout(server: &Server) {
+    assert_eq!(
+        server.log.count("still alive after graceful_timeout"),
+        0,
+        "{}",
+        server.log.text()
+    );
+}
+
 /// A stream handler that watches `Worker::shutdown` lets its worker drain promptly: on TERM, a
 /// client half-way through its line still gets its answer, a client that sent nothing is told
 /// the server is going away after `drain_grace`, and the tree exits long before graceful_timeout
@@ -287,12 +298,7 @@ fn raas_tells_waiting_clients_and_exits_on_a_graceful_stop() {
         "{:?}",
         started.elapsed()
     );
-    assert_eq!(
-        server.log.count("still alive after graceful_timeout"),
-        0,
-        "{}",
-        server.log.text()
-    );
+    assert_no_worker_was_killed_at_graceful_timeout(&server);
 }
 
 /// A stream handler that panics ends its own connection, nothing more: the panic is logged, the
@@ -389,12 +395,7 @@ fn axum_websocket_is_told_going_away_on_a_graceful_stop() {
         started.elapsed()
     );
     assert!(gone(worker));
-    assert_eq!(
-        server.log.count("still alive after graceful_timeout"),
-        0,
-        "{}",
-        server.log.text()
-    );
+    assert_no_worker_was_killed_at_graceful_timeout(&server);
 }
 
 /// A WebSocket open on the worker that a refork promotes is told `1001 going away`; the
@@ -502,12 +503,7 @@ fn axum_websocket_is_told_going_away_on_a_reload() {
         server.log.text()
     );
     drop(axum_websocket(&server));
-    assert_eq!(
-        server.log.count("still alive after graceful_timeout"),
-        0,
-        "{}",
-        server.log.text()
-    );
+    assert_no_worker_was_killed_at_graceful_timeout(&server);
 }
 
 /// A response that never ends by itself (server-sent events) ends when its worker drains, because

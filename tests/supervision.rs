@@ -128,19 +128,19 @@ fn server_workers(server: &Server) -> usize {
     server.status()["target"].as_u64().expect("target") as usize
 }
 
+/// Two workers with the debug routes (`/spin`), a hang `timeout` and `timeout_cleanup` of 1 s
+/// each, and `extra` arguments.
+fn spin_tree(extra: &[&str]) -> Server {
+    Launch::tine()
+        .args(["--workers", "2", "--debug-routes"])
+        .args(["--timeout", "1", "--timeout-cleanup", "1"])
+        .args(extra)
+        .start()
+}
+
 #[test]
 fn a_spinning_handler_is_killed_within_timeout_and_cleanup_and_the_log_names_it() {
-    let server = Launch::tine()
-        .args([
-            "--workers",
-            "2",
-            "--debug-routes",
-            "--timeout",
-            "1",
-            "--timeout-cleanup",
-            "1",
-        ])
-        .start();
+    let server = spin_tree(&[]);
     assert_spin_is_killed(&server, 1);
 }
 
@@ -149,19 +149,7 @@ fn a_spinning_handler_is_killed_within_timeout_and_cleanup_and_the_log_names_it(
 /// killed in time, and the log names it.
 #[test]
 fn with_worker_threads_a_spinning_handler_is_killed_too() {
-    let server = Launch::tine()
-        .args([
-            "--workers",
-            "2",
-            "--worker-threads",
-            "2",
-            "--debug-routes",
-            "--timeout",
-            "1",
-            "--timeout-cleanup",
-            "1",
-        ])
-        .start();
+    let server = spin_tree(&["--worker-threads", "2"]);
     assert_spin_is_killed(&server, 2);
 }
 
