@@ -397,9 +397,18 @@ impl Peer {
         }
     }
 
+    /// The extensions every request of this connection carries, made once per connection: each
+    /// request gets a clone (`http::Extensions::extend` takes it whole into a request's empty
+    /// extensions), which costs no hashing and no growing of the map, unlike inserting anew.
+    pub(crate) fn extensions(&self) -> http::Extensions {
+        let mut extensions = http::Extensions::new();
+        self.insert_into(&mut extensions);
+        extensions
+    }
+
     /// Puts the connection's addresses into a request's extensions: tine's type, and the
     /// ecosystem's with their Cargo features.
-    pub(crate) fn insert_into(&self, extensions: &mut http::Extensions) {
+    fn insert_into(&self, extensions: &mut http::Extensions) {
         #[cfg(feature = "axum")]
         if let ConnectInfo::Tcp { peer, .. } = self.info {
             extensions.insert(axum::extract::ConnectInfo(peer));

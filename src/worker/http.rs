@@ -1280,10 +1280,6 @@ impl Busy {
         Busy(Some(Open::new(shared)))
     }
 
-    fn shared(&self) -> &Arc<Shared> {
-        &self.0.as_ref().expect("held until into_open").0
-    }
-
     /// The response head is out: no longer busy, still open until the response body ends.
     fn into_open(mut self) -> Open {
         let open = self.0.take().expect("held until into_open");
@@ -1580,6 +1576,7 @@ fn request_service(
     // The connection's own handle on the service, called in place (`call_in_place`): no clone
     // of the boxed service per request.
     let own = std::cell::RefCell::new(service);
+    let extensions = peer.extensions();
     let shared = shared.clone();
     let bodies = bodies.clone();
     hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
@@ -1599,7 +1596,7 @@ fn request_service(
         let watch =
             (watch_bodies && !http_body::Body::is_end_stream(req.body())).then(|| bodies.add());
         let mut req: Request = req.map(|body| RequestBody::new(body, watch.clone()));
-        peer.insert_into(req.extensions_mut());
+        req.extensions_mut().extend(extensions.clone());
         let busy = Busy::new(&shared);
         // hyper bounds its read buffer by max_header_bytes, but a head that arrives in one large
         // read can pass whole; the limit is a promise, so check it exactly.
@@ -1609,78 +1606,30 @@ fn request_service(
         // ends: the scoreboard's hang detection sees the oldest request's age.
         // A warm-up request (see `warm_up`) is neither counted nor shown to the app.
         let guard = (!warm_up).then(|| slot.track_request(req.method().as_str(), req.uri().path()));
-        // The app is called now (its synchronous part runs here), unless the head is refused.
-        let call = (!oversized && !warm_up)
-            .then(|| crate::app::call_in_place(&mut *own.borrow_mut(), req));
+        // The common request (no request timeout, no body to watch, a head within the limit) is
+        // answered by the app's future awaited directly, so the future hyper keeps and moves is
+        // small; whatever only the rare cases need is in their own boxed future.
+        let answer = match (
+            oversized || warm_up,
+            request_timeout.is_zero() && watch.is_none(),
+        ) {
+            (true, _) => Answer::Refused { warm_up },
+            (false, true) => Answer::App(crate::app::call_in_place(&mut *own.borrow_mut(), req)),
+            (false, false) => {
+                // The app is called now (its synchronous part runs here), as in the common case.
+                let call = crate::app::call_in_place(&mut *own.borrow_mut(), req);
+                let linger = http1.then(|| shared.clone());
+                Answer::Guarded(Box::pin(guarded(call, request_timeout, watch, linger)))
+            }
+        };
         async move {
-            let Some(call) = call else {
-                if warm_up {
-                    let mut r = http::Response::new(full(""));
-                    *r.status_mut() = http::StatusCode::NO_CONTENT;
+            let mut response = match answer {
+                Answer::App(call) => call.await?,
+                Answer::Guarded(guarded) => guarded.await?,
+                // Answered by tine itself: no app, no scoreboard entry, nothing more to add.
+                Answer::Refused { warm_up } => {
+                    let r = refused(warm_up);
                     return Ok(r.map(|body| Sending::new(body, busy.into_open())));
-                }
-                let mut r = http::Response::new(full("request header fields too large\n"));
-                *r.status_mut() = http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
-                r.headers_mut().insert(
-                    http::header::CONNECTION,
-                    http::HeaderValue::from_static("close"),
-                );
-                return Ok(r.map(|body| Sending::new(body, busy.into_open())));
-            };
-            let app = async move {
-                if request_timeout.is_zero() {
-                    return call.await;
-                }
-                // Boxed: the timer is large, and most apps set no request timeout; unboxed it
-                // would grow every request's future, which hyper moves into place.
-                Ok(
-                    match Box::pin(tokio::time::timeout(request_timeout, call)).await {
-                        Ok(r) => r?,
-                        Err(_) => {
-                            // The handler's future was dropped with the timeout.
-                            let mut r = http::Response::new(full("request timed out\n"));
-                            *r.status_mut() = http::StatusCode::GATEWAY_TIMEOUT;
-                            r
-                        }
-                    },
-                )
-            };
-            let answered = match watch {
-                None => Some(app.await),
-                // Boxed, as the timeout: only requests with a body pay for the race.
-                Some(watch) => {
-                    Box::pin(async move {
-                        // The stall first: the app, woken by its failed body read, may have
-                        // answered in the same poll; the client is owed the 408.
-                        tokio::select! {
-                            biased;
-                            () = watch.stalled() => None,
-                            r = app => Some(r),
-                        }
-                    })
-                    .await
-                }
-            };
-            let mut response = match answered {
-                Some(r) => r?,
-                None => {
-                    // The client stopped sending the body: the handler's future is dropped, and
-                    // whatever it would have answered, the client learns why (as nginx's
-                    // client_body_timeout). The rest of the body is never read, so the
-                    // connection cannot serve another request: it closes, lingering, so that the
-                    // bytes still arriving do not turn the close into a reset that destroys
-                    // this answer.
-                    tracing::debug!("request body timed out (body_read_timeout)");
-                    let mut r = http::Response::new(full("request body timed out\n"));
-                    *r.status_mut() = http::StatusCode::REQUEST_TIMEOUT;
-                    if http1 {
-                        busy.shared().linger.store(true, Ordering::Relaxed);
-                        r.headers_mut().insert(
-                            http::header::CONNECTION,
-                            http::HeaderValue::from_static("close"),
-                        );
-                    }
-                    r
                 }
             };
             drop(guard);
@@ -1703,6 +1652,105 @@ fn request_service(
             // makes the connection busy by itself, and the request stays open until its body
             // has ended.
             Ok(response.map(|body| Sending::new(body, busy.into_open())))
+        }
+    })
+}
+
+/// The app's future as called in place (see [`crate::app::call_in_place`]).
+type AppCall = futures_util::future::Either<
+    <HttpService as tower::Service<Request>>::Future,
+    Pin<Box<tower::util::Oneshot<HttpService, Request>>>,
+>;
+
+/// How a request is answered.
+enum Answer {
+    /// By the app, awaited directly (the common case).
+    App(AppCall),
+    /// By the app under a request timeout or a body watch, boxed: only these requests pay for
+    /// the timer and the race.
+    Guarded(
+        Pin<
+            Box<
+                dyn Future<
+                        Output = Result<http::Response<crate::app::Body>, std::convert::Infallible>,
+                    > + Send,
+            >,
+        >,
+    ),
+    /// By tine, without calling the app: a warm-up request, or a head over the limit (the
+    /// response is made only then: kept here, it would grow every request's future).
+    Refused { warm_up: bool },
+}
+
+/// tine's own answer to a request the app never sees: a warm-up request (see `warm_up`), or a
+/// head over `max_header_bytes`.
+fn refused(warm_up: bool) -> http::Response<crate::app::Body> {
+    if warm_up {
+        let mut r = http::Response::new(full(""));
+        *r.status_mut() = http::StatusCode::NO_CONTENT;
+        return r;
+    }
+    let mut r = http::Response::new(full("request header fields too large\n"));
+    *r.status_mut() = http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+    r.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    r
+}
+
+/// The app's answer under `request_timeout` (if not zero) and, for a request whose body is
+/// still to come, `body_read_timeout` (`watch`). `linger`: the connection's shared state on
+/// HTTP/1, where a body that timed out closes the connection.
+async fn guarded(
+    call: AppCall,
+    request_timeout: Duration,
+    watch: Option<Arc<BodyWatch>>,
+    linger: Option<Arc<Shared>>,
+) -> Result<http::Response<crate::app::Body>, std::convert::Infallible> {
+    let app = async move {
+        if request_timeout.is_zero() {
+            return call.await;
+        }
+        Ok(match tokio::time::timeout(request_timeout, call).await {
+            Ok(r) => r?,
+            Err(_) => {
+                // The handler's future was dropped with the timeout.
+                let mut r = http::Response::new(full("request timed out\n"));
+                *r.status_mut() = http::StatusCode::GATEWAY_TIMEOUT;
+                r
+            }
+        })
+    };
+    let answered = match watch {
+        None => Some(app.await),
+        // The stall first: the app, woken by its failed body read, may have answered in the same
+        // poll; the client is owed the 408.
+        Some(watch) => tokio::select! {
+            biased;
+            () = watch.stalled() => None,
+            r = app => Some(r),
+        },
+    };
+    Ok(match answered {
+        Some(r) => r?,
+        None => {
+            // The client stopped sending the body: the handler's future is dropped, and whatever
+            // it would have answered, the client learns why (as nginx's client_body_timeout).
+            // The rest of the body is never read, so the connection cannot serve another
+            // request: it closes, lingering, so that the bytes still arriving do not turn the
+            // close into a reset that destroys this answer.
+            tracing::debug!("request body timed out (body_read_timeout)");
+            let mut r = http::Response::new(full("request body timed out\n"));
+            *r.status_mut() = http::StatusCode::REQUEST_TIMEOUT;
+            if let Some(shared) = linger {
+                shared.linger.store(true, Ordering::Relaxed);
+                r.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
+            r
         }
     })
 }
