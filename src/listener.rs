@@ -197,44 +197,6 @@ impl AsFd for Listener {
     }
 }
 
-/// Connections whose TCP handshake is under way on the ports of `addrs`: the SYN was answered,
-/// the client's final ACK has not arrived (`SYN_RECV` in `/proc/net/tcp` and `tcp6`). Such a
-/// client already sees its connection open and may have sent its request; the kernel queues the
-/// connection only when the ACK arrives, about a round trip later (or with the client's first
-/// data: a client can delay that ACK). Matched by port alone (another address on the same port
-/// only makes a stop wait a little longer).
-pub(crate) fn handshakes_under_way(addrs: &[std::net::SocketAddr]) -> io::Result<usize> {
-    /// `st` of a socket in `SYN_RECV` (request sockets are listed with it).
-    const SYN_RECV: &str = "03";
-    let mut count = 0;
-    for (v6, table) in [(false, "/proc/net/tcp"), (true, "/proc/net/tcp6")] {
-        let ports: Vec<u16> = addrs
-            .iter()
-            .filter(|a| a.is_ipv6() == v6)
-            .map(|a| a.port())
-            .collect();
-        if ports.is_empty() {
-            continue;
-        }
-        let text = std::fs::read_to_string(table)?;
-        count += text
-            .lines()
-            .skip(1)
-            .filter(|line| {
-                let mut fields = line.split_whitespace();
-                let local = fields.nth(1);
-                let state = fields.nth(1);
-                state == Some(SYN_RECV)
-                    && local
-                        .and_then(|l| l.rsplit(':').next())
-                        .and_then(|port| u16::from_str_radix(port, 16).ok())
-                        .is_some_and(|port| ports.contains(&port))
-            })
-            .count();
-    }
-    Ok(count)
-}
-
 /// Removes a unix socket file left by a dead server; refuses if a server still answers on it or if
 /// the path is not a socket.
 pub fn remove_stale_socket(path: &std::path::Path) -> io::Result<()> {
@@ -332,27 +294,6 @@ mod tests {
                 .is_err_and(|e| e.kind() == io::ErrorKind::ConnectionRefused),
             "a connect once the socket closed: {closed:?}"
         );
-    }
-
-    /// A client that holds back its handshake's final ACK (`TCP_QUICKACK` off: it is sent with
-    /// the first data, or by the delayed-ACK timer within 200 ms) is counted as a handshake under
-    /// way until then; once it has written, its connection is queued and no longer counted.
-    #[test]
-    fn a_handshake_is_under_way_until_the_clients_final_ack() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        assert_eq!(handshakes_under_way(&[addr]).unwrap(), 0);
-        let client =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        client.set_quickack(false).unwrap();
-        client.connect(&addr.into()).unwrap();
-        assert_eq!(handshakes_under_way(&[addr]).unwrap(), 1);
-        let mut client = TcpStream::from(client);
-        client.write_all(b"ping").unwrap();
-        let (mut accepted, _) = listener.accept().unwrap();
-        let mut got = [0u8; 4];
-        accepted.read_exact(&mut got).unwrap();
-        assert_eq!(handshakes_under_way(&[addr]).unwrap(), 0);
     }
 
     /// A unix listener that refuses new connections cannot be reached by its path any more;

@@ -442,7 +442,7 @@ impl Monitor {
         // on accepting until no handshake is under way (bounded).
         self.handshake_wait = None;
         if graceful {
-            let under_way = crate::listener::handshakes_under_way(&tcp).unwrap_or(0);
+            let under_way = queue::handshakes_under_way(&tcp).unwrap_or(0);
             if under_way > 0 {
                 tracing::info!(
                     handshakes = under_way,
@@ -484,7 +484,7 @@ impl Monitor {
         let Some((until, addrs)) = &self.handshake_wait else {
             return;
         };
-        let left = crate::listener::handshakes_under_way(addrs).unwrap_or(0);
+        let left = queue::handshakes_under_way(addrs).unwrap_or(0);
         let timed_out = Instant::now() >= *until;
         if left > 0 && !timed_out {
             return;
