@@ -18,7 +18,12 @@ const WAIT: Duration = Duration::from_secs(30);
 /// Runs `tine top` against `socket` in a `width`×`height` terminal, from a shell that says
 /// `before top` first, and after top exits prints its exit status and the terminal's settings.
 fn top(socket: &Path, width: u16, height: u16) -> Tmux {
-    let script = r#"printf 'before top\n'; "$TINE" top --control-socket "$SOCK"; echo "top exited with $?"; stty -a; sleep 60"#;
+    top_refreshing_every(socket, width, height, "1")
+}
+
+/// [`top`] with `--interval SECONDS`.
+fn top_refreshing_every(socket: &Path, width: u16, height: u16, seconds: &str) -> Tmux {
+    let script = r#"printf 'before top\n'; "$TINE" top --control-socket "$SOCK" --interval "$INTERVAL"; echo "top exited with $?"; stty -a; sleep 60"#;
     Tmux::start(
         width,
         height,
@@ -26,6 +31,7 @@ fn top(socket: &Path, width: u16, height: u16) -> Tmux {
         &[
             ("TINE", tine_bin().as_os_str()),
             ("SOCK", socket.as_os_str()),
+            ("INTERVAL", std::ffi::OsStr::new(seconds)),
         ],
     )
 }
@@ -422,4 +428,45 @@ fn k_confirmed_after_the_worker_was_replaced_kills_nothing() {
     tmux.wait_for("nothing killed", WAIT);
     assert_eq!(server.wait_workers(2, WAIT), replaced);
     assert!(common::proc_info(replaced[1]).is_some());
+}
+
+/// `p` profiles the process on the screen: when another process took that worker's number after
+/// the screen was drawn, nothing is profiled (not the newcomer) and the message line says why.
+/// Before, `p` asked for the number alone and profiled whichever process had it by then.
+#[test]
+fn p_after_the_worker_was_replaced_profiles_nothing() {
+    let (server, pids) = two_workers();
+    // One refresh a minute: the screen goes on showing the pid it drew.
+    let tmux = top_refreshing_every(&server.control_socket, 120, 40, "60");
+    wait_rows(&tmux, &pids);
+    tmux.keys(&["Down"]);
+    tmux.wait("worker 1 selected", WAIT, |s| {
+        row_of(s, pids[1]).is_some_and(|r| r.starts_with("> worker"))
+    });
+    // Between the screen's refresh and the key, worker 1 dies and another process takes its number.
+    server
+        .ctl(&["kill-worker", "1"])
+        .expect("ctl kill-worker 1");
+    let replaced = poll_until(WAIT, || {
+        let now = server.wait_workers(2, WAIT);
+        (now[1] != pids[1]).then_some(now)
+    })
+    .expect("worker 1 replaced");
+    tmux.keys(&["p"]);
+    let screen = tmux.wait_for("nothing profiled", WAIT);
+    assert!(
+        screen.contains(&format!(
+            "worker 1 is pid {} now, not {}",
+            replaced[1], pids[1]
+        )),
+        "{screen}"
+    );
+    let status = server.status();
+    let profiled: Vec<&serde_json::Value> = status["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .filter(|p| !p["profiling"].is_null())
+        .collect();
+    assert!(profiled.is_empty(), "being profiled: {profiled:?}");
 }

@@ -28,8 +28,9 @@ enum Cmd {
     /// Validate the configuration and exit, starting nothing.
     Check(ServeArgs),
     /// Send a command to a running server: status [--json], scale N, stop [--quick],
-    /// kill-worker NR [--pid PID], refork, reload, reopen-logs, profile NR [--seconds N] [--json] (a CPU
-    /// flamegraph of worker NR, 10 s by default; prints the SVG's path once written).
+    /// kill-worker NR [--pid PID], refork, reload, reopen-logs, profile NR [--pid PID]
+    /// [--seconds N] [--json] (a CPU flamegraph of worker NR, 10 s by default; prints the SVG's
+    /// path once written; with --pid, only if worker NR is still that process).
     Ctl(CtlArgs),
     /// Watch a running server live: a row per process (requests/s, in flight, oldest request,
     /// CPU %, memory), restarts, accept queues, recent events. Keys: +/- scale by one, r refork,

@@ -33,9 +33,12 @@ pub(crate) enum Op {
     },
     Refork,
     ReopenLogs,
-    /// Profile worker `nr` for `seconds`; answered with the SVG's path (or JSON).
+    /// Profile worker `nr` for `seconds`; answered with the SVG's path (or JSON). With `pid`, only
+    /// if that is still its pid (`tine top` profiles the process it showed, never the worker that
+    /// took its number since).
     Profile {
         nr: u32,
+        pid: Option<i32>,
         seconds: u32,
         json: bool,
     },
@@ -44,20 +47,30 @@ pub(crate) enum Op {
 /// `ctl profile`'s length without `--seconds`.
 pub(crate) const DEFAULT_PROFILE_SECONDS: u32 = 10;
 
-/// `profile NR [--seconds N] [--json]`, the options in any order.
+/// `profile NR [--pid PID] [--seconds N] [--json]`, the options in any order.
 fn parse_profile(args: &[&str]) -> Result<Op, String> {
-    const USAGE: &str = "usage: profile NR [--seconds N] [--json]";
+    const USAGE: &str = "usage: profile NR [--pid PID] [--seconds N] [--json]";
     let Some((nr, mut rest)) = args.split_first() else {
         return Err(USAGE.into());
     };
     let nr = nr
         .parse()
         .map_err(|_| format!("profile: {nr:?} is not a worker number; {USAGE}"))?;
-    let (mut seconds, mut json) = (DEFAULT_PROFILE_SECONDS, false);
+    let (mut seconds, mut json, mut pid) = (DEFAULT_PROFILE_SECONDS, false, None);
     while let Some((word, tail)) = rest.split_first() {
         rest = tail;
         match *word {
             "--json" => json = true,
+            "--pid" => {
+                let Some((n, tail)) = rest.split_first() else {
+                    return Err(format!("profile: --pid needs a pid; {USAGE}"));
+                };
+                rest = tail;
+                pid = Some(
+                    n.parse()
+                        .map_err(|_| format!("profile: --pid {n:?} is not a pid"))?,
+                );
+            }
             "--seconds" => {
                 let Some((n, tail)) = rest.split_first() else {
                     return Err(format!("profile: --seconds needs a number; {USAGE}"));
@@ -70,7 +83,12 @@ fn parse_profile(args: &[&str]) -> Result<Op, String> {
             other => return Err(format!("profile: unexpected {other:?}; {USAGE}")),
         }
     }
-    Ok(Op::Profile { nr, seconds, json })
+    Ok(Op::Profile {
+        nr,
+        pid,
+        seconds,
+        json,
+    })
 }
 
 fn parse_worker_nr(nr: &str) -> Result<u32, String> {
@@ -102,7 +120,7 @@ pub(crate) fn parse(command: &str) -> Result<Op, String> {
         ["reopen-logs"] => Op::ReopenLogs,
         ["profile", args @ ..] => parse_profile(args)?,
         _ => return Err(format!(
-            "unknown command {command:?}; expected status [--json], scale N, stop [--quick], kill-worker NR [--pid PID], refork, reload, reopen-logs, profile NR [--seconds N] [--json]"
+            "unknown command {command:?}; expected status [--json], scale N, stop [--quick], kill-worker NR [--pid PID], refork, reload, reopen-logs, profile NR [--pid PID] [--seconds N] [--json]"
         )),
     })
 }
@@ -161,6 +179,35 @@ pub(crate) fn patience(command: &str) -> Duration {
         _ => 10,
     };
     Duration::from_secs(seconds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profile_takes_a_pid_among_its_options() {
+        assert_eq!(
+            parse("profile 2 --seconds 5 --pid 4321 --json"),
+            Ok(Op::Profile {
+                nr: 2,
+                pid: Some(4321),
+                seconds: 5,
+                json: true
+            })
+        );
+        assert_eq!(
+            parse("profile 2"),
+            Ok(Op::Profile {
+                nr: 2,
+                pid: None,
+                seconds: DEFAULT_PROFILE_SECONDS,
+                json: false
+            })
+        );
+        assert!(parse("profile 2 --pid").is_err_and(|e| e.contains("--pid needs a pid")));
+        assert!(parse("profile 2 --pid x").is_err_and(|e| e.contains("not a pid")));
+    }
 }
 
 /// Property-based fuzzing (proptest; `PROPTEST_CASES` raises the case count): any command text

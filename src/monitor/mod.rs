@@ -1409,13 +1409,18 @@ impl Monitor {
             return Some(name);
         }
         let profile = match request.command.as_deref().map(protocol::parse) {
-            Ok(Ok(Op::Profile { nr, seconds, json })) => Some((nr, seconds, json)),
+            Ok(Ok(Op::Profile {
+                nr,
+                pid,
+                seconds,
+                json,
+            })) => Some((nr, pid, seconds, json)),
             _ => None,
         };
-        if let Some((nr, seconds, json)) = profile {
+        if let Some((nr, pid, seconds, json)) = profile {
             // Answered when the worker wrote the profile, failed, or exited.
             self.control = Some(control);
-            self.profile(request.client, nr, seconds, json);
+            self.profile(request.client, nr, pid, seconds, json);
             return Some(name);
         }
         let reply = self.run_command(request.command);

@@ -60,10 +60,19 @@ fn answer(waiter: Waiter, reply: Result<String, String>) {
 }
 
 impl Monitor {
-    /// `tine ctl profile NR [--seconds N] [--json]`: answered with the SVG's path once worker NR
-    /// wrote it, or with an error.
-    pub(crate) fn profile(&mut self, client: UnixStream, nr: u32, seconds: u32, json: bool) {
-        match self.start_profile(nr, seconds) {
+    /// `tine ctl profile NR [--pid PID] [--seconds N] [--json]`: answered with the SVG's path
+    /// once worker NR wrote it, or with an error. With `pid`, only that process is profiled: a
+    /// client that showed the operator a pid (`tine top`) must not profile the worker that took
+    /// its number since.
+    pub(crate) fn profile(
+        &mut self,
+        client: UnixStream,
+        nr: u32,
+        pid: Option<i32>,
+        seconds: u32,
+        json: bool,
+    ) {
+        match self.start_profile(nr, pid, seconds) {
             Ok(pid) => self.profiles.waiters.push(Waiter {
                 pid,
                 nr,
@@ -77,7 +86,7 @@ impl Monitor {
         }
     }
 
-    fn start_profile(&mut self, nr: u32, seconds: u32) -> Result<i32, String> {
+    fn start_profile(&mut self, nr: u32, asked: Option<i32>, seconds: u32) -> Result<i32, String> {
         let max = self.config.profile_max_seconds;
         if seconds == 0 || seconds > max {
             return Err(format!(
@@ -87,6 +96,20 @@ impl Monitor {
         let worker = self.children.values().find(|c| {
             c.kind == Kind::Worker && c.nr == nr && c.phase == Phase::Ready && c.pid.is_some()
         });
+        let now = worker.map(|c| c.pid_raw());
+        match (asked, now) {
+            (Some(asked), Some(now)) if asked != now => {
+                return Err(format!(
+                    "worker {nr} is pid {now} now, not {asked}; nothing profiled"
+                ));
+            }
+            (Some(asked), None) => {
+                return Err(format!(
+                    "no ready worker {nr} (pid {asked} is gone); nothing profiled"
+                ));
+            }
+            _ => {}
+        }
         let Some(c) = worker else {
             return Err(format!("no ready worker {nr}"));
         };

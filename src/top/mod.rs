@@ -71,7 +71,10 @@ impl Action {
             Action::Refork => "refork".into(),
             Action::Reload => "reload".into(),
             Action::Kill { nr, pid } => format!("kill-worker {nr} --pid {pid}"),
-            Action::Profile { nr, .. } => format!("profile {nr} --seconds {PROFILE_SECONDS}"),
+            // By pid too: the process on the screen, never one that took its number since.
+            Action::Profile { nr, pid } => {
+                format!("profile {nr} --pid {pid} --seconds {PROFILE_SECONDS}")
+            }
         }
     }
 
@@ -637,7 +640,7 @@ mod tests {
         assert_eq!(Action::Scale(3).command(), "scale 3");
         assert_eq!(
             Action::Profile { nr: 2, pid: 5 }.command(),
-            "profile 2 --seconds 10"
+            "profile 2 --pid 5 --seconds 10"
         );
     }
 
@@ -645,7 +648,7 @@ mod tests {
     fn a_server_without_profile_says_not_available() {
         let action = Action::Profile { nr: 1, pid: 5 };
         let m = action.outcome(Err(
-            "unknown command \"profile 1 --seconds 10\"; expected …".into(),
+            "unknown command \"profile 1 --pid 5 --seconds 10\"; expected …".into(),
         ));
         assert!(
             m.error && m.text.starts_with("profile: not available"),
