@@ -34,6 +34,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 POST_LUA = os.path.join(HERE, "post.lua")
+sys.path.insert(0, os.path.dirname(HERE))
+from nginx_hello import nginx_hello_command  # noqa: E402 (bench/ is on the path only now)
 WORKERS = 3
 EVENT_TIMEOUT = 30.0
 
@@ -136,33 +138,7 @@ class Tine:
 class Nginx:
     def __init__(self, work, workers):
         self.port = free_port()
-        p = os.path.join(work, f"nginx-{self.port}")
-        os.makedirs(os.path.join(p, "logs"), exist_ok=True)
-        os.makedirs(os.path.join(p, "tmp"), exist_ok=True)
-        conf = os.path.join(p, "nginx.conf")
-        with open(conf, "w") as f:
-            f.write(f"""worker_processes {workers};
-daemon off;
-master_process on;
-pid {p}/nginx.pid;
-error_log {p}/logs/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    keepalive_requests 100000;
-    default_type text/plain;
-    client_body_temp_path {p}/tmp/body;
-    proxy_temp_path {p}/tmp/proxy;
-    fastcgi_temp_path {p}/tmp/fastcgi;
-    uwsgi_temp_path {p}/tmp/uwsgi;
-    scgi_temp_path {p}/tmp/scgi;
-    server {{
-        listen 127.0.0.1:{self.port};
-        location / {{ return 200 "hello\\n"; }}
-    }}
-}}
-""")
-        self.cmd = ["nginx", "-p", p, "-c", conf, "-e", os.path.join(p, "logs", "error.log")]
+        self.cmd = nginx_hello_command(os.path.join(work, f"nginx-{self.port}"), self.port, workers)
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         STARTED.append(self.proc)

@@ -21,6 +21,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 APPS = os.path.join(HERE, "apps")
+sys.path.insert(0, os.path.dirname(HERE))
+from nginx_hello import nginx_hello_command  # noqa: E402 (bench/ is on the path only now)
 
 
 def env_int(name, default):
@@ -147,32 +149,7 @@ class Server:
             cmd = [TINE_BIN, "serve", "--listen", f"127.0.0.1:{port}", "--workers", str(n), "--app", "hello", *extra]
             return cmd, env, signal.SIGHUP, "`SIGHUP` (re-exec in place, every worker replaced)"
         if self.kind == "nginx":
-            p = d
-            os.makedirs(f"{p}/logs", exist_ok=True)
-            os.makedirs(f"{p}/tmp", exist_ok=True)
-            with open(f"{p}/nginx.conf", "w") as f:
-                f.write(f"""worker_processes {n};
-daemon off;
-master_process on;
-pid {p}/nginx.pid;
-error_log {p}/logs/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    keepalive_requests 100000;
-    default_type text/plain;
-    client_body_temp_path {p}/tmp/body;
-    proxy_temp_path {p}/tmp/proxy;
-    fastcgi_temp_path {p}/tmp/fastcgi;
-    uwsgi_temp_path {p}/tmp/uwsgi;
-    scgi_temp_path {p}/tmp/scgi;
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{ return 200 "hello\\n"; }}
-    }}
-}}
-""")
-            return (["nginx", "-p", p, "-c", f"{p}/nginx.conf", "-e", f"{p}/logs/error.log"], env, signal.SIGHUP,
+            return (nginx_hello_command(d, port, n), env, signal.SIGHUP,
                     "`SIGHUP` (new workers, old ones finish and exit)")
         if self.kind == "hyper":
             return [HYPER_BIN, f"127.0.0.1:{port}", str(n)], env, None, "none (no supervisor: a restart is a new process)"
