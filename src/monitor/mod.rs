@@ -705,6 +705,13 @@ impl Monitor {
             return;
         }
         c.dying = true;
+        // Only its exit hangs it up, but a worker could also close it by lying (a descriptor of
+        // its own in `Hello`): it is gone either way. (A SIGKILL changes nothing for a process
+        // already exiting: its exit status stays, and a core dump was written before its
+        // threads could exit.)
+        if let Some(pid) = c.pid {
+            let _ = kill(pid, Signal::SIGKILL);
+        }
         let (nr, pid) = (c.nr, c.pid_raw());
         let (woke_us, woke_cpu_us) = (self.woke_us, self.woke_cpu_us);
         self.replace_at_once(nr);

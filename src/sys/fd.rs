@@ -132,3 +132,26 @@ pub fn keep_only_in_own_table(keep: RawFd) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use super::*;
+
+    #[test]
+    fn a_thread_keeps_one_descriptor_in_a_table_of_its_own() {
+        let kept = std::fs::File::open("/dev/null").expect("open");
+        let other = std::fs::File::open("/dev/null").expect("open");
+        let (kept_fd, other_fd) = (kept.as_raw_fd(), other.as_raw_fd());
+        let seen = std::thread::spawn(move || {
+            keep_only_in_own_table(kept_fd).expect("close_range");
+            (is_open(kept_fd), is_open(other_fd), is_open(2))
+        })
+        .join()
+        .expect("the thread");
+        assert_eq!(seen, (true, false, false), "in the thread's own table");
+        // The process's table is untouched.
+        assert!(is_open(kept_fd) && is_open(other_fd) && is_open(2));
+    }
+}
