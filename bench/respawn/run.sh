@@ -4,8 +4,10 @@
 # (the master forks a new worker). One worker, 4 kept-alive clients in a loop; see
 # examples/respawn_bench.rs. Variants are interleaved in blocks of ROUNDS kills, BLOCKS times.
 #
-#   bench/respawn/run.sh              # 3 blocks of 20 kills per variant (60 each), ~3 minutes
+#   bench/respawn/run.sh              # 3 blocks of 20 kills per variant (60 each), ~3 minutes,
+#                                     # then a 40-kill timeline of tine (TIMELINE_ROUNDS, 0: none)
 #   ROUNDS=5 BLOCKS=1 bench/respawn/run.sh --quick   # writes to bench/results/tmp/
+# The report's new section goes on top of bench/results/respawn.md; earlier ones stay below.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=bench/results
@@ -30,10 +32,20 @@ for block in $(seq "$blocks"); do
   done
 done
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
-python3 - "$raw" "$out/respawn.md" "$rounds" "$blocks" "$load_before" "$load_after" <<'PY'
+# Then where the time goes, stage by stage (tine with a spare; its tine::respawn debug lines on).
+timeline_rounds=${TIMELINE_ROUNDS:-40}
+stages="$out/respawn-stages.txt"
+: > "$stages"
+if [ "$timeline_rounds" -gt 0 ]; then
+  echo "timeline: tine spares=1, $timeline_rounds kills" >&2
+  "$driver" --server tine --spares 1 --rounds "$timeline_rounds" --tine "$tine" \
+    --timeline "$out/respawn-timeline.log" > "$out/respawn-timeline.jsonl"
+  python3 bench/respawn/timeline.py "$out/respawn-timeline.jsonl" "$out/respawn-timeline.log" > "$stages"
+fi
+python3 - "$raw" "$out/respawn.md" "$rounds" "$blocks" "$load_before" "$load_after" "$stages" <<'PY'
 import json, statistics, sys, platform, subprocess, os, datetime
 raw, md, rounds, blocks = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-load_before, load_after = sys.argv[5], sys.argv[6]
+load_before, load_after, stages = sys.argv[5], sys.argv[6], open(sys.argv[7]).read().strip()
 runs = [json.loads(l) for l in open(raw) if l.strip()]
 def key(r): return ("tine, spare_workers=1" if r["server"] == "tine" and r["spares"] else
                     "tine, spare_workers=0" if r["server"] == "tine" else "nginx")
@@ -51,8 +63,8 @@ lines = [
     f"{datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, commit {commit}, {os.cpu_count()} CPUs ({cpu}), "
     f"Linux {platform.release()}. Command: `bench/respawn/run.sh` ({blocks} interleaved blocks of {rounds} kills per variant).",
     "",
-    f"Shared, noisy machine: other builds and tests ran at the same time (load average {load_before} before, "
-    f"{load_after} after); read the spread, not just the median.",
+    f"Load average {load_before} before, {load_after} after (anything above ~1 means other work shared the "
+    f"2 CPUs: read the spread, not just the median).",
     "",
     "One worker; 4 kept-alive clients send `GET /` in a loop, reconnecting at once after a failure, so",
     "the worker is busy when it dies and every request waits for the replacement. The clock starts just",
@@ -71,6 +83,13 @@ for name in ["tine, spare_workers=1", "tine, spare_workers=0", "nginx"]:
     lines.append(f"| {name} | {len(s)} | {g['failures']} | {ms(q(s,.5))} | {ms(q(s,.1))} | {ms(q(s,.9))} | "
                  f"{ms(min(s))} | {ms(max(s))} | {', '.join(ms(m) for m in g['medians'])} |")
 lines += ["", f"Raw samples (µs) per run: `{os.path.basename(raw)}`.", ""]
-open(md, "w").write("\n".join(lines))
-print("\n".join(lines))
+if stages:
+    lines += ["Where the time goes, tine with a spare (`bench/respawn/timeline.py`, µs, CLOCK_MONOTONIC;",
+              "`_cpu` rows: CPU time of the monitor's or the spare's thread; raw: `respawn-timeline.jsonl`, `.log`):",
+              "", "```", stages, "```", ""]
+section = "\n".join(lines)
+# The newest run on top; earlier runs and their readings stay below.
+earlier = open(md).read() if os.path.exists(md) else ""
+open(md, "w").write(section + ("\n" + earlier if earlier else ""))
+print(section)
 PY
