@@ -302,6 +302,13 @@ impl Scoreboard {
         &self.mem.words()[start..start + SLOT_WORDS]
     }
 
+    /// Writes any value into `slot`'s request count, as a corrupt or hostile worker could (for
+    /// tests of what the monitor makes of it).
+    #[cfg(test)]
+    pub(crate) fn write_requests_count(&self, slot: usize, count: u64) {
+        self.words(slot)[REQUESTS].store(count, Ordering::Relaxed);
+    }
+
     /// Clears a slot so a new process can claim it (monitor only).
     pub fn clear(&self, slot: usize) {
         if slot >= self.capacity {

@@ -205,14 +205,37 @@ pub(crate) fn shared_percent(mem: &meminfo::Memory) -> f64 {
     }
 }
 
-/// The tree's requests: every live slot plus what gone processes served.
+/// The tree's requests: every live slot plus what gone processes served. Saturating: each slot's
+/// count is written by its worker, and whatever a corrupt one wrote must not panic the monitor
+/// (an overflow panics a debug build) nor wrap the total around.
 pub(crate) fn total_requests(board: &Scoreboard) -> u64 {
     // Header first: a count moving from a slot to the header meanwhile is missed, not doubled;
     // the high-water mark then hides the dip.
     let gone = board.requests_of_gone();
-    let live: u64 = (0..board.capacity())
+    (0..board.capacity())
         .filter_map(|s| board.read(s))
-        .map(|v| v.requests)
-        .sum();
-    gone.saturating_add(live)
+        .fold(gone, |total, v| total.saturating_add(v.requests))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipc::scoreboard::{Role, State};
+
+    #[test]
+    fn the_total_of_corrupt_request_counts_saturates() {
+        let board = Scoreboard::create(3).expect("a scoreboard");
+        for slot in 0..3 {
+            let writer = board.slot(slot).expect("a slot");
+            writer.claim(
+                1000 + slot as i32,
+                Role::Worker,
+                1,
+                slot as u32,
+                State::Ready,
+            );
+            board.write_requests_count(slot, u64::MAX / 2);
+        }
+        assert_eq!(total_requests(&board), u64::MAX);
+    }
 }
