@@ -247,6 +247,17 @@ fn read_until_closed(s: &mut TcpStream) -> String {
     String::from_utf8(out).expect("UTF-8 answer")
 }
 
+/// Asserts that the tree exits with status 0 within 10 s of `started` (the graceful stop's
+/// signal): long before the tests' graceful_timeout of 30 s.
+fn assert_exits_0_within_10_s(server: &mut Server, started: Instant) {
+    assert_eq!(server.exit_code_within(Duration::from_secs(10)), 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 /// Asserts that the log never says a worker was still alive after graceful_timeout (the monitor
 /// kills such a worker; a handler that watches `Worker::shutdown` lets it end sooner).
 fn assert_no_worker_was_killed_at_graceful_timeout(server: &Server) {
@@ -292,12 +303,7 @@ fn raas_tells_waiting_clients_and_exits_on_a_graceful_stop() {
         "error: server going away\n",
         "a client that sent nothing is told, then closed"
     );
-    assert_eq!(server.exit_code_within(Duration::from_secs(10)), 0);
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        started.elapsed()
-    );
+    assert_exits_0_within_10_s(&mut server, started);
     assert_no_worker_was_killed_at_graceful_timeout(&server);
 }
 
@@ -388,12 +394,7 @@ fn axum_websocket_is_told_going_away_on_a_graceful_stop() {
     let started = Instant::now();
     server.signal(Signal::SIGTERM);
     assert_going_away(&mut ws, &server, || !gone(worker));
-    assert_eq!(server.exit_code_within(Duration::from_secs(10)), 0);
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        started.elapsed()
-    );
+    assert_exits_0_within_10_s(&mut server, started);
     assert!(gone(worker));
     assert_no_worker_was_killed_at_graceful_timeout(&server);
 }
@@ -541,11 +542,6 @@ fn axum_event_stream_ends_with_bye_on_a_graceful_stop() {
         "{rest:?}"
     );
     drop(s);
-    assert_eq!(server.exit_code_within(Duration::from_secs(10)), 0);
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        started.elapsed()
-    );
+    assert_exits_0_within_10_s(&mut server, started);
     assert!(gone(worker));
 }
