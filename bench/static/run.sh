@@ -358,4 +358,4 @@ if [[ "$KEEP_EARLIER" == 1 && -s "$OUT" ]]; then
 fi
 cp "$WORK/report.md" "$OUT"
 log "wrote $OUT"
-sed -n '/## Medians/,/^CPU/p' "$WORK/report.md" >&2
+sed -n '/## Medians/,/^CPU/{p;/^CPU/q}' "$WORK/report.md" >&2
