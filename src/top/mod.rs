@@ -105,6 +105,14 @@ impl Action {
             Err(e) if matches!(self, Action::Profile { .. }) && e.contains("unknown command") => {
                 Message::error("profile: not available (this server has no `ctl profile`)".into())
             }
+            // A tine from before `--pid`: asking by number alone could profile another process.
+            Err(e)
+                if matches!(self, Action::Profile { .. }) && e.contains("unexpected \"--pid\"") =>
+            {
+                Message::error(format!(
+                    "{label}: this server cannot profile by pid (an older tine)"
+                ))
+            }
             Err(e) => Message::error(format!("{label} failed: {e}")),
         }
     }
@@ -652,6 +660,14 @@ mod tests {
         ));
         assert!(
             m.error && m.text.starts_with("profile: not available"),
+            "{}",
+            m.text
+        );
+        let m = action.outcome(Err(
+            "profile: unexpected \"--pid\"; usage: profile NR [--seconds N] [--json]".into(),
+        ));
+        assert!(
+            m.error && m.text.contains("cannot profile by pid"),
             "{}",
             m.text
         );
