@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use common::metrics::metrics_addr;
@@ -131,24 +132,27 @@ fn value(all: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         .map(|s| s.value)
 }
 
-#[test]
-fn metrics_describe_the_tree_and_the_load() {
-    let dir = TempDir::new();
+/// `tine serve ARGS` with metrics on a free loopback port, listening on a free loopback TCP port
+/// and on the unix socket `DIR/http.sock`: the tree and the socket's path.
+fn start_on_tcp_and_unix(dir: &TempDir, args: &[&str]) -> (Server, PathBuf) {
     let unix = dir.join("http.sock");
     let server = Launch::tine()
-        .args([
-            "--workers",
-            "2",
-            "--debug-headers",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--backlog",
-            "77",
-        ])
+        .args(args)
+        .args(["--metrics-listen", "127.0.0.1:0"])
         .args(["--listen", "127.0.0.1:0"])
         .arg("--listen")
         .arg(format!("unix:{}", unix.display()))
         .start();
+    (server, unix)
+}
+
+#[test]
+fn metrics_describe_the_tree_and_the_load() {
+    let dir = TempDir::new();
+    let (server, unix) = start_on_tcp_and_unix(
+        &dir,
+        &["--workers", "2", "--debug-headers", "--backlog", "77"],
+    );
     let workers = server.wait_workers(2, READY_TIMEOUT);
     let tcp = Addr::Tcp(server.tcp_addr());
     let report = load(&tcp, "/", 2, 25, false, Duration::from_secs(30));
@@ -268,24 +272,13 @@ fn metrics_describe_the_tree_and_the_load() {
 
 #[test]
 fn listen_queue_depth_shows_connections_waiting_behind_a_stuck_worker() {
-    let dir = TempDir::new();
-    let unix = dir.join("http.sock");
     // One worker, stuck in /spin (the hang timeout far away), accepts nothing: new connections
     // wait in the kernel's accept queues, which is what the metric shows.
-    let server = Launch::tine()
-        .args([
-            "--workers",
-            "1",
-            "--debug-routes",
-            "--timeout",
-            "60",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--listen", "127.0.0.1:0"])
-        .arg("--listen")
-        .arg(format!("unix:{}", unix.display()))
-        .start();
+    let dir = TempDir::new();
+    let (server, unix) = start_on_tcp_and_unix(
+        &dir,
+        &["--workers", "1", "--debug-routes", "--timeout", "60"],
+    );
     server.wait_workers(1, READY_TIMEOUT);
     let tcp = server.tcp_addr();
     let spin_addr = Addr::Tcp(tcp);
