@@ -196,19 +196,22 @@ curl -s -D - -o /dev/null "http://127.0.0.1:$NGINX_PORT/f12.bin" | tr -d '\r' >"
 
 # ---------------------------------------------------------------- load
 RAW="$WORK/rounds.tsv"
-printf 'round\tsize\tserver\treq_s\tp50_us\tp99_us\terrors\tserver_cpu_s\trequests\terr_kinds\trunq_s\twrk_overrun_s\tcpu_source\n' >"$RAW"
+printf 'round\tsize\tserver\treq_s\tp50_us\tp99_us\terrors\tserver_cpu_s\trequests\terr_kinds\trunq_s\twrk_overrun_s\tcpu_source\twrk_cpu_s\n' >"$RAW"
 run_one() { # round size name port pid
     local out="$WORK/wrk-$3-$2-$1.txt" log_at
     log_at="$(wc -l <"$(log_of "$3")")"
     python3 "$HERE/cpu.py" snapshot "$5" >"$WORK/cpu0.json"
-    timeout -k 5 $((DURATION + 30)) wrk -t"$WRK_THREADS" -c"$CONNS" -d"$DURATION"s --latency \
-        -s "$ROOT/bench/http/stats.lua" "http://127.0.0.1:$4/f$2.bin" >"$out" 2>&1 ||
+    # wrk's own CPU (user and system, of every thread) too: on loopback the kernel charges part of
+    # one side's TCP work to the other, so server + wrk is the fair total.
+    local TIMEFORMAT='%3U %3S'
+    { time timeout -k 5 $((DURATION + 30)) wrk -t"$WRK_THREADS" -c"$CONNS" -d"$DURATION"s --latency \
+        -s "$ROOT/bench/http/stats.lua" "http://127.0.0.1:$4/f$2.bin" >"$out" 2>&1; } 2>"$WORK/wrk.time" ||
         die "wrk against $3 failed: $(tail -3 "$out")"
     python3 "$HERE/cpu.py" snapshot "$5" >"$WORK/cpu1.json"
     kill -0 "$5" 2>/dev/null || die "$3 died during the run"
-    python3 - "$1" "$2" "$3" "$out" "$(python3 "$HERE/cpu.py" diff "$WORK/cpu0.json" "$WORK/cpu1.json")" "$DURATION" >>"$RAW" <<'PY'
+    python3 - "$1" "$2" "$3" "$out" "$(python3 "$HERE/cpu.py" diff "$WORK/cpu0.json" "$WORK/cpu1.json")" "$DURATION" "$(awk '{print $1 + $2}' "$WORK/wrk.time")" >>"$RAW" <<'PY'
 import sys
-rnd, size, name, path, cpu, duration = sys.argv[1:]
+rnd, size, name, path, cpu, duration, wrk_cpu = sys.argv[1:]
 cpu_s, runq_s, source = cpu.split()
 line = next(l for l in open(path) if l.startswith("RESULT "))
 kv = dict(x.split("=") for x in line.split()[1:])
@@ -219,7 +222,7 @@ errs = sum(kinds.values())
 overrun = max(0.0, dur - float(duration))
 print("\t".join(map(str, [rnd, size, name, round(n / dur, 1), kv["p50_us"], kv["p99_us"], errs,
                           cpu_s, n, ",".join(f"{k}={v}" for k, v in kinds.items()) or "-",
-                          runq_s, round(overrun, 2), source])))
+                          runq_s, round(overrun, 2), source, wrk_cpu])))
 PY
     if [[ "$(tail -1 "$RAW" | cut -f7)" != 0 ]]; then
         # Keep what the server said during a run with errors (tine's log; nginx's error log).
@@ -297,10 +300,12 @@ print(f"- load: `{e['B_WRK_CMD']}` on the same machine, the servers interleaved 
 print("## Medians (min-max over rounds)\n")
 print("Ratios are against nginx in the same round: req/s ratio (median of the per-round ratios, "
       "their min-max), and CPU per request ratio (below 1: less CPU than nginx per request).\n")
-print("| size | server | req/s | req/s ratio | p50 / p99 µs | CPU µs/req | CPU ratio | errors |")
-print("|---|---|---|---|---|---|---|---|")
+print("| size | server | req/s | req/s ratio | p50 / p99 µs | CPU µs/req | CPU ratio | with wrk's µs/req | with wrk's ratio | errors |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 def cpu_of(r):
     return float(r[7]) / max(1, int(r[8])) * 1e6
+def both_of(r):
+    return (float(r[7]) + float(r[13])) / max(1, int(r[8])) * 1e6
 names = [x for x in ("tine", "before", "nginx") if any(k[1] == x for k in by)]
 for size in sorted({k[0] for k in by}):
     n = {r[0]: r for r in by[(size, "nginx")]}
@@ -308,13 +313,16 @@ for size in sorted({k[0] for k in by}):
         rs = by[(size, name)]
         req = med(rs, 3)
         cpu = statistics.median(cpu_of(r) for r in rs)
+        both = statistics.median(both_of(r) for r in rs)
         if name == "nginx":
-            ratio, cratio = "1", "1"
+            ratio, cratio, bratio = "1", "1", "1"
         else:
             rr = sorted(float(r[3]) / float(n[r[0]][3]) for r in rs if r[0] in n)
             cr = sorted(cpu_of(r) / max(1e-9, cpu_of(n[r[0]])) for r in rs if r[0] in n)
             ratio = f"**{statistics.median(rr):.2f}×** ({rr[0]:.2f}-{rr[-1]:.2f})"
             cratio = f"**{statistics.median(cr):.2f}** ({cr[0]:.2f}-{cr[-1]:.2f})"
+            br = sorted(both_of(r) / max(1e-9, both_of(n[r[0]])) for r in rs if r[0] in n)
+            bratio = f"**{statistics.median(br):.2f}** ({br[0]:.2f}-{br[-1]:.2f})"
         kinds = defaultdict(int)
         for r in rs:
             for kv in filter(None, r[9].split(",")) if r[9] != "-" else []:
@@ -324,25 +332,26 @@ for size in sorted({k[0] for k in by}):
         if errs:
             errs = f"{errs} ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})"
         print(f"| {human(size)} | {name} | {req[0]:,.0f} ({req[1]:,.0f}-{req[2]:,.0f}) | {ratio} "
-              f"| {med(rs, 4)[0]:.0f} / {med(rs, 5)[0]:.0f} | {cpu:.1f} | {cratio} | {errs} |")
+              f"| {med(rs, 4)[0]:.0f} / {med(rs, 5)[0]:.0f} | {cpu:.1f} | {cratio} | {both:.1f} | {bratio} | {errs} |")
 print("\nCPU µs/req: the time every thread of the server's process tree ran during the run "
       "(/proc/PID/task/TID/schedstat, nanoseconds; bench/static/cpu.py) divided by the requests "
       "wrk completed. The kernel's loopback work is charged to whichever task it interrupts, so "
       "part of the receiver's work lands on the server and part of the server's on wrk: compare "
-      "medians, not single runs.\n")
+      "medians, not single runs, and the totals with wrk's CPU (user + system of wrk's threads, "
+      "from bash's `time`), which no such shifting changes.\n")
 print("Errors are wrk's, by kind (timeout: a response not complete 2 s after its request, counted "
       "for every connection waiting at wrk's 2 s check). `wrk overran`: how much longer than its "
       "duration wrk ran; wrk's thread stops within 0.1 s of it, so more means wrk itself was not "
       "running (the machine starved the client). `run-queue s`: the time the server's threads were "
       "runnable but not running (summed over threads), from the same schedstat.\n")
 print("## Every round\n")
-print("| round | size | server | req/s | p50 µs | p99 µs | errors | server CPU s | run-queue s | wrk overran s | requests |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+print("| round | size | server | req/s | p50 µs | p99 µs | errors | server CPU s | wrk CPU s | run-queue s | wrk overran s | requests |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     errs = r[6] if r[6] == "0" else f"{r[6]} ({r[9]})"
     cpu = r[7] if r[12] == "schedstat" else f"{r[7]} (ticks)"
     print(f"| {r[0]} | {human(int(r[1]))} | {r[2]} | {float(r[3]):,.0f} | {r[4]} | {r[5]} | {errs} "
-          f"| {cpu} | {r[10]} | {r[11]} | {r[8]} |")
+          f"| {cpu} | {r[13]} | {r[10]} | {r[11]} | {r[8]} |")
 log = open(errlog).read().strip()
 if log:
     print("\n## What the servers logged during runs with errors (INFO lines left out)\n")
