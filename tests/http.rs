@@ -483,6 +483,16 @@ fn request_timeout_answers_504() {
     assert_eq!(server.get("/sleep/10").status, 200);
 }
 
+/// The reference apps read no peer address and say so (`App::connect_info` returns false): their
+/// requests carry no `tine::ConnectInfo`, so each skips the extensions map it would cost. An app
+/// that keeps the default gets it on every request (tests/connect_info.rs).
+#[test]
+fn an_app_that_reads_no_peer_address_gets_no_connect_info() {
+    let server = start(&["--workers", "1"]);
+    let r = server.get("/connect-info");
+    assert_eq!((r.status, r.text().as_str()), (200, "none\n"));
+}
+
 #[test]
 fn debug_header_and_routes_are_off_by_default() {
     let server = Launch::tine().args(["--workers", "1"]).start();

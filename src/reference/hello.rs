@@ -3,7 +3,8 @@
 //! Its debug hooks, active only with `--debug-routes` (tests use them to make real failures): the
 //! routes `/sleep/MS`, `/stream/MS` (a body that pauses), `/spin` (blocks the worker's thread
 //! forever), `/leak/KB`, `/crash` (aborts), `/subprocess/SECS` (starts `sleep SECS`, answers its
-//! pid) and `/echo`; the environment variable `TINE_DEBUG_BOOT_SLEEP_MS`, which makes every
+//! pid), `/echo` and `/connect-info` (whether the request carries a `tine::ConnectInfo`: the
+//! reference apps read none, so they ask tine for none); the environment variable `TINE_DEBUG_BOOT_SLEEP_MS`, which makes every
 //! worker's `boot` block that long before it reports ready (a worker that never gets ready, for
 //! `spawn_timeout`); `TINE_DEBUG_PROMOTION_BREAKS_BOOT=FILE`: a worker promoted to mold while
 //! `FILE` exists keeps a broken state, so every worker that mold forks fails in `boot` (an app
@@ -144,6 +145,12 @@ pub(super) fn hello(req: &Request, debug: bool) -> HelloFuture {
         }
         std::mem::forget(block);
         now(text(StatusCode::OK, "leaked\n"))
+    } else if path == "/connect-info" {
+        let carried = req.extensions().get::<tine::ConnectInfo>().is_some();
+        now(text(
+            StatusCode::OK,
+            if carried { "carried\n" } else { "none\n" },
+        ))
     } else if path == "/crash" {
         std::process::abort();
     } else if let Some(secs) = arg("/subprocess/") {

@@ -147,6 +147,12 @@ impl App for Reference {
         })
     }
 
+    /// None of the reference apps reads the peer's address: their requests skip the extensions
+    /// map it would cost (see `App::connect_info`).
+    fn connect_info(&self) -> bool {
+        false
+    }
+
     fn before_mold(&mut self) -> anyhow::Result<()> {
         if let Reference::Hello {
             debug_routes: true,

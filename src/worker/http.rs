@@ -433,8 +433,9 @@ pub(super) fn spawn_accept_loop(
     config: Arc<Config>,
     slot: SlotWriter<'static>,
     stop: watch::Receiver<Stop>,
+    connect_info: bool,
 ) -> JoinHandle<()> {
-    accept_loop(gate, service, config, slot, stop, false)
+    accept_loop(gate, service, config, slot, stop, false, connect_info)
 }
 
 /// Runs one request through this worker's HTTP stack — an accept loop, a connection, hyper, the
@@ -453,7 +454,8 @@ pub(super) async fn warm_up(
     let listener = Listener::Tcp(private, crate::config::ListenAddr::Tcp(addr));
     let (stop_tx, stop_rx) = watch::channel(Stop::Running);
     let (gate_tx, gate_rx) = oneshot::channel();
-    let task = accept_loop(gate_rx, service, config.clone(), slot, stop_rx, true);
+    // No addresses: the app is not called.
+    let task = accept_loop(gate_rx, service, config.clone(), slot, stop_rx, true, false);
     let capacity = Capacity::new(config.max_connections, slot);
     let _ = gate_tx.send(Gate::new(&listener, &config, capacity)?);
     let exchange = async {
@@ -488,7 +490,8 @@ pub(super) async fn warm_up(
     }
 }
 
-/// The accept loop; `warm_up`: the private one of [`warm_up`].
+/// The accept loop; `warm_up`: the private one of [`warm_up`]. `connect_info`: requests carry
+/// their connection's addresses ([`crate::App::connect_info`]).
 fn accept_loop(
     gate: oneshot::Receiver<Gate>,
     service: HttpService,
@@ -496,6 +499,7 @@ fn accept_loop(
     slot: SlotWriter<'static>,
     mut stop: watch::Receiver<Stop>,
     warm_up: bool,
+    connect_info: bool,
 ) -> JoinHandle<()> {
     // The builder lives as long as the worker; leaking it gives connections a 'static borrow.
     let builder: &'static Builder = Box::leak(Box::new(Builder::new(&config)));
@@ -523,8 +527,11 @@ fn accept_loop(
                 let make_service = {
                     let (service, config) = (service.clone(), config.clone());
                     let (shared, bodies) = (life.shared.clone(), bodies.clone());
-                    move |peer| {
-                        request_service(service, config, slot, &shared, &bodies, peer, warm_up)
+                    move |peer: Peer| {
+                        let extensions = connect_info.then(|| peer.extensions());
+                        request_service(
+                            service, config, slot, &shared, &bodies, extensions, warm_up,
+                        )
                     }
                 };
                 match accepted {
@@ -1548,15 +1555,16 @@ fn head_size(req: &Request) -> usize {
         .fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
 }
 
-/// Wraps the app's service: the connection's addresses, scoreboard accounting, the request timeout,
-/// the debug header.
+/// Wraps the app's service: the connection's addresses (`extensions`, made once per connection
+/// and cloned into each request; `None` for an app that reads none), scoreboard accounting, the
+/// request timeout, the debug header.
 fn request_service(
     service: HttpService,
     config: Arc<Config>,
     slot: SlotWriter<'static>,
     shared: &Arc<Shared>,
     bodies: &Arc<BodyList>,
-    peer: Peer,
+    extensions: Option<http::Extensions>,
     warm_up: bool,
 ) -> impl hyper::service::Service<
     http::Request<hyper::body::Incoming>,
@@ -1576,7 +1584,6 @@ fn request_service(
     // The connection's own handle on the service, called in place (`call_in_place`): no clone
     // of the boxed service per request.
     let own = std::cell::RefCell::new(service);
-    let extensions = peer.extensions();
     let shared = shared.clone();
     let bodies = bodies.clone();
     hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
@@ -1596,7 +1603,9 @@ fn request_service(
         let watch =
             (watch_bodies && !http_body::Body::is_end_stream(req.body())).then(|| bodies.add());
         let mut req: Request = req.map(|body| RequestBody::new(body, watch.clone()));
-        req.extensions_mut().extend(extensions.clone());
+        if let Some(extensions) = &extensions {
+            req.extensions_mut().extend(extensions.clone());
+        }
         let busy = Busy::new(&shared);
         // hyper bounds its read buffer by max_header_bytes, but a head that arrives in one large
         // read can pass whole; the limit is a promise, so check it exactly.

@@ -182,6 +182,7 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
         shutdown: worker.shutdown(),
         profiler: profiler.as_ref().map(profile::Agent::handle),
         spare: spare.then_some(generation),
+        connect_info: app.connect_info(),
     }));
     // A profile still running is written now; the thread must be gone before a promotion.
     if let Some(profiler) = profiler {
@@ -293,6 +294,8 @@ struct Serving<'a> {
     profiler: Option<profile::Handle>,
     /// A hot spare's generation: it waits for `Activate` before it accepts.
     spare: Option<u32>,
+    /// Whether HTTP requests carry their connection's addresses ([`App::connect_info`]).
+    connect_info: bool,
 }
 
 /// Serves until stopped; returns why it stopped. A hot spare first reports itself ready and
@@ -307,6 +310,7 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
         shutdown,
         profiler,
         spare,
+        connect_info,
     } = serving;
     let channel = match crate::sys::fd::register_async(channel) {
         Ok(c) => c,
@@ -342,6 +346,7 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
                 config.clone(),
                 slot,
                 stop_rx.clone(),
+                connect_info,
             ),
             Handler::Stream(f) => {
                 stream::spawn_accept_loop(gate_rx, f.clone(), slot, stop_rx.clone())
