@@ -447,7 +447,7 @@ impl Monitor {
         // on accepting until no handshake is under way (bounded).
         self.handshake_wait = None;
         if graceful {
-            let under_way = queue::handshakes_under_way(&tcp).unwrap_or(0);
+            let under_way = handshakes_under_way(&tcp);
             if under_way > 0 {
                 tracing::info!(
                     handshakes = under_way,
@@ -489,7 +489,7 @@ impl Monitor {
         let Some((until, addrs)) = &self.handshake_wait else {
             return;
         };
-        let left = queue::handshakes_under_way(addrs).unwrap_or(0);
+        let left = handshakes_under_way(addrs);
         let timed_out = Instant::now() >= *until;
         if left > 0 && !timed_out {
             return;
@@ -1589,6 +1589,15 @@ enum Source {
     Metrics,
     /// A metrics client, by its id (stable while others come and go).
     MetricsClient(u64),
+}
+
+/// The TCP handshakes under way on `addrs` (see [`queue::handshakes_under_way`]); none when the
+/// kernel cannot be asked, said in the log: the stop then goes on without waiting for them.
+fn handshakes_under_way(addrs: &[std::net::SocketAddr]) -> usize {
+    queue::handshakes_under_way(addrs).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot count the TCP handshakes under way (sock_diag); not waiting for them");
+        0
+    })
 }
 
 /// Children of this process, from `/proc/self/task/*/children`: the only way to find orphans
