@@ -713,33 +713,7 @@ fn a_socket_activated_unix_socket_file_outlives_the_server() {
 fn a_socket_activated_socket_kept_by_a_configured_listen_stays_systemds() {
     let dir = TempDir::new();
     let path = dir.path().join("web.sock");
-    let config = dir.write("tine.toml", "workers = 1\n");
-    let server = Launch::program(systemd_tool("systemd-socket-activate"))
-        .subcommand(None)
-        .arg("-l")
-        .arg(&path)
-        .arg(tine_bin())
-        .args(["serve", "--control-socket", "ctl.sock", "--config"])
-        .arg(&config)
-        .spawn();
-    server.log.wait_for_log("Listening on", READY_TIMEOUT);
-    let addr = Addr::Unix(path.clone());
-    // The first connection makes systemd-socket-activate exec the server in place.
-    assert_eq!(get(&addr, "/").expect("served").status, 200);
-    server.wait_ready();
-    std::fs::write(
-        &config,
-        format!("workers = 1\nlisten = [\"unix:{}\"]\n", path.display()),
-    )
-    .unwrap();
-    let out = server
-        .ctl(&["reload"])
-        .unwrap_or_else(|e| panic!("{e}; log:\n{}", server.log.text()));
-    assert!(out.starts_with("reloaded in "), "{out}");
-    assert_eq!(
-        get(&addr, "/").expect("served after the reload").status,
-        200
-    );
+    let server = activated_then_reloaded_with_listen(&dir, &path, &[&path]);
     stop_and_check_the_socket_file_is_kept(server, &path);
 }
 
@@ -753,52 +727,60 @@ fn a_stop_leaves_systemds_socket_and_removes_its_own_next_to_it() {
     let dir = TempDir::new();
     let activated = dir.path().join("web.sock");
     let own = dir.path().join("own.sock");
-    let config = dir.write("tine.toml", "workers = 1\n");
-    let server = Launch::program(systemd_tool("systemd-socket-activate"))
-        .subcommand(None)
-        .arg("-l")
-        .arg(&activated)
-        .arg(tine_bin())
-        .args(["serve", "--control-socket", "ctl.sock", "--config"])
-        .arg(&config)
-        .spawn();
-    server.log.wait_for_log("Listening on", READY_TIMEOUT);
-    // The first connection makes systemd-socket-activate exec the server in place.
-    assert_eq!(
-        get(&Addr::Unix(activated.clone()), "/")
-            .expect("served")
-            .status,
-        200
-    );
-    server.wait_ready();
-    std::fs::write(
-        &config,
-        format!(
-            "workers = 1\nlisten = [\"unix:{}\", \"unix:{}\"]\n",
-            activated.display(),
-            own.display()
-        ),
-    )
-    .unwrap();
-    let out = server
-        .ctl(&["reload"])
-        .unwrap_or_else(|e| panic!("{e}; log:\n{}", server.log.text()));
-    assert!(out.starts_with("reloaded in "), "{out}");
-    for path in [&activated, &own] {
-        let served = get(&Addr::Unix(path.clone()), "/");
-        assert_eq!(
-            served.as_ref().map(|r| r.status).ok(),
-            Some(200),
-            "{}: {served:?}",
-            path.display()
-        );
-    }
+    let server = activated_then_reloaded_with_listen(&dir, &activated, &[&activated, &own]);
     let text = stop_and_check_the_socket_file_is_kept(server, &activated);
     assert!(
         std::fs::symlink_metadata(&own).is_err(),
         "tine's own socket file {} is still there after the stop; log:\n{text}",
         own.display()
     );
+}
+
+/// A tree started by `systemd-socket-activate` on the unix socket `activated` (no `listen`: it
+/// serves that socket), then reloaded with a config whose `listen` names the unix sockets
+/// `listen`; every one of them answers after the reload.
+fn activated_then_reloaded_with_listen(
+    dir: &TempDir,
+    activated: &Path,
+    listen: &[&Path],
+) -> Server {
+    let config = dir.write("tine.toml", "workers = 1\n");
+    let server = Launch::program(systemd_tool("systemd-socket-activate"))
+        .subcommand(None)
+        .arg("-l")
+        .arg(activated)
+        .arg(tine_bin())
+        .args(["serve", "--control-socket", "ctl.sock", "--config"])
+        .arg(&config)
+        .spawn();
+    server.log.wait_for_log("Listening on", READY_TIMEOUT);
+    // The first connection makes systemd-socket-activate exec the server in place.
+    let first = get(&Addr::Unix(activated.to_path_buf()), "/");
+    assert_eq!(first.expect("served").status, 200);
+    server.wait_ready();
+    let addrs: Vec<String> = listen
+        .iter()
+        .map(|p| format!("\"unix:{}\"", p.display()))
+        .collect();
+    std::fs::write(
+        &config,
+        format!("workers = 1\nlisten = [{}]\n", addrs.join(", ")),
+    )
+    .unwrap();
+    let out = server
+        .ctl(&["reload"])
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", server.log.text()));
+    assert!(out.starts_with("reloaded in "), "{out}");
+    for path in listen {
+        let served = get(&Addr::Unix(path.to_path_buf()), "/");
+        assert_eq!(
+            served.as_ref().map(|r| r.status).ok(),
+            Some(200),
+            "{} after the reload: {served:?}",
+            path.display()
+        );
+    }
+    server
 }
 
 /// Stops `server` with TERM (exit 0) and checks that the socket file systemd activated it with is

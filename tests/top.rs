@@ -415,14 +415,7 @@ fn k_confirmed_after_the_worker_was_replaced_kills_nothing() {
     tmux.keys(&["k"]);
     tmux.wait_for(&prompt, WAIT);
     // While the question is on the screen, worker 1 dies and another process takes its number.
-    server
-        .ctl(&["kill-worker", "1"])
-        .expect("ctl kill-worker 1");
-    let replaced = poll_until(WAIT, || {
-        let now = server.wait_workers(2, WAIT);
-        (now[1] != pids[1]).then_some(now)
-    })
-    .expect("worker 1 replaced");
+    let replaced = replace_worker_1(&server, &pids);
     // The yes was for the process shown, which is gone: the new worker 1 lives on.
     tmux.keys(&["y"]);
     tmux.wait_for("nothing killed", WAIT);
@@ -444,14 +437,7 @@ fn p_after_the_worker_was_replaced_profiles_nothing() {
         row_of(s, pids[1]).is_some_and(|r| r.starts_with("> worker"))
     });
     // Between the screen's refresh and the key, worker 1 dies and another process takes its number.
-    server
-        .ctl(&["kill-worker", "1"])
-        .expect("ctl kill-worker 1");
-    let replaced = poll_until(WAIT, || {
-        let now = server.wait_workers(2, WAIT);
-        (now[1] != pids[1]).then_some(now)
-    })
-    .expect("worker 1 replaced");
+    let replaced = replace_worker_1(&server, &pids);
     tmux.keys(&["p"]);
     let screen = tmux.wait_for("nothing profiled", WAIT);
     assert!(
@@ -469,4 +455,17 @@ fn p_after_the_worker_was_replaced_profiles_nothing() {
         .filter(|p| !p["profiling"].is_null())
         .collect();
     assert!(profiled.is_empty(), "being profiled: {profiled:?}");
+}
+
+/// Kills worker 1 of `pids` (`ctl kill-worker 1`) and waits until another process took its
+/// number; returns the workers' pids then.
+fn replace_worker_1(server: &Server, pids: &[i32]) -> Vec<i32> {
+    server
+        .ctl(&["kill-worker", "1"])
+        .expect("ctl kill-worker 1");
+    poll_until(WAIT, || {
+        let now = server.wait_workers(2, WAIT);
+        (now[1] != pids[1]).then_some(now)
+    })
+    .expect("worker 1 replaced")
 }
