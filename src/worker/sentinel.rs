@@ -57,6 +57,17 @@ impl Sentinel {
             .spawn({
                 let stop = stop.clone();
                 move || {
+                    // No signal may run its handler here: handlers wake their thread of interest
+                    // by writing to a descriptor (the profiler's eventfd, tokio's signal pipe in
+                    // the app) that this thread's table does not have, so a process-directed
+                    // signal delivered to this thread would be lost, and the monitor's request
+                    // for a hung worker's stacks (one signal per thread) went unanswered. Blocked
+                    // here, the kernel delivers such signals to another thread.
+                    let _ = nix::sys::signal::pthread_sigmask(
+                        nix::sys::signal::SigmaskHow::SIG_BLOCK,
+                        Some(&nix::sys::signal::SigSet::all()),
+                        None,
+                    );
                     // From here on this thread uses no descriptor (not even stderr): it only parks.
                     let _ = kept_tx.send(crate::sys::fd::keep_only_in_own_table(keep));
                     while !stop.load(Ordering::Acquire) {
