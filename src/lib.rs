@@ -74,8 +74,7 @@
 //! worker number missing — a death, a limit's replace-then-retire, a scale-up, a rollout's
 //! replacement — it first sends a ready spare `Activate { nr }` with the listening sockets (more
 //! than 8 go ahead in `ListeningSockets`): the spare puts them back in place, registers them and
-//! accepts at once, and a new spare is requested 10 ms later (off the CPUs meanwhile busy with the
-//! takeover: `spares::REFILL_DELAY`). Only when no spare is ready
+//! accepts at once, and a new spare is requested in the same turn. Only when no spare is ready
 //! is a worker forked and booted.
 //! Spares come from the newest ready mold; older spares retire once the new generation is proven
 //! and has its own ready, so a worker that dies during a rollout's trial is still replaced at once.

@@ -3,8 +3,8 @@
 //!
 //! A worker that dies, one recycled by a limit or replaced by a rollout, and one added by a
 //! scale-up are all a worker number missing from the table in `reconcile`: a ready spare takes
-//! that number at once, and a new spare is requested from the current mold [`REFILL_DELAY`]
-//! later (not while the takeover needs the CPUs), booting in the background. Only when no ready spare fits is a worker forked and
+//! that number at once, and a new spare is requested from the current mold in the same turn of
+//! the loop, booting in the background. Only when no ready spare fits is a worker forked and
 //! booted the ordinary way.
 //!
 //! Generations. Spares come from the current mold (the newest ready one), so a refork or a reload
@@ -44,13 +44,6 @@ use crate::listener::Listener;
 
 /// A spare whose heartbeat is older than this is passed over (it refreshes it every 500 ms).
 const STALE_HEARTBEAT_MS: u64 = 2000;
-
-/// How long after a spare took over its replacement is requested. The mold's fork and the new
-/// spare's boot (its runtime, its warm-up request) take a CPU for a millisecond or more, just
-/// when the activated spare accepts the connections queued for it and serves their first
-/// requests; on a machine with few CPUs they would compete. A second death within this time
-/// finds no spare standing by (as it would while the new one boots anyway).
-pub(super) const REFILL_DELAY: Duration = Duration::from_millis(10);
 
 impl Monitor {
     /// Activates a ready spare of generation `min_generation` or newer as worker `nr`: true if
@@ -103,7 +96,6 @@ impl Monitor {
             c.max_requests = limits::max_requests_for(&self.config, slot);
             let (pid, generation, label) = (c.pid_raw(), c.generation, c.label());
             self.spare_activations += 1;
-            self.last_spare_activation = Some(Instant::now());
             self.ever_served = true;
             // The same message as a worker that booted, so that whoever waits for it finds it.
             tracing::info!(
@@ -227,7 +219,6 @@ impl Monitor {
             || self.promotion_in_progress()
             || !self.ever_served
             || self.spawn_errors > 0
-            || self.spare_refill_due().is_some()
         {
             return;
         }
@@ -242,13 +233,6 @@ impl Monitor {
                 return;
             }
         }
-    }
-
-    /// When the replacement of a spare that just took over may be requested, if not yet
-    /// ([`REFILL_DELAY`]); the loop wakes then.
-    pub(super) fn spare_refill_due(&self) -> Option<Instant> {
-        let due = self.last_spare_activation? + REFILL_DELAY;
-        (due > Instant::now()).then_some(due)
     }
 
     /// Asks the mold in `mold_slot` for a worker `nr` (or, `kind` [`Kind::Spare`], a hot spare):
