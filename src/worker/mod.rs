@@ -431,11 +431,13 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
             tokio::spawn(async {});
         }
         // Back to the tree's priority (raised by the monitor while it stood by) once it has
-        // served the connections queued for it at that priority.
+        // served the connections queued for it at that priority. The monitor raised the main
+        // thread (the one whose id is the pid); this task may run on any runtime thread, so it
+        // names that thread rather than itself.
         if let Some(nice) = standby_nice {
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                let _ = crate::sys::process::set_nice(nice);
+                let _ = crate::sys::process::set_nice_of(nix::unistd::Pid::this(), nice);
             });
         }
         tracing::debug!(
