@@ -893,8 +893,9 @@ fn forks_failing_with_eagain_are_retried_and_leave_the_serving_tree_intact() {
         .uid
         .as_raw();
     // Room for the whole refork: the old mold, the workers, the replacement, the new mold's
-    // workers and the short-lived middle processes of the double fork.
-    let limit = tasks_of(nobody) + 8;
+    // workers and the short-lived middle processes of the double fork. Counted in threads: a
+    // worker has three (its runtime's, its profiler's, its death notice's).
+    let limit = tasks_of(nobody) + 12;
     let mut server = Launch::program("prlimit".into())
         .subcommand(None)
         .arg(format!("--nproc={limit}:{limit}"))
