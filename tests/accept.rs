@@ -62,10 +62,11 @@ fn a_new_connection_wakes_one_idle_worker_not_all() {
         .start();
     let workers = herd.wait_workers(4, READY_TIMEOUT);
     let woken = wake_ups_per_worker(&herd, &workers, 100);
-    // Every worker, the least woken too, wakes for most connections (wake-ups that come while a
-    // thread is still running merge into one on a loaded machine).
+    // Every worker, the least woken too, wakes for a good share of the connections (wake-ups that
+    // come while a thread is still running merge into one: the least woken of four saw 44 to 96
+    // of 100 in runs at load 4-15, against 0-11 with exclusive wake-ups).
     assert!(
-        woken[0] > 50,
+        woken[0] > 25,
         "without exclusive wake-ups, every idle worker wakes for each connection: {woken:?}"
     );
 }
