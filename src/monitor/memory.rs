@@ -39,6 +39,16 @@ impl MemoryCache {
                 return *m;
             }
         }
+        // Never wait on a process that is exiting or stopped (see `busy_with_exit_or_stopped`):
+        // its last figures (or zeros) do, and it is read again once it runs.
+        if meminfo::busy_with_exit_or_stopped(pid) {
+            return self
+                .read
+                .borrow()
+                .get(&pid)
+                .map(|(_, m)| *m)
+                .unwrap_or_default();
+        }
         let m = meminfo::memory(pid).unwrap_or_default();
         self.read.borrow_mut().insert(pid, (Instant::now(), m));
         m
@@ -53,6 +63,34 @@ impl MemoryCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stopped_process_is_not_read_and_keeps_its_last_figures() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        let pid = child.id() as i32;
+        let cache = MemoryCache::default();
+        let running = cache.get(pid);
+        assert!(running.rss_kb > 0, "{running:?}");
+        let stale = Instant::now() - MEMORY_TTL;
+        cache.read.borrow_mut().get_mut(&pid).expect("cached").0 = stale;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGSTOP)
+            .expect("SIGSTOP");
+        // Stopped: its last figures, not read again.
+        let stopped = (0..100)
+            .find_map(|_| {
+                std::thread::sleep(Duration::from_millis(10));
+                meminfo::busy_with_exit_or_stopped(pid).then(|| cache.get(pid))
+            })
+            .expect("seen stopped within a second");
+        assert_eq!(stopped, running);
+        assert_eq!(cache.read.borrow()[&pid].0, stale, "read while stopped");
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(meminfo::busy_with_exit_or_stopped(pid), "a reaped pid");
+    }
 
     #[test]
     fn a_reading_is_reused_within_the_ttl_and_forgotten_with_its_process() {

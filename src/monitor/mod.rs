@@ -695,6 +695,25 @@ impl Monitor {
         let Some(c) = self.children.get_mut(&slot) else {
             return;
         };
+        // Readable means hung up only if there is nothing to read: a worker that wrote on it (it
+        // never should) is not taken for dead; its notice is dropped and its channel tells.
+        if let Some(notice) = &c.death_notice {
+            use std::os::fd::AsRawFd;
+            let flags =
+                nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+            match nix::sys::socket::recv(notice.as_raw_fd(), &mut [0u8; 1], flags) {
+                Ok(0) => {}
+                Err(nix::errno::Errno::EAGAIN) => return,
+                Ok(_) | Err(_) => {
+                    tracing::warn!(
+                        pid = c.pid_raw(),
+                        "a worker's death notice carried data instead of hanging up; ignored"
+                    );
+                    c.death_notice = None;
+                    return;
+                }
+            }
+        }
         c.death_notice = None;
         if !c.is_active_worker() {
             return;

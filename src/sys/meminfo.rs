@@ -13,6 +13,25 @@ pub struct Memory {
     pub shared_kb: u64,
 }
 
+/// Whether `pid` is exiting, stopped, traced or a zombie (`/proc/PID/stat`: its state, and the
+/// kernel's `PF_EXITING` flag), or cannot be read: a process whose `smaps_rollup` may keep the
+/// reader waiting. The kernel reads `smaps_rollup` under the process's mmap lock, which an exiting
+/// process holds while it unmaps its memory (normally ~0.3 ms; a CI run saw the monitor wait 10 s
+/// on a worker the chaos test had frozen and killed); `stat` takes no such lock.
+pub fn busy_with_exit_or_stopped(pid: i32) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    let Some(rest) = stat.rfind(')').and_then(|i| stat.get(i + 2..)) else {
+        return true;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first().and_then(|s| s.chars().next()).unwrap_or('?');
+    let flags: u64 = fields.get(9 - 3).and_then(|f| f.parse().ok()).unwrap_or(0);
+    !matches!(state, 'R' | 'S' | 'D' | 'I') || flags & PF_EXITING != 0
+}
+
 /// Reads RSS, PSS, USS of `pid` from `smaps_rollup` (costly: walks the page tables).
 pub fn memory(pid: i32) -> Option<Memory> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;

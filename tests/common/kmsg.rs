@@ -38,6 +38,9 @@ impl Starvation {
 /// The kernel's log from the moment [`KernelLog::open`] was called.
 pub struct KernelLog {
     file: File,
+    /// The kernel log's clock minus the monotonic clock, in µs: printk stamps come from the
+    /// scheduler's clock, close to the monotonic one (13 ms apart on this VM) but not the same.
+    offset_us: i64,
     /// Every starvation report read so far.
     seen: Vec<Starvation>,
 }
@@ -77,8 +80,10 @@ impl KernelLog {
             .open("/dev/kmsg")
             .ok()?;
         file.seek(SeekFrom::End(0)).ok()?;
+        let offset_us = calibrate().unwrap_or(0);
         Some(KernelLog {
             file,
+            offset_us,
             seen: Vec::new(),
         })
     }
@@ -111,6 +116,7 @@ impl KernelLog {
             let Some(lasted) = starved_for(&message, || *hz.get_or_insert_with(self::hz)) else {
                 continue;
             };
+            let stamp_us = (stamp_us as i64 - self.offset_us).max(0) as u64;
             let to = now
                 .checked_sub(Duration::from_micros(now_us.saturating_sub(stamp_us)))
                 .unwrap_or(now);
@@ -123,6 +129,45 @@ impl KernelLog {
         }
         self.seen.clone()
     }
+}
+
+/// The kernel log's clock minus the monotonic clock (µs), from a line this process writes to
+/// `/dev/kmsg` (root) and reads back with its stamp; `None` when it cannot.
+fn calibrate() -> Option<i64> {
+    use std::io::Write;
+    let mut reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+        .ok()?;
+    reader.seek(SeekFrom::End(0)).ok()?;
+    let marker = format!("tine test: kmsg clock marker {}", std::process::id());
+    let before = monotonic_us();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/kmsg")
+        .ok()?
+        .write_all(marker.as_bytes())
+        .ok()?;
+    let after = monotonic_us();
+    let mut buf = vec![0u8; 8192];
+    for _ in 0..100 {
+        match reader.read(&mut buf) {
+            Ok(n) if n > 0 => {
+                let record = String::from_utf8_lossy(&buf[..n]);
+                if record.contains(&marker) {
+                    let stamp: i64 = record.split(',').nth(2)?.split(';').next()?.parse().ok()?;
+                    return Some(stamp - ((before + after) / 2) as i64);
+                }
+            }
+            Ok(_) => return None,
+            Err(e) if e.raw_os_error() == Some(nix::libc::EAGAIN) => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(_) => {}
+        }
+    }
+    None
 }
 
 /// How long the kernel says its threads starved, if `message` is such a report.
