@@ -118,7 +118,11 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
     let (sentinel, notice) = match sentinel::Sentinel::start() {
         Ok((s, notice)) => (Some(s), Some(notice)),
         Err(e) => {
-            tracing::debug!(error = %e, "no death notice: the monitor hears of a death later");
+            tracing::warn!(
+                error = %e,
+                "no death-notice thread (a process or thread limit?): this worker serves, and the \
+                 monitor hears of its death only when it is gone"
+            );
             (None, None)
         }
     };
