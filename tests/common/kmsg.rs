@@ -74,12 +74,7 @@ fn monotonic_us() -> u64 {
 impl KernelLog {
     /// Starts reading the kernel's log from now on; `None` when `/dev/kmsg` cannot be read.
     pub fn open() -> Option<KernelLog> {
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::libc::O_NONBLOCK)
-            .open("/dev/kmsg")
-            .ok()?;
-        file.seek(SeekFrom::End(0)).ok()?;
+        let file = reader_from_now()?;
         let offset_us = calibrate().unwrap_or(0);
         Some(KernelLog {
             file,
@@ -131,16 +126,22 @@ impl KernelLog {
     }
 }
 
-/// The kernel log's clock minus the monotonic clock (µs), from a line this process writes to
-/// `/dev/kmsg` (root) and reads back with its stamp; `None` when it cannot.
-fn calibrate() -> Option<i64> {
-    use std::io::Write;
-    let mut reader = std::fs::OpenOptions::new()
+/// `/dev/kmsg` opened for non-blocking reads of the records written from now on.
+fn reader_from_now() -> Option<File> {
+    let mut file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(nix::libc::O_NONBLOCK)
         .open("/dev/kmsg")
         .ok()?;
-    reader.seek(SeekFrom::End(0)).ok()?;
+    file.seek(SeekFrom::End(0)).ok()?;
+    Some(file)
+}
+
+/// The kernel log's clock minus the monotonic clock (µs), from a line this process writes to
+/// `/dev/kmsg` (root) and reads back with its stamp; `None` when it cannot.
+fn calibrate() -> Option<i64> {
+    use std::io::Write;
+    let mut reader = reader_from_now()?;
     let marker = format!("tine test: kmsg clock marker {}", std::process::id());
     let before = monotonic_us();
     std::fs::OpenOptions::new()
