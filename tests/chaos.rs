@@ -256,12 +256,19 @@ type Kernel = Arc<Mutex<Option<common::kmsg::KernelLog>>>;
 /// The kernel's report of starving its own threads, if one covers part of `[began, ended]`.
 fn kernel_starved_during(kernel: &Kernel, began: Instant, ended: Instant) -> Option<String> {
     let mut kernel = kernel.lock().unwrap_or_else(|e| e.into_inner());
-    kernel
-        .as_mut()?
-        .starvation()
-        .into_iter()
+    let reports = kernel.as_mut()?.starvation();
+    starvation_during(&reports, began, ended).map(|w| w.line.clone())
+}
+
+/// The first of `reports` that covers part of `[began, ended]` (with [`KERNEL_MARGIN`]).
+fn starvation_during(
+    reports: &[common::kmsg::Starvation],
+    began: Instant,
+    ended: Instant,
+) -> Option<&common::kmsg::Starvation> {
+    reports
+        .iter()
         .find(|w| w.overlaps(began, ended, KERNEL_MARGIN))
-        .map(|w| w.line)
 }
 
 /// Fails the test when an event runs past [`EVENT_HARD_LIMIT`] and never returns: prints where
@@ -1533,10 +1540,7 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
         .as_mut()
         .map(|k| k.starvation());
     let in_kernel_starvation = |began: Instant, ended: Instant| {
-        kernel_starved
-            .iter()
-            .flatten()
-            .find(|w| w.overlaps(began, ended, KERNEL_MARGIN))
+        starvation_during(kernel_starved.as_deref().unwrap_or_default(), began, ended)
     };
 
     // Lost requests, excused or not.

@@ -118,19 +118,13 @@ pub(crate) fn renew_socket_pair(a: RawFd, b: RawFd) -> std::io::Result<()> {
 /// where `keep` stays open until they close it: once they do, this thread alone holds it, and it
 /// closes when this thread exits (see `worker::sentinel`). Needs Linux 5.9 (`close_range`).
 pub fn keep_only_in_own_table(keep: RawFd) -> std::io::Result<()> {
-    let keep = u32::try_from(keep).map_err(|_| std::io::Error::other("negative descriptor"))?;
-    let ranges = [(0, keep.checked_sub(1)), (keep + 1, Some(u32::MAX))];
-    for (first, last) in ranges {
-        let Some(last) = last else { continue };
-        // SAFETY: close_range only closes descriptors of this thread's table, which
-        // CLOSE_RANGE_UNSHARE makes private first: no other thread's descriptor (nor any
-        // OwnedFd of this process, whose numbers live in the shared table) is affected.
-        let r = unsafe { libc::close_range(first, last, libc::CLOSE_RANGE_UNSHARE as libc::c_int) };
-        if r != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+    if keep < 0 {
+        return Err(std::io::Error::other("negative descriptor"));
     }
-    Ok(())
+    // SAFETY: CLOSE_RANGE_UNSHARE makes this thread's table private first, so only descriptors
+    // of that copy close: no other thread's descriptor (nor any OwnedFd of this process, whose
+    // numbers live in the shared table) is affected.
+    unsafe { crate::sys::process::close_range_except(&[keep], libc::CLOSE_RANGE_UNSHARE) }
 }
 
 #[cfg(test)]

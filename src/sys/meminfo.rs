@@ -20,16 +20,20 @@ pub struct Memory {
 /// on a worker the chaos test had frozen and killed); `stat` takes no such lock.
 pub fn busy_with_exit_or_stopped(pid: i32) -> bool {
     const PF_EXITING: u64 = 0x4;
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+    let Some(fields) = stat_fields(pid) else {
         return true;
     };
-    let Some(rest) = stat.rfind(')').and_then(|i| stat.get(i + 2..)) else {
-        return true;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
     let state = fields.first().and_then(|s| s.chars().next()).unwrap_or('?');
     let flags: u64 = fields.get(9 - 3).and_then(|f| f.parse().ok()).unwrap_or(0);
     !matches!(state, 'R' | 'S' | 'D' | 'I') || flags & PF_EXITING != 0
+}
+
+/// The fields of `/proc/PID/stat` from the third (the state) on: the command name before them, in
+/// parentheses, may hold spaces. Field N of proc(5) is at index N - 3.
+fn stat_fields(pid: i32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    Some(rest.split_whitespace().map(str::to_string).collect())
 }
 
 /// Reads RSS, PSS, USS of `pid` from `smaps_rollup` (costly: walks the page tables).
@@ -67,9 +71,7 @@ pub fn rss_kb(pid: i32) -> Option<u64> {
 
 /// CPU time (user + system) of `pid` in seconds, from `/proc/PID/stat`.
 pub fn cpu_seconds(pid: i32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let fields = stat_fields(pid)?;
     let utime: u64 = fields.get(14 - 3)?.parse().ok()?;
     let stime: u64 = fields.get(15 - 3)?.parse().ok()?;
     Some((utime + stime) as f64 / clock_ticks() as f64)

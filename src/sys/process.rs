@@ -260,6 +260,19 @@ pub fn set_thread_name(name: &str) {
 /// owning a descriptor it did not keep (such a value would read, write or close a number that may
 /// since name something else). Safe in name only, so crate-private.
 pub(crate) fn close_fds_except(keep: &[RawFd]) -> io::Result<()> {
+    // SAFETY: per this function's contract, no value owning a closed descriptor is used again.
+    unsafe { close_range_except(keep, 0) }
+}
+
+/// `close_range(2)` over every descriptor but `keep`, with `flags` (0, or `CLOSE_RANGE_UNSHARE`
+/// to close them in a table of the calling thread's own).
+///
+/// # Safety
+///
+/// Without `CLOSE_RANGE_UNSHARE`, the caller must not use again any value owning a descriptor it
+/// did not keep (its number may since name something else); with it, only the calling thread's
+/// private table changes.
+pub(crate) unsafe fn close_range_except(keep: &[RawFd], flags: libc::c_uint) -> io::Result<()> {
     let mut keep: Vec<u32> = keep
         .iter()
         .filter(|fd| **fd >= 0)
@@ -272,8 +285,8 @@ pub(crate) fn close_fds_except(keep: &[RawFd]) -> io::Result<()> {
         if fd > first {
             let last = fd - 1;
             // SAFETY: close_range only closes descriptors; the caller keeps the ones it still owns
-            // in `keep`, and Rust objects that own closed fds are not used again in the child.
-            let rc = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) };
+            // in `keep` and does not use values owning the others (this function's contract).
+            let rc = unsafe { libc::syscall(libc::SYS_close_range, first, last, flags) };
             if rc != 0 {
                 return Err(io::Error::last_os_error());
             }
