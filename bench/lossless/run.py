@@ -37,6 +37,7 @@ POST_LUA = os.path.join(HERE, "post.lua")
 sys.path.insert(0, os.path.dirname(HERE))
 from nginx_hello import nginx_hello_command  # noqa: E402 (bench/ is on the path only now)
 WORKERS = 3
+SPARES = 1  # tine's default spare_workers: a settled tree has one hot spare standing by
 EVENT_TIMEOUT = 30.0
 
 STARTED = []  # Popen objects to kill on exit
@@ -108,18 +109,21 @@ class Tine:
         return json.loads(out.stdout) if out.returncode == 0 else None
 
     def settled(self, workers):
-        """(mold generation, worker pids) once the tree is one mold and `workers` ready workers of
-        its generation, nothing else; else None."""
+        """(mold generation, worker pids) once the tree is one mold, `workers` ready workers of its
+        generation and tine's default one hot spare of it standing by, nothing else; else None."""
         s = self.status()
         if not s:
             return None
         procs = [p for p in s["processes"] if p["role"] != "monitor"]
         molds = [p for p in procs if p["role"] == "mold"]
         ws = [p for p in procs if p["role"] == "worker"]
-        if len(molds) != 1 or len(procs) != workers + 1:
+        spares = [p for p in procs if p["role"] == "spare"]
+        if len(molds) != 1 or len(ws) != workers or len(spares) != SPARES or len(procs) != workers + SPARES + 1:
             return None
         g = molds[0]["generation"]
         if not all(w["generation"] == g and w["state"] in ("ready", "busy") for w in ws):
+            return None
+        if not all(p["generation"] == g and p["state"] == "standby" for p in spares):
             return None
         return g, sorted(w["pid"] for w in ws)
 
