@@ -8,6 +8,19 @@
 //! SIGKILLs it, and stops the clock at the end of the first response that names another pid.
 //! Between rounds the tree settles (tine: a spare stands by again, if any).
 //!
+//! Two measures, from alternate kills of the same run (`--probe alternate`, the default):
+//! - **kept-alive** (kills without a probe): the first response by another pid on one of the
+//!   kept-alive clients' connections. Those clients were talking to the killed worker, so they
+//!   learn of its death only when the kernel resets their connections, which it does after it
+//!   has torn the dead process's memory down (~0.4-0.7 ms on the 2-vCPU VM of
+//!   bench/results/respawn.md, for tine and nginx alike): that is part of what they wait for.
+//! - **new connection** (kills with a probe): right after `kill` returns, this thread opens a new
+//!   connection and sends `GET /`, as the next client of a busy server would; the clock stops at
+//!   the end of its response if another pid sent it. A probe whose connection fails or that the
+//!   dying worker still answered (it can accept in the instant before the signal lands) connects
+//!   again at once (`probe_retries`). This is the replacement *serving*: the time until a new
+//!   client is answered by it, without the dead worker's teardown on the client's side.
+//!
 //! ```text
 //! cargo build --release --example respawn_bench
 //! target/release/examples/respawn_bench --server tine --tine target/release/tine --spares 1
@@ -62,6 +75,13 @@ fn main() {
     // `--timeline FILE`: tine logs its `tine::respawn` debug lines to FILE (stderr), and the
     // result carries each round's client-side timestamps, for bench/respawn/timeline.py.
     let timeline = opt("--timeline", "");
+    // Which kills also get a new-connection probe: alternate (odd rounds), always, never.
+    let probe = match opt("--probe", "alternate").as_str() {
+        "alternate" => Probe::Alternate,
+        "always" => Probe::Always,
+        "never" => Probe::Never,
+        other => panic!("--probe alternate|always|never, not {other}"),
+    };
     let work = std::env::temp_dir().join(format!("respawn-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work).expect("work dir");
     let port = free_port();
@@ -105,6 +125,7 @@ fn main() {
             rounds,
             clients,
             spares.parse().unwrap_or(0),
+            probe,
         )
     });
     let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
@@ -121,6 +142,76 @@ fn main() {
     }
 }
 
+/// Which kills get a new-connection probe (see the crate doc).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    Alternate,
+    Always,
+    Never,
+}
+
+impl Probe {
+    fn in_round(self, round: usize) -> bool {
+        match self {
+            Probe::Alternate => round % 2 == 1,
+            Probe::Always => true,
+            Probe::Never => false,
+        }
+    }
+}
+
+/// A new connection's answer after the kill: when it ended, who sent it, and how many
+/// connections it took (failed or answered by the victim before).
+struct Probed {
+    at: Instant,
+    at_us: u64,
+    pid: i32,
+    retries: u32,
+}
+
+/// Opens a new connection at once, again and again, until a process other than `victim`
+/// answers `GET /` on it (or `deadline` passes).
+fn probe_new_connection(addr: SocketAddr, victim: i32, deadline: Instant) -> Option<Probed> {
+    let mut buf = vec![0u8; 4096];
+    let mut retries = 0;
+    while Instant::now() < deadline {
+        let answered = TcpStream::connect(addr).ok().and_then(|mut s| {
+            let _ = s.set_nodelay(true);
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            exchange(&mut s, &mut buf)
+        });
+        match answered {
+            Some(pid) if pid != victim => {
+                return Some(Probed {
+                    at: Instant::now(),
+                    at_us: monotonic_us(),
+                    pid,
+                    retries,
+                })
+            }
+            _ => retries += 1,
+        }
+    }
+    None
+}
+
+/// Percentile `p` of `xs` (nearest rank; NaN when empty).
+fn percentile(xs: &[f64], p: f64) -> f64 {
+    let mut sorted = xs.to_vec();
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn join_us(xs: &[f64]) -> String {
+    xs.iter()
+        .map(|s| format!("{s:.0}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn run(
     server: &str,
     addr: SocketAddr,
@@ -128,6 +219,7 @@ fn run(
     rounds: usize,
     clients: usize,
     spares: usize,
+    probe: Probe,
 ) -> String {
     wait_until(Duration::from_secs(20), "the server answers", || {
         response_pid(addr).is_some()
@@ -143,16 +235,19 @@ fn run(
             std::thread::spawn(move || client(addr, &shared))
         })
         .collect();
+    // Kept-alive measure (kills without a probe) and new-connection measure (kills with one).
     let mut samples_us = Vec::new();
+    let mut probe_samples_us = Vec::new();
     let mut timeline_rounds = Vec::new();
-    let mut failures = 0;
-    for _ in 0..rounds {
+    let (mut failures, mut probe_failures, mut probe_retries) = (0, 0, 0);
+    for round in 0..rounds {
         settle(server, control, spares, &shared);
         let Some((_, victim)) = *shared.latest.lock().unwrap() else {
             failures += 1;
             continue;
         };
-        {
+        let probing = probe.in_round(round);
+        let killed = {
             let mut r = shared.round.lock().unwrap();
             *r = Round {
                 victim,
@@ -162,13 +257,30 @@ fn run(
             r.kill_us = monotonic_us();
             // Under the lock: no response is judged before the clock starts.
             kill(Pid::from_raw(victim), Signal::SIGKILL).expect("kill the worker");
-        }
+            r.killed.unwrap()
+        };
         let deadline = Instant::now() + Duration::from_secs(5);
+        let probed = if probing {
+            let p = probe_new_connection(addr, victim, deadline);
+            match &p {
+                Some(p) => {
+                    probe_samples_us.push(p.at.duration_since(killed).as_secs_f64() * 1e6);
+                    probe_retries += p.retries;
+                }
+                None => probe_failures += 1,
+            }
+            p
+        } else {
+            None
+        };
         let took = loop {
             let r = shared.round.lock().unwrap();
             if let (Some(k), Some((t, pid))) = (r.killed, r.first) {
+                let (probe_pid, probe_first_us) =
+                    probed.as_ref().map_or((0, 0), |p| (p.pid, p.at_us));
                 timeline_rounds.push(format!(
-                    "{{\"victim\":{},\"pid\":{pid},\"kill_us\":{},\"reset_us\":{},\"first_us\":{}}}",
+                    "{{\"victim\":{},\"pid\":{pid},\"kill_us\":{},\"reset_us\":{},\"first_us\":{},\
+                     \"probe\":{probing},\"probe_pid\":{probe_pid},\"probe_first_us\":{probe_first_us}}}",
                     r.victim, r.kill_us, r.reset_us, r.first_us
                 ));
                 break Some(t.duration_since(k));
@@ -180,7 +292,9 @@ fn run(
             std::thread::sleep(Duration::from_micros(200));
         };
         match took {
-            Some(d) => samples_us.push(d.as_secs_f64() * 1e6),
+            // In a probe round the kept-alive clients queue behind the probe: not their measure.
+            Some(d) if !probing => samples_us.push(d.as_secs_f64() * 1e6),
+            Some(_) => {}
             None => failures += 1,
         }
     }
@@ -188,30 +302,34 @@ fn run(
     for t in threads {
         let _ = t.join();
     }
-    let mut sorted = samples_us.clone();
-    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let pct = |p: f64| -> f64 {
-        if sorted.is_empty() {
-            return f64::NAN;
+    // JSON has no NaN: a measure without samples is null.
+    let us = |x: f64| {
+        if x.is_nan() {
+            "null".to_string()
+        } else {
+            format!("{x:.0}")
         }
-        let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-        sorted[i]
     };
+    let pct = |p: f64| us(percentile(&samples_us, p));
+    let probe_pct = |p: f64| us(percentile(&probe_samples_us, p));
     format!(
         "{{\"server\":\"{server}\",\"spares\":{},\"rounds\":{rounds},\"failures\":{failures},\
-         \"clients\":{clients},\"median_us\":{:.0},\"p10_us\":{:.0},\"p90_us\":{:.0},\
-         \"min_us\":{:.0},\"max_us\":{:.0},\"samples_us\":[{}],\"rounds_timeline\":[{}]}}",
+         \"clients\":{clients},\"median_us\":{},\"p10_us\":{},\"p90_us\":{},\
+         \"min_us\":{},\"max_us\":{},\"samples_us\":[{}],\
+         \"probe_failures\":{probe_failures},\"probe_retries\":{probe_retries},\
+         \"probe_median_us\":{},\"probe_p10_us\":{},\"probe_p90_us\":{},\
+         \"probe_samples_us\":[{}],\"rounds_timeline\":[{}]}}",
         if server == "tine" { spares } else { 0 },
         pct(0.5),
         pct(0.1),
         pct(0.9),
         pct(0.0),
         pct(1.0),
-        samples_us
-            .iter()
-            .map(|s| format!("{s:.0}"))
-            .collect::<Vec<_>>()
-            .join(","),
+        join_us(&samples_us),
+        probe_pct(0.5),
+        probe_pct(0.1),
+        probe_pct(0.9),
+        join_us(&probe_samples_us),
         timeline_rounds.join(",")
     )
 }

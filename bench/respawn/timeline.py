@@ -18,7 +18,12 @@ CLOCK_MONOTONIC (µs):
   named     the spare took its new identity (title, log tag, thread names)
   accepted  the spare accepted its first connection
   parsed    the spare's HTTP stack handed the first request to the app
-  first     the client read the end of the first response from the spare
+  first     a kept-alive client read the end of the first response from the spare
+  probe     the new connection opened right after the kill (kills with a probe only: every other
+            one, see examples/respawn_bench.rs) read the end of its response from the spare
+
+Kills with and without a probe are laid out apart: with one, the spare's first accept is usually
+the probe's connection; without, a kept-alive client's reconnection after its reset.
 
 Usage: timeline.py RESULT.jsonl LOG [LOG...]   (one LOG per JSON line, in order)
 """
@@ -30,11 +35,15 @@ import sys
 STAGES = [
     ("kill", "reset"), ("reset", "woke"), ("kill", "woke"), ("kill", "notice"), ("kill", "closed"), ("woke", "sent"), ("sent", "received"), ("received", "listening"),
     ("listening", "named"), ("named", "accepted"), ("accepted", "parsed"), ("parsed", "first"),
-    ("kill", "first"),
+    ("kill", "first"), ("parsed", "probe"), ("kill", "probe"),
     # CPU time used by the monitor (woke -> sent) and the spare's thread (received -> ...).
     ("woke_cpu", "sent_cpu"), ("received_cpu", "listening_cpu"), ("listening_cpu", "named_cpu"),
     ("named_cpu", "accepted_cpu"), ("accepted_cpu", "parsed_cpu"), ("received_cpu", "parsed_cpu"),
+    # Page faults of the spare's thread (minor and major) over the same spans.
+    ("received_flt", "listening_flt"), ("listening_flt", "accepted_flt"),
+    ("accepted_flt", "parsed_flt"),
 ]
+FAULT_STAMPS = ("received_flt", "listening_flt", "accepted_flt", "parsed_flt")
 
 
 def parse_log(path):
@@ -68,12 +77,19 @@ def parse_log(path):
             ev(fields["pid"], "named", fields["named_us"])
             for k in ("received", "listening", "named"):
                 ev(fields["pid"], k + "_cpu", fields[k + "_cpu_us"])
+            for k in ("received", "listening"):
+                if k + "_flt" in fields:
+                    ev(fields["pid"], k + "_flt", fields[k + "_flt"])
         elif "accepted_us" in fields:
             ev(fields["pid"], "accepted", fields["accepted_us"])
             ev(fields["pid"], "accepted_cpu", fields["accepted_cpu_us"])
+            if "accepted_flt" in fields:
+                ev(fields["pid"], "accepted_flt", fields["accepted_flt"])
         elif "parsed_us" in fields:
             ev(fields["pid"], "parsed", fields["parsed_us"])
             ev(fields["pid"], "parsed_cpu", fields["parsed_cpu_us"])
+            if "parsed_flt" in fields:
+                ev(fields["pid"], "parsed_flt", fields["parsed_flt"])
     return by_pid
 
 
@@ -93,25 +109,31 @@ def main():
         events = parse_log(log)
         for r in result.get("rounds_timeline", []):
             victim, spare = events.get(r["victim"], {}), events.get(r["pid"], {})
-            t = {"kill": r["kill_us"], "reset": r["reset_us"] or None, "first": r["first_us"]}
+            t = {"kill": r["kill_us"], "reset": r["reset_us"] or None, "first": r["first_us"],
+                 "probe": r.get("probe_first_us") or None, "probing": r.get("probe", False)}
             for name in ("woke", "reaped", "closed", "notice", "woke_cpu"):
                 t[name] = victim.get(name)
             for name in ("sent", "received", "listening", "named", "accepted", "parsed",
                          "sent_cpu", "received_cpu", "listening_cpu", "named_cpu",
-                         "accepted_cpu", "parsed_cpu"):
+                         "accepted_cpu", "parsed_cpu", *FAULT_STAMPS):
                 t[name] = spare.get(name)
             rows.append(t)
     for r in rows if VERBOSE else []:
         print(" ".join(f"{k}={r[k] - r['kill'] if r.get(k) else None}" for k in
                        ("reset", "woke", "closed", "sent", "received", "listening", "named",
                         "accepted", "parsed", "first", "reaped")))
-    print(f"{len(rows)} rounds")
-    print(f"{'stage':<22} {'n':>4} {'median':>9} {'p10':>9} {'p90':>9}  (µs)")
-    for a, b in STAGES:
-        d = [r[b] - r[a] for r in rows if r.get(a) is not None and r.get(b) is not None]
-        if d:
-            print(f"{a + ' -> ' + b:<22} {len(d):>4} {statistics.median(d):>9.0f} "
-                  f"{q(d, .1):>9.0f} {q(d, .9):>9.0f}")
+    for title, part in (("kills with a new-connection probe", [r for r in rows if r["probing"]]),
+                        ("kills without (kept-alive clients only)", [r for r in rows if not r["probing"]])):
+        if not part:
+            continue
+        print(f"{len(part)} {title}")
+        print(f"{'stage':<22} {'n':>4} {'median':>9} {'p10':>9} {'p90':>9}  (µs; _flt: page faults)")
+        for a, b in STAGES:
+            d = [r[b] - r[a] for r in part if r.get(a) is not None and r.get(b) is not None]
+            if d:
+                print(f"{a + ' -> ' + b:<22} {len(d):>4} {statistics.median(d):>9.0f} "
+                      f"{q(d, .1):>9.0f} {q(d, .9):>9.0f}")
+        print()
 
 
 if __name__ == "__main__":
