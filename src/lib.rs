@@ -73,9 +73,11 @@
 //! only after that; without a notice the channel's EOF serves). Whenever `reconcile` finds a
 //! worker number missing — a death, a limit's replace-then-retire, a scale-up, a rollout's
 //! replacement — it first sends a ready spare `Activate { nr }` with the listening sockets (more
-//! than 8 go ahead in `ListeningSockets`): the spare puts them back in place, registers them and
-//! accepts at once, and a new spare is requested in the same turn. Only when no spare is ready
-//! is a worker forked and booted.
+//! than 8 go ahead in `ListeningSockets`): the spare puts them back in place, points the
+//! placeholder sockets its accept loops stood by on at them (their reactor registrations made
+//! while it stood by, so opening them is a `dup3` and an `epoll_ctl` each) and accepts at once,
+//! and a new spare is requested in the same turn. Only when no spare is ready is a worker forked
+//! and booted.
 //! Spares come from the newest ready mold; older spares retire once the new generation is proven
 //! and has its own ready, so a worker that dies during a rollout's trial is still replaced at once.
 //! A spare's `boot` runs before it has a number ([`Worker::is_spare`], [`Worker::current_nr`]).

@@ -400,6 +400,33 @@ pub(crate) fn thread_cpu_us() -> u64 {
         .unwrap_or(0)
 }
 
+/// This thread's page faults so far (minor and major), for the `tine::respawn` lines: a just
+/// woken spare touching pages it never touched since its fork pays for each.
+pub(crate) fn thread_faults() -> u64 {
+    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_THREAD)
+        .map(|u| (u.minor_page_faults() + u.major_page_faults()) as u64)
+        .unwrap_or(0)
+}
+
+/// A point of the `tine::respawn` timeline in the calling thread: [`monotonic_us`],
+/// [`thread_cpu_us`], [`thread_faults`].
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct RespawnStamp {
+    pub us: u64,
+    pub cpu_us: u64,
+    pub faults: u64,
+}
+
+/// A [`RespawnStamp`] now, if the `tine::respawn` debug lines are on (else nothing is measured:
+/// the CPU clock and the fault count are system calls, on the path they time).
+pub(crate) fn respawn_stamp() -> Option<RespawnStamp> {
+    tracing::enabled!(target: "tine::respawn", tracing::Level::DEBUG).then(|| RespawnStamp {
+        us: monotonic_us(),
+        cpu_us: thread_cpu_us(),
+        faults: thread_faults(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -71,6 +71,44 @@ pub fn make_exclusive(listener: RawFd) -> io::Result<Exclusive> {
     }
 }
 
+/// A descriptor's registration in this process's epoll instance, learned ahead of time so that
+/// another descriptor can take it over in two system calls (see [`Learned::take_over`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Learned {
+    epfd: RawFd,
+    registration: Registration,
+}
+
+/// Finds how `fd` is registered in one of this process's epoll instances (reading `fdinfo`, as
+/// [`make_exclusive`] does), for a later [`Learned::take_over`].
+pub fn learn_registration(fd: RawFd) -> io::Result<Option<Learned>> {
+    let inode = nix::sys::stat::fstat(fd)?.st_ino;
+    Ok(find_registration(fd, inode)?.map(|(epfd, registration)| Learned { epfd, registration }))
+}
+
+impl Learned {
+    /// Registers `fd` as the learned registration was: same epoll instance, same events, same
+    /// token, so that its events reach whoever waited on the learned one. With `exclusive`, plus
+    /// `EPOLLEXCLUSIVE` (as [`make_exclusive`] would make it).
+    ///
+    /// For a descriptor number that was the learned one's, now pointing at another file (`dup3`
+    /// over it): closing the learned file removed its registration, and the reactor, which knows
+    /// the registration by its token, does not know the file changed. Adding checks the new
+    /// file's readiness at once: a connection already queued is reported.
+    pub fn take_over(&self, fd: RawFd, exclusive: bool) -> io::Result<()> {
+        let registration = if exclusive {
+            Registration {
+                events: (self.registration.events & EXCLUSIVE_COMPATIBLE)
+                    | libc::EPOLLEXCLUSIVE as u32,
+                data: self.registration.data,
+            }
+        } else {
+            self.registration
+        };
+        ctl(self.epfd, libc::EPOLL_CTL_ADD, fd, Some(registration))
+    }
+}
+
 fn ctl(epfd: RawFd, op: libc::c_int, fd: RawFd, reg: Option<Registration>) -> io::Result<()> {
     let mut event = libc::epoll_event {
         events: reg.map_or(0, |r| r.events),

@@ -31,6 +31,12 @@ pub(super) static DRAINING: AtomicBool = AtomicBool::new(false);
 /// `tine::respawn`, debug).
 pub(super) static LOG_FIRST_ACCEPT: AtomicBool = AtomicBool::new(false);
 pub(super) static LOG_FIRST_REQUEST: AtomicBool = AtomicBool::new(false);
+/// When they came ([`crate::log::respawn_stamp`]), for the activation to log once the first
+/// response is out: a line written on the way would lengthen what it times.
+pub(super) static FIRST_ACCEPTED: std::sync::Mutex<Option<crate::log::RespawnStamp>> =
+    std::sync::Mutex::new(None);
+pub(super) static FIRST_PARSED: std::sync::Mutex<Option<crate::log::RespawnStamp>> =
+    std::sync::Mutex::new(None);
 
 /// An accepted connection of either listener kind.
 pub(super) enum Accepted {
@@ -351,12 +357,11 @@ impl Gate {
             if LOG_FIRST_ACCEPT.load(Ordering::Relaxed)
                 && LOG_FIRST_ACCEPT.swap(false, Ordering::Relaxed)
             {
-                tracing::debug!(
-                    target: "tine::respawn",
-                    accepted_us = crate::log::monotonic_us(),
-                    accepted_cpu_us = crate::log::thread_cpu_us(),
-                    "first connection accepted"
-                );
+                if let (Some(at), Ok(mut first)) =
+                    (crate::log::respawn_stamp(), FIRST_ACCEPTED.lock())
+                {
+                    *first = Some(at);
+                }
             }
             return (accepted, self.capacity.admit());
         }
@@ -374,6 +379,101 @@ impl Gate {
             .map(|a| (a, self.capacity.admit()))
             .collect()
     }
+}
+
+/// A listener's [`Gate`] made ready while a hot spare stands by, before it holds the listening
+/// socket: a placeholder socket (see [`placeholder_like`]) is registered with the reactor, and its
+/// registration learned
+/// (`sys::epoll::learn_registration`). Activation then points the placeholder's descriptor at the
+/// listening socket (`dup3`) and gives it the learned registration, exclusive if configured
+/// (`epoll_ctl`): the reactor serves it as the placeholder's. Without it, activation registered the
+/// socket anew and read the registration back from `/proc/self/fdinfo` to make it exclusive
+/// ([`Gate::new`]): ~80 µs of the just-woken spare's CPU, on the way to its first accept.
+pub(super) struct StandbyGate {
+    placeholder: AsyncListener,
+    learned: crate::sys::epoll::Learned,
+    exclusive: bool,
+    nodelay: bool,
+    capacity: Arc<Capacity>,
+}
+
+impl StandbyGate {
+    /// Prepares the gate of `listener` (which this process does not hold yet). `None`, said at
+    /// debug level, when the placeholder cannot be made or its registration is not found:
+    /// activation then makes the gate the ordinary way.
+    pub(super) fn prepare(
+        listener: &Listener,
+        config: &Config,
+        capacity: Arc<Capacity>,
+    ) -> Option<StandbyGate> {
+        let prepared = (|| -> io::Result<Option<StandbyGate>> {
+            let placeholder = AsyncListener::register(&placeholder_like(listener)?)?;
+            let Some(learned) = crate::sys::epoll::learn_registration(placeholder.as_raw_fd())?
+            else {
+                return Ok(None);
+            };
+            Ok(Some(StandbyGate {
+                placeholder,
+                learned,
+                exclusive: config.exclusive_accept,
+                nodelay: config.nodelay,
+                capacity,
+            }))
+        })();
+        match prepared {
+            Ok(Some(gate)) => Some(gate),
+            Ok(None) => {
+                tracing::debug!(
+                    "the placeholder's registration was not found: the gate is made at activation"
+                );
+                None
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "no placeholder listener: the gate is made at activation");
+                None
+            }
+        }
+    }
+
+    /// Opens the gate on `listener`, back in this process: its socket takes the placeholder's
+    /// descriptor and registration. On error the placeholder is gone; make the gate with
+    /// [`Gate::new`].
+    pub(super) fn open(self, listener: &Listener) -> io::Result<Gate> {
+        let fd = self.placeholder.as_raw_fd();
+        // The registration waits for readiness; a blocking accept would stall the runtime. (The
+        // socket's file status is shared by every process that holds it: usually set already.)
+        match listener {
+            Listener::Tcp(l, _) => l.set_nonblocking(true)?,
+            Listener::Unix(l, _) => l.set_nonblocking(true)?,
+        }
+        // Closes the placeholder (its only descriptor), which ends its registration.
+        nix::unistd::dup3(listener.raw_fd(), fd, nix::fcntl::OFlag::O_CLOEXEC)?;
+        self.learned.take_over(fd, self.exclusive)?;
+        Ok(Gate {
+            unix_path: self.placeholder.unix_path(),
+            listener: Held::Registered(self.placeholder),
+            exclusive: self.exclusive,
+            nodelay: self.nodelay,
+            capacity: self.capacity,
+        })
+    }
+}
+
+/// The placeholder a [`StandbyGate`] registers, typed as `listener`'s kind (nothing is ever called
+/// on it as such: its descriptor is the listener's before the gate opens): an unbound unix datagram
+/// socket, which nobody can reach and which reports no event but writability. Not an unconnected
+/// stream socket: it reports a hang-up, which the reactor keeps as final (the accept loop would
+/// find the listener readable for ever).
+fn placeholder_like(listener: &Listener) -> io::Result<Dup> {
+    let fd = std::os::fd::OwnedFd::from(socket2::Socket::new(
+        socket2::Domain::UNIX,
+        socket2::Type::DGRAM,
+        None,
+    )?);
+    Ok(match listener {
+        Listener::Tcp(..) => Dup::Tcp(std::net::TcpListener::from(fd)),
+        Listener::Unix(..) => Dup::Unix(std::os::unix::net::UnixListener::from(fd)),
+    })
 }
 
 /// Accepts from `listener` until it would block (a bounded number of tries), converting each
@@ -1590,12 +1690,9 @@ fn request_service(
         if LOG_FIRST_REQUEST.load(Ordering::Relaxed)
             && LOG_FIRST_REQUEST.swap(false, Ordering::Relaxed)
         {
-            tracing::debug!(
-                target: "tine::respawn",
-                parsed_us = crate::log::monotonic_us(),
-                parsed_cpu_us = crate::log::thread_cpu_us(),
-                "first request read"
-            );
+            if let (Some(at), Ok(mut first)) = (crate::log::respawn_stamp(), FIRST_PARSED.lock()) {
+                *first = Some(at);
+            }
         }
         shared.mark();
         // Only a body still to come can make the app wait on the client (most requests have

@@ -357,12 +357,15 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
             }
         });
     }
+    // One count of connections for all the listeners: `max_connections` is per worker.
+    let capacity = http::Capacity::new(config.max_connections, slot);
     let mut activated = None;
+    let mut standby_gates: Vec<Option<http::StandbyGate>> = Vec::new();
     if let Some(generation) = spare {
         // Booted, runtime built, accept loops spawned: all that is left at activation is to take
-        // the listening sockets back (they come with `Activate`), register them and accept.
+        // the listening sockets back (they come with `Activate`) and open the gates.
         // Off the path of its activation: the reactor's epoll instance, found now, so that
-        // making the listeners' registrations exclusive reads one fdinfo (see `sys::epoll`).
+        // making a listener's registration exclusive reads one fdinfo (see `sys::epoll`).
         if config.exclusive_accept {
             let _ = crate::sys::epoll::learn_epoll_instances();
         }
@@ -373,6 +376,12 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
                 tracing::debug!(error = %e, "the spare's warm-up request failed");
             }
         }
+        // And each gate registered with the reactor on a placeholder, so that opening it is a
+        // `dup3` and an `epoll_ctl` (see `http::StandbyGate`).
+        standby_gates = listeners
+            .iter()
+            .map(|l| http::StandbyGate::prepare(l, &config, capacity.clone()))
+            .collect();
         // The monitor may raise this thread's priority while it stands by (see
         // `monitor::spares`): once activated, it puts this one back.
         let standby_nice = crate::sys::process::nice().ok();
@@ -382,7 +391,7 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
         }
         match await_activation(&channel).await {
             Ok((nr, sockets)) => {
-                let received = (crate::log::monotonic_us(), crate::log::thread_cpu_us());
+                let received = crate::log::respawn_stamp();
                 if sockets.len() != listeners.len() {
                     tracing::error!(
                         passed = sockets.len(),
@@ -409,10 +418,16 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
             }
         }
     }
-    // One count of connections for all the listeners: `max_connections` is per worker.
-    let capacity = http::Capacity::new(config.max_connections, slot);
-    for (listener, gate) in listeners.iter().zip(gates) {
-        match http::Gate::new(listener, &config, capacity.clone()) {
+    standby_gates.resize_with(listeners.len(), || None);
+    for ((listener, gate), standby) in listeners.iter().zip(gates).zip(standby_gates) {
+        let opened = standby.and_then(|s| {
+            s.open(listener)
+                .inspect_err(|e| {
+                    tracing::debug!(error = %e, listener = %listener.addr(), "the prepared gate did not open: registering anew");
+                })
+                .ok()
+        });
+        match opened.map_or_else(|| http::Gate::new(listener, &config, capacity.clone()), Ok) {
             Ok(g) => {
                 let _ = gate.send(g);
             }
@@ -422,9 +437,8 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
             }
         }
     }
-    if let Some((nr, generation, (received_us, received_cpu_us), standby_nice)) = activated {
-        let (listening_us, listening_cpu_us) =
-            (crate::log::monotonic_us(), crate::log::thread_cpu_us());
+    if let Some((nr, generation, received, standby_nice)) = activated {
+        let listening = crate::log::respawn_stamp();
         http::LOG_FIRST_ACCEPT.store(true, std::sync::atomic::Ordering::Relaxed);
         http::LOG_FIRST_REQUEST.store(true, std::sync::atomic::Ordering::Relaxed);
         // The rest of its new identity after its gates opened.
@@ -444,16 +458,10 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
                 let _ = crate::sys::process::set_nice_of(nix::unistd::Pid::this(), nice);
             });
         }
-        tracing::debug!(
-            target: "tine::respawn",
-            received_us,
-            received_cpu_us,
-            listening_us,
-            listening_cpu_us,
-            named_us = crate::log::monotonic_us(),
-            named_cpu_us = crate::log::thread_cpu_us(),
-            "spare activated: listening"
-        );
+        if let (Some(received), Some(listening)) = (received, listening) {
+            let named = crate::log::respawn_stamp().unwrap_or_default();
+            tokio::spawn(log_activation_timeline(received, listening, named));
+        }
     }
     if spare.is_some() && config.sched_batch {
         enter_sched_batch();
@@ -494,6 +502,53 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
         let _ = handle.await;
     }
     (stop, Some(channel.into_inner()))
+}
+
+/// Logs an activated spare's `tine::respawn` lines (`bench/respawn/timeline.py`) once its first
+/// request has been read (or after a second): written as they happen, their formatting and
+/// writing, cold, lengthened the stages they timed.
+async fn log_activation_timeline(
+    received: crate::log::RespawnStamp,
+    listening: crate::log::RespawnStamp,
+    named: crate::log::RespawnStamp,
+) {
+    let parsed = || http::FIRST_PARSED.lock().map_or(true, |p| p.is_some());
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if parsed() {
+            break;
+        }
+    }
+    tracing::debug!(
+        target: "tine::respawn",
+        received_us = received.us,
+        received_cpu_us = received.cpu_us,
+        received_flt = received.faults,
+        listening_us = listening.us,
+        listening_cpu_us = listening.cpu_us,
+        listening_flt = listening.faults,
+        named_us = named.us,
+        named_cpu_us = named.cpu_us,
+        "spare activated: listening"
+    );
+    if let Some(at) = http::FIRST_ACCEPTED.lock().ok().and_then(|mut a| a.take()) {
+        tracing::debug!(
+            target: "tine::respawn",
+            accepted_us = at.us,
+            accepted_cpu_us = at.cpu_us,
+            accepted_flt = at.faults,
+            "first connection accepted"
+        );
+    }
+    if let Some(at) = http::FIRST_PARSED.lock().ok().and_then(|mut p| p.take()) {
+        tracing::debug!(
+            target: "tine::respawn",
+            parsed_us = at.us,
+            parsed_cpu_us = at.cpu_us,
+            parsed_flt = at.faults,
+            "first request read"
+        );
+    }
 }
 
 /// Test hook (debug routes only): `TINE_DEBUG_FORGE_SPAWN_REPORTS=FILE` makes the first worker
