@@ -56,7 +56,8 @@ pub trait App: Sized + 'static {
     /// An app that never reads them may return `false`: its requests then carry no extensions
     /// of tine's, which saves each request the map `http::Extensions` allocates on its first
     /// insert (three heap allocations and their frees, about a tenth of a `hello` request's
-    /// user-space instructions). Stream handlers are not affected ([`Connection::connect_info`]).
+    /// user-space instructions), and each connection the two system calls that look its
+    /// addresses up. Stream handlers are not affected ([`Connection::connect_info`]).
     fn connect_info(&self) -> bool {
         true
     }

@@ -10,10 +10,12 @@
 # process tree (user+system, from /proc/PID/stat) and the user part alone. With WORKERS=1 every
 # connection sits on the one worker, which takes the connection spread (see http-findings.md) out of
 # the comparison; differences under about 0.1 µs per request are noise on this machine.
+# PIN=1: every server's whole tree on CPU 0 (`taskset -c 0`) and wrk on CPU 1, as the peer suite's
+# pinned phase; CONNS: wrk's connections (default 64).
 # Every process started is killed on exit; every load is bounded by wrk -d and `timeout`.
 set -u
 if (($# < 3)); then
-    sed -n '2,12p' "$0" >&2
+    sed -n '2,15p' "$0" >&2
     exit 2
 fi
 WORKERS=$1
@@ -23,6 +25,14 @@ shift 2
 bench_need wrk curl
 bench_work_dir tine-ab
 WORK=$BENCH_WORK
+CONNS=${CONNS:-64}
+server_pin=()
+load_pin=()
+if [[ ${PIN:-0} == 1 ]]; then
+    bench_need taskset
+    server_pin=(taskset -c 0)
+    load_pin=(taskset -c 1)
+fi
 pids=()
 ports=()
 
@@ -32,11 +42,12 @@ for bin in "$@"; do
     port=$((19100 + i))
     dir="$WORK/$i"
     if [[ $bin == *hyper-hello* ]]; then
-        bench_start "$dir" "$bin" "127.0.0.1:$port" "$WORKERS"
-        bench_wait_http "$port" || exit 1
+        bench_start "$dir" "${server_pin[@]}" "$bin" "127.0.0.1:$port" "$WORKERS"
     else
-        bench_serve_tine "$bin" "$dir" "$port" --workers "$WORKERS" || exit 1
+        bench_start "$dir" "${server_pin[@]}" "$bin" serve --listen "127.0.0.1:$port" \
+            --control-socket "$dir/ctl.sock" --workers "$WORKERS"
     fi
+    bench_wait_http "$port" || exit 1
     pids+=("$BENCH_PID")
     ports+=("$port")
     i=$((i + 1))
@@ -48,10 +59,10 @@ for r in $(seq 1 "$ROUNDS"); do
     for i in "${!pids[@]}"; do
         port=${ports[$i]}
         pid=${pids[$i]}
-        timeout 5 wrk -t1 -c64 -d1s "http://127.0.0.1:$port/" >/dev/null
+        timeout 5 "${load_pin[@]}" wrk -t1 "-c$CONNS" -d1s "http://127.0.0.1:$port/" >/dev/null
         c0=$(bench_tree_ticks "$pid")
         u0=$(bench_tree_ticks "$pid" 14)
-        out=$(timeout 15 wrk -t1 -c64 -d5s "http://127.0.0.1:$port/")
+        out=$(timeout 15 "${load_pin[@]}" wrk -t1 "-c$CONNS" -d5s "http://127.0.0.1:$port/")
         c1=$(bench_tree_ticks "$pid")
         u1=$(bench_tree_ticks "$pid" 14)
         n=$(awk '/requests in/{print $1}' <<<"$out")

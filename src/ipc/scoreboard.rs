@@ -199,9 +199,24 @@ struct RequestSet {
     next_id: u64,
     /// Sorted by id (ids only grow, so a push keeps the order): the oldest is at the front.
     /// A deque rather than a map: no allocation per request once it has grown.
-    tracked: VecDeque<(u64, (u64, RequestText))>,
+    tracked: VecDeque<Tracked>,
     /// In flight but not subject to the age check (stream connections).
     untracked: u64,
+    /// How many of the slot's text words the text written last used (the others are zero): a
+    /// shorter text clears only those, and the common request (`GET /` and the like) writes one
+    /// or two words instead of the whole text.
+    text_words: usize,
+}
+
+/// A tracked request in flight.
+struct Tracked {
+    id: u64,
+    /// When it started (ms, monotonic).
+    start: u64,
+    /// Its method and path, kept only while an older request is in flight: a request that is the
+    /// oldest when it starts has its text written into the slot at once, and stays the oldest
+    /// until it ends, so its text is never needed again (nothing is built or kept for it).
+    text: Option<RequestText>,
 }
 
 impl RequestSet {
@@ -210,7 +225,8 @@ impl RequestSet {
     }
 }
 
-fn request_text(method: &str, path: &str) -> RequestText {
+/// `method path`, truncated to [`REQUEST_TEXT_BYTES`] and NUL-padded, and its length.
+fn request_text(method: &str, path: &str) -> (RequestText, usize) {
     let mut text = [0u8; REQUEST_TEXT_BYTES];
     let mut n = 0;
     for part in [method.as_bytes(), b" ", path.as_bytes()] {
@@ -218,7 +234,14 @@ fn request_text(method: &str, path: &str) -> RequestText {
         text[n..n + take].copy_from_slice(&part[..take]);
         n += take;
     }
-    text
+    (text, n)
+}
+
+/// The length of a NUL-padded text (a kept one, published when it becomes the oldest).
+fn text_len(text: &RequestText) -> usize {
+    text.iter()
+        .rposition(|b| *b != 0)
+        .map_or(0, |last| last + 1)
 }
 
 impl Scoreboard {
@@ -494,18 +517,36 @@ impl<'a> SlotWriter<'a> {
     /// method and path while it is the oldest in flight. Ends when the returned guard drops.
     pub fn track_request(&self, method: &str, path: &str) -> InFlightRequest<'a> {
         let now = now_ms();
+        let (text, len) = request_text(method, path);
         let mut set = self.lock_requests();
         let id = set.next_id;
         set.next_id += 1;
-        let entry = (now, request_text(method, path));
-        set.tracked.push_back((id, entry));
-        let oldest = set.tracked.len() == 1;
+        let oldest = set.tracked.is_empty();
+        // Two pushes rather than one of `(!oldest).then_some(text)`: the common one (nothing
+        // else in flight) writes no text into the deque.
+        match oldest {
+            true => set.tracked.push_back(Tracked {
+                id,
+                start: now,
+                text: None,
+            }),
+            false => set.tracked.push_back(Tracked {
+                id,
+                start: now,
+                text: Some(text),
+            }),
+        }
         let in_flight = set.in_flight();
+        let cleared = match oldest {
+            true => replace_text_words(&mut set, len),
+            false => 0..0,
+        };
         self.write(&set, |w| {
             w[IN_FLIGHT].store(in_flight, Ordering::Relaxed);
             w[STATE].store(State::Busy as u64, Ordering::Relaxed);
             if oldest {
-                publish_oldest(w, Some(&entry));
+                w[OLDEST_START_MS].store(now, Ordering::Relaxed);
+                write_text(w, &text, len, cleared);
             }
         });
         drop(set);
@@ -514,19 +555,38 @@ impl<'a> SlotWriter<'a> {
 
     fn finish_tracked(&self, id: u64) {
         let mut set = self.lock_requests();
-        let was_oldest = set.tracked.front().is_some_and(|(first, _)| *first == id);
-        let Ok(index) = set.tracked.binary_search_by_key(&id, |(i, _)| *i) else {
-            return; // claimed anew meanwhile (the set was reset): nothing of ours to end
-        };
-        set.tracked.remove(index);
+        let was_oldest = set.tracked.front().is_some_and(|first| first.id == id);
+        if was_oldest {
+            set.tracked.pop_front();
+        } else {
+            let Ok(index) = set.tracked.binary_search_by_key(&id, |t| t.id) else {
+                return; // claimed anew meanwhile (the set was reset): nothing of ours to end
+            };
+            set.tracked.remove(index);
+        }
         let in_flight = set.in_flight();
-        let untracked_only = set.tracked.is_empty() && set.untracked > 0;
+        // The next oldest (its text was kept: it started while this one was in flight), or the
+        // stream connections' marker when only those are left. With nothing in flight the text
+        // stays: readers ignore it then, and the next request rewrites only the words it uses.
+        let next = match (was_oldest, set.tracked.front()) {
+            (false, _) => None,
+            (true, Some(next)) => Some((next.start, next.text)),
+            (true, None) if set.untracked > 0 => Some((0, Some(request_text("STREAM", "").0))),
+            (true, None) => Some((0, None)),
+        };
+        let next = next.map(|(start, text)| {
+            let text = text.map(|text| {
+                let len = text_len(&text);
+                (text, len, replace_text_words(&mut set, len))
+            });
+            (start, text)
+        });
         self.write(&set, |w| {
             self.count_served(w, in_flight);
-            if was_oldest {
-                publish_oldest(w, set.tracked.front().map(|(_, v)| v));
-                if untracked_only {
-                    write_text(w, &request_text("STREAM", ""));
+            if let Some((start, text)) = next {
+                w[OLDEST_START_MS].store(start, Ordering::Relaxed);
+                if let Some((text, len, cleared)) = text {
+                    write_text(w, &text, len, cleared);
                 }
             }
         });
@@ -539,11 +599,16 @@ impl<'a> SlotWriter<'a> {
         set.untracked += 1;
         let in_flight = set.in_flight();
         let show = set.tracked.is_empty();
+        let (text, len) = request_text(method, path);
+        let cleared = match show {
+            true => replace_text_words(&mut set, len),
+            false => 0..0,
+        };
         self.write(&set, |w| {
             w[IN_FLIGHT].store(in_flight, Ordering::Relaxed);
             w[STATE].store(State::Busy as u64, Ordering::Relaxed);
             if show {
-                write_text(w, &request_text(method, path));
+                write_text(w, &text, len, cleared);
             }
         });
     }
@@ -553,10 +618,14 @@ impl<'a> SlotWriter<'a> {
         let mut set = self.lock_requests();
         set.untracked = set.untracked.saturating_sub(1);
         let in_flight = set.in_flight();
+        let cleared = match in_flight {
+            0 => replace_text_words(&mut set, 0),
+            _ => 0..0,
+        };
         self.write(&set, |w| {
             self.count_served(w, in_flight);
             if in_flight == 0 {
-                write_text(w, &[0; REQUEST_TEXT_BYTES]);
+                write_text(w, &[0; REQUEST_TEXT_BYTES], 0, cleared);
             }
         });
     }
@@ -571,28 +640,23 @@ impl<'a> SlotWriter<'a> {
     }
 }
 
-/// Publishes the oldest tracked request (or none) into a slot being written.
-fn publish_oldest(w: &[AtomicU64], oldest: Option<&(u64, RequestText)>) {
-    match oldest {
-        Some((start, text)) => {
-            w[OLDEST_START_MS].store(*start, Ordering::Relaxed);
-            write_text(w, text);
-        }
-        // The text stays: readers ignore it while nothing is in flight, and the next request,
-        // often the same method and path, then rewrites nothing.
-        None => w[OLDEST_START_MS].store(0, Ordering::Relaxed),
-    }
+/// Records that the slot's text is about to be a text of `len` bytes; returns the words of the
+/// previous text beyond it, which the write must clear.
+fn replace_text_words(set: &mut RequestSet, len: usize) -> std::ops::Range<usize> {
+    let words = len.div_ceil(8);
+    let previous = std::mem::replace(&mut set.text_words, words);
+    words..previous.max(words)
 }
 
-fn write_text(w: &[AtomicU64], text: &RequestText) {
-    for (i, chunk) in text.chunks(8).enumerate() {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(chunk);
-        let word = u64::from_le_bytes(b);
-        // Stores only what changed: consecutive requests mostly share their method and path.
-        if w[TEXT + i].load(Ordering::Relaxed) != word {
-            w[TEXT + i].store(word, Ordering::Relaxed);
-        }
+/// Writes a text of `len` bytes into a slot being written: the words it uses, and zeros into the
+/// words `clear` of a longer previous text (see [`replace_text_words`]).
+fn write_text(w: &[AtomicU64], text: &RequestText, len: usize, clear: std::ops::Range<usize>) {
+    for (i, chunk) in text.chunks_exact(8).take(len.div_ceil(8)).enumerate() {
+        let word = u64::from_le_bytes(chunk.try_into().expect("chunks of 8"));
+        w[TEXT + i].store(word, Ordering::Relaxed);
+    }
+    for i in clear {
+        w[TEXT + i].store(0, Ordering::Relaxed);
     }
 }
 

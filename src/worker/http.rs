@@ -621,14 +621,15 @@ fn accept_loop(
                     _open: open.clone(),
                     admitted,
                 };
-                let peer = peer_of(&accepted, &unix_path);
+                // Looked up only for an app that reads them: two system calls per connection.
+                let peer = connect_info.then(|| peer_of(&accepted, &unix_path));
                 // Made in the connection's task: with `proxy_protocol` the peer is known only
                 // once the PROXY header has been read.
                 let make_service = {
                     let (service, config) = (service.clone(), config.clone());
                     let (shared, bodies) = (life.shared.clone(), bodies.clone());
-                    move |peer: Peer| {
-                        let extensions = connect_info.then(|| peer.extensions());
+                    move |peer: Option<Peer>| {
+                        let extensions = peer.map(|peer| peer.extensions());
                         request_service(
                             service, config, slot, &shared, &bodies, extensions, warm_up,
                         )
@@ -997,6 +998,27 @@ impl Shared {
         }
     }
 
+    /// Adds one to, or takes one from, a request counter (`busy`, `open`). On HTTP/1 only the
+    /// connection's own task changes them (hyper calls the service, polls its future and drops
+    /// the response body in that task), so a load and a store do, as in [`bump`]: no locked
+    /// instruction on the request path. On HTTP/2 a stream's response runs in a task of its own
+    /// (hyper spawns it), possibly on another thread at the same time: a read-modify-write.
+    fn count(&self, counter: &AtomicU64, up: bool) {
+        match (self.h2.load(Ordering::Relaxed), up) {
+            (false, true) => counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed),
+            (false, false) => counter.store(
+                counter.load(Ordering::Relaxed).wrapping_sub(1),
+                Ordering::Relaxed,
+            ),
+            (true, true) => {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            (true, false) => {
+                counter.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
     fn order(&self, order: u8) {
         self.orders.fetch_or(order, Ordering::Release);
         if let Some(waker) = &*self.waker() {
@@ -1238,12 +1260,12 @@ impl Builder {
     }
 
     /// Serves one connection in a task of its own, with the service `make_service` makes for
-    /// its peer (`peer`, or the client a PROXY header names).
+    /// its peer (`peer`, or the client a PROXY header names; `None` for an app that reads none).
     fn spawn<I, S>(
         &'static self,
         io: I,
-        peer: Peer,
-        make_service: impl FnOnce(Peer) -> S + Send + 'static,
+        peer: Option<Peer>,
+        make_service: impl FnOnce(Option<Peer>) -> S + Send + 'static,
         life: Life,
     ) where
         I: Peek,
@@ -1262,7 +1284,8 @@ impl Builder {
                 false => peer,
                 true => {
                     match tokio::time::timeout(life.patience, read_proxy_header(&io)).await {
-                        Ok(Ok(Some((client, proxy)))) => Peer::tcp(client, proxy),
+                        // (Only for an app that reads addresses: `peer` is `None` otherwise.)
+                        Ok(Ok(Some((client, proxy)))) => peer.map(|_| Peer::tcp(client, proxy)),
                         // LOCAL (v2) or UNKNOWN (v1): the proxy's own connection (a health
                         // check); its addresses are the socket's.
                         Ok(Ok(None)) => peer,
@@ -1361,7 +1384,7 @@ struct Open(Arc<Shared>);
 
 impl Open {
     fn new(shared: &Arc<Shared>) -> Open {
-        shared.open.fetch_add(1, Ordering::Relaxed);
+        shared.count(&shared.open, true);
         Open(shared.clone())
     }
 }
@@ -1373,7 +1396,7 @@ impl Drop for Open {
         shared
             .reads_at_rest
             .store(shared.reads.load(Ordering::Relaxed), Ordering::Relaxed);
-        shared.open.fetch_sub(1, Ordering::Relaxed);
+        shared.count(&shared.open, false);
     }
 }
 
@@ -1383,14 +1406,14 @@ struct Busy(Option<Open>);
 
 impl Busy {
     fn new(shared: &Arc<Shared>) -> Busy {
-        shared.busy.fetch_add(1, Ordering::Relaxed);
+        shared.count(&shared.busy, true);
         Busy(Some(Open::new(shared)))
     }
 
     /// The response head is out: no longer busy, still open until the response body ends.
     fn into_open(mut self) -> Open {
         let open = self.0.take().expect("held until into_open");
-        open.0.busy.fetch_sub(1, Ordering::Relaxed);
+        open.0.count(&open.0.busy, false);
         open
     }
 }
@@ -1398,7 +1421,7 @@ impl Busy {
 impl Drop for Busy {
     fn drop(&mut self) {
         if let Some(open) = &self.0 {
-            open.0.busy.fetch_sub(1, Ordering::Relaxed);
+            open.0.count(&open.0.busy, false);
         }
     }
 }
@@ -1915,10 +1938,7 @@ impl Sending {
         }
         self.waiting = waiting;
         let shared = &self.open.0;
-        match waiting {
-            true => shared.busy.fetch_add(1, Ordering::Relaxed),
-            false => shared.busy.fetch_sub(1, Ordering::Relaxed),
-        };
+        shared.count(&shared.busy, waiting);
     }
 }
 
