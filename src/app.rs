@@ -256,11 +256,15 @@ impl Handler {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
+        use futures_util::FutureExt as _;
         let mut service = service;
+        // A `map` of the app's future rather than an `async` block awaiting it: the future boxed
+        // for every request is then the app's future and nothing more (an `async` block keeps
+        // the future it awaits twice, as its capture and as the awaited value, and moves it from
+        // one to the other on its first poll).
         let service = tower::service_fn(move |req: Request| {
-            let call = call_in_place(&mut service, req);
-            async move {
-                Ok::<_, Infallible>(match call.await {
+            call_in_place(&mut service, req).map(|answer| {
+                Ok::<_, Infallible>(match answer {
                     Ok(r) => r.map(Body::new),
                     Err(e) => {
                         let e: BoxError = e.into();
@@ -272,7 +276,7 @@ impl Handler {
                         resp
                     }
                 })
-            }
+            })
         });
         Handler::Http(tower::util::BoxCloneService::new(service))
     }

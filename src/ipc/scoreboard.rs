@@ -565,6 +565,16 @@ impl<'a> SlotWriter<'a> {
             set.tracked.remove(index);
         }
         let in_flight = set.in_flight();
+        if in_flight == 0 {
+            // The common end (nothing else in flight): no next oldest to publish, and the text
+            // stays (readers ignore it while nothing is in flight; the next request rewrites
+            // only the words it uses).
+            self.write(&set, |w| {
+                self.count_served(w, 0);
+                w[OLDEST_START_MS].store(0, Ordering::Relaxed);
+            });
+            return;
+        }
         // The next oldest (its text was kept: it started while this one was in flight), or the
         // stream connections' marker when only those are left. With nothing in flight the text
         // stays: readers ignore it then, and the next request rewrites only the words it uses.
