@@ -76,8 +76,8 @@
 //! than 8 go ahead in `ListeningSockets`): the spare puts them back in place, points the
 //! placeholder sockets its accept loops stood by on at them (their reactor registrations made
 //! while it stood by, so opening them is a `dup3` and an `epoll_ctl` each) and accepts at once,
-//! and a new spare is requested in the same turn. Only when no spare is ready is a worker forked
-//! and booted.
+//! and a new spare is requested 5 ms later (not while the takeover needs the CPUs:
+//! `spares::REFILL_DELAY`). Only when no spare is ready is a worker forked and booted.
 //! Spares come from the newest ready mold; older spares retire once the new generation is proven
 //! and has its own ready, so a worker that dies during a rollout's trial is still replaced at once.
 //! A spare's `boot` runs before it has a number ([`Worker::is_spare`], [`Worker::current_nr`]).

@@ -161,6 +161,9 @@ pub(crate) struct Monitor {
     memory: memory::MemoryCache,
     /// Hot spares that took over from a worker (see `spares`), for metrics.
     spare_activations: u64,
+    /// When a spare last took over: its replacement is requested a little later
+    /// (`spares::REFILL_DELAY`).
+    last_spare_activation: Option<Instant>,
     /// When `poll` last returned ([`crate::log::monotonic_us`]), for the `tine::respawn` lines.
     woke_us: u64,
     /// The monitor's CPU time then ([`crate::log::thread_cpu_us`]).
@@ -345,6 +348,9 @@ impl Monitor {
         if self.reload.is_some() || self.boot_reload.is_some() {
             // Reloads are timed: look at their progress often.
             t = t.min(Duration::from_millis(5));
+        }
+        if let Some(due) = self.spare_refill_due() {
+            t = t.min(due.saturating_duration_since(now));
         }
         t.max(Duration::from_millis(1))
     }

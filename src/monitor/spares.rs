@@ -3,8 +3,8 @@
 //!
 //! A worker that dies, one recycled by a limit or replaced by a rollout, and one added by a
 //! scale-up are all a worker number missing from the table in `reconcile`: a ready spare takes
-//! that number at once, and a new spare is requested from the current mold in the same turn of
-//! the loop, booting in the background. Only when no ready spare fits is a worker forked and
+//! that number at once, and a new spare is requested from the current mold [`REFILL_DELAY`] later
+//! (not while the takeover needs the CPUs), booting in the background. Only when no ready spare fits is a worker forked and
 //! booted the ordinary way.
 //!
 //! Generations. Spares come from the current mold (the newest ready one), so a refork or a reload
@@ -45,6 +45,14 @@ use crate::listener::Listener;
 /// A spare whose heartbeat is older than this is passed over (it refreshes it every 500 ms).
 const STALE_HEARTBEAT_MS: u64 = 2000;
 
+/// How long after a spare took over its replacement is requested. The mold's fork and the new
+/// spare's boot (its runtime, its warm-up request) take a CPU for a millisecond or more; requested
+/// in the same turn as `Activate`, the fork came ~0.45 ms later, just when the activated spare
+/// accepts the connections queued for it and answers them, and on a machine with few CPUs they
+/// compete. A second death within this time finds no spare standing by (as it would while the new
+/// one boots anyway).
+const REFILL_DELAY: Duration = Duration::from_millis(5);
+
 impl Monitor {
     /// Activates a ready spare of generation `min_generation` or newer as worker `nr`: true if
     /// one took over. The newest generation is preferred.
@@ -68,7 +76,7 @@ impl Monitor {
             let Some(c) = self.children.get_mut(&slot) else {
                 return false;
             };
-            let (sent_us, sent_cpu_us) = (crate::log::monotonic_us(), crate::log::thread_cpu_us());
+            let sent_at = crate::log::respawn_stamp();
             let sent = c
                 .channel
                 .as_ref()
@@ -79,14 +87,16 @@ impl Monitor {
                 self.kill_child(slot, "its channel closed while it stood by");
                 continue;
             }
-            tracing::debug!(
-                target: "tine::respawn",
-                spare = c.pid_raw(),
-                nr,
-                sent_us,
-                sent_cpu_us,
-                "spare activated"
-            );
+            if let Some(at) = sent_at {
+                tracing::debug!(
+                    target: "tine::respawn",
+                    spare = c.pid_raw(),
+                    nr,
+                    sent_us = at.us,
+                    sent_cpu_us = at.cpu_us,
+                    "spare activated"
+                );
+            }
             let stood_by = c.started.elapsed();
             c.kind = Kind::Worker;
             c.nr = nr;
@@ -96,6 +106,7 @@ impl Monitor {
             c.max_requests = limits::max_requests_for(&self.config, slot);
             let (pid, generation, label) = (c.pid_raw(), c.generation, c.label());
             self.spare_activations += 1;
+            self.last_spare_activation = Some(Instant::now());
             self.ever_served = true;
             // The same message as a worker that booted, so that whoever waits for it finds it.
             tracing::info!(
@@ -219,6 +230,7 @@ impl Monitor {
             || self.promotion_in_progress()
             || !self.ever_served
             || self.spawn_errors > 0
+            || self.spare_refill_due().is_some()
         {
             return;
         }
@@ -233,6 +245,13 @@ impl Monitor {
                 return;
             }
         }
+    }
+
+    /// When the replacement of a spare that just took over may be requested, if not yet
+    /// ([`REFILL_DELAY`]); the loop wakes then.
+    pub(super) fn spare_refill_due(&self) -> Option<Instant> {
+        let due = self.last_spare_activation? + REFILL_DELAY;
+        (due > Instant::now()).then_some(due)
     }
 
     /// Asks the mold in `mold_slot` for a worker `nr` (or, `kind` [`Kind::Spare`], a hot spare):

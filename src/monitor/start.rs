@@ -144,6 +144,7 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
         profiles: Default::default(),
         memory: Default::default(),
         spare_activations: 0,
+        last_spare_activation: None,
         woke_us: 0,
         woke_cpu_us: 0,
     };
