@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use super::Stop;
 use crate::app::{full, HttpService, Peer, Request, RequestBody};
 use crate::config::Config;
-use crate::ipc::scoreboard::SlotWriter;
+use crate::ipc::scoreboard::{InFlightRequest, SlotWriter};
 use crate::listener::Listener;
 use crate::request_body::BodyWatch;
 
@@ -1751,38 +1751,72 @@ fn request_service(
                 Answer::Guarded(Box::pin(guarded(call, request_timeout, watch, linger)))
             }
         };
-        async move {
-            let mut response = match answer {
-                Answer::App(call) => call.await?,
-                Answer::Guarded(guarded) => guarded.await?,
-                // Answered by tine itself: no app, no scoreboard entry, nothing more to add.
-                Answer::Refused { warm_up } => {
-                    let r = refused(warm_up);
-                    return Ok(r.map(|body| Sending::new(body, busy.into_open())));
-                }
-            };
-            drop(guard);
-            // Not on a `101 Switching Protocols`: its `Connection: upgrade` must stay.
-            if http1
-                && DRAINING.load(Ordering::Relaxed)
-                && response.status() != http::StatusCode::SWITCHING_PROTOCOLS
-            {
-                response.headers_mut().insert(
-                    http::header::CONNECTION,
-                    http::HeaderValue::from_static("close"),
-                );
-            }
-            if debug_headers {
-                response
-                    .headers_mut()
-                    .insert("x-tine-worker", http::HeaderValue::from(std::process::id()));
-            }
-            // The request is no longer busy once its head is out; a body that waits on the app
-            // makes the connection busy by itself, and the request stays open until its body
-            // has ended.
-            Ok(response.map(|body| Sending::new(body, busy.into_open())))
+        Respond {
+            answer,
+            guard,
+            busy: Some(busy),
+            http1,
+            debug_headers,
         }
     })
+}
+
+/// A request's answer on its way to hyper: the app's (or tine's own) response, and what the
+/// connection adds to it. A future of its own rather than an `async` block: its fields are all
+/// `Unpin`, so it is polled where hyper keeps it, holds each value once, and the response is
+/// moved only into what hyper receives.
+struct Respond {
+    answer: Answer,
+    /// The request's scoreboard entry, ended once the app has answered (`None` for a warm-up).
+    guard: Option<InFlightRequest<'static>>,
+    /// Taken when the response is handed over (the future is done then).
+    busy: Option<Busy>,
+    http1: bool,
+    debug_headers: bool,
+}
+
+impl Future for Respond {
+    type Output = Result<http::Response<Sending>, std::convert::Infallible>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::{ready, Poll};
+        let this = &mut *self;
+        let mut response = match &mut this.answer {
+            Answer::App(call) => ready!(Pin::new(call).poll(cx))?,
+            Answer::Guarded(guarded) => ready!(guarded.as_mut().poll(cx))?,
+            // Answered by tine itself: no app, nothing more to add.
+            Answer::Refused { warm_up } => {
+                let r = refused(*warm_up);
+                this.guard = None;
+                let busy = this.busy.take().expect("a future is not polled once done");
+                return Poll::Ready(Ok(r.map(|body| Sending::new(body, busy.into_open()))));
+            }
+        };
+        this.guard = None;
+        // Not on a `101 Switching Protocols`: its `Connection: upgrade` must stay.
+        if this.http1
+            && DRAINING.load(Ordering::Relaxed)
+            && response.status() != http::StatusCode::SWITCHING_PROTOCOLS
+        {
+            response.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+        }
+        if this.debug_headers {
+            response
+                .headers_mut()
+                .insert("x-tine-worker", http::HeaderValue::from(std::process::id()));
+        }
+        // The request is no longer busy once its head is out; a body that waits on the app
+        // makes the connection busy by itself, and the request stays open until its body has
+        // ended.
+        let busy = this.busy.take().expect("a future is not polled once done");
+        Poll::Ready(Ok(response.map(|body| Sending::new(body, busy.into_open()))))
+    }
 }
 
 /// The app's future as called in place (see [`crate::app::call_in_place`]).
