@@ -118,7 +118,7 @@ for name in ["tine, spare_workers=1"]:
             goal.append(f"{label} {ms(m)} median: {'meets' if m <= 500 else 'does not meet'} the <= 0.5 ms goal")
 if goal:
     lines += ["**Goal (kill -9 -> a replacement serving in <= 0.5 ms median), tine with a spare**: " + "; ".join(goal) + ".", ""]
-lines += ["", f"Raw samples (µs) per run: `{os.path.basename(raw)}`.", ""]
+lines += [f"Raw samples (µs) per run: `{os.path.basename(raw)}`.", ""]
 if stages:
     lines += ["Where the time goes, tine with a spare (`bench/respawn/timeline.py`, µs, CLOCK_MONOTONIC;",
               "`_cpu` rows: CPU time of the monitor's or the spare's thread; raw: `respawn-timeline.jsonl`, `.log`):",
