@@ -163,17 +163,9 @@ fn concurrent_load_is_served_by_every_worker() {
     }
 }
 
-/// The scheduling policy of a process (field 41 of /proc/PID/stat): 0 SCHED_OTHER, 3 SCHED_BATCH.
+/// The scheduling policy of a process (its main thread's): see `common::sched`.
 fn policy(pid: i32) -> u32 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    // Fields after the command (which may hold spaces) start at field 3.
-    let after = &stat[stat.rfind(')').expect("comm") + 2..];
-    after
-        .split(' ')
-        .nth(41 - 3)
-        .expect("policy")
-        .parse()
-        .expect("number")
+    common::sched::policy_of_thread(pid, pid)
 }
 
 #[test]

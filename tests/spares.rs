@@ -478,40 +478,13 @@ fn a_spare_serves_while_the_killed_worker_is_still_being_torn_down() {
     );
 }
 
-/// The scheduling policy of thread `tid` of `pid` (field 41 of its stat): 0 SCHED_OTHER, 3
-/// SCHED_BATCH.
-fn thread_policy(pid: i32, tid: i32) -> u32 {
-    let stat =
-        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).expect("a thread's stat");
-    let after = &stat[stat.rfind(')').expect("comm") + 2..];
-    after
-        .split(' ')
-        .nth(41 - 3)
-        .expect("policy")
-        .parse()
-        .expect("number")
-}
-
-/// The ids of `pid`'s threads named `name`.
-fn threads_named(pid: i32, name: &str) -> Vec<i32> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .expect("a process's threads")
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|tid| {
-            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
-                .is_ok_and(|comm| comm.trim_end() == name)
-        })
-        .collect()
-}
-
 /// A worker runs under SCHED_BATCH (`sched_batch`, the default), but its death notice's thread
 /// does not: it only ever runs when the worker is killed, and then it must preempt whatever runs
 /// (a SCHED_BATCH thread woken waits for the running task's time slice to end), since the
 /// monitor's word of the death waits for it.
 #[test]
 fn a_workers_death_notice_thread_preempts_though_the_worker_runs_under_sched_batch() {
-    const OTHER: u32 = 0;
-    const BATCH: u32 = 3;
+    use common::sched::{policy_of_thread, threads_named, BATCH, OTHER};
     let server = launch(1, &["--spare-workers", "0"]);
     let worker = server.wait_workers(1, READY_TIMEOUT)[0];
     let sentinels = poll_until(SETTLE, || {
@@ -520,13 +493,13 @@ fn a_workers_death_notice_thread_preempts_though_the_worker_runs_under_sched_bat
     })
     .expect("the worker's death-notice thread");
     assert_eq!(
-        thread_policy(worker, worker),
+        policy_of_thread(worker, worker),
         BATCH,
         "the worker's main thread"
     );
     for tid in sentinels {
         assert_eq!(
-            thread_policy(worker, tid),
+            policy_of_thread(worker, tid),
             OTHER,
             "the worker's death-notice thread {tid}"
         );

@@ -57,6 +57,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+pub mod sched;
 pub mod spares;
 pub mod stall;
 pub mod static_app;

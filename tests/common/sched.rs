@@ -1,0 +1,35 @@
+//! Scheduling policies of processes and threads, as `/proc` shows them.
+
+/// SCHED_OTHER, the kernel's default policy.
+pub const OTHER: u32 = 0;
+/// SCHED_BATCH (tine's workers by default, `sched_batch`).
+pub const BATCH: u32 = 3;
+/// SCHED_IDLE.
+pub const IDLE: u32 = 5;
+
+/// The scheduling policy of thread `tid` of process `pid` (field 41 of its stat; `tid == pid`
+/// is the main thread, whose policy `/proc/PID/stat` shows too).
+pub fn policy_of_thread(pid: i32, tid: i32) -> u32 {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).expect("a thread's stat");
+    // Fields after the command (which may hold spaces) start at field 3.
+    let after = &stat[stat.rfind(')').expect("comm") + 2..];
+    after
+        .split(' ')
+        .nth(41 - 3)
+        .expect("policy")
+        .parse()
+        .expect("number")
+}
+
+/// The ids of `pid`'s threads whose name (`comm`) is `name`.
+pub fn threads_named(pid: i32, name: &str) -> Vec<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("a process's threads")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|tid| {
+            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+                .is_ok_and(|comm| comm.trim_end() == name)
+        })
+        .collect()
+}
