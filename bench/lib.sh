@@ -69,6 +69,36 @@ bench_serve_tine() {
     bench_wait_http "$port"
 }
 
+# The commands that put a server's tree on CPU 0 and a load generator on CPU 1 (see bench_pin).
+BENCH_SERVER_PIN=()
+BENCH_LOAD_PIN=()
+
+# bench_pin: with PIN=1, sets BENCH_SERVER_PIN and BENCH_LOAD_PIN to `taskset -c 0` and
+# `taskset -c 1` (the peer suite's pinned phase); leaves them empty otherwise.
+bench_pin() {
+    if [[ ${PIN:-0} == 1 ]]; then
+        bench_need taskset
+        BENCH_SERVER_PIN=(taskset -c 0)
+        BENCH_LOAD_PIN=(taskset -c 1)
+    fi
+}
+
+# bench_start_hello BIN DIR PORT WORKERS [ARG...]: starts BIN's hello server in DIR (bench_start,
+# under BENCH_SERVER_PIN: BENCH_PID is its root) and waits until it answers; returns 1 if it never
+# does. A path containing `hyper-hello` runs as `BIN 127.0.0.1:PORT WORKERS`, anything else as
+# tine's `serve --listen 127.0.0.1:PORT --control-socket DIR/ctl.sock --workers WORKERS ARG...`.
+bench_start_hello() {
+    local bin=$1 dir=$2 port=$3 workers=$4
+    shift 4
+    if [[ $bin == *hyper-hello* ]]; then
+        bench_start "$dir" "${BENCH_SERVER_PIN[@]}" "$bin" "127.0.0.1:$port" "$workers"
+    else
+        bench_start "$dir" "${BENCH_SERVER_PIN[@]}" "$bin" serve --listen "127.0.0.1:$port" \
+            --control-socket "$dir/ctl.sock" --workers "$workers" "$@"
+    fi
+    bench_wait_http "$port"
+}
+
 # bench_work_dir NAME: makes a fresh /tmp/NAME.XXXXXX, puts its path in BENCH_WORK and sets the
 # EXIT trap that kills what bench_start started and removes the directory (call it as is, not in
 # $(...); a script with more to clean up sets its own trap instead).

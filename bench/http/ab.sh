@@ -26,13 +26,7 @@ bench_need wrk curl
 bench_work_dir tine-ab
 WORK=$BENCH_WORK
 CONNS=${CONNS:-64}
-server_pin=()
-load_pin=()
-if [[ ${PIN:-0} == 1 ]]; then
-    bench_need taskset
-    server_pin=(taskset -c 0)
-    load_pin=(taskset -c 1)
-fi
+bench_pin
 pids=()
 ports=()
 
@@ -41,13 +35,7 @@ for bin in "$@"; do
     bin="$(realpath "$bin")"
     port=$((19100 + i))
     dir="$WORK/$i"
-    if [[ $bin == *hyper-hello* ]]; then
-        bench_start "$dir" "${server_pin[@]}" "$bin" "127.0.0.1:$port" "$WORKERS"
-    else
-        bench_start "$dir" "${server_pin[@]}" "$bin" serve --listen "127.0.0.1:$port" \
-            --control-socket "$dir/ctl.sock" --workers "$WORKERS"
-    fi
-    bench_wait_http "$port" || exit 1
+    bench_start_hello "$bin" "$dir" "$port" "$WORKERS" || exit 1
     pids+=("$BENCH_PID")
     ports+=("$port")
     i=$((i + 1))
@@ -59,10 +47,10 @@ for r in $(seq 1 "$ROUNDS"); do
     for i in "${!pids[@]}"; do
         port=${ports[$i]}
         pid=${pids[$i]}
-        timeout 5 "${load_pin[@]}" wrk -t1 "-c$CONNS" -d1s "http://127.0.0.1:$port/" >/dev/null
+        timeout 5 "${BENCH_LOAD_PIN[@]}" wrk -t1 "-c$CONNS" -d1s "http://127.0.0.1:$port/" >/dev/null
         c0=$(bench_tree_ticks "$pid")
         u0=$(bench_tree_ticks "$pid" 14)
-        out=$(timeout 15 "${load_pin[@]}" wrk -t1 "-c$CONNS" -d5s "http://127.0.0.1:$port/")
+        out=$(timeout 15 "${BENCH_LOAD_PIN[@]}" wrk -t1 "-c$CONNS" -d5s "http://127.0.0.1:$port/")
         c1=$(bench_tree_ticks "$pid")
         u1=$(bench_tree_ticks "$pid" 14)
         n=$(awk '/requests in/{print $1}' <<<"$out")

@@ -34,13 +34,7 @@ bench_need wrk curl perf python3
 bench_work_dir tine-syscalls
 WORK=$BENCH_WORK
 ulimit -n 65536 2>/dev/null || true
-server_pin=()
-load_pin=()
-if [[ $PIN == 1 ]]; then
-    bench_need taskset
-    server_pin=(taskset -c 0)
-    load_pin=(taskset -c 1)
-fi
+bench_pin
 
 bench_machine
 echo "# wrk -t1 -c$CONNS -d${SECONDS_EACH}s; pinned: $([[ $PIN == 1 ]] && echo 'server tree on CPU 0, wrk on CPU 1' || echo no)"
@@ -49,13 +43,9 @@ for bin in "$@"; do
     bin="$(realpath "$bin")"
     port=$((19500 + i))
     dir="$WORK/$i"
-    if [[ $bin == *hyper-hello* ]]; then
-        bench_start "$dir" "${server_pin[@]}" "$bin" "127.0.0.1:$port" 1
-        bench_wait_http "$port" || exit 1
-    else
-        bench_start "$dir" "${server_pin[@]}" "$bin" serve --listen "127.0.0.1:$port" \
-            --control-socket "$dir/ctl.sock" --workers 1 ${TINE_ARGS:-}
-        bench_wait_http "$port" || exit 1
+    # shellcheck disable=SC2086 # TINE_ARGS: words
+    bench_start_hello "$bin" "$dir" "$port" 1 ${TINE_ARGS:-} || exit 1
+    if [[ $bin != *hyper-hello* ]]; then
         # The hot spare boots after the worker: wait (bounded) for it to stand by.
         for _ in $(seq 1 100); do
             for p in $(bench_tree "$BENCH_PID"); do
@@ -66,7 +56,7 @@ for bin in "$@"; do
         done
     fi
     pid=$BENCH_PID
-    timeout 5 "${load_pin[@]}" wrk -t1 "-c$CONNS" -d1s "http://127.0.0.1:$port/" >/dev/null
+    timeout 5 "${BENCH_LOAD_PIN[@]}" wrk -t1 "-c$CONNS" -d1s "http://127.0.0.1:$port/" >/dev/null
     list=$(bench_tree "$pid" | paste -sd,)
     # Thread names now (perf prints comm-tid, and comm is cut to 15 bytes anyway).
     for p in $(bench_tree "$pid"); do
@@ -82,7 +72,7 @@ for bin in "$@"; do
     fi
     timeout $((SECONDS_EACH + 60)) perf stat --per-thread -x, -o "$dir/stat" \
         -e raw_syscalls:sys_enter -e context-switches -e cpu-migrations -e 'syscalls:sys_enter_*' \
-        -p "$list" -- "${load_pin[@]}" wrk -t1 "-c$CONNS" -d"${SECONDS_EACH}s" \
+        -p "$list" -- "${BENCH_LOAD_PIN[@]}" wrk -t1 "-c$CONNS" -d"${SECONDS_EACH}s" \
         "http://127.0.0.1:$port/" >"$dir/wrk"
     [[ $PIN == 1 ]] && wait "$cpu0"
     n=$(awk '/requests in/{print $1}' "$dir/wrk")
