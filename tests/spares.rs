@@ -485,7 +485,8 @@ fn a_spare_serves_while_the_killed_worker_is_still_being_torn_down() {
 #[test]
 fn a_workers_death_notice_thread_preempts_though_the_worker_runs_under_sched_batch() {
     use common::sched::{policy_of_thread, threads_named, BATCH, OTHER};
-    let server = launch(1, &["--spare-workers", "0"]);
+    // SCHED_BATCH named, not assumed from the default.
+    let server = launch(1, &["--spare-workers", "0", "--sched-batch", "true"]);
     let worker = server.wait_workers(1, READY_TIMEOUT)[0];
     let sentinels = poll_until(SETTLE, || {
         let found = threads_named(worker, "tine-sentinel");
@@ -502,6 +503,88 @@ fn a_workers_death_notice_thread_preempts_though_the_worker_runs_under_sched_bat
             policy_of_thread(worker, tid),
             OTHER,
             "the worker's death-notice thread {tid}"
+        );
+    }
+}
+
+/// The registrations of `pid`'s epoll instances for sockets among `inodes`: (events, inode) per
+/// registration, from `/proc/PID/fdinfo` (proc(5): `tfd: N events: HEX data: HEX pos:0 ino:HEX`).
+fn epoll_registrations_of(pid: i32, inodes: &[u64]) -> Vec<(u32, u64)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the spare's descriptors")
+        .flatten()
+    {
+        let is_epoll = std::fs::read_link(entry.path())
+            .is_ok_and(|t| t.to_str() == Some("anon_inode:[eventpoll]"));
+        if !is_epoll {
+            continue;
+        }
+        let fd = entry.file_name().to_string_lossy().into_owned();
+        let Ok(info) = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")) else {
+            continue;
+        };
+        for line in info.lines().filter(|l| l.starts_with("tfd:")) {
+            let field = |name: &str| {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                let at = words.iter().position(|w| *w == name)?;
+                u64::from_str_radix(words.get(at + 1)?, 16).ok()
+            };
+            let ino = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("ino:"))
+                .and_then(|h| u64::from_str_radix(h, 16).ok());
+            if let (Some(events), Some(ino)) = (field("events:"), ino) {
+                if inodes.contains(&ino) {
+                    found.push((events as u32, ino));
+                }
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn an_activated_spare_waits_on_the_listener_once_exclusively_through_its_prepared_gate() {
+    // The spare registers a placeholder while it stands by and, at activation, points its
+    // descriptor at the listener and takes over its registration (`http::StandbyGate`): one
+    // registration of the listener in the spare's reactor, with EPOLLEXCLUSIVE (the default), and
+    // no fallback to registering anew (which works too, slower, and says so as a warning).
+    const EPOLLEXCLUSIVE: u32 = 1 << 28;
+    let server = launch(1, &["--spare-workers", "1"]);
+    let worker = server.wait_workers(1, READY_TIMEOUT)[0];
+    let spare = wait_spare(&server, "at start", |_| true);
+    let monitor = socket_inodes(server.pid);
+    let listening: Vec<u64> = socket_inodes(worker)
+        .into_iter()
+        .filter(|i| monitor.contains(i))
+        .collect();
+    assert!(
+        !listening.is_empty(),
+        "the worker holds the listening socket"
+    );
+    kill_worker_0_and_see_the_spare_take_over(&server, worker, spare.pid);
+    let registrations = epoll_registrations_of(spare.pid, &listening);
+    assert_eq!(
+        registrations.len(),
+        listening.len(),
+        "one registration per listener in the activated spare: {registrations:?}"
+    );
+    for (events, ino) in &registrations {
+        assert_ne!(
+            events & EPOLLEXCLUSIVE,
+            0,
+            "listener {ino} registered without EPOLLEXCLUSIVE: events {events:#x}"
+        );
+    }
+    let log = server.log.text();
+    for fallback in [
+        "the gate is made at activation",
+        "the prepared gate did not open",
+    ] {
+        assert!(
+            !log.contains(fallback),
+            "the spare fell back ({fallback}):\n{log}"
         );
     }
 }

@@ -457,7 +457,12 @@ impl<'a> SlotWriter<'a> {
     pub fn claim(&self, pid: i32, role: Role, generation: u32, nr: u32, state: State) {
         let now = now_ms();
         let mut set = self.lock_requests();
-        *set = RequestSet::default();
+        // Ids keep growing across a claim: a guard of a request from before it (if any were
+        // still alive) must not end a newer request that reused its id.
+        *set = RequestSet {
+            next_id: set.next_id,
+            ..RequestSet::default()
+        };
         self.write(&set, |w| {
             move_requests_to_header(w, self.gone);
             for word in &w[1..] {
@@ -712,6 +717,35 @@ mod tests {
         );
         assert_eq!(v.requests, 3);
         assert_eq!((v.pid, v.generation, v.nr), (4242, 3, 7));
+    }
+
+    #[test]
+    fn a_shorter_text_leaves_nothing_of_a_longer_one_before_it() {
+        let board = Scoreboard::create(1).expect("memfd");
+        let slot = board.slot(0).unwrap();
+        slot.claim(7, Role::Worker, 1, 0, State::Ready);
+        let long = slot.track_request("DELETE", "/a/rather/long/path/of/many/words");
+        let short = slot.track_request("GET", "/");
+        assert_eq!(
+            board.read(0).unwrap().request,
+            "DELETE /a/rather/long/path/of/many/words"
+        );
+        // The oldest ends: the kept text of the next one replaces it in the slot, word for word.
+        drop(long);
+        assert_eq!(board.read(0).unwrap().request, "GET /");
+        drop(short);
+        assert_eq!(board.read(0).unwrap().in_flight, 0);
+        // A claim starts afresh but keeps counting ids: a guard from before it ends nothing newer
+        // (before, ids restarted at 0 and the first request after a claim took the old one's).
+        slot.claim(8, Role::Worker, 2, 0, State::Ready);
+        let before = slot.track_request("PUT", "/x");
+        slot.claim(9, Role::Worker, 3, 0, State::Ready);
+        let after = slot.track_request("GET", "/after");
+        drop(before);
+        let v = board.read(0).unwrap();
+        assert_eq!((v.in_flight, v.request.as_str()), (1, "GET /after"));
+        drop(after);
+        assert_eq!(board.read(0).unwrap().request, "");
     }
 
     #[test]

@@ -73,15 +73,19 @@ pub fn make_exclusive(listener: RawFd) -> io::Result<Exclusive> {
 
 /// A descriptor's registration in this process's epoll instance, learned ahead of time so that
 /// another descriptor can take it over in two system calls (see [`Learned::take_over`]).
-#[derive(Debug, Clone, Copy)]
-pub struct Learned {
+///
+/// Crate-private, and neither `Clone` nor `Copy`: the token it carries is whatever the reactor
+/// put there (tokio: a pointer to its per-registration state), so it may be handed to the kernel
+/// again only once and only while that registration's owner is alive (see its `# Contract`).
+#[derive(Debug)]
+pub(crate) struct Learned {
     epfd: RawFd,
     registration: Registration,
 }
 
 /// Finds how `fd` is registered in one of this process's epoll instances (reading `fdinfo`, as
 /// [`make_exclusive`] does), for a later [`Learned::take_over`].
-pub fn learn_registration(fd: RawFd) -> io::Result<Option<Learned>> {
+pub(crate) fn learn_registration(fd: RawFd) -> io::Result<Option<Learned>> {
     let inode = nix::sys::stat::fstat(fd)?.st_ino;
     Ok(find_registration(fd, inode)?.map(|(epfd, registration)| Learned { epfd, registration }))
 }
@@ -95,7 +99,14 @@ impl Learned {
     /// over it): closing the learned file removed its registration, and the reactor, which knows
     /// the registration by its token, does not know the file changed. Adding checks the new
     /// file's readiness at once: a connection already queued is reported.
-    pub fn take_over(&self, fd: RawFd, exclusive: bool) -> io::Result<()> {
+    ///
+    /// # Contract
+    ///
+    /// The owner of the learned registration (the reactor's registration of the descriptor it
+    /// was learned from) must still be alive, and must own `fd` from now on: the kernel will
+    /// deliver `fd`'s events under the learned token, which the reactor dereferences. Taken by
+    /// value so that a token is handed out once.
+    pub(crate) fn take_over(self, fd: RawFd, exclusive: bool) -> io::Result<()> {
         let registration = if exclusive {
             Registration {
                 events: (self.registration.events & EXCLUSIVE_COMPATIBLE)

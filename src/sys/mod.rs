@@ -4,7 +4,8 @@
 //!
 //! A public function here is sound for any arguments. Wrappers whose contract cannot be checked
 //! (take ownership of any descriptor number, close every descriptor but some, fork without
-//! counting threads, replace descriptors other values own) are crate-private, each with a
+//! counting threads, replace descriptors other values own, hand the kernel a reactor's token for
+//! another descriptor) are crate-private, each with a
 //! `# Contract` section its callers uphold; these do not compile outside the crate:
 //!
 //! ```compile_fail
@@ -18,6 +19,9 @@
 //! ```
 //! ```compile_fail
 //! let _ = tine::sys::fd::renew_socket_pair(3, 4);
+//! ```
+//! ```compile_fail
+//! let _ = tine::sys::epoll::learn_registration(0);
 //! ```
 
 pub mod epoll;

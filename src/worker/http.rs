@@ -398,8 +398,8 @@ pub(super) struct StandbyGate {
 }
 
 impl StandbyGate {
-    /// Prepares the gate of `listener` (which this process does not hold yet). `None`, said at
-    /// debug level, when the placeholder cannot be made or its registration is not found:
+    /// Prepares the gate of `listener` (which this process does not hold yet). `None`, said as a
+    /// warning, when the placeholder cannot be made or its registration is not found:
     /// activation then makes the gate the ordinary way.
     pub(super) fn prepare(
         listener: &Listener,
@@ -423,13 +423,14 @@ impl StandbyGate {
         match prepared {
             Ok(Some(gate)) => Some(gate),
             Ok(None) => {
-                tracing::debug!(
+                // Slower activation only, but unexpected (fdinfo's format?): said where it shows.
+                tracing::warn!(
                     "the placeholder's registration was not found: the gate is made at activation"
                 );
                 None
             }
             Err(e) => {
-                tracing::debug!(error = %e, "no placeholder listener: the gate is made at activation");
+                tracing::warn!(error = %e, "no placeholder listener: the gate is made at activation");
                 None
             }
         }
@@ -461,7 +462,8 @@ impl StandbyGate {
 
 /// The placeholder a [`StandbyGate`] registers, typed as `listener`'s kind (nothing is ever called
 /// on it as such: its descriptor is the listener's before the gate opens): an unbound unix datagram
-/// socket, which nobody can reach and which reports no event but writability. Not an unconnected
+/// socket, which nobody can reach and which reports no event but writability (a writability the
+/// reactor still remembers after the swap: harmless, an accept waits for readability only). Not an unconnected
 /// stream socket: it reports a hang-up, which the reactor keeps as final (the accept loop would
 /// find the listener readable for ever).
 fn placeholder_like(listener: &Listener) -> io::Result<Dup> {

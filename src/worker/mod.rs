@@ -423,7 +423,7 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
         let opened = standby.and_then(|s| {
             s.open(listener)
                 .inspect_err(|e| {
-                    tracing::debug!(error = %e, listener = %listener.addr(), "the prepared gate did not open: registering anew");
+                    tracing::warn!(error = %e, listener = %listener.addr(), "the prepared gate did not open: registering anew");
                 })
                 .ok()
         });
