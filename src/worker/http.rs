@@ -1786,7 +1786,7 @@ impl Future for Respond {
     ) -> std::task::Poll<Self::Output> {
         use std::task::{ready, Poll};
         let this = &mut *self;
-        let mut response = match &mut this.answer {
+        let response = match &mut this.answer {
             Answer::App(call) => ready!(Pin::new(call).poll(cx))?,
             Answer::Guarded(guarded) => ready!(guarded.as_mut().poll(cx))?,
             // Answered by tine itself: no app, nothing more to add.
@@ -1798,26 +1798,29 @@ impl Future for Respond {
             }
         };
         this.guard = None;
+        // Taken apart at once: the head is changed in place and the response is put together
+        // again only where hyper receives it (one move of the whole response fewer).
+        let (mut head, body) = response.into_parts();
         // Not on a `101 Switching Protocols`: its `Connection: upgrade` must stay.
         if this.http1
             && DRAINING.load(Ordering::Relaxed)
-            && response.status() != http::StatusCode::SWITCHING_PROTOCOLS
+            && head.status != http::StatusCode::SWITCHING_PROTOCOLS
         {
-            response.headers_mut().insert(
+            head.headers.insert(
                 http::header::CONNECTION,
                 http::HeaderValue::from_static("close"),
             );
         }
         if this.debug_headers {
-            response
-                .headers_mut()
+            head.headers
                 .insert("x-tine-worker", http::HeaderValue::from(std::process::id()));
         }
         // The request is no longer busy once its head is out; a body that waits on the app
         // makes the connection busy by itself, and the request stays open until its body has
         // ended.
         let busy = this.busy.take().expect("a future is not polled once done");
-        Poll::Ready(Ok(response.map(|body| Sending::new(body, busy.into_open()))))
+        let body = Sending::new(body, busy.into_open());
+        Poll::Ready(Ok(http::Response::from_parts(head, body)))
     }
 }
 
