@@ -10,6 +10,7 @@ every load is bounded (wrk -d and a timeout, the strict and open-loop clients st
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import statistics
@@ -289,15 +290,20 @@ def run_wrk(server, seconds, pinned):
     if pinned:
         cmd = ["taskset", "-c", LOAD_CPU] + cmd
     t0, m0 = server.tree_ticks(), machine_ticks()
+    c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30).stdout
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t1, m1 = server.tree_ticks(), machine_ticks()
+    # wrk's own CPU (taskset execs it: the child is wrk): on shared cores wrk is one thread, and
+    # when it uses a whole core the run measures the client as much as the server.
+    wrk_cpu_s = (c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime)
     server.track()
     line = next((l for l in out.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"wrk against {server.name} printed no result: {out[-300:]}")
     kv = dict(x.split("=") for x in line.split()[1:])
     n, dur = int(kv["requests"]), int(kv["duration_us"]) / 1e6
-    busy_other = ((m1[0] - m0[0]) - (t1 - t0)) / max(1, m1[1] - m0[1])
+    busy_other = ((m1[0] - m0[0]) - (t1 - t0) - wrk_cpu_s * CLK_TCK) / max(1, m1[1] - m0[1])
     return {
         "req_s": n / dur, "requests": n,
         "p50_us": int(kv["p50_us"]), "p90_us": int(kv["p90_us"]), "p99_us": int(kv["p99_us"]),
@@ -305,6 +311,7 @@ def run_wrk(server, seconds, pinned):
         "errors": {k[4:]: int(v) for k, v in kv.items() if k.startswith("err_") and int(v)},
         "server_cpu_us_per_req": (t1 - t0) / CLK_TCK * 1e6 / max(1, n),
         "machine_busy_other_pct": round(100 * busy_other, 1),
+        "wrk_cpu_pct_of_a_core": round(100 * wrk_cpu_s / dur, 1),
     }
 
 

@@ -280,8 +280,15 @@ p("Server CPU per request: user+system CPU of the server's whole process tree du
 busy = [r["machine_busy_other_pct"] for layout in ("shared", "pinned") for rs_ in R.get(f"wrk_{layout}", {}).values()
         for r in rs_]
 if busy:
-    p(f"Other work on the machine during the wrk runs (CPU not used by the server under test or wrk, % of "
+    p(f"Other work on the machine during the wrk runs (CPU used by neither the server under test nor wrk, % of "
       f"all cores): median {med(busy):.0f}%, min {min(busy):.0f}%, max {max(busy):.0f}%.\n")
+for layout in ("shared", "pinned"):
+    wc = {s: [r["wrk_cpu_pct_of_a_core"] for r in R.get(f"wrk_{layout}", {}).get(s, []) if "wrk_cpu_pct_of_a_core" in r]
+          for s in SERVERS}
+    if any(wc.values()):
+        p(f"wrk's own CPU during the {layout} runs (% of one core; wrk -t1 is one thread, so near 100% the "
+          "client, not the server, sets the pace): "
+          + ", ".join(f"{LABEL.get(s, s)} {med(v):.0f}% ({min(v):.0f}–{max(v):.0f})" for s, v in wc.items() if v) + ".\n")
 errs = {(layout, s): sum(sum(r["errors"].values()) for r in R.get(f"wrk_{layout}", {}).get(s, []))
         for layout in ("shared", "pinned") for s in SERVERS}
 if any(errs.values()):
