@@ -77,6 +77,7 @@ pub fn make_exclusive(listener: RawFd) -> io::Result<Exclusive> {
 /// Crate-private, and neither `Clone` nor `Copy`: the token it carries is whatever the reactor
 /// put there (tokio: a pointer to its per-registration state), so it may be handed to the kernel
 /// again only once and only while that registration's owner is alive (see its `# Contract`).
+#[cfg(feature = "server")]
 #[derive(Debug)]
 pub(crate) struct Learned {
     epfd: RawFd,
@@ -85,11 +86,13 @@ pub(crate) struct Learned {
 
 /// Finds how `fd` is registered in one of this process's epoll instances (reading `fdinfo`, as
 /// [`make_exclusive`] does), for a later [`Learned::take_over`].
+#[cfg(feature = "server")]
 pub(crate) fn learn_registration(fd: RawFd) -> io::Result<Option<Learned>> {
     let inode = nix::sys::stat::fstat(fd)?.st_ino;
     Ok(find_registration(fd, inode)?.map(|(epfd, registration)| Learned { epfd, registration }))
 }
 
+#[cfg(feature = "server")]
 impl Learned {
     /// Registers `fd` as the learned registration was: same epoll instance, same events, same
     /// token, so that its events reach whoever waited on the learned one. With `exclusive`, plus
