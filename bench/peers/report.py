@@ -280,7 +280,7 @@ p("Server CPU per request: user+system CPU of the server's whole process tree du
 busy = [r["machine_busy_other_pct"] for layout in ("shared", "pinned") for rs_ in R.get(f"wrk_{layout}", {}).values()
         for r in rs_]
 if busy:
-    p(f"Other work on the machine during the wrk runs (CPU used by neither the server under test nor wrk, % of "
+    p(f"CPU used by anything but the server under test during the wrk runs (wrk included, % of "
       f"all cores): median {med(busy):.0f}%, min {min(busy):.0f}%, max {max(busy):.0f}%.\n")
 for layout in ("shared", "pinned"):
     wc = {s: [r["wrk_cpu_pct_of_a_core"] for r in R.get(f"wrk_{layout}", {}).get(s, []) if "wrk_cpu_pct_of_a_core" in r]
