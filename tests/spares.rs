@@ -507,9 +507,18 @@ fn a_workers_death_notice_thread_preempts_though_the_worker_runs_under_sched_bat
     }
 }
 
-/// The registrations of `pid`'s epoll instances for sockets among `inodes`: (events, inode) per
-/// registration, from `/proc/PID/fdinfo` (proc(5): `tfd: N events: HEX data: HEX pos:0 ino:HEX`).
-fn epoll_registrations_of(pid: i32, inodes: &[u64]) -> Vec<(u32, u64)> {
+/// One registration in an epoll instance, as `/proc/PID/fdinfo` shows it (proc(5):
+/// `tfd: N events: HEX data: HEX pos:0 ino:HEX ...`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct EpollEntry {
+    tfd: u64,
+    events: u32,
+    data: u64,
+    ino: u64,
+}
+
+/// Every registration of `pid`'s epoll instances.
+fn epoll_registrations(pid: i32) -> Vec<EpollEntry> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("the spare's descriptors")
@@ -525,19 +534,27 @@ fn epoll_registrations_of(pid: i32, inodes: &[u64]) -> Vec<(u32, u64)> {
             continue;
         };
         for line in info.lines().filter(|l| l.starts_with("tfd:")) {
-            let field = |name: &str| {
-                let words: Vec<&str> = line.split_whitespace().collect();
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let after = |name: &str, radix: u32| {
                 let at = words.iter().position(|w| *w == name)?;
-                u64::from_str_radix(words.get(at + 1)?, 16).ok()
+                u64::from_str_radix(words.get(at + 1)?, radix).ok()
             };
-            let ino = line
-                .split_whitespace()
+            let ino = words
+                .iter()
                 .find_map(|w| w.strip_prefix("ino:"))
                 .and_then(|h| u64::from_str_radix(h, 16).ok());
-            if let (Some(events), Some(ino)) = (field("events:"), ino) {
-                if inodes.contains(&ino) {
-                    found.push((events as u32, ino));
-                }
+            if let (Some(tfd), Some(events), Some(data), Some(ino)) = (
+                after("tfd:", 10),
+                after("events:", 16),
+                after("data:", 16),
+                ino,
+            ) {
+                found.push(EpollEntry {
+                    tfd,
+                    events: events as u32,
+                    data,
+                    ino,
+                });
             }
         }
     }
@@ -563,18 +580,31 @@ fn an_activated_spare_waits_on_the_listener_once_exclusively_through_its_prepare
         !listening.is_empty(),
         "the worker holds the listening socket"
     );
+    // Standing by, the spare's reactor holds its placeholders' registrations: same descriptor
+    // numbers and tokens as the listeners' after activation, when the prepared path is taken
+    // (registering anew would give the listener another descriptor and another token).
+    let standing_by = epoll_registrations(spare.pid);
     kill_worker_0_and_see_the_spare_take_over(&server, worker, spare.pid);
-    let registrations = epoll_registrations_of(spare.pid, &listening);
+    let registrations: Vec<EpollEntry> = epoll_registrations(spare.pid)
+        .into_iter()
+        .filter(|r| listening.contains(&r.ino))
+        .collect();
     assert_eq!(
         registrations.len(),
         listening.len(),
         "one registration per listener in the activated spare: {registrations:?}"
     );
-    for (events, ino) in &registrations {
+    for r in &registrations {
         assert_ne!(
-            events & EPOLLEXCLUSIVE,
+            r.events & EPOLLEXCLUSIVE,
             0,
-            "listener {ino} registered without EPOLLEXCLUSIVE: events {events:#x}"
+            "listener registered without EPOLLEXCLUSIVE: {r:?}"
+        );
+        assert!(
+            standing_by
+                .iter()
+                .any(|p| p.tfd == r.tfd && p.data == r.data && p.ino != r.ino),
+            "the listener's registration {r:?} is not the placeholder's taken over: {standing_by:?}"
         );
     }
     let log = server.log.text();
