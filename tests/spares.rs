@@ -83,14 +83,9 @@ fn kill_worker_0_and_see_the_spare_take_over(server: &Server, worker: i32, spare
     assert_eq!(served_by(server), spare);
 }
 
-#[test]
-fn a_spare_never_accepts_before_it_is_activated() {
-    let server = launch(1, &["--spare-workers", "1"]);
-    let worker = server.wait_workers(1, READY_TIMEOUT)[0];
-    let spare = wait_spare(&server, "at start", |_| true);
-    assert_ne!(spare.pid, worker);
-    // The listening socket is the one socket the monitor and a worker share (their channel's two
-    // ends are two sockets); the spare does not even hold it.
+/// The inodes of the listening sockets, as `worker` holds them: the sockets the monitor and a
+/// worker share (their channel's two ends are two sockets). At least one.
+fn listening_sockets(server: &Server, worker: i32) -> Vec<u64> {
     let monitor = socket_inodes(server.pid);
     let listening: Vec<u64> = socket_inodes(worker)
         .into_iter()
@@ -100,6 +95,17 @@ fn a_spare_never_accepts_before_it_is_activated() {
         !listening.is_empty(),
         "the worker holds the listening socket"
     );
+    listening
+}
+
+#[test]
+fn a_spare_never_accepts_before_it_is_activated() {
+    let server = launch(1, &["--spare-workers", "1"]);
+    let worker = server.wait_workers(1, READY_TIMEOUT)[0];
+    let spare = wait_spare(&server, "at start", |_| true);
+    assert_ne!(spare.pid, worker);
+    // The spare does not even hold the listening socket.
+    let listening = listening_sockets(&server, worker);
     let held: Vec<u64> = socket_inodes(spare.pid)
         .into_iter()
         .filter(|i| listening.contains(i))
@@ -571,15 +577,7 @@ fn an_activated_spare_waits_on_the_listener_once_exclusively_through_its_prepare
     let server = launch(1, &["--spare-workers", "1"]);
     let worker = server.wait_workers(1, READY_TIMEOUT)[0];
     let spare = wait_spare(&server, "at start", |_| true);
-    let monitor = socket_inodes(server.pid);
-    let listening: Vec<u64> = socket_inodes(worker)
-        .into_iter()
-        .filter(|i| monitor.contains(i))
-        .collect();
-    assert!(
-        !listening.is_empty(),
-        "the worker holds the listening socket"
-    );
+    let listening = listening_sockets(&server, worker);
     // Standing by, the spare's reactor holds its placeholders' registrations: same descriptor
     // numbers and tokens as the listeners' after activation, when the prepared path is taken
     // (registering anew would give the listener another descriptor and another token).

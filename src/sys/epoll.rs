@@ -29,6 +29,17 @@ struct Registration {
 const EXCLUSIVE_COMPATIBLE: u32 =
     (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLWAKEUP | libc::EPOLLET) as u32;
 
+impl Registration {
+    /// The same registration waking one idle waiter per event: the events `EPOLLEXCLUSIVE` allows
+    /// (epoll_ctl(2) refuses the others beside it) plus the flag, same token.
+    fn exclusive(self) -> Registration {
+        Registration {
+            events: (self.events & EXCLUSIVE_COMPATIBLE) | libc::EPOLLEXCLUSIVE as u32,
+            data: self.data,
+        }
+    }
+}
+
 /// What happened to the listener's registration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exclusive {
@@ -52,10 +63,7 @@ pub fn make_exclusive(listener: RawFd) -> io::Result<Exclusive> {
     if found.events & libc::EPOLLEXCLUSIVE as u32 != 0 {
         return Ok(Exclusive::Done);
     }
-    let wanted = Registration {
-        events: (found.events & EXCLUSIVE_COMPATIBLE) | libc::EPOLLEXCLUSIVE as u32,
-        data: found.data,
-    };
+    let wanted = found.exclusive();
     ctl(epfd, libc::EPOLL_CTL_DEL, listener, None)?;
     // Adding back checks the descriptor's current readiness, so a connection that arrived
     // between the two calls is still reported (edge-triggered registrations included).
@@ -111,11 +119,7 @@ impl Learned {
     /// value so that a token is handed out once.
     pub(crate) fn take_over(self, fd: RawFd, exclusive: bool) -> io::Result<()> {
         let registration = if exclusive {
-            Registration {
-                events: (self.registration.events & EXCLUSIVE_COMPATIBLE)
-                    | libc::EPOLLEXCLUSIVE as u32,
-                data: self.registration.data,
-            }
+            self.registration.exclusive()
         } else {
             self.registration
         };

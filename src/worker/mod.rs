@@ -102,11 +102,6 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
     } else {
         take_identity(nr, generation);
     }
-    // A spare switches once activated: its wake-up by `Activate` must preempt, not wait for a
-    // busy CPU's running task (what SCHED_BATCH would make it do).
-    if config.sched_batch && !spare {
-        enter_sched_batch();
-    }
     let Some(slot_writer) = scoreboard::global().slot(slot) else {
         tracing::error!(slot, "scoreboard slot out of range");
         return Outcome::Exit(72);
@@ -126,6 +121,13 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
             (None, None)
         }
     };
+    // After the death-notice thread started: it keeps SCHED_OTHER (a policy applies per thread
+    // and is inherited at creation), so that it preempts when the worker is killed. A spare
+    // switches once activated: its wake-up by `Activate` must preempt, not wait for a busy CPU's
+    // running task (what SCHED_BATCH would make it do).
+    if config.sched_batch && !spare {
+        enter_sched_batch();
+    }
     let notice_fds: Vec<_> = notice.iter().map(std::os::fd::AsFd::as_fd).collect();
     if channel.send(&Report::Hello { pid }, &notice_fds).is_err() {
         return Outcome::Exit(72);

@@ -68,17 +68,6 @@ impl Sentinel {
                         Some(&nix::sys::signal::SigSet::all()),
                         None,
                     );
-                    // Its one job is to run at once when the process is killed: a SCHED_BATCH
-                    // thread woken then would wait for the running task's time slice to end (up
-                    // to a scheduler tick) instead of preempting it, and the monitor's word of the
-                    // death with it. It uses no CPU otherwise. (Only undone if tine set it: the
-                    // worker's `sched_batch`; a policy the operator chose stays.)
-                    if super::BATCH_SET_HERE.load(Ordering::Relaxed) {
-                        let _ = crate::sys::process::switch_policy(
-                            crate::sys::process::Policy::Batch,
-                            crate::sys::process::Policy::Other,
-                        );
-                    }
                     // From here on this thread uses no descriptor (not even stderr): it only parks.
                     let _ = kept_tx.send(crate::sys::fd::keep_only_in_own_table(keep));
                     while !stop.load(Ordering::Acquire) {
