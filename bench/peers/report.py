@@ -233,7 +233,9 @@ p(f"Run {R['started']} – {R['finished']} by `bench/peers/run.sh` "
 p(f"Load average (1/5/15 min): **{R['loadavg_before']}** before, **{R['loadavg_after']}** after. "
   "The machine has 2 cores, shared with other work during the session: read the spreads.\n")
 p(f"tine's default `sched_batch` at this commit: **{R['default_sched_batch']}**; "
-  f"`{LABEL.get('tine-alt', 'tine-alt')}` is the same binary with the other policy.\n")
+  f"`{LABEL.get('tine-alt', 'tine-alt')}` is the same binary with "
+  + ("the other policy.\n" if LABEL.get("tine-alt", "").startswith("tine sched_batch=")
+     else "the flags its label names.\n"))
 for title, svg in charts:
     p(f"![{title}]({svg})\n")
 
