@@ -63,17 +63,28 @@
 //! close frame `1001 going away`), or the monitor kills the worker at `graceful_timeout`.
 //!
 //! **Hot spares** (`spare_workers`, default 1; `monitor::spares`). A spare is a worker forked
-//! from the current mold with `SpawnSpare`: it lets go of the listening sockets (so it can
-//! neither accept nor keep one open past a stop), boots, builds its runtime, spawns its accept
-//! loops (each waiting for its listener), reports ready and waits on its channel. A serving
-//! worker whose death notice hangs up is exiting: a ready spare takes its number at once. The
+//! from the current mold with `SpawnSpare`: it points its listening sockets' descriptors at
+//! `/dev/null` (its reactor waits on none, so it cannot accept; a copy of each stays aside),
+//! boots, builds its runtime, spawns its accept loops (each waiting for its listener), reports
+//! ready and waits (`worker::takeover`, in `futex_waitv`) on the serving workers' robust futex
+//! words in the scoreboard and on a roster word the monitor moves when it sends it a command. A
+//! worker killed or crashed dies with its death-notice thread owning such a word: early in that
+//! thread's exit (`exit_mm`, before its descriptors close) the kernel marks the word
+//! `OWNER_DIED` and wakes the spare, which claims
+//! the place with two compare-and-swaps (its own standby word, the dead worker's takeover word,
+//! both opened by the monitor only while it would itself replace that worker with that spare),
+//! puts its copies of the listening sockets back and serves, without waiting for the monitor,
+//! which ratifies the takeover when it hears of the death. Otherwise (the monitor closed the
+//! words: a drain, a recycle, a rollout, a reload, a promotion, a stop), a serving worker whose
+//! death notice hangs up is exiting: a ready spare takes its number at once. The
 //! notice (`worker::sentinel`, passed with `Hello`) is a socket held by a thread of the worker
 //! with a descriptor table of its own, so it hangs up as the worker's threads start exiting,
 //! before the kernel has unmapped its memory (its channel and its clients' connections close
 //! only after that; without a notice the channel's EOF serves). Whenever `reconcile` finds a
 //! worker number missing — a death, a limit's replace-then-retire, a scale-up, a rollout's
-//! replacement — it first sends a ready spare `Activate { nr }` with the listening sockets (more
-//! than 8 go ahead in `ListeningSockets`): the spare puts them back in place, points the
+//! replacement — it first takes a ready spare (its standby word, so that a spare that took a place
+//! on its own is not activated twice) and sends it `Activate { nr }` with the listening sockets
+//! (more than 8 go ahead in `ListeningSockets`): the spare puts them back in place, points the
 //! placeholder sockets its accept loops stood by on at them (their reactor registrations made
 //! while it stood by, so opening them is a `dup3` and an `epoll_ctl` each) and accepts at once,
 //! and a new spare is requested 5 ms later (not while the takeover needs the CPUs:

@@ -83,6 +83,63 @@ fn kill_worker_0_and_see_the_spare_take_over(server: &Server, worker: i32, spare
     assert_eq!(served_by(server), spare);
 }
 
+/// A graceful recycle, a drain, a refork or a reload is the monitor's to replace: no spare took
+/// a place on its own (neither the spare's nor the monitor's log says so).
+fn assert_no_takeover_of_its_own(server: &Server) {
+    let log = server.log.text();
+    for said in ["took_over=true", "without waiting for the monitor"] {
+        assert!(
+            !log.contains(said),
+            "a spare took a place on its own ({said}):\n{log}"
+        );
+    }
+}
+
+/// Holds the monitor stopped (SIGSTOP; it is this test's child); SIGCONT when dropped, pass or
+/// fail, so that the tree can be stopped.
+struct MonitorStopped(nix::unistd::Pid);
+
+impl MonitorStopped {
+    fn new(server: &Server) -> MonitorStopped {
+        let pid = nix::unistd::Pid::from_raw(server.pid);
+        nix::sys::signal::kill(pid, Signal::SIGSTOP).expect("SIGSTOP to the monitor");
+        // Stopped once /proc says so (the signal is asynchronous).
+        poll_until(SETTLE, || {
+            std::fs::read_to_string(format!("/proc/{}/stat", server.pid))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .map(|r| r.trim_start().starts_with('T'))
+                })
+                .unwrap_or(false)
+                .then_some(())
+        })
+        .expect("the monitor stopped");
+        MonitorStopped(pid)
+    }
+}
+
+impl Drop for MonitorStopped {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, Signal::SIGCONT);
+    }
+}
+
+/// `GET /` on a new connection, answered within `within` (the monitor may be stopped: nothing
+/// here asks it anything): the pid in `x-tine-worker`, or `None` if no answer came.
+fn served_by_within(server: &Server, within: Duration) -> Option<i32> {
+    let mut s = TcpStream::connect(server.tcp_addr()).ok()?;
+    s.set_read_timeout(Some(within)).ok()?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let lower = text.to_ascii_lowercase();
+    let at = lower.find("x-tine-worker: ")? + "x-tine-worker: ".len();
+    lower[at..].split("\r\n").next()?.trim().parse().ok()
+}
+
 /// The inodes of the listening sockets, as `worker` holds them: the sockets the monitor and a
 /// worker share (their channel's two ends are two sockets). At least one.
 fn listening_sockets(server: &Server, worker: i32) -> Vec<u64> {
@@ -104,15 +161,16 @@ fn a_spare_never_accepts_before_it_is_activated() {
     let worker = server.wait_workers(1, READY_TIMEOUT)[0];
     let spare = wait_spare(&server, "at start", |_| true);
     assert_ne!(spare.pid, worker);
-    // The spare does not even hold the listening socket.
+    // The spare keeps a copy of the listening socket aside (to take a dead worker's place on its
+    // own), but its reactor waits on none: nothing of it can accept.
     let listening = listening_sockets(&server, worker);
-    let held: Vec<u64> = socket_inodes(spare.pid)
+    let registered: Vec<EpollEntry> = epoll_registrations(spare.pid)
         .into_iter()
-        .filter(|i| listening.contains(i))
+        .filter(|r| listening.contains(&r.ino))
         .collect();
     assert!(
-        held.is_empty(),
-        "the spare holds the listening socket: {held:?}"
+        registered.is_empty(),
+        "the standing-by spare's reactor waits on the listening socket: {registered:?}"
     );
 
     // The only worker stops: connections queue, and a spare that accepted would answer them.
@@ -216,6 +274,7 @@ fn a_spare_takes_over_from_a_worker_recycled_at_max_requests() {
         .wait_for_log_since(mark, "reason=max_requests", SETTLE);
     assert_eq!(served_by(&server), spare.pid);
     wait_spare(&server, "made after the recycle", |r| r.pid != spare.pid);
+    assert_no_takeover_of_its_own(&server);
 }
 
 #[test]
@@ -257,6 +316,7 @@ fn a_refork_refreshes_the_spare_from_the_new_mold() {
             .all(|r| r.generation == 1),
         "{rows:#?}"
     );
+    assert_no_takeover_of_its_own(&server);
 }
 
 #[test]
@@ -276,6 +336,7 @@ fn a_reload_refreshes_the_spare_from_the_new_mold() {
     let rows = rows(&server);
     let mold = rows.iter().find(|r| r.role == "mold").expect("a mold");
     assert_eq!(new.generation, mold.generation, "{rows:#?}");
+    assert_no_takeover_of_its_own(&server);
 }
 
 #[test]
@@ -615,4 +676,104 @@ fn an_activated_spare_waits_on_the_listener_once_exclusively_through_its_prepare
             "the spare fell back ({fallback}):\n{log}"
         );
     }
+}
+
+/// The spare learns of a worker's death from the kernel (the robust futex of the worker's
+/// death-notice thread, `worker::takeover`) and takes its place by itself: with the monitor
+/// stopped, a worker killed is still replaced, and a new connection served by the spare. Once the
+/// monitor runs again, it ratifies the takeover: the spare is worker 0 in its table, once, and a
+/// new spare is made.
+#[test]
+fn a_spare_takes_a_killed_workers_place_on_its_own_while_the_monitor_is_stopped() {
+    let server = launch(1, &["--spare-workers", "1"]);
+    let worker = server.wait_workers(1, READY_TIMEOUT)[0];
+    let spare = wait_spare(&server, "at start", |_| true);
+    let mark = server.log.mark();
+    let stopped = MonitorStopped::new(&server);
+    server.signal_process(worker, Signal::SIGKILL);
+    let answered = poll_until(SETTLE, || {
+        served_by_within(&server, Duration::from_secs(2)).filter(|p| *p != worker)
+    });
+    drop(stopped);
+    assert_eq!(
+        answered,
+        Some(spare.pid),
+        "with the monitor stopped, the spare did not take the killed worker's place; log:\n{}",
+        server.log.text()
+    );
+    wait_worker_is(&server, 0, spare.pid);
+    server
+        .log
+        .wait_for_log_since(mark, "took_over=true", SETTLE);
+    server
+        .log
+        .wait_for_log_since(mark, "without waiting for the monitor", SETTLE);
+    let next = wait_spare(&server, "made after the takeover", |r| {
+        r.pid != spare.pid && r.pid != worker
+    });
+    assert_eq!(served_by(&server), spare.pid);
+    let status = server.status();
+    assert_eq!(status["spare_activations"], 1, "{status}");
+    let log = server.log.text();
+    let activations = log
+        .lines()
+        .skip(mark)
+        .filter(|l| l.contains("hot_spare=true"))
+        .count();
+    assert_eq!(activations, 1, "activated once:\n{log}");
+    let rows = rows(&server);
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r.role == "worker")
+            .map(|r| r.pid)
+            .collect::<Vec<_>>(),
+        vec![spare.pid],
+        "{rows:#?}"
+    );
+    assert!(rows.iter().any(|r| r.pid == next.pid && r.role == "spare"));
+}
+
+/// Two workers die at once and one spare stands by: it takes one place (on its own: the monitor
+/// is stopped), and the other worker is replaced by a fresh fork once the monitor runs again.
+#[test]
+fn two_deaths_and_one_spare_make_one_takeover_and_one_fresh_worker() {
+    let server = launch(2, &["--spare-workers", "1"]);
+    let workers = server.wait_workers(2, READY_TIMEOUT);
+    let spare = wait_spare(&server, "at start", |_| true);
+    let mark = server.log.mark();
+    let stopped = MonitorStopped::new(&server);
+    for w in &workers {
+        server.signal_process(*w, Signal::SIGKILL);
+    }
+    let answered = poll_until(SETTLE, || {
+        served_by_within(&server, Duration::from_secs(2)).filter(|p| !workers.contains(p))
+    });
+    drop(stopped);
+    assert_eq!(answered, Some(spare.pid), "log:\n{}", server.log.text());
+    let now = poll_until(SETTLE, || {
+        let w = server.wait_workers(2, READY_TIMEOUT);
+        (!w.iter().any(|p| workers.contains(p))).then_some(w)
+    })
+    .expect("two workers again");
+    assert!(now.contains(&spare.pid), "{now:?}");
+    let log = server.log.text();
+    let since: Vec<&str> = log.lines().skip(mark).collect();
+    assert_eq!(
+        since
+            .iter()
+            .filter(|l| l.contains("took_over=true"))
+            .count(),
+        1,
+        "one takeover:\n{log}"
+    );
+    assert_eq!(
+        since
+            .iter()
+            .filter(|l| l.contains("hot_spare=true"))
+            .count(),
+        1,
+        "one spare activation:\n{log}"
+    );
+    let status = server.status();
+    assert_eq!(status["spare_activations"], 1, "{status}");
 }

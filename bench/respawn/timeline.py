@@ -12,8 +12,10 @@ CLOCK_MONOTONIC (µs):
   woke      the monitor's poll returned in the turn that first saw the death (notice, closed or
             reaped)
   reaped    the monitor's waitpid returned the worker
+  claimed   the spare, woken by the kernel (the dead worker's robust futex), claimed its place
+            (src/worker/takeover.rs); absent when the monitor activated the spare
   sent      the monitor sent Activate to the spare
-  received  the spare read Activate
+  received  the spare read Activate, or went on from its own claim
   listening the spare opened its accept loops' gates (sockets back in place)
   named     the spare took its new identity (title, log tag, thread names)
   accepted  the spare accepted its first connection
@@ -33,7 +35,7 @@ import statistics
 import sys
 
 STAGES = [
-    ("kill", "reset"), ("reset", "woke"), ("kill", "woke"), ("kill", "notice"), ("kill", "closed"), ("woke", "sent"), ("sent", "received"), ("received", "listening"),
+    ("kill", "reset"), ("reset", "woke"), ("kill", "woke"), ("kill", "notice"), ("kill", "closed"), ("woke", "sent"), ("sent", "received"), ("kill", "claimed"), ("claimed", "received"), ("received", "listening"),
     ("listening", "named"), ("named", "accepted"), ("accepted", "parsed"), ("parsed", "first"),
     ("kill", "first"), ("parsed", "probe"), ("kill", "probe"),
     # CPU time used by the monitor (woke -> sent) and the spare's thread (received -> ...).
@@ -71,6 +73,8 @@ def parse_log(path):
         elif "spare activated" in line and "sent_us" in fields:
             ev(fields["spare"], "sent", fields["sent_us"])
             ev(fields["spare"], "sent_cpu", fields["sent_cpu_us"])
+        elif "claimed_us" in fields:
+            ev(fields["pid"], "claimed", fields["claimed_us"])
         elif "received_us" in fields:
             ev(fields["pid"], "received", fields["received_us"])
             ev(fields["pid"], "listening", fields["listening_us"])
@@ -113,7 +117,7 @@ def main():
                  "probe": r.get("probe_first_us") or None, "probing": r.get("probe", False)}
             for name in ("woke", "reaped", "closed", "notice", "woke_cpu"):
                 t[name] = victim.get(name)
-            for name in ("sent", "received", "listening", "named", "accepted", "parsed",
+            for name in ("claimed", "sent", "received", "listening", "named", "accepted", "parsed",
                          "sent_cpu", "received_cpu", "listening_cpu", "named_cpu",
                          "accepted_cpu", "parsed_cpu", *FAULT_STAMPS):
                 t[name] = spare.get(name)

@@ -16,7 +16,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -27,6 +27,10 @@ pub const SCOREBOARD_VERSION: u64 = 2;
 const MAGIC: u64 = u64::from_le_bytes(*b"tinesb\0\0");
 const HEADER_WORDS: usize = 8;
 // Header word offsets (0..4: magic, version, capacity, slot words).
+/// The roster word, first half (a futex word): bumped, and its waiters woken, whenever a worker
+/// starts owning its robust word (standing-by spares then watch it too), and by the monitor after
+/// it sends a spare a command (the spare then reads its channel).
+const H_ROSTER: usize = 7;
 /// Requests served by processes whose slot was cleared or reclaimed.
 const H_REQUESTS_GONE: usize = 4;
 /// Completed reforks (a promoted worker became a mold).
@@ -58,6 +62,16 @@ const STARTED_MS: usize = 11;
 const CONNECTIONS: usize = 12;
 /// Times the worker stopped accepting because it held `max_connections`.
 const ACCEPT_PAUSES: usize = 13;
+/// The worker's robust futex word, first half (see `worker::sentinel`): its death-notice thread's
+/// id while it is capacity that a spare may replace at once, 0 otherwise; the kernel sets
+/// `OWNER_DIED` in it when that thread dies. Second half unused. Only ever accessed as two `AtomicU32`s.
+const OWNER: usize = 14;
+/// Whether a spare may take this worker's place without the monitor (written by the monitor;
+/// claimed by a spare with a compare-and-swap): see [`Takeover`].
+const TAKEOVER: usize = 15;
+/// Whether the monitor lets this spare take a place on its own, and whether it has been taken
+/// (by the monitor's `Activate` or by the spare itself): see [`Scoreboard::take_standby`].
+const STANDBY: usize = 31;
 const TEXT: usize = 16;
 
 /// The role of the process in a slot.
@@ -341,8 +355,14 @@ impl Scoreboard {
         let seq = w[SEQ].load(Ordering::Relaxed);
         w[SEQ].store(seq | 1, Ordering::Relaxed);
         move_requests_to_header(w, &self.mem.words()[H_REQUESTS_GONE]);
-        for word in &w[1..] {
-            word.store(0, Ordering::Relaxed);
+        for (i, word) in w.iter().enumerate().skip(1) {
+            if i != OWNER {
+                word.store(0, Ordering::Relaxed);
+            }
+        }
+        if let Some(h) = self.mem.halves(HEADER_WORDS + slot * SLOT_WORDS + OWNER) {
+            h[0].store(0, Ordering::Relaxed);
+            h[1].store(0, Ordering::Relaxed);
         }
         w[SEQ].store((seq | 1) + 1, Ordering::Release);
     }
@@ -368,7 +388,18 @@ impl Scoreboard {
                 std::hint::spin_loop();
                 continue;
             }
-            let copy: Vec<u64> = w.iter().map(|x| x.load(Ordering::Relaxed)).collect();
+            // (Not the robust word: it is read only as two halves.)
+            let copy: Vec<u64> = w
+                .iter()
+                .enumerate()
+                .map(|(i, x)| {
+                    if i == OWNER {
+                        0
+                    } else {
+                        x.load(Ordering::Relaxed)
+                    }
+                })
+                .collect();
             std::sync::atomic::fence(Ordering::Acquire);
             if w[SEQ].load(Ordering::Relaxed) != before {
                 continue;
@@ -402,6 +433,196 @@ impl Scoreboard {
             });
         }
         None
+    }
+}
+
+/// A serving worker's [`TAKEOVER`] word, as the monitor and the spares see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Takeover {
+    /// No spare may take this worker's place on its own (not serving, retiring, being promoted,
+    /// a rollout or reload under way, the tree stopping, or its death already handled).
+    Closed,
+    /// If this worker dies abnormally, a spare may take its place as worker `nr`.
+    Open {
+        /// Its worker number.
+        nr: u32,
+    },
+    /// The spare in this slot took its place (it died); the monitor ratifies it.
+    Claimed {
+        /// The spare's slot.
+        by: usize,
+    },
+}
+
+const OPEN: u64 = 1 << 32;
+const CLAIMED: u64 = 2 << 32;
+const KIND_MASK: u64 = 0xffff_ffff << 32;
+
+impl Takeover {
+    fn from_word(w: u64) -> Takeover {
+        match w & KIND_MASK {
+            OPEN => Takeover::Open { nr: w as u32 },
+            CLAIMED => Takeover::Claimed {
+                by: w as u32 as usize,
+            },
+            _ => Takeover::Closed,
+        }
+    }
+}
+
+/// A spare's [`STANDBY`] word: the monitor lets it take a place on its own.
+const ARMED: u64 = 1;
+/// A spare's [`STANDBY`] word: it was activated (by the monitor, or it took a place itself).
+const TAKEN: u64 = 2;
+
+impl Scoreboard {
+    fn slot_word(&self, slot: usize, word: usize) -> Option<&AtomicU64> {
+        (slot < self.capacity).then(|| &self.words(slot)[word])
+    }
+
+    /// The robust futex word of `slot` (see [`OWNER`]).
+    pub fn owner_word(&self, slot: usize) -> Option<&AtomicU32> {
+        if slot >= self.capacity {
+            return None;
+        }
+        self.mem
+            .halves(HEADER_WORDS + slot * SLOT_WORDS + OWNER)
+            .map(|h| &h[0])
+    }
+
+    /// The roster word (see [`H_ROSTER`]).
+    pub fn roster_word(&self) -> &AtomicU32 {
+        &self
+            .mem
+            .halves(H_ROSTER)
+            .expect("the header is part of the mapping")[0]
+    }
+
+    /// Tells the spares watching the robust words that the set of owners changed.
+    pub fn bump_roster(&self) {
+        let roster = self.roster_word();
+        roster.fetch_add(1, Ordering::Release);
+        let _ = crate::sys::futex::wake(roster, u32::MAX, false);
+    }
+
+    /// `slot`'s takeover word.
+    pub fn takeover(&self, slot: usize) -> Takeover {
+        self.slot_word(slot, TAKEOVER)
+            .map_or(Takeover::Closed, |w| {
+                Takeover::from_word(w.load(Ordering::Acquire))
+            })
+    }
+
+    /// Lets a spare take worker `nr`'s place (in `slot`) on its own, unless one has (monitor).
+    pub fn open_takeover(&self, slot: usize, nr: u32) {
+        let Some(w) = self.slot_word(slot, TAKEOVER) else {
+            return;
+        };
+        let cur = w.load(Ordering::Acquire);
+        if cur & KIND_MASK != CLAIMED && cur != OPEN | nr as u64 {
+            let _ = w.compare_exchange(cur, OPEN | nr as u64, Ordering::AcqRel, Ordering::Acquire);
+        }
+    }
+
+    /// No spare may take `slot`'s place on its own from now on; a claim already made stays, for
+    /// [`Self::settle_takeover`] (monitor).
+    pub fn close_takeover(&self, slot: usize) {
+        let Some(w) = self.slot_word(slot, TAKEOVER) else {
+            return;
+        };
+        let cur = w.load(Ordering::Acquire);
+        if cur & KIND_MASK == OPEN {
+            let _ = w.compare_exchange(cur, 0, Ordering::AcqRel, Ordering::Acquire);
+        }
+    }
+
+    /// The worker in `slot` died: closes its takeover word and says which spare took its place
+    /// on its own, if one did (monitor). Exactly once per claim.
+    pub fn settle_takeover(&self, slot: usize) -> Option<usize> {
+        let w = self.slot_word(slot, TAKEOVER)?;
+        match Takeover::from_word(w.swap(0, Ordering::AcqRel)) {
+            Takeover::Claimed { by } => Some(by),
+            _ => None,
+        }
+    }
+
+    /// The spare in slot `by` takes the place of the worker in `dead` on its own: its worker
+    /// number if the takeover word was open (it is now claimed), `None` otherwise.
+    pub fn claim_takeover(&self, dead: usize, by: usize) -> Option<u32> {
+        let w = self.slot_word(dead, TAKEOVER)?;
+        let cur = w.load(Ordering::Acquire);
+        let Takeover::Open { nr } = Takeover::from_word(cur) else {
+            return None;
+        };
+        w.compare_exchange(
+            cur,
+            CLAIMED | by as u64,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        )
+        .ok()
+        .map(|_| nr)
+    }
+
+    /// Lets the spare in `slot` take a place on its own (monitor), if it was not taken.
+    pub fn arm_standby(&self, slot: usize) {
+        if let Some(w) = self.slot_word(slot, STANDBY) {
+            let _ = w.compare_exchange(0, ARMED, Ordering::AcqRel, Ordering::Acquire);
+        }
+    }
+
+    /// The spare in `slot` may no longer take a place on its own (monitor): false if it has
+    /// taken one already (or was activated).
+    pub fn disarm_standby(&self, slot: usize) -> bool {
+        let Some(w) = self.slot_word(slot, STANDBY) else {
+            return true;
+        };
+        match w.compare_exchange(ARMED, 0, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => true,
+            Err(cur) => cur != TAKEN,
+        }
+    }
+
+    /// Takes the spare in `slot` for an activation: by the monitor (`armed_only` false: armed
+    /// or not) or by the spare itself (only if armed). False if it was taken already.
+    pub fn take_standby(&self, slot: usize, armed_only: bool) -> bool {
+        let Some(w) = self.slot_word(slot, STANDBY) else {
+            return false;
+        };
+        if armed_only {
+            return w
+                .compare_exchange(ARMED, TAKEN, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok();
+        }
+        w.fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+            (cur != TAKEN).then_some(TAKEN)
+        })
+        .is_ok()
+    }
+
+    /// Whether the spare in `slot` was taken for an activation.
+    pub fn standby_taken(&self, slot: usize) -> bool {
+        self.slot_word(slot, STANDBY)
+            .is_some_and(|w| w.load(Ordering::Acquire) == TAKEN)
+    }
+
+    /// Whether the spare in `slot` may take a place on its own (armed, not taken).
+    pub fn standby_armed(&self, slot: usize) -> bool {
+        self.slot_word(slot, STANDBY)
+            .is_some_and(|w| w.load(Ordering::Acquire) == ARMED)
+    }
+
+    /// Whether the owner of `slot`'s robust word died owning it (the kernel marked it).
+    pub fn owner_died(&self, slot: usize) -> bool {
+        self.owner_word(slot)
+            .is_some_and(|w| w.load(Ordering::Acquire) & crate::sys::futex::OWNER_DIED != 0)
+    }
+
+    /// Undoes the spare's own [`Self::take_standby`] when its claim failed.
+    pub fn release_standby(&self, slot: usize) {
+        if let Some(w) = self.slot_word(slot, STANDBY) {
+            let _ = w.compare_exchange(TAKEN, ARMED, Ordering::AcqRel, Ordering::Acquire);
+        }
     }
 }
 
@@ -465,8 +686,10 @@ impl<'a> SlotWriter<'a> {
         };
         self.write(&set, |w| {
             move_requests_to_header(w, self.gone);
-            for word in &w[1..] {
-                word.store(0, Ordering::Relaxed);
+            for (i, word) in w.iter().enumerate().skip(1) {
+                if i != OWNER {
+                    word.store(0, Ordering::Relaxed);
+                }
             }
             w[PID].store(pid as u64, Ordering::Relaxed);
             w[ROLE].store(role as u64, Ordering::Relaxed);
@@ -823,5 +1046,97 @@ mod tests {
             0,
             "clearing releases a stuck slot"
         );
+    }
+
+    #[test]
+    fn a_dead_workers_place_is_taken_once_by_a_spare_or_the_monitor() {
+        let b = Scoreboard::create(4).expect("scoreboard");
+        // Closed (the monitor has not opened it): no spare claims.
+        b.arm_standby(2);
+        b.arm_standby(3);
+        assert_eq!(b.claim_takeover(0, 2), None);
+        b.open_takeover(0, 7);
+        assert_eq!(b.takeover(0), Takeover::Open { nr: 7 });
+        // The first spare takes itself, then the place.
+        assert!(b.take_standby(2, true));
+        assert_eq!(b.claim_takeover(0, 2), Some(7));
+        // Another spare cannot take the same place, and gives itself back.
+        assert!(b.take_standby(3, true));
+        assert_eq!(b.claim_takeover(0, 3), None);
+        b.release_standby(3);
+        assert!(!b.standby_taken(3));
+        // The monitor neither activates nor retires the spare that took a place.
+        assert!(!b.take_standby(2, false));
+        assert!(!b.disarm_standby(2));
+        // Closing or reopening leaves the claim for the monitor to settle, once.
+        b.close_takeover(0);
+        b.open_takeover(0, 7);
+        assert_eq!(b.settle_takeover(0), Some(2));
+        assert_eq!(b.settle_takeover(0), None);
+        assert_eq!(b.claim_takeover(0, 3), None);
+        // The monitor first: settling closes the word, and a spare's late claim fails.
+        b.open_takeover(1, 1);
+        assert_eq!(b.settle_takeover(1), None);
+        assert!(b.take_standby(3, true));
+        assert_eq!(b.claim_takeover(1, 3), None);
+        b.release_standby(3);
+        // A spare that is not armed cannot take itself; the monitor can take it.
+        assert!(b.disarm_standby(3));
+        assert!(!b.take_standby(3, true));
+        assert!(b.take_standby(3, false));
+        // Clearing a slot resets its words.
+        b.clear(2);
+        assert!(!b.standby_taken(2));
+    }
+
+    #[test]
+    fn a_thread_that_dies_owning_its_robust_word_marks_it_and_wakes_a_waiter() {
+        use crate::sys::futex::{gettid, own_robust_word, wait_any, Waiter, OWNER_DIED, WAITERS};
+        let b: &'static Scoreboard =
+            Box::leak(Box::new(Scoreboard::create(2).expect("scoreboard")));
+        let word = b.owner_word(1).expect("slot 1");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let owner = std::thread::spawn(move || {
+            own_robust_word(word).expect("set_robust_list");
+            word.store(gettid(), Ordering::Release);
+            tx.send(()).expect("send");
+            // Parked until told to go: it then exits still owning the word.
+            std::thread::park();
+        });
+        rx.recv().expect("the owner runs");
+        let held = word.load(Ordering::Acquire);
+        assert_ne!(held & crate::sys::futex::TID_MASK, 0);
+        word.compare_exchange(held, held | WAITERS, Ordering::AcqRel, Ordering::Acquire)
+            .expect("set WAITERS");
+        // A waiter sleeps on the word (as a spare's watcher does) before the owner goes.
+        let (woke_tx, woke_rx) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let _ = woke_tx.send(gettid());
+            let r = wait_any(
+                &[Waiter {
+                    word,
+                    expected: held | WAITERS,
+                    private: false,
+                }],
+                None,
+            );
+            let _ = woke_tx.send(r.map(|_| 0).unwrap_or(u32::MAX));
+        });
+        let tid = woke_rx.recv().expect("the waiter runs");
+        let asleep = (0..1000).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            std::fs::read_to_string(format!("/proc/self/task/{tid}/wchan"))
+                .is_ok_and(|w| w.contains("futex_wait"))
+        });
+        assert!(asleep, "the waiter sleeps in futex_waitv");
+        owner.thread().unpark();
+        owner.join().expect("the owner exits");
+        // Woken by the kernel at the owner's exit (a successful wait, not EAGAIN: it was asleep).
+        let woke = woke_rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the owner's death woke the waiter");
+        assert_eq!(woke, 0);
+        waiter.join().expect("the waiter ends");
+        assert_eq!(word.load(Ordering::Acquire), OWNER_DIED | WAITERS);
     }
 }

@@ -164,6 +164,10 @@ pub(crate) struct Monitor {
     /// When a spare last took over: its replacement is requested a little later
     /// (`spares::REFILL_DELAY`).
     last_spare_activation: Option<Instant>,
+    /// Dead workers (slot, number, when to stop waiting) whose place a spare is taking on its
+    /// own: the kernel woke its watcher before the monitor heard of the death (see
+    /// `spares::TAKEOVER_WAIT`).
+    pending_takeovers: Vec<(usize, u32, Instant)>,
     /// When `poll` last returned ([`crate::log::monotonic_us`]), for the `tine::respawn` lines.
     woke_us: u64,
     /// The monitor's CPU time then ([`crate::log::thread_cpu_us`]).
@@ -261,7 +265,9 @@ impl Monitor {
                 }
             }
             let began = Instant::now();
+            self.settle_pending_takeovers();
             self.reconcile()?;
+            self.sync_takeovers();
             let began = slow_step("reconcile", began, &turn);
             self.update_title();
             slow_step("process title", began, &turn);
@@ -349,6 +355,9 @@ impl Monitor {
             // Reloads are timed: look at their progress often.
             t = t.min(Duration::from_millis(5));
         }
+        for (_, _, until) in &self.pending_takeovers {
+            t = t.min(until.saturating_duration_since(now));
+        }
         if let Some(due) = self.spare_refill_due() {
             t = t.min(due.saturating_duration_since(now));
         }
@@ -411,6 +420,8 @@ impl Monitor {
             tracing::info!(graceful, "{why}: stopping");
         }
         systemd::notify_stopping();
+        // No spare takes a place on its own any more: the monitor decides everything now.
+        self.close_takeovers();
         self.finish_reload(Err("the server is stopping".into()));
         self.drop_rollout("the server is stopping");
         let wait = if graceful {
@@ -514,6 +525,16 @@ impl Monitor {
         if c.is_retiring() {
             return;
         }
+        // No spare takes its place on its own from now on; and a spare that has just taken a
+        // dead worker's place is a worker now (ratified when that death is handled), not a spare
+        // to retire, unless everything stops.
+        match c.kind {
+            Kind::Worker => self.board.close_takeover(slot),
+            Kind::Spare if !self.board.disarm_standby(slot) && self.mode == Mode::Running => {
+                return;
+            }
+            _ => {}
+        }
         tracing::info!(
             nr = c.log_nr(),
             pid = c.pid_raw(),
@@ -530,6 +551,10 @@ impl Monitor {
             if let Some(pid) = c.pid {
                 let _ = kill(pid, Signal::SIGTERM);
             }
+        }
+        if c.kind == Kind::Spare {
+            // A spare standing by reads its channel when this word moves (`worker::takeover`).
+            self.board.bump_roster();
         }
         c.phase = Phase::Retiring {
             reason: reason.to_string(),
@@ -721,7 +746,12 @@ impl Monitor {
             }
         }
         c.death_notice = None;
-        if !c.is_active_worker() {
+        let (active, nr) = (c.is_active_worker(), c.nr);
+        let taken = self.settle_or_await_takeover(slot, nr);
+        let Some(c) = self.children.get_mut(&slot) else {
+            return;
+        };
+        if !active && !taken {
             return;
         }
         c.dying = true;
@@ -734,7 +764,9 @@ impl Monitor {
         }
         let (nr, pid) = (c.nr, c.pid_raw());
         let (woke_us, woke_cpu_us) = (self.woke_us, self.woke_cpu_us);
-        self.replace_at_once(nr);
+        if !taken {
+            self.replace_at_once(nr);
+        }
         tracing::debug!(
             target: "tine::respawn",
             child = pid,
@@ -750,10 +782,12 @@ impl Monitor {
         let Some(c) = self.children.get_mut(&slot) else {
             return;
         };
-        let was_active = c.is_active_worker();
+        let (was_active, nr) = (c.is_active_worker(), c.nr);
         c.channel = None;
+        if self.settle_or_await_takeover(slot, nr) {
+            return;
+        }
         if was_active {
-            let nr = c.nr;
             self.replace_at_once(nr);
         }
     }
@@ -1016,7 +1050,10 @@ impl Monitor {
             let Some(c) = self.children.remove(&slot) else {
                 continue;
             };
-            if c.is_active_worker() {
+            if self.settle_or_await_takeover(slot, c.nr) {
+                // A spare took its place on its own, or is taking it (seen only now: nothing else
+                // told of it, or the monitor's turn came after the whole exit).
+            } else if c.is_active_worker() {
                 // Its channel was not seen closed: its place is taken now.
                 self.replace_at_once(c.nr);
             }
@@ -1028,7 +1065,10 @@ impl Monitor {
                 "{} reaped",
                 c.label()
             );
-            self.board.clear(slot);
+            // (A slot whose takeover is pending is cleared once it is settled.)
+            if !self.pending_takeovers.iter().any(|p| p.0 == slot) {
+                self.board.clear(slot);
+            }
             let expected = c.is_retiring() || self.mode != Mode::Running;
             let reason = match &c.phase {
                 Phase::Retiring { reason, .. } => reason.clone(),
@@ -1111,7 +1151,9 @@ impl Monitor {
     }
 
     fn free_slot(&self) -> Option<usize> {
-        (0..self.board.capacity()).find(|s| !self.children.contains_key(s))
+        (0..self.board.capacity()).find(|s| {
+            !self.children.contains_key(s) && !self.pending_takeovers.iter().any(|p| p.0 == *s)
+        })
     }
 
     /// The mold that new workers come from: the newest ready one.
@@ -1237,6 +1279,13 @@ impl Monitor {
         let generation = mold.generation;
         let mut used: Vec<u32> = active.iter().map(|(nr, _)| *nr).collect();
         let mut running = active.len();
+        // A spare is taking these places on its own.
+        for (_, nr, _) in &self.pending_takeovers {
+            if !used.contains(nr) {
+                used.push(*nr);
+                running += 1;
+            }
+        }
         if self.reload.is_some()
             && self.config.reload_strategy == crate::config::ReloadStrategy::RetireFirst
         {
@@ -1255,6 +1304,10 @@ impl Monitor {
             .collect();
         missing.truncate(self.target.saturating_sub(running));
         for nr in missing {
+            // A spare took (or is taking) the place of the worker leaving on its own.
+            if self.takeover_covers(nr) {
+                continue;
+            }
             // A hot spare takes over at once; a new one is requested below.
             let oldest = self.spare_generation_for(nr, generation);
             if self.activate_spare(nr, oldest) {
@@ -1522,6 +1575,8 @@ impl Monitor {
                         let _ = ch.send(&Command::ReopenLogs, &[file.as_fd()]);
                     }
                 }
+                // Standing-by spares read their channel when this word moves (`worker::takeover`).
+                self.board.bump_roster();
                 tracing::info!(path = %path.display(), "log file reopened");
                 Ok(format!("reopened {}\n", path.display()))
             }

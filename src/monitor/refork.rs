@@ -237,6 +237,8 @@ pub(super) fn promote(m: &mut Monitor, slot: usize) {
         Some(r) if r.cause == super::rollout::Cause::Refork => r.generation,
         _ => next_generation(m),
     };
+    // Its death from now on is no spare's to take over (see `monitor::spares`).
+    m.board.close_takeover(slot);
     let Some(c) = m.children.get_mut(&slot) else {
         return;
     };

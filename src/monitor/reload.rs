@@ -428,6 +428,9 @@ impl Monitor {
         started_ms: u64,
         waiters: &[UnixStream],
     ) -> Result<(), String> {
+        // The next image decides anew which spare may take a place on its own (an older one
+        // never does): none may meanwhile.
+        self.close_takeovers();
         let mut handover = Handover {
             version: HANDOVER_VERSION,
             listeners: self

@@ -15,9 +15,42 @@
 //! generation's spares go with it. A spare older than the current mold never replaces a worker
 //! that a rollout is rolling to the current generation (it would be rolled over in turn).
 //!
-//! A spare does not hold the listening sockets while it stands by (it points their descriptors at
-//! `/dev/null` before `boot`): it cannot accept, and a stop of the tree never waits on it to close
-//! them. `Activate` passes them back (`SCM_RIGHTS`, in the monitor's order, which is the spare's).
+//! A spare does not listen while it stands by: it points its listening sockets' descriptors at
+//! `/dev/null` before `boot`, so its reactor waits on none and it cannot accept. It keeps one copy
+//! of each aside (registered nowhere) for a takeover of its own (below); told to stop, it exits at
+//! once, copies and all, so a stop of the tree never waits on it. `Activate` passes the sockets
+//! (`SCM_RIGHTS`, in the monitor's order, which is the spare's).
+//!
+//! Takeover without the monitor (`worker::takeover`). A serving worker's death-notice thread owns
+//! a robust futex word in the worker's scoreboard slot; a standing-by spare sleeps on those words
+//! (in its main thread). When a worker is killed or crashes, the kernel marks its word
+//! `OWNER_DIED` early in the dying thread's exit and wakes one spare, which claims the place: its own standby
+//! word (armed → taken), then the dead worker's takeover word (open → claimed by its slot). The
+//! monitor decides which words are open and which spares armed (`sync_takeovers`,
+//! every turn): only a ready, serving worker of a running tree with no reload, rollout or
+//! promotion under way, and only ready spares that `knows_spares`; it closes a worker's word
+//! before it retires or promotes it, and all of them when the tree stops or re-executes. When it
+//! hears of a death whose word is still open though the kernel marked the robust word and a spare
+//! is armed, a spare was woken before the monitor (the kernel marks the word before the death
+//! notice hangs up): the monitor leaves it the place for up to [`TAKEOVER_WAIT`]. Then, or at
+//! once otherwise, it settles the word (`ratify_takeover`): claimed, the spare becomes worker `nr`
+//! in its table (logged `hot_spare=true took_over=true`, counted in `spare_activations`, refilled
+//! after [`REFILL_DELAY`]); still open, it closes it, so no spare claims it later, and activates a
+//! spare as before, taking the spare's standby word first (one that took a place on its own is
+//! passed over). And before it replaces a worker number itself (`reconcile`, `replace_at_once`),
+//! it closes the takeover words of the workers leaving with that number (killed, retiring, rolled
+//! over: their words may still be open within the turn that made them leave), ratifying a claim
+//! it finds there (`takeover_covers`). So exactly one of the spares or the monitor replaces a dead
+//! worker. The spare
+//! waits in its main thread, which the monitor raises (`raise_standby_priority`): a separate
+//! watcher thread at the tree's level waited for a CPU behind the busy workers (kill → claim
+//! 404 µs median under the respawn bench's load), and handing its claim to the runtime's thread
+//! took another wake-up (~100 µs). Where `futex_waitv` is missing (Linux < 5.16) the spare
+//! waits on its channel only and says so at debug level; the monitor's path alone is then used.
+//!
+//! The monitor keeps the roster word moving for the spares: it bumps it after it sends a spare a
+//! command (`Activate`, `Stop`, `ReopenLogs`), since a spare standing by sleeps on futexes, not
+//! on its channel, and reads the channel when woken.
 //!
 //! A spare counts in `ctl status` (role `spare`, state `standby`), in the PSS totals and in the
 //! metrics, but not towards `workers`. Spares are only requested of, and activated from, molds
@@ -39,8 +72,14 @@ use std::time::{Duration, Instant};
 use super::{limits, Child, Kind, Mode, Monitor, Phase};
 use crate::ipc::channel::{Channel, MAX_FDS};
 use crate::ipc::message::Command;
-use crate::ipc::scoreboard::age;
+use crate::ipc::scoreboard::{age, Takeover};
 use crate::listener::Listener;
+
+/// How long the monitor leaves a dead worker's place to a spare the kernel woke
+/// (`settle_or_await_takeover`) before it activates one itself: the spare claims within a few
+/// hundred microseconds unless the machine is saturated, or the woken spare may not take it (the
+/// kernel wakes one waiter per death).
+const TAKEOVER_WAIT: Duration = Duration::from_millis(2);
 
 /// A spare whose heartbeat is older than this is passed over (it refreshes it every 500 ms).
 const STALE_HEARTBEAT_MS: u64 = 2000;
@@ -57,12 +96,14 @@ impl Monitor {
     /// Activates a ready spare of generation `min_generation` or newer as worker `nr`: true if
     /// one took over. The newest generation is preferred.
     pub(super) fn activate_spare(&mut self, nr: u32, min_generation: u32) -> bool {
+        let mut passed_over = Vec::new();
         loop {
             let Some(slot) = self
                 .children
                 .iter()
                 .filter(|(s, c)| {
-                    c.kind == Kind::Spare
+                    !passed_over.contains(*s)
+                        && c.kind == Kind::Spare
                         && c.knows_spares
                         && c.phase == Phase::Ready
                         && c.generation >= min_generation
@@ -73,6 +114,12 @@ impl Monitor {
             else {
                 return false;
             };
+            // Taken in shared memory first: a spare that has just taken a dead worker's place on
+            // its own (see `worker::takeover`) is not activated again.
+            if !self.board.take_standby(slot, false) {
+                passed_over.push(slot);
+                continue;
+            }
             let Some(c) = self.children.get_mut(&slot) else {
                 return false;
             };
@@ -121,6 +168,182 @@ impl Monitor {
         }
     }
 
+    /// The worker in `dead` (number `nr`) died. If a spare is taking its place on its own — its
+    /// takeover word still open, its robust word marked `OWNER_DIED` (the kernel then woke a
+    /// standing-by spare, before the monitor could hear of the death) and a spare armed — the
+    /// monitor leaves it that place for up to [`TAKEOVER_WAIT`] (its slot is not reused
+    /// meanwhile). Otherwise it settles the word now (`ratify_takeover`). True if the place is
+    /// taken care of: taken by a spare, or left to one for now.
+    pub(super) fn settle_or_await_takeover(&mut self, dead: usize, nr: u32) -> bool {
+        if self.pending_takeovers.iter().any(|p| p.0 == dead) {
+            return true;
+        }
+        let under_way = self.mode == Mode::Running
+            && matches!(self.board.takeover(dead), Takeover::Open { .. })
+            && self.board.owner_died(dead)
+            && self
+                .children
+                .iter()
+                .any(|(s, c)| c.kind == Kind::Spare && self.board.standby_armed(*s));
+        if under_way {
+            self.pending_takeovers
+                .push((dead, nr, Instant::now() + TAKEOVER_WAIT));
+            return true;
+        }
+        self.ratify_takeover(dead, nr)
+    }
+
+    /// Before the monitor replaces worker `nr` itself: closes the takeover words of the workers
+    /// numbered `nr` that are leaving (retiring, killed, rolled over, promoted: not active), so
+    /// that no spare takes their place too. True if a spare already took one's place (it is
+    /// ratified, and replaces `nr`) or is taking it (a pending takeover): nothing to replace.
+    pub(super) fn takeover_covers(&mut self, nr: u32) -> bool {
+        if self.pending_takeovers.iter().any(|p| p.1 == nr) {
+            return true;
+        }
+        let leaving: Vec<usize> = self
+            .children
+            .iter()
+            .filter(|(_, c)| c.kind == Kind::Worker && c.nr == nr && !c.is_active_worker())
+            .map(|(s, _)| *s)
+            .collect();
+        let mut covered = false;
+        for slot in leaving {
+            self.board.close_takeover(slot);
+            if matches!(self.board.takeover(slot), Takeover::Claimed { .. }) {
+                covered |= self.ratify_takeover(slot, nr);
+            }
+        }
+        covered
+    }
+
+    /// Settles the takeovers the monitor was leaving to a spare: ratified once claimed; at the
+    /// end of the wait, the monitor replaces the worker itself (each turn of the loop).
+    pub(super) fn settle_pending_takeovers(&mut self) {
+        let now = Instant::now();
+        let due: Vec<(usize, u32)> = self
+            .pending_takeovers
+            .iter()
+            .filter(|(slot, _, until)| {
+                now >= *until || matches!(self.board.takeover(*slot), Takeover::Claimed { .. })
+            })
+            .map(|(slot, nr, _)| (*slot, *nr))
+            .collect();
+        for (slot, nr) in due {
+            self.pending_takeovers.retain(|p| p.0 != slot);
+            if !self.ratify_takeover(slot, nr) {
+                tracing::debug!(
+                    nr,
+                    "no spare took the dead worker's place on its own: the monitor activates one"
+                );
+                self.replace_at_once(nr);
+            }
+            // Reaped meanwhile: its slot was kept until now.
+            if !self.children.contains_key(&slot) {
+                self.board.clear(slot);
+            }
+        }
+    }
+
+    /// The worker in `dead` (number `nr`) died: settles its takeover word, and if a spare took
+    /// its place on its own (see `worker::takeover`), makes that spare worker `nr` in the table,
+    /// as `activate_spare` does for the spare it activates. True if one did.
+    pub(super) fn ratify_takeover(&mut self, dead: usize, nr: u32) -> bool {
+        let Some(by) = self.board.settle_takeover(dead) else {
+            return false;
+        };
+        // The claimer must still be there, a spare that took itself (not a new spare that
+        // reuses the slot of one that claimed, then died before this).
+        let taken = self.board.standby_taken(by);
+        let Some(c) = self
+            .children
+            .get_mut(&by)
+            .filter(|c| c.kind == Kind::Spare && taken)
+        else {
+            tracing::warn!(
+                slot = by,
+                nr,
+                "a dead worker's place was claimed from a slot that holds no such spare; ignored"
+            );
+            return false;
+        };
+        let stood_by = c.started.elapsed();
+        c.kind = Kind::Worker;
+        c.nr = nr;
+        c.started = Instant::now();
+        c.max_requests = limits::max_requests_for(&self.config, by);
+        let (pid, generation, label) = (c.pid_raw(), c.generation, c.label());
+        self.spare_activations += 1;
+        self.last_spare_activation = Some(Instant::now());
+        self.ever_served = true;
+        // As for a spare activated by the monitor, with what tells them apart.
+        tracing::info!(
+            pid,
+            hot_spare = true,
+            took_over = true,
+            stood_by_ms = stood_by.as_millis() as u64,
+            "{label} ready"
+        );
+        self.rollout_worker_ready(generation);
+        self.retire_replaced(nr, by);
+        true
+    }
+
+    /// Opens the takeover words of the workers a spare may replace on its own, arms the spares
+    /// that may, and closes and disarms the rest (each turn of the loop; see
+    /// `worker::takeover`). Only while nothing else is under way: during a reload, a rollout or
+    /// a promotion, or once the tree stops, the monitor alone replaces a dead worker (with the
+    /// generation rules of `spare_generation_for`).
+    pub(super) fn sync_takeovers(&self) {
+        let calm = self.mode == Mode::Running
+            && self.reload.is_none()
+            && self.rollout.is_none()
+            && !self.promotion_in_progress();
+        for (slot, c) in &self.children {
+            if self.pending_takeovers.iter().any(|p| p.0 == *slot) {
+                // Dead, its place being taken: settled by `settle_pending_takeovers`.
+                continue;
+            }
+            match c.kind {
+                Kind::Worker => {
+                    if calm
+                        && c.phase == Phase::Ready
+                        && c.is_active_worker()
+                        && (c.nr as usize) < self.target
+                    {
+                        self.board.open_takeover(*slot, c.nr);
+                    } else {
+                        self.board.close_takeover(*slot);
+                    }
+                }
+                Kind::Spare => {
+                    if calm && c.phase == Phase::Ready && c.knows_spares && !c.is_retiring() {
+                        self.board.arm_standby(*slot);
+                    } else {
+                        let _ = self.board.disarm_standby(*slot);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Closes every takeover word and disarms every spare (the tree stops).
+    pub(super) fn close_takeovers(&self) {
+        for (slot, _, _) in &self.pending_takeovers {
+            self.board.close_takeover(*slot);
+        }
+        for (slot, c) in &self.children {
+            match c.kind {
+                Kind::Worker => self.board.close_takeover(*slot),
+                Kind::Spare => {
+                    let _ = self.board.disarm_standby(*slot);
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Worker `nr` just went: its channel closed (it is exiting: only its exit closes it) or it
     /// was reaped. A ready spare takes its number now, first thing, rather than at the end of the
     /// loop's turn in `reconcile` (which does the rest: a new spare, or a fresh worker if no spare
@@ -136,6 +359,9 @@ impl Monitor {
         {
             return;
         }
+        if self.takeover_covers(nr) {
+            return;
+        }
         let current = self.current_mold().map_or(0, |(_, m)| m.generation);
         let oldest = self.spare_generation_for(nr, current);
         self.activate_spare(nr, oldest);
@@ -149,11 +375,15 @@ impl Monitor {
             .values()
             .filter(|c| c.is_active_worker())
             .map(|c| c.nr)
+            .chain(self.pending_takeovers.iter().map(|p| p.1))
             .collect();
         let missing: Vec<u32> = (0..self.target as u32)
             .filter(|nr| !used.contains(nr))
             .collect();
         for nr in missing {
+            if self.takeover_covers(nr) {
+                continue;
+            }
             if !self.activate_spare(nr, 0) {
                 return;
             }
@@ -328,7 +558,11 @@ fn send_activation(channel: &Channel, nr: u32, listeners: &[Listener]) -> std::i
     for chunk in chunks {
         channel.send(&Command::ListeningSockets, chunk)?;
     }
-    channel.send(&Command::Activate { nr }, last)
+    channel.send(&Command::Activate { nr }, last)?;
+    // A spare standing by sleeps on the roster word too (`worker::takeover`): it reads its
+    // channel when woken.
+    crate::ipc::scoreboard::global().bump_roster();
+    Ok(())
 }
 
 /// The worker number a spare has in the monitor's table until it is activated (as in its own

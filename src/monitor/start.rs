@@ -145,6 +145,7 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
         memory: Default::default(),
         spare_activations: 0,
         last_spare_activation: None,
+        pending_takeovers: Vec::new(),
         woke_us: 0,
         woke_cpu_us: 0,
     };

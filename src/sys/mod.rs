@@ -29,6 +29,7 @@ pub mod epoll;
 pub(crate) mod exe;
 pub mod fd;
 pub mod fs;
+pub mod futex;
 pub mod io;
 pub mod meminfo;
 pub mod process;

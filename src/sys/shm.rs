@@ -4,7 +4,7 @@ use std::io;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
@@ -75,6 +75,18 @@ impl SharedWords {
     /// The memfd behind the mapping.
     pub fn fd(&self) -> &OwnedFd {
         &self.fd
+    }
+
+    /// Word `index` viewed as two 32-bit atomics (each can be a futex word). A word used this way must never be accessed through [`Self::words`]
+    /// (mixed-size atomic accesses to one location are not allowed).
+    pub fn halves(&self, index: usize) -> Option<&[AtomicU32; 2]> {
+        if index >= self.words {
+            return None;
+        }
+        // SAFETY: `index` is in the mapping (checked), which lives as long as `self`; an 8-byte
+        // aligned word is two 4-byte aligned u32s, and [AtomicU32; 2] has their layout. Callers
+        // access this word only as AtomicU32s (documented above), so no access is mixed-size.
+        Some(unsafe { &*self.ptr.as_ptr().add(index).cast::<[AtomicU32; 2]>() })
     }
 
     /// The mapping as a slice of atomics.

@@ -4,6 +4,7 @@ mod http;
 mod profile;
 mod sentinel;
 mod stream;
+mod takeover;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -86,10 +87,23 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
         listeners,
         config,
     } = start;
+    let mut held = Vec::new();
     if spare {
-        // Until activated this process must not hold the listening sockets: it would not accept
-        // from them, and if it were the last holder when the tree stops, its exit would reset
-        // the connections queued meanwhile. The monitor passes them back with `Activate`.
+        // Until activated this process must not accept: its listening sockets' descriptors point
+        // at /dev/null (nothing registered with its reactor can accept from them). It keeps a
+        // copy of each aside, unregistered, to put back if it takes a dead worker's place on its
+        // own (`takeover`); the monitor passes them with `Activate` otherwise. A stop does not
+        // wait on it: told to stop, it exits at once, the copies with it.
+        for listener in listeners {
+            match std::os::fd::AsFd::as_fd(listener).try_clone_to_owned() {
+                Ok(fd) => held.push(fd),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no copy of the listening socket kept: this spare waits for the monitor's Activate only");
+                    held.clear();
+                    break;
+                }
+            }
+        }
         for listener in listeners {
             if let Err(e) = listener.close_in_place() {
                 tracing::error!(error = %e, listener = %listener.addr(), "cannot let go of the listener");
@@ -110,7 +124,8 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
     slot_writer.claim(pid, Role::Worker, generation, nr, State::Booting);
     // Started while this is the only thread (its descriptor table is copied then emptied); the
     // monitor's end goes with `Hello`. Without it the monitor hears of a death by the channel.
-    let (sentinel, notice) = match sentinel::Sentinel::start() {
+    let robust = scoreboard::global().owner_word(slot);
+    let (sentinel, notice) = match sentinel::Sentinel::start(robust) {
         Ok((s, notice)) => (Some(s), Some(notice)),
         Err(e) => {
             tracing::warn!(
@@ -184,6 +199,8 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
         listeners,
         config: config.clone(),
         slot: slot_writer,
+        slot_index: slot,
+        held,
         channel,
         shutdown: worker.shutdown(),
         profiler: profiler.as_ref().map(profile::Agent::handle),
@@ -295,6 +312,10 @@ struct Serving<'a> {
     listeners: &'a [Listener],
     config: Arc<Config>,
     slot: SlotWriter<'static>,
+    /// The scoreboard slot `slot` writes.
+    slot_index: usize,
+    /// A hot spare's own copies of the listening sockets (see `run`), empty otherwise.
+    held: Vec<std::os::fd::OwnedFd>,
     channel: Channel,
     shutdown: crate::app::Shutdown,
     profiler: Option<profile::Handle>,
@@ -312,6 +333,8 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
         listeners,
         config,
         slot,
+        slot_index,
+        held,
         channel,
         shutdown,
         profiler,
@@ -391,8 +414,29 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
         if channel.get_ref().send(&Report::Ready, &[]).is_err() {
             return (Stop::Quick, None);
         }
-        match await_activation(&channel).await {
-            Ok((nr, sockets)) => {
+        // It stands by in this thread, on its channel and on the serving workers' robust words
+        // (see `takeover`), if it can take a place on its own; otherwise on its channel only.
+        // Blocking here holds up nothing the spare needs: with one runtime thread (the default)
+        // its other tasks (the heartbeat, refreshed by `stand_by` instead) wait, with more they
+        // run on the other threads. Woken by a death, this thread opens the gates itself.
+        let activation = if held.len() == listeners.len() && takeover::available() {
+            let mut sockets = Vec::new();
+            let woken = takeover::stand_by(
+                slot_index,
+                || read_activation(&channel, &mut sockets),
+                || slot.heartbeat(),
+            );
+            match woken {
+                takeover::Woken::Claimed(c) => Ok((c.nr, held, Some(c.at))),
+                takeover::Woken::Told(r) => r.map(|(nr, sockets)| (nr, sockets, None)),
+            }
+        } else {
+            await_activation(&channel)
+                .await
+                .map(|(nr, sockets)| (nr, sockets, None))
+        };
+        match activation {
+            Ok((nr, sockets, own)) => {
                 let received = crate::log::respawn_stamp();
                 if sockets.len() != listeners.len() {
                     tracing::error!(
@@ -411,7 +455,7 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
                 // Its number before its first request: handlers may read `Worker::current_nr`.
                 crate::app::set_current_nr(nr);
                 slot.take_nr(nr);
-                activated = Some((nr, generation, received, standby_nice));
+                activated = Some((nr, generation, received, standby_nice, own));
             }
             Err(why) => {
                 tracing::debug!("spare stopping before activation: {why:?}");
@@ -439,7 +483,7 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
             }
         }
     }
-    if let Some((nr, generation, received, standby_nice)) = activated {
+    if let Some((nr, generation, received, standby_nice, own)) = activated {
         let listening = crate::log::respawn_stamp();
         http::LOG_FIRST_ACCEPT.store(true, std::sync::atomic::Ordering::Relaxed);
         http::LOG_FIRST_REQUEST.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -462,13 +506,31 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
         }
         if let (Some(received), Some(listening)) = (received, listening) {
             let named = crate::log::respawn_stamp().unwrap_or_default();
-            tokio::spawn(log_activation_timeline(received, listening, named));
+            tokio::spawn(log_activation_timeline(
+                received,
+                listening,
+                named,
+                own.flatten(),
+            ));
+        }
+        // Said once it serves (not on the path of its first requests). The monitor ratifies
+        // it when it hears of the death (`monitor::spares`).
+        if own.is_some() {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                tracing::info!(
+                    nr,
+                    "took the place of worker[{nr}], which died, without waiting for the monitor"
+                );
+            });
         }
     }
     if spare.is_some() && config.sched_batch {
         enter_sched_batch();
     }
     slot.set_state(State::Ready);
+    // Serving capacity from now on: a spare may replace it at once if it dies.
+    sentinel::arm();
     // An activated spare was counted serving by the monitor when it sent `Activate`.
     if spare.is_none() && channel.get_ref().send(&Report::Ready, &[]).is_err() {
         return (Stop::Quick, None);
@@ -477,6 +539,9 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
         forge_spawn_reports(channel.get_ref()).await;
     }
     let stop = read_commands(&channel, profiler.as_ref()).await;
+    // Whatever it was told (drain, stop, become a mold, or the monitor is gone), what follows is
+    // no death for a spare to take over.
+    sentinel::disarm();
     heartbeat.abort();
     if stop == Stop::Quick {
         return (stop, None);
@@ -513,6 +578,7 @@ async fn log_activation_timeline(
     received: crate::log::RespawnStamp,
     listening: crate::log::RespawnStamp,
     named: crate::log::RespawnStamp,
+    claimed: Option<crate::log::RespawnStamp>,
 ) {
     let parsed = || http::FIRST_PARSED.lock().map_or(true, |p| p.is_some());
     for _ in 0..100 {
@@ -520,6 +586,14 @@ async fn log_activation_timeline(
         if parsed() {
             break;
         }
+    }
+    if let Some(at) = claimed {
+        tracing::debug!(
+            target: "tine::respawn",
+            claimed_us = at.us,
+            claimed_cpu_us = at.cpu_us,
+            "spare claimed a dead worker's place"
+        );
     }
     tracing::debug!(
         target: "tine::respawn",
@@ -661,6 +735,33 @@ async fn await_activation(
             }
             Command::Stop { graceful: true } => return Err(Stop::Graceful),
             Command::Stop { graceful: false } => return Err(Stop::Quick),
+            Command::ReopenLogs => crate::log::adopt_log_fd(r.fds.into_iter().next()),
+            other => tracing::warn!("ignoring {other:?} sent to a spare"),
+        }
+    }
+}
+
+/// What [`await_activation`] does, without waiting: reads what the channel holds now and says
+/// how the standby ends, if it does (`sockets` keeps the listening sockets passed so far).
+fn read_activation(
+    channel: &AsyncFd<Channel>,
+    sockets: &mut Vec<std::os::fd::OwnedFd>,
+) -> Option<Result<(u32, Vec<std::os::fd::OwnedFd>), Stop>> {
+    loop {
+        let r = match channel.get_ref().recv::<Command>(false) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Some(Err(Stop::Quick)),
+            Err(ChannelError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
+            Err(e) => return Some(Err(stop_for(e))),
+        };
+        match r.msg {
+            Command::ListeningSockets => sockets.extend(r.fds),
+            Command::Activate { nr } => {
+                sockets.extend(r.fds);
+                return Some(Ok((nr, std::mem::take(sockets))));
+            }
+            Command::Stop { graceful: true } => return Some(Err(Stop::Graceful)),
+            Command::Stop { graceful: false } => return Some(Err(Stop::Quick)),
             Command::ReopenLogs => crate::log::adopt_log_fd(r.fds.into_iter().next()),
             other => tracing::warn!("ignoring {other:?} sent to a spare"),
         }

@@ -21,16 +21,48 @@
 //!
 //! Either way the monitor knows before `exit_mmap` and has a spare serving meanwhile.
 //!
+//! The same thread owns the worker's robust futex word (scoreboard, see `takeover`): it registers
+//! a one-entry robust list pointing at it (`sys::futex::own_robust_word`), and while the worker is
+//! serving capacity ([`arm`]) the word holds its thread id. When the thread dies with the process,
+//! its `exit_mm` (before `exit_files`) makes the kernel mark the word `OWNER_DIED` and wake a
+//! standing-by spare, which takes the worker's place without waiting for the monitor.
+//! Whatever ends a worker on purpose (a stop, a drain, a promotion, the monitor gone) releases the
+//! word first ([`disarm`]), so only an abnormal death (a kill, a crash, an abort) leaves it marked.
+//!
 //! Nothing is ever sent on the pair; it only ever hangs up, when this thread exits: when the
 //! process exits (killed, crashed or done) or when [`Sentinel::stop`] ends it, before a worker
 //! promoted to mold forks (a mold must be single-threaded). The monitor (`on_death_notice`) acts
 //! only on a worker that is serving and not being promoted.
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+
+/// This process's robust word and its death-notice thread's id, while that thread runs and owns
+/// the word (a `Mutex`, not a `OnceLock`: a worker promoted to mold clears it before it forks).
+static ROBUST: Mutex<Option<(&'static AtomicU32, u32)>> = Mutex::new(None);
+
+/// This worker is now capacity that a spare may replace at once: its robust word names the
+/// death-notice thread, so that the kernel marks it `OWNER_DIED` (and wakes a watching spare) if
+/// the process dies before [`disarm`]. Standing-by spares are told to watch it.
+pub(crate) fn arm() {
+    let robust = *ROBUST.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((word, tid)) = robust {
+        word.store(tid, Ordering::Release);
+        crate::ipc::scoreboard::global().bump_roster();
+    }
+}
+
+/// This worker stops being such capacity (told to stop, drain or become a mold): its death from
+/// now on is no spare's business but the monitor's.
+pub(crate) fn disarm() {
+    let robust = *ROBUST.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((word, _)) = robust {
+        word.store(0, Ordering::Release);
+    }
+}
 
 /// The running death-notice thread.
 pub(crate) struct Sentinel {
@@ -41,7 +73,12 @@ pub(crate) struct Sentinel {
 impl Sentinel {
     /// Starts the thread. Returns it and the monitor's end of the pair (for `Report::Hello`).
     /// Call it while this process has no other thread that opens descriptors.
-    pub(crate) fn start() -> std::io::Result<(Sentinel, OwnedFd)> {
+    ///
+    /// With `robust`, this worker's robust word (see [`arm`]), the thread makes it its robust
+    /// futex; without (or if the kernel refuses), only the monitor's notice tells of a death.
+    pub(crate) fn start(
+        robust: Option<&'static AtomicU32>,
+    ) -> std::io::Result<(Sentinel, OwnedFd)> {
         let (monitor_end, own_end) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -68,8 +105,15 @@ impl Sentinel {
                         Some(&nix::sys::signal::SigSet::all()),
                         None,
                     );
+                    // Its id in the robust word marks the worker alive (see `arm`).
+                    let owner = robust.and_then(|word| {
+                        crate::sys::futex::own_robust_word(word)
+                            .ok()
+                            .map(|()| (word, crate::sys::futex::gettid()))
+                    });
                     // From here on this thread uses no descriptor (not even stderr): it only parks.
-                    let _ = kept_tx.send(crate::sys::fd::keep_only_in_own_table(keep));
+                    let kept = crate::sys::fd::keep_only_in_own_table(keep);
+                    let _ = kept_tx.send(kept.map(|()| owner));
                     while !stop.load(Ordering::Acquire) {
                         std::thread::park();
                     }
@@ -82,7 +126,13 @@ impl Sentinel {
         // The shared table's copy goes now: the sentinel's own table holds the only one.
         drop(own_end);
         match kept {
-            Ok(()) => Ok((sentinel, monitor_end)),
+            Ok(owner) => {
+                if owner.is_none() && robust.is_some() {
+                    tracing::debug!("no robust futex for the death-notice thread: a spare takes this worker's place only when the monitor says so");
+                }
+                *ROBUST.lock().unwrap_or_else(|e| e.into_inner()) = owner;
+                Ok((sentinel, monitor_end))
+            }
             Err(e) => {
                 sentinel.stop();
                 Err(e)
@@ -90,8 +140,11 @@ impl Sentinel {
         }
     }
 
-    /// Ends the thread (its end of the pair closes with it) and waits for it.
+    /// Ends the thread (its end of the pair closes with it) and waits for it. Its robust word is
+    /// released first.
     pub(crate) fn stop(self) {
+        disarm();
+        *ROBUST.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.stop.store(true, Ordering::Release);
         self.thread.thread().unpark();
         let _ = self.thread.join();

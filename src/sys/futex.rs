@@ -1,0 +1,218 @@
+//! Futexes on shared words: waking, waiting on several at once (`futex_waitv`, Linux 5.16+),
+//! and a thread's one-entry robust list (`set_robust_list`), which makes the kernel mark a word
+//! `FUTEX_OWNER_DIED` and wake one of its waiters when the thread that owns it dies.
+//!
+//! How the kernel does it (kernel/futex/core.c, kernel/exit.c): a dying thread's `do_exit` runs
+//! `exit_mm`, whose `exit_mm_release` → `futex_exit_release` walks the thread's robust list
+//! while its address space is still there, before `exit_files`. For each word whose owner
+//! (`FUTEX_TID_MASK` bits) is the dying thread's id, it replaces the word with `FUTEX_OWNER_DIED`
+//! (keeping `FUTEX_WAITERS`; the owner's id is gone) and, if `FUTEX_WAITERS` was set, wakes one waiter with a *shared* wake: a
+//! waiter in another process sleeping on the same word of a `MAP_SHARED` mapping wakes.
+//!
+//! glibc registers a robust list per thread at its start (its own robust mutexes) and, at a
+//! thread's exit, walks its own copy in user space, never the pointer given to the kernel: a thread
+//! that replaces the kernel's pointer with [`own_robust_word`] and takes no robust mutex loses
+//! nothing.
+
+use std::io;
+use std::sync::atomic::AtomicU32;
+
+/// Set in a robust word by the kernel when its owner died.
+pub const OWNER_DIED: u32 = 0x4000_0000;
+/// Set in a robust word by its waiters, so that the owner's death wakes one.
+pub const WAITERS: u32 = 0x8000_0000;
+/// The owner's thread id in a robust word.
+pub const TID_MASK: u32 = 0x3fff_ffff;
+
+const FUTEX_WAKE: libc::c_int = 1;
+const FUTEX_PRIVATE_FLAG: libc::c_int = 128;
+/// `futex_waitv` flag: a 32-bit word.
+const FUTEX2_SIZE_U32: u32 = 2;
+/// `futex_waitv` flag: a word of this process only.
+const FUTEX2_PRIVATE: u32 = 128;
+
+/// One word to wait on (`struct futex_waitv` of the kernel's uapi).
+#[repr(C)]
+struct FutexWaitv {
+    val: u64,
+    uaddr: u64,
+    flags: u32,
+    reserved: u32,
+}
+
+/// A word to wait on with [`wait_any`]: sleep while it holds `expected`.
+pub struct Waiter<'a> {
+    /// The word.
+    pub word: &'a AtomicU32,
+    /// The value it must still hold for the wait to sleep.
+    pub expected: u32,
+    /// A word of this process's own memory (not shared with another process).
+    pub private: bool,
+}
+
+/// Wakes up to `n` waiters of `word`; `private` for a word no other process maps.
+pub fn wake(word: &AtomicU32, n: u32, private: bool) -> io::Result<usize> {
+    let op = if private {
+        FUTEX_WAKE | FUTEX_PRIVATE_FLAG
+    } else {
+        FUTEX_WAKE
+    };
+    let n = n.min(i32::MAX as u32) as libc::c_int;
+    // SAFETY: FUTEX_WAKE only reads the address to find the futex's key (it never writes it or
+    // keeps it); `word` is a live, aligned u32. The timeout, second address and value are unused
+    // by this operation.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            op,
+            n,
+            std::ptr::null::<libc::timespec>(),
+            std::ptr::null::<u32>(),
+            0,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// Sleeps until one of `waiters` is woken (or a signal interrupts, or `timeout` passes:
+/// `ETIMEDOUT`). Returns at once with `EAGAIN` if a word no longer holds its expected value. At
+/// most 128 words (the kernel's limit). `ENOSYS` where the kernel has no `futex_waitv` (before
+/// 5.16).
+pub fn wait_any(waiters: &[Waiter<'_>], timeout: Option<std::time::Duration>) -> io::Result<usize> {
+    let deadline = match timeout {
+        Some(t) => {
+            let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
+            let end = std::time::Duration::new(now.tv_sec() as u64, now.tv_nsec() as u32) + t;
+            Some(libc::timespec {
+                tv_sec: end.as_secs() as libc::time_t,
+                tv_nsec: end.subsec_nanos() as libc::c_long,
+            })
+        }
+        None => None,
+    };
+    let deadline_ptr = deadline
+        .as_ref()
+        .map_or(std::ptr::null(), |d| d as *const libc::timespec);
+    let v: Vec<FutexWaitv> = waiters
+        .iter()
+        .map(|w| FutexWaitv {
+            val: w.expected as u64,
+            uaddr: w.word.as_ptr() as u64,
+            flags: FUTEX2_SIZE_U32 | if w.private { FUTEX2_PRIVATE } else { 0 },
+            reserved: 0,
+        })
+        .collect();
+    // SAFETY: `v` is an array of `v.len()` well-formed `struct futex_waitv`, alive for the call;
+    // each address is a live, aligned u32 borrowed for the call (the kernel only reads them). No
+    // flags; the timeout is null (no deadline) or a live absolute CLOCK_MONOTONIC time.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_futex_waitv,
+            v.as_ptr(),
+            v.len() as libc::c_uint,
+            0 as libc::c_uint,
+            deadline_ptr,
+            libc::CLOCK_MONOTONIC,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// Whether this kernel has `futex_waitv` (asked with an empty list: `EINVAL` if it has).
+pub fn have_waitv() -> bool {
+    // SAFETY: a null array of length 0 is refused by the kernel before it reads anything.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_futex_waitv,
+            std::ptr::null::<FutexWaitv>(),
+            0 as libc::c_uint,
+            0 as libc::c_uint,
+            std::ptr::null::<libc::timespec>(),
+            libc::CLOCK_MONOTONIC,
+        )
+    };
+    !(r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS))
+}
+
+/// `struct robust_list` of the kernel's uapi.
+#[repr(C)]
+struct RobustList {
+    next: *const RobustList,
+}
+
+/// `struct robust_list_head` of the kernel's uapi.
+#[repr(C)]
+struct RobustListHead {
+    list: RobustList,
+    futex_offset: libc::c_long,
+    list_op_pending: *const RobustList,
+}
+
+thread_local! {
+    /// Whether the calling thread set its robust list here.
+    static ROBUST_SET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Makes `word` the calling thread's only robust futex: when this thread dies holding it (its
+/// thread id in the word's low bits), the kernel replaces it with [`OWNER_DIED`] (keeping
+/// [`WAITERS`]: the id is gone) and, if [`WAITERS`] was set,
+/// wakes one waiter (shared wake). Replaces the thread's robust list (glibc's, see the module
+/// doc): call it only from a thread that takes no robust mutex. Once per thread; `word` must
+/// outlive the thread (a `'static` borrow).
+pub fn own_robust_word(word: &'static AtomicU32) -> io::Result<()> {
+    ROBUST_SET.with(|set| {
+        if set.get() {
+            return Err(io::Error::other("this thread's robust list is set already"));
+        }
+        // Leaked: the kernel reads it when the thread exits, after its thread-local storage is
+        // gone (a few words, once per thread that calls this: one per worker).
+        let list: &'static mut (RobustListHead, RobustList) = Box::leak(Box::new((
+            RobustListHead {
+                list: RobustList {
+                    next: std::ptr::null(),
+                },
+                futex_offset: 0,
+                list_op_pending: std::ptr::null(),
+            },
+            RobustList {
+                next: std::ptr::null(),
+            },
+        )));
+        let head: *const RobustListHead = &list.0;
+        let entry: *const RobustList = &list.1;
+        // A circular list: head → entry → head; the word sits at entry + futex_offset.
+        list.0.list.next = entry;
+        list.1.next = head.cast();
+        list.0.futex_offset = (word.as_ptr() as isize - entry as isize) as libc::c_long;
+        // SAFETY: `head` points to a well-formed robust list head (one entry, circular, no pending
+        // operation) in a leaked heap block, so it stays valid whenever the kernel reads it (at
+        // this thread's exit, or never if another list replaces it); the
+        // word it designates is a live `'static` aligned u32. The size is the uapi struct's.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_set_robust_list,
+                head,
+                std::mem::size_of::<RobustListHead>(),
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        set.set(true);
+        Ok(())
+    })
+}
+
+/// The calling thread's id.
+pub fn gettid() -> u32 {
+    nix::unistd::gettid().as_raw() as u32
+}
