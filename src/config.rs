@@ -323,6 +323,12 @@ options! {
     /// idle worker to race for it [default: true]
     #[arg(num_args = 0..=1, default_missing_value = "true")]
     exclusive_accept: bool,
+    /// Spread new connections over the workers: a worker holding clearly more connections than
+    /// another serving worker (more than max(2, mean/8) above it) leaves new ones to it for a few
+    /// milliseconds at most. Off by default: under connection churn (a new connection
+    /// per request) the workers' counts wobble and it costs throughput [default: false]
+    #[arg(num_args = 0..=1, default_missing_value = "true")]
+    accept_balance: bool,
     /// Run workers under SCHED_BATCH: a worker woken on a busy CPU waits for the running task's
     /// time slice instead of preempting it (fewer context switches when CPUs are oversubscribed)
     /// [default: true]
@@ -495,6 +501,8 @@ pub struct Config {
     pub nodelay: bool,
     /// One idle worker woken per new connection.
     pub exclusive_accept: bool,
+    /// A worker well above its lightest serving peer's connections leaves new ones to it.
+    pub accept_balance: bool,
     /// Workers under SCHED_BATCH.
     pub sched_batch: bool,
     /// Nice levels the monitor runs above the tree (0: none).
@@ -873,6 +881,7 @@ impl Options {
             reuseport: self.reuseport.unwrap_or(false),
             nodelay: self.nodelay.unwrap_or(true),
             exclusive_accept: self.exclusive_accept.unwrap_or(true),
+            accept_balance: self.accept_balance.unwrap_or(false),
             sched_batch: self.sched_batch.unwrap_or(true),
             monitor_nice_boost,
             unix_mode,

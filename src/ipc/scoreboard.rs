@@ -626,6 +626,42 @@ impl Scoreboard {
     }
 }
 
+impl Scoreboard {
+    /// How loaded the worker in `slot` is, as another worker weighs itself against it before an
+    /// accept (`worker::balance`): five words loaded one by one, without the sequence counter's
+    /// retry and without a copy of the slot (each word is meaningful alone; a torn view only
+    /// makes one accept decision on slightly stale numbers). `None` unless a worker holds the slot.
+    pub fn load(&self, slot: usize) -> Option<Load> {
+        if slot >= self.capacity {
+            return None;
+        }
+        let w = self.words(slot);
+        if w[ROLE].load(Ordering::Relaxed) != Role::Worker as u64 {
+            return None;
+        }
+        let state = w[STATE].load(Ordering::Relaxed);
+        Some(Load {
+            pid: w[PID].load(Ordering::Relaxed),
+            serving: state == State::Ready as u64 || state == State::Busy as u64,
+            connections: w[CONNECTIONS].load(Ordering::Relaxed),
+            requests: w[REQUESTS].load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// One slot's load (see [`Scoreboard::load`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Load {
+    /// Process id written by the owner.
+    pub pid: u64,
+    /// A worker serving (ready or busy): not booting, a spare, draining or being promoted.
+    pub serving: bool,
+    /// Connections the worker holds.
+    pub connections: u64,
+    /// Requests it served.
+    pub requests: u64,
+}
+
 /// Adds a slot's requests counter to the header's count of requests served by gone processes.
 fn move_requests_to_header(w: &[AtomicU64], gone: &AtomicU64) {
     let served = w[REQUESTS].swap(0, Ordering::Relaxed);

@@ -217,15 +217,20 @@ pub(super) struct Capacity {
     /// Woken when a connection closes at the limit, for the accept loops waiting for room.
     room: tokio::sync::Notify,
     slot: SlotWriter<'static>,
+    /// With `accept_balance`: how this worker weighs itself against its peers before an accept.
+    balance: Option<super::balance::Balance>,
 }
 
 impl Capacity {
-    pub(super) fn new(max: usize, slot: SlotWriter<'static>) -> Arc<Capacity> {
+    /// `balance`: whether the accept loops leave a new connection to a lighter peer (see
+    /// [`super::balance`]).
+    pub(super) fn new(max: usize, slot: SlotWriter<'static>, balance: bool) -> Arc<Capacity> {
         Arc::new(Capacity {
             open: Default::default(),
             max,
             room: tokio::sync::Notify::new(),
             slot,
+            balance: balance.then(|| super::balance::Balance::new(max)).flatten(),
         })
     }
 
@@ -279,6 +284,9 @@ impl Drop for Admitted {
 /// (registering again finds the queue non-empty at once). One gap remains, as in nginx: a
 /// connection queued in the instant this worker fills up, for which the kernel woke only this
 /// worker, waits for the next arrival (which wakes another worker) or for a close here.
+///
+/// The same holds while the worker leaves a new connection to a lighter peer (`accept_balance`,
+/// see [`super::balance`]): it leaves the reactor for a few milliseconds at most.
 pub(super) struct Gate {
     /// Registered while the worker has room, else left as a duplicate (one descriptor either way).
     listener: Held,
@@ -286,6 +294,9 @@ pub(super) struct Gate {
     nodelay: bool,
     capacity: Arc<Capacity>,
     unix_path: Option<Arc<std::path::Path>>,
+    /// A deferral to a lighter peer under way, and the peers this loop gave up on.
+    deferral: Option<super::balance::Deferral>,
+    passed_over: Option<super::balance::PassedOver>,
 }
 
 enum Held {
@@ -305,8 +316,40 @@ impl Gate {
             listener: Held::Registered(registered),
             exclusive: config.exclusive_accept,
             nodelay: config.nodelay,
+            deferral: None,
+            passed_over: capacity.balance.as_ref().map(|b| b.passed_over()),
             capacity,
         })
+    }
+
+    /// Leaves the reactor, keeping the listener as a duplicate. If no descriptor is free for the
+    /// copy, it stays registered: merely not accepting.
+    fn leave(&mut self) {
+        if let Held::Registered(l) = &self.listener {
+            // Replacing it deregisters (and closes) the registered duplicate.
+            match l.dup() {
+                Ok(dup) => self.listener = Held::Left(dup),
+                Err(e) => tracing::warn!(error = %e, "cannot leave the reactor"),
+            }
+        }
+    }
+
+    /// Whether to leave the next connection to a lighter peer (see [`super::balance`]): `true`
+    /// while deferring (the reactor left), to look again after [`super::balance::POLL`].
+    fn defers(&mut self) -> bool {
+        let (Some(balance), Some(passed_over)) = (&self.capacity.balance, &mut self.passed_over)
+        else {
+            return false;
+        };
+        let mine = self.capacity.open.load(Ordering::Relaxed) as u64;
+        match balance.verdict(mine, &mut self.deferral, passed_over) {
+            super::balance::Verdict::Accept => false,
+            super::balance::Verdict::Wait => true,
+            super::balance::Verdict::Leave => {
+                self.leave();
+                true
+            }
+        }
     }
 
     /// A unix listener's path (see [`AsyncListener::unix_path`]).
@@ -319,13 +362,10 @@ impl Gate {
     pub(super) async fn accept(&mut self) -> (Accepted, Admitted) {
         loop {
             if self.capacity.is_full() {
-                if let Held::Registered(l) = &self.listener {
-                    // Replacing it deregisters (and closes) the registered duplicate. If no
-                    // descriptor is free for the copy, it stays registered: merely not accepting.
-                    match l.dup() {
-                        Ok(dup) => self.listener = Held::Left(dup),
-                        Err(e) => tracing::warn!(error = %e, "cannot leave the reactor"),
-                    }
+                // A deferral to a peer (the reactor left already) ends here: this is a pause.
+                let deferring = self.deferral.take().is_some();
+                if deferring || matches!(self.listener, Held::Registered(_)) {
+                    self.leave();
                     self.capacity.slot.count_accept_pause();
                     tracing::debug!(
                         max_connections = self.capacity.max,
@@ -333,6 +373,10 @@ impl Gate {
                     );
                 }
                 self.capacity.room().await;
+                continue;
+            }
+            if self.defers() {
+                tokio::time::sleep(super::balance::POLL).await;
                 continue;
             }
             let listener = match &self.listener {
@@ -455,6 +499,8 @@ impl StandbyGate {
             listener: Held::Registered(self.placeholder),
             exclusive: self.exclusive,
             nodelay: self.nodelay,
+            deferral: None,
+            passed_over: self.capacity.balance.as_ref().map(|b| b.passed_over()),
             capacity: self.capacity,
         })
     }
@@ -558,7 +604,8 @@ pub(super) async fn warm_up(
     let (gate_tx, gate_rx) = oneshot::channel();
     // No addresses: the app is not called.
     let task = accept_loop(gate_rx, service, config.clone(), slot, stop_rx, true, false);
-    let capacity = Capacity::new(config.max_connections, slot);
+    // Its one connection is no load to weigh.
+    let capacity = Capacity::new(config.max_connections, slot, false);
     let _ = gate_tx.send(Gate::new(&listener, &config, capacity)?);
     let exchange = async {
         let client = tokio::net::TcpStream::connect(addr).await?;

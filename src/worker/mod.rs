@@ -1,5 +1,6 @@
 //! The worker: serves requests on the inherited listeners until told to stop or to become a mold.
 
+mod balance;
 mod http;
 mod profile;
 mod sentinel;
@@ -383,7 +384,7 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
         });
     }
     // One count of connections for all the listeners: `max_connections` is per worker.
-    let capacity = http::Capacity::new(config.max_connections, slot);
+    let capacity = http::Capacity::new(config.max_connections, slot, config.accept_balance);
     let mut activated = None;
     let mut standby_gates: Vec<Option<http::StandbyGate>> = Vec::new();
     if let Some(generation) = spare {
