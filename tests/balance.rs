@@ -51,13 +51,9 @@ fn wait_no_connections(server: &Server) {
     idle.unwrap_or_else(|| panic!("connections still held: {}", server.status()));
 }
 
-#[test]
-fn a_burst_of_keep_alive_connections_is_spread_over_idle_workers() {
-    // Without the rule, the first worker woken takes the whole burst nearly every time on an idle
-    // 2-core machine (16/0, 15/1 or 14/2 in 13 of 14 bursts, 11/5 once): the second worker, woken
-    // for the second connection, waits under SCHED_BATCH for a CPU while the first one's accept
-    // loop empties the queue. With it, no worker holds more than its share and the slack.
-    let server = Launch::tine()
+/// A tree of 2 workers with `accept_balance` on, answering with `x-tine-worker`.
+fn two_balanced_workers() -> Server {
+    Launch::tine()
         .args([
             "--workers",
             "2",
@@ -65,7 +61,16 @@ fn a_burst_of_keep_alive_connections_is_spread_over_idle_workers() {
             "--accept-balance",
             "true",
         ])
-        .start();
+        .start()
+}
+
+#[test]
+fn a_burst_of_keep_alive_connections_is_spread_over_idle_workers() {
+    // Without the rule, the first worker woken takes the whole burst nearly every time on an idle
+    // 2-core machine (16/0, 15/1 or 14/2 in 13 of 14 bursts, 11/5 once): the second worker, woken
+    // for the second connection, waits under SCHED_BATCH for a CPU while the first one's accept
+    // loop empties the queue. With it, no worker holds more than its share and the slack.
+    let server = two_balanced_workers();
     let workers = server.wait_workers(2, READY_TIMEOUT);
     for round in 0..3 {
         let (clients, taken) = burst(&server.addr(), BURST);
@@ -86,15 +91,7 @@ fn a_stopped_worker_does_not_stop_the_others_from_accepting() {
     // connection, so it is the lighter peer worker 0 would leave new connections to. Worker 0
     // waits a few milliseconds for it to take one, sees its count stay, passes it over and takes
     // every connection of the burst, and more afterwards.
-    let server = Launch::tine()
-        .args([
-            "--workers",
-            "2",
-            "--debug-headers",
-            "--accept-balance",
-            "true",
-        ])
-        .start();
+    let server = two_balanced_workers();
     let workers = server.wait_workers(2, READY_TIMEOUT);
     let (serving, stopped) = (workers[0], workers[1]);
     signal(stopped, Signal::SIGSTOP);

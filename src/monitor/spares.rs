@@ -144,26 +144,7 @@ impl Monitor {
                     "spare activated"
                 );
             }
-            let stood_by = c.started.elapsed();
-            c.kind = Kind::Worker;
-            c.nr = nr;
-            // Its life as a worker starts now: max_lifetime, max_requests and the uptime count
-            // from here.
-            c.started = Instant::now();
-            c.max_requests = limits::max_requests_for(&self.config, slot);
-            let (pid, generation, label) = (c.pid_raw(), c.generation, c.label());
-            self.spare_activations += 1;
-            self.last_spare_activation = Some(Instant::now());
-            self.ever_served = true;
-            // The same message as a worker that booted, so that whoever waits for it finds it.
-            tracing::info!(
-                pid,
-                hot_spare = true,
-                stood_by_ms = stood_by.as_millis() as u64,
-                "{label} ready"
-            );
-            self.rollout_worker_ready(generation);
-            self.retire_replaced(nr, slot);
+            self.spare_became_worker(slot, nr, false);
             return true;
         }
     }
@@ -255,38 +236,52 @@ impl Monitor {
         // The claimer must still be there, a spare that took itself (not a new spare that
         // reuses the slot of one that claimed, then died before this).
         let taken = self.board.standby_taken(by);
-        let Some(c) = self
-            .children
-            .get_mut(&by)
-            .filter(|c| c.kind == Kind::Spare && taken)
-        else {
+        if !(taken
+            && self
+                .children
+                .get(&by)
+                .is_some_and(|c| c.kind == Kind::Spare))
+        {
             tracing::warn!(
                 slot = by,
                 nr,
                 "a dead worker's place was claimed from a slot that holds no such spare; ignored"
             );
             return false;
+        }
+        self.spare_became_worker(by, nr, true);
+        true
+    }
+
+    /// The spare in `slot` is worker `nr` from now on, activated by the monitor or, with
+    /// `took_over`, by its own takeover: the table, the counters, the "ready" line, the rollout,
+    /// and the retirement of what it replaces.
+    fn spare_became_worker(&mut self, slot: usize, nr: u32, took_over: bool) {
+        let Some(c) = self.children.get_mut(&slot) else {
+            return;
         };
         let stood_by = c.started.elapsed();
         c.kind = Kind::Worker;
         c.nr = nr;
+        // Its life as a worker starts now: max_lifetime, max_requests and the uptime count from
+        // here.
         c.started = Instant::now();
-        c.max_requests = limits::max_requests_for(&self.config, by);
+        c.max_requests = limits::max_requests_for(&self.config, slot);
         let (pid, generation, label) = (c.pid_raw(), c.generation, c.label());
         self.spare_activations += 1;
         self.last_spare_activation = Some(Instant::now());
         self.ever_served = true;
-        // As for a spare activated by the monitor, with what tells them apart.
+        // The same message as a worker that booted, so that whoever waits for it finds it;
+        // `took_over` (only when true) tells a spare's own takeover apart.
         tracing::info!(
             pid,
             hot_spare = true,
-            took_over = true,
+            took_over = took_over.then_some(true),
             stood_by_ms = stood_by.as_millis() as u64,
             "{label} ready"
         );
         self.rollout_worker_ready(generation);
-        self.retire_replaced(nr, by);
-        true
+        self.retire_replaced(nr, slot);
     }
 
     /// Opens the takeover words of the workers a spare may replace on its own, arms the spares

@@ -18,20 +18,18 @@ use std::io;
 use std::sync::atomic::AtomicU32;
 
 /// Set in a robust word by the kernel when its owner died.
-pub const OWNER_DIED: u32 = 0x4000_0000;
+pub const OWNER_DIED: u32 = libc::FUTEX_OWNER_DIED;
 /// Set in a robust word by its waiters, so that the owner's death wakes one.
-pub const WAITERS: u32 = 0x8000_0000;
+pub const WAITERS: u32 = libc::FUTEX_WAITERS;
 /// The owner's thread id in a robust word.
-pub const TID_MASK: u32 = 0x3fff_ffff;
+pub const TID_MASK: u32 = libc::FUTEX_TID_MASK;
 
-const FUTEX_WAKE: libc::c_int = 1;
-const FUTEX_PRIVATE_FLAG: libc::c_int = 128;
-/// `futex_waitv` flag: a 32-bit word.
-const FUTEX2_SIZE_U32: u32 = 2;
-/// `futex_waitv` flag: a word of this process only.
-const FUTEX2_PRIVATE: u32 = 128;
+/// `futex_waitv` flags: a 32-bit word; a word of this process only.
+const FUTEX2_SIZE_U32: u32 = libc::FUTEX2_SIZE_U32 as u32;
+const FUTEX2_PRIVATE: u32 = libc::FUTEX2_PRIVATE as u32;
 
-/// One word to wait on (`struct futex_waitv` of the kernel's uapi).
+/// One word to wait on (`struct futex_waitv` of the kernel's uapi; libc's has a private padding
+/// field, so it cannot be built without `mem::zeroed`).
 #[repr(C)]
 struct FutexWaitv {
     val: u64,
@@ -53,9 +51,9 @@ pub struct Waiter<'a> {
 /// Wakes up to `n` waiters of `word`; `private` for a word no other process maps.
 pub fn wake(word: &AtomicU32, n: u32, private: bool) -> io::Result<usize> {
     let op = if private {
-        FUTEX_WAKE | FUTEX_PRIVATE_FLAG
+        libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG
     } else {
-        FUTEX_WAKE
+        libc::FUTEX_WAKE
     };
     let n = n.min(i32::MAX as u32) as libc::c_int;
     // SAFETY: FUTEX_WAKE only reads the address to find the futex's key (it never writes it or
