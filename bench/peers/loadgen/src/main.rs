@@ -51,11 +51,14 @@ struct Args {
     seconds: f64,
     warmup: f64,
     path: String,
+    /// Open: write every recorded request slower than this (µs) to `slow_log`, with its due time.
+    slow_us: u32,
+    slow_log: Option<String>,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: peers-loadgen open --addr HOST:PORT --rate REQ_PER_S [--conns 32] [--seconds 10] [--warmup 1] [--path /]\n       \
+        "usage: peers-loadgen open --addr HOST:PORT --rate REQ_PER_S [--conns 32] [--seconds 10] [--warmup 1] [--path /] [--slow-log FILE --slow-us N]\n       \
          peers-loadgen strict --addr HOST:PORT [--conns 16] [--seconds 60] [--path /]"
     );
     std::process::exit(2)
@@ -76,6 +79,8 @@ fn parse_args() -> Args {
         seconds: if mode == Mode::Open { 10.0 } else { 60.0 },
         warmup: if mode == Mode::Open { 1.0 } else { 0.0 },
         path: "/".into(),
+        slow_us: 0,
+        slow_log: None,
     };
     while let Some(flag) = it.next() {
         let value = it.next().unwrap_or_else(|| usage());
@@ -104,6 +109,8 @@ fn parse_args() -> Args {
             }
             "--path" if value.starts_with('/') => a.path = value,
             "--path" => bad("a path starting with /"),
+            "--slow-log" => a.slow_log = Some(value),
+            "--slow-us" => a.slow_us = value.parse().unwrap_or_else(|_| bad("microseconds")),
             _ => usage(),
         }
     }
@@ -215,6 +222,9 @@ struct Stats {
     latencies_us: Vec<u32>,
     /// Open: client lag (µs from due time to written) of requests whose connection was idle then.
     send_lag_us: Vec<u32>,
+    /// Open, with `--slow-log`: (due, seconds after the recorded window began; latency µs;
+    /// connection) of each request slower than `--slow-us`, to see when stalls happen.
+    slow: Vec<(f64, u32, usize)>,
     /// Strict: lost requests, (seconds since start, why).
     lost: Vec<(f64, String)>,
     /// Open: failed requests (EOF, reset, timeout, bad response), why → count.
@@ -433,9 +443,14 @@ impl Client {
             .first_answer
             .get_or_insert((now - self.t0).as_secs_f64());
         if self.args.mode == Mode::Open && self.conns[j].record {
-            self.stats
-                .latencies_us
-                .push(micros(now - self.conns[j].due));
+            let latency = micros(now - self.conns[j].due);
+            self.stats.latencies_us.push(latency);
+            if self.args.slow_log.is_some() && latency > self.args.slow_us {
+                let due = self.conns[j]
+                    .due
+                    .saturating_duration_since(self.record_from);
+                self.stats.slow.push((due.as_secs_f64(), latency, j));
+            }
         }
     }
 
@@ -701,6 +716,15 @@ fn main() {
         std::process::exit(1)
     }
     let s = &mut client.stats;
+    if let Some(path) = &client.args.slow_log {
+        let mut text = String::from("due_s latency_us conn\n");
+        for (due, latency, j) in &s.slow {
+            text.push_str(&format!("{due:.6} {latency} {j}\n"));
+        }
+        if let Err(e) = std::fs::write(path, text) {
+            eprintln!("peers-loadgen: writing {path}: {e}");
+        }
+    }
     s.latencies_us.sort_unstable();
     s.send_lag_us.sort_unstable();
     let mut out = format!(
