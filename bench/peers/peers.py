@@ -265,6 +265,16 @@ def machine_ticks():
     return v[0] + v[1] + v[2] + v[5] + v[6] + v[7], sum(v[:8])
 
 
+def steal_ms():
+    """CPU time the hypervisor gave to others while this VM's CPUs wanted to run (all CPUs, ms).
+
+    On a shared host a few ms of steal in a 10 s run puts multi-ms stalls into every server's
+    tail alike: a reader must see it beside the percentiles, not mistake it for the server's."""
+    with open("/proc/stat") as f:
+        v = f.readline().split()
+    return int(v[8]) * 1000 // CLK_TCK if len(v) > 8 else 0
+
+
 def loadavg():
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
@@ -291,11 +301,11 @@ def run_wrk(server, seconds, pinned):
     cmd = ["wrk", "-t1", f"-c{CONNS}", f"-d{seconds}s", "--latency", "-s", STATS_LUA, f"http://127.0.0.1:{server.port}/"]
     if pinned:
         cmd = ["taskset", "-c", LOAD_CPU] + cmd
-    t0, m0 = server.tree_ticks(), machine_ticks()
+    t0, m0, st0 = server.tree_ticks(), machine_ticks(), steal_ms()
     c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30).stdout
     c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t1, m1 = server.tree_ticks(), machine_ticks()
+    t1, m1, st1 = server.tree_ticks(), machine_ticks(), steal_ms()
     # wrk's own CPU (taskset execs it: the child is wrk): on shared cores wrk is one thread, and
     # when it uses a whole core the run measures the client as much as the server.
     wrk_cpu_s = (c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime)
@@ -314,6 +324,7 @@ def run_wrk(server, seconds, pinned):
         "server_cpu_us_per_req": (t1 - t0) / CLK_TCK * 1e6 / max(1, n),
         "machine_busy_other_pct": round(100 * busy_other, 1),
         "wrk_cpu_pct_of_a_core": round(100 * wrk_cpu_s / dur, 1),
+        "host_steal_ms": st1 - st0,
     }
 
 
@@ -322,10 +333,12 @@ def run_open(server, rate, pinned):
            "--conns", str(OPEN_CONNS), "--seconds", str(OPEN_SECONDS), "--warmup", "1"]
     if pinned:
         cmd = ["taskset", "-c", LOAD_CPU] + cmd
+    st0 = steal_ms()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=OPEN_SECONDS + 30)
+    st1 = steal_ms()
     server.track()
     try:
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return {**json.loads(out.stdout.strip().splitlines()[-1]), "host_steal_ms": st1 - st0}
     except (IndexError, json.JSONDecodeError):
         raise RuntimeError(f"open-loop client failed against {server.name}: {out.stderr[-300:]}")
 

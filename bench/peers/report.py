@@ -297,6 +297,18 @@ if any(errs.values()):
     p("wrk socket errors (all rounds): " + ", ".join(f"{LABEL.get(s, s)} {layout} {n}" for (layout, s), n in errs.items() if n)
       + ".\n")
 
+def steal_cell(rs):
+    v = [r["host_steal_ms"] for r in rs if "host_steal_ms" in r]
+    return f"{med(v):.0f} ms ({min(v)}–{max(v)})" if v else "—"
+
+
+steal_runs = [r for k, by in R.items() if k.startswith("wrk_") and isinstance(by, dict)
+              for rs in by.values() if isinstance(rs, list) for r in rs if "host_steal_ms" in r]
+if steal_runs:
+    v = [r["host_steal_ms"] for r in steal_runs]
+    p(f"Host steal during the wrk runs (CPU time the hypervisor gave other guests, both CPUs): median "
+      f"{med(v):.0f} ms per run (min {min(v)}, max {max(v)}); the open-loop tables give it per server.\n")
+
 # ------------------------------------------------------------------ goal 2
 p("## Issue 13 goal 2: per core and tail, tine vs nginx vs plain hyper\n")
 p("Ratios are tine ÷ peer per interleaved round (paired runs seconds apart): median and min–max over "
@@ -361,8 +373,8 @@ for layout in ("pinned", "shared"):
     if not o:
         continue
     p(f"### Open loop, {layout} (nginx peak {o['nginx_peak']:,.0f} req/s from the wrk rounds above)\n")
-    p("| rate | server | achieved req/s | p50 | p99 | p99.9 | max | client lag p99 | unsent | errors |")
-    p("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    p("| rate | server | achieved req/s | p50 | p99 | p99.9 | max | client lag p99 | unsent | errors | host steal |")
+    p("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for frac, by in o["by_fraction"].items():
         for s, rs in by.items():
             p(f"| {float(frac):.0%} ({o['nginx_peak'] * float(frac):,.0f}/s) | {LABEL.get(s, s)} | "
@@ -370,12 +382,15 @@ for layout in ("pinned", "shared"):
               f"{fmt_us(med(r['p99_us'] for r in rs))} ({fmt_us(min(r['p99_us'] for r in rs))}–{fmt_us(max(r['p99_us'] for r in rs))}) | "
               f"{fmt_us(med(r['p999_us'] for r in rs))} ({fmt_us(min(r['p999_us'] for r in rs))}–{fmt_us(max(r['p999_us'] for r in rs))}) | "
               f"{fmt_us(med(r['max_us'] for r in rs))} | {fmt_us(med(r['send_lag_p99_us'] for r in rs))} | "
-              f"{sum(r['unsent'] for r in rs)} | {sum(sum(r['errors'].values()) for r in rs)} |")
+              f"{sum(r['unsent'] for r in rs)} | {sum(sum(r['errors'].values()) for r in rs)} | "
+              f"{steal_cell(rs)} |")
     p("")
     p("*Client lag* is the open-loop client's own delay between a request's due time and its write, on "
       "connections that were idle at that time: when it is comparable to a server's p99, the client, "
       "not the server, set that number. *Unsent*: requests due within the run that their connection "
-      "never got to send (it was waiting for a late answer).\n")
+      "never got to send (it was waiting for a late answer). *Host steal*: CPU time the hypervisor "
+      "gave to other guests during the run (`/proc/stat` steal, both CPUs; median and min–max over "
+      "rounds): a stall of the VM itself, which lands in every server's tail alike.\n")
 
 # ------------------------------------------------------------------ details
 p("## How each server was run\n")
