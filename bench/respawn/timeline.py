@@ -38,6 +38,8 @@ STAGES = [
     ("kill", "reset"), ("reset", "woke"), ("kill", "woke"), ("kill", "notice"), ("kill", "closed"), ("woke", "sent"), ("sent", "received"), ("kill", "claimed"), ("claimed", "received"), ("received", "listening"),
     ("listening", "named"), ("named", "accepted"), ("accepted", "parsed"), ("parsed", "first"),
     ("kill", "first"), ("parsed", "probe"), ("kill", "probe"),
+    # The replacement's capacity back: its gates open (it accepts), then its first accept.
+    ("kill", "listening"), ("kill", "accepted"),
     # CPU time used by the monitor (woke -> sent) and the spare's thread (received -> ...).
     ("woke_cpu", "sent_cpu"), ("received_cpu", "listening_cpu"), ("listening_cpu", "named_cpu"),
     ("named_cpu", "accepted_cpu"), ("accepted_cpu", "parsed_cpu"), ("received_cpu", "parsed_cpu"),
