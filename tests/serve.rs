@@ -206,30 +206,34 @@ fn an_activated_spare_moves_to_sched_batch_after_its_first_moments_all_threads_b
             .then_some(())
     })
     .unwrap_or_else(|| panic!("the spare did not take over:\n{}", server.log.text()));
-    poll_until(settle, || {
-        (policy_of_thread(spare, spare) == BATCH).then_some(())
-    })
-    .expect("the activated spare's main thread moves to SCHED_BATCH");
+    // Every thread but the death-notice thread moves (one by one: wait for all of them).
     let sentinels = threads_named(spare, "tine-sentinel");
     assert!(!sentinels.is_empty(), "the death-notice thread");
-    let threads: Vec<i32> = std::fs::read_dir(format!("/proc/{spare}/task"))
-        .expect("its threads")
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
+    let others = || -> Vec<i32> {
+        std::fs::read_dir(format!("/proc/{spare}/task"))
+            .expect("its threads")
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|tid| !sentinels.contains(tid))
+            .collect()
+    };
+    let mut last = Vec::new();
+    poll_until(settle, || {
+        last = others()
+            .into_iter()
+            .map(|tid| (tid, policy_of_thread(spare, tid)))
+            .collect();
+        last.iter().all(|(_, p)| *p == BATCH).then_some(())
+    })
+    .unwrap_or_else(|| panic!("threads of the activated spare not all SCHED_BATCH: {last:?}"));
     assert!(
-        threads.len() >= 3,
-        "main, a second runtime thread, the sentinel: {threads:?}"
+        last.len() >= 2,
+        "the main thread and a second runtime thread: {last:?}"
     );
-    for tid in threads {
-        let expected = if sentinels.contains(&tid) {
-            OTHER
-        } else {
-            BATCH
-        };
+    for tid in sentinels {
         assert_eq!(
             policy_of_thread(spare, tid),
-            expected,
-            "thread {tid} of the activated spare"
+            OTHER,
+            "the death-notice thread {tid}"
         );
     }
 }
