@@ -288,6 +288,42 @@ fn a_spare_is_the_worker_a_scale_up_adds() {
     wait_spare(&server, "made after the scale-up", |r| r.pid != spare.pid);
 }
 
+/// How many of `pid`'s descriptors are each of the listening sockets `listening`.
+fn descriptors_per_listener(pid: i32, listening: &[u64]) -> Vec<usize> {
+    let held = socket_inodes(pid);
+    listening
+        .iter()
+        .map(|l| held.iter().filter(|i| *i == l).count())
+        .collect()
+}
+
+/// A spare the monitor activates holds each listening socket as often as a worker booted as
+/// such does (its descriptor and its accept loop's copy): the copy it kept aside for a takeover
+/// of its own goes when the monitor's `Activate` comes. (Before, it kept them for its whole life: past its own close of the listener at a
+/// graceful stop, the socket stayed open, with its SYNs dropped, until the drain ended.)
+#[test]
+fn a_spare_the_monitor_activates_holds_each_listening_socket_once() {
+    let server = launch(1, &["--spare-workers", "1"]);
+    let worker = server.wait_workers(1, READY_TIMEOUT)[0];
+    let spare = wait_spare(&server, "at start", |_| true);
+    let mut listening = listening_sockets(&server, worker);
+    listening.sort_unstable();
+    listening.dedup();
+    assert_eq!(server.ctl(&["scale", "2"]).unwrap().trim(), "workers: 2");
+    wait_worker_is(&server, 1, spare.pid);
+    // A worker holds each listener twice: its own descriptor and its accept loop's copy.
+    let booted = descriptors_per_listener(worker, &listening);
+    // Its slot says `ready` (what `wait_worker_is` waited for) only after its gates opened,
+    // which is after the standby ended.
+    assert_eq!(
+        descriptors_per_listener(spare.pid, &listening),
+        booted,
+        "the activated spare {} holds each listening socket {listening:?} as often as the \
+         worker booted as such",
+        spare.pid
+    );
+}
+
 #[test]
 fn a_spare_that_dies_is_replaced_and_the_workers_are_untouched() {
     let server = launch(2, &["--spare-workers", "1"]);

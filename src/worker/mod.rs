@@ -130,8 +130,9 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
         // Until activated this process must not accept: its listening sockets' descriptors point
         // at /dev/null (nothing registered with its reactor can accept from them). It keeps a
         // copy of each aside, unregistered, to put back if it takes a dead worker's place on its
-        // own (`takeover`); the monitor passes them with `Activate` otherwise. A stop does not
-        // wait on it: told to stop, it exits at once, the copies with it.
+        // own (`takeover`); the monitor passes them with `Activate` otherwise, and the copies go
+        // as soon as the standby ends any other way (or at once, if it cannot stand by on its
+        // own). A stop does not wait on it: told to stop, it exits at once.
         for listener in listeners {
             match std::os::fd::AsFd::as_fd(listener).try_clone_to_owned() {
                 Ok(fd) => held.push(fd),
@@ -467,9 +468,17 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
             );
             match woken {
                 takeover::Woken::Claimed(c) => Ok((c.nr, held, Some(c.at))),
-                takeover::Woken::Told(r) => r.map(|(nr, sockets)| (nr, sockets, None)),
+                takeover::Woken::Told(r) => {
+                    // Activated (the monitor passed the sockets) or told to stop: the copies kept
+                    // aside go now, or they would hold the listening sockets open for this
+                    // process's whole life, past its own close at a graceful stop.
+                    drop(held);
+                    r.map(|(nr, sockets)| (nr, sockets, None))
+                }
             }
         } else {
+            // Copies it cannot use: not kept while it waits, nor once activated.
+            drop(held);
             await_activation(&channel)
                 .await
                 .map(|(nr, sockets)| (nr, sockets, None))
