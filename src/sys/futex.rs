@@ -125,7 +125,10 @@ pub fn wait_any(waiters: &[Waiter<'_>], timeout: Option<std::time::Duration>) ->
     }
 }
 
-/// Whether this kernel has `futex_waitv` (asked with an empty list: `EINVAL` if it has).
+/// Whether this process may wait with `futex_waitv`: asked with an empty list, which the kernel
+/// refuses with `EINVAL` before it reads anything. Only that answer says yes: `ENOSYS` is a kernel
+/// without it (before 5.16), and `EPERM` (or any other errno) a seccomp filter that refuses it
+/// (container profiles older than the call); every wait would then fail at once.
 pub fn have_waitv() -> bool {
     // SAFETY: a null array of length 0 is refused by the kernel before it reads anything.
     let r = unsafe {
@@ -138,7 +141,7 @@ pub fn have_waitv() -> bool {
             libc::CLOCK_MONOTONIC,
         )
     };
-    !(r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS))
+    r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL)
 }
 
 /// `struct robust_list` of the kernel's uapi.
@@ -213,4 +216,89 @@ pub fn own_robust_word(word: &'static AtomicU32) -> io::Result<()> {
 /// The calling thread's id.
 pub fn gettid() -> u32 {
     nix::unistd::gettid().as_raw() as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Makes the calling thread's `futex_waitv` fail with `EPERM`, as a container's seccomp
+    /// profile that predates the call does (the filter is the thread's own: other threads and
+    /// the test process keep theirs).
+    fn refuse_waitv_in_this_thread() {
+        let filter = [
+            // The syscall number (offset 0 of `struct seccomp_data`).
+            libc::sock_filter {
+                code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+                jt: 0,
+                jf: 0,
+                k: 0,
+            },
+            libc::sock_filter {
+                code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+                jt: 0,
+                jf: 1,
+                k: libc::SYS_futex_waitv as u32,
+            },
+            libc::sock_filter {
+                code: (libc::BPF_RET | libc::BPF_K) as u16,
+                jt: 0,
+                jf: 0,
+                k: libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+            },
+            libc::sock_filter {
+                code: (libc::BPF_RET | libc::BPF_K) as u16,
+                jt: 0,
+                jf: 0,
+                k: libc::SECCOMP_RET_ALLOW,
+            },
+        ];
+        let prog = libc::sock_fprog {
+            len: filter.len() as u16,
+            filter: filter.as_ptr() as *mut libc::sock_filter,
+        };
+        // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only; it is required to install a
+        // filter without privileges and only forbids this thread gaining privileges by exec.
+        let r = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+        assert_eq!(r, 0, "PR_SET_NO_NEW_PRIVS: {}", io::Error::last_os_error());
+        // SAFETY: `prog` points to `filter`, a well-formed classic BPF program alive for the call
+        // (the kernel copies it); without SECCOMP_FILTER_FLAG_TSYNC it applies to this thread
+        // only, and it only makes one syscall, never called here otherwise, fail.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                0,
+                &prog as *const libc::sock_fprog,
+            )
+        };
+        assert_eq!(r, 0, "seccomp: {}", io::Error::last_os_error());
+    }
+
+    #[test]
+    fn futex_waitv_refused_by_seccomp_is_not_available() {
+        let here = have_waitv();
+        let refused = std::thread::spawn(|| {
+            refuse_waitv_in_this_thread();
+            let probe = have_waitv();
+            let waited = wait_any(
+                &[Waiter {
+                    word: &AtomicU32::new(0),
+                    expected: 0,
+                    private: true,
+                }],
+                Some(std::time::Duration::from_millis(1)),
+            );
+            (probe, waited.map_err(|e| e.raw_os_error()))
+        })
+        .join()
+        .expect("the filtered thread");
+        // The filter works: the call itself fails with EPERM there.
+        assert_eq!(refused.1, Err(Some(libc::EPERM)));
+        assert!(!refused.0, "EPERM taken for futex_waitv available");
+        // Unfiltered, the probe says what the kernel has (5.16 and later: yes).
+        let kernel_has_it =
+            wait_any(&[], None).err().and_then(|e| e.raw_os_error()) != Some(libc::ENOSYS);
+        assert_eq!(here, kernel_has_it);
+    }
 }

@@ -475,11 +475,18 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
                     drop(held);
                     r.map(|(nr, sockets)| (nr, sockets, None))
                 }
+                takeover::Woken::CannotWatch => {
+                    drop(held);
+                    // With the sockets of a `ListeningSockets` read already, if any.
+                    await_activation(&channel, sockets)
+                        .await
+                        .map(|(nr, sockets)| (nr, sockets, None))
+                }
             }
         } else {
             // Copies it cannot use: not kept while it waits, nor once activated.
             drop(held);
-            await_activation(&channel)
+            await_activation(&channel, Vec::new())
                 .await
                 .map(|(nr, sockets)| (nr, sockets, None))
         };
@@ -769,9 +776,10 @@ fn stop_for(error: ChannelError) -> Stop {
 /// passed along, or `Err` with how to stop (told to, or the monitor gone).
 async fn await_activation(
     channel: &AsyncFd<Channel>,
+    mut sockets: Vec<std::os::fd::OwnedFd>,
 ) -> Result<(u32, Vec<std::os::fd::OwnedFd>), Stop> {
-    // More listening sockets than one packet carries come first, in `ListeningSockets`.
-    let mut sockets = Vec::new();
+    // More listening sockets than one packet carries come first, in `ListeningSockets` (`sockets`:
+    // those read before this was called).
     loop {
         let r = match next_command(channel).await {
             Ok(Some(r)) => r,

@@ -22,7 +22,9 @@
 //! worker that starts owning its word, and by the monitor after it sends a spare a command) and a
 //! timeout for the heartbeat (the runtime's heartbeat task does not run while this thread, the
 //! current-thread runtime's only one, is blocked here). The channel is read without blocking
-//! after each wake-up; a monitor that dies without a word is noticed at the next heartbeat.
+//! after each wake-up; a monitor that dies without a word is noticed at the next heartbeat. If a
+//! wait fails for good (anything but a timeout, a signal or a word that moved), the spare goes
+//! back to waiting on its channel alone, as where `futex_waitv` is missing or refused.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -48,9 +50,13 @@ pub(crate) enum Woken<T> {
     Claimed(Claimed),
     /// The channel said what to do (`read` returned it).
     Told(T),
+    /// Waiting on the words failed for good (not a timeout, a signal or a word that moved): the
+    /// spare waits on its channel alone from now on.
+    CannotWatch,
 }
 
-/// Whether this kernel lets a spare stand by here (`futex_waitv`, Linux 5.16+).
+/// Whether this spare can stand by here: `futex_waitv` exists (Linux 5.16+) and no seccomp filter
+/// refuses it (`futex::have_waitv`).
 pub(crate) fn available() -> bool {
     let ok = futex::have_waitv();
     if !ok {
@@ -126,9 +132,11 @@ pub(crate) fn stand_by<T>(
                     Some(libc::EAGAIN | libc::EINTR | libc::ETIMEDOUT)
                 ) => {}
             Err(e) => {
-                // Not expected; the channel and the heartbeat still get their turn.
-                tracing::debug!(error = %e, "futex_waitv failed");
-                std::thread::sleep(Duration::from_millis(10));
+                // Not expected once `available` said yes. Trying again would fail again (a
+                // retry loop would wake this spare ~100 times a second and read its channel late):
+                // the channel alone, as where `futex_waitv` is missing.
+                tracing::warn!(error = %e, "futex_waitv failed: this spare waits for the monitor's Activate only");
+                return Woken::CannotWatch;
             }
         }
     }
