@@ -769,6 +769,47 @@ fn a_spare_takes_a_killed_workers_place_on_its_own_while_the_monitor_is_stopped(
     assert!(rows.iter().any(|r| r.pid == next.pid && r.role == "spare"));
 }
 
+/// A spare that cannot stand by on futexes (Linux before 5.16, or a seccomp filter that refuses
+/// `futex_waitv`; here `TINE_DEBUG_NO_FUTEX_WAITV`) says so before it reports ready, so the
+/// monitor never arms it: a killed worker is replaced by the monitor at once, without leaving the
+/// place for `TAKEOVER_WAIT` to a claim that cannot come (before, every death waited for it).
+/// Standing by, such a spare keeps no copy of the listening sockets: it could never use one.
+#[test]
+fn a_spare_that_cannot_watch_is_activated_by_the_monitor_without_waiting_for_a_claim() {
+    let server = Launch::tine()
+        .args(["--workers", "1", "--debug-headers", "--debug-routes"])
+        .args(["--spare-workers", "1"])
+        .args(["--log-level", "info,tine::monitor::spares=debug"])
+        .env("TINE_DEBUG_NO_FUTEX_WAITV", "1")
+        .start();
+    let worker = server.wait_workers(1, READY_TIMEOUT)[0];
+    let spare = wait_spare(&server, "at start", |_| true);
+    let listening = listening_sockets(&server, worker);
+    let kept: Vec<u64> = socket_inodes(spare.pid)
+        .into_iter()
+        .filter(|i| listening.contains(i))
+        .collect();
+    assert!(
+        kept.is_empty(),
+        "the spare that cannot watch keeps copies of the listening sockets: {kept:?}"
+    );
+    let mark = server.log.mark();
+    kill_worker_0_and_see_the_spare_take_over(&server, worker, spare.pid);
+    let log = server.log.text();
+    let since: Vec<&str> = log.lines().skip(mark).collect();
+    for said in [
+        // The monitor's own activation after it waited for a spare's claim.
+        "no spare took the dead worker's place on its own",
+        "took_over=true",
+        "without waiting for the monitor",
+    ] {
+        assert!(
+            !since.iter().any(|l| l.contains(said)),
+            "{said:?} after the kill:\n{log}"
+        );
+    }
+}
+
 /// Two workers die at once and one spare stands by: it takes one place (on its own: the monitor
 /// is stopped), and the other worker is replaced by a fresh fork once the monitor runs again.
 #[test]

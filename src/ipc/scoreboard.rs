@@ -69,8 +69,10 @@ const OWNER: usize = 14;
 /// Whether a spare may take this worker's place without the monitor (written by the monitor;
 /// claimed by a spare with a compare-and-swap): see [`Takeover`].
 const TAKEOVER: usize = 15;
-/// Whether the monitor lets this spare take a place on its own, and whether it has been taken
-/// (by the monitor's `Activate` or by the spare itself): see [`Scoreboard::take_standby`].
+/// Whether this spare watches the workers' robust words (it says so before it reports ready),
+/// whether the monitor lets it take a place on its own, and whether it has been taken (by the
+/// monitor's `Activate` or by the spare itself): see [`Scoreboard::take_standby`]. 0: none of
+/// these (a spare that cannot watch, or not yet: the monitor never waits for it to claim).
 const STANDBY: usize = 31;
 const TEXT: usize = 16;
 
@@ -474,6 +476,8 @@ impl Takeover {
 const ARMED: u64 = 1;
 /// A spare's [`STANDBY`] word: it was activated (by the monitor, or it took a place itself).
 const TAKEN: u64 = 2;
+/// A spare's [`STANDBY`] word: it watches the workers' robust words, not armed (yet, or any more).
+const WATCHING: u64 = 3;
 
 impl Scoreboard {
     fn slot_word(&self, slot: usize, word: usize) -> Option<&AtomicU64> {
@@ -564,11 +568,33 @@ impl Scoreboard {
         .map(|_| nr)
     }
 
-    /// Lets the spare in `slot` take a place on its own (monitor), if it was not taken.
-    pub fn arm_standby(&self, slot: usize) {
+    /// The spare in `slot` watches the workers' robust words (the spare, before it reports
+    /// ready): the monitor may arm it. False if it was taken already.
+    pub fn watch_standby(&self, slot: usize) -> bool {
+        self.slot_word(slot, STANDBY).is_some_and(|w| {
+            w.compare_exchange(0, WATCHING, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        })
+    }
+
+    /// The spare in `slot` no longer watches (the spare: its wait failed): never armed again, and
+    /// disarmed if it was, unless it was taken.
+    pub fn unwatch_standby(&self, slot: usize) {
         if let Some(w) = self.slot_word(slot, STANDBY) {
-            let _ = w.compare_exchange(0, ARMED, Ordering::AcqRel, Ordering::Acquire);
+            let _ = w.fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                (cur != TAKEN).then_some(0)
+            });
         }
+    }
+
+    /// Lets the spare in `slot` take a place on its own (monitor), if it watches and was neither
+    /// armed nor taken: true if it was armed now. A spare that does not watch (it cannot, or is
+    /// of a build that does not say so) is left alone: no death waits for it.
+    pub fn arm_standby(&self, slot: usize) -> bool {
+        self.slot_word(slot, STANDBY).is_some_and(|w| {
+            w.compare_exchange(WATCHING, ARMED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        })
     }
 
     /// The spare in `slot` may no longer take a place on its own (monitor): false if it has
@@ -577,14 +603,14 @@ impl Scoreboard {
         let Some(w) = self.slot_word(slot, STANDBY) else {
             return true;
         };
-        match w.compare_exchange(ARMED, 0, Ordering::AcqRel, Ordering::Acquire) {
+        match w.compare_exchange(ARMED, WATCHING, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => true,
             Err(cur) => cur != TAKEN,
         }
     }
 
-    /// Takes the spare in `slot` for an activation: by the monitor (`armed_only` false: armed
-    /// or not) or by the spare itself (only if armed). False if it was taken already.
+    /// Takes the spare in `slot` for an activation: by the monitor (`armed_only` false: armed,
+    /// watching or not) or by the spare itself (only if armed). False if it was taken already.
     pub fn take_standby(&self, slot: usize, armed_only: bool) -> bool {
         let Some(w) = self.slot_word(slot, STANDBY) else {
             return false;
@@ -1087,9 +1113,16 @@ mod tests {
     #[test]
     fn a_dead_workers_place_is_taken_once_by_a_spare_or_the_monitor() {
         let b = Scoreboard::create(4).expect("scoreboard");
+        // A spare that does not say it watches is never armed.
+        assert!(!b.arm_standby(2));
+        assert!(!b.standby_armed(2));
+        assert!(!b.take_standby(2, true));
+        assert!(b.watch_standby(2));
+        assert!(b.watch_standby(3));
+        assert!(b.arm_standby(2));
+        assert!(b.arm_standby(3));
+        assert!(!b.arm_standby(3), "armed once");
         // Closed (the monitor has not opened it): no spare claims.
-        b.arm_standby(2);
-        b.arm_standby(3);
         assert_eq!(b.claim_takeover(0, 2), None);
         b.open_takeover(0, 7);
         assert_eq!(b.takeover(0), Takeover::Open { nr: 7 });
@@ -1118,8 +1151,23 @@ mod tests {
         b.release_standby(3);
         // A spare that is not armed cannot take itself; the monitor can take it.
         assert!(b.disarm_standby(3));
+        assert!(!b.standby_armed(3));
         assert!(!b.take_standby(3, true));
+        assert!(b.arm_standby(3), "armed again after a disarm");
+        assert!(b.disarm_standby(3));
         assert!(b.take_standby(3, false));
+        // A spare whose wait failed stops watching: never armed again, still activated by the
+        // monitor.
+        b.clear(1);
+        assert!(b.watch_standby(1));
+        assert!(b.arm_standby(1));
+        b.unwatch_standby(1);
+        assert!(!b.standby_armed(1));
+        assert!(!b.arm_standby(1));
+        assert!(b.disarm_standby(1));
+        assert!(b.take_standby(1, false));
+        b.unwatch_standby(1);
+        assert!(b.standby_taken(1), "a taken spare stays taken");
         // Clearing a slot resets its words.
         b.clear(2);
         assert!(!b.standby_taken(2));

@@ -28,7 +28,9 @@
 //! word (armed → taken), then the dead worker's takeover word (open → claimed by its slot). The
 //! monitor decides which words are open and which spares armed (`sync_takeovers`,
 //! every turn): only a ready, serving worker of a running tree with no reload, rollout or
-//! promotion under way, and only ready spares that `knows_spares`; it closes a worker's word
+//! promotion under way, and only ready spares that `knows_spares` and that said, before they
+//! reported ready, that they watch the words (a spare that cannot stand by on futexes, or of a
+//! build that does not say, is never armed); it closes a worker's word
 //! before it retires or promotes it, and all of them when the tree stops or re-executes. When it
 //! hears of a death whose word is still open though the kernel marked the robust word and a spare
 //! is armed, a spare was woken before the monitor (the kernel marks the word before the death
@@ -45,8 +47,10 @@
 //! waits in its main thread, which the monitor raises (`raise_standby_priority`): a separate
 //! watcher thread at the tree's level waited for a CPU behind the busy workers (kill → claim
 //! 404 µs median under the respawn bench's load), and handing its claim to the runtime's thread
-//! took another wake-up (~100 µs). Where `futex_waitv` is missing (Linux < 5.16) the spare
-//! waits on its channel only and says so at debug level; the monitor's path alone is then used.
+//! took another wake-up (~100 µs). Where `futex_waitv` is missing (Linux < 5.16) or refused (a
+//! seccomp filter), or where the spare could not keep copies of the listening sockets, the spare
+//! waits on its channel only and says so at debug level; it does not say it watches, so it is never
+//! armed and the monitor replaces a dead worker at once, as before spares took places on their own.
 //!
 //! The monitor keeps the roster word moving for the spares: it bumps it after it sends a spare a
 //! command (`Activate`, `Stop`, `ReopenLogs`), since a spare standing by sleeps on futexes, not
@@ -151,7 +155,8 @@ impl Monitor {
 
     /// The worker in `dead` (number `nr`) died. If a spare is taking its place on its own — its
     /// takeover word still open, its robust word marked `OWNER_DIED` (the kernel then woke a
-    /// standing-by spare, before the monitor could hear of the death) and a spare armed — the
+    /// standing-by spare, before the monitor could hear of the death) and a spare armed (only
+    /// spares that watch the words are ever armed) — the
     /// monitor leaves it that place for up to [`TAKEOVER_WAIT`] (its slot is not reused
     /// meanwhile). Otherwise it settles the word now (`ratify_takeover`). True if the place is
     /// taken care of: taken by a spare, or left to one for now.

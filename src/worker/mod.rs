@@ -450,6 +450,12 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
         // The monitor may raise this thread's priority while it stands by (see
         // `monitor::spares`): once activated, it puts this one back.
         let standby_nice = crate::sys::process::nice().ok();
+        // Whether it can take a place on its own, said in its slot before `Ready`: the monitor
+        // arms only a spare that watches, and leaves a dead worker's place to an armed one for a
+        // moment (`monitor::spares`); one that cannot watch must not hold that up.
+        let watches = held.len() == listeners.len()
+            && takeover::available(config.debug_routes)
+            && scoreboard::global().watch_standby(slot_index);
         slot.set_state(State::Standby);
         if channel.get_ref().send(&Report::Ready, &[]).is_err() {
             return (Stop::Quick, None);
@@ -459,7 +465,7 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
         // Blocking here holds up nothing the spare needs: with one runtime thread (the default)
         // its other tasks (the heartbeat, refreshed by `stand_by` instead) wait, with more they
         // run on the other threads. Woken by a death, this thread opens the gates itself.
-        let activation = if held.len() == listeners.len() && takeover::available() {
+        let activation = if watches {
             let mut sockets = Vec::new();
             let woken = takeover::stand_by(
                 slot_index,

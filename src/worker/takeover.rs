@@ -5,9 +5,12 @@
 //! without waiting for the monitor's `Activate`. One wake-up between the death and the spare
 //! running, and no other thread to hand the claim to.
 //!
-//! Who decides. The monitor opens a worker's takeover word only while it is serving capacity that
-//! it would replace at once with any spare (`Takeover::Open`), and arms a spare's standby word
-//! only while that spare could be activated (`Scoreboard::arm_standby`); it closes and disarms
+//! Who decides. A spare says in its standby word, before it reports ready, that it watches
+//! (`Scoreboard::watch_standby`; not where it cannot wait on futexes, see [`available`], and no
+//! more once a wait failed). The monitor opens a worker's takeover word only while it is serving
+//! capacity that it would replace at once with any spare (`Takeover::Open`), and arms a watching
+//! spare's standby word only while that spare could be activated (`Scoreboard::arm_standby`); it
+//! waits a moment for a spare's claim only if one is armed. It closes and disarms
 //! them before retiring, rolling over or promoting a worker, during a reload or rollout, and when
 //! the tree stops. A claim takes the spare's own standby word first (armed → taken), then the dead
 //! worker's takeover word (open → claimed by this slot), and gives the first back if the second
@@ -57,8 +60,11 @@ pub(crate) enum Woken<T> {
 
 /// Whether this spare can stand by here: `futex_waitv` exists (Linux 5.16+) and no seccomp filter
 /// refuses it (`futex::have_waitv`).
-pub(crate) fn available() -> bool {
-    let ok = futex::have_waitv();
+/// With `debug` (`debug_routes`), `TINE_DEBUG_NO_FUTEX_WAITV` in the environment says no, as on a
+/// kernel without the call (for tests).
+pub(crate) fn available(debug: bool) -> bool {
+    let ok =
+        futex::have_waitv() && !(debug && std::env::var_os("TINE_DEBUG_NO_FUTEX_WAITV").is_some());
     if !ok {
         tracing::debug!("no futex_waitv: this spare waits for the monitor's Activate only");
     }
@@ -136,6 +142,8 @@ pub(crate) fn stand_by<T>(
                 // retry loop would wake this spare ~100 times a second and read its channel late):
                 // the channel alone, as where `futex_waitv` is missing.
                 tracing::warn!(error = %e, "futex_waitv failed: this spare waits for the monitor's Activate only");
+                // Said first: the monitor must not leave a dead worker's place to this spare.
+                board.unwatch_standby(own);
                 return Woken::CannotWatch;
             }
         }
