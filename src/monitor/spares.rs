@@ -54,7 +54,9 @@
 //!
 //! The monitor keeps the roster word moving for the spares: it bumps it after it sends a spare a
 //! command (`Activate`, `Stop`, `ReopenLogs`), since a spare standing by sleeps on futexes, not
-//! on its channel, and reads the channel when woken.
+//! on its channel, and reads the channel when woken; and after it arms or disarms spares, since a
+//! spare watches the workers' words only while it is armed (the kernel wakes one waiter per
+//! death: a spare that may not claim must not be that one).
 //!
 //! A spare counts in `ctl status` (role `spare`, state `standby`), in the PSS totals and in the
 //! metrics, but not towards `workers`. Spares are only requested of, and activated from, molds
@@ -299,6 +301,9 @@ impl Monitor {
             && self.reload.is_none()
             && self.rollout.is_none()
             && !self.promotion_in_progress();
+        // A spare watches the workers' words only while armed (`worker::takeover`), and it
+        // sleeps meanwhile: it hears of its arming or disarming by the roster.
+        let mut changed = false;
         for (slot, c) in &self.children {
             if self.pending_takeovers.iter().any(|p| p.0 == *slot) {
                 // Dead, its place being taken: settled by `settle_pending_takeovers`.
@@ -318,13 +323,17 @@ impl Monitor {
                 }
                 Kind::Spare => {
                     if calm && c.phase == Phase::Ready && c.knows_spares && !c.is_retiring() {
-                        self.board.arm_standby(*slot);
-                    } else {
+                        changed |= self.board.arm_standby(*slot);
+                    } else if self.board.standby_armed(*slot) {
                         let _ = self.board.disarm_standby(*slot);
+                        changed = true;
                     }
                 }
                 _ => {}
             }
+        }
+        if changed {
+            self.board.bump_roster();
         }
     }
 
@@ -333,14 +342,19 @@ impl Monitor {
         for (slot, _, _) in &self.pending_takeovers {
             self.board.close_takeover(*slot);
         }
+        let mut changed = false;
         for (slot, c) in &self.children {
             match c.kind {
                 Kind::Worker => self.board.close_takeover(*slot),
                 Kind::Spare => {
+                    changed |= self.board.standby_armed(*slot);
                     let _ = self.board.disarm_standby(*slot);
                 }
                 _ => {}
             }
+        }
+        if changed {
+            self.board.bump_roster();
         }
     }
 

@@ -18,14 +18,20 @@
 //! worker's takeover word (swaps it closed) before it activates a spare for it. So each death is
 //! replaced once (by one spare, or by the monitor), and each spare takes one place.
 //!
-//! The kernel wakes one waiter per death: if it is a spare that may not claim (not armed yet),
-//! the monitor replaces the worker as before, after `monitor::spares::TAKEOVER_WAIT`.
+//! The kernel wakes one waiter per death, so only spares that may claim wait on the workers'
+//! words: a spare watches them only while its own standby word is armed. If the one woken cannot
+//! claim anyway (two spares raced for two deaths), the monitor replaces the worker as before,
+//! after `monitor::spares::TAKEOVER_WAIT`.
 //!
-//! Waiting. The thread sleeps in `futex_waitv` on the workers' words, the roster word (bumped by a
-//! worker that starts owning its word, and by the monitor after it sends a spare a command) and a
-//! timeout for the heartbeat (the runtime's heartbeat task does not run while this thread, the
-//! current-thread runtime's only one, is blocked here). The channel is read without blocking
-//! after each wake-up; a monitor that dies without a word is noticed at the next heartbeat. If a
+//! Waiting. The thread sleeps in `futex_waitv` on the roster word (bumped by a worker that starts
+//! owning its word, and by the monitor after it sends a spare a command and when it arms or
+//! disarms spares), the workers' words while armed, and a timeout for the heartbeat (the runtime's
+//! heartbeat task does not run while this thread, the current-thread runtime's only one, is
+//! blocked here). While not armed the timeout is a few ms ([`UNARMED_WAIT`]): a monitor of an
+//! older build never arms it (it knows no watching spares), and one from before spares took places
+//! on their own never bumps the roster either (a rollback adopts this build's spares): its
+//! `Activate` must not wait for the heartbeat. The channel is read without blocking after each
+//! wake-up; a monitor that dies without a word is noticed at the next heartbeat. If a
 //! wait fails for good (anything but a timeout, a signal or a word that moved), the spare goes
 //! back to waiting on its channel alone, as where `futex_waitv` is missing or refused.
 
@@ -40,6 +46,9 @@ const MAX_WAITERS: usize = 128;
 
 /// How often the heartbeat is refreshed while standing by (as the runtime's task does).
 const HEARTBEAT: Duration = Duration::from_millis(500);
+
+/// The longest wait while this spare is not armed (see `stand_by`).
+const UNARMED_WAIT: Duration = Duration::from_millis(5);
 
 /// The worker whose place this spare took: its number, and when (`tine::respawn` timeline).
 pub(crate) struct Claimed {
@@ -98,7 +107,11 @@ pub(crate) fn stand_by<T>(
             expected: seen,
             private: false,
         }];
-        for slot in (0..board.capacity()).filter(|s| *s != own) {
+        // The workers' words only while this spare may claim: the kernel wakes one waiter per
+        // death, and a spare that may not claim would take that wake from one that may.
+        let armed = board.standby_armed(own);
+        let watched = if armed { board.capacity() } else { 0 };
+        for slot in (0..watched).filter(|s| *s != own) {
             let Some(word) = board.owner_word(slot) else {
                 continue;
             };
@@ -129,7 +142,14 @@ pub(crate) fn stand_by<T>(
                 });
             }
         }
-        let left = HEARTBEAT.saturating_sub(beat.elapsed());
+        let mut left = HEARTBEAT.saturating_sub(beat.elapsed());
+        if !armed {
+            // The monitor bumps the roster when it arms this spare or sends it a command; one of
+            // a build before spares took places on their own does neither (a rollback adopts
+            // this build's spares): its `Activate` is read within this bound, not at the
+            // heartbeat. (While a rollout or reload keeps it unarmed, ~200 wake-ups a second.)
+            left = left.min(UNARMED_WAIT);
+        }
         match futex::wait_any(&waiters, Some(left)) {
             Ok(_) => {}
             Err(e)
