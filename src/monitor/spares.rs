@@ -24,14 +24,16 @@
 //! Takeover without the monitor (`worker::takeover`). A serving worker's death-notice thread owns
 //! a robust futex word in the worker's scoreboard slot; a standing-by spare sleeps on those words
 //! (in its main thread). When a worker is killed or crashes, the kernel marks its word
-//! `OWNER_DIED` early in the dying thread's exit and wakes one spare, which claims the place: its own standby
-//! word (armed → taken), then the dead worker's takeover word (open → claimed by its slot). The
-//! monitor decides which words are open and which spares armed (`sync_takeovers`,
-//! every turn): only a ready, serving worker of a running tree with no reload, rollout or
-//! promotion under way, and only ready spares that `knows_spares` and that said, before they
-//! reported ready, that they watch the words (a spare that cannot stand by on futexes, or of a
-//! build that does not say, is never armed); it closes a worker's word
-//! before it retires or promotes it, and all of them when the tree stops or re-executes. When it
+//! `OWNER_DIED` early in the dying thread's exit and wakes one spare, which claims the place: its
+//! own standby word (armed → taken), then the dead worker's takeover word (open → claimed by its
+//! slot). The monitor decides which words are open and which spares armed (`sync_takeovers`,
+//! every turn). Open: only a ready, serving worker's, in a running tree with no reload, rollout
+//! or promotion under way. Armed: only ready spares that `knows_spares`, that said before they
+//! reported ready that they watch the words (a spare that cannot stand by on futexes, or of a
+//! build that does not say, is never armed), and that are of the newest generation with a ready
+//! spare (an older spare stays unarmed beside them: the monitor would not choose it). It closes a
+//! worker's word before it retires or promotes it, and all of them when the tree stops or
+//! re-executes. When it
 //! hears of a death whose word is still open though the kernel marked the robust word and a spare
 //! is armed, a spare was woken before the monitor (the kernel marks the word before the death
 //! notice hangs up): the monitor leaves it the place for up to [`TAKEOVER_WAIT`]. Then, or at
@@ -292,7 +294,8 @@ impl Monitor {
     }
 
     /// Opens the takeover words of the workers a spare may replace on its own, arms the spares
-    /// that may, and closes and disarms the rest (each turn of the loop; see
+    /// that may (ready spares of the newest generation that has one ready, the one
+    /// `activate_spare` prefers), and closes and disarms the rest (each turn of the loop; see
     /// `worker::takeover`). Only while nothing else is under way: during a reload, a rollout or
     /// a promotion, or once the tree stops, the monitor alone replaces a dead worker (with the
     /// generation rules of `spare_generation_for`).
@@ -301,6 +304,15 @@ impl Monitor {
             && self.reload.is_none()
             && self.rollout.is_none()
             && !self.promotion_in_progress();
+        // Only spares of the newest generation that has one ready: `activate_spare` would pick
+        // one of those, and the kernel wakes whichever spare waits first, so an older spare
+        // armed beside them could take a place that a rollout then rolls over at once.
+        let newest = self
+            .children
+            .values()
+            .filter(|c| c.kind == Kind::Spare && c.phase == Phase::Ready && !c.is_retiring())
+            .map(|c| c.generation)
+            .max();
         // A spare watches the workers' words only while armed (`worker::takeover`), and it
         // sleeps meanwhile: it hears of its arming or disarming by the roster.
         let mut changed = false;
@@ -322,7 +334,12 @@ impl Monitor {
                     }
                 }
                 Kind::Spare => {
-                    if calm && c.phase == Phase::Ready && c.knows_spares && !c.is_retiring() {
+                    if calm
+                        && c.phase == Phase::Ready
+                        && c.knows_spares
+                        && !c.is_retiring()
+                        && Some(c.generation) == newest
+                    {
                         changed |= self.board.arm_standby(*slot);
                     } else if self.board.standby_armed(*slot) {
                         let _ = self.board.disarm_standby(*slot);
