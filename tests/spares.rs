@@ -126,6 +126,23 @@ impl Drop for MonitorStopped {
     }
 }
 
+/// Logs the monitor's arming and disarming of spares (`wait_armed`).
+const ARMING_LOGGED: [&str; 2] = ["--log-level", "info,tine::monitor::spares=debug"];
+
+/// Waits until the monitor says it armed the spare `pid` (launched with [`ARMING_LOGGED`]): from
+/// then on it may take a dead worker's place on its own. Standing by in `ctl status` is not
+/// enough: the monitor arms a spare at the end of the turn in which it saw it ready, and a status
+/// reply of that turn may come first (a monitor stopped in between never arms it).
+fn wait_armed(server: &Server, pid: i32) {
+    let named = format!(" pid={pid} ");
+    server
+        .log
+        .wait_for_line_since(0, SETTLE, |l| {
+            l.contains("spare armed") && l.contains(&named)
+        })
+        .unwrap_or_else(|| panic!("the spare {pid} was not armed; log:\n{}", server.log.text()));
+}
+
 /// `GET /` on a new connection, answered within `within` (the monitor may be stopped: nothing
 /// here asks it anything): the pid in `x-tine-worker`, or `None` if no answer came.
 fn served_by_within(server: &Server, within: Duration) -> Option<i32> {
@@ -721,9 +738,13 @@ fn an_activated_spare_waits_on_the_listener_once_exclusively_through_its_prepare
 /// new spare is made.
 #[test]
 fn a_spare_takes_a_killed_workers_place_on_its_own_while_the_monitor_is_stopped() {
-    let server = launch(1, &["--spare-workers", "1"]);
+    let server = launch(
+        1,
+        &["--spare-workers", "1", ARMING_LOGGED[0], ARMING_LOGGED[1]],
+    );
     let worker = server.wait_workers(1, READY_TIMEOUT)[0];
     let spare = wait_spare(&server, "at start", |_| true);
+    wait_armed(&server, spare.pid);
     let mark = server.log.mark();
     let stopped = MonitorStopped::new(&server);
     server.signal_process(worker, Signal::SIGKILL);
@@ -814,9 +835,13 @@ fn a_spare_that_cannot_watch_is_activated_by_the_monitor_without_waiting_for_a_c
 /// is stopped), and the other worker is replaced by a fresh fork once the monitor runs again.
 #[test]
 fn two_deaths_and_one_spare_make_one_takeover_and_one_fresh_worker() {
-    let server = launch(2, &["--spare-workers", "1"]);
+    let server = launch(
+        2,
+        &["--spare-workers", "1", ARMING_LOGGED[0], ARMING_LOGGED[1]],
+    );
     let workers = server.wait_workers(2, READY_TIMEOUT);
     let spare = wait_spare(&server, "at start", |_| true);
+    wait_armed(&server, spare.pid);
     let mark = server.log.mark();
     let stopped = MonitorStopped::new(&server);
     for w in &workers {
@@ -853,4 +878,76 @@ fn two_deaths_and_one_spare_make_one_takeover_and_one_fresh_worker() {
     );
     let status = server.status();
     assert_eq!(status["spare_activations"], 1, "{status}");
+}
+
+/// During a rollout the monitor alone replaces a dead worker (with the new generation's rules):
+/// it closes the workers' takeover words and disarms the spares while a refork or reload is under
+/// way. So with the monitor stopped in the middle of a refork's rollout, workers killed are not
+/// taken over by a standing-by spare, though one was armed before the refork.
+#[test]
+fn no_spare_takes_a_place_on_its_own_during_a_rollout() {
+    // Each boot takes 2 s: the rollout lasts several seconds.
+    let server = Launch::tine()
+        .args(["--workers", "2", "--debug-headers", "--debug-routes"])
+        .args(["--spare-workers", "2"])
+        .args(ARMING_LOGGED)
+        .env("TINE_DEBUG_BOOT_SLEEP_MS", "2000")
+        .start();
+    server.wait_workers(2, READY_TIMEOUT);
+    for pid in common::spares::wait_spares(&server, 2, SETTLE) {
+        wait_armed(&server, pid);
+    }
+    let mark = server.log.mark();
+    // A signal, not `ctl refork`, which answers only once every worker is rolled.
+    server.signal(Signal::SIGUSR2);
+    server
+        .log
+        .wait_for_log_since(mark, "rolling worker to the new generation", SETTLE);
+    // Asked before the monitor stops (it answers `ctl status`); nothing boots faster than 2 s.
+    let rows = rows(&server);
+    let old: Vec<i32> = rows
+        .iter()
+        .filter(|r| r.role == "worker" && r.generation == 0)
+        .map(|r| r.pid)
+        .collect();
+    let spares: Vec<i32> = rows
+        .iter()
+        .filter(|r| r.role == "spare")
+        .map(|r| r.pid)
+        .collect();
+    assert!(
+        !old.is_empty() && !spares.is_empty(),
+        "gen:0 workers still serving and a spare standing by: {rows:#?}"
+    );
+    let mark = server.log.mark();
+    let stopped = MonitorStopped::new(&server);
+    for w in &old {
+        server.signal_process(*w, Signal::SIGKILL);
+    }
+    // Every serving worker is dead and the new ones are still in `boot`: only a spare that took
+    // a place could answer (within milliseconds, if it could).
+    let answered = served_by_within(&server, Duration::from_secs(1));
+    let claimed = server
+        .log
+        .wait_for_line_since(mark, Duration::from_millis(200), |l| {
+            l.contains("without waiting for the monitor")
+        });
+    drop(stopped);
+    assert!(
+        answered.is_none_or(|p| !spares.contains(&p)) && claimed.is_none(),
+        "a spare took a place on its own during the rollout (answered by {answered:?}, spares \
+         {spares:?}: {claimed:?}); log:\n{}",
+        server.log.text()
+    );
+    // The monitor replaces them once it runs again.
+    let now = poll_until(SETTLE, || {
+        let w = server.wait_workers(2, READY_TIMEOUT);
+        (!w.iter().any(|p| old.contains(p))).then_some(w)
+    })
+    .expect("two workers again");
+    let log = server.log.text();
+    assert!(
+        !log.lines().skip(mark).any(|l| l.contains("took_over=true")),
+        "{now:?}: a spare took a place on its own:\n{log}"
+    );
 }

@@ -340,9 +340,24 @@ impl Monitor {
                         && !c.is_retiring()
                         && Some(c.generation) == newest
                     {
-                        changed |= self.board.arm_standby(*slot);
+                        if self.board.arm_standby(*slot) {
+                            // Said, so that one can tell (tests do) when a spare may take a
+                            // place on its own: a spare standing by (`ctl status`) is armed only
+                            // at the end of the monitor's turn, or not at all.
+                            tracing::debug!(
+                                pid = c.pid_raw(),
+                                generation = c.generation,
+                                "spare armed: it may take a dead worker's place on its own"
+                            );
+                            changed = true;
+                        }
                     } else if self.board.standby_armed(*slot) {
                         let _ = self.board.disarm_standby(*slot);
+                        tracing::debug!(
+                            pid = c.pid_raw(),
+                            generation = c.generation,
+                            "spare disarmed"
+                        );
                         changed = true;
                     }
                 }
