@@ -9,10 +9,15 @@
 //! (keeping `FUTEX_WAITERS`; the owner's id is gone) and, if `FUTEX_WAITERS` was set, wakes one waiter with a *shared* wake: a
 //! waiter in another process sleeping on the same word of a `MAP_SHARED` mapping wakes.
 //!
-//! glibc registers a robust list per thread at its start (its own robust mutexes) and, at a
-//! thread's exit, walks its own copy in user space, never the pointer given to the kernel: a thread
-//! that replaces the kernel's pointer with [`own_robust_word`] and takes no robust mutex loses
-//! nothing.
+//! glibc registers a robust list per thread at its start, for the thread's robust pthread
+//! mutexes, and on Linux relies on the kernel's walk of that list alone (its user-space walk at a
+//! thread's exit is only for kernels without `set_robust_list`). A thread can register one list,
+//! so [`own_robust_word`] does not chain to glibc's: it replaces it. A robust mutex that thread
+//! held when it died would then never be marked `OWNER_DIED`, and its waiters would hang. That is
+//! harmless for the one caller, a worker's death-notice thread (`worker::sentinel`), only because
+//! it takes no robust mutex: it parks (std's `Mutex` is a plain futex, and glibc's internal locks
+//! are not robust). Never call it on a thread that could: one running application code, or a
+//! thread of a pool.
 
 use std::io;
 use std::sync::atomic::AtomicU32;
@@ -167,8 +172,9 @@ thread_local! {
 /// thread id in the word's low bits), the kernel replaces it with [`OWNER_DIED`] (keeping
 /// [`WAITERS`]: the id is gone) and, if [`WAITERS`] was set,
 /// wakes one waiter (shared wake). Replaces the thread's robust list (glibc's, see the module
-/// doc): call it only from a thread that takes no robust mutex. Once per thread; `word` must
-/// outlive the thread (a `'static` borrow).
+/// doc): the robust mutexes the thread might hold would no longer be released at its death, so
+/// call it only on a thread that never takes one (no application code, no pool thread). Once per
+/// thread; `word` must outlive the thread (a `'static` borrow).
 pub fn own_robust_word(word: &'static AtomicU32) -> io::Result<()> {
     ROBUST_SET.with(|set| {
         if set.get() {

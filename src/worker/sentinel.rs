@@ -108,7 +108,9 @@ impl Sentinel {
                         Some(&nix::sys::signal::SigSet::all()),
                         None,
                     );
-                    // Its id in the robust word marks the worker alive (see `arm`).
+                    // Its id in the robust word marks the worker alive (see `arm`). This
+                    // replaces glibc's robust list for this thread: harmless only because it takes
+                    // no robust mutex (it parks); see `sys::futex`.
                     let owner = robust.and_then(|word| {
                         crate::sys::futex::own_robust_word(word)
                             .ok()
