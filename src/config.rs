@@ -324,9 +324,9 @@ options! {
     #[arg(num_args = 0..=1, default_missing_value = "true")]
     exclusive_accept: bool,
     /// Spread new connections over the workers: a worker holding clearly more connections than
-    /// another serving worker (more than max(2, mean/8) above it) leaves new ones to it for a few
-    /// milliseconds at most. Off by default: under connection churn (a new connection
-    /// per request) the workers' counts wobble and it costs throughput [default: false]
+    /// another serving worker (more than twice its count, plus 2), none of whose connections
+    /// closed in the last 5 ms, leaves new ones to it for a few milliseconds at most
+    /// [default: true]
     #[arg(num_args = 0..=1, default_missing_value = "true")]
     accept_balance: bool,
     /// Run workers under SCHED_BATCH: a worker woken on a busy CPU waits for the running task's
@@ -881,7 +881,7 @@ impl Options {
             reuseport: self.reuseport.unwrap_or(false),
             nodelay: self.nodelay.unwrap_or(true),
             exclusive_accept: self.exclusive_accept.unwrap_or(true),
-            accept_balance: self.accept_balance.unwrap_or(false),
+            accept_balance: self.accept_balance.unwrap_or(true),
             sched_batch: self.sched_batch.unwrap_or(true),
             monitor_nice_boost,
             unix_mode,

@@ -42,7 +42,7 @@
 //! the parent is the monitor. A worker registers on its channel, runs [`App::boot`], builds a
 //! tokio runtime (current-thread by default) and serves HTTP/1.1 and HTTP/2 with hyper, or hands
 //! connections to a stream handler. A new connection wakes one idle worker (`EPOLLEXCLUSIVE` on
-//! the runtime's registration of the listener, [`sys::epoll`]), and optionally a worker that holds
+//! the runtime's registration of the listener, [`sys::epoll`]), and a worker that holds
 //! clearly more connections than a serving peer leaves new ones to it for a few milliseconds
 //! (`accept_balance`, `worker::balance`: the peer's count on the scoreboard must move, so a stopped
 //! peer is passed over); one task per listener accepts, and sweeps its connections for the head, keep-alive and request-body deadlines, so a request

@@ -127,6 +127,121 @@ impl Learned {
     }
 }
 
+/// A descriptor registered with the reactor that can leave the reactor's epoll instance for a
+/// while and come back as it was (same events, same token), one `epoll_ctl` each way: the reactor
+/// is none the wiser, and keeps its registration state (tokio: a `ScheduledIo`) throughout. A
+/// worker's listener leaves the reactor like this at `max_connections` and while it leaves new
+/// connections to a lighter peer (`accept_balance`): dropping and registering a duplicate again
+/// costs a `dup`, registration and removal by the reactor, and a read of `/proc/self/fdinfo` to
+/// make it exclusive again, each time. Here the registration is read from fdinfo once, at the
+/// first [`Switch::take_out`].
+///
+/// Taken out, a descriptor's events reach no one; put back, adding it checks its readiness at
+/// once, so what became ready meanwhile (a connection queued) is reported.
+#[cfg(feature = "server")]
+pub(crate) struct Switch<T: std::os::fd::AsFd> {
+    /// `None` only inside [`Switch::into_inner`].
+    io: Option<T>,
+    /// The reactor's epoll instance and the registration, once learned.
+    learned: Option<(RawFd, Registration)>,
+    out: bool,
+}
+
+#[cfg(feature = "server")]
+impl<T: std::os::fd::AsFd> Switch<T> {
+    /// Takes `io`, registered with this process's reactor and in it (nothing learned yet).
+    ///
+    /// # Contract
+    ///
+    /// `io` owns its descriptor and the reactor's registration of it for as long as it lives (a
+    /// tokio listener), and nothing else registers or deregisters that descriptor meanwhile:
+    /// putting the registration back hands the kernel the reactor's token, which the reactor
+    /// dereferences (see [`Learned`]). The switch keeps `io` alive while it may do so.
+    pub(crate) fn new(io: T) -> Switch<T> {
+        Switch {
+            io: Some(io),
+            learned: None,
+            out: false,
+        }
+    }
+
+    pub(crate) fn get(&self) -> &T {
+        self.io
+            .as_ref()
+            .expect("a switch holds its descriptor until into_inner")
+    }
+
+    fn fd(&self) -> RawFd {
+        use std::os::fd::AsRawFd;
+        self.get().as_fd().as_raw_fd()
+    }
+
+    /// Whether the registration is out of the epoll instance.
+    pub(crate) fn is_out(&self) -> bool {
+        self.out
+    }
+
+    /// Takes the registration out of the reactor's epoll instance (nothing if it is out already).
+    /// `Ok(false)`: no epoll instance of this process holds the descriptor (not registered by
+    /// epoll): it stays as it is.
+    pub(crate) fn take_out(&mut self) -> io::Result<bool> {
+        if self.out {
+            return Ok(true);
+        }
+        let fd = self.fd();
+        let (epfd, _) = match self.learned {
+            Some(learned) => learned,
+            None => {
+                let inode = nix::sys::stat::fstat(fd)?.st_ino;
+                let Some(found) = find_registration(fd, inode)? else {
+                    return Ok(false);
+                };
+                *self.learned.insert(found)
+            }
+        };
+        ctl(epfd, libc::EPOLL_CTL_DEL, fd, None)?;
+        self.out = true;
+        Ok(true)
+    }
+
+    /// Puts the registration back as it was learned (nothing if it is in). On error it is still
+    /// out: the reactor will never report this descriptor again, and the caller must register it
+    /// anew (a duplicate).
+    pub(crate) fn put_back(&mut self) -> io::Result<()> {
+        let (true, Some((epfd, registration))) = (self.out, self.learned) else {
+            return Ok(());
+        };
+        // fdinfo shows the flag; epoll_ctl refuses it beside some events, as make_exclusive does.
+        let registration = if registration.events & libc::EPOLLEXCLUSIVE as u32 != 0 {
+            registration.exclusive()
+        } else {
+            registration
+        };
+        ctl(epfd, libc::EPOLL_CTL_ADD, self.fd(), Some(registration))?;
+        self.out = false;
+        Ok(())
+    }
+
+    /// The descriptor, its registration put back first, so that the reactor's deregistration
+    /// when it is dropped finds it (tokio keeps its registration state for ever when that fails).
+    pub(crate) fn into_inner(mut self) -> T {
+        let _ = self.put_back();
+        self.io
+            .take()
+            .expect("a switch holds its descriptor until into_inner")
+    }
+}
+
+#[cfg(feature = "server")]
+impl<T: std::os::fd::AsFd> Drop for Switch<T> {
+    fn drop(&mut self) {
+        // As into_inner; `io` (the reactor's registration) drops after this.
+        if self.io.is_some() {
+            let _ = self.put_back();
+        }
+    }
+}
+
 fn ctl(epfd: RawFd, op: libc::c_int, fd: RawFd, reg: Option<Registration>) -> io::Result<()> {
     let mut event = libc::epoll_event {
         events: reg.map_or(0, |r| r.events),

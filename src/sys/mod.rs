@@ -5,7 +5,7 @@
 //! A public function here is sound for any arguments. Wrappers whose contract cannot be checked
 //! (take ownership of any descriptor number, close every descriptor but some, fork without
 //! counting threads, replace descriptors other values own, hand the kernel a reactor's token for
-//! another descriptor) are crate-private, each with a
+//! another descriptor, or for one whose owner is unknown) are crate-private, each with a
 //! `# Contract` section its callers uphold; these do not compile outside the crate:
 //!
 //! ```compile_fail
@@ -22,6 +22,9 @@
 //! ```
 //! ```compile_fail
 //! let _ = tine::sys::epoll::learn_registration(0);
+//! ```
+//! ```compile_fail
+//! let _ = tine::sys::epoll::Switch::new(std::net::TcpListener::bind("127.0.0.1:0").unwrap());
 //! ```
 
 pub mod epoll;

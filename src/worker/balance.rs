@@ -1,5 +1,6 @@
-//! Accept balance (`accept_balance`): a worker that holds clearly more connections than another
-//! serving worker leaves the next new connection to it, for a few milliseconds at most.
+//! Accept balance (`accept_balance`, on by default): a worker that holds clearly more connections
+//! than another serving worker leaves the next new connections to it, for a few milliseconds at
+//! most.
 //!
 //! Why: with exclusive wake-ups the kernel wakes one waiting worker per new connection, and the
 //! second connection of a burst wakes a second worker; but workers run under `SCHED_BATCH`, so the
@@ -9,21 +10,28 @@
 //! them all while the other idles. Without exclusive wake-ups the race is the same.
 //!
 //! The rule, in the spirit of nginx's `accept_disabled` but across workers: before each accept, a
-//! worker holding more than twice the connections of the least loaded serving peer, plus 2, stops
-//! accepting — it leaves the reactor, as it does at
-//! `max_connections` (see [`super::http::Gate`]: a worker that stayed registered would keep taking
-//! the exclusive wake-ups) — so that the kernel wakes the peer for what comes, and the peer, which
-//! was woken for the burst already, takes what is queued. It comes back as soon as the balance is
-//! restored. A burst of 16 on two idle workers ends 11/5 at worst (the rule's margin): 7/9 in
-//! 9 of 11 bursts measured, 5/11 in 2 (16/0 without it).
+//! worker holding more than twice the connections of the least loaded serving peer, plus 2, none
+//! of whose connections closed in the last [`QUIET`], stops accepting — it leaves the reactor, as
+//! it does at `max_connections` (see [`super::http::Gate`]: a worker that stayed registered would
+//! keep taking the exclusive wake-ups) — so that the kernel wakes the peer for what comes, and the
+//! peer, which was woken for the burst already, takes what is queued. It comes back as soon as the
+//! balance is restored: looked at again each time one of its own connections closes, and every
+//! [`POLL`]. A burst of 16 on two idle workers ends 11/5 at worst (the rule's margin), mostly 7/9
+//! (16/0 without it).
 //!
-//! Off by default: under connection churn (a new connection per request, `hello` with
-//! `wrk -H "Connection: close" -c16`) the counts wobble between 0 and a few, the two workers take
-//! turns leaving the reactor (thousands of times a second, each a few system calls and a read of
-//! the registration back from fdinfo), and each stays out for a [`POLL`] tick it does not need:
-//! about 2.5k req/s against 10-14k without it. Ending a deferral as soon as this worker's own
-//! count drops, and a cheaper leave (the learned registration, as a spare's gate uses), are the
-//! next steps.
+//! Connection churn (a new connection per request) is left alone. There the counts wobble between
+//! 0 and a few, often over the margin for a moment (a worker accepts what queued while it was
+//! serving), and weighed at every accept they made the two workers take turns leaving the
+//! reactor thousands of times a second, each staying out a [`POLL`] tick after its own count had
+//! dropped (`hello`, `wrk -H "Connection: close" -c16`: ~2.9k req/s against ~21k). Under churn
+//! the counts say nothing durable (a connection that closes is replaced by one the kernel gives to
+//! whichever worker waits), so a worker whose connections are closing does not defer: churn
+//! closes one every few hundred microseconds, a burst of connections that stay closes none. A
+//! deferral that does start ends the moment a close of its own restores the balance, not at the
+//! next tick; and leaving costs one `epoll_ctl` each way (the listener's registration taken out of
+//! the reactor's epoll instance and put back, read from fdinfo once:
+//! [`crate::sys::epoll::Switch`]), not a duplicate registered anew and read back every time.
+//! Measured numbers: the commit that made it the default, and docs/FAQ.md.
 //!
 //! It never stalls on a peer: the counts are the scoreboard's (`SlotWriter::count_connection`),
 //! and only a worker that serves (ready or busy, not booting, a spare, draining, being promoted)
@@ -35,13 +43,14 @@
 //! a stopped or hung peer costs one bounded deferral now and then, not one per connection. One
 //! worker, or a worker not that far above its peers, never defers: the check is then a few loads of
 //! shared words per accept (none while it holds no more than the minimal slack), no system call,
-//! no lock.
+//! no lock; a close costs a clock read.
 
 use std::time::{Duration, Instant};
 
 use crate::ipc::scoreboard::Scoreboard;
 
-/// How often a deferring worker looks at the balance again.
+/// How often a deferring worker looks at the balance again (at once when one of its own
+/// connections closes).
 pub(super) const POLL: Duration = Duration::from_millis(1);
 /// A deferral ends when the peer's count has not moved for this long.
 pub(super) const NO_PROGRESS: Duration = Duration::from_millis(5);
@@ -52,6 +61,10 @@ pub(super) const LONGEST: Duration = Duration::from_millis(10);
 pub(super) const PASSED_OVER: Duration = Duration::from_millis(250);
 /// A worker may always hold this many connections more than twice its lightest peer's.
 const MIN_SLACK: u64 = 2;
+/// A deferral starts only when no connection of this worker has closed for this long: under churn
+/// the counts say nothing durable (a connection that closes is replaced by one the kernel gives to
+/// whichever worker waits), while a burst of connections that stay closes none.
+pub(super) const QUIET: Duration = Duration::from_millis(5);
 
 /// What a worker weighs itself against: the scoreboard, and what it knows of itself.
 pub(super) struct Balance {
@@ -88,9 +101,9 @@ pub(super) struct Deferral {
 pub(super) enum Verdict {
     /// Accept.
     Accept,
-    /// Start deferring: leave the reactor, look again after [`POLL`].
+    /// Start deferring: leave the reactor, look again after [`POLL`] or a close.
     Leave,
-    /// Keep deferring: look again after [`POLL`].
+    /// Keep deferring: look again after [`POLL`] or a close.
     Wait,
 }
 
@@ -142,10 +155,12 @@ impl Balance {
     }
 
     /// Whether the accept loop holding `mine` connections accepts now, given its `deferral` (kept
-    /// and updated here) and the peers it gave up on.
+    /// and updated here), the peers it gave up on, and when a connection of this worker last
+    /// closed (`None`: never; a deferral starts only [`QUIET`] after one).
     pub(super) fn verdict(
         &self,
         mine: u64,
+        last_close: Option<Instant>,
         deferral: &mut Option<Deferral>,
         passed_over: &mut PassedOver,
     ) -> Verdict {
@@ -155,6 +170,15 @@ impl Balance {
         };
         let now = Instant::now();
         let Some(d) = deferral else {
+            if last_close.is_some_and(|at| now.saturating_duration_since(at) < QUIET) {
+                return Verdict::Accept;
+            }
+            tracing::debug!(
+                peer = peer.pid,
+                peer_connections = peer.connections,
+                connections = mine,
+                "accept balance: leaving new connections to a lighter peer"
+            );
             *deferral = Some(Deferral {
                 began: now,
                 peer,

@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +37,9 @@ pub(super) static FIRST_ACCEPTED: std::sync::Mutex<Option<crate::log::RespawnSta
     std::sync::Mutex::new(None);
 pub(super) static FIRST_PARSED: std::sync::Mutex<Option<crate::log::RespawnStamp>> =
     std::sync::Mutex::new(None);
+
+/// Set once a listener left the reactor by a duplicate (see [`Gate::leave`]): said once.
+static LEFT_BY_DUPLICATE: AtomicBool = AtomicBool::new(false);
 
 /// An accepted connection of either listener kind.
 pub(super) enum Accepted {
@@ -219,6 +222,14 @@ pub(super) struct Capacity {
     slot: SlotWriter<'static>,
     /// With `accept_balance`: how this worker weighs itself against its peers before an accept.
     balance: Option<super::balance::Balance>,
+    /// With `accept_balance`: when a connection last closed, in nanoseconds after `epoch`, plus
+    /// one (0: none yet), for [`super::balance::QUIET`].
+    last_close: AtomicU64,
+    epoch: std::time::Instant,
+    /// Accept loops deferring to a lighter peer, woken through `closed` when a connection closes:
+    /// this worker's count dropping may end their deferral at once.
+    deferring: AtomicUsize,
+    closed: tokio::sync::Notify,
 }
 
 impl Capacity {
@@ -231,6 +242,10 @@ impl Capacity {
             room: tokio::sync::Notify::new(),
             slot,
             balance: balance.then(|| super::balance::Balance::new(max)).flatten(),
+            last_close: AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
+            deferring: AtomicUsize::new(0),
+            closed: tokio::sync::Notify::new(),
         })
     }
 
@@ -258,6 +273,44 @@ impl Capacity {
             notified.await;
         }
     }
+
+    /// One wait of a deferral to a lighter peer, decided while this worker held `mine`
+    /// connections: until one of its connections closes (its count dropping may end the deferral;
+    /// under churn that is within a request's time) or [`super::balance::POLL`] passes (the
+    /// peer's count may have moved).
+    async fn deferral_wait(&self, mine: usize) {
+        let notified = self.closed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let _deferring = Deferring::new(&self.deferring);
+        // SeqCst, as in Admitted::drop: either this load sees a close that came after the
+        // verdict, or that close sees this loop deferring and wakes it.
+        if self.open.load(Ordering::SeqCst) < mine {
+            return;
+        }
+        tokio::select! {
+            biased;
+            _ = notified => {}
+            _ = tokio::time::sleep(super::balance::POLL) => {}
+        }
+    }
+}
+
+/// An accept loop counted in [`Capacity::deferring`] while it waits (dropped: the wait was
+/// cancelled or ended).
+struct Deferring<'a>(&'a AtomicUsize);
+
+impl<'a> Deferring<'a> {
+    fn new(count: &'a AtomicUsize) -> Deferring<'a> {
+        count.fetch_add(1, Ordering::SeqCst);
+        Deferring(count)
+    }
+}
+
+impl Drop for Deferring<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// One connection counted against `max_connections`, until dropped.
@@ -267,15 +320,24 @@ impl Drop for Admitted {
     fn drop(&mut self) {
         let capacity = &self.0;
         capacity.slot.count_connection(false);
+        let was = capacity.open.fetch_sub(1, Ordering::SeqCst);
+        if capacity.balance.is_some() {
+            let at = capacity.epoch.elapsed().as_nanos() as u64 + 1;
+            capacity.last_close.store(at, Ordering::Relaxed);
+            // Only while a loop defers: no wake-up per close otherwise.
+            if capacity.deferring.load(Ordering::SeqCst) != 0 {
+                capacity.closed.notify_waiters();
+            }
+        }
         // Only the close that makes room wakes the accept loops: no wake-up per close otherwise.
-        if capacity.open.fetch_sub(1, Ordering::SeqCst) == capacity.max {
+        if was == capacity.max {
             capacity.room.notify_waiters();
         }
     }
 }
 
 /// A listener as its accept loop holds it: registered with the runtime while the worker has
-/// room for another connection, left while it holds `max_connections`.
+/// room for another connection, out of the reactor while it holds `max_connections`.
 ///
 /// Leaving the reactor (rather than merely not accepting) matters with exclusive wake-ups: the
 /// kernel wakes one waiting worker per new connection, and a full worker that stayed registered
@@ -286,9 +348,13 @@ impl Drop for Admitted {
 /// worker, waits for the next arrival (which wakes another worker) or for a close here.
 ///
 /// The same holds while the worker leaves a new connection to a lighter peer (`accept_balance`,
-/// see [`super::balance`]): it leaves the reactor for a few milliseconds at most.
+/// see [`super::balance`]): it leaves the reactor for a few milliseconds at most. Leaving takes
+/// the registration out of the reactor's epoll instance and coming back puts it back
+/// ([`crate::sys::epoll::Switch`]: one `epoll_ctl` each way once the registration was read from
+/// fdinfo, the first time); a duplicate registered anew is the fallback.
 pub(super) struct Gate {
-    /// Registered while the worker has room, else left as a duplicate (one descriptor either way).
+    /// Registered while the worker has room (its registration out of the epoll instance while
+    /// it does not), else left as a duplicate (one descriptor either way).
     listener: Held,
     exclusive: bool,
     nodelay: bool,
@@ -300,7 +366,7 @@ pub(super) struct Gate {
 }
 
 enum Held {
-    Registered(AsyncListener),
+    Registered(crate::sys::epoll::Switch<AsyncListener>),
     Left(Dup),
 }
 
@@ -311,44 +377,118 @@ impl Gate {
         capacity: Arc<Capacity>,
     ) -> io::Result<Gate> {
         let registered = AsyncListener::from_dup(&Dup::of(listener)?, config.exclusive_accept)?;
-        Ok(Gate {
+        Ok(Gate::holding(
+            registered,
+            config.exclusive_accept,
+            config.nodelay,
+            capacity,
+        ))
+    }
+
+    /// The gate of `registered`, just registered with this thread's reactor.
+    fn holding(
+        registered: AsyncListener,
+        exclusive: bool,
+        nodelay: bool,
+        capacity: Arc<Capacity>,
+    ) -> Gate {
+        Gate {
             unix_path: registered.unix_path(),
-            listener: Held::Registered(registered),
-            exclusive: config.exclusive_accept,
-            nodelay: config.nodelay,
+            // It owns its descriptor and the reactor's registration of it (Switch's contract).
+            listener: Held::Registered(crate::sys::epoll::Switch::new(registered)),
+            exclusive,
+            nodelay,
             deferral: None,
             passed_over: capacity.balance.as_ref().map(|b| b.passed_over()),
             capacity,
-        })
+        }
     }
 
-    /// Leaves the reactor, keeping the listener as a duplicate. If no descriptor is free for the
-    /// copy, it stays registered: merely not accepting.
+    /// Whether the kernel may wake this worker for the listener.
+    fn in_reactor(&self) -> bool {
+        matches!(&self.listener, Held::Registered(s) if !s.is_out())
+    }
+
+    /// Leaves the reactor: takes the registration out of the epoll instance, or failing that
+    /// keeps the listener as a duplicate. If no descriptor is free for the copy, it stays
+    /// registered: merely not accepting.
     fn leave(&mut self) {
-        if let Held::Registered(l) = &self.listener {
-            // Replacing it deregisters (and closes) the registered duplicate.
-            match l.dup() {
-                Ok(dup) => self.listener = Held::Left(dup),
-                Err(e) => tracing::warn!(error = %e, "cannot leave the reactor"),
+        let Held::Registered(switch) = &mut self.listener else {
+            return;
+        };
+        let why = match switch.take_out() {
+            Ok(true) => return,
+            Ok(false) => "its registration was not found".to_string(),
+            Err(e) => e.to_string(),
+        };
+        // Unexpected (fdinfo's format?) and slower each time: said once, where it shows.
+        if !LEFT_BY_DUPLICATE.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                error = why,
+                "cannot take the listener out of the reactor: leaving it by a duplicate"
+            );
+        }
+        // Replacing it deregisters (and closes) the registered duplicate.
+        match switch.get().dup() {
+            Ok(dup) => self.listener = Held::Left(dup),
+            Err(e) => tracing::warn!(error = %e, "cannot leave the reactor"),
+        }
+    }
+
+    /// Whether to leave the next connection to a lighter peer (see [`super::balance`]):
+    /// `Some(connections held)` while deferring (the reactor left), to look again after
+    /// [`Capacity::deferral_wait`].
+    fn defers(&mut self) -> Option<usize> {
+        let (Some(balance), Some(passed_over)) = (&self.capacity.balance, &mut self.passed_over)
+        else {
+            return None;
+        };
+        let mine = self.capacity.open.load(Ordering::Relaxed);
+        let last_close = match self.capacity.last_close.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(self.capacity.epoch + Duration::from_nanos(at - 1)),
+        };
+        match balance.verdict(mine as u64, last_close, &mut self.deferral, passed_over) {
+            super::balance::Verdict::Accept => None,
+            super::balance::Verdict::Wait => Some(mine),
+            super::balance::Verdict::Leave => {
+                self.leave();
+                Some(mine)
             }
         }
     }
 
-    /// Whether to leave the next connection to a lighter peer (see [`super::balance`]): `true`
-    /// while deferring (the reactor left), to look again after [`super::balance::POLL`].
-    fn defers(&mut self) -> bool {
-        let (Some(balance), Some(passed_over)) = (&self.capacity.balance, &mut self.passed_over)
-        else {
-            return false;
-        };
-        let mine = self.capacity.open.load(Ordering::Relaxed) as u64;
-        match balance.verdict(mine, &mut self.deferral, passed_over) {
-            super::balance::Verdict::Accept => false,
-            super::balance::Verdict::Wait => true,
-            super::balance::Verdict::Leave => {
-                self.leave();
-                true
+    /// The listener registered and in the reactor: put back, or registered anew from its
+    /// duplicate. `None` (said as a warning): neither worked, try again later.
+    fn rejoin(&mut self) -> Option<&AsyncListener> {
+        if let Held::Registered(switch) = &mut self.listener {
+            if let Err(e) = switch.put_back() {
+                tracing::warn!(error = %e, "cannot put the listener back: registering it anew");
+                match switch.get().dup() {
+                    // The switch drops here: the reactor keeps the state of a registration it
+                    // cannot find to remove (tokio's choice), a small leak on a rare error.
+                    Ok(dup) => self.listener = Held::Left(dup),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot duplicate the listener");
+                        return None;
+                    }
+                }
             }
+        }
+        if let Held::Left(dup) = &self.listener {
+            match AsyncListener::from_dup(dup, self.exclusive) {
+                // The duplicate closes here: one descriptor again. The new registration is the
+                // listener's own (Switch's contract).
+                Ok(l) => self.listener = Held::Registered(crate::sys::epoll::Switch::new(l)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot register the listener again");
+                    return None;
+                }
+            }
+        }
+        match &self.listener {
+            Held::Registered(switch) => Some(switch.get()),
+            Held::Left(_) => None,
         }
     }
 
@@ -364,7 +504,7 @@ impl Gate {
             if self.capacity.is_full() {
                 // A deferral to a peer (the reactor left already) ends here: this is a pause.
                 let deferring = self.deferral.take().is_some();
-                if deferring || matches!(self.listener, Held::Registered(_)) {
+                if deferring || self.in_reactor() {
                     self.leave();
                     self.capacity.slot.count_accept_pause();
                     tracing::debug!(
@@ -375,29 +515,16 @@ impl Gate {
                 self.capacity.room().await;
                 continue;
             }
-            if self.defers() {
-                tokio::time::sleep(super::balance::POLL).await;
+            if let Some(mine) = self.defers() {
+                self.capacity.deferral_wait(mine).await;
                 continue;
             }
-            let listener = match &self.listener {
-                Held::Registered(l) => l,
-                Held::Left(dup) => match AsyncListener::from_dup(dup, self.exclusive) {
-                    // The duplicate closes here: one descriptor again.
-                    Ok(l) => {
-                        self.listener = Held::Registered(l);
-                        let Held::Registered(l) = &self.listener else {
-                            unreachable!()
-                        };
-                        l
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot register the listener again");
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                },
+            let nodelay = self.nodelay;
+            let Some(listener) = self.rejoin() else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
             };
-            let accepted = listener.accept(self.nodelay).await;
+            let accepted = listener.accept(nodelay).await;
             if LOG_FIRST_ACCEPT.load(Ordering::Relaxed)
                 && LOG_FIRST_ACCEPT.swap(false, Ordering::Relaxed)
             {
@@ -415,7 +542,8 @@ impl Gate {
     /// `max_connections`: a drain is bounded, and what this worker leaves queued may be lost.
     pub(super) fn into_queued(self) -> Vec<(Accepted, Admitted)> {
         let queued = match self.listener {
-            Held::Registered(l) => l.into_queued(self.nodelay),
+            // Put back first, so that the reactor's removal finds the registration.
+            Held::Registered(switch) => switch.into_inner().into_queued(self.nodelay),
             Held::Left(dup) => dup.into_queued(self.nodelay),
         };
         queued
@@ -494,15 +622,13 @@ impl StandbyGate {
         // Closes the placeholder (its only descriptor), which ends its registration.
         nix::unistd::dup3(listener.raw_fd(), fd, nix::fcntl::OFlag::O_CLOEXEC)?;
         self.learned.take_over(fd, self.exclusive)?;
-        Ok(Gate {
-            unix_path: self.placeholder.unix_path(),
-            listener: Held::Registered(self.placeholder),
-            exclusive: self.exclusive,
-            nodelay: self.nodelay,
-            deferral: None,
-            passed_over: self.capacity.balance.as_ref().map(|b| b.passed_over()),
-            capacity: self.capacity,
-        })
+        // The placeholder's registration is the listener's now.
+        Ok(Gate::holding(
+            self.placeholder,
+            self.exclusive,
+            self.nodelay,
+            self.capacity,
+        ))
     }
 }
 
