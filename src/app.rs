@@ -20,8 +20,134 @@ pub use crate::request_body::{BodyTimedOut, RequestBody};
 /// The request type a worker hands to the app's service. Its body is hyper's `Incoming`, watched
 /// for `body_read_timeout` (see [`RequestBody`]).
 pub type Request = http::Request<RequestBody>;
-/// A boxed, cloneable HTTP service.
-pub type HttpService = tower::util::BoxCloneService<Request, http::Response<Body>, Infallible>;
+/// The app's HTTP service as a worker serves it: any `tower::Service` over [`Request`]s, its
+/// type erased ([`HttpService::new`]; [`Handler::http`] makes one). Cloneable, and itself a
+/// `tower::Service` whose every call boxes its future, as tower's `BoxCloneService` does.
+///
+/// Why not a `BoxCloneService`: a worker calls it once per request, and each layer of that one
+/// (a dynamic `poll_ready`, a dynamic `call`, its `MapFuture`, the `service_fn` that converts
+/// the response) moved the request or the response once more. Here a request is one dynamic
+/// call, which calls the service in place when it is ready (nearly always) and boxes its future
+/// with the conversion of its response.
+pub struct HttpService {
+    inner: Box<dyn ErasedService>,
+}
+
+/// The app's future as a worker receives it: its response converted to [`Body`].
+pub(crate) type AppFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<Body>, Infallible>> + Send>>;
+
+impl HttpService {
+    /// Erases `service`'s type. Its errors become `500 Internal Server Error` (and are logged),
+    /// its response bodies [`Body`] ([`Body::new`]).
+    pub fn new<S, B>(service: S) -> HttpService
+    where
+        S: tower::Service<Request, Response = http::Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        HttpService {
+            inner: Box::new(Typed(service)),
+        }
+    }
+
+    /// Calls the service with `req` in place when it is ready now (most services always are: a
+    /// `Router`, a `service_fn`), so a request costs no clone of it; otherwise a clone once it is
+    /// ready, as tower requires.
+    pub(crate) fn call_in_place(&mut self, req: Request) -> AppFuture {
+        self.inner.call(req)
+    }
+}
+
+impl Clone for HttpService {
+    fn clone(&self) -> HttpService {
+        HttpService {
+            inner: self.inner.clone_box(),
+        }
+    }
+}
+
+impl std::fmt::Debug for HttpService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HttpService")
+    }
+}
+
+/// Always ready: a call that finds the service not ready waits for a clone of it instead.
+impl tower::Service<Request> for HttpService {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = AppFuture;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request) -> AppFuture {
+        self.inner.call(req)
+    }
+}
+
+/// An app's service behind [`HttpService`].
+trait ErasedService: Send {
+    fn call(&mut self, req: Request) -> AppFuture;
+    fn clone_box(&self) -> Box<dyn ErasedService>;
+}
+
+struct Typed<S>(S);
+
+impl<S, B> ErasedService for Typed<S>
+where
+    S: tower::Service<Request, Response = http::Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    fn call(&mut self, req: Request) -> AppFuture {
+        use futures_util::FutureExt as _;
+        use std::task::{Context, Poll, Waker};
+        use tower::ServiceExt as _;
+        // A `map` of the app's future rather than an `async` block awaiting it: the future boxed
+        // is then the app's future and nothing more (an `async` block keeps the future it awaits
+        // twice, as its capture and as the awaited value, and moves it from one to the other on
+        // its first poll). The rare not-ready path has its own box: in the common future it
+        // would carry the request.
+        match self.0.poll_ready(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(())) => Box::pin(self.0.call(req).map(answer)),
+            _ => Box::pin(self.0.clone().oneshot(req).map(answer)),
+        }
+    }
+
+    fn clone_box(&self) -> Box<dyn ErasedService> {
+        Box::new(Typed(self.0.clone()))
+    }
+}
+
+/// The app's answer as a worker sends it: its body a [`Body`], an error a `500`.
+fn answer<B, E>(answer: Result<http::Response<B>, E>) -> Result<http::Response<Body>, Infallible>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+    E: Into<BoxError>,
+{
+    Ok(match answer {
+        Ok(r) => r.map(Body::new),
+        Err(e) => {
+            let e: BoxError = e.into();
+            tracing::error!(error = %e, "service error");
+            let mut resp =
+                http::Response::new(full(Bytes::from_static(b"internal server error\n")));
+            *resp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+            resp
+        }
+    })
+}
 /// A boxed raw stream handler.
 pub type StreamHandler =
     Arc<dyn Fn(Connection) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
@@ -256,29 +382,7 @@ impl Handler {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        use futures_util::FutureExt as _;
-        let mut service = service;
-        // A `map` of the app's future rather than an `async` block awaiting it: the future boxed
-        // for every request is then the app's future and nothing more (an `async` block keeps
-        // the future it awaits twice, as its capture and as the awaited value, and moves it from
-        // one to the other on its first poll).
-        let service = tower::service_fn(move |req: Request| {
-            call_in_place(&mut service, req).map(|answer| {
-                Ok::<_, Infallible>(match answer {
-                    Ok(r) => r.map(Body::new),
-                    Err(e) => {
-                        let e: BoxError = e.into();
-                        tracing::error!(error = %e, "service error");
-                        let mut resp = http::Response::new(full(Bytes::from_static(
-                            b"internal server error\n",
-                        )));
-                        *resp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
-                        resp
-                    }
-                })
-            })
-        });
-        Handler::Http(tower::util::BoxCloneService::new(service))
+        Handler::Http(HttpService::new(service))
     }
 
     /// Serves raw connections: `handler` is called with each accepted connection.
@@ -288,26 +392,6 @@ impl Handler {
         Fut: Future<Output = ()> + Send + 'static,
     {
         Handler::Stream(Arc::new(move |c| Box::pin(handler(c))))
-    }
-}
-
-/// Calls `service` with `req` in place when it is ready now (most services always are: a
-/// `Router`, a `service_fn`), so a request costs no clone of it; otherwise calls a clone once it
-/// is ready, as tower requires. That rare path is boxed: unboxed it would carry the request in
-/// every call's future, which the caller and hyper move around.
-pub(crate) fn call_in_place<S, R>(
-    service: &mut S,
-    req: R,
-) -> futures_util::future::Either<S::Future, Pin<Box<tower::util::Oneshot<S, R>>>>
-where
-    S: tower::Service<R> + Clone,
-{
-    use futures_util::future::Either;
-    use std::task::{Context, Poll, Waker};
-    use tower::ServiceExt;
-    match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(Ok(())) => Either::Left(service.call(req)),
-        _ => Either::Right(Box::pin(service.clone().oneshot(req))),
     }
 }
 

@@ -15,6 +15,7 @@
 //! one worker and fails in the next, for the rollback of a rollout half done).
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
@@ -100,23 +101,41 @@ pub(super) fn debug_boot_sleep() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What `hello` answers: at once, or after a wait (the debug route `/sleep/MS` only).
-pub(super) type HelloFuture = futures_util::future::Either<
-    std::future::Ready<Result<Response<Body>, Infallible>>,
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, Infallible>> + Send>>,
->;
+/// What `hello` answers: a fixed text, made when polled, or any other response, boxed (the debug
+/// routes only). The future stays small: a worker boxes it and moves it into the box, so a
+/// response made at once would be copied with it (a `std::future::Ready` of it is as large as
+/// the response), and copied out again when polled.
+pub(super) enum HelloFuture {
+    /// A text response (`GET /`, and not found).
+    Text(StatusCode, &'static str),
+    /// Anything else.
+    Other(std::pin::Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>),
+}
+
+impl Future for HelloFuture {
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.get_mut() {
+            HelloFuture::Text(status, body) => std::task::Poll::Ready(Ok(text(*status, body))),
+            HelloFuture::Other(other) => other.as_mut().poll(cx),
+        }
+    }
+}
 
 /// The benchmark app. Routed before any await: the request is not kept in the response future,
 /// so the common answer costs no copies of it.
 pub(super) fn hello(req: &Request, debug: bool) -> HelloFuture {
-    use futures_util::future::Either;
-    let now = |r: Response<Body>| Either::Left(std::future::ready(Ok(r)));
+    let now = |r: Response<Body>| HelloFuture::Other(Box::pin(std::future::ready(Ok(r))));
     let path = req.uri().path();
     if path == "/" {
-        return now(text(StatusCode::OK, "hello\n"));
+        return HelloFuture::Text(StatusCode::OK, "hello\n");
     }
     if !debug {
-        return now(text(StatusCode::NOT_FOUND, "not found\n"));
+        return HelloFuture::Text(StatusCode::NOT_FOUND, "not found\n");
     }
     let arg = |prefix: &str| {
         path.strip_prefix(prefix)
@@ -130,7 +149,7 @@ pub(super) fn hello(req: &Request, debug: bool) -> HelloFuture {
             sent: 0,
         })))
     } else if let Some(ms) = arg("/sleep/") {
-        Either::Right(Box::pin(async move {
+        HelloFuture::Other(Box::pin(async move {
             tokio::time::sleep(Duration::from_millis(ms)).await;
             Ok(text(StatusCode::OK, "slept\n"))
         }))
@@ -175,7 +194,7 @@ pub(super) fn hello(req: &Request, debug: bool) -> HelloFuture {
 /// tine answers a timed-out body 408 itself.
 pub(super) fn echo(req: Request) -> HelloFuture {
     use http_body_util::BodyExt;
-    futures_util::future::Either::Right(Box::pin(async move {
+    HelloFuture::Other(Box::pin(async move {
         Ok(match req.into_body().collect().await {
             Ok(body) => Response::new(full(body.to_bytes())),
             Err(e) => {

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::Stop;
-use crate::app::{full, HttpService, Peer, Request, RequestBody};
+use crate::app::{full, AppFuture, HttpService, Peer, Request, RequestBody};
 use crate::config::Config;
 use crate::ipc::scoreboard::{InFlightRequest, SlotWriter};
 use crate::listener::Listener;
@@ -1918,12 +1918,12 @@ fn request_service(
             request_timeout.is_zero() && watch.is_none(),
         ) {
             (true, _) => Answer::Refused { warm_up },
-            (false, true) => Answer::App(crate::app::call_in_place(&mut *own.borrow_mut(), req)),
+            (false, true) => Answer::App(own.borrow_mut().call_in_place(req)),
             (false, false) => {
                 // The app is called now (its synchronous part runs here), as in the common case.
-                let call = crate::app::call_in_place(&mut *own.borrow_mut(), req);
+                let call = own.borrow_mut().call_in_place(req);
                 let linger = http1.then(|| shared.clone());
-                Answer::Guarded(Box::pin(guarded(call, request_timeout, watch, linger)))
+                Answer::App(Box::pin(guarded(call, request_timeout, watch, linger)))
             }
         };
         Respond {
@@ -1960,8 +1960,7 @@ impl Future for Respond {
         use std::task::{ready, Poll};
         let this = &mut *self;
         let response = match &mut this.answer {
-            Answer::App(call) => ready!(Pin::new(call).poll(cx))?,
-            Answer::Guarded(guarded) => ready!(guarded.as_mut().poll(cx))?,
+            Answer::App(call) => ready!(call.as_mut().poll(cx))?,
             // Answered by tine itself: no app, nothing more to add.
             Answer::Refused { warm_up } => {
                 let r = refused(*warm_up);
@@ -1997,27 +1996,11 @@ impl Future for Respond {
     }
 }
 
-/// The app's future as called in place (see [`crate::app::call_in_place`]).
-type AppCall = futures_util::future::Either<
-    <HttpService as tower::Service<Request>>::Future,
-    Pin<Box<tower::util::Oneshot<HttpService, Request>>>,
->;
-
 /// How a request is answered.
 enum Answer {
-    /// By the app, awaited directly (the common case).
-    App(AppCall),
-    /// By the app under a request timeout or a body watch, boxed: only these requests pay for
-    /// the timer and the race.
-    Guarded(
-        Pin<
-            Box<
-                dyn Future<
-                        Output = Result<http::Response<crate::app::Body>, std::convert::Infallible>,
-                    > + Send,
-            >,
-        >,
-    ),
+    /// By the app: its future as called in place, or under a request timeout or a body watch
+    /// that future in one of [`guarded`] (only those requests pay for the timer and the race).
+    App(AppFuture),
     /// By tine, without calling the app: a warm-up request, or a head over the limit (the
     /// response is made only then: kept here, it would grow every request's future).
     Refused { warm_up: bool },
@@ -2044,7 +2027,7 @@ fn refused(warm_up: bool) -> http::Response<crate::app::Body> {
 /// still to come, `body_read_timeout` (`watch`). `linger`: the connection's shared state on
 /// HTTP/1, where a body that timed out closes the connection.
 async fn guarded(
-    call: AppCall,
+    call: AppFuture,
     request_timeout: Duration,
     watch: Option<Arc<BodyWatch>>,
     linger: Option<Arc<Shared>>,
