@@ -67,43 +67,6 @@ pub(crate) fn restore_scheduling_policy() {
     }
 }
 
-/// How long an activated spare serves under `SCHED_OTHER` (and the priority it stood by at)
-/// before it moves to the tree's priority and, with `sched_batch`, to `SCHED_BATCH`: its first
-/// connections were queued while no one accepted, and it must not wait at each wake-up for a
-/// CPU that the dead worker's teardown and busy peers hold (see `serve`).
-const FIRST_SERVICE: Duration = Duration::from_millis(50);
-
-/// Moves every thread of this activated spare but its death-notice thread (which must preempt
-/// to report a death) to `SCHED_BATCH`, as a worker started as such runs from its start: the
-/// runtime's threads and any the app started in `boot` were started under `SCHED_OTHER`.
-fn enter_sched_batch_after_activation() {
-    let main = std::process::id() as libc::pid_t;
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        enter_sched_batch();
-        return;
-    };
-    for tid in tasks
-        .flatten()
-        .filter_map(|t| t.file_name().to_str()?.parse().ok())
-    {
-        let comm =
-            std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).unwrap_or_default();
-        if comm.trim_end() == sentinel::THREAD_NAME {
-            continue;
-        }
-        use crate::sys::process::{switch_policy_of, Policy};
-        match switch_policy_of(tid, Policy::Other, Policy::Batch) {
-            Ok(switched) if tid == main => {
-                BATCH_SET_HERE.store(switched, std::sync::atomic::Ordering::Relaxed)
-            }
-            Ok(_) => {}
-            // A thread that ended meanwhile.
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
-            Err(e) => tracing::warn!(error = %e, tid, "SCHED_BATCH not set"),
-        }
-    }
-}
-
 /// Moves this worker to `SCHED_BATCH` (`sched_batch`), remembering that it did.
 fn enter_sched_batch() {
     use crate::sys::process::{switch_policy, Policy};
@@ -177,9 +140,8 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
     };
     // After the death-notice thread started: it keeps SCHED_OTHER (a policy applies per thread
     // and is inherited at creation), so that it preempts when the worker is killed. A spare
-    // switches [`FIRST_SERVICE`] after it is activated: its wake-up by `Activate` or a death,
-    // and its first connections, must preempt, not wait for a busy CPU's running task (what
-    // SCHED_BATCH would make them do).
+    // switches once activated: its wake-up by `Activate` must preempt, not wait for a busy CPU's
+    // running task (what SCHED_BATCH would make it do).
     if config.sched_batch && !spare {
         enter_sched_batch();
     }
@@ -555,22 +517,16 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
         for _ in 0..config.worker_threads {
             tokio::spawn(async {});
         }
-        // Back to the tree's priority (raised by the monitor while it stood by) and policy once
-        // it has served the connections queued for it: until then its wake-ups preempt, as the
-        // woken spare's did. Measured (bench/respawn, 6 A/B pairs of 20 kills): a new client's
-        // first answer came 120-310 µs sooner than with SCHED_BATCH set at activation. The
-        // monitor raised the main thread (the one whose id is the pid); this task may run on any
-        // runtime thread, so it names that thread rather than itself.
-        let batch = config.sched_batch;
-        tokio::spawn(async move {
-            tokio::time::sleep(FIRST_SERVICE).await;
-            if let Some(nice) = standby_nice {
+        // Back to the tree's priority (raised by the monitor while it stood by) once it has
+        // served the connections queued for it at that priority. The monitor raised the main
+        // thread (the one whose id is the pid); this task may run on any runtime thread, so it
+        // names that thread rather than itself.
+        if let Some(nice) = standby_nice {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 let _ = crate::sys::process::set_nice_of(nix::unistd::Pid::this(), nice);
-            }
-            if batch {
-                enter_sched_batch_after_activation();
-            }
-        });
+            });
+        }
         if let (Some(received), Some(listening)) = (received, listening) {
             let named = crate::log::respawn_stamp().unwrap_or_default();
             tokio::spawn(log_activation_timeline(
@@ -591,6 +547,9 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
                 );
             });
         }
+    }
+    if spare.is_some() && config.sched_batch {
+        enter_sched_batch();
     }
     slot.set_state(State::Ready);
     // Serving capacity from now on: a spare may replace it at once if it dies.

@@ -40,9 +40,6 @@ use std::sync::{Arc, Mutex};
 
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 
-/// The death-notice thread's name (`/proc/PID/task/TID/comm`).
-pub(crate) const THREAD_NAME: &str = "tine-sentinel";
-
 /// This process's robust word and its death-notice thread's id, while that thread runs and owns
 /// the word (a `Mutex`, not a `OnceLock`: a worker promoted to mold clears it before it forks).
 static ROBUST: Mutex<Option<(&'static AtomicU32, u32)>> = Mutex::new(None);
@@ -92,7 +89,7 @@ impl Sentinel {
         let (kept_tx, kept_rx) = std::sync::mpsc::sync_channel(1);
         let keep = own_end.as_raw_fd();
         let thread = std::thread::Builder::new()
-            .name(THREAD_NAME.into())
+            .name("tine-sentinel".into())
             .stack_size(64 * 1024)
             .spawn({
                 let stop = stop.clone();
