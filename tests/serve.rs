@@ -168,6 +168,72 @@ fn policy(pid: i32) -> u32 {
     common::sched::policy_of_thread(pid, pid)
 }
 
+/// A spare stands by and is woken under `SCHED_OTHER`, and serves its first moments so (its
+/// wake-ups must preempt while it takes the dead worker's queued connections); then every thread
+/// of it but the death-notice thread moves to `SCHED_BATCH`, as a worker started as such runs —
+/// runtime threads included (`--worker-threads 2`: they were started before activation).
+#[test]
+fn an_activated_spare_moves_to_sched_batch_after_its_first_moments_all_threads_but_the_sentinel() {
+    use common::sched::{policy_of_thread, threads_named, BATCH, OTHER};
+    let settle = Duration::from_secs(20);
+    let server = Launch::tine()
+        .args([
+            "--workers",
+            "1",
+            "--spare-workers",
+            "1",
+            "--sched-batch",
+            "true",
+        ])
+        .args(["--worker-threads", "2"])
+        .start();
+    let worker = server.wait_workers(1, READY_TIMEOUT)[0];
+    let spare = poll_until(settle, || {
+        let rows = common::status::child_rows(&server, &server.status())?;
+        rows.iter()
+            .find(|r| r.role == "spare" && r.state == "standby")
+            .map(|r| r.pid)
+    })
+    .expect("a spare standing by");
+    assert_eq!(policy_of_thread(spare, spare), OTHER, "a standing-by spare");
+    server.signal_process(worker, Signal::SIGKILL);
+    // It becomes worker 0, then (FIRST_SERVICE, 50 ms, later) moves to SCHED_BATCH.
+    poll_until(settle, || {
+        server
+            .workers()
+            .iter()
+            .any(|(nr, pid, _)| *nr == 0 && *pid == spare)
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("the spare did not take over:\n{}", server.log.text()));
+    poll_until(settle, || {
+        (policy_of_thread(spare, spare) == BATCH).then_some(())
+    })
+    .expect("the activated spare's main thread moves to SCHED_BATCH");
+    let sentinels = threads_named(spare, "tine-sentinel");
+    assert!(!sentinels.is_empty(), "the death-notice thread");
+    let threads: Vec<i32> = std::fs::read_dir(format!("/proc/{spare}/task"))
+        .expect("its threads")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    assert!(
+        threads.len() >= 3,
+        "main, a second runtime thread, the sentinel: {threads:?}"
+    );
+    for tid in threads {
+        let expected = if sentinels.contains(&tid) {
+            OTHER
+        } else {
+            BATCH
+        };
+        assert_eq!(
+            policy_of_thread(spare, tid),
+            expected,
+            "thread {tid} of the activated spare"
+        );
+    }
+}
+
 #[test]
 fn workers_run_under_sched_batch_and_the_monitor_does_not() {
     const OTHER: u32 = 0;

@@ -217,8 +217,14 @@ impl Policy {
 /// left alone. Returns whether it switched. Both policies run at static priority 0, so no
 /// privilege is needed between them.
 pub fn switch_policy(from: Policy, to: Policy) -> io::Result<bool> {
-    // SAFETY: sched_getscheduler takes no pointer; pid 0 names the calling thread.
-    let current = unsafe { libc::sched_getscheduler(0) };
+    switch_policy_of(0, from, to)
+}
+
+/// As [`switch_policy`], for thread `tid` of this process (0: the calling thread).
+pub fn switch_policy_of(tid: libc::pid_t, from: Policy, to: Policy) -> io::Result<bool> {
+    // SAFETY: sched_getscheduler takes no pointer; a thread id (0: the calling thread) names the
+    // thread, and a stale one only makes it fail with ESRCH.
+    let current = unsafe { libc::sched_getscheduler(tid) };
     if current < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -227,8 +233,8 @@ pub fn switch_policy(from: Policy, to: Policy) -> io::Result<bool> {
     }
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: sched_setscheduler reads `param`, a valid initialized struct that outlives the
-    // call; pid 0 names the calling thread.
-    let rc = unsafe { libc::sched_setscheduler(0, to.raw(), &param) };
+    // call; `tid` names a thread as above.
+    let rc = unsafe { libc::sched_setscheduler(tid, to.raw(), &param) };
     if rc == 0 {
         Ok(true)
     } else {

@@ -67,6 +67,36 @@ pub(crate) fn restore_scheduling_policy() {
     }
 }
 
+/// How long an activated spare's main thread serves under `SCHED_OTHER` (and at the priority it
+/// stood by at) before it moves to the tree's priority and, with `sched_batch`, to
+/// `SCHED_BATCH`: its first connections were queued while no one accepted, and it must not wait
+/// at each of its wake-ups for a CPU that the dead worker's teardown and busy peers hold.
+const FIRST_SERVICE: Duration = Duration::from_millis(50);
+
+/// A spare's main thread stands by under `SCHED_OTHER`, if this process moved itself to
+/// `SCHED_BATCH` (the threads it started meanwhile keep `SCHED_BATCH`): its wake-up by
+/// `Activate` or a death must preempt, not wait for a busy CPU's running task. Call it on the
+/// main thread (the one whose id is the pid), where the spare stands by.
+fn stand_by_under_sched_other() {
+    use crate::sys::process::{switch_policy, Policy};
+    if BATCH_SET_HERE.load(std::sync::atomic::Ordering::Relaxed) {
+        if let Err(e) = switch_policy(Policy::Batch, Policy::Other) {
+            tracing::warn!(error = %e, "the spare stands by under SCHED_BATCH");
+        }
+    }
+}
+
+/// Moves an activated spare's main thread back to `SCHED_BATCH` after [`FIRST_SERVICE`] (see
+/// [`stand_by_under_sched_other`]), from any of its runtime threads.
+fn serve_under_sched_batch() {
+    use crate::sys::process::{switch_policy_of, Policy};
+    if BATCH_SET_HERE.load(std::sync::atomic::Ordering::Relaxed) {
+        if let Err(e) = switch_policy_of(std::process::id() as i32, Policy::Other, Policy::Batch) {
+            tracing::warn!(error = %e, "SCHED_BATCH not set");
+        }
+    }
+}
+
 /// Moves this worker to `SCHED_BATCH` (`sched_batch`), remembering that it did.
 fn enter_sched_batch() {
     use crate::sys::process::{switch_policy, Policy};
@@ -139,10 +169,11 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
         }
     };
     // After the death-notice thread started: it keeps SCHED_OTHER (a policy applies per thread
-    // and is inherited at creation), so that it preempts when the worker is killed. A spare
-    // switches once activated: its wake-up by `Activate` must preempt, not wait for a busy CPU's
-    // running task (what SCHED_BATCH would make it do).
-    if config.sched_batch && !spare {
+    // and is inherited at creation), so that it preempts when the worker is killed. Before the
+    // app's boot, the profiler and the runtime start their threads, which inherit it. A spare's
+    // main thread moves back while it stands by and for its first moments of service (see
+    // `stand_by_under_sched_other`).
+    if config.sched_batch {
         enter_sched_batch();
     }
     let notice_fds: Vec<_> = notice.iter().map(std::os::fd::AsFd::as_fd).collect();
@@ -418,6 +449,7 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
         let watches = held.len() == listeners.len()
             && takeover::available(config.debug_routes)
             && scoreboard::global().watch_standby(slot_index);
+        stand_by_under_sched_other();
         slot.set_state(State::Standby);
         if channel.get_ref().send(&Report::Ready, &[]).is_err() {
             return (Stop::Quick, None);
@@ -517,16 +549,17 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
         for _ in 0..config.worker_threads {
             tokio::spawn(async {});
         }
-        // Back to the tree's priority (raised by the monitor while it stood by) once it has
-        // served the connections queued for it at that priority. The monitor raised the main
-        // thread (the one whose id is the pid); this task may run on any runtime thread, so it
-        // names that thread rather than itself.
-        if let Some(nice) = standby_nice {
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+        // Back to the tree's priority (raised by the monitor while it stood by) and policy once
+        // it has served the connections queued for it: until then its wake-ups preempt, as the
+        // woken spare's did. The monitor raised the main thread (the one whose id is the pid);
+        // this task may run on any runtime thread, so it names that thread rather than itself.
+        tokio::spawn(async move {
+            tokio::time::sleep(FIRST_SERVICE).await;
+            if let Some(nice) = standby_nice {
                 let _ = crate::sys::process::set_nice_of(nix::unistd::Pid::this(), nice);
-            });
-        }
+            }
+            serve_under_sched_batch();
+        });
         if let (Some(received), Some(listening)) = (received, listening) {
             let named = crate::log::respawn_stamp().unwrap_or_default();
             tokio::spawn(log_activation_timeline(
@@ -547,9 +580,6 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
                 );
             });
         }
-    }
-    if spare.is_some() && config.sched_batch {
-        enter_sched_batch();
     }
     slot.set_state(State::Ready);
     // Serving capacity from now on: a spare may replace it at once if it dies.
