@@ -196,6 +196,24 @@ fn an_activated_spare_moves_to_sched_batch_after_its_first_moments_all_threads_b
     })
     .expect("a spare standing by");
     assert_eq!(policy_of_thread(spare, spare), OTHER, "a standing-by spare");
+    // Its runtime's other thread too (`--worker-threads 2`), while its profiler's is SCHED_BATCH
+    // (started after the switch, as a worker's).
+    let runtime = threads_named(spare, "tine-spare-w");
+    assert!(!runtime.is_empty(), "the spare's second runtime thread");
+    for tid in runtime {
+        assert_eq!(
+            policy_of_thread(spare, tid),
+            OTHER,
+            "runtime thread {tid} standing by"
+        );
+    }
+    for tid in threads_named(spare, "tine-profile") {
+        assert_eq!(
+            policy_of_thread(spare, tid),
+            BATCH,
+            "the spare's profiler thread"
+        );
+    }
     server.signal_process(worker, Signal::SIGKILL);
     // It becomes worker 0, then (FIRST_SERVICE, 50 ms, later) moves to SCHED_BATCH.
     poll_until(settle, || {

@@ -2,10 +2,13 @@
 
 mod balance;
 mod http;
+mod policy;
 mod profile;
 mod sentinel;
 mod stream;
 mod takeover;
+
+pub(crate) use policy::restore_scheduling_policy;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,59 +54,6 @@ pub(crate) enum Stop {
     Graceful,
     Quick,
     Promote { generation: u32, slot: u32 },
-}
-
-/// Whether this worker moved itself to `SCHED_BATCH` (so that, promoted to a mold, it moves back).
-static BATCH_SET_HERE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Undoes this worker's own switch to `SCHED_BATCH`: a worker promoted to mold runs as molds do
-/// (the workers it forks switch themselves).
-pub(crate) fn restore_scheduling_policy() {
-    use crate::sys::process::{switch_policy, Policy};
-    if BATCH_SET_HERE.swap(false, std::sync::atomic::Ordering::Relaxed) {
-        if let Err(e) = switch_policy(Policy::Batch, Policy::Other) {
-            tracing::warn!(error = %e, "SCHED_OTHER not restored");
-        }
-    }
-}
-
-/// How long an activated spare's main thread serves under `SCHED_OTHER` (and at the priority it
-/// stood by at) before it moves to the tree's priority and, with `sched_batch`, to
-/// `SCHED_BATCH`: its first connections were queued while no one accepted, and it must not wait
-/// at each of its wake-ups for a CPU that the dead worker's teardown and busy peers hold.
-const FIRST_SERVICE: Duration = Duration::from_millis(50);
-
-/// A spare's main thread stands by under `SCHED_OTHER`, if this process moved itself to
-/// `SCHED_BATCH` (the threads it started meanwhile keep `SCHED_BATCH`): its wake-up by
-/// `Activate` or a death must preempt, not wait for a busy CPU's running task. Call it on the
-/// main thread (the one whose id is the pid), where the spare stands by.
-fn stand_by_under_sched_other() {
-    use crate::sys::process::{switch_policy, Policy};
-    if BATCH_SET_HERE.load(std::sync::atomic::Ordering::Relaxed) {
-        if let Err(e) = switch_policy(Policy::Batch, Policy::Other) {
-            tracing::warn!(error = %e, "the spare stands by under SCHED_BATCH");
-        }
-    }
-}
-
-/// Moves an activated spare's main thread back to `SCHED_BATCH` after [`FIRST_SERVICE`] (see
-/// [`stand_by_under_sched_other`]), from any of its runtime threads.
-fn serve_under_sched_batch() {
-    use crate::sys::process::{switch_policy_of, Policy};
-    if BATCH_SET_HERE.load(std::sync::atomic::Ordering::Relaxed) {
-        if let Err(e) = switch_policy_of(std::process::id() as i32, Policy::Other, Policy::Batch) {
-            tracing::warn!(error = %e, "SCHED_BATCH not set");
-        }
-    }
-}
-
-/// Moves this worker to `SCHED_BATCH` (`sched_batch`), remembering that it did.
-fn enter_sched_batch() {
-    use crate::sys::process::{switch_policy, Policy};
-    match switch_policy(Policy::Other, Policy::Batch) {
-        Ok(switched) => BATCH_SET_HERE.store(switched, std::sync::atomic::Ordering::Relaxed),
-        Err(e) => tracing::warn!(error = %e, "SCHED_BATCH not set"),
-    }
 }
 
 /// Runs a worker to the end of its life. Called in the freshly forked process, after
@@ -170,11 +120,10 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
     };
     // After the death-notice thread started: it keeps SCHED_OTHER (a policy applies per thread
     // and is inherited at creation), so that it preempts when the worker is killed. Before the
-    // app's boot, the profiler and the runtime start their threads, which inherit it. A spare's
-    // main thread moves back while it stands by and for its first moments of service (see
-    // `stand_by_under_sched_other`).
+    // app's boot, the profiler and the runtime start threads: those inherit SCHED_BATCH. A
+    // spare moves back for a moment while it stands by and starts serving (see `policy`).
     if config.sched_batch {
-        enter_sched_batch();
+        policy::enter_sched_batch();
     }
     let notice_fds: Vec<_> = notice.iter().map(std::os::fd::AsFd::as_fd).collect();
     if channel.send(&Report::Hello { pid }, &notice_fds).is_err() {
@@ -211,6 +160,9 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
     };
     let runtime = match builder
         .enable_all()
+        // A spare's policy changes reach the runtime's threads by their ids (see `policy`).
+        .on_thread_start(policy::runtime_thread_started)
+        .on_thread_stop(policy::runtime_thread_stopped)
         // A spare's threads are named once it has a number (see `take_identity`).
         .thread_name_fn(|| match Worker::current_nr() {
             Some(nr) => format!("tine-w{nr}"),
@@ -449,7 +401,7 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
         let watches = held.len() == listeners.len()
             && takeover::available(config.debug_routes)
             && scoreboard::global().watch_standby(slot_index);
-        stand_by_under_sched_other();
+        policy::stand_by_under_sched_other();
         slot.set_state(State::Standby);
         if channel.get_ref().send(&Report::Ready, &[]).is_err() {
             return (Stop::Quick, None);
@@ -554,11 +506,11 @@ async fn serve(serving: Serving<'_>) -> (Stop, Option<Channel>) {
         // woken spare's did. The monitor raised the main thread (the one whose id is the pid);
         // this task may run on any runtime thread, so it names that thread rather than itself.
         tokio::spawn(async move {
-            tokio::time::sleep(FIRST_SERVICE).await;
+            tokio::time::sleep(policy::FIRST_SERVICE).await;
             if let Some(nice) = standby_nice {
                 let _ = crate::sys::process::set_nice_of(nix::unistd::Pid::this(), nice);
             }
-            serve_under_sched_batch();
+            policy::serve_under_sched_batch();
         });
         if let (Some(received), Some(listening)) = (received, listening) {
             let named = crate::log::respawn_stamp().unwrap_or_default();

@@ -615,6 +615,17 @@ fn tight_timer_slack() {
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
 }
 
+/// CLOCK_MONOTONIC now, in seconds.
+fn monotonic_s() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `ts`, valid and writable for the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
 fn micros(d: Duration) -> u32 {
     d.as_micros().min(u32::MAX as u128) as u32
 }
@@ -699,6 +710,10 @@ fn main() {
         })
         .collect();
     let record_from = t0 + Duration::from_secs_f64(args.warmup);
+    // The recorded window's start on CLOCK_MONOTONIC (what `Instant` reads, and what
+    // `perf record -k CLOCK_MONOTONIC` stamps), so that the slow log can be laid beside a trace.
+    let record_from_monotonic_s =
+        monotonic_s() + record_from.saturating_duration_since(Instant::now()).as_secs_f64();
     let end = record_from + Duration::from_secs_f64(args.seconds);
     let mut client = Client {
         args,
@@ -717,7 +732,9 @@ fn main() {
     }
     let s = &mut client.stats;
     if let Some(path) = &client.args.slow_log {
-        let mut text = String::from("due_s latency_us conn\n");
+        let mut text = format!(
+            "# record_from_monotonic_s {record_from_monotonic_s:.6}\ndue_s latency_us conn\n"
+        );
         for (due, latency, j) in &s.slow {
             text.push_str(&format!("{due:.6} {latency} {j}\n"));
         }
