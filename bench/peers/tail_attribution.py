@@ -13,9 +13,9 @@ SWITCH = re.compile(r"^\s*(\S.*?)\s+(\d+)/(-?\d+)\s+\[(\d+)\]\s+([\d.]+):\s+sche
 
 
 def label(comm, tid, known={}):
-    """The task's name; with `[PID]` of its process if it still runs after the measurement (so
-    not the server's, which is gone): another program's threads may share a name with the
-    server's (tokio's `tokio-rt-worker`)."""
+    """The task's name, with `[PID]` of its process if that still runs when this reads /proc
+    (the server does, under tail-attribution.sh): another program's threads may share a name
+    with the server's (tokio's `tokio-rt-worker`)."""
     if tid not in known:
         try:
             tgid = next(l.split()[1] for l in open(f"/proc/{tid}/status") if l.startswith("Tgid:"))
