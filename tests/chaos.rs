@@ -295,14 +295,21 @@ fn start_watchdog(
         {
             continue;
         }
-        eprintln!(
+        // Written to the process's stderr directly: `eprintln!` in a thread the test started is
+        // captured with the test's output, which `exit` below throws away unprinted (a CI run
+        // ended with exit code 101 and not a word of why).
+        let say = |line: String| {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "{line}");
+        };
+        say(format!(
             "chaos: FAILED (seed {seed}): {stuck}; over the hard limit of {EVENT_HARD_LIMIT:?}: killing the tree and ending the test"
-        );
+        ));
         // What the slow `ctl` calls saw (the kernel side of the monitor and the client, and the
         // monitor's log meanwhile): the only trace of a stuck monitor this exit path keeps.
         let stalls = CTL_STALLS.lock().unwrap_or_else(|e| e.into_inner());
         for stall in stalls.iter().rev().take(6).rev() {
-            eprintln!("chaos: {stall}");
+            say(format!("chaos: {stall}"));
         }
         drop(stalls);
         // The monitor is the test's child, not reaped: its number is its own. The others are
