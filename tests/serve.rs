@@ -196,10 +196,10 @@ fn an_activated_spare_moves_to_sched_batch_after_its_first_moments_all_threads_b
     })
     .expect("a spare standing by");
     assert_eq!(policy_of_thread(spare, spare), OTHER, "a standing-by spare");
-    // Its runtime's other thread too (`--worker-threads 2`), while its profiler's is SCHED_BATCH
-    // (started after the switch, as a worker's).
+    // Its runtime's threads too (`--worker-threads 2`: two `tine-spare-w` besides the main
+    // thread), while its profiler's is SCHED_BATCH (started after the switch, as a worker's).
     let runtime = threads_named(spare, "tine-spare-w");
-    assert!(!runtime.is_empty(), "the spare's second runtime thread");
+    assert!(!runtime.is_empty(), "the spare's runtime threads");
     for tid in runtime {
         assert_eq!(
             policy_of_thread(spare, tid),
@@ -236,7 +236,7 @@ fn an_activated_spare_moves_to_sched_batch_after_its_first_moments_all_threads_b
         .collect();
     assert!(
         threads.len() >= 3,
-        "main, a second runtime thread, the sentinel: {threads:?}"
+        "main, the runtime's threads, the sentinel: {threads:?}"
     );
     for tid in threads {
         let expected = if sentinels.contains(&tid) {

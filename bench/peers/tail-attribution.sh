@@ -16,6 +16,10 @@
 # the end. Output in OUT (default bench/results/tmp/tail/NAME).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+if [ $# -lt 4 ] || [ "$3" != "--" ]; then
+  sed -n '2,16p' "$0" >&2
+  exit 2
+fi
 name=$1 rate=$2
 shift 3
 out=${OUT:-bench/results/tmp/tail}/$name
@@ -26,9 +30,15 @@ command -v perf >/dev/null || { echo "needs perf (apt-get install linux-perf)" >
 setsid taskset -c 0 "$@" > "$out/server.log" 2>&1 &
 server=$!
 trap 'kill -TERM -- -$server 2>/dev/null; sleep 1; kill -KILL -- -$server 2>/dev/null || true' EXIT
-for _ in $(seq 100); do curl -s -o /dev/null http://127.0.0.1:18555/ && break; sleep 0.1; done
-timeout 120 perf record -q -k CLOCK_MONOTONIC -C 0 -e sched:sched_switch -o "$out/perf.data" -- \
+up=
+for _ in $(seq 100); do curl -s -o /dev/null http://127.0.0.1:18555/ && up=1 && break; sleep 0.1; done
+[ -n "$up" ] || { echo "the server did not answer on 127.0.0.1:18555 in 10 s (log: $out/server.log)" >&2; exit 1; }
+timeout 120 perf record -q -m 1024 -k CLOCK_MONOTONIC -C 0 -e sched:sched_switch -o "$out/perf.data" -- \
   taskset -c 1 "$loadgen" open --addr 127.0.0.1:18555 --rate "$rate" --conns 32 --seconds 8 \
   --warmup 1 --slow-log "$out/slow.txt" --slow-us "${SLOW_US:-1000}" > "$out/loadgen.json"
-perf script -i "$out/perf.data" -F comm,pid,tid,cpu,time,event,trace 2>/dev/null > "$out/perf.txt"
+perf script -i "$out/perf.data" -F comm,pid,tid,cpu,time,event,trace 2> "$out/perf-script.err" > "$out/perf.txt"
+# Lost events leave gaps the attribution would credit to the task before them: say so.
+if grep -qi lost "$out/perf-script.err"; then
+  echo "warning: perf lost events (see $out/perf-script.err): shares may be wrong" >&2
+fi
 python3 bench/peers/tail_attribution.py "$out" "$name"

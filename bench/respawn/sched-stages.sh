@@ -18,9 +18,13 @@ rounds=${ROUNDS:-20}
 out=${OUT:-bench/results/tmp/sched-stages}
 mkdir -p "$out"
 command -v perf >/dev/null || { echo "needs perf (apt-get install linux-perf)" >&2; exit 2; }
-timeout 600 perf record -q -k CLOCK_MONOTONIC -a -o "$out/perf.data" \
+timeout 600 perf record -q -m 1024 -k CLOCK_MONOTONIC -a -o "$out/perf.data" \
   -e sched:sched_wakeup,sched:sched_switch,sched:sched_process_exit \
   -e syscalls:sys_enter_kill,syscalls:sys_exit_futex_waitv,syscalls:sys_exit_accept4,syscalls:sys_enter_writev \
   -- "$driver" --server tine --spares 1 --rounds "$rounds" --tine "$tine" > "$out/driver.json"
-perf script -i "$out/perf.data" -F comm,pid,tid,cpu,time,event,trace 2>/dev/null > "$out/perf.txt"
+perf script -i "$out/perf.data" -F comm,pid,tid,cpu,time,event,trace 2> "$out/perf-script.err" > "$out/perf.txt"
+# Events perf could not keep leave gaps the stages would read as waits: say so.
+if grep -qi lost "$out/perf-script.err"; then
+  echo "warning: perf lost events (see $out/perf-script.err): stages may be wrong" >&2
+fi
 python3 bench/respawn/sched_stages.py "$out/driver.json" "$out/perf.txt"

@@ -19,6 +19,7 @@ around the driver. Each stage is the first such event within 4 ms after its kill
   first_answer     the client read the answer (the new-connection probe on kills with one, else
                    a kept-alive client's reconnection)
 """
+import bisect
 import json
 import re
 import statistics
@@ -35,18 +36,25 @@ def main():
         if m:
             events.append((float(m.group(5)), int(m.group(2)), m.group(6), m.group(7)))
     events.sort(key=lambda e: e[0])
+    times = [e[0] for e in events]
     rows = []
     for kill in driver["rounds_timeline"]:
         victim, new, at = kill["victim"], kill["pid"], kill["kill_us"] / 1e6
-        window = [e for e in events if at - 0.0001 <= e[0] <= at + 0.004]
+        lo, hi = bisect.bisect_left(times, at - 0.0001), bisect.bisect_right(times, at + 0.004)
+        window = events[lo:hi]
 
         def first(pred):
             return next(((e[0] - at) * 1e6 for e in window if pred(e)), None)
 
+        # The dead worker's death-notice thread: the one the kill woke (the spare has one too).
+        woken = next((e for e in window if e[2] == "sched:sched_wakeup"
+                      and "comm=tine-sentinel" in e[3]), None)
+        sentinel = re.search(r"pid=(\d+)", woken[3]).group(1) if woken else None
         answer = kill["probe_first_us"] if kill["probe"] else kill["first_us"]
         rows.append({
-            "sentinel_woken": first(lambda e: e[2] == "sched:sched_wakeup" and "comm=tine-sentinel" in e[3]),
-            "sentinel_runs": first(lambda e: e[2] == "sched:sched_switch" and "next_comm=tine-sentinel" in e[3]),
+            "sentinel_woken": (woken[0] - at) * 1e6 if woken else None,
+            "sentinel_runs": first(lambda e: sentinel is not None and e[2] == "sched:sched_switch"
+                                   and f"next_pid={sentinel} " in e[3]),
             "spare_woken": first(lambda e: e[2] == "sched:sched_wakeup" and f"pid={new} " in e[3]),
             "spare_runs": first(lambda e: e[2] == "sched:sched_switch" and f"next_pid={new} " in e[3]),
             "spare_futex_ret": first(lambda e: e[1] == new and e[2].endswith("sys_exit_futex_waitv")),
@@ -55,7 +63,8 @@ def main():
             "first_write": first(lambda e: e[1] == new and e[2].endswith("sys_enter_writev")),
             "group_dead": first(lambda e: e[1] == victim and e[2] == "sched:sched_process_exit"
                                 and "group_dead=true" in e[3]),
-            "first_answer": answer - kill["kill_us"],
+            # 0: no answer was read (a failed probe).
+            "first_answer": answer - kill["kill_us"] if answer > 0 else None,
         })
 
     def line(name, values):

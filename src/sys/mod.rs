@@ -4,7 +4,8 @@
 //!
 //! A public function here is sound for any arguments. Wrappers whose contract cannot be checked
 //! (take ownership of any descriptor number, close every descriptor but some, fork without
-//! counting threads, replace descriptors other values own, hand the kernel a reactor's token for
+//! counting threads, switch the policy of a thread named by number, replace descriptors other
+//! values own, hand the kernel a reactor's token for
 //! another descriptor, or for one whose owner is unknown) are crate-private, each with a
 //! `# Contract` section its callers uphold; these do not compile outside the crate:
 //!
@@ -22,6 +23,10 @@
 //! ```
 //! ```compile_fail
 //! let _ = tine::sys::epoll::learn_registration(0);
+//! ```
+//! ```compile_fail
+//! use tine::sys::process::{switch_policy_of, Policy};
+//! let _ = switch_policy_of(1, Policy::Other, Policy::Batch);
 //! ```
 //! ```compile_fail
 //! let _ = tine::sys::epoll::Switch::new(std::net::TcpListener::bind("127.0.0.1:0").unwrap());

@@ -220,10 +220,16 @@ pub fn switch_policy(from: Policy, to: Policy) -> io::Result<bool> {
     switch_policy_of(0, from, to)
 }
 
-/// As [`switch_policy`], for thread `tid` of this process (0: the calling thread).
-pub fn switch_policy_of(tid: libc::pid_t, from: Policy, to: Policy) -> io::Result<bool> {
-    // SAFETY: sched_getscheduler takes no pointer; a thread id (0: the calling thread) names the
-    // thread, and a stale one only makes it fail with ESRCH.
+/// As [`switch_policy`], for thread `tid` (0: the calling thread).
+///
+/// # Contract
+///
+/// `tid` is 0 or a thread of this process that cannot exit before the call returns: a number
+/// the kernel has handed to another thread since would switch that one, in any process of the
+/// same user.
+pub(crate) fn switch_policy_of(tid: libc::pid_t, from: Policy, to: Policy) -> io::Result<bool> {
+    // SAFETY: sched_getscheduler takes no pointer; `tid` names a thread (the contract above keeps
+    // it this process's), and a number of no thread only makes it fail with ESRCH.
     let current = unsafe { libc::sched_getscheduler(tid) };
     if current < 0 {
         return Err(io::Error::last_os_error());

@@ -158,11 +158,14 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
         b.on_thread_unpark(name_runtime_thread);
         b
     };
+    if spare && config.sched_batch {
+        // A spare's policy changes reach the runtime's threads by their ids (see `policy`).
+        builder
+            .on_thread_start(policy::runtime_thread_started)
+            .on_thread_stop(policy::runtime_thread_stopped);
+    }
     let runtime = match builder
         .enable_all()
-        // A spare's policy changes reach the runtime's threads by their ids (see `policy`).
-        .on_thread_start(policy::runtime_thread_started)
-        .on_thread_stop(policy::runtime_thread_stopped)
         // A spare's threads are named once it has a number (see `take_identity`).
         .thread_name_fn(|| match Worker::current_nr() {
             Some(nr) => format!("tine-w{nr}"),

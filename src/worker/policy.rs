@@ -13,8 +13,8 @@
 //! Then they move to `SCHED_BATCH`. The runtime's threads are found by their ids, kept as they
 //! start and stop ([`runtime_thread_started`], [`runtime_thread_stopped`]): not by listing
 //! `/proc/self/task`, whose dentries make the monitor's reap of this process spin (see
-//! `name_runtime_thread`; a change that listed it made tests/chaos's reaps take seconds of the
-//! monitor's CPU: 78e5aff, reverted). Threads an app's handler starts itself during those
+//! `name_runtime_thread`); that is the suspected reason why a change that listed it (78e5aff,
+//! reverted) made tests/chaos's reaps take seconds of the monitor's CPU. Threads an app's handler starts itself during those
 //! moments keep the `SCHED_OTHER` they inherit.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -83,10 +83,12 @@ pub(super) fn serve_under_sched_batch() {
     }
     // Before the threads are switched: one that starts from now on moves itself.
     FIRST_MOMENTS.store(false, Ordering::Relaxed);
+    switch_runtime_threads(Policy::Other, Policy::Batch);
+    // The main thread last: once it is SCHED_BATCH, so is every runtime thread.
+    // Contract: the main thread (the pid) lives as long as the process.
     if let Err(e) = switch_policy_of(std::process::id() as i32, Policy::Other, Policy::Batch) {
         tracing::warn!(error = %e, "SCHED_BATCH not set");
     }
-    switch_runtime_threads(Policy::Other, Policy::Batch);
 }
 
 /// Switches every running runtime thread in `from` to `to`. The list stays locked meanwhile, so
@@ -95,6 +97,7 @@ pub(super) fn serve_under_sched_batch() {
 fn switch_runtime_threads(from: Policy, to: Policy) {
     let threads = RUNTIME_THREADS.lock().unwrap_or_else(|e| e.into_inner());
     for &tid in threads.iter() {
+        // Contract: a thread in the list is this process's and cannot finish meanwhile.
         if let Err(e) = switch_policy_of(tid, from, to) {
             tracing::warn!(error = %e, tid, "a runtime thread's policy not switched");
         }

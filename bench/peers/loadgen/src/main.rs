@@ -712,8 +712,7 @@ fn main() {
     let record_from = t0 + Duration::from_secs_f64(args.warmup);
     // The recorded window's start on CLOCK_MONOTONIC (what `Instant` reads, and what
     // `perf record -k CLOCK_MONOTONIC` stamps), so that the slow log can be laid beside a trace.
-    let record_from_monotonic_s =
-        monotonic_s() + record_from.saturating_duration_since(Instant::now()).as_secs_f64();
+    let record_from_monotonic_s = monotonic_s() - t0.elapsed().as_secs_f64() + args.warmup;
     let end = record_from + Duration::from_secs_f64(args.seconds);
     let mut client = Client {
         args,
