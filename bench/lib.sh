@@ -129,6 +129,16 @@ bench_wait_http() {
     return 1
 }
 
+# bench_perf_text DATA TXT: `perf script` of DATA (task, pid/tid, CPU, time, event, its fields)
+# into TXT, with a warning when perf lost events: their gaps would read as waits, or as time of
+# the task that ran before them.
+bench_perf_text() {
+    perf script -i "$1" -F comm,pid,tid,cpu,time,event,trace 2>"$2.err" >"$2"
+    if grep -qi lost "$2.err"; then
+        echo "warning: perf lost events (see $2.err): the analysis may be wrong" >&2
+    fi
+}
+
 # bench_tree PID: PID and every descendant of it, one a line.
 bench_tree() {
     local c

@@ -131,14 +131,9 @@ fn a_standing_by_spare_waits_at_the_monitors_priority_and_serves_at_the_trees() 
     poll_until(READY_TIMEOUT, || (nice_of(spare) == monitor).then_some(()))
         .unwrap_or_else(|| panic!("the spare stands at nice {}, not {monitor}", nice_of(spare)));
     server.signal_process(worker, Signal::SIGKILL);
-    poll_until(READY_TIMEOUT, || {
-        server
-            .workers()
-            .iter()
-            .any(|(nr, pid, _)| *nr == 0 && *pid == spare)
-            .then_some(())
-    })
-    .expect("the spare serves as worker 0");
+    server
+        .wait_serving_as(0, spare, READY_TIMEOUT)
+        .expect("the spare serves as worker 0");
     poll_until(READY_TIMEOUT, || (nice_of(spare) == tree).then_some(()))
         .unwrap_or_else(|| panic!("activated, it runs at nice {}, not {tree}", nice_of(spare)));
     let next = poll_until(READY_TIMEOUT, || spare_of(&server).filter(|p| *p != spare))

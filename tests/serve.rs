@@ -174,7 +174,7 @@ fn policy(pid: i32) -> u32 {
 /// runtime threads included (`--worker-threads 2`: they were started before activation).
 #[test]
 fn an_activated_spare_moves_to_sched_batch_after_its_first_moments_all_threads_but_the_sentinel() {
-    use common::sched::{policy_of_thread, threads_named, BATCH, OTHER};
+    use common::sched::{policy_of_thread, threads, threads_named, BATCH, OTHER};
     let settle = Duration::from_secs(20);
     let server = Launch::tine()
         .args([
@@ -216,24 +216,16 @@ fn an_activated_spare_moves_to_sched_batch_after_its_first_moments_all_threads_b
     }
     server.signal_process(worker, Signal::SIGKILL);
     // It becomes worker 0, then (FIRST_SERVICE, 50 ms, later) moves to SCHED_BATCH.
-    poll_until(settle, || {
-        server
-            .workers()
-            .iter()
-            .any(|(nr, pid, _)| *nr == 0 && *pid == spare)
-            .then_some(())
-    })
-    .unwrap_or_else(|| panic!("the spare did not take over:\n{}", server.log.text()));
+    server
+        .wait_serving_as(0, spare, settle)
+        .unwrap_or_else(|| panic!("the spare did not take over:\n{}", server.log.text()));
     poll_until(settle, || {
         (policy_of_thread(spare, spare) == BATCH).then_some(())
     })
     .expect("the activated spare's main thread moves to SCHED_BATCH");
     let sentinels = threads_named(spare, "tine-sentinel");
     assert!(!sentinels.is_empty(), "the death-notice thread");
-    let threads: Vec<i32> = std::fs::read_dir(format!("/proc/{spare}/task"))
-        .expect("its threads")
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
+    let threads = threads(spare);
     assert!(
         threads.len() >= 3,
         "main, the runtime's threads, the sentinel: {threads:?}"

@@ -12,33 +12,30 @@
 #   bench/peers/tail-attribution.sh tine 50000 -- target/release/tine serve --listen 127.0.0.1:18555 --workers 1 --app hello
 #   bench/peers/tail-attribution.sh hyper 50000 -- bench/hyper-hello/target/release/hyper-hello 127.0.0.1:18555 1
 #
-# The server must listen on 127.0.0.1:18555 and answer GET /. Its whole process group is killed at
-# the end. Output in OUT (default bench/results/tmp/tail/NAME).
+# The server must listen on 127.0.0.1:18555 and answer GET /. It and its children are killed at
+# the end (bench_stop_started). Output in OUT (default bench/results/tmp/tail/NAME).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. bench/lib.sh
 if [ $# -lt 4 ] || [ "$3" != "--" ]; then
   sed -n '2,16p' "$0" >&2
   exit 2
 fi
 name=$1 rate=$2
 shift 3
-out=${OUT:-bench/results/tmp/tail}/$name
-mkdir -p "$out"
+mkdir -p "${OUT:-bench/results/tmp/tail}"
+out=$(realpath "${OUT:-bench/results/tmp/tail}")/$name
 loadgen=bench/peers/loadgen/target/release/peers-loadgen
 [ -x "$loadgen" ] || (cd bench/peers/loadgen && cargo build --release --quiet)
 command -v perf >/dev/null || { echo "needs perf (apt-get install linux-perf)" >&2; exit 2; }
-setsid taskset -c 0 "$@" > "$out/server.log" 2>&1 &
-server=$!
-trap 'kill -TERM -- -$server 2>/dev/null; sleep 1; kill -KILL -- -$server 2>/dev/null || true' EXIT
-up=
-for _ in $(seq 100); do curl -s -o /dev/null http://127.0.0.1:18555/ && up=1 && break; sleep 0.1; done
-[ -n "$up" ] || { echo "the server did not answer on 127.0.0.1:18555 in 10 s (log: $out/server.log)" >&2; exit 1; }
+bench_need taskset curl
+# bench_start runs the server in $out (its log: $out/log): a relative path to it must not break.
+if [[ $1 == */* ]]; then set -- "$(realpath "$1")" "${@:2}"; fi
+trap bench_stop_started EXIT
+bench_start "$out" taskset -c 0 "$@"
+bench_wait_http 18555
 timeout 120 perf record -q -m 1024 -k CLOCK_MONOTONIC -C 0 -e sched:sched_switch -o "$out/perf.data" -- \
   taskset -c 1 "$loadgen" open --addr 127.0.0.1:18555 --rate "$rate" --conns 32 --seconds 8 \
   --warmup 1 --slow-log "$out/slow.txt" --slow-us "${SLOW_US:-1000}" > "$out/loadgen.json"
-perf script -i "$out/perf.data" -F comm,pid,tid,cpu,time,event,trace 2> "$out/perf-script.err" > "$out/perf.txt"
-# Lost events leave gaps the attribution would credit to the task before them: say so.
-if grep -qi lost "$out/perf-script.err"; then
-  echo "warning: perf lost events (see $out/perf-script.err): shares may be wrong" >&2
-fi
+bench_perf_text "$out/perf.data" "$out/perf.txt"
 python3 bench/peers/tail_attribution.py "$out" "$name"

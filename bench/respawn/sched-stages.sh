@@ -12,6 +12,7 @@
 #   ROUNDS=20 DRIVER=... OUT=dir bench/respawn/sched-stages.sh /tmp/tine-copy
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. bench/lib.sh
 tine=${1:-target/release/tine}
 driver=${DRIVER:-target/release/examples/respawn_bench}
 rounds=${ROUNDS:-20}
@@ -22,9 +23,5 @@ timeout 600 perf record -q -m 1024 -k CLOCK_MONOTONIC -a -o "$out/perf.data" \
   -e sched:sched_wakeup,sched:sched_switch,sched:sched_process_exit \
   -e syscalls:sys_enter_kill,syscalls:sys_exit_futex_waitv,syscalls:sys_exit_accept4,syscalls:sys_enter_writev \
   -- "$driver" --server tine --spares 1 --rounds "$rounds" --tine "$tine" > "$out/driver.json"
-perf script -i "$out/perf.data" -F comm,pid,tid,cpu,time,event,trace 2> "$out/perf-script.err" > "$out/perf.txt"
-# Events perf could not keep leave gaps the stages would read as waits: say so.
-if grep -qi lost "$out/perf-script.err"; then
-  echo "warning: perf lost events (see $out/perf-script.err): stages may be wrong" >&2
-fi
+bench_perf_text "$out/perf.data" "$out/perf.txt"
 python3 bench/respawn/sched_stages.py "$out/driver.json" "$out/perf.txt"

@@ -14,8 +14,8 @@
 //! start and stop ([`runtime_thread_started`], [`runtime_thread_stopped`]): not by listing
 //! `/proc/self/task`, whose dentries make the monitor's reap of this process spin (see
 //! `name_runtime_thread`); that is the suspected reason why a change that listed it (78e5aff,
-//! reverted) made tests/chaos's reaps take seconds of the monitor's CPU. Threads an app's handler starts itself during those
-//! moments keep the `SCHED_OTHER` they inherit.
+//! reverted) made tests/chaos's reaps take seconds of the monitor's CPU. Threads an app's
+//! handler starts itself during those moments keep the `SCHED_OTHER` they inherit.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;

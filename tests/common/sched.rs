@@ -22,11 +22,18 @@ pub fn policy_of_thread(pid: i32, tid: i32) -> u32 {
         .expect("number")
 }
 
-/// The ids of `pid`'s threads whose name (`comm`) is `name`.
-pub fn threads_named(pid: i32, name: &str) -> Vec<i32> {
+/// The ids of `pid`'s threads.
+pub fn threads(pid: i32) -> Vec<i32> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .expect("a process's threads")
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .collect()
+}
+
+/// The ids of `pid`'s threads whose name (`comm`) is `name`.
+pub fn threads_named(pid: i32, name: &str) -> Vec<i32> {
+    threads(pid)
+        .into_iter()
         .filter(|tid| {
             std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
                 .is_ok_and(|comm| comm.trim_end() == name)

@@ -383,6 +383,17 @@ impl Server {
         })
     }
 
+    /// Waits until `ctl status` shows process `pid` serving as worker `nr` (a spare that took a
+    /// place, say); `None` on timeout.
+    pub fn wait_serving_as(&self, nr: u64, pid: i32, timeout: Duration) -> Option<()> {
+        poll_until(timeout, || {
+            self.workers()
+                .iter()
+                .any(|(n, p, _)| *n == nr && *p == pid)
+                .then_some(())
+        })
+    }
+
     /// Waits until a worker's scoreboard slot says `busy` (a request is in flight in it).
     pub fn wait_busy(&self, timeout: Duration) {
         let busy = poll_until(timeout, || {
