@@ -206,8 +206,11 @@ pub struct Scoreboard {
     requests: Mutex<RequestSet>,
 }
 
-/// The method and path of a request, truncated, NUL-padded.
-type RequestText = [u8; REQUEST_TEXT_BYTES];
+/// Words of a slot's request text.
+const TEXT_WORDS: usize = REQUEST_TEXT_BYTES / 8;
+
+/// The method and path of a request, truncated, NUL-padded, as the slot's words hold it.
+type RequestText = [u64; TEXT_WORDS];
 
 /// The exact set of a worker's tracked in-flight requests, oldest first (ids grow with time).
 #[derive(Default)]
@@ -241,22 +244,59 @@ impl RequestSet {
     }
 }
 
-/// `method path`, truncated to [`REQUEST_TEXT_BYTES`] and NUL-padded, and its length.
-fn request_text(method: &str, path: &str) -> (RequestText, usize) {
-    let mut text = [0u8; REQUEST_TEXT_BYTES];
-    let mut n = 0;
+/// Hands `put` each word of the text `method path` (little-endian, truncated to
+/// [`REQUEST_TEXT_BYTES`], the last word NUL-padded), in order; returns how many words it has.
+///
+/// Word by word rather than through a zeroed byte buffer copied into the slot: the common
+/// request's text is one or two words, written on every request (`bench/http/instructions.sh`).
+fn text_words(method: &str, path: &str, mut put: impl FnMut(usize, u64)) -> usize {
+    // `word` holds the `fill` bytes (0..8) of the next word gathered so far.
+    let (mut word, mut fill, mut index) = (0u64, 0usize, 0usize);
     for part in [method.as_bytes(), b" ", path.as_bytes()] {
-        let take = part.len().min(REQUEST_TEXT_BYTES - n);
-        text[n..n + take].copy_from_slice(&part[..take]);
-        n += take;
+        let mut rest = part;
+        while rest.len() >= 8 && index < TEXT_WORDS {
+            let (eight, tail) = rest.split_at(8);
+            let x = u64::from_le_bytes(eight.try_into().expect("8 bytes"));
+            match fill {
+                0 => put(index, x),
+                _ => {
+                    put(index, word | x << (8 * fill));
+                    word = x >> (8 * (8 - fill));
+                }
+            }
+            index += 1;
+            rest = tail;
+        }
+        for &b in rest {
+            if index == TEXT_WORDS {
+                return index;
+            }
+            word |= u64::from(b) << (8 * fill);
+            fill += 1;
+            if fill == 8 {
+                put(index, word);
+                (word, fill, index) = (0, 0, index + 1);
+            }
+        }
     }
-    (text, n)
+    if fill > 0 && index < TEXT_WORDS {
+        put(index, word);
+        index += 1;
+    }
+    index
 }
 
-/// The length of a NUL-padded text (a kept one, published when it becomes the oldest).
-fn text_len(text: &RequestText) -> usize {
+/// The text `method path` as [`text_words`] makes it, kept, and how many words it has.
+fn request_text(method: &str, path: &str) -> (RequestText, usize) {
+    let mut text = [0u64; TEXT_WORDS];
+    let words = text_words(method, path, |i, word| text[i] = word);
+    (text, words)
+}
+
+/// How many words a kept text has (the others are zero).
+fn text_word_count(text: &RequestText) -> usize {
     text.iter()
-        .rposition(|b| *b != 0)
+        .rposition(|w| *w != 0)
         .map_or(0, |last| last + 1)
 }
 
@@ -807,38 +847,46 @@ impl<'a> SlotWriter<'a> {
     /// method and path while it is the oldest in flight. Ends when the returned guard drops.
     pub fn track_request(&self, method: &str, path: &str) -> InFlightRequest<'a> {
         let now = now_ms();
-        let (text, len) = request_text(method, path);
         let mut set = self.lock_requests();
         let id = set.next_id;
         set.next_id += 1;
-        let oldest = set.tracked.is_empty();
-        // Two pushes rather than one of `(!oldest).then_some(text)`: the common one (nothing
-        // else in flight) writes no text into the deque.
-        match oldest {
-            true => set.tracked.push_back(Tracked {
-                id,
-                start: now,
-                text: None,
-            }),
-            false => set.tracked.push_back(Tracked {
+        if !set.tracked.is_empty() {
+            // Not the oldest: its text is kept, to be shown once it is.
+            let (text, _) = request_text(method, path);
+            set.tracked.push_back(Tracked {
                 id,
                 start: now,
                 text: Some(text),
-            }),
+            });
+            let in_flight = set.in_flight();
+            self.write(&set, |w| {
+                w[IN_FLIGHT].store(in_flight, Ordering::Relaxed);
+                w[STATE].store(State::Busy as u64, Ordering::Relaxed);
+            });
+            return InFlightRequest { slot: *self, id };
         }
+        // The common request (nothing else in flight): its text goes straight into the slot, and
+        // nothing of it is kept.
+        set.tracked.push_back(Tracked {
+            id,
+            start: now,
+            text: None,
+        });
         let in_flight = set.in_flight();
-        let cleared = match oldest {
-            true => replace_text_words(&mut set, len),
-            false => 0..0,
-        };
+        let previous_words = set.text_words;
+        let mut words = 0;
         self.write(&set, |w| {
             w[IN_FLIGHT].store(in_flight, Ordering::Relaxed);
             w[STATE].store(State::Busy as u64, Ordering::Relaxed);
-            if oldest {
-                w[OLDEST_START_MS].store(now, Ordering::Relaxed);
-                write_text(w, &text, len, cleared);
+            w[OLDEST_START_MS].store(now, Ordering::Relaxed);
+            words = text_words(method, path, |i, word| {
+                w[TEXT + i].store(word, Ordering::Relaxed)
+            });
+            for word in &w[TEXT + words..TEXT + previous_words.max(words)] {
+                word.store(0, Ordering::Relaxed);
             }
         });
+        set.text_words = words;
         drop(set);
         InFlightRequest { slot: *self, id }
     }
@@ -876,8 +924,8 @@ impl<'a> SlotWriter<'a> {
         };
         let next = next.map(|(start, text)| {
             let text = text.map(|text| {
-                let len = text_len(&text);
-                (text, len, replace_text_words(&mut set, len))
+                let words = text_word_count(&text);
+                (text, words, replace_text_words(&mut set, words))
             });
             (start, text)
         });
@@ -885,8 +933,8 @@ impl<'a> SlotWriter<'a> {
             self.count_served(w, in_flight);
             if let Some((start, text)) = next {
                 w[OLDEST_START_MS].store(start, Ordering::Relaxed);
-                if let Some((text, len, cleared)) = text {
-                    write_text(w, &text, len, cleared);
+                if let Some((text, words, cleared)) = text {
+                    write_text(w, &text, words, cleared);
                 }
             }
         });
@@ -899,16 +947,16 @@ impl<'a> SlotWriter<'a> {
         set.untracked += 1;
         let in_flight = set.in_flight();
         let show = set.tracked.is_empty();
-        let (text, len) = request_text(method, path);
+        let (text, words) = request_text(method, path);
         let cleared = match show {
-            true => replace_text_words(&mut set, len),
+            true => replace_text_words(&mut set, words),
             false => 0..0,
         };
         self.write(&set, |w| {
             w[IN_FLIGHT].store(in_flight, Ordering::Relaxed);
             w[STATE].store(State::Busy as u64, Ordering::Relaxed);
             if show {
-                write_text(w, &text, len, cleared);
+                write_text(w, &text, words, cleared);
             }
         });
     }
@@ -925,7 +973,7 @@ impl<'a> SlotWriter<'a> {
         self.write(&set, |w| {
             self.count_served(w, in_flight);
             if in_flight == 0 {
-                write_text(w, &[0; REQUEST_TEXT_BYTES], 0, cleared);
+                write_text(w, &[0; TEXT_WORDS], 0, cleared);
             }
         });
     }
@@ -940,20 +988,18 @@ impl<'a> SlotWriter<'a> {
     }
 }
 
-/// Records that the slot's text is about to be a text of `len` bytes; returns the words of the
-/// previous text beyond it, which the write must clear.
-fn replace_text_words(set: &mut RequestSet, len: usize) -> std::ops::Range<usize> {
-    let words = len.div_ceil(8);
+/// Records that the slot's text is about to be a text of `words` words; returns the words of
+/// the previous text beyond it, which the write must clear.
+fn replace_text_words(set: &mut RequestSet, words: usize) -> std::ops::Range<usize> {
     let previous = std::mem::replace(&mut set.text_words, words);
     words..previous.max(words)
 }
 
-/// Writes a text of `len` bytes into a slot being written: the words it uses, and zeros into the
-/// words `clear` of a longer previous text (see [`replace_text_words`]).
-fn write_text(w: &[AtomicU64], text: &RequestText, len: usize, clear: std::ops::Range<usize>) {
-    for (i, chunk) in text.chunks_exact(8).take(len.div_ceil(8)).enumerate() {
-        let word = u64::from_le_bytes(chunk.try_into().expect("chunks of 8"));
-        w[TEXT + i].store(word, Ordering::Relaxed);
+/// Writes a text of `words` words into a slot being written, and zeros into the words `clear`
+/// of a longer previous text (see [`replace_text_words`]).
+fn write_text(w: &[AtomicU64], text: &RequestText, words: usize, clear: std::ops::Range<usize>) {
+    for (i, word) in text.iter().take(words).enumerate() {
+        w[TEXT + i].store(*word, Ordering::Relaxed);
     }
     for i in clear {
         w[TEXT + i].store(0, Ordering::Relaxed);
@@ -1031,6 +1077,39 @@ mod tests {
         assert_eq!((v.in_flight, v.request.as_str()), (1, "GET /after"));
         drop(after);
         assert_eq!(board.read(0).unwrap().request, "");
+    }
+
+    proptest::proptest! {
+        /// The slot's text words are `method path`'s bytes, truncated and NUL-padded, whatever
+        /// the lengths (every alignment of the path's 8-byte chunks to the words).
+        #[test]
+        fn text_words_are_the_truncated_padded_bytes(method in "[A-Z]{0,12}", path in "/[ -~]{0,140}") {
+            let mut bytes = format!("{method} {path}").into_bytes();
+            bytes.truncate(REQUEST_TEXT_BYTES);
+            let expected: Vec<u64> = bytes
+                .chunks(8)
+                .map(|c| {
+                    let mut w = [0u8; 8];
+                    w[..c.len()].copy_from_slice(c);
+                    u64::from_le_bytes(w)
+                })
+                .collect();
+            let mut got = Vec::new();
+            let n = text_words(&method, &path, |i, w| {
+                assert_eq!(i, got.len());
+                got.push(w);
+            });
+            proptest::prop_assert_eq!(n, expected.len());
+            proptest::prop_assert_eq!(got, expected);
+            // A request shown after a longer one leaves no byte of it behind.
+            let board = Scoreboard::create(1).expect("memfd");
+            let slot = board.slot(0).unwrap();
+            slot.claim(10, Role::Worker, 0, 0, State::Ready);
+            drop(slot.track_request("DELETE", &format!("/{}", "y".repeat(200))));
+            let _shown = slot.track_request(&method, &path);
+            let shown = board.read(0).unwrap().request;
+            proptest::prop_assert_eq!(shown.as_bytes(), &bytes[..]);
+        }
     }
 
     #[test]
