@@ -629,6 +629,76 @@ fn a_workers_death_notice_thread_preempts_though_the_worker_runs_under_sched_bat
     }
 }
 
+/// An activated spare serves its first moments as it stood by (`SCHED_OTHER`, at the priority
+/// the monitor raised it to), then moves back in a task of its runtime; a handler that blocks
+/// that runtime from the first request would keep it there for as long as it hangs. The monitor
+/// puts it back, and says so.
+#[test]
+fn a_spare_that_hangs_from_its_first_request_is_put_back_by_the_monitor() {
+    use common::sched::{nice_of_thread, policy_of_thread, BATCH, OTHER};
+    let server = launch(
+        1,
+        &[
+            "--spare-workers",
+            "1",
+            "--sched-batch",
+            "true",
+            "--timeout",
+            "120",
+            "--debug-routes",
+        ],
+    );
+    let worker = server.wait_workers(1, READY_TIMEOUT)[0];
+    let spare = wait_spare(&server, "at start", |_| true);
+    let nice_of = |pid: i32| nice_of_thread(pid, pid);
+    let (tree, monitor) = (nice_of(worker), nice_of(server.pid));
+    // Raised when the monitor runs above the tree (it has the privilege here if it does).
+    let standby = poll_until(SETTLE, || {
+        let (n, policy) = (nice_of(spare.pid), policy_of_thread(spare.pid, spare.pid));
+        (n == monitor && policy == OTHER).then_some(n)
+    })
+    .unwrap_or_else(|| panic!("the spare does not stand by raised, under SCHED_OTHER"));
+
+    // Its first request spins: queued while the only worker is stopped, then the worker dies.
+    let stopped = server.process(worker);
+    assert!(stopped.signal(Signal::SIGSTOP), "SIGSTOP to the worker");
+    // Stopped once /proc says so (the signal is asynchronous): it must not accept the request.
+    poll_until(SETTLE, || {
+        let stat = std::fs::read_to_string(format!("/proc/{worker}/stat")).ok()?;
+        stat.rsplit(')')
+            .next()?
+            .trim_start()
+            .starts_with('T')
+            .then_some(())
+    })
+    .expect("the worker stopped");
+    let mut spin = TcpStream::connect(server.tcp_addr()).expect("connect");
+    spin.write_all(b"GET /spin HTTP/1.1\r\nHost: t\r\n\r\n")
+        .expect("write");
+    let mark = server.log.mark();
+    server.signal_process(worker, Signal::SIGKILL);
+    server
+        .log
+        .wait_for_log_since(mark, "hot_spare=true", SETTLE);
+    let mut last = (standby, OTHER);
+    poll_until(SETTLE, || {
+        last = (nice_of(spare.pid), policy_of_thread(spare.pid, spare.pid));
+        (last == (tree, BATCH)).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the hung spare's main thread stays at nice {} policy {} (the tree: nice {tree}, \
+             SCHED_BATCH); log:\n{}",
+            last.0,
+            last.1,
+            server.log.text()
+        )
+    });
+    server
+        .log
+        .wait_for_log_since(mark, "the monitor put back", SETTLE);
+}
+
 /// One registration in an epoll instance, as `/proc/PID/fdinfo` shows it (proc(5):
 /// `tfd: N events: HEX data: HEX pos:0 ino:HEX ...`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

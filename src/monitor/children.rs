@@ -85,6 +85,9 @@ pub(crate) struct Child {
     pub death_notice: Option<std::os::fd::OwnedFd>,
     /// Its death notice hung up while it served: it is exiting and its place was taken.
     pub dying: bool,
+    /// An activated spare: when the monitor checks that it put its main thread back to the
+    /// tree's priority and policy after its first moments (`spares::settle_activated_priorities`).
+    pub settle_priority_at: Option<Instant>,
 }
 
 impl Child {
@@ -109,6 +112,7 @@ impl Child {
             killed: None,
             death_notice: None,
             dying: false,
+            settle_priority_at: None,
         }
     }
 

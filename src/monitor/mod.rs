@@ -266,6 +266,7 @@ impl Monitor {
             }
             let began = Instant::now();
             self.settle_pending_takeovers();
+            self.settle_activated_priorities();
             self.reconcile()?;
             self.sync_takeovers();
             let began = slow_step("reconcile", began, &turn);

@@ -100,6 +100,13 @@ const STALE_HEARTBEAT_MS: u64 = 2000;
 /// one boots anyway).
 const REFILL_DELAY: Duration = Duration::from_millis(5);
 
+/// How long after its activation the monitor checks that a spare put its main thread back to the
+/// tree's priority and `SCHED_BATCH` (`settle_activated_priorities`): the spare does it itself
+/// after its first moments (50 ms, `worker::policy::FIRST_SERVICE`), in a task of its runtime,
+/// which a handler that blocks that runtime from the first request would hold up for as long as
+/// it hangs (with one runtime thread, the default).
+const SETTLE_PRIORITY_AFTER: Duration = Duration::from_millis(250);
+
 impl Monitor {
     /// Activates a ready spare of generation `min_generation` or newer as worker `nr`: true if
     /// one took over. The newest generation is preferred.
@@ -276,6 +283,7 @@ impl Monitor {
         // here.
         c.started = Instant::now();
         c.max_requests = limits::max_requests_for(&self.config, slot);
+        c.settle_priority_at = Some(Instant::now() + SETTLE_PRIORITY_AFTER);
         let (pid, generation, label) = (c.pid_raw(), c.generation, c.label());
         self.spare_activations += 1;
         self.last_spare_activation = Some(Instant::now());
@@ -579,7 +587,8 @@ impl Monitor {
 
 /// A spare standing by only waits for `Activate`, and everything after it waits on its wake-up:
 /// when the monitor runs above the tree (`monitor_nice_boost` had the privilege), the spare's
-/// thread is raised to the monitor's level until it is activated (it then puts itself back), so
+/// thread is raised to the monitor's level until it is activated (it then puts itself back, or
+/// the monitor does: [`Monitor::settle_activated_priorities`]), so
 /// that on a saturated machine its wake-up preempts as the monitor's does instead of queueing
 /// behind busy workers. Otherwise it stays at the tree's level. It uses no CPU meanwhile.
 pub(super) fn raise_standby_priority(pid: Option<nix::unistd::Pid>) {
@@ -591,6 +600,56 @@ pub(super) fn raise_standby_priority(pid: Option<nix::unistd::Pid>) {
     }
     if let Err(e) = crate::sys::process::set_nice_of(pid, own) {
         tracing::debug!(error = %e, pid = pid.as_raw(), "a spare's priority stays the tree's");
+    }
+}
+
+impl Monitor {
+    /// Puts the main thread of each spare activated [`SETTLE_PRIORITY_AFTER`] ago back to the
+    /// tree's priority and `SCHED_BATCH` (`sched_batch`), if it is still where it stood by: at
+    /// the priority the monitor raised it to (`raise_standby_priority`), under `SCHED_OTHER`.
+    /// A spare does that itself after its first moments; one that has not by now is held up by
+    /// a handler that blocks its runtime, and must not go on running above the tree meanwhile.
+    /// Each turn of the loop (the monitor wakes at least every 100 ms).
+    pub(super) fn settle_activated_priorities(&mut self) {
+        let now = Instant::now();
+        let raised = crate::sys::process::nice()
+            .ok()
+            .filter(|own| *own < super::priority::tree_nice());
+        let sched_batch = self.config.sched_batch;
+        for c in self.children.values_mut() {
+            if c.settle_priority_at.is_none_or(|at| at > now) {
+                continue;
+            }
+            c.settle_priority_at = None;
+            // Not reaped (it is in the table): its number is still its own.
+            let Some(pid) = c.pid else { continue };
+            let mut put_back = Vec::new();
+            if let Some(raised) = raised {
+                let tree = super::priority::tree_nice();
+                if crate::sys::process::nice_of(pid).is_ok_and(|n| n == raised)
+                    && crate::sys::process::set_nice_of(pid, tree).is_ok()
+                {
+                    put_back.push("its priority");
+                }
+            }
+            use crate::sys::process::{switch_policy_of, Policy};
+            // Contract: `pid` is a child of the monitor's that it has not reaped.
+            if sched_batch
+                && switch_policy_of(pid.as_raw(), Policy::Other, Policy::Batch).unwrap_or(false)
+            {
+                put_back.push("SCHED_BATCH");
+            }
+            if !put_back.is_empty() {
+                tracing::warn!(
+                    pid = pid.as_raw(),
+                    nr = c.nr,
+                    "{}, an activated spare, still ran as it stood by {} ms after it took its place (a handler busy since its first request?); the monitor put back {}",
+                    c.label(),
+                    SETTLE_PRIORITY_AFTER.as_millis(),
+                    put_back.join(" and ")
+                );
+            }
+        }
     }
 }
 

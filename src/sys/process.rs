@@ -149,11 +149,26 @@ pub fn set_child_subreaper() -> io::Result<()> {
 /// The calling thread's nice value (`getpriority`; on Linux, `PRIO_PROCESS` with pid 0 names
 /// the calling thread, and a process of one thread is that thread).
 pub fn nice() -> io::Result<i32> {
+    nice_of_raw(0)
+}
+
+/// The nice value of thread `tid` (a process's main thread has its pid).
+pub fn nice_of(tid: Pid) -> io::Result<i32> {
+    match libc::id_t::try_from(tid.as_raw()) {
+        // 0 would name the calling thread.
+        Ok(0) | Err(_) => Err(io::Error::from(io::ErrorKind::InvalidInput)),
+        Ok(who) => nice_of_raw(who),
+    }
+}
+
+/// `getpriority(PRIO_PROCESS, who)`, told apart from a failure (a nice value may be -1).
+fn nice_of_raw(who: libc::id_t) -> io::Result<i32> {
     // SAFETY: errno is thread-local and writable; it is cleared so that a nice value of -1 can be
     // told from a failure, as getpriority(2) prescribes.
     unsafe { *libc::__errno_location() = 0 };
-    // SAFETY: getpriority takes no pointer; pid 0 names the calling thread.
-    let n = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    // SAFETY: getpriority takes no pointer; `who` names a thread (0: the calling one), and a
+    // number of no thread only makes it fail with ESRCH.
+    let n = unsafe { libc::getpriority(libc::PRIO_PROCESS, who) };
     if n == -1 {
         let e = io::Error::last_os_error();
         if e.raw_os_error().is_some_and(|code| code != 0) {
@@ -224,9 +239,10 @@ pub fn switch_policy(from: Policy, to: Policy) -> io::Result<bool> {
 ///
 /// # Contract
 ///
-/// `tid` is 0 or a thread of this process that cannot exit before the call returns: a number
-/// the kernel has handed to another thread since would switch that one, in any process of the
-/// same user.
+/// `tid` is 0, a thread of this process that cannot exit before the call returns, or the main
+/// thread of a child of this process that it has not reaped (a zombie keeps its number): a
+/// number the kernel has handed to another thread since would switch that one, in any process
+/// of the same user.
 pub(crate) fn switch_policy_of(tid: libc::pid_t, from: Policy, to: Policy) -> io::Result<bool> {
     // SAFETY: sched_getscheduler takes no pointer; `tid` names a thread (the contract above keeps
     // it this process's), and a number of no thread only makes it fail with ESRCH.

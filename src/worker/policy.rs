@@ -15,7 +15,10 @@
 //! `/proc/self/task`, whose dentries make the monitor's reap of this process spin (see
 //! `name_runtime_thread`); that is the suspected reason why a change that listed it (78e5aff,
 //! reverted) made tests/chaos's reaps take seconds of the monitor's CPU. Threads an app's
-//! handler starts itself during those moments keep the `SCHED_OTHER` they inherit.
+//! handler starts itself during those moments keep the `SCHED_OTHER` they inherit. The move back
+//! is a task of the spare's runtime: a handler that blocks the only runtime thread from the first
+//! request holds it up, and the monitor then puts the main thread back itself
+//! (`monitor::spares`, `settle_activated_priorities`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;

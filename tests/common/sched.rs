@@ -22,6 +22,19 @@ pub fn policy_of_thread(pid: i32, tid: i32) -> u32 {
         .expect("number")
 }
 
+/// The nice value of thread `tid` of process `pid` (field 19 of its stat).
+pub fn nice_of_thread(pid: i32, tid: i32) -> i32 {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).expect("a thread's stat");
+    let after = &stat[stat.rfind(')').expect("comm") + 2..];
+    after
+        .split(' ')
+        .nth(19 - 3)
+        .expect("nice")
+        .parse()
+        .expect("number")
+}
+
 /// The ids of `pid`'s threads.
 pub fn threads(pid: i32) -> Vec<i32> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
