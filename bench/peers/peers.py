@@ -38,6 +38,9 @@ ROUNDS = env_int("ROUNDS", 3)
 DURATION = env_int("DURATION", 5)  # s per wrk run
 WARMUP = env_int("WARMUP", 2)
 CONNS = env_int("CONNS", 64)
+# wrk threads in the shared phase (the pinned phase has one CPU for the client: always 1). One
+# wrk thread can use one core only: at ~100% of it the client, not the server, sets the pace.
+SHARED_WRK_THREADS = env_int("SHARED_WRK_THREADS", 1)
 OPEN_SECONDS = env_float("OPEN_SECONDS", 8)
 OPEN_CONNS = env_int("OPEN_CONNS", 32)
 OPEN_FRACTIONS = [float(x) for x in os.environ.get("OPEN_FRACTIONS", "0.5,0.9").split(",")]
@@ -298,7 +301,8 @@ def wait_quiet(max_busy=QUIET_MAX_BUSY, wait=QUIET_WAIT):
 
 # ------------------------------------------------------------------ loads
 def run_wrk(server, seconds, pinned):
-    cmd = ["wrk", "-t1", f"-c{CONNS}", f"-d{seconds}s", "--latency", "-s", STATS_LUA, f"http://127.0.0.1:{server.port}/"]
+    threads = 1 if pinned else SHARED_WRK_THREADS
+    cmd = ["wrk", f"-t{threads}", f"-c{CONNS}", f"-d{seconds}s", "--latency", "-s", STATS_LUA, f"http://127.0.0.1:{server.port}/"]
     if pinned:
         cmd = ["taskset", "-c", LOAD_CPU] + cmd
     t0, m0, st0 = server.tree_ticks(), machine_ticks(), steal_ms()
@@ -501,7 +505,7 @@ def main():
             sys.exit(f"missing {tool}: run bench/peers/run.sh (it builds it)")
     work = tempfile.mkdtemp(prefix="tine-bench-peers.")
     results = {"settings": {k: globals()[k] for k in (
-        "ROUNDS", "DURATION", "WARMUP", "CONNS", "OPEN_SECONDS", "OPEN_CONNS", "OPEN_FRACTIONS", "KILLS", "RELOADS",
+        "ROUNDS", "DURATION", "WARMUP", "CONNS", "SHARED_WRK_THREADS", "OPEN_SECONDS", "OPEN_CONNS", "OPEN_FRACTIONS", "KILLS", "RELOADS",
         "STRICT_CONNS", "RELOAD_TIMEOUT", "PHASES", "QUIET_WAIT", "QUIET_MAX_BUSY")}, "default_sched_batch": DEFAULT_BATCH, "loadavg_before": loadavg(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "servers": {}, "commands": {}}
     for name, label, kind in specs:

@@ -288,8 +288,9 @@ for layout in ("shared", "pinned"):
     wc = {s: [r["wrk_cpu_pct_of_a_core"] for r in R.get(f"wrk_{layout}", {}).get(s, []) if "wrk_cpu_pct_of_a_core" in r]
           for s in SERVERS}
     if any(wc.values()):
-        p(f"wrk's own CPU during the {layout} runs (% of one core; wrk -t1 is one thread, so near 100% the "
-          "client, not the server, sets the pace): "
+        threads = R["settings"].get("SHARED_WRK_THREADS", 1) if layout == "shared" else 1
+        p(f"wrk's own CPU during the {layout} runs (% of one core; wrk -t{threads} is {threads} "
+          f"thread{'s' if threads > 1 else ''}, so near {100 * threads}% the client, not the server, sets the pace): "
           + ", ".join(f"{LABEL.get(s, s)} {med(v):.0f}% ({min(v):.0f}–{max(v):.0f})" for s, v in wc.items() if v) + ".\n")
 errs = {(layout, s): sum(sum(r["errors"].values()) for r in R.get(f"wrk_{layout}", {}).get(s, []))
         for layout in ("shared", "pinned") for s in SERVERS}
