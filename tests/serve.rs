@@ -198,15 +198,17 @@ fn an_activated_spare_moves_to_sched_batch_after_its_first_moments_all_threads_b
     assert_eq!(policy_of_thread(spare, spare), OTHER, "a standing-by spare");
     // Its runtime's threads too (`--worker-threads 2`: two `tine-spare-w` besides the main
     // thread), while its profiler's is SCHED_BATCH (started after the switch, as a worker's).
-    let runtime = threads_named(spare, "tine-spare-w");
-    assert!(!runtime.is_empty(), "the spare's runtime threads");
-    for tid in runtime {
-        assert_eq!(
-            policy_of_thread(spare, tid),
-            OTHER,
-            "runtime thread {tid} standing by"
-        );
-    }
+    // A thread runs its start hook (which gives it its policy) a moment after it is created:
+    // the check waits for it.
+    let mut last = Vec::new();
+    poll_until(settle, || {
+        last = threads_named(spare, "tine-spare-w")
+            .into_iter()
+            .map(|tid| (tid, policy_of_thread(spare, tid)))
+            .collect();
+        (!last.is_empty() && last.iter().all(|(_, p)| *p == OTHER)).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the spare's runtime threads standing by (tid, policy): {last:?}"));
     for tid in threads_named(spare, "tine-profile") {
         assert_eq!(
             policy_of_thread(spare, tid),
@@ -259,13 +261,19 @@ fn workers_run_under_sched_batch_and_the_monitor_does_not() {
     // A worker promoted to mold moves back; the workers it forks move to SCHED_BATCH themselves.
     assert_eq!(server.ctl(&["refork"]).map(|_| ()), Ok(()));
     let gen1 = poll_until(Duration::from_secs(20), || {
-        let mold = server.with_title("tine mold (gen:1)").pop()?;
+        // The mold by its role: a process the mold has just forked bears the mold's title for a
+        // moment, under the policy it already switched to.
+        let rows = common::status::child_rows(&server, &server.status())?;
+        let mold = rows
+            .iter()
+            .find(|r| r.role == "mold" && r.generation == 1 && r.pid > 0)?
+            .pid;
         let workers = server.with_title("tine worker[");
         (workers.len() == 2 && workers.iter().all(|w| w.title.ends_with("(gen:1)")))
             .then_some((mold, workers))
     });
     let (mold, workers) = gen1.expect("generation 1 rolled out");
-    assert_eq!(policy(mold.pid), OTHER, "the promoted mold");
+    assert_eq!(policy(mold), OTHER, "the promoted mold");
     for w in &workers {
         assert_eq!(policy(w.pid), BATCH, "gen-1 worker {}", w.pid);
     }

@@ -699,6 +699,38 @@ fn a_spare_that_hangs_from_its_first_request_is_put_back_by_the_monitor() {
         .wait_for_log_since(mark, "the monitor put back", SETTLE);
 }
 
+/// A worker has a thread that only parks, at nice 19 (`worker::teardown`): when the worker is
+/// killed it exits last, so the kernel tears the dead worker's memory down in it, after the spare
+/// and its clients ran. The other threads keep the tree's priority; a worker promoted to mold
+/// stops it (a mold forks, so it must be single-threaded).
+#[test]
+fn a_worker_keeps_a_lowest_priority_thread_for_its_teardown() {
+    use common::sched::{nice_of_thread, threads, threads_named};
+    let server = launch(1, &["--spare-workers", "1"]);
+    let worker = server.wait_workers(1, READY_TIMEOUT)[0];
+    let spare = wait_spare(&server, "at start", |_| true);
+    for (what, pid) in [("worker", worker), ("spare", spare.pid)] {
+        let teardown = poll_until(SETTLE, || {
+            let found = threads_named(pid, "tine-teardown");
+            (found.len() == 1).then_some(found[0])
+        })
+        .unwrap_or_else(|| panic!("the {what}'s teardown thread: {:?}", threads(pid)));
+        assert_eq!(
+            nice_of_thread(pid, teardown),
+            19,
+            "the {what}'s teardown thread"
+        );
+    }
+    // Its other threads keep the tree's priority (a standing-by spare's main thread is raised).
+    for tid in threads(worker) {
+        if !threads_named(worker, "tine-teardown").contains(&tid) {
+            assert_eq!(nice_of_thread(worker, tid), 0, "the worker's thread {tid}");
+        }
+    }
+    // Killed, the worker is replaced as ever.
+    kill_worker_0_and_see_the_spare_take_over(&server, worker, spare.pid);
+}
+
 /// One registration in an epoll instance, as `/proc/PID/fdinfo` shows it (proc(5):
 /// `tfd: N events: HEX data: HEX pos:0 ino:HEX ...`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

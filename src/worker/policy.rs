@@ -107,18 +107,26 @@ fn switch_runtime_threads(from: Policy, to: Policy) {
     }
 }
 
-/// The runtime's `on_thread_start`: keeps the new thread's id, and moves it to `SCHED_BATCH` if
-/// it was started outside a spare's first moments by a thread under `SCHED_OTHER` (the main
-/// thread of a spare starts the blocking pool's threads).
+/// The runtime's `on_thread_start`: keeps the new thread's id, and gives it the policy of the
+/// moment, whatever it inherited: `SCHED_OTHER` during a spare's first moments, `SCHED_BATCH`
+/// outside them (the main thread of a spare starts the blocking pool's threads). A thread is
+/// created before it runs this: one created before a spare stood by but running this only after
+/// [`stand_by_under_sched_other`] switched the listed threads was missed by that switch.
+///
+/// The flag is read and the thread switched under the list's lock, which both switches of the
+/// listed threads take after they set the flag: so either this thread is listed before a switch
+/// takes the lock (and switched by it) or it reads the flag that switch set.
 pub(super) fn runtime_thread_started() {
     let tid = crate::sys::futex::gettid() as i32;
-    RUNTIME_THREADS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(tid);
-    if BATCH_SET_HERE.load(Ordering::Relaxed) && !FIRST_MOMENTS.load(Ordering::Relaxed) {
-        let _ = switch_policy(Policy::Other, Policy::Batch);
+    let mut threads = RUNTIME_THREADS.lock().unwrap_or_else(|e| e.into_inner());
+    threads.push(tid);
+    if BATCH_SET_HERE.load(Ordering::Relaxed) {
+        let _ = match FIRST_MOMENTS.load(Ordering::Relaxed) {
+            true => switch_policy(Policy::Batch, Policy::Other),
+            false => switch_policy(Policy::Other, Policy::Batch),
+        };
     }
+    drop(threads);
 }
 
 /// The runtime's `on_thread_stop`: forgets the thread's id before it is gone.
