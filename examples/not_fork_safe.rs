@@ -5,7 +5,7 @@
 //!
 //! ```sh
 //! cargo run --example not_fork_safe -- serve --listen 127.0.0.1:8080 --workers 2 --debug-headers
-//! curl -s localhost:8080/          # worker 0 pid 1234 fork_safe false threads 5
+//! curl -s localhost:8080/          # worker 0 pid 1234 fork_safe false threads 4
 //! ```
 //!
 //! Every response says which worker answered, whether it is still fork-safe, and how many threads

@@ -82,9 +82,7 @@
 //! notice (`worker::sentinel`, passed with `Hello`) is a socket held by a thread of the worker
 //! with a descriptor table of its own, so it hangs up as the worker's threads start exiting,
 //! before the kernel has unmapped its memory (its channel and its clients' connections close
-//! only after that; without a notice the channel's EOF serves). That unmapping is done by the
-//! last of the dead worker's threads to exit, and a worker keeps one thread parked at nice 19
-//! for it (`worker::teardown`), so that it mostly runs after the spare has answered. Whenever `reconcile` finds a
+//! only after that; without a notice the channel's EOF serves). Whenever `reconcile` finds a
 //! worker number missing — a death, a limit's replace-then-retire, a scale-up, a rollout's
 //! replacement — it first takes a ready spare (its standby word, so that a spare that took a place
 //! on its own is not activated twice) and sends it `Activate { nr }` with the listening sockets

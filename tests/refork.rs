@@ -510,8 +510,8 @@ fn not_fork_safe_worker_is_never_promoted() {
         let r = c.get("/").expect("GET /");
         if r.text().starts_with("worker 0 ") {
             assert!(
-                // The runtime's thread, tine's profiler, death-notice and teardown threads, and the app's.
-                r.text().contains("fork_safe false threads 5"),
+                // The runtime's thread, tine's profiler and death-notice threads, and the app's.
+                r.text().contains("fork_safe false threads 4"),
                 "{}",
                 r.text()
             );

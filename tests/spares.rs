@@ -103,21 +103,22 @@ impl MonitorStopped {
     fn new(server: &Server) -> MonitorStopped {
         let pid = nix::unistd::Pid::from_raw(server.pid);
         nix::sys::signal::kill(pid, Signal::SIGSTOP).expect("SIGSTOP to the monitor");
-        // Stopped once /proc says so (the signal is asynchronous).
-        poll_until(SETTLE, || {
-            std::fs::read_to_string(format!("/proc/{}/stat", server.pid))
-                .ok()
-                .and_then(|s| {
-                    s.rsplit(')')
-                        .next()
-                        .map(|r| r.trim_start().starts_with('T'))
-                })
-                .unwrap_or(false)
-                .then_some(())
-        })
-        .expect("the monitor stopped");
+        wait_stopped(server.pid, "the monitor");
         MonitorStopped(pid)
     }
+}
+
+/// Waits until `/proc` shows `pid` stopped: a `SIGSTOP` takes effect asynchronously.
+fn wait_stopped(pid: i32, what: &str) {
+    poll_until(SETTLE, || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit(')')
+            .next()?
+            .trim_start()
+            .starts_with('T')
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("{what} ({pid}) did not stop"));
 }
 
 impl Drop for MonitorStopped {
@@ -662,16 +663,8 @@ fn a_spare_that_hangs_from_its_first_request_is_put_back_by_the_monitor() {
     // Its first request spins: queued while the only worker is stopped, then the worker dies.
     let stopped = server.process(worker);
     assert!(stopped.signal(Signal::SIGSTOP), "SIGSTOP to the worker");
-    // Stopped once /proc says so (the signal is asynchronous): it must not accept the request.
-    poll_until(SETTLE, || {
-        let stat = std::fs::read_to_string(format!("/proc/{worker}/stat")).ok()?;
-        stat.rsplit(')')
-            .next()?
-            .trim_start()
-            .starts_with('T')
-            .then_some(())
-    })
-    .expect("the worker stopped");
+    // It must not accept the request.
+    wait_stopped(worker, "the worker");
     let mut spin = TcpStream::connect(server.tcp_addr()).expect("connect");
     spin.write_all(b"GET /spin HTTP/1.1\r\nHost: t\r\n\r\n")
         .expect("write");
@@ -697,38 +690,6 @@ fn a_spare_that_hangs_from_its_first_request_is_put_back_by_the_monitor() {
     server
         .log
         .wait_for_log_since(mark, "the monitor put back", SETTLE);
-}
-
-/// A worker has a thread that only parks, at nice 19 (`worker::teardown`): when the worker is
-/// killed it exits last, so the kernel tears the dead worker's memory down in it, after the spare
-/// and its clients ran. The other threads keep the tree's priority; a worker promoted to mold
-/// stops it (a mold forks, so it must be single-threaded).
-#[test]
-fn a_worker_keeps_a_lowest_priority_thread_for_its_teardown() {
-    use common::sched::{nice_of_thread, threads, threads_named};
-    let server = launch(1, &["--spare-workers", "1"]);
-    let worker = server.wait_workers(1, READY_TIMEOUT)[0];
-    let spare = wait_spare(&server, "at start", |_| true);
-    for (what, pid) in [("worker", worker), ("spare", spare.pid)] {
-        let teardown = poll_until(SETTLE, || {
-            let found = threads_named(pid, "tine-teardown");
-            (found.len() == 1).then_some(found[0])
-        })
-        .unwrap_or_else(|| panic!("the {what}'s teardown thread: {:?}", threads(pid)));
-        assert_eq!(
-            nice_of_thread(pid, teardown),
-            19,
-            "the {what}'s teardown thread"
-        );
-    }
-    // Its other threads keep the tree's priority (a standing-by spare's main thread is raised).
-    for tid in threads(worker) {
-        if !threads_named(worker, "tine-teardown").contains(&tid) {
-            assert_eq!(nice_of_thread(worker, tid), 0, "the worker's thread {tid}");
-        }
-    }
-    // Killed, the worker is replaced as ever.
-    kill_worker_0_and_see_the_spare_take_over(&server, worker, spare.pid);
 }
 
 /// One registration in an epoll instance, as `/proc/PID/fdinfo` shows it (proc(5):

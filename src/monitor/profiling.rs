@@ -260,13 +260,10 @@ impl Monitor {
             else {
                 continue;
             };
-            // The profiler thread itself only waits, and the death notice's and the teardown
-            // threads only park with every signal blocked: their stacks say nothing of the hang.
+            // The profiler thread itself only waits, and the death notice's thread only parks
+            // with every signal blocked: their stacks say nothing about the hang.
             let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-            if matches!(
-                name.trim(),
-                "tine-profile" | "tine-sentinel" | "tine-teardown"
-            ) {
+            if matches!(name.trim(), "tine-profile" | "tine-sentinel") {
                 continue;
             }
             if crate::sys::sampling::request_stack(pid, tid).is_ok() {

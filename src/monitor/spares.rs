@@ -621,6 +621,11 @@ impl Monitor {
                 continue;
             }
             c.settle_priority_at = None;
+            // A worker promoted to mold meanwhile runs as molds do (`SCHED_OTHER`: the workers it
+            // forks inherit it and switch themselves), and one leaving is no matter.
+            if c.kind != Kind::Worker || c.phase != Phase::Ready || !c.is_active_worker() {
+                continue;
+            }
             // Not reaped (it is in the table): its number is still its own.
             let Some(pid) = c.pid else { continue };
             let mut put_back = Vec::new();

@@ -1289,8 +1289,8 @@ impl_peek!(tokio::net::TcpStream, tokio::net::UnixStream);
 
 /// Either socket type, dispatched per call: connections are served through this one type, so
 /// that hyper's connection code is compiled once. Compiled twice (once per socket type), the
-/// compiler kept more of hyper's functions out of line in both copies: 195 user-space
-/// instructions per `hello` request more (`bench/http/instructions.sh`, 7,010 vs 6,815).
+/// compiler kept more of hyper's functions out of line in both copies: 163 user-space
+/// instructions per `hello` request more (`bench/http/instructions.sh`, 7,008 vs 6,845).
 macro_rules! either_stream {
     ($self:expr, $s:ident => $e:expr) => {
         match $self {

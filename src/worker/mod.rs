@@ -7,7 +7,6 @@ mod profile;
 mod sentinel;
 mod stream;
 mod takeover;
-mod teardown;
 
 pub(crate) use policy::restore_scheduling_policy;
 
@@ -126,14 +125,6 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
     if config.sched_batch {
         policy::enter_sched_batch();
     }
-    // Started after the switch, so that it runs under the worker's policy, at its own nice 19.
-    let teardown = match teardown::TeardownThread::start() {
-        Ok(t) => Some(t),
-        Err(e) => {
-            tracing::debug!(error = %e, "no teardown thread: the dead worker's memory is torn down by whichever of its threads exits last");
-            None
-        }
-    };
     let notice_fds: Vec<_> = notice.iter().map(std::os::fd::AsFd::as_fd).collect();
     if channel.send(&Report::Hello { pid }, &notice_fds).is_err() {
         return Outcome::Exit(72);
@@ -218,9 +209,6 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
             runtime.shutdown_timeout(Duration::from_secs(5));
             if let Some(sentinel) = sentinel {
                 sentinel.stop();
-            }
-            if let Some(teardown) = teardown {
-                teardown.stop();
             }
             Outcome::Promote {
                 generation,

@@ -19,9 +19,7 @@
 //! - it exits last: the other threads have closed the shared table already (the channel, the
 //!   connections) and it is this thread that tears the address space down, after them.
 //!
-//! Either way the monitor knows before `exit_mmap` and has a spare serving meanwhile. (The
-//! worker's teardown thread, `worker::teardown`, at nice 19, is usually the last out, so the
-//! first case is the usual one.)
+//! Either way the monitor knows before `exit_mmap` and has a spare serving meanwhile.
 //!
 //! The same thread owns the worker's robust futex word (scoreboard, see `takeover`): it registers
 //! a one-entry robust list pointing at it (`sys::futex::own_robust_word`), and while the worker is

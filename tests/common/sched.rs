@@ -7,32 +7,27 @@ pub const BATCH: u32 = 3;
 /// SCHED_IDLE.
 pub const IDLE: u32 = 5;
 
-/// The scheduling policy of thread `tid` of process `pid` (field 41 of its stat; `tid == pid`
-/// is the main thread, whose policy `/proc/PID/stat` shows too).
-pub fn policy_of_thread(pid: i32, tid: i32) -> u32 {
+/// Field `n` (numbered from 1, as proc(5) does) of thread `tid`'s stat in process `pid`.
+fn stat_field<T: std::str::FromStr>(pid: i32, tid: i32, n: usize) -> T {
     let stat =
         std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).expect("a thread's stat");
     // Fields after the command (which may hold spaces) start at field 3.
     let after = &stat[stat.rfind(')').expect("comm") + 2..];
-    after
-        .split(' ')
-        .nth(41 - 3)
-        .expect("policy")
+    let field = after.split(' ').nth(n - 3).expect("the field");
+    field
         .parse()
-        .expect("number")
+        .unwrap_or_else(|_| panic!("field {n} of a stat is a number: {field}"))
+}
+
+/// The scheduling policy of thread `tid` of process `pid` (field 41 of its stat; `tid == pid`
+/// is the main thread, whose policy `/proc/PID/stat` shows too).
+pub fn policy_of_thread(pid: i32, tid: i32) -> u32 {
+    stat_field(pid, tid, 41)
 }
 
 /// The nice value of thread `tid` of process `pid` (field 19 of its stat).
 pub fn nice_of_thread(pid: i32, tid: i32) -> i32 {
-    let stat =
-        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).expect("a thread's stat");
-    let after = &stat[stat.rfind(')').expect("comm") + 2..];
-    after
-        .split(' ')
-        .nth(19 - 3)
-        .expect("nice")
-        .parse()
-        .expect("number")
+    stat_field(pid, tid, 19)
 }
 
 /// The ids of `pid`'s threads.
