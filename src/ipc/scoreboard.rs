@@ -286,6 +286,13 @@ fn text_words(method: &str, path: &str, mut put: impl FnMut(usize, u64)) -> usiz
     index
 }
 
+/// How many words [`text_words`] hands over for `method path`.
+fn text_word_count_of(method: &str, path: &str) -> usize {
+    (method.len() + 1 + path.len())
+        .min(REQUEST_TEXT_BYTES)
+        .div_ceil(8)
+}
+
 /// The text `method path` as [`text_words`] makes it, kept, and how many words it has.
 fn request_text(method: &str, path: &str) -> (RequestText, usize) {
     let mut text = [0u64; TEXT_WORDS];
@@ -873,20 +880,16 @@ impl<'a> SlotWriter<'a> {
             text: None,
         });
         let in_flight = set.in_flight();
-        let previous_words = set.text_words;
-        let mut words = 0;
+        let cleared = replace_text_words(&mut set, text_word_count_of(method, path));
         self.write(&set, |w| {
             w[IN_FLIGHT].store(in_flight, Ordering::Relaxed);
             w[STATE].store(State::Busy as u64, Ordering::Relaxed);
             w[OLDEST_START_MS].store(now, Ordering::Relaxed);
-            words = text_words(method, path, |i, word| {
+            text_words(method, path, |i, word| {
                 w[TEXT + i].store(word, Ordering::Relaxed)
             });
-            for word in &w[TEXT + words..TEXT + previous_words.max(words)] {
-                word.store(0, Ordering::Relaxed);
-            }
+            clear_text_words(w, cleared);
         });
-        set.text_words = words;
         drop(set);
         InFlightRequest { slot: *self, id }
     }
@@ -1001,6 +1004,11 @@ fn write_text(w: &[AtomicU64], text: &RequestText, words: usize, clear: std::ops
     for (i, word) in text.iter().take(words).enumerate() {
         w[TEXT + i].store(*word, Ordering::Relaxed);
     }
+    clear_text_words(w, clear);
+}
+
+/// Zeros the slot's text words `clear` (those of a longer previous text).
+fn clear_text_words(w: &[AtomicU64], clear: std::ops::Range<usize>) {
     for i in clear {
         w[TEXT + i].store(0, Ordering::Relaxed);
     }
@@ -1100,6 +1108,7 @@ mod tests {
                 got.push(w);
             });
             proptest::prop_assert_eq!(n, expected.len());
+            proptest::prop_assert_eq!(text_word_count_of(&method, &path), n);
             proptest::prop_assert_eq!(got, expected);
             // A request shown after a longer one leaves no byte of it behind.
             let board = Scoreboard::create(1).expect("memfd");

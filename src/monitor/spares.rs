@@ -612,12 +612,17 @@ impl Monitor {
     /// Each turn of the loop (the monitor wakes at least every 100 ms).
     pub(super) fn settle_activated_priorities(&mut self) {
         let now = Instant::now();
-        let raised = crate::sys::process::nice()
-            .ok()
-            .filter(|own| *own < super::priority::tree_nice());
+        // Every turn: no system call unless a spare's check is due.
+        let due = |c: &Child| c.settle_priority_at.is_some_and(|at| at <= now);
+        if !self.children.values().any(due) {
+            return;
+        }
+        // The monitor's own level, if above the tree's: what it raised standing-by spares to.
+        let tree = super::priority::tree_nice();
+        let raised = crate::sys::process::nice().ok().filter(|own| *own < tree);
         let sched_batch = self.config.sched_batch;
         for c in self.children.values_mut() {
-            if c.settle_priority_at.is_none_or(|at| at > now) {
+            if !due(c) {
                 continue;
             }
             c.settle_priority_at = None;
@@ -630,7 +635,6 @@ impl Monitor {
             let Some(pid) = c.pid else { continue };
             let mut put_back = Vec::new();
             if let Some(raised) = raised {
-                let tree = super::priority::tree_nice();
                 if crate::sys::process::nice_of(pid).is_ok_and(|n| n == raised)
                     && crate::sys::process::set_nice_of(pid, tree).is_ok()
                 {

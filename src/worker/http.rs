@@ -1251,42 +1251,6 @@ fn peek_preface(fd: std::os::fd::RawFd, buf: &mut [u8; PREFACE.len()]) -> io::Re
     Ok(n)
 }
 
-/// The same for both socket types: wait with tokio's readiness, peek with `MSG_PEEK`.
-macro_rules! impl_peek {
-    ($($stream:ty),*) => {$(
-        impl Peek for $stream {
-            fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
-                <$stream>::readable(self)
-            }
-            fn try_peek_preface(&self, buf: &mut [u8; PREFACE.len()]) -> io::Result<usize> {
-                self.try_read_with(|fd| peek_preface(fd, buf))
-            }
-            fn try_read_with<T>(
-                &self,
-                f: impl FnOnce(std::os::fd::RawFd) -> io::Result<T>,
-            ) -> io::Result<T> {
-                use std::os::fd::AsRawFd;
-                self.try_io(tokio::io::Interest::READABLE, || f(self.as_raw_fd()))
-            }
-            fn poll_write_ready(
-                &self,
-                cx: &mut std::task::Context<'_>,
-            ) -> std::task::Poll<io::Result<()>> {
-                <$stream>::poll_write_ready(self, cx)
-            }
-            fn try_write_with<T>(
-                &self,
-                f: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> io::Result<T>,
-            ) -> io::Result<T> {
-                use std::os::fd::AsFd;
-                self.try_io(tokio::io::Interest::WRITABLE, || f(self.as_fd()))
-            }
-        }
-    )*};
-}
-
-impl_peek!(tokio::net::TcpStream, tokio::net::UnixStream);
-
 /// Either socket type, dispatched per call: connections are served through this one type, so
 /// that hyper's connection code is compiled once. Compiled twice (once per socket type), the
 /// compiler kept more of hyper's functions out of line in both copies: 163 user-space
@@ -1300,18 +1264,20 @@ macro_rules! either_stream {
     };
 }
 
+/// Waits with tokio's readiness and peeks with `MSG_PEEK`, on either socket type.
 impl Peek for Accepted {
     async fn readable(&self) -> io::Result<()> {
         either_stream!(self, s => s.readable().await)
     }
     fn try_peek_preface(&self, buf: &mut [u8; PREFACE.len()]) -> io::Result<usize> {
-        either_stream!(self, s => s.try_peek_preface(buf))
+        self.try_read_with(|fd| peek_preface(fd, buf))
     }
     fn try_read_with<T>(
         &self,
         f: impl FnOnce(std::os::fd::RawFd) -> io::Result<T>,
     ) -> io::Result<T> {
-        either_stream!(self, s => s.try_read_with(f))
+        use std::os::fd::AsRawFd;
+        either_stream!(self, s => s.try_io(tokio::io::Interest::READABLE, || f(s.as_raw_fd())))
     }
     fn poll_write_ready(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
         either_stream!(self, s => s.poll_write_ready(cx))
@@ -1320,7 +1286,8 @@ impl Peek for Accepted {
         &self,
         f: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> io::Result<T>,
     ) -> io::Result<T> {
-        either_stream!(self, s => Peek::try_write_with(s, f))
+        use std::os::fd::AsFd;
+        either_stream!(self, s => s.try_io(tokio::io::Interest::WRITABLE, || f(s.as_fd())))
     }
 }
 
