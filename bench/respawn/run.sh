@@ -40,16 +40,15 @@ load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 timeline_rounds=${TIMELINE_ROUNDS:-40}
 # With TIMELINE_ROUNDS=0 an earlier run's timeline (respawn-stages.txt) is left as it was, and
 # this report shows none.
-stages="$out/respawn-stages.txt"
-shown_stages=/dev/null
+stages=/dev/null
 if [ "$timeline_rounds" -gt 0 ]; then
-  shown_stages=$stages
+  stages="$out/respawn-stages.txt"
   echo "timeline: tine spares=1, $timeline_rounds kills" >&2
   "$driver" --server tine --spares 1 --rounds "$timeline_rounds" --tine "$tine" \
     --timeline "$out/respawn-timeline.log" > "$out/respawn-timeline.jsonl"
   python3 bench/respawn/timeline.py "$out/respawn-timeline.jsonl" "$out/respawn-timeline.log" > "$stages"
 fi
-python3 - "$raw" "$out/respawn.md" "$rounds" "$blocks" "$load_before" "$load_after" "$shown_stages" <<'PY'
+python3 - "$raw" "$out/respawn.md" "$rounds" "$blocks" "$load_before" "$load_after" "$stages" <<'PY'
 import json, statistics, sys, platform, subprocess, os, datetime
 raw, md, rounds, blocks = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 load_before, load_after, stages = sys.argv[5], sys.argv[6], open(sys.argv[7]).read().strip()
