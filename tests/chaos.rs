@@ -21,7 +21,10 @@
 //!   path and must lose nothing.
 //!
 //! What the machine, not tine, caused is excused and reported apart, never silently: a `ctl`
-//! call that timed out while samples showed the monitor and the client waiting for a CPU; a read
+//! call that timed out while samples showed the monitor and the client waiting for a CPU, or the
+//! monitor idle while the kernel held the client as it started, mapping a file (this VM's memory
+//! monitor, `kdamond`, holds a shared library's mapping lock for seconds under load: see
+//! [`SYS_MAPPING`]; a step that never returns prints every blocked thread on the machine); a read
 //! that timed out while the whole machine stalled; and an operator command that failed, a read
 //! that timed out or an event that ran past [`EVENT_HARD_LIMIT`] while the kernel itself reported
 //! starving its own threads (`/dev/kmsg`: "rcu_preempt kthread starved for N jiffies",
@@ -312,6 +315,19 @@ fn start_watchdog(
             say(format!("chaos: {stall}"));
         }
         drop(stalls);
+        // What every blocked thread on the machine, and every thread of this test's own tree,
+        // is doing now: a step stuck before its `ctl` call even sampled (blocked in the spawn
+        // of `tine ctl`, say) leaves no other trace. Streamed line by line, bounded: reading a
+        // thread's stack can itself wait.
+        let dump = std::thread::spawn(move || {
+            for line in stuck_threads(Suspects::AllOf(std::process::id() as i32)) {
+                say(format!("chaos: stuck: {line}"));
+            }
+        });
+        let until = Instant::now() + Duration::from_secs(10);
+        while !dump.is_finished() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         // The monitor is the test's child, not reaped: its number is its own. The others are
         // signalled through pidfds (a number may be reused by then).
         signal(monitor, Signal::SIGSTOP);
@@ -322,6 +338,100 @@ fn start_watchdog(
         }
         signal(monitor, Signal::SIGKILL);
         std::process::exit(101);
+    })
+}
+
+/// Whose threads [`stuck_threads`] lists.
+#[derive(Clone, Copy)]
+enum Suspects {
+    /// The test is over: every thread of this process and of its descendants (the tree, a
+    /// `tine ctl` client) whatever its state, besides the machine's blocked and runnable ones.
+    AllOf(i32),
+    /// The test goes on: the machine's blocked and runnable threads outside the tree under this
+    /// monitor. A tree process's threads are not looked up: the `/proc/PID/task/TID` entries a
+    /// look-up leaves make the monitor's reap of that process spin (see `name_runtime_thread` in
+    /// src/worker/mod.rs; a sampling that listed them caused a 10 s reap).
+    OutsideTree(i32),
+}
+
+/// The threads worth reading when a step never returns, each with its state, `wchan`, system
+/// call, CPU time and kernel stack (see [`Suspects`]). Yields lines as it goes (see the
+/// watchdog).
+fn stuck_threads(suspects: Suspects) -> impl Iterator<Item = String> {
+    let read = |path: String| std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<(i32, i32)> = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter_map(|pid| {
+                    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+                    let ppid = stat
+                        .get(stat.rfind(')')? + 2..)?
+                        .split_whitespace()
+                        .nth(1)?;
+                    Some((pid, ppid.parse().ok()?))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let (Suspects::AllOf(root) | Suspects::OutsideTree(root)) = suspects;
+    let mut under: HashSet<i32> = HashSet::from([root]);
+    let mut grew = true;
+    while grew {
+        grew = false;
+        for (pid, ppid) in &all {
+            if under.contains(ppid) && under.insert(*pid) {
+                grew = true;
+            }
+        }
+    }
+    all.into_iter().flat_map(move |(pid, _)| {
+        let ours = matches!(suspects, Suspects::AllOf(_)) && under.contains(&pid);
+        let skipped = matches!(suspects, Suspects::OutsideTree(_)) && under.contains(&pid);
+        let tasks: Vec<String> = if skipped {
+            Vec::new()
+        } else {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        tasks.into_iter().filter_map(move |tid| {
+            let dir = format!("/proc/{pid}/task/{tid}");
+            let stat = read(format!("{dir}/stat"));
+            let comm = stat.get(stat.find('(')? + 1..stat.rfind(')')?)?.to_string();
+            let state = stat.get(stat.rfind(')')? + 2..)?.chars().next()?;
+            if !ours && state != 'D' && state != 'R' {
+                return None;
+            }
+            let syscall: Vec<String> = read(format!("{dir}/syscall"))
+                .split_whitespace()
+                .take(2)
+                .map(str::to_string)
+                .collect();
+            let cpu_ms = read(format!("{dir}/schedstat"))
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0)
+                / 1_000_000;
+            let stack: Vec<String> = read(format!("{dir}/stack"))
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(1))
+                .map(|f| f.split('+').next().unwrap_or(f).to_string())
+                .take(16)
+                .collect();
+            Some(format!(
+                "{pid}/{tid} ({comm}){} {state} wchan={} syscall={} cpu={cpu_ms}ms stack=[{}]",
+                if ours { " ours" } else { "" },
+                read(format!("{dir}/wchan")),
+                syscall.join(" "),
+                stack.join(" < ")
+            ))
+        })
     })
 }
 
@@ -457,11 +567,18 @@ fn ctl(server: &Server, args: &[&str]) -> Result<String, CtlError> {
             let monitor = server.pid;
             let at = now.duration_since(began);
             // Unreaped, so `pid` is still this call's process.
+            // The first sample and every fourth also list the machine's blocked and runnable
+            // threads: a client blocked on a lock (seen: `tine ctl` in `D` on the executable's
+            // mapping lock) is held up by whoever holds it.
+            let machine = samples.len() % 4 == 0;
             let seen = bounded(Duration::from_secs(1), move || {
-                (
-                    sample_procs(&[("monitor", monitor), ("tine ctl", pid)]),
-                    Probe::of(monitor, pid),
-                )
+                let mut text = sample_procs(&[("monitor", monitor), ("tine ctl", pid)]);
+                if machine {
+                    for line in stuck_threads(Suspects::OutsideTree(monitor)) {
+                        text.push_str(&format!("\n      machine: {line}"));
+                    }
+                }
+                (text, Probe::of(monitor, pid))
             });
             match seen {
                 Some((text, probe)) => {
@@ -478,7 +595,17 @@ fn ctl(server: &Server, args: &[&str]) -> Result<String, CtlError> {
     let took = began.elapsed();
     if status.is_none() {
         let _ = child.kill();
-        let _ = child.wait();
+        // Reaped only if it dies soon: a client in uninterruptible sleep (seen: blocked 35 s and
+        // more mapping a file while it started, see [`SYS_MAPPING`]) dies only when the kernel
+        // lets it, and an unbounded `wait` here held the whole chaos loop past its hard limit.
+        let dead = poll_until(Duration::from_secs(2), || {
+            child.try_wait().ok().flatten().map(|_| ())
+        });
+        if dead.is_none() {
+            std::thread::spawn(move || {
+                let _ = child.wait();
+            });
+        }
     }
     {
         let mut stats = CTL_STATS.lock().unwrap_or_else(|e| e.into_inner());
@@ -614,6 +741,13 @@ impl Probe {
 const SYS_POLL: u64 = 7;
 /// `exit_group(2)` on x86-64: a `ctl` client in it has printed its reply and is ending.
 const SYS_EXIT_GROUP: u64 = 231;
+/// The x86-64 system calls in which a process maps or unmaps files (`mmap`, `mprotect`,
+/// `munmap`, `execve`): a `ctl` client asleep (`D`) in one of them while it starts has not
+/// reached the monitor yet. It waits for a file's mapping lock (`i_mmap_rwsem` of the `tine`
+/// executable or of a shared library every process maps), which this VM's kernel memory
+/// monitor (`kdamond`, DAMON's physical-address sampling) holds while it walks the file's
+/// mappings: seen held 35 s and more under the chaos load, with the monitor idle meanwhile.
+const SYS_MAPPING: [u64; 4] = [9, 10, 11, 59];
 
 /// Whether a `ctl` call that timed out was only kept waiting for a CPU (`Ok`, with the evidence),
 /// or the monitor stalled (`Err`, with what it was seen doing). Starved: in every sample the
@@ -635,7 +769,15 @@ fn starved_not_stalled(probes: &[(Duration, Probe)]) -> Result<String, String> {
         // mapping every process of the tree shares: the tine executable), with its reply
         // printed and the monitor idle. The kernel's, not the monitor's.
         let client_exiting = p.client_syscall == Some(SYS_EXIT_GROUP);
-        if !(monitor_waits_for_cpu || client_waits_for_cpu || (monitor_idle && client_exiting)) {
+        // The client blocked mapping a file while it starts (see [`SYS_MAPPING`]): the monitor
+        // was not asked yet.
+        let client_starting = p.client_state == 'D'
+            && p.client_syscall
+                .is_some_and(|call| SYS_MAPPING.contains(&call));
+        if !(monitor_waits_for_cpu
+            || client_waits_for_cpu
+            || (monitor_idle && (client_exiting || client_starting)))
+        {
             return Err(format!(
                 "at {at:.2?} the monitor was {} (syscall {:?}) and the client {}: {}",
                 p.monitor_state,
@@ -657,7 +799,7 @@ fn starved_not_stalled(probes: &[(Duration, Probe)]) -> Result<String, String> {
         ));
     }
     Ok(format!(
-        "in all {} samples the monitor or the client was runnable (waiting for a CPU), or the client was exiting after its reply (the monitor computed {cpu} ms of {sampled:.2?})",
+        "in all {} samples the monitor or the client was runnable (waiting for a CPU), or the monitor idle while the client was exiting after its reply or blocked mapping a file as it started (the monitor computed {cpu} ms of {sampled:.2?})",
         probes.len()
     ))
 }
@@ -690,11 +832,25 @@ fn sample_procs(procs: &[(&str, i32)]) -> String {
                 .and_then(|i| stat.get(i + 2..i + 3))
                 .unwrap_or("?")
                 .to_string();
-            let syscall: Vec<String> = read(format!("{dir}/syscall"))
+            let call = read(format!("{dir}/syscall"));
+            let mut syscall: Vec<String> = call
                 .split_whitespace()
                 .take(2)
                 .map(str::to_string)
                 .collect();
+            // An `mmap` of a file: which file (its fifth argument is the descriptor).
+            if syscall.first().is_some_and(|c| c == "9") {
+                let fd = call
+                    .split_whitespace()
+                    .nth(5)
+                    .and_then(|fd| i64::from_str_radix(fd.trim_start_matches("0x"), 16).ok());
+                if let Some(target) = fd
+                    .filter(|fd| *fd >= 0)
+                    .and_then(|fd| std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok())
+                {
+                    syscall.push(format!("({})", target.display()));
+                }
+            }
             let sched: Vec<u64> = read(format!("{dir}/schedstat"))
                 .split_whitespace()
                 .filter_map(|n| n.parse().ok())
@@ -1850,6 +2006,39 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
 }
 
 /// The kernel's reports of starving its own threads are read as the windows they describe.
+/// A `ctl` call that timed out is the machine's only when the monitor was not what kept it:
+/// idle with its client blocked mapping a file as it started (the VM's `kdamond` holding the
+/// file's mapping lock), or either of them waiting for a CPU; never with the monitor blocked.
+#[test]
+fn a_client_blocked_mapping_a_file_is_the_machines_not_the_monitors() {
+    let probe = |monitor_state, monitor_syscall, client_state, client_syscall| Probe {
+        monitor_state,
+        monitor_syscall,
+        monitor_cpu_ms: 300,
+        client_state,
+        client_syscall,
+    };
+    let at = |ms| Duration::from_millis(ms);
+    // The monitor idle in poll, the client in D in mmap (loading libc): excused.
+    let starting = [
+        (at(1000), probe('S', Some(SYS_POLL), 'D', Some(9))),
+        (at(5000), probe('S', Some(SYS_POLL), 'D', Some(9))),
+    ];
+    assert!(starved_not_stalled(&starting).is_ok());
+    // The same in execve (the kernel loading the executable): excused.
+    let exec = [(at(1000), probe('S', Some(SYS_POLL), 'D', Some(59)))];
+    assert!(starved_not_stalled(&exec).is_ok());
+    // The client asleep in mmap but not in D (a wait it chose?): not excused.
+    let asleep = [(at(1000), probe('S', Some(SYS_POLL), 'S', Some(9)))];
+    assert!(starved_not_stalled(&asleep).is_err());
+    // The monitor blocked in something else while the client starts: not excused.
+    let blocked = [(at(1000), probe('D', Some(0), 'D', Some(9)))];
+    assert!(starved_not_stalled(&blocked).is_err());
+    // The client waiting for its reply (read) with the monitor idle: not excused.
+    let unanswered = [(at(1000), probe('S', Some(SYS_POLL), 'S', Some(0)))];
+    assert!(starved_not_stalled(&unanswered).is_err());
+}
+
 #[test]
 fn the_kernels_starvation_reports_are_read_as_windows() {
     use common::kmsg::starved_for;
