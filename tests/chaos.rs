@@ -760,6 +760,7 @@ fn starved_not_stalled(probes: &[(Duration, Probe)]) -> Result<String, String> {
     let (Some((first_at, first)), Some((last_at, last))) = (probes.first(), probes.last()) else {
         return Err("not sampled".into());
     };
+    let mut held_starting = 0;
     for (at, p) in probes {
         let monitor_waits_for_cpu = p.monitor_state == 'R';
         let client_waits_for_cpu = p.client_state == 'R';
@@ -799,7 +800,7 @@ fn starved_not_stalled(probes: &[(Duration, Probe)]) -> Result<String, String> {
         ));
     }
     Ok(format!(
-        "in all {} samples the monitor or the client was runnable (waiting for a CPU), or the monitor idle while the client was exiting after its reply or blocked mapping a file as it started (the monitor computed {cpu} ms of {sampled:.2?})",
+        "in all {} samples the monitor or the client was runnable (waiting for a CPU), or the monitor idle while the client was exiting after its reply or blocked mapping a file as it started ({held_starting} samples: the kernel held it, see SYS_MAPPING); the monitor computed {cpu} ms of {sampled:.2?}",
         probes.len()
     ))
 }
@@ -1926,7 +1927,7 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
     }
     let starved_ctl = std::mem::take(&mut *STARVED_CTL.lock().unwrap_or_else(|e| e.into_inner()));
     eprintln!(
-        "chaos: ctl calls that timed out for want of a CPU (excused): {}",
+        "chaos: ctl calls that timed out for want of a CPU, or held by the kernel as the client started (excused): {}",
         starved_ctl.len()
     );
     for s in &starved_ctl {
