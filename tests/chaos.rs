@@ -2027,7 +2027,10 @@ fn a_client_blocked_mapping_a_file_is_the_machines_not_the_monitors() {
         (at(5000), probe('S', Some(SYS_POLL), 'D', Some(9))),
     ];
     let excused = starved_not_stalled(&starting).expect("excused");
-    assert!(excused.contains("(2 samples: the kernel held it"), "{excused}");
+    assert!(
+        excused.contains("(2 samples: the kernel held it"),
+        "{excused}"
+    );
     // The same in execve (the kernel loading the executable): excused.
     let exec = [(at(1000), probe('S', Some(SYS_POLL), 'D', Some(59)))];
     assert!(starved_not_stalled(&exec).is_ok());
