@@ -348,7 +348,8 @@ enum Suspects {
     /// `tine ctl` client) whatever its state, besides the machine's blocked and runnable ones.
     AllOf(i32),
     /// The test goes on: the machine's blocked and runnable threads outside the tree under this
-    /// monitor. A tree process's threads are not looked up: the `/proc/PID/task/TID` entries a
+    /// monitor (and outside any process named `tine…`). A tree process's threads are not looked
+    /// up: the `/proc/PID/task/TID` entries a
     /// look-up leaves make the monitor's reap of that process spin (see `name_runtime_thread` in
     /// src/worker/mod.rs; a sampling that listed them caused a 10 s reap).
     OutsideTree(i32),
@@ -387,7 +388,12 @@ fn stuck_threads(suspects: Suspects) -> impl Iterator<Item = String> {
     }
     all.into_iter().flat_map(move |(pid, _)| {
         let ours = matches!(suspects, Suspects::AllOf(_)) && under.contains(&pid);
-        let skipped = matches!(suspects, Suspects::OutsideTree(_)) && under.contains(&pid);
+        // Also by name: a worker whose parent (the mold's forking child) was reaped between the
+        // reads above would look outside the tree.
+        let tine_named = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|c| c.starts_with("tine"));
+        let skipped =
+            matches!(suspects, Suspects::OutsideTree(_)) && (under.contains(&pid) || tine_named);
         let tasks: Vec<String> = if skipped {
             Vec::new()
         } else {
@@ -562,32 +568,34 @@ fn ctl(server: &Server, args: &[&str]) -> Result<String, CtlError> {
         if now.duration_since(began) >= CTL_TIMEOUT {
             break None;
         }
-        if now >= next_sample && samples.len() < CTL_SAMPLES {
+        if now >= next_sample {
             next_sample = now + Duration::from_millis(250);
             let monitor = server.pid;
             let at = now.duration_since(began);
-            // Unreaped, so `pid` is still this call's process.
-            // The first sample and every fourth also list the machine's blocked and runnable
-            // threads: a client blocked on a lock (seen: `tine ctl` in `D` on the executable's
-            // mapping lock) is held up by whoever holds it.
-            let machine = samples.len() % 4 == 0;
-            let seen = bounded(Duration::from_secs(1), move || {
-                let mut text = sample_procs(&[("monitor", monitor), ("tine ctl", pid)]);
-                if machine {
-                    for line in stuck_threads(Suspects::OutsideTree(monitor)) {
-                        text.push_str(&format!("\n      machine: {line}"));
+            // Unreaped, so `pid` is still this call's process. The probe (states and system
+            // calls, what the verdict on a timeout rests on) is taken until the end of the call,
+            // first and on its own: a slow text sample must not cost it.
+            if let Some(probe) = bounded(Duration::from_secs(1), move || Probe::of(monitor, pid)) {
+                probes.push((at, probe));
+            }
+            if samples.len() < CTL_SAMPLES {
+                // The first sample and every fourth also list the machine's blocked and runnable
+                // threads: a client blocked on a lock (seen: `tine ctl` in `D` on libc's mapping
+                // lock) is held up by whoever holds it.
+                let machine = samples.len() % 4 == 0;
+                let seen = bounded(Duration::from_secs(1), move || {
+                    let mut text = sample_procs(&[("monitor", monitor), ("tine ctl", pid)]);
+                    if machine {
+                        for line in stuck_threads(Suspects::OutsideTree(monitor)) {
+                            text.push_str(&format!("\n      machine: {line}"));
+                        }
                     }
-                }
-                (text, Probe::of(monitor, pid))
-            });
-            match seen {
-                Some((text, probe)) => {
-                    samples.push(format!("at {at:.2?}: {text}"));
-                    probes.push((at, probe));
-                }
-                None => samples.push(format!(
-                    "at {at:.2?}: reading /proc did not return within 1 s"
-                )),
+                    text
+                });
+                samples.push(match seen {
+                    Some(text) => format!("at {at:.2?}: {text}"),
+                    None => format!("at {at:.2?}: reading /proc did not return within 1 s"),
+                });
             }
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -737,17 +745,22 @@ impl Probe {
     }
 }
 
-/// `poll(2)` on x86-64: the monitor's loop sleeps in it between events.
-const SYS_POLL: u64 = 7;
-/// `exit_group(2)` on x86-64: a `ctl` client in it has printed its reply and is ending.
-const SYS_EXIT_GROUP: u64 = 231;
-/// The x86-64 system calls in which a process maps or unmaps files (`mmap`, `mprotect`,
+/// `poll(2)`: the monitor's loop sleeps in it between events.
+const SYS_POLL: u64 = libc::SYS_poll as u64;
+/// `exit_group(2)`: a `ctl` client in it has printed its reply and is ending.
+const SYS_EXIT_GROUP: u64 = libc::SYS_exit_group as u64;
+/// The system calls in which a process maps or unmaps files (`mmap`, `mprotect`,
 /// `munmap`, `execve`): a `ctl` client asleep (`D`) in one of them while it starts has not
 /// reached the monitor yet. It waits for a file's mapping lock (`i_mmap_rwsem` of the `tine`
 /// executable or of a shared library every process maps), which this VM's kernel memory
 /// monitor (`kdamond`, DAMON's physical-address sampling) holds while it walks the file's
 /// mappings: seen held 35 s and more under the chaos load, with the monitor idle meanwhile.
-const SYS_MAPPING: [u64; 4] = [9, 10, 11, 59];
+const SYS_MAPPING: [u64; 4] = [
+    libc::SYS_mmap as u64,
+    libc::SYS_mprotect as u64,
+    libc::SYS_munmap as u64,
+    libc::SYS_execve as u64,
+];
 
 /// Whether a `ctl` call that timed out was only kept waiting for a CPU (`Ok`, with the evidence),
 /// or the monitor stalled (`Err`, with what it was seen doing). Starved: in every sample the
@@ -846,9 +859,8 @@ fn sample_procs(procs: &[(&str, i32)]) -> String {
                     .split_whitespace()
                     .nth(5)
                     .and_then(|fd| i64::from_str_radix(fd.trim_start_matches("0x"), 16).ok());
-                if let Some(target) = fd
-                    .filter(|fd| *fd >= 0)
-                    .and_then(|fd| std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok())
+                if let Some(target) =
+                    fd.and_then(|fd| std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok())
                 {
                     syscall.push(format!("({})", target.display()));
                 }
@@ -2007,7 +2019,6 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
     );
 }
 
-/// The kernel's reports of starving its own threads are read as the windows they describe.
 /// A `ctl` call that timed out is the machine's only when the monitor was not what kept it:
 /// idle with its client blocked mapping a file as it started (the VM's `kdamond` holding the
 /// file's mapping lock), or either of them waiting for a CPU; never with the monitor blocked.
@@ -2043,8 +2054,18 @@ fn a_client_blocked_mapping_a_file_is_the_machines_not_the_monitors() {
     // The client waiting for its reply (read) with the monitor idle: not excused.
     let unanswered = [(at(1000), probe('S', Some(SYS_POLL), 'S', Some(0)))];
     assert!(starved_not_stalled(&unanswered).is_err());
+    // Held while it started, then waiting for a reply the idle monitor never sends: not excused.
+    let then_unanswered = [
+        (at(1000), probe('S', Some(SYS_POLL), 'D', Some(9))),
+        (at(9000), probe('S', Some(SYS_POLL), 'S', Some(0))),
+    ];
+    assert!(starved_not_stalled(&then_unanswered).is_err());
+    // The client in D in a read (not mapping a file): not excused.
+    let read = [(at(1000), probe('S', Some(SYS_POLL), 'D', Some(0)))];
+    assert!(starved_not_stalled(&read).is_err());
 }
 
+/// The kernel's reports of starving its own threads are read as the windows they describe.
 #[test]
 fn the_kernels_starvation_reports_are_read_as_windows() {
     use common::kmsg::starved_for;
