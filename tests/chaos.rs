@@ -359,84 +359,28 @@ enum Suspects {
 /// call, CPU time and kernel stack (see [`Suspects`]). Yields lines as it goes (see the
 /// watchdog).
 fn stuck_threads(suspects: Suspects) -> impl Iterator<Item = String> {
-    let read = |path: String| std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<(i32, i32)> = std::fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-                .filter_map(|pid| {
-                    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-                    let ppid = stat
-                        .get(stat.rfind(')')? + 2..)?
-                        .split_whitespace()
-                        .nth(1)?;
-                    Some((pid, ppid.parse().ok()?))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let all = proc_table();
     let (Suspects::AllOf(root) | Suspects::OutsideTree(root)) = suspects;
-    let mut under: HashSet<i32> = HashSet::from([root]);
-    let mut grew = true;
-    while grew {
-        grew = false;
-        for (pid, ppid) in &all {
-            if under.contains(ppid) && under.insert(*pid) {
-                grew = true;
-            }
-        }
-    }
-    all.into_iter().flat_map(move |(pid, _)| {
-        let ours = matches!(suspects, Suspects::AllOf(_)) && under.contains(&pid);
+    let mut under: HashSet<i32> = descendants_in(&all, root).map(|p| p.pid).collect();
+    under.insert(root);
+    all.into_iter().flat_map(move |p| {
+        let ours = matches!(suspects, Suspects::AllOf(_)) && under.contains(&p.pid);
         // Also by name: a worker whose parent (the mold's forking child) was reaped between the
-        // reads above would look outside the tree.
-        let tine_named = std::fs::read_to_string(format!("/proc/{pid}/comm"))
-            .is_ok_and(|c| c.starts_with("tine"));
-        let skipped =
-            matches!(suspects, Suspects::OutsideTree(_)) && (under.contains(&pid) || tine_named);
-        let tasks: Vec<String> = if skipped {
-            Vec::new()
-        } else {
-            std::fs::read_dir(format!("/proc/{pid}/task"))
-                .map(|d| {
-                    d.flatten()
-                        .map(|e| e.file_name().to_string_lossy().into_owned())
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
+        // reads of the table would look outside the tree.
+        let skipped = matches!(suspects, Suspects::OutsideTree(_))
+            && (under.contains(&p.pid) || p.comm.starts_with("tine"));
+        let tasks = if skipped { Vec::new() } else { task_ids(p.pid) };
         tasks.into_iter().filter_map(move |tid| {
-            let dir = format!("/proc/{pid}/task/{tid}");
-            let stat = read(format!("{dir}/stat"));
-            let comm = stat.get(stat.find('(')? + 1..stat.rfind(')')?)?.to_string();
-            let state = stat.get(stat.rfind(')')? + 2..)?.chars().next()?;
-            if !ours && state != 'D' && state != 'R' {
-                return None;
-            }
-            let syscall: Vec<String> = read(format!("{dir}/syscall"))
-                .split_whitespace()
-                .take(2)
-                .map(str::to_string)
-                .collect();
-            let cpu_ms = read(format!("{dir}/schedstat"))
-                .split_whitespace()
-                .next()
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or(0)
-                / 1_000_000;
-            let stack: Vec<String> = read(format!("{dir}/stack"))
-                .lines()
-                .filter_map(|l| l.split_whitespace().nth(1))
-                .map(|f| f.split('+').next().unwrap_or(f).to_string())
-                .take(16)
-                .collect();
-            Some(format!(
-                "{pid}/{tid} ({comm}){} {state} wchan={} syscall={} cpu={cpu_ms}ms stack=[{}]",
-                if ours { " ours" } else { "" },
-                read(format!("{dir}/wchan")),
-                syscall.join(" "),
-                stack.join(" < ")
-            ))
+            let thread = ThreadSample::read(p.pid, &tid, 16)?;
+            (ours || thread.state == 'D' || thread.state == 'R').then(|| {
+                format!(
+                    "{}/{tid} ({}){} {}",
+                    p.pid,
+                    thread.comm,
+                    if ours { " ours" } else { "" },
+                    thread.text
+                )
+            })
         })
     })
 }
@@ -749,6 +693,8 @@ impl Probe {
 const SYS_POLL: u64 = libc::SYS_poll as u64;
 /// `exit_group(2)`: a `ctl` client in it has printed its reply and is ending.
 const SYS_EXIT_GROUP: u64 = libc::SYS_exit_group as u64;
+/// `mmap(2)`: its fifth argument is the descriptor of the file it maps.
+const SYS_MMAP: u64 = libc::SYS_mmap as u64;
 /// The system calls in which a process maps or unmaps files (`mmap`, `mprotect`,
 /// `munmap`, `execve`): a `ctl` client asleep (`D`) in one of them while it starts has not
 /// reached the monitor yet. It waits for a file's mapping lock (`i_mmap_rwsem` of the `tine`
@@ -756,7 +702,7 @@ const SYS_EXIT_GROUP: u64 = libc::SYS_exit_group as u64;
 /// monitor (`kdamond`, DAMON's physical-address sampling) holds while it walks the file's
 /// mappings: seen held 35 s and more under the chaos load, with the monitor idle meanwhile.
 const SYS_MAPPING: [u64; 4] = [
-    libc::SYS_mmap as u64,
+    SYS_MMAP,
     libc::SYS_mprotect as u64,
     libc::SYS_munmap as u64,
     libc::SYS_execve as u64,
@@ -819,70 +765,93 @@ fn starved_not_stalled(probes: &[(Duration, Probe)]) -> Result<String, String> {
     ))
 }
 
+/// The thread ids `/proc/PID/task` lists (none if the process is gone).
+fn task_ids(pid: i32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// What the kernel shows of one thread (see [`sample_procs`]).
+struct ThreadSample {
+    /// Its name (`comm`).
+    comm: String,
+    /// Its state (`R`, `S`, `D`…).
+    state: char,
+    /// State, `wchan`, system call (and the file an `mmap` maps), CPU time and run-queue wait
+    /// in ms, and the first `depth` frames of the kernel stack.
+    text: String,
+}
+
+impl ThreadSample {
+    /// Reads thread `tid` of `pid`; `None` if it is gone.
+    fn read(pid: i32, tid: &str, depth: usize) -> Option<ThreadSample> {
+        let read = |path: String| std::fs::read_to_string(path).unwrap_or_default();
+        let dir = format!("/proc/{pid}/task/{tid}");
+        let stat = read(format!("{dir}/stat"));
+        let comm = stat.get(stat.find('(')? + 1..stat.rfind(')')?)?.to_string();
+        let state = stat.get(stat.rfind(')')? + 2..)?.chars().next()?;
+        let call = read(format!("{dir}/syscall"));
+        let mut syscall: Vec<String> = call
+            .split_whitespace()
+            .take(2)
+            .map(str::to_string)
+            .collect();
+        // An `mmap` of a file: which file (its fifth argument is the descriptor).
+        if syscall.first().and_then(|c| c.parse::<u64>().ok()) == Some(SYS_MMAP) {
+            let fd = call
+                .split_whitespace()
+                .nth(5)
+                .and_then(|fd| i64::from_str_radix(fd.trim_start_matches("0x"), 16).ok());
+            if let Some(target) =
+                fd.and_then(|fd| std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok())
+            {
+                syscall.push(format!("({})", target.display()));
+            }
+        }
+        let sched: Vec<u64> = read(format!("{dir}/schedstat"))
+            .split_whitespace()
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        let stack: Vec<String> = read(format!("{dir}/stack"))
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .map(|f| f.split('+').next().unwrap_or(f).to_string())
+            .take(depth)
+            .collect();
+        let text = format!(
+            "{state} wchan={} syscall={} cpu={}ms wait={}ms stack=[{}]",
+            read(format!("{dir}/wchan")),
+            syscall.join(" "),
+            sched.first().copied().unwrap_or(0) / 1_000_000,
+            sched.get(1).copied().unwrap_or(0) / 1_000_000,
+            stack.join(" < ")
+        );
+        Some(ThreadSample { comm, state, text })
+    }
+}
+
 /// The kernel side of each process: per thread its state, the kernel function it sleeps in
 /// (`wchan`), the system call it is in (`syscall`: number and first argument), its CPU time
 /// and run-queue wait so far (`schedstat`, in ms: a runnable thread not run shows as wait
 /// growing between samples) and its kernel stack; and the `/proc` files the process has open
 /// (a read of another process's `/proc` entry is the suspect of a blocked monitor).
 fn sample_procs(procs: &[(&str, i32)]) -> String {
-    let read = |path: String| std::fs::read_to_string(path).unwrap_or_default();
     let mut out = Vec::new();
     for (label, pid) in procs {
-        let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let tasks = task_ids(*pid);
         if tasks.is_empty() {
             out.push(format!("{label} {pid}: gone"));
             continue;
         }
         for tid in tasks {
-            let dir = format!("/proc/{pid}/task/{tid}");
-            let stat = read(format!("{dir}/stat"));
-            let state = stat
-                .rfind(')')
-                .and_then(|i| stat.get(i + 2..i + 3))
-                .unwrap_or("?")
-                .to_string();
-            let call = read(format!("{dir}/syscall"));
-            let mut syscall: Vec<String> = call
-                .split_whitespace()
-                .take(2)
-                .map(str::to_string)
-                .collect();
-            // An `mmap` of a file: which file (its fifth argument is the descriptor).
-            if syscall.first().is_some_and(|c| c == "9") {
-                let fd = call
-                    .split_whitespace()
-                    .nth(5)
-                    .and_then(|fd| i64::from_str_radix(fd.trim_start_matches("0x"), 16).ok());
-                if let Some(target) =
-                    fd.and_then(|fd| std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok())
-                {
-                    syscall.push(format!("({})", target.display()));
-                }
+            if let Some(thread) = ThreadSample::read(*pid, &tid, 12) {
+                out.push(format!("{label} {pid}/{tid} {}", thread.text));
             }
-            let sched: Vec<u64> = read(format!("{dir}/schedstat"))
-                .split_whitespace()
-                .filter_map(|n| n.parse().ok())
-                .collect();
-            let stack: Vec<String> = read(format!("{dir}/stack"))
-                .lines()
-                .filter_map(|l| l.split_whitespace().nth(1))
-                .map(|f| f.split('+').next().unwrap_or(f).to_string())
-                .take(12)
-                .collect();
-            out.push(format!(
-                "{label} {pid}/{tid} {state} wchan={} syscall={} cpu={}ms wait={}ms stack=[{}]",
-                read(format!("{dir}/wchan")),
-                syscall.join(" "),
-                sched.first().copied().unwrap_or(0) / 1_000_000,
-                sched.get(1).copied().unwrap_or(0) / 1_000_000,
-                stack.join(" < ")
-            ));
         }
         let proc_files: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
             .map(|d| {
@@ -982,11 +951,16 @@ struct TreeProc {
 /// the harness's [`descendants`] it reads no command line, which takes the memory-map lock of
 /// every process on the machine and can wait on any of them.
 fn tree_states(root: i32) -> Vec<TreeProc> {
+    let all = proc_table();
+    descendants_in(&all, root).cloned().collect()
+}
+
+/// Every process on the machine, from `/proc/PID/stat` alone (see [`tree_states`]).
+fn proc_table() -> Vec<TreeProc> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
-    let all: Vec<TreeProc> = dir
-        .flatten()
+    dir.flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .filter_map(|pid| {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -1001,16 +975,20 @@ fn tree_states(root: i32) -> Vec<TreeProc> {
                 comm,
             })
         })
-        .collect();
+        .collect()
+}
+
+/// The processes of `all` under `root` (children, grandchildren…).
+fn descendants_in(all: &[TreeProc], root: i32) -> impl Iterator<Item = &TreeProc> {
     let mut out = Vec::new();
     let mut parents = vec![root];
     while let Some(parent) = parents.pop() {
         for p in all.iter().filter(|p| p.ppid == parent) {
-            out.push(p.clone());
+            out.push(p);
             parents.push(p.pid);
         }
     }
-    out
+    out.into_iter()
 }
 
 /// Zombies that tine should reap: children of the monitor (its own, and orphans re-parented to
