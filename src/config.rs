@@ -334,6 +334,11 @@ options! {
     /// [default: true]
     #[arg(num_args = 0..=1, default_missing_value = "true")]
     sched_batch: bool,
+    /// Reap children with the monitor's own waitpid even where the kernel can reap them and keep
+    /// their exit status for pidfds (Linux 6.15 and later; see docs/DEPLOYMENT.md) [default:
+    /// false]
+    #[arg(num_args = 0..=1, default_missing_value = "true")]
+    monitor_reaps: bool,
     /// Nice levels the monitor raises its own CPU priority above the tree's (0 to 39; 0 = none):
     /// on a saturated machine the monitor, which needs little CPU but needs it at once, is not
     /// kept waiting behind busy processes. Needs CAP_SYS_NICE (root) or RLIMIT_NICE, else the
@@ -505,6 +510,9 @@ pub struct Config {
     pub accept_balance: bool,
     /// Workers under SCHED_BATCH.
     pub sched_batch: bool,
+    /// The monitor reaps its children itself, even where the kernel could (see
+    /// `crate::sys::pidfd`).
+    pub monitor_reaps: bool,
     /// Nice levels the monitor runs above the tree (0: none).
     pub monitor_nice_boost: u8,
     /// Unix socket permission bits.
@@ -883,6 +891,7 @@ impl Options {
             exclusive_accept: self.exclusive_accept.unwrap_or(true),
             accept_balance: self.accept_balance.unwrap_or(true),
             sched_batch: self.sched_batch.unwrap_or(true),
+            monitor_reaps: self.monitor_reaps.unwrap_or(false),
             monitor_nice_boost,
             unix_mode,
             graceful_timeout: secs(self.graceful_timeout, 30),

@@ -116,9 +116,13 @@
 //! rollout is abandoned and the adopted generation keeps serving. Development mode (`--watch`, `--watch-boot`) drives the same machinery from an
 //! inotify fd in the poll loop; systemd socket activation and `sd_notify` are in the monitor too.
 //!
-//! **Supervision.** Every death is reaped and explained (exit code, signal, limit, timeout);
-//! replacements back off exponentially on crash loops, and the monitor exits after
-//! `max_consecutive_spawn_errors` only if no worker has been ready since it started (a tree that
+//! **Supervision.** Every death is reaped and explained (exit code, signal, limit, timeout). On
+//! Linux 6.15 and later the kernel reaps the monitor's children (`SA_NOCLDWAIT`) and the monitor
+//! reads each exit status from the child's pidfd ([`sys::pidfd`]): releasing a dead process
+//! then runs in that process, and the monitor never waits in the kernel on a dying worker's last
+//! thread. Every signal to a child goes through its pidfd. Older kernels (or
+//! `monitor_reaps = true`) keep the monitor's `waitpid`. Replacements back off exponentially on
+//! crash loops, and the monitor exits after `max_consecutive_spawn_errors` only if no worker has been ready since it started (a tree that
 //! has served keeps retrying, even with no worker left). A start that fails for lack of resources
 //! (`EAGAIN`, `ENOMEM`, `EMFILE`, `ENFILE` from `fork` or `socketpair`, or from building a worker's
 //! tokio runtime) is retried with capped backoff and never counted. Limits end in replace-then-retire, so capacity never dips. If the

@@ -180,13 +180,18 @@ fn spawn_worker<A: App>(
         }
         Forked::Child => child::run_child(|| match process::fork() {
             Ok(Forked::Parent(worker)) => {
+                // The worker's pidfd goes with the report: opened here, by its parent, it surely
+                // names the worker (no one can reap it yet), which a pid read by the monitor
+                // later, once the kernel may have reaped it, would not.
+                let pidfd = crate::sys::pidfd::open(worker).ok();
+                let fds: Vec<_> = pidfd.iter().map(std::os::fd::AsFd::as_fd).collect();
                 let _ = start.channel.send(
                     &Report::Spawned {
                         slot,
                         request,
                         pid: worker.as_raw(),
                     },
-                    &[],
+                    &fds,
                 );
                 0
             }

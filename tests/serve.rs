@@ -335,6 +335,80 @@ fn a_killed_worker_is_replaced() {
     assert_eq!(report.status(200), 40, "{report:?}");
 }
 
+/// Who reaps the monitor's children: the kernel where it keeps exit statuses for pidfds (Linux
+/// 6.15), the monitor's `waitpid` elsewhere or when `monitor_reaps = true` asks for it. Either
+/// way the monitor learns how each child ended (a signal, an exit code), replaces it, and leaves
+/// no zombie.
+#[test]
+fn either_reaper_tells_how_each_child_ended_and_leaves_no_zombie() {
+    let kernel_can = tine::sys::pidfd::kernel_keeps_exit_status();
+    for monitor_reaps in [false, true] {
+        let mut launch = Launch::tine().args(["--workers", "2"]);
+        if monitor_reaps {
+            launch = launch.env("TINE_MONITOR_REAPS", "true");
+        }
+        let server = launch.start();
+        let reaper = if kernel_can && !monitor_reaps {
+            "kernel"
+        } else {
+            "monitor"
+        };
+        server
+            .log
+            .wait_for_log_since(0, &format!("reaper={reaper}"), Duration::from_secs(5));
+        let before = server.wait_workers(2, READY_TIMEOUT);
+        let mark = server.log.mark();
+        server.signal_process(before[0], Signal::SIGKILL);
+        server.log.wait_for_log_since(
+            mark,
+            &format!(
+                "worker died pid={} nr=0 generation=0 how=signal SIGKILL",
+                before[0]
+            ),
+            Duration::from_secs(5),
+        );
+        server
+            .log
+            .wait_for_log_since(mark, "worker[0] (gen:0) ready", Duration::from_secs(10));
+        let mold = server.with_title("tine mold").first().expect("a mold").pid;
+        server.signal_process(mold, Signal::SIGKILL);
+        server.log.wait_for_log_since(
+            mark,
+            &format!("mold died pid={mold} nr=0 generation=0 how=signal SIGKILL"),
+            Duration::from_secs(5),
+        );
+        // A worker asked to go exits 0, and says so.
+        let workers = server.wait_workers(2, Duration::from_secs(10));
+        server.ctl(&["scale", "1"]).expect("ctl scale 1");
+        server.log.wait_for_log_since(
+            mark,
+            &format!("worker exited pid={} nr=1", workers[1]),
+            Duration::from_secs(10),
+        );
+        let line = server
+            .log
+            .lines()
+            .into_iter()
+            .skip(mark)
+            .find(|l| l.contains(&format!("worker exited pid={}", workers[1])))
+            .expect("the exit line");
+        assert!(line.contains("how=exit code 0"), "{line}");
+        let unknown = server.log.count("how=exit status");
+        assert_eq!(unknown, 0, "{reaper} reaper: an exit without its status");
+        for pid in [before[0], mold, workers[1]] {
+            // Not even a zombie: released, by the kernel or by the monitor's `waitpid`.
+            let released = poll_until(Duration::from_secs(5), || {
+                proc_info(pid).is_none().then_some(())
+            });
+            assert!(
+                released.is_some(),
+                "{reaper} reaper: pid {pid} left behind: {:?}",
+                proc_info(pid)
+            );
+        }
+    }
+}
+
 #[test]
 fn a_killed_mold_is_replaced_and_workers_keep_serving() {
     let server = start(2);

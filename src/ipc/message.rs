@@ -82,7 +82,7 @@ pub enum Report {
     },
     /// The process is ready: a mold can fork, a worker serves.
     Ready,
-    /// From a mold: worker `nr` was forked with this pid.
+    /// From a mold: worker `nr` was forked with this pid (and, as a descriptor, a pidfd for it).
     Spawned {
         /// Scoreboard slot of the request.
         slot: u32,

@@ -85,6 +85,11 @@ pub(crate) struct Child {
     pub death_notice: Option<std::os::fd::OwnedFd>,
     /// Its death notice hung up while it served: it is exiting and its place was taken.
     pub dying: bool,
+    /// A pidfd for it (see `crate::sys::pidfd`): signals go through it, never to a pid someone
+    /// else may hold by now, and when the kernel reaps children it says how the child ended.
+    pub pidfd: Option<std::os::fd::OwnedFd>,
+    /// When its pidfd said it exited; its status is awaited (the kernel is still releasing it).
+    pub exited: Option<Instant>,
     /// An activated spare: when the monitor checks that it put its main thread back to the
     /// tree's priority and policy after its first moments (`spares::settle_activated_priorities`).
     pub settle_priority_at: Option<Instant>,
@@ -113,6 +118,30 @@ impl Child {
             death_notice: None,
             dying: false,
             settle_priority_at: None,
+            pidfd: None,
+            exited: None,
+        }
+    }
+
+    /// Sends `sig` to it: through its pidfd, opened now if it has none yet (still our unreaped
+    /// child, checked); by pid only where the monitor reaps its children itself, so that the pid
+    /// stays this child's until then. Fails once it has exited.
+    pub(crate) fn signal(
+        &mut self,
+        sig: nix::sys::signal::Signal,
+        kernel_reaps: bool,
+    ) -> std::io::Result<()> {
+        use std::os::fd::AsFd;
+        let Some(pid) = self.pid else {
+            return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+        };
+        if self.pidfd.is_none() && self.exited.is_none() {
+            self.pidfd = crate::sys::pidfd::open_child(pid).ok();
+        }
+        match &self.pidfd {
+            Some(fd) => crate::sys::pidfd::send_signal(fd.as_fd(), sig),
+            None if !kernel_reaps => nix::sys::signal::kill(pid, sig).map_err(std::io::Error::from),
+            None => Err(std::io::Error::from_raw_os_error(libc::ESRCH)),
         }
     }
 

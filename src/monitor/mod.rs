@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::resource::{getrusage, Usage, UsageWho};
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::Signal;
 use nix::sys::signalfd::SignalFd;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -168,11 +168,19 @@ pub(crate) struct Monitor {
     /// own: the kernel woke its watcher before the monitor heard of the death (see
     /// `spares::TAKEOVER_WAIT`).
     pending_takeovers: Vec<(usize, u32, Instant)>,
+    /// The kernel reaps children (`SA_NOCLDWAIT`) and their exits are read from their pidfds
+    /// (see `crate::sys::pidfd`); otherwise the monitor reaps them with `waitpid`.
+    pub(crate) kernel_reaps: bool,
     /// When `poll` last returned ([`crate::log::monotonic_us`]), for the `tine::respawn` lines.
     woke_us: u64,
     /// The monitor's CPU time then ([`crate::log::thread_cpu_us`]).
     woke_cpu_us: u64,
 }
+
+/// How long an exit seen on a pidfd may wait for the kernel to store its status before it is
+/// handled without one. The kernel stores it as the process's last thread releases the process:
+/// microseconds later, or, for a last thread at nice 19 on a saturated machine, much later.
+const EXIT_STATUS_PATIENCE: Duration = Duration::from_secs(60);
 
 /// How long a worker requested from a mold that then died may still report itself.
 const ORPHANED_SPAWN_GRACE: Duration = Duration::from_secs(3);
@@ -200,6 +208,12 @@ impl Monitor {
                     Source::DeathNotice(slot) => {
                         self.on_death_notice(slot);
                         "a worker's death notice"
+                    }
+                    Source::Exited(slot) => {
+                        if let Some(c) = self.children.get_mut(&slot) {
+                            c.exited.get_or_insert_with(Instant::now);
+                        }
+                        "a child's pidfd"
                     }
                     Source::Control => {
                         self.on_control();
@@ -289,6 +303,11 @@ impl Monitor {
                 sources.push(Source::Child(*slot));
                 fds.push(PollFd::new(ch.as_fd(), PollFlags::POLLIN));
             }
+            // Readable once it has exited (and stays so: left out once seen, see `reap`).
+            if let (true, Some(pidfd), None) = (self.kernel_reaps, &c.pidfd, c.exited) {
+                sources.push(Source::Exited(*slot));
+                fds.push(PollFd::new(pidfd.as_fd(), PollFlags::POLLIN));
+            }
         }
         if let Some(control) = &self.control {
             if let Some(fd) = control.accept_fd() {
@@ -355,6 +374,13 @@ impl Monitor {
         if self.reload.is_some() || self.boot_reload.is_some() {
             // Reloads are timed: look at their progress often.
             t = t.min(Duration::from_millis(5));
+        }
+        if let Some(since) = self.children.values().filter_map(|c| c.exited).max() {
+            // An exit seen whose status the kernel has not stored yet (see `next_exit`): looked
+            // at again after a quarter of the wait so far, between 1 and 100 ms.
+            let wait =
+                (since.elapsed() / 4).clamp(Duration::from_millis(1), Duration::from_millis(100));
+            t = t.min(wait);
         }
         for (_, _, until) in &self.pending_takeovers {
             t = t.min(until.saturating_duration_since(now));
@@ -488,10 +514,8 @@ impl Monitor {
         for slot in slots {
             if graceful {
                 self.retire(slot, "stop");
-            } else if let Some(c) = self.children.get(&slot) {
-                if let Some(pid) = c.pid {
-                    let _ = kill(pid, Signal::SIGTERM);
-                }
+            } else if let Some(c) = self.children.get_mut(&slot) {
+                let _ = c.signal(Signal::SIGTERM, self.kernel_reaps);
             }
         }
     }
@@ -549,9 +573,7 @@ impl Monitor {
             .as_ref()
             .is_some_and(|ch| ch.send(&Command::Stop { graceful: true }, &[]).is_ok());
         if !sent {
-            if let Some(pid) = c.pid {
-                let _ = kill(pid, Signal::SIGTERM);
-            }
+            let _ = c.signal(Signal::SIGTERM, self.kernel_reaps);
         }
         if c.kind == Kind::Spare {
             // A spare standing by reads its channel when this word moves (`worker::takeover`).
@@ -568,11 +590,11 @@ impl Monitor {
         let Some(c) = self.children.get_mut(&slot) else {
             return;
         };
-        if let (Some((killed_at, times)), Some(pid)) = (c.killed, c.pid) {
+        if let (Some((killed_at, times)), Some(_)) = (c.killed, c.pid) {
             // Killed before and still not reaped: its exit is stuck in the kernel (a SIGKILL
             // cannot hurry a process that is already exiting). Again, in case it was not; said
             // every tenth time, not every second, with the reason it was first killed for.
-            let _ = kill(pid, Signal::SIGKILL);
+            let _ = c.signal(Signal::SIGKILL, self.kernel_reaps);
             c.killed = Some((killed_at, times + 1));
             if times % 10 == 0 {
                 tracing::warn!(
@@ -614,8 +636,8 @@ impl Monitor {
             ),
         );
         match c.pid {
-            Some(pid) => {
-                let _ = kill(pid, Signal::SIGKILL);
+            Some(_) => {
+                let _ = c.signal(Signal::SIGKILL, self.kernel_reaps);
                 c.killed = Some((Instant::now(), 1));
                 // Killed again (and logged again) only if it is somehow still there in a second.
                 c.phase = Phase::Retiring {
@@ -665,18 +687,43 @@ impl Monitor {
             let Some(ch) = &c.channel else { return };
             match ch.recv::<Report>(false) {
                 Ok(Some(r)) => {
-                    if let (Report::Hello { .. }, Some(notice)) = (&r.msg, r.fds.into_iter().next())
-                    {
+                    let fd = r.fds.into_iter().next();
+                    match (&r.msg, fd) {
                         // A worker's or spare's death notice (a mold sends none). Only the first.
-                        if c.kind != Kind::Mold && c.death_notice.is_none() {
+                        (Report::Hello { .. }, Some(notice))
+                            if c.kind != Kind::Mold && c.death_notice.is_none() =>
+                        {
                             c.death_notice = Some(notice);
                         }
+                        (
+                            Report::Spawned {
+                                slot: worker_slot,
+                                request,
+                                pid,
+                            },
+                            Some(pidfd),
+                        ) => {
+                            // The worker's pidfd, opened by its parent (the middle process)
+                            // while it could not have been reaped; taken if it names the pid
+                            // reported (the worker's own `Hello` may have been read first).
+                            let (worker_slot, request, pid) =
+                                (*worker_slot as usize, *request, *pid);
+                            let ours = self.is_spawn_of(slot, worker_slot, request, pid)
+                                && crate::sys::pidfd::pid_of(pidfd.as_fd())
+                                    .is_ok_and(|p| p.as_raw() == pid);
+                            match self.children.get_mut(&worker_slot) {
+                                Some(w) if ours && w.pidfd.is_none() => w.pidfd = Some(pidfd),
+                                _ => {}
+                            }
+                        }
+                        _ => {}
                     }
                     self.on_report(slot, r.msg)
                 }
                 Ok(None) => {
-                    // The child closed its end: it is exiting. SIGCHLD follows, a little later
-                    // (the kernel closes a process's files before it tells its parent).
+                    // The child closed its end: it is exiting. SIGCHLD (and its pidfd) follows, a
+                    // little later (the kernel closes a process's files before it tells its
+                    // parent).
                     let closed_us = crate::log::monotonic_us();
                     let (pid, woke_us, woke_cpu_us) = (c.pid_raw(), self.woke_us, self.woke_cpu_us);
                     self.channel_closed(slot);
@@ -760,9 +807,7 @@ impl Monitor {
         // its own in `Hello`): it is gone either way. (A SIGKILL changes nothing for a process
         // already exiting: its exit status stays, and a core dump was written before its
         // threads could exit.)
-        if let Some(pid) = c.pid {
-            let _ = kill(pid, Signal::SIGKILL);
-        }
+        let _ = c.signal(Signal::SIGKILL, self.kernel_reaps);
         let (nr, pid) = (c.nr, c.pid_raw());
         let (woke_us, woke_cpu_us) = (self.woke_us, self.woke_cpu_us);
         if !taken {
@@ -847,7 +892,7 @@ impl Monitor {
                 pid,
             } => {
                 let worker_slot = worker_slot as usize;
-                if pid <= 1 || !self.is_pending_spawn(slot, worker_slot, request) {
+                if !self.is_spawn_of(slot, worker_slot, request, pid) {
                     self.stray_spawn_report(slot, "Spawned", worker_slot, request);
                     return;
                 }
@@ -904,6 +949,22 @@ impl Monitor {
                     && w.request == request
                     && w.requested_from == Some(mold_slot)
             })
+    }
+
+    /// Whether `Spawned { pid }` from `mold_slot` answers the request pending in `worker_slot`:
+    /// pending, or already named by the worker's own `Hello` with that pid.
+    fn is_spawn_of(&self, mold_slot: usize, worker_slot: usize, request: u64, pid: i32) -> bool {
+        pid > 1
+            && (self.is_pending_spawn(mold_slot, worker_slot, request)
+                || self.children.get(&worker_slot).is_some_and(|w| {
+                    w.pid == Some(Pid::from_raw(pid))
+                        && w.request == request
+                        && w.requested_from == Some(mold_slot)
+                        && self
+                            .children
+                            .get(&mold_slot)
+                            .is_some_and(|m| m.kind == Kind::Mold)
+                }))
     }
 
     /// A spawn report from a child that was not asked, or about no pending request: ignored, and
@@ -1000,34 +1061,87 @@ impl Monitor {
             .count()
     }
 
-    /// Reaps every child that exited, logs why, and counts failed starts.
+    /// Handles every child that exited: logs why, counts failed starts, replaces it.
+    ///
+    /// Exits come from `waitpid` where the monitor reaps its children, and from their pidfds
+    /// where the kernel does (`kernel_reaps`). `waitpid` is asked in both cases: across a
+    /// reload's re-exec, until the new image asks the kernel to reap, a child that dies stays a
+    /// zombie for it to collect.
     fn reap(&mut self) {
-        loop {
-            let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(_) => return,
-                Ok(s) => s,
+        while let Some(exit) = self.next_exit() {
+            self.on_exit(exit);
+        }
+    }
+
+    /// The next exit to handle, if any.
+    fn next_exit(&mut self) -> Option<Exit> {
+        if let Some((pid, raw)) = crate::sys::process::reap_any_child() {
+            return Some(Exit {
+                pid,
+                slot: None,
+                how: Ok(raw),
+            });
+        }
+        if !self.kernel_reaps {
+            return None;
+        }
+        self.read_preflight_exit();
+        for (slot, c) in self.children.iter_mut() {
+            let Some(pid) = c.pid else { continue };
+            let how = match (&c.pidfd, c.exited) {
+                (Some(fd), Some(since)) => match crate::sys::pidfd::exit_status(fd.as_fd()) {
+                    Ok(Some(raw)) => Ok(raw),
+                    // Dead, being released: the kernel stores the status as it releases the
+                    // process, in the process's last thread, which may wait for a CPU (the
+                    // teardown thread is at nice 19); `poll_timeout` looks again, less and less
+                    // often. Not for ever: a process held by a tracer (strace -f) is released when
+                    // the tracer lets it go.
+                    Ok(None) if since.elapsed() < EXIT_STATUS_PATIENCE => continue,
+                    Ok(None) => Err(format!(
+                        "exit status not stored by the kernel within {} s",
+                        EXIT_STATUS_PATIENCE.as_secs()
+                    )),
+                    Err(e) => Err(format!("exit status unreadable: {e}")),
+                },
+                (Some(_), None) => continue,
+                // Never watched (no pidfd could be had for it): gone once its channel closed
+                // and it is no longer our child.
+                (None, _)
+                    if c.channel.is_none() && !crate::sys::process::is_unreaped_child(pid) =>
+                {
+                    Err("exit status unknown: the monitor had no pidfd for it".to_string())
+                }
+                (None, _) => continue,
             };
-            let (pid, how) = match status {
-                WaitStatus::Exited(pid, code) => (pid, format!("exit code {code}")),
-                WaitStatus::Signaled(pid, sig, core) => (
-                    pid,
-                    format!(
-                        "signal {}{}",
-                        sig.as_str(),
-                        if core { " (core dumped)" } else { "" }
-                    ),
-                ),
-                _ => continue,
+            c.pidfd = None;
+            c.exited = None;
+            return Some(Exit {
+                pid,
+                slot: Some(*slot),
+                how,
+            });
+        }
+        None
+    }
+
+    /// Handles one child's exit.
+    fn on_exit(&mut self, exit: Exit) {
+        let Exit { pid, slot, how } = exit;
+        {
+            let how = match how {
+                Ok(raw) => {
+                    // Only an exit `waitpid` gave can be the preflight's (which has a pidfd of
+                    // its own, read by `read_preflight_exit`).
+                    let status = std::os::unix::process::ExitStatusExt::from_raw(raw);
+                    if slot.is_none() && self.preflight_exited(pid, status) {
+                        return;
+                    }
+                    describe_wait_status(raw)
+                }
+                Err(unknown) => unknown,
             };
-            let raw = match status {
-                WaitStatus::Exited(_, code) => (code & 0xff) << 8,
-                WaitStatus::Signaled(_, sig, _) => sig as i32,
-                _ => 0,
-            };
-            if self.preflight_exited(pid, std::os::unix::process::ExitStatusExt::from_raw(raw)) {
-                continue;
-            }
-            let mut found = self.slot_of(pid);
+            // From a pidfd the slot is known; a pid may already name another process.
+            let mut found = slot.or_else(|| self.slot_of(pid));
             if found.is_none() {
                 // A worker that died at once may be reaped before the packet naming it (the
                 // mold's `Spawned`, its own `Hello`) was read: read those, then look again.
@@ -1044,12 +1158,12 @@ impl Monitor {
             }
             let Some(slot) = found else {
                 tracing::info!(pid = pid.as_raw(), how, "reaped an orphan");
-                continue;
+                return;
             };
             // What it said before it went (its reason for exiting) is still in its channel.
             self.on_child_readable(slot);
             let Some(c) = self.children.remove(&slot) else {
-                continue;
+                return;
             };
             if self.settle_or_await_takeover(slot, c.nr) {
                 // A spare took its place on its own, or is taking it (seen only now: nothing else
@@ -1402,7 +1516,8 @@ impl Monitor {
 
     /// SIGKILLs every child, known or adopted orphan, and reaps them.
     fn kill_everything(&mut self) {
-        for (slot, c) in &self.children {
+        let kernel_reaps = self.kernel_reaps;
+        for (slot, c) in self.children.iter_mut() {
             if let Some(pid) = c.pid {
                 let request = self
                     .board
@@ -1419,7 +1534,7 @@ impl Monitor {
                     "killing {}",
                     c.kind.name()
                 );
-                let _ = kill(pid, Signal::SIGKILL);
+                let _ = c.signal(Signal::SIGKILL, kernel_reaps);
             }
         }
         for pid in own_children() {
@@ -1430,7 +1545,7 @@ impl Monitor {
                     "killing a process"
                 );
             }
-            let _ = kill(pid, Signal::SIGKILL);
+            kill_own_child(pid);
         }
         let until = Instant::now() + Duration::from_secs(2);
         while Instant::now() < until {
@@ -1445,7 +1560,7 @@ impl Monitor {
 
     fn cleanup(&mut self) {
         for pid in own_children() {
-            let _ = kill(pid, Signal::SIGKILL);
+            kill_own_child(pid);
         }
         // A socket-activated unix socket's file is systemd's: its socket unit goes on listening
         // there for the next start.
@@ -1653,6 +1768,36 @@ pub(crate) fn slow_steps() -> u64 {
     SLOW_STEPS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// A child's exit, as `reap` learned it.
+struct Exit {
+    pid: Pid,
+    /// Its slot, when the exit came from its pidfd (a pid alone may name another process by
+    /// then); `None` from `waitpid`.
+    slot: Option<usize>,
+    /// Its wait status, or why there is none.
+    how: Result<i32, String>,
+}
+
+/// A wait status in words: "exit code 3", "signal SIGKILL", "signal SIGSEGV (core dumped)",
+/// "signal 40" for a signal nix has no name for (a real-time one).
+fn describe_wait_status(raw: i32) -> String {
+    if libc::WIFEXITED(raw) {
+        return format!("exit code {}", libc::WEXITSTATUS(raw));
+    }
+    if libc::WIFSIGNALED(raw) {
+        let number = libc::WTERMSIG(raw);
+        let name = Signal::try_from(number)
+            .map_or_else(|_| number.to_string(), |s| s.as_str().to_string());
+        let core = if libc::WCOREDUMP(raw) {
+            " (core dumped)"
+        } else {
+            ""
+        };
+        return format!("signal {name}{core}");
+    }
+    format!("wait status {raw:#x}")
+}
+
 /// A readable poll source.
 enum Source {
     Watch,
@@ -1660,6 +1805,8 @@ enum Source {
     Child(usize),
     /// A worker's death notice (see `on_death_notice`).
     DeathNotice(usize),
+    /// A child's pidfd: it has exited (only when the kernel reaps children).
+    Exited(usize),
     Control,
     ControlClient(usize),
     Metrics,
@@ -1674,6 +1821,15 @@ fn handshakes_under_way(addrs: &[std::net::SocketAddr]) -> usize {
         tracing::warn!(error = %e, "cannot count the TCP handshakes under way (sock_diag); not waiting for them");
         0
     })
+}
+
+/// Kills `pid`, listed by [`own_children`] a moment ago, if it is still a child of this process:
+/// with the kernel reaping children, the pid may be free, or someone else's, by now.
+fn kill_own_child(pid: Pid) {
+    use std::os::fd::AsFd;
+    if let Ok(fd) = crate::sys::pidfd::open_child(pid) {
+        let _ = crate::sys::pidfd::send_signal(fd.as_fd(), Signal::SIGKILL);
+    }
 }
 
 /// Children of this process, from `/proc/self/task/*/children`: the only way to find orphans

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::Signal;
 
 use super::children::PROMOTE;
 use super::{Kind, Monitor, Phase};
@@ -292,10 +292,10 @@ pub(super) fn on_promotion_failed(m: &mut Monitor, slot: usize, reason: &str) {
             if c.phase == Phase::Promoting {
                 c.phase = Phase::Ready;
             }
-            let pid = c.pid;
             m.retire(slot, "promotion failed");
-            if let Some(pid) = pid {
-                let _ = kill(pid, Signal::SIGCONT);
+            let kernel_reaps = m.kernel_reaps;
+            if let Some(c) = m.children.get_mut(&slot) {
+                let _ = c.signal(Signal::SIGCONT, kernel_reaps);
             }
             m.abandon_rollout(format!("promotion failed: {reason}"));
         }

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::ffi::{CString, OsString};
 use std::io::{Read, Seek, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
@@ -194,6 +194,8 @@ pub(crate) struct Preflight {
     started_ms: u64,
     waiters: Vec<UnixStream>,
     status: Option<std::process::ExitStatus>,
+    /// A pidfd for the check: how it ended when the kernel reaps children (`Monitor::reap`).
+    pidfd: std::os::fd::OwnedFd,
 }
 
 /// How long a preflight may run before it is killed and the reload refused.
@@ -301,8 +303,23 @@ impl Monitor {
             .push("reload", format!("reload requested ({why})"));
         super::systemd::notify_reloading(self);
         let waiters: Vec<UnixStream> = waiter.into_iter().collect();
-        match start_preflight() {
-            Ok((child, output)) => {
+        let started = start_preflight().and_then(|(mut child, output)| {
+            // Watched from the start: a check gone before its pidfd was opened (it takes far
+            // longer than this) would leave its exit unknown.
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            match crate::sys::pidfd::open_child(pid) {
+                Ok(pidfd) => Ok((child, output, pidfd)),
+                Err(e) => {
+                    // Out of descriptors, say: still ours, so its pid is still its own.
+                    if crate::sys::process::is_unreaped_child(pid) {
+                        let _ = child.kill();
+                    }
+                    Err(format!("cannot watch the check process (pid {pid}): {e}"))
+                }
+            }
+        });
+        match started {
+            Ok((child, output, pidfd)) => {
                 self.preflight = Some(Preflight {
                     child,
                     output,
@@ -310,6 +327,7 @@ impl Monitor {
                     started_ms: now_ms(),
                     waiters,
                     status: None,
+                    pidfd,
                 })
             }
             Err(error) => self.refuse_reload(error, waiters),
@@ -331,13 +349,29 @@ impl Monitor {
         }
     }
 
+    /// With the kernel reaping children: takes the check's status from its pidfd once it has
+    /// one (`Monitor::reap`).
+    pub(crate) fn read_preflight_exit(&mut self) {
+        if let Some(p) = &mut self.preflight {
+            if p.status.is_none() {
+                if let Ok(Some(raw)) = crate::sys::pidfd::exit_status(p.pidfd.as_fd()) {
+                    p.status = Some(std::os::unix::process::ExitStatusExt::from_raw(raw));
+                }
+            }
+        }
+    }
+
     /// On every turn of the loop: once the preflight is done, re-exec or refuse; past its
     /// deadline, kill it and refuse.
     pub(crate) fn check_preflight(&mut self) {
         let Some(p) = &mut self.preflight else { return };
         let Some(status) = p.status else {
             if p.started.elapsed() > PREFLIGHT_TIMEOUT {
-                let _ = p.child.kill(); // reaped by the loop as an orphan
+                // Through its pidfd: its pid may be someone else's once the kernel reaped it.
+                let _ = crate::sys::pidfd::send_signal(
+                    std::os::fd::AsFd::as_fd(&p.pidfd),
+                    nix::sys::signal::Signal::SIGKILL,
+                ); // reaped by the loop as an orphan
                 let mut p = self.preflight.take().expect("checked above");
                 let error = format!(
                     "{} check did not finish within {} s",
@@ -553,7 +587,11 @@ impl Monitor {
             };
             let Some(channel) = channel else { continue };
             let mut c = Child::new(kind, h.nr, h.generation, channel);
-            c.pid = Some(nix::unistd::Pid::from_raw(h.pid));
+            let pid = nix::unistd::Pid::from_raw(h.pid);
+            c.pid = Some(pid);
+            // Still this process's child (an exec changes no parent); one that died meanwhile is
+            // a zombie the loop's first `reap` collects.
+            c.pidfd = crate::sys::pidfd::open_child(pid).ok();
             // Asked for spares (a mold) or activated (a spare) only if the previous image could,
             // with the same listening sockets: see `spares`.
             c.knows_spares = h.knows_spares && same_listeners;

@@ -631,7 +631,8 @@ impl Monitor {
             if c.kind != Kind::Worker || c.phase != Phase::Ready || !c.is_active_worker() {
                 continue;
             }
-            // Not reaped (it is in the table): its number is still its own.
+            // Its channel is open (an active worker): it has not exited, so its number is still
+            // its own, whoever reaps children.
             let Some(pid) = c.pid else { continue };
             let mut put_back = Vec::new();
             if let Some(raised) = raised {

@@ -79,6 +79,11 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
     let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .map_err(|e| setup("cannot create the signalfd")(e.into()))?;
     process::set_child_subreaper().map_err(setup("cannot become a subreaper"))?;
+    // The kernel reaps where it keeps exit statuses for pidfds, unless the config says not to.
+    // Workers decide alike (`worker::run`, for their teardown thread): same kernel, same config.
+    // The flag itself is set once the children a previous image handed over have pidfds (below):
+    // until then one that dies stays a zombie, whose status `waitpid` still gives.
+    let kernel_reaps = !config.monitor_reaps && crate::sys::pidfd::kernel_keeps_exit_status();
     let pid_file = config.pid_file.clone();
     if let Some(path) = &pid_file {
         write_pid_file(path).map_err(setup("cannot write the pid file"))?;
@@ -90,16 +95,19 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
     };
     priority::settle(tree_nice, config.monitor_nice_boost);
     let addrs: Vec<String> = listeners.iter().map(|l| l.addr().to_string()).collect();
+    let reaper = if kernel_reaps { "kernel" } else { "monitor" };
     if handover.is_none() {
         tracing::info!(
             listen = addrs.join(","),
             workers = config.workers,
+            reaper,
             "starting"
         );
     } else {
         tracing::info!(
             listen = addrs.join(","),
             workers = config.workers,
+            reaper,
             "new image running; adopting the tree"
         );
     }
@@ -147,6 +155,7 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
         last_spare_activation: None,
         pending_takeovers: Vec::new(),
         woke_us: 0,
+        kernel_reaps,
         woke_cpu_us: 0,
     };
     if !monitor.config.watch.is_empty() || !monitor.config.watch_boot.is_empty() {
@@ -185,6 +194,12 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
             tracing::error!(problem = %p, "reload: the new configuration could not be applied in full");
         }
         monitor.start_reloaded_generation(h.reload_started_ms, waiters, problems);
+    }
+    if kernel_reaps {
+        if let Err(e) = crate::sys::pidfd::let_kernel_reap_children() {
+            tracing::warn!(error = %e, "cannot let the kernel reap children; the monitor reaps them");
+            monitor.kernel_reaps = false;
+        }
     }
     let result = monitor.run_loop();
     monitor.cleanup();
@@ -353,8 +368,8 @@ fn raise_nofile_limit() -> u64 {
 
 /// Descriptors the monitor may hold with `config`: the standard three, the signalfd, scoreboard,
 /// listeners, the control socket and its clients, the metrics socket and its clients, the watcher,
-/// a reload's memfds and preflight, and per scoreboard slot a child's channel plus the spare end
-/// of the channel being made for the next one.
+/// a reload's memfds and preflight, and per scoreboard slot a child's channel, its death notice
+/// and its pidfd, plus the spare end of the channel being made for the next one.
 /// Scoreboard slots: every worker, the replacements of a rollout, two molds, and the spares of
 /// two generations (during a rollout).
 fn scoreboard_slots(config: &Config) -> usize {
@@ -370,7 +385,7 @@ pub(crate) fn monitor_descriptors(config: &Config) -> u64 {
         0
     };
     let reload_and_watch = 16;
-    (fixed + metrics + reload_and_watch + 2 * slots) as u64
+    (fixed + metrics + reload_and_watch + 4 * slots) as u64
 }
 
 /// Refuses a `max_workers` whose children the monitor could not hold descriptors for under the
@@ -382,7 +397,7 @@ pub(crate) fn check_descriptor_budget(config: &Config, limit: u64) -> Result<(),
     }
     Err(format!(
         "invalid value {} for `max_workers`: the monitor needs about {needed} file descriptors \
-         for it (two per child) but RLIMIT_NOFILE allows {limit}; raise the hard limit \
+         for it (four per child) but RLIMIT_NOFILE allows {limit}; raise the hard limit \
          (LimitNOFILE= in the systemd unit, `ulimit -Hn`) or lower `max_workers`",
         config.max_workers
     ))
@@ -429,6 +444,9 @@ fn fork_mold<A: App>(m: &mut Monitor, generation: u32) -> std::io::Result<()> {
             drop(theirs);
             let mut c = Child::new(Kind::Mold, 0, generation, mine);
             c.pid = Some(pid);
+            // Our child, just forked: gone already (and reaped by the kernel) only if it failed
+            // at once; then the channel's closing says it.
+            c.pidfd = crate::sys::pidfd::open_child(pid).ok();
             c.knows_spares = true;
             tracing::info!(pid = pid.as_raw(), "forked mold (gen:{generation})");
             m.children.insert(slot, c);

@@ -40,6 +40,7 @@ pub mod fs;
 pub mod futex;
 pub mod io;
 pub mod meminfo;
+pub mod pidfd;
 pub mod process;
 pub mod proctitle;
 #[cfg(feature = "server")]

@@ -330,7 +330,9 @@ pub(crate) unsafe fn close_range_except(keep: &[RawFd], flags: libc::c_uint) -> 
 /// Restores every signal to its default action and unblocks all signals.
 ///
 /// A forked child inherits the monitor's blocked mask (the monitor reads signals from a
-/// signalfd) and any handlers; both must be undone before app code runs.
+/// signalfd) and any handlers; both must be undone before app code runs. So must `SIGCHLD`'s
+/// `SA_NOCLDWAIT` (the kernel reaping the monitor's children, `sys::pidfd`): an app's `wait` for
+/// its own child would fail with `ECHILD`. Installing an action with `signal` replaces the flags.
 pub fn reset_signals() -> io::Result<()> {
     for sig in Signal::iterator() {
         if matches!(sig, Signal::SIGKILL | Signal::SIGSTOP) {
@@ -396,6 +398,24 @@ pub fn reset_inherited_signals(blocked: &SigSet) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Reaps one child of this process that has exited, if any, without waiting: its pid and raw
+/// wait status (decode it with `libc::WIFEXITED` and the like: unlike nix's `WaitStatus`, that
+/// also covers a death by a real-time signal, which nix cannot name and would drop after the
+/// reap).
+pub fn reap_any_child() -> Option<(Pid, i32)> {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid writes the status to `status`, a valid, writable int for the call.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        match pid {
+            0 => return None, // children, none exited
+            p if p > 0 => return Some((Pid::from_raw(p), status)),
+            _ if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) => continue,
+            _ => return None, // ECHILD: no child at all
+        }
+    }
 }
 
 /// Whether `pid` is a child of this process that has not been reaped yet (running, stopped or a
