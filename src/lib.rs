@@ -116,11 +116,13 @@
 //! rollout is abandoned and the adopted generation keeps serving. Development mode (`--watch`, `--watch-boot`) drives the same machinery from an
 //! inotify fd in the poll loop; systemd socket activation and `sd_notify` are in the monitor too.
 //!
-//! **Supervision.** Every death is reaped and explained (exit code, signal, limit, timeout). On
+//! **Supervision.** Every death of a worker or mold is reaped and explained (exit code, signal,
+//! limit, timeout). On
 //! Linux 6.15 and later the kernel reaps the monitor's children (`SA_NOCLDWAIT`) and the monitor
 //! reads each exit status from the child's pidfd ([`sys::pidfd`]): releasing a dead process
 //! then runs in that process, and the monitor never waits in the kernel on a dying worker's last
-//! thread. Every signal to a child goes through its pidfd. Older kernels (or
+//! thread (an adopted orphan is then reaped without a log line). Every signal to a child goes
+//! through its pidfd. Older kernels (or
 //! `monitor_reaps = true`) keep the monitor's `waitpid`. Replacements back off exponentially on
 //! crash loops, and the monitor exits after `max_consecutive_spawn_errors` only if no worker has been ready since it started (a tree that
 //! has served keeps retrying, even with no worker left). A start that fails for lack of resources

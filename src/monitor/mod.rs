@@ -1053,6 +1053,23 @@ impl Monitor {
         self.rollout_failure(&error);
     }
 
+    /// Runs `start` (a fork, a spawn) and opens the new child's pidfd with `watch` while the
+    /// kernel keeps exited children as zombies: one that exits at once then keeps its pid (so the
+    /// pidfd names it, or fails) and its status, which `waitpid` gives (`next_exit`).
+    pub(crate) fn start_watched<T>(&self, start: impl FnOnce() -> T) -> T {
+        if !self.kernel_reaps {
+            return start();
+        }
+        let kept = crate::sys::pidfd::keep_children_for_waitpid().is_ok();
+        let started = start();
+        if kept {
+            if let Err(e) = crate::sys::pidfd::let_kernel_reap_children() {
+                tracing::error!(error = %e, "cannot give the kernel the reaping of children back");
+            }
+        }
+        started
+    }
+
     /// Workers serving now.
     fn serving(&self) -> usize {
         self.children

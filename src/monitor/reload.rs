@@ -303,20 +303,22 @@ impl Monitor {
             .push("reload", format!("reload requested ({why})"));
         super::systemd::notify_reloading(self);
         let waiters: Vec<UnixStream> = waiter.into_iter().collect();
-        let started = start_preflight().and_then(|(mut child, output)| {
-            // Watched from the start: a check gone before its pidfd was opened (it takes far
-            // longer than this) would leave its exit unknown.
-            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-            match crate::sys::pidfd::open_child(pid) {
-                Ok(pidfd) => Ok((child, output, pidfd)),
-                Err(e) => {
-                    // Out of descriptors, say: still ours, so its pid is still its own.
-                    if crate::sys::process::is_unreaped_child(pid) {
-                        let _ = child.kill();
+        let started = self.start_watched(|| {
+            start_preflight().and_then(|(mut child, output)| {
+                // Watched from the start (`start_watched`: a check that exits at once stays a zombie
+                // until its pidfd is open).
+                let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+                match crate::sys::pidfd::open_child(pid) {
+                    Ok(pidfd) => Ok((child, output, pidfd)),
+                    Err(e) => {
+                        // Out of descriptors, say: still ours, so its pid is still its own.
+                        if crate::sys::process::is_unreaped_child(pid) {
+                            let _ = child.kill();
+                        }
+                        Err(format!("cannot watch the check process (pid {pid}): {e}"))
                     }
-                    Err(format!("cannot watch the check process (pid {pid}): {e}"))
                 }
-            }
+            })
         });
         match started {
             Ok((child, output, pidfd)) => {

@@ -439,14 +439,21 @@ fn fork_mold<A: App>(m: &mut Monitor, generation: u32) -> std::io::Result<()> {
         .ok_or_else(|| std::io::Error::other("no free scoreboard slot"))?;
     let (mine, theirs) = Channel::pair()?;
     m.board.clear(slot);
-    match process::fork()? {
+    // The pidfd is opened while the kernel keeps an exited child (`start_watched`). (The child
+    // returns through it too and sets the flag back; its after-fork reset of every signal action
+    // clears it again.)
+    let forked = m.start_watched(|| {
+        process::fork().map(|f| match f {
+            Forked::Parent(pid) => (f, crate::sys::pidfd::open_child(pid).ok()),
+            Forked::Child => (f, None),
+        })
+    })?;
+    match forked.0 {
         Forked::Parent(pid) => {
             drop(theirs);
             let mut c = Child::new(Kind::Mold, 0, generation, mine);
             c.pid = Some(pid);
-            // Our child, just forked: gone already (and reaped by the kernel) only if it failed
-            // at once; then the channel's closing says it.
-            c.pidfd = crate::sys::pidfd::open_child(pid).ok();
+            c.pidfd = forked.1;
             c.knows_spares = true;
             tracing::info!(pid = pid.as_raw(), "forked mold (gen:{generation})");
             m.children.insert(slot, c);

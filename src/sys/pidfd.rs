@@ -134,10 +134,22 @@ fn release_at_least(release: &str, (major, minor): (u32, u32)) -> bool {
 /// no longer returns their status (read it from a pidfd, [`exit_status`]). A forked child that
 /// installs its own `SIGCHLD` action, or calls `execve`, drops the flag.
 pub fn let_kernel_reap_children() -> io::Result<()> {
+    set_sigchld_flags(libc::SA_NOCLDWAIT)
+}
+
+/// Undoes [`let_kernel_reap_children`]: children that exit from now on stay zombies until this
+/// process reaps them. For the moment between starting a child and opening its pidfd, so that
+/// a child that exits at once keeps its pid and status for `waitpid`.
+pub fn keep_children_for_waitpid() -> io::Result<()> {
+    set_sigchld_flags(0)
+}
+
+/// Gives `SIGCHLD` its default action with `flags`.
+fn set_sigchld_flags(flags: libc::c_int) -> io::Result<()> {
     // SAFETY: sigaction is plain data; zeroed is a valid value (empty mask, no flags).
     let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
     action.sa_sigaction = libc::SIG_DFL;
-    action.sa_flags = libc::SA_NOCLDWAIT;
+    action.sa_flags = flags;
     // SAFETY: installs the default action (no code of ours runs in signal context); `action` is
     // valid for the call and the old action is not asked for.
     let rc = unsafe { libc::sigaction(libc::SIGCHLD, &action, std::ptr::null_mut()) };
