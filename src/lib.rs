@@ -120,7 +120,7 @@
 //! limit, timeout). On
 //! Linux 6.15 and later the kernel reaps the monitor's children (`SA_NOCLDWAIT`) and the monitor
 //! reads each exit status from the child's pidfd ([`sys::pidfd`]): releasing a dead process
-//! then runs in that process, and the monitor never waits in the kernel on a dying worker's last
+//! then runs in that process, not in the monitor, which waited there on a dying worker's last
 //! thread (an adopted orphan is then reaped without a log line). Every signal to a child goes
 //! through its pidfd. Older kernels (or
 //! `monitor_reaps = true`) keep the monitor's `waitpid`. Replacements back off exponentially on

@@ -1524,8 +1524,25 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
         Some(name) => Launch::example(name),
         None => Launch::tine(),
     };
+    // Who reaps (docs/DEPLOYMENT.md, "Who reaps the children"), by a bit of the seed (the random
+    // stream of older seeds is unchanged): with the monitor's `waitpid`, a zombie left behind is
+    // the monitor's fault and the zombie counts below say so; with the kernel's, the exit
+    // statuses come from pidfds.
+    let monitor_reaps = seed.rotate_left(17) & 1 == 1;
+    eprintln!(
+        "chaos: reaper {}",
+        if monitor_reaps {
+            "monitor (monitor_reaps = true)"
+        } else {
+            "kernel where it can"
+        }
+    );
     let server = launch
         .args(["--workers", &START_WORKERS.to_string(), "--debug-headers"])
+        .env(
+            "TINE_MONITOR_REAPS",
+            if monitor_reaps { "true" } else { "false" },
+        )
         .start();
     let server_addr = server.tcp_addr();
     server.wait_workers(START_WORKERS, READY_TIMEOUT);

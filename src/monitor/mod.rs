@@ -179,7 +179,7 @@ pub(crate) struct Monitor {
 
 /// How long an exit seen on a pidfd may wait for the kernel to store its status before it is
 /// handled without one. The kernel stores it as the process's last thread releases the process:
-/// microseconds later, or, for a last thread at nice 19 on a saturated machine, much later.
+/// microseconds later, or, for a last thread that waits for a CPU, much later.
 const EXIT_STATUS_PATIENCE: Duration = Duration::from_secs(60);
 
 /// How long a worker requested from a mold that then died may still report itself.
@@ -371,7 +371,7 @@ impl Monitor {
         for at in resumes.into_iter().flatten() {
             t = t.min(at.saturating_duration_since(now));
         }
-        if self.reload.is_some() || self.boot_reload.is_some() {
+        if self.reload.is_some() || self.boot_reload.is_some() || self.preflight_running() {
             // Reloads are timed: look at their progress often.
             t = t.min(Duration::from_millis(5));
         }
@@ -709,8 +709,7 @@ impl Monitor {
                             let (worker_slot, request, pid) =
                                 (*worker_slot as usize, *request, *pid);
                             let ours = self.is_spawn_of(slot, worker_slot, request, pid)
-                                && crate::sys::pidfd::pid_of(pidfd.as_fd())
-                                    .is_ok_and(|p| p.as_raw() == pid);
+                                && crate::sys::pidfd::names(pidfd.as_fd(), Pid::from_raw(pid));
                             match self.children.get_mut(&worker_slot) {
                                 Some(w) if ours && w.pidfd.is_none() => w.pidfd = Some(pidfd),
                                 _ => {}
@@ -1103,15 +1102,28 @@ impl Monitor {
             return None;
         }
         self.read_preflight_exit();
+        let unwatched_gone =
+            |c: &Child| c.pidfd.is_none() && c.pid.is_some() && c.channel.is_none();
+        if self.children.values().any(unwatched_gone) {
+            // Its pidfd may be in a mold's `Spawned`, not read yet: read those first.
+            let molds: Vec<usize> = self
+                .children
+                .iter()
+                .filter(|(_, c)| c.kind == Kind::Mold)
+                .map(|(s, _)| *s)
+                .collect();
+            for s in molds {
+                self.on_child_readable(s);
+            }
+        }
         for (slot, c) in self.children.iter_mut() {
             let Some(pid) = c.pid else { continue };
             let how = match (&c.pidfd, c.exited) {
                 (Some(fd), Some(since)) => match crate::sys::pidfd::exit_status(fd.as_fd()) {
                     Ok(Some(raw)) => Ok(raw),
                     // Dead, being released: the kernel stores the status as it releases the
-                    // process, in the process's last thread, which may wait for a CPU (the
-                    // teardown thread is at nice 19); `poll_timeout` looks again, less and less
-                    // often. Not for ever: a process held by a tracer (strace -f) is released when
+                    // process, in the process's last thread, which may wait for a CPU on a
+                    // saturated machine; `poll_timeout` looks again, less and less often. Not for ever: a process held by a tracer (strace -f) is released when
                     // the tracer lets it go.
                     Ok(None) if since.elapsed() < EXIT_STATUS_PATIENCE => continue,
                     Ok(None) => Err(format!(

@@ -351,6 +351,11 @@ impl Monitor {
         }
     }
 
+    /// Whether a preflight runs whose status is not known yet (`poll_timeout` looks often).
+    pub(crate) fn preflight_running(&self) -> bool {
+        self.preflight.as_ref().is_some_and(|p| p.status.is_none())
+    }
+
     /// With the kernel reaping children: takes the check's status from its pidfd once it has
     /// one (`Monitor::reap`).
     pub(crate) fn read_preflight_exit(&mut self) {
@@ -370,10 +375,11 @@ impl Monitor {
         let Some(status) = p.status else {
             if p.started.elapsed() > PREFLIGHT_TIMEOUT {
                 // Through its pidfd: its pid may be someone else's once the kernel reaped it.
+                // (Its exit is then the kernel's to reap, or the loop's `waitpid`, as an orphan.)
                 let _ = crate::sys::pidfd::send_signal(
                     std::os::fd::AsFd::as_fd(&p.pidfd),
                     nix::sys::signal::Signal::SIGKILL,
-                ); // reaped by the loop as an orphan
+                );
                 let mut p = self.preflight.take().expect("checked above");
                 let error = format!(
                     "{} check did not finish within {} s",
@@ -460,6 +466,26 @@ impl Monitor {
     }
 
     fn exec_with_handover(
+        &mut self,
+        started_ms: u64,
+        waiters: &[UnixStream],
+    ) -> Result<(), String> {
+        // From here on a child that exits stays a zombie for the next image's `waitpid`: the
+        // kernel would reap it, and its pidfd (close-on-exec) goes with this image. The exits
+        // already seen are handled now.
+        if !self.kernel_reaps {
+            return self.exec_with_handover_as_is(started_ms, waiters);
+        }
+        let kept = crate::sys::pidfd::keep_children_for_waitpid().is_ok();
+        self.reap();
+        let error = self.exec_with_handover_as_is(started_ms, waiters);
+        if kept {
+            let _ = crate::sys::pidfd::let_kernel_reap_children();
+        }
+        error
+    }
+
+    fn exec_with_handover_as_is(
         &mut self,
         started_ms: u64,
         waiters: &[UnixStream],

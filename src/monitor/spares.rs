@@ -628,11 +628,16 @@ impl Monitor {
             c.settle_priority_at = None;
             // A worker promoted to mold meanwhile runs as molds do (`SCHED_OTHER`: the workers it
             // forks inherit it and switch themselves), and one leaving is no matter.
-            if c.kind != Kind::Worker || c.phase != Phase::Ready || !c.is_active_worker() {
+            if c.kind != Kind::Worker
+                || c.phase != Phase::Ready
+                || !c.is_active_worker()
+                || c.exited.is_some()
+            {
                 continue;
             }
-            // Its channel is open (an active worker): it has not exited, so its number is still
-            // its own, whoever reaps children.
+            // Its channel is open (an active worker) and its pidfd has not said it exited: its
+            // number is its own but in the moment since (a pid is reused only once its process
+            // is released and the pid counter comes round).
             let Some(pid) = c.pid else { continue };
             let mut put_back = Vec::new();
             if let Some(raised) = raised {

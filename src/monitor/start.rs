@@ -80,7 +80,6 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
         .map_err(|e| setup("cannot create the signalfd")(e.into()))?;
     process::set_child_subreaper().map_err(setup("cannot become a subreaper"))?;
     // The kernel reaps where it keeps exit statuses for pidfds, unless the config says not to.
-    // Workers decide alike (`worker::run`, for their teardown thread): same kernel, same config.
     // The flag itself is set once the children a previous image handed over have pidfds (below):
     // until then one that dies stays a zombie, whose status `waitpid` still gives.
     let kernel_reaps = !config.monitor_reaps && crate::sys::pidfd::kernel_keeps_exit_status();

@@ -79,19 +79,25 @@ pub fn exit_status(fd: BorrowedFd<'_>) -> io::Result<Option<i32>> {
     Ok((info.mask & libc::PIDFD_INFO_EXIT as u64 != 0).then_some(info.exit_code))
 }
 
-/// The pid (in this process's pid namespace) of the process `fd` names, while it runs (Linux
-/// 6.13).
-pub fn pid_of(fd: BorrowedFd<'_>) -> io::Result<Pid> {
+/// Whether `fd` names process `pid` (in this process's pid namespace), or a process that has
+/// exited and been released, whose status the kernel keeps (its pid is no longer known then, and
+/// a process gone can be sent no signal). Linux 6.15.
+pub fn names(fd: BorrowedFd<'_>, pid: Pid) -> bool {
     // SAFETY: pidfd_info is plain integers, for which all-zero is a valid value.
     let mut info: libc::pidfd_info = unsafe { std::mem::zeroed() };
-    info.mask = libc::PIDFD_INFO_PID as u64;
+    info.mask = (libc::PIDFD_INFO_PID | libc::PIDFD_INFO_EXIT) as u64;
     // SAFETY: as in `exit_status`: the kernel writes at most size_of::<pidfd_info>() bytes of
     // `info`, valid and writable for the call.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::PIDFD_GET_INFO, &mut info) };
     if rc < 0 {
-        return Err(io::Error::last_os_error());
+        return false;
     }
-    Ok(Pid::from_raw(info.pid as i32))
+    let has = |bit: libc::c_uint| info.mask & bit as u64 != 0;
+    if has(libc::PIDFD_INFO_PID) {
+        info.pid as i32 == pid.as_raw()
+    } else {
+        has(libc::PIDFD_INFO_EXIT)
+    }
 }
 
 /// Whether this kernel keeps a process's exit status for its pidfds after the process is reaped
@@ -187,7 +193,8 @@ mod tests {
             .expect("sh");
         let pid = Pid::from_raw(child.id() as i32);
         let fd = open_child(pid).expect("our unreaped child");
-        assert_eq!(pid_of(fd.as_fd()).unwrap(), pid);
+        assert!(names(fd.as_fd(), pid));
+        assert!(!names(fd.as_fd(), Pid::from_raw(pid.as_raw() + 1)));
         assert_eq!(exit_status(fd.as_fd()).unwrap(), None, "still running");
         drop(child.stdin.take());
         assert_eq!(child.wait().unwrap().code(), Some(7));
