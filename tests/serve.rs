@@ -409,6 +409,44 @@ fn either_reaper_tells_how_each_child_ended_and_leaves_no_zombie() {
     }
 }
 
+/// A worker ended by a real-time signal (one nix's `WaitStatus` cannot name) is explained and
+/// replaced like any other death, with either reaper: the monitor's `waitpid` once reaped such a
+/// child and dropped it unhandled.
+#[test]
+fn a_worker_killed_by_a_real_time_signal_is_explained_and_replaced() {
+    let number = libc::SIGRTMIN() + 10;
+    for monitor_reaps in ["false", "true"] {
+        let server = Launch::tine()
+            .args(["--workers", "2"])
+            .env("TINE_MONITOR_REAPS", monitor_reaps)
+            .start();
+        let before = server.wait_workers(2, READY_TIMEOUT);
+        let mark = server.log.mark();
+        // util-linux kill(1) names it; the pid is our tree's live worker.
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{number}"), &before[0].to_string()])
+            .status()
+            .expect("kill(1)");
+        assert!(status.success(), "kill -{number}");
+        server.log.wait_for_log_since(
+            mark,
+            &format!(
+                "worker died pid={} nr=0 generation=0 how=signal {number}",
+                before[0]
+            ),
+            Duration::from_secs(5),
+        );
+        server
+            .log
+            .wait_for_log_since(mark, "worker[0] (gen:0) ready", Duration::from_secs(10));
+        let after = server.wait_workers(2, Duration::from_secs(10));
+        assert_ne!(
+            after[0], before[0],
+            "monitor_reaps={monitor_reaps}: replaced"
+        );
+    }
+}
+
 #[test]
 fn a_killed_mold_is_replaced_and_workers_keep_serving() {
     let server = start(2);

@@ -1880,3 +1880,21 @@ fn own_children() -> Vec<Pid> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::describe_wait_status;
+
+    #[test]
+    fn wait_statuses_read_as_words_real_time_signals_too() {
+        assert_eq!(describe_wait_status(3 << 8), "exit code 3");
+        assert_eq!(describe_wait_status(0), "exit code 0");
+        assert_eq!(describe_wait_status(libc::SIGKILL), "signal SIGKILL");
+        assert_eq!(
+            describe_wait_status(libc::SIGSEGV | 0x80),
+            "signal SIGSEGV (core dumped)"
+        );
+        let rt = libc::SIGRTMIN() + 10;
+        assert_eq!(describe_wait_status(rt), format!("signal {rt}"));
+    }
+}
