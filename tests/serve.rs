@@ -335,6 +335,28 @@ fn a_killed_worker_is_replaced() {
     assert_eq!(report.status(200), 40, "{report:?}");
 }
 
+/// `tine serve` with two workers, its children reaped by the monitor's own `waitpid` if
+/// `monitor_reaps`, else by the kernel where it can (docs/DEPLOYMENT.md, "Who reaps the children").
+fn two_workers_reaped_by(monitor_reaps: bool) -> Server {
+    Launch::tine()
+        .args(["--workers", "2"])
+        .env("TINE_MONITOR_REAPS", monitor_reaps.to_string())
+        .start()
+}
+
+/// Waits for the monitor to log worker 0 (`pid`) dead since `mark`, of `how`, and its
+/// replacement ready.
+fn worker_0_died_and_was_replaced(server: &Server, mark: usize, pid: i32, how: &str) {
+    server.log.wait_for_log_since(
+        mark,
+        &format!("worker died pid={pid} nr=0 generation=0 how={how}"),
+        Duration::from_secs(5),
+    );
+    server
+        .log
+        .wait_for_log_since(mark, "worker[0] (gen:0) ready", Duration::from_secs(10));
+}
+
 /// Who reaps the monitor's children: the kernel where it keeps exit statuses for pidfds (Linux
 /// 6.15), the monitor's `waitpid` elsewhere or when `monitor_reaps = true` asks for it. Either
 /// way the monitor learns how each child ended (a signal, an exit code), replaces it, and leaves
@@ -343,11 +365,7 @@ fn a_killed_worker_is_replaced() {
 fn either_reaper_tells_how_each_child_ended_and_leaves_no_zombie() {
     let kernel_can = tine::sys::pidfd::kernel_keeps_exit_status();
     for monitor_reaps in [false, true] {
-        let mut launch = Launch::tine().args(["--workers", "2"]);
-        if monitor_reaps {
-            launch = launch.env("TINE_MONITOR_REAPS", "true");
-        }
-        let server = launch.start();
+        let server = two_workers_reaped_by(monitor_reaps);
         let reaper = if kernel_can && !monitor_reaps {
             "kernel"
         } else {
@@ -359,17 +377,7 @@ fn either_reaper_tells_how_each_child_ended_and_leaves_no_zombie() {
         let before = server.wait_workers(2, READY_TIMEOUT);
         let mark = server.log.mark();
         server.signal_process(before[0], Signal::SIGKILL);
-        server.log.wait_for_log_since(
-            mark,
-            &format!(
-                "worker died pid={} nr=0 generation=0 how=signal SIGKILL",
-                before[0]
-            ),
-            Duration::from_secs(5),
-        );
-        server
-            .log
-            .wait_for_log_since(mark, "worker[0] (gen:0) ready", Duration::from_secs(10));
+        worker_0_died_and_was_replaced(&server, mark, before[0], "signal SIGKILL");
         let mold = server.with_title("tine mold").first().expect("a mold").pid;
         server.signal_process(mold, Signal::SIGKILL);
         server.log.wait_for_log_since(
@@ -415,11 +423,8 @@ fn either_reaper_tells_how_each_child_ended_and_leaves_no_zombie() {
 #[test]
 fn a_worker_killed_by_a_real_time_signal_is_explained_and_replaced() {
     let number = libc::SIGRTMIN() + 10;
-    for monitor_reaps in ["false", "true"] {
-        let server = Launch::tine()
-            .args(["--workers", "2"])
-            .env("TINE_MONITOR_REAPS", monitor_reaps)
-            .start();
+    for monitor_reaps in [false, true] {
+        let server = two_workers_reaped_by(monitor_reaps);
         let before = server.wait_workers(2, READY_TIMEOUT);
         let mark = server.log.mark();
         // util-linux kill(1) names it; the pid is our tree's live worker.
@@ -428,17 +433,7 @@ fn a_worker_killed_by_a_real_time_signal_is_explained_and_replaced() {
             .status()
             .expect("kill(1)");
         assert!(status.success(), "kill -{number}");
-        server.log.wait_for_log_since(
-            mark,
-            &format!(
-                "worker died pid={} nr=0 generation=0 how=signal {number}",
-                before[0]
-            ),
-            Duration::from_secs(5),
-        );
-        server
-            .log
-            .wait_for_log_since(mark, "worker[0] (gen:0) ready", Duration::from_secs(10));
+        worker_0_died_and_was_replaced(&server, mark, before[0], &format!("signal {number}"));
         let after = server.wait_workers(2, Duration::from_secs(10));
         assert_ne!(
             after[0], before[0],

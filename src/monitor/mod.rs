@@ -688,36 +688,7 @@ impl Monitor {
             match ch.recv::<Report>(false) {
                 Ok(Some(r)) => {
                     let fd = r.fds.into_iter().next();
-                    match (&r.msg, fd) {
-                        // A worker's or spare's death notice (a mold sends none). Only the first.
-                        (Report::Hello { .. }, Some(notice))
-                            if c.kind != Kind::Mold && c.death_notice.is_none() =>
-                        {
-                            c.death_notice = Some(notice);
-                        }
-                        (
-                            Report::Spawned {
-                                slot: worker_slot,
-                                request,
-                                pid,
-                            },
-                            Some(pidfd),
-                        ) => {
-                            // The worker's pidfd, opened by its parent (the middle process)
-                            // while it could not have been reaped; taken if it names the pid
-                            // reported (the worker's own `Hello` may have been read first).
-                            let (worker_slot, request, pid) =
-                                (*worker_slot as usize, *request, *pid);
-                            let ours = self.is_spawn_of(slot, worker_slot, request, pid)
-                                && crate::sys::pidfd::names(pidfd.as_fd(), Pid::from_raw(pid));
-                            match self.children.get_mut(&worker_slot) {
-                                Some(w) if ours && w.pidfd.is_none() => w.pidfd = Some(pidfd),
-                                _ => {}
-                            }
-                        }
-                        _ => {}
-                    }
-                    self.on_report(slot, r.msg)
+                    self.on_report(slot, r.msg, fd)
                 }
                 Ok(None) => {
                     // The child closed its end: it is exiting. SIGCHLD (and its pidfd) follows, a
@@ -837,7 +808,8 @@ impl Monitor {
         }
     }
 
-    fn on_report(&mut self, slot: usize, report: Report) {
+    /// Acts on a child's report; `fd` is the descriptor that came with it, if any.
+    fn on_report(&mut self, slot: usize, report: Report, fd: Option<std::os::fd::OwnedFd>) {
         let Some(c) = self.children.get_mut(&slot) else {
             return;
         };
@@ -845,6 +817,10 @@ impl Monitor {
             Report::Hello { pid } => {
                 if c.pid.is_none() && pid > 1 {
                     c.pid = Some(Pid::from_raw(pid));
+                }
+                // A worker's or spare's death notice (a mold sends none). Only the first.
+                if c.kind != Kind::Mold && c.death_notice.is_none() {
+                    c.death_notice = fd;
                 }
             }
             Report::Ready => {
@@ -890,13 +866,18 @@ impl Monitor {
                 request,
                 pid,
             } => {
-                let worker_slot = worker_slot as usize;
-                if !self.is_spawn_of(slot, worker_slot, request, pid) {
+                let (worker_slot, pid) = (worker_slot as usize, Pid::from_raw(pid));
+                if pid.as_raw() <= 1 || !self.answers_spawn(slot, worker_slot, request, Some(pid)) {
                     self.stray_spawn_report(slot, "Spawned", worker_slot, request);
                     return;
                 }
                 if let Some(w) = self.children.get_mut(&worker_slot) {
-                    w.pid = Some(Pid::from_raw(pid));
+                    w.pid = Some(pid);
+                    // Its pidfd, opened by its parent (the middle process) while no one could
+                    // have reaped it; taken if it names the pid reported.
+                    if w.pidfd.is_none() {
+                        w.pidfd = fd.filter(|fd| crate::sys::pidfd::names(fd.as_fd(), pid));
+                    }
                 }
             }
             Report::SpawnFailed {
@@ -908,7 +889,7 @@ impl Monitor {
                 // slot of a running process named here is a confused mold, and a report from
                 // anyone else (a worker runs the app) must not count towards giving up.
                 let worker_slot = worker_slot as usize;
-                if !self.is_pending_spawn(slot, worker_slot, request) {
+                if !self.answers_spawn(slot, worker_slot, request, None) {
                     self.stray_spawn_report(slot, "SpawnFailed", worker_slot, request);
                     return;
                 }
@@ -934,9 +915,17 @@ impl Monitor {
         }
     }
 
-    /// Whether `worker_slot` holds a worker not forked yet, asked of the mold in `mold_slot` with
-    /// `request`: the only spawn report that counts.
-    fn is_pending_spawn(&self, mold_slot: usize, worker_slot: usize, request: u64) -> bool {
+    /// Whether a spawn report from the mold in `mold_slot` about `request` answers the worker in
+    /// `worker_slot`, asked of that mold with that request: the only spawn report that counts.
+    /// The worker must not be forked yet, or, for a `Spawned` naming `reported`, may already
+    /// be named so by its own `Hello`.
+    fn answers_spawn(
+        &self,
+        mold_slot: usize,
+        worker_slot: usize,
+        request: u64,
+        reported: Option<Pid>,
+    ) -> bool {
         let from_a_mold = self
             .children
             .get(&mold_slot)
@@ -944,26 +933,10 @@ impl Monitor {
         from_a_mold
             && self.children.get(&worker_slot).is_some_and(|w| {
                 matches!(w.kind, Kind::Worker | Kind::Spare)
-                    && w.pid.is_none()
+                    && (w.pid.is_none() || (reported.is_some() && w.pid == reported))
                     && w.request == request
                     && w.requested_from == Some(mold_slot)
             })
-    }
-
-    /// Whether `Spawned { pid }` from `mold_slot` answers the request pending in `worker_slot`:
-    /// pending, or already named by the worker's own `Hello` with that pid.
-    fn is_spawn_of(&self, mold_slot: usize, worker_slot: usize, request: u64, pid: i32) -> bool {
-        pid > 1
-            && (self.is_pending_spawn(mold_slot, worker_slot, request)
-                || self.children.get(&worker_slot).is_some_and(|w| {
-                    w.pid == Some(Pid::from_raw(pid))
-                        && w.request == request
-                        && w.requested_from == Some(mold_slot)
-                        && self
-                            .children
-                            .get(&mold_slot)
-                            .is_some_and(|m| m.kind == Kind::Mold)
-                }))
     }
 
     /// A spawn report from a child that was not asked, or about no pending request: ignored, and
@@ -1052,21 +1025,22 @@ impl Monitor {
         self.rollout_failure(&error);
     }
 
-    /// Runs `start` (a fork, a spawn) and opens the new child's pidfd with `watch` while the
-    /// kernel keeps exited children as zombies: one that exits at once then keeps its pid (so the
-    /// pidfd names it, or fails) and its status, which `waitpid` gives (`next_exit`).
-    pub(crate) fn start_watched<T>(&self, start: impl FnOnce() -> T) -> T {
+    /// Runs `f` while the kernel keeps exited children as zombies, for `waitpid` (`next_exit`):
+    /// around a fork or spawn and the opening of the new child's pidfd, so that a child that exits
+    /// at once keeps its pid (the pidfd names it, or fails) and its status; and before a reload's
+    /// re-exec, whose next image has none of this one's pidfds.
+    pub(crate) fn with_children_kept<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
         if !self.kernel_reaps {
-            return start();
+            return f(self);
         }
         let kept = crate::sys::pidfd::keep_children_for_waitpid().is_ok();
-        let started = start();
+        let done = f(self);
         if kept {
             if let Err(e) = crate::sys::pidfd::let_kernel_reap_children() {
                 tracing::error!(error = %e, "cannot give the kernel the reaping of children back");
             }
         }
-        started
+        done
     }
 
     /// Workers serving now.
@@ -1105,16 +1079,8 @@ impl Monitor {
         let unwatched_gone =
             |c: &Child| c.pidfd.is_none() && c.pid.is_some() && c.channel.is_none();
         if self.children.values().any(unwatched_gone) {
-            // Its pidfd may be in a mold's `Spawned`, not read yet: read those first.
-            let molds: Vec<usize> = self
-                .children
-                .iter()
-                .filter(|(_, c)| c.kind == Kind::Mold)
-                .map(|(s, _)| *s)
-                .collect();
-            for s in molds {
-                self.on_child_readable(s);
-            }
+            // Its pidfd may be in a mold's `Spawned`, not read yet.
+            self.read_spawn_reports();
         }
         for (slot, c) in self.children.iter_mut() {
             let Some(pid) = c.pid else { continue };
@@ -1123,8 +1089,9 @@ impl Monitor {
                     Ok(Some(raw)) => Ok(raw),
                     // Dead, being released: the kernel stores the status as it releases the
                     // process, in the process's last thread, which may wait for a CPU on a
-                    // saturated machine; `poll_timeout` looks again, less and less often. Not for ever: a process held by a tracer (strace -f) is released when
-                    // the tracer lets it go.
+                    // saturated machine; `poll_timeout` looks again, less and less often. Not
+                    // for ever: a process held by a tracer (strace -f) is released when the
+                    // tracer lets it go.
                     Ok(None) if since.elapsed() < EXIT_STATUS_PATIENCE => continue,
                     Ok(None) => Err(format!(
                         "exit status not stored by the kernel within {} s",
@@ -1153,135 +1120,138 @@ impl Monitor {
         None
     }
 
+    /// Reads what names a new worker and carries its pidfd, before the loop would: the molds'
+    /// `Spawned` and the `Hello` of workers not named yet.
+    fn read_spawn_reports(&mut self) {
+        let unsure: Vec<usize> = self
+            .children
+            .iter()
+            .filter(|(_, c)| c.kind == Kind::Mold || c.pid.is_none())
+            .map(|(s, _)| *s)
+            .collect();
+        for s in unsure {
+            self.on_child_readable(s);
+        }
+    }
+
     /// Handles one child's exit.
     fn on_exit(&mut self, exit: Exit) {
         let Exit { pid, slot, how } = exit;
-        {
-            let how = match how {
-                Ok(raw) => {
-                    // Only an exit `waitpid` gave can be the preflight's (which has a pidfd of
-                    // its own, read by `read_preflight_exit`).
-                    let status = std::os::unix::process::ExitStatusExt::from_raw(raw);
-                    if slot.is_none() && self.preflight_exited(pid, status) {
-                        return;
-                    }
-                    describe_wait_status(raw)
+        let how = match how {
+            Ok(raw) => {
+                // Only an exit `waitpid` gave can be the preflight's (which has a pidfd of
+                // its own, read by `read_preflight_exit`).
+                let status = std::os::unix::process::ExitStatusExt::from_raw(raw);
+                if slot.is_none() && self.preflight_exited(pid, status) {
+                    return;
                 }
-                Err(unknown) => unknown,
-            };
-            // From a pidfd the slot is known; a pid may already name another process.
-            let mut found = slot.or_else(|| self.slot_of(pid));
-            if found.is_none() {
-                // A worker that died at once may be reaped before the packet naming it (the
-                // mold's `Spawned`, its own `Hello`) was read: read those, then look again.
-                let unsure: Vec<usize> = self
-                    .children
-                    .iter()
-                    .filter(|(_, c)| c.kind == Kind::Mold || c.pid.is_none())
-                    .map(|(s, _)| *s)
-                    .collect();
-                for s in unsure {
-                    self.on_child_readable(s);
-                }
-                found = self.slot_of(pid);
+                describe_wait_status(raw)
             }
-            let Some(slot) = found else {
-                tracing::info!(pid = pid.as_raw(), how, "reaped an orphan");
-                return;
-            };
-            // What it said before it went (its reason for exiting) is still in its channel.
-            self.on_child_readable(slot);
-            let Some(c) = self.children.remove(&slot) else {
-                return;
-            };
-            if self.settle_or_await_takeover(slot, c.nr) {
-                // A spare took its place on its own, or is taking it (seen only now: nothing else
-                // told of it, or the monitor's turn came after the whole exit).
-            } else if c.is_active_worker() {
-                // Its channel was not seen closed: its place is taken now.
-                self.replace_at_once(c.nr);
-            }
-            tracing::debug!(
-                target: "tine::respawn",
-                child = pid.as_raw(),
-                woke_us = self.woke_us,
-                reaped_us = crate::log::monotonic_us(),
-                "{} reaped",
-                c.label()
+            Err(unknown) => unknown,
+        };
+        // From a pidfd the slot is known; a pid may already name another process.
+        let mut found = slot.or_else(|| self.slot_of(pid));
+        if found.is_none() {
+            // A worker that died at once may be reaped before the packet naming it was read.
+            self.read_spawn_reports();
+            found = self.slot_of(pid);
+        }
+        let Some(slot) = found else {
+            tracing::info!(pid = pid.as_raw(), how, "reaped an orphan");
+            return;
+        };
+        // What it said before it went (its reason for exiting) is still in its channel.
+        self.on_child_readable(slot);
+        let Some(c) = self.children.remove(&slot) else {
+            return;
+        };
+        if self.settle_or_await_takeover(slot, c.nr) {
+            // A spare took its place on its own, or is taking it (seen only now: nothing else
+            // told of it, or the monitor's turn came after the whole exit).
+        } else if c.is_active_worker() {
+            // Its channel was not seen closed: its place is taken now.
+            self.replace_at_once(c.nr);
+        }
+        tracing::debug!(
+            target: "tine::respawn",
+            child = pid.as_raw(),
+            woke_us = self.woke_us,
+            reaped_us = crate::log::monotonic_us(),
+            "{} reaped",
+            c.label()
+        );
+        // (A slot whose takeover is pending is cleared once it is settled.)
+        if !self.pending_takeovers.iter().any(|p| p.0 == slot) {
+            self.board.clear(slot);
+        }
+        let expected = c.is_retiring() || self.mode != Mode::Running;
+        let reason = match &c.phase {
+            Phase::Retiring { reason, .. } => reason.clone(),
+            _ => "died".to_string(),
+        };
+        if expected {
+            tracing::info!(
+                pid = pid.as_raw(),
+                nr = c.log_nr(),
+                generation = c.generation,
+                reason,
+                how,
+                "{} exited",
+                c.kind.name()
             );
-            // (A slot whose takeover is pending is cleared once it is settled.)
-            if !self.pending_takeovers.iter().any(|p| p.0 == slot) {
-                self.board.clear(slot);
+        } else {
+            tracing::warn!(
+                pid = pid.as_raw(),
+                nr = c.log_nr(),
+                generation = c.generation,
+                how,
+                "{} died",
+                c.kind.name()
+            );
+            self.events.push(
+                "died",
+                format!("{} pid {} died ({how})", c.label(), pid.as_raw()),
+            );
+        }
+        if self.mode == Mode::Running {
+            // Keyed by the reason's kind ("rollout to gen:7" counts as rollout_to_gen), so
+            // the map stays bounded however many generations go by.
+            let label = metrics::reason_label(if expected { &reason } else { "died" });
+            *self.restarts.entry(label).or_default() += 1;
+            if c.phase == Phase::Starting {
+                let why = match &c.exit_reason {
+                    Some(reason) => format!(": {reason}"),
+                    None => String::new(),
+                };
+                // A worker that could not build its runtime for lack of resources is
+                // retried with backoff, like a fork that failed with EAGAIN, never counted.
+                let resource = c
+                    .exit_reason
+                    .as_deref()
+                    .is_some_and(rollout::is_resource_exit);
+                self.spawn_failed(
+                    format!("{} exited before it was ready ({how}){why}", c.label()),
+                    resource,
+                );
             }
-            let expected = c.is_retiring() || self.mode != Mode::Running;
-            let reason = match &c.phase {
-                Phase::Retiring { reason, .. } => reason.clone(),
-                _ => "died".to_string(),
-            };
-            if expected {
-                tracing::info!(
-                    pid = pid.as_raw(),
-                    nr = c.log_nr(),
-                    generation = c.generation,
-                    reason,
-                    how,
-                    "{} exited",
-                    c.kind.name()
-                );
-            } else {
-                tracing::warn!(
-                    pid = pid.as_raw(),
-                    nr = c.log_nr(),
-                    generation = c.generation,
-                    how,
-                    "{} died",
-                    c.kind.name()
-                );
-                self.events.push(
-                    "died",
-                    format!("{} pid {} died ({how})", c.label(), pid.as_raw()),
-                );
+            let new_worker_died = c.kind == Kind::Worker
+                && c.phase == Phase::Ready
+                && self
+                    .rollout
+                    .as_ref()
+                    .is_some_and(|r| r.generation == c.generation);
+            if new_worker_died {
+                // A deploy that boots but crashes under traffic fails its rollout too.
+                self.rollout_failure(&format!("{} died after it was ready ({how})", c.label()));
             }
-            if self.mode == Mode::Running {
-                // Keyed by the reason's kind ("rollout to gen:7" counts as rollout_to_gen), so
-                // the map stays bounded however many generations go by.
-                let label = metrics::reason_label(if expected { &reason } else { "died" });
-                *self.restarts.entry(label).or_default() += 1;
-                if c.phase == Phase::Starting {
-                    let why = match &c.exit_reason {
-                        Some(reason) => format!(": {reason}"),
-                        None => String::new(),
-                    };
-                    // A worker that could not build its runtime for lack of resources is
-                    // retried with backoff, like a fork that failed with EAGAIN, never counted.
-                    let resource = c
-                        .exit_reason
-                        .as_deref()
-                        .is_some_and(rollout::is_resource_exit);
-                    self.spawn_failed(
-                        format!("{} exited before it was ready ({how}){why}", c.label()),
-                        resource,
-                    );
-                }
-                let new_worker_died = c.kind == Kind::Worker
-                    && c.phase == Phase::Ready
-                    && self
-                        .rollout
-                        .as_ref()
-                        .is_some_and(|r| r.generation == c.generation);
-                if new_worker_died {
-                    // A deploy that boots but crashes under traffic fails its rollout too.
-                    self.rollout_failure(&format!("{} died after it was ready ({how})", c.label()));
-                }
-                if let Some(r) = &mut self.rollout {
-                    if c.phase == Phase::Promoting {
-                        r.last_error = format!("{} died while being promoted ({how})", c.label());
-                    } else if c.kind == Kind::Mold
-                        && c.generation == r.generation
-                        && c.phase != Phase::Starting
-                    {
-                        r.last_error = format!("{} died ({how})", c.label());
-                    }
+            if let Some(r) = &mut self.rollout {
+                if c.phase == Phase::Promoting {
+                    r.last_error = format!("{} died while being promoted ({how})", c.label());
+                } else if c.kind == Kind::Mold
+                    && c.generation == r.generation
+                    && c.phase != Phase::Starting
+                {
+                    r.last_error = format!("{} died ({how})", c.label());
                 }
             }
         }

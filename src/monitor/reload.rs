@@ -303,10 +303,10 @@ impl Monitor {
             .push("reload", format!("reload requested ({why})"));
         super::systemd::notify_reloading(self);
         let waiters: Vec<UnixStream> = waiter.into_iter().collect();
-        let started = self.start_watched(|| {
+        let started = self.with_children_kept(|_| {
             start_preflight().and_then(|(mut child, output)| {
-                // Watched from the start (`start_watched`: a check that exits at once stays a zombie
-                // until its pidfd is open).
+                // Watched from the start (`with_children_kept`: a check that exits at once stays
+                // a zombie until its pidfd is open).
                 let pid = nix::unistd::Pid::from_raw(child.id() as i32);
                 match crate::sys::pidfd::open_child(pid) {
                     Ok(pidfd) => Ok((child, output, pidfd)),
@@ -473,16 +473,12 @@ impl Monitor {
         // From here on a child that exits stays a zombie for the next image's `waitpid`: the
         // kernel would reap it, and its pidfd (close-on-exec) goes with this image. The exits
         // already seen are handled now.
-        if !self.kernel_reaps {
-            return self.exec_with_handover_as_is(started_ms, waiters);
-        }
-        let kept = crate::sys::pidfd::keep_children_for_waitpid().is_ok();
-        self.reap();
-        let error = self.exec_with_handover_as_is(started_ms, waiters);
-        if kept {
-            let _ = crate::sys::pidfd::let_kernel_reap_children();
-        }
-        error
+        self.with_children_kept(|m| {
+            if m.kernel_reaps {
+                m.reap();
+            }
+            m.exec_with_handover_as_is(started_ms, waiters)
+        })
     }
 
     fn exec_with_handover_as_is(

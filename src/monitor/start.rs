@@ -438,10 +438,10 @@ fn fork_mold<A: App>(m: &mut Monitor, generation: u32) -> std::io::Result<()> {
         .ok_or_else(|| std::io::Error::other("no free scoreboard slot"))?;
     let (mine, theirs) = Channel::pair()?;
     m.board.clear(slot);
-    // The pidfd is opened while the kernel keeps an exited child (`start_watched`). (The child
-    // returns through it too and sets the flag back; its after-fork reset of every signal action
-    // clears it again.)
-    let forked = m.start_watched(|| {
+    // The pidfd is opened while the kernel keeps an exited child (`with_children_kept`). (The
+    // child returns through it too and sets the flag back; its after-fork reset of every signal
+    // action clears it again.)
+    let forked = m.with_children_kept(|_| {
         process::fork().map(|f| match f {
             Forked::Parent(pid) => (f, crate::sys::pidfd::open_child(pid).ok()),
             Forked::Child => (f, None),

@@ -67,37 +67,39 @@ pub fn send_signal(fd: BorrowedFd<'_>, sig: Signal) -> io::Result<()> {
 /// been reaped; `None` while it runs, and in the moment between its exit and its release.
 /// Needs Linux 6.15 ([`kernel_keeps_exit_status`]).
 pub fn exit_status(fd: BorrowedFd<'_>) -> io::Result<Option<i32>> {
-    // SAFETY: pidfd_info is plain integers, for which all-zero is a valid value.
-    let mut info: libc::pidfd_info = unsafe { std::mem::zeroed() };
-    info.mask = libc::PIDFD_INFO_EXIT as u64;
-    // SAFETY: PIDFD_GET_INFO reads and writes at most size_of::<pidfd_info>() bytes (the size is
-    // encoded in the request number) of `info`, which is valid and writable for the call.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::PIDFD_GET_INFO, &mut info) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok((info.mask & libc::PIDFD_INFO_EXIT as u64 != 0).then_some(info.exit_code))
+    let info = info(fd, libc::PIDFD_INFO_EXIT)?;
+    Ok(has(&info, libc::PIDFD_INFO_EXIT).then_some(info.exit_code))
 }
 
 /// Whether `fd` names process `pid` (in this process's pid namespace), or a process that has
 /// exited and been released, whose status the kernel keeps (its pid is no longer known then, and
 /// a process gone can be sent no signal). Linux 6.15.
 pub fn names(fd: BorrowedFd<'_>, pid: Pid) -> bool {
+    match info(fd, libc::PIDFD_INFO_PID | libc::PIDFD_INFO_EXIT) {
+        Ok(info) if has(&info, libc::PIDFD_INFO_PID) => info.pid as i32 == pid.as_raw(),
+        Ok(info) => has(&info, libc::PIDFD_INFO_EXIT),
+        Err(_) => false,
+    }
+}
+
+/// What the kernel tells of the process `fd` names (`PIDFD_GET_INFO`), asked for `mask`; the
+/// answer's mask says which of it is there.
+fn info(fd: BorrowedFd<'_>, mask: libc::c_uint) -> io::Result<libc::pidfd_info> {
     // SAFETY: pidfd_info is plain integers, for which all-zero is a valid value.
     let mut info: libc::pidfd_info = unsafe { std::mem::zeroed() };
-    info.mask = (libc::PIDFD_INFO_PID | libc::PIDFD_INFO_EXIT) as u64;
-    // SAFETY: as in `exit_status`: the kernel writes at most size_of::<pidfd_info>() bytes of
-    // `info`, valid and writable for the call.
+    info.mask = mask as u64;
+    // SAFETY: PIDFD_GET_INFO reads and writes at most size_of::<pidfd_info>() bytes (the size is
+    // encoded in the request number) of `info`, which is valid and writable for the call.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::PIDFD_GET_INFO, &mut info) };
     if rc < 0 {
-        return false;
+        return Err(io::Error::last_os_error());
     }
-    let has = |bit: libc::c_uint| info.mask & bit as u64 != 0;
-    if has(libc::PIDFD_INFO_PID) {
-        info.pid as i32 == pid.as_raw()
-    } else {
-        has(libc::PIDFD_INFO_EXIT)
-    }
+    Ok(info)
+}
+
+/// Whether the kernel's answer `info` holds `bit`.
+fn has(info: &libc::pidfd_info, bit: libc::c_uint) -> bool {
+    info.mask & bit as u64 != 0
 }
 
 /// Whether this kernel keeps a process's exit status for its pidfds after the process is reaped
