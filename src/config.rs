@@ -339,6 +339,12 @@ options! {
     /// false]
     #[arg(num_args = 0..=1, default_missing_value = "true")]
     monitor_reaps: bool,
+    /// Give each worker a holder of its memory: a sleeping process that shares the worker's
+    /// address space, so that when the worker dies its connections close at once and the
+    /// kernel's teardown of its memory runs in the holder a moment later, off the path of its
+    /// replacement (see docs/DEPLOYMENT.md) [default: true]
+    #[arg(num_args = 0..=1, default_missing_value = "true")]
+    teardown_holder: bool,
     /// Nice levels the monitor raises its own CPU priority above the tree's (0 to 39; 0 = none):
     /// on a saturated machine the monitor, which needs little CPU but needs it at once, is not
     /// kept waiting behind busy processes. Needs CAP_SYS_NICE (root) or RLIMIT_NICE, else the
@@ -513,6 +519,8 @@ pub struct Config {
     /// The monitor reaps its children itself, even where the kernel could (see
     /// `crate::sys::pidfd`).
     pub monitor_reaps: bool,
+    /// Each worker starts a holder of its memory (see `crate::sys::holder`).
+    pub teardown_holder: bool,
     /// Nice levels the monitor runs above the tree (0: none).
     pub monitor_nice_boost: u8,
     /// Unix socket permission bits.
@@ -892,6 +900,7 @@ impl Options {
             accept_balance: self.accept_balance.unwrap_or(true),
             sched_batch: self.sched_batch.unwrap_or(true),
             monitor_reaps: self.monitor_reaps.unwrap_or(false),
+            teardown_holder: self.teardown_holder.unwrap_or(true),
             monitor_nice_boost,
             unix_mode,
             graceful_timeout: secs(self.graceful_timeout, 30),

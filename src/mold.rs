@@ -71,6 +71,12 @@ fn set_identity(start: &Start<'_>) {
             State::Mold,
         );
     }
+    // A worker promoted to mold keeps the holder of its memory: named in the slot, so that the
+    // monitor knows it for what it is when this mold is gone.
+    if let Some(word) = scoreboard::global().holder_word(start.slot) {
+        let holder = crate::sys::holder::this_process_holder().unwrap_or(0);
+        word.store(holder as u32, std::sync::atomic::Ordering::Release);
+    }
 }
 
 /// The mold loop: fork workers on request until told to stop or the monitor goes away.

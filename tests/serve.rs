@@ -680,3 +680,69 @@ fn pid_file_is_written_and_removed() {
     assert_eq!(server.exit_code_within(Duration::from_secs(10)), 0);
     assert!(!pid_file.exists(), "pid file removed on exit");
 }
+
+/// The holders of workers' memory (`teardown_holder`, on by default): each worker (and spare)
+/// has one, its child, sharing its memory and holding only a pidfd; a worker's death leaves the
+/// holder to go a moment later on its own, reaped by either reaper without an orphan's log line;
+/// with `teardown_holder = false` there is none.
+#[test]
+fn each_worker_has_a_holder_of_its_memory_that_goes_after_it() {
+    let holders_of = |pid: i32| -> Vec<Proc> {
+        descendants(pid)
+            .into_iter()
+            .filter(|p| is_holder(p.pid))
+            .collect()
+    };
+    for monitor_reaps in [false, true] {
+        let server = Launch::tine()
+            .args(["--workers", "1"])
+            .env("TINE_MONITOR_REAPS", monitor_reaps.to_string())
+            .start();
+        let worker = server.wait_workers(1, READY_TIMEOUT)[0];
+        let holders = holders_of(worker);
+        assert_eq!(holders.len(), 1, "one holder per worker: {holders:?}");
+        let holder = holders[0].pid;
+        server.remember(holder);
+        assert_eq!(holders[0].ppid, worker, "the worker's own child");
+        // The same memory: its size and resident set are the worker's (an idle worker: nothing
+        // changes between the two reads), and far beyond its own 16 KiB stack.
+        let memory = |pid: i32| (status_number(pid, "VmSize"), status_number(pid, "VmRSS"));
+        assert_eq!(memory(holder), memory(worker), "one address space");
+        assert!(memory(holder).1 > 1024, "{:?}", memory(holder));
+        // Only its pidfd: none of the worker's sockets, so it keeps no connection open.
+        let fds: Vec<String> = std::fs::read_dir(format!("/proc/{holder}/fd"))
+            .expect("the holder's descriptors")
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .map(|l| l.display().to_string())
+            .collect();
+        assert_eq!(fds, ["anon_inode:[pidfd]"], "monitor_reaps={monitor_reaps}");
+        let mark = server.log.mark();
+        server.signal_process(worker, Signal::SIGKILL);
+        worker_0_died_and_was_replaced(&server, mark, worker, "signal SIGKILL");
+        // It goes by itself once the worker's threads are gone, and is released by whichever
+        // reaper the tree has: not even a zombie stays.
+        let released = poll_until(Duration::from_secs(5), || {
+            proc_info(holder).is_none().then_some(())
+        });
+        assert!(
+            released.is_some(),
+            "monitor_reaps={monitor_reaps}: the dead worker's holder is still there: {:?}",
+            proc_info(holder)
+        );
+        // The replacement has its own.
+        let replacement = server.wait_workers(1, Duration::from_secs(10))[0];
+        assert_eq!(holders_of(replacement).len(), 1);
+        assert_eq!(
+            server.log.count("reaped an orphan"),
+            0,
+            "an expected holder is not an orphan to report:\n{}",
+            server.log.text()
+        );
+    }
+    let server = Launch::tine()
+        .args(["--workers", "1", "--teardown-holder", "false"])
+        .start();
+    let worker = server.wait_workers(1, READY_TIMEOUT)[0];
+    assert!(holders_of(worker).is_empty(), "teardown_holder = false");
+}

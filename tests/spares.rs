@@ -553,10 +553,21 @@ fn an_activated_spare_takes_its_number_everywhere() {
 /// A worker killed while the kernel has much to tear down (a 1 GiB heap) is replaced while that
 /// teardown still runs: the monitor hears of the death from the worker's death notice, which hangs
 /// up as its threads start exiting, not from its channel, which closes only once the address
-/// space is gone (the kernel unmaps it before it closes a process's descriptors).
+/// space is gone (the kernel unmaps it before it closes a process's descriptors). Without the
+/// holder of the worker's memory, which takes the teardown out of the worker's own exit (the
+/// test after this one).
 #[test]
 fn a_spare_serves_while_the_killed_worker_is_still_being_torn_down() {
-    let server = launch(1, &["--spare-workers", "1", "--debug-routes"]);
+    let server = launch(
+        1,
+        &[
+            "--spare-workers",
+            "1",
+            "--debug-routes",
+            "--teardown-holder",
+            "false",
+        ],
+    );
     let worker = server.wait_workers(1, READY_TIMEOUT)[0];
     // Touching 1 GiB in a debug build on a loaded machine can take longer than IO_TIMEOUT.
     let mut client = Client::connect(&server.addr()).expect("connect");
@@ -599,6 +610,59 @@ fn a_spare_serves_while_the_killed_worker_is_still_being_torn_down() {
          {gone:?}: not early in its teardown; log:\n{}",
         server.log.text()
     );
+}
+
+/// With the holder of a worker's memory (`teardown_holder`, the default), a worker killed with a
+/// 1 GiB heap is gone, its clients' connections closed, while the memory is still mapped: the
+/// kernel tears it down when the holder exits, after the worker. Its kept-alive client learns of
+/// the death (its connection ends) while the holder still holds that memory.
+#[test]
+fn a_killed_workers_connections_close_before_its_memory_is_torn_down() {
+    let server = launch(1, &["--spare-workers", "1", "--debug-routes"]);
+    let worker = server.wait_workers(1, READY_TIMEOUT)[0];
+    let mut client = Client::connect(&server.addr()).expect("connect");
+    client
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("a read timeout");
+    let leaked = client
+        .request("GET", "/leak/1048576", &[], b"")
+        .expect("GET /leak");
+    assert_eq!(leaked.status, 200, "GET /leak: {}", leaked.text());
+    assert_eq!(
+        leaked.header("x-tine-worker"),
+        Some(worker.to_string().as_str()),
+        "the kept-alive connection is the worker's"
+    );
+    let holders = server.holders();
+    let holder = holders
+        .iter()
+        .find(|p| p.ppid == worker)
+        .unwrap_or_else(|| panic!("the worker's holder among {holders:?}"));
+    let holder = pidfd::ProcessHandle::descendant_of(holder.pid, server.pid).expect("the holder");
+    let resident_kb = |pid: i32| status_number(pid, "VmRSS");
+    assert!(
+        resident_kb(holder.pid()) > 512 * 1024,
+        "the holder maps the worker's 1 GiB"
+    );
+    wait_spare(&server, "at start", |_| true);
+    let victim = pidfd::ProcessHandle::descendant_of(worker, server.pid).expect("the worker");
+    assert!(victim.signal(Signal::SIGKILL), "the worker was alive");
+    // The kept-alive connection ends (EOF or reset) as the worker's threads exit.
+    let mut byte = [0u8; 1];
+    let ended = matches!(client.stream.read(&mut byte), Ok(0) | Err(_));
+    let holder_there = holder.alive();
+    assert!(ended, "the dead worker's connection ended");
+    assert!(
+        holder_there,
+        "the connection ended only after the holder let go of the memory; log:\n{}",
+        server.log.text()
+    );
+    let gone = poll_until(SETTLE, || (!victim.alive()).then_some(()));
+    assert!(gone.is_some(), "the killed worker is gone");
+    // And the holder goes by itself, the memory with it.
+    let released = poll_until(SETTLE, || (!holder.alive()).then_some(()));
+    assert!(released.is_some(), "the holder let go");
 }
 
 /// A worker runs under SCHED_BATCH (`sched_batch`, the default), but its death notice's thread

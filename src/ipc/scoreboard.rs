@@ -64,7 +64,10 @@ const CONNECTIONS: usize = 12;
 const ACCEPT_PAUSES: usize = 13;
 /// The worker's robust futex word, first half (see `worker::sentinel`): its death-notice thread's
 /// id while it is capacity that a spare may replace at once, 0 otherwise; the kernel sets
-/// `OWNER_DIED` in it when that thread dies. Second half unused. Only ever accessed as two `AtomicU32`s.
+/// `OWNER_DIED` in it when that thread dies. Second half: the pid of the holder of the worker's
+/// memory (`crate::sys::holder`), written by the worker at boot, 0 if it has none (and in a
+/// scoreboard of an older version, where the half was unused). Only ever accessed as two
+/// `AtomicU32`s.
 const OWNER: usize = 14;
 /// Whether a spare may take this worker's place without the monitor (written by the monitor;
 /// claimed by a spare with a compare-and-swap): see [`Takeover`].
@@ -539,6 +542,22 @@ impl Scoreboard {
         self.mem
             .halves(HEADER_WORDS + slot * SLOT_WORDS + OWNER)
             .map(|h| &h[0])
+    }
+
+    /// The word of `slot` that names the holder of its process's memory (see [`OWNER`]).
+    pub fn holder_word(&self, slot: usize) -> Option<&AtomicU32> {
+        if slot >= self.capacity {
+            return None;
+        }
+        self.mem
+            .halves(HEADER_WORDS + slot * SLOT_WORDS + OWNER)
+            .map(|h| &h[1])
+    }
+
+    /// The pid of the holder of the memory of the process in `slot`, if it said it has one.
+    pub fn holder(&self, slot: usize) -> Option<i32> {
+        let pid = self.holder_word(slot)?.load(Ordering::Acquire) as i32;
+        (pid > 1).then_some(pid)
     }
 
     /// The roster word (see [`H_ROSTER`]).

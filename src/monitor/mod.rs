@@ -168,6 +168,10 @@ pub(crate) struct Monitor {
     /// own: the kernel woke its watcher before the monitor heard of the death (see
     /// `spares::TAKEOVER_WAIT`).
     pending_takeovers: Vec<(usize, u32, Instant)>,
+    /// Holders of dead workers' memory (`crate::sys::holder`), adopted by the monitor when
+    /// their worker died and gone a moment later: an orphan like any other to `waitpid`, but
+    /// expected, so not logged as one. Each with when its worker's exit was handled.
+    dead_holders: Vec<(Pid, Instant)>,
     /// The kernel reaps children (`SA_NOCLDWAIT`) and their exits are read from their pidfds
     /// (see `crate::sys::pidfd`); otherwise the monitor reaps them with `waitpid`.
     pub(crate) kernel_reaps: bool,
@@ -1157,7 +1161,16 @@ impl Monitor {
             found = self.slot_of(pid);
         }
         let Some(slot) = found else {
-            tracing::info!(pid = pid.as_raw(), how, "reaped an orphan");
+            if let Some(i) = self.dead_holders.iter().position(|(p, _)| *p == pid) {
+                self.dead_holders.swap_remove(i);
+                tracing::debug!(
+                    pid = pid.as_raw(),
+                    how,
+                    "reaped the holder of a dead worker's memory"
+                );
+            } else {
+                tracing::info!(pid = pid.as_raw(), how, "reaped an orphan");
+            }
             return;
         };
         // What it said before it went (its reason for exiting) is still in its channel.
@@ -1165,6 +1178,7 @@ impl Monitor {
         let Some(c) = self.children.remove(&slot) else {
             return;
         };
+        self.note_dead_holder(slot);
         if self.settle_or_await_takeover(slot, c.nr) {
             // A spare took its place on its own, or is taking it (seen only now: nothing else
             // told of it, or the monitor's turn came after the whole exit).
@@ -1513,6 +1527,20 @@ impl Monitor {
         }
     }
 
+    /// Remembers the holder of the memory of the process that was in `slot`, which just exited
+    /// (before the slot is cleared): the monitor adopts it and may reap it. Entries are
+    /// forgotten once reaped, or after a minute (the kernel reaped it, or it was never one).
+    fn note_dead_holder(&mut self, slot: usize) {
+        let now = Instant::now();
+        self.dead_holders
+            .retain(|(_, at)| now.duration_since(*at) < Duration::from_secs(60));
+        if let Some(pid) = self.board.holder(slot) {
+            if self.dead_holders.len() < 1024 {
+                self.dead_holders.push((Pid::from_raw(pid), now));
+            }
+        }
+    }
+
     /// SIGKILLs every child, known or adopted orphan, and reaps them.
     fn kill_everything(&mut self) {
         let kernel_reaps = self.kernel_reaps;
@@ -1537,7 +1565,9 @@ impl Monitor {
             }
         }
         for pid in own_children() {
-            if !self.children.values().any(|c| c.pid == Some(pid)) {
+            let expected = self.children.values().any(|c| c.pid == Some(pid))
+                || self.dead_holders.iter().any(|(p, _)| *p == pid);
+            if !expected {
                 tracing::warn!(
                     pid = pid.as_raw(),
                     reason = "stopping: an orphan adopted by the monitor",

@@ -153,6 +153,7 @@ pub fn run<A: App>(config: Config) -> Result<u8, MonitorError> {
         spare_activations: 0,
         last_spare_activation: None,
         pending_takeovers: Vec::new(),
+        dead_holders: Vec::new(),
         woke_us: 0,
         kernel_reaps,
         woke_cpu_us: 0,

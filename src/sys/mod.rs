@@ -38,6 +38,8 @@ pub(crate) mod exe;
 pub mod fd;
 pub mod fs;
 pub mod futex;
+#[cfg(feature = "server")]
+pub(crate) mod holder;
 pub mod io;
 pub mod meminfo;
 pub mod pidfd;

@@ -104,6 +104,21 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
     };
     let pid = std::process::id() as i32;
     slot_writer.claim(pid, Role::Worker, generation, nr, State::Booting);
+    // The holder of this process's memory, started from this thread (the process's main one,
+    // whose child it is) while it is the only thread: when this process dies, the holder's
+    // later exit tears the memory down (see `sys::holder`). Its pid in the slot tells the
+    // monitor, which adopts it then, what it is.
+    let holder = match config.teardown_holder.then(crate::sys::holder::start) {
+        Some(Ok(pid)) => pid,
+        Some(Err(e)) => {
+            tracing::debug!(error = %e, "no holder of this worker's memory: its last thread tears it down");
+            0
+        }
+        None => 0,
+    };
+    if let Some(word) = scoreboard::global().holder_word(slot) {
+        word.store(holder as u32, std::sync::atomic::Ordering::Release);
+    }
     // Started while this is the only thread (its descriptor table is copied then emptied); the
     // monitor's end goes with `Hello`. Without it the monitor hears of a death by the channel.
     let robust = scoreboard::global().owner_word(slot);

@@ -19,7 +19,9 @@
 //! - it exits last: the other threads have closed the shared table already (the channel, the
 //!   connections) and it is this thread that tears the address space down, after them.
 //!
-//! Either way the monitor knows before `exit_mmap` and has a spare serving meanwhile.
+//! Either way the monitor knows before `exit_mmap` and has a spare serving meanwhile. (With the
+//! holder of the worker's memory, `sys::holder`, no thread of the worker runs `exit_mmap` at all:
+//! the shared table closes as soon as the threads sharing it have exited.)
 //!
 //! The same thread owns the worker's robust futex word (scoreboard, see `takeover`): it registers
 //! a one-entry robust list pointing at it (`sys::futex::own_robust_word`), and while the worker is

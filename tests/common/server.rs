@@ -417,12 +417,23 @@ impl Server {
     }
 
     /// The tree under the monitor (not including it), with titles; remembered for the kill guard.
+    /// Without the holders of workers' memory (`teardown_holder`), each of which shows its
+    /// worker's title and memory figures: [`Server::holders`] lists them.
     pub fn tree(&self) -> Vec<Proc> {
         let procs = descendants(self.pid);
         for p in &procs {
             self.remember(p.pid);
         }
-        procs
+        procs.into_iter().filter(|p| !is_holder(p.pid)).collect()
+    }
+
+    /// The holders of workers' memory under the monitor (see [`Server::tree`]).
+    pub fn holders(&self) -> Vec<Proc> {
+        let procs = descendants(self.pid);
+        for p in &procs {
+            self.remember(p.pid);
+        }
+        procs.into_iter().filter(|p| is_holder(p.pid)).collect()
     }
 
     /// The monitor and its tree.
