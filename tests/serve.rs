@@ -704,11 +704,34 @@ fn each_worker_has_a_holder_of_its_memory_that_goes_after_it() {
         let holder = holders[0].pid;
         server.remember(holder);
         assert_eq!(holders[0].ppid, worker, "the worker's own child");
-        // The same memory: its size and resident set are the worker's (an idle worker: nothing
-        // changes between the two reads), and far beyond its own 16 KiB stack.
-        let memory = |pid: i32| (status_number(pid, "VmSize"), status_number(pid, "VmRSS"));
-        assert_eq!(memory(holder), memory(worker), "one address space");
-        assert!(memory(holder).1 > 1024, "{:?}", memory(holder));
+        // The same memory: its size is the worker's (read twice, so asked again until two reads
+        // agree), its resident set far beyond its own 16 KiB stack.
+        let size = |pid: i32| status_number(pid, "VmSize");
+        let same = poll_until(Duration::from_secs(5), || {
+            (size(holder) == size(worker)).then_some(())
+        });
+        assert!(
+            same.is_some(),
+            "one address space: {} vs {} kB",
+            size(holder),
+            size(worker)
+        );
+        assert!(status_number(holder, "VmRSS") > 1024);
+        // Confined: it may only wait, sleep and exit.
+        assert_eq!(status_field(holder, "NoNewPrivs").as_deref(), Some("1"));
+        assert_eq!(
+            status_field(holder, "Seccomp").as_deref(),
+            Some("2"),
+            "a seccomp filter"
+        );
+        // Every signal blocked (the kernel keeps SIGKILL and SIGSTOP deliverable).
+        let blocked = u64::from_str_radix(&status_field(holder, "SigBlk").expect("SigBlk"), 16)
+            .expect("a hex mask");
+        assert_eq!(
+            blocked | (1 << 8) | (1 << 18),
+            u64::MAX,
+            "SigBlk {blocked:x}"
+        );
         // Only its pidfd: none of the worker's sockets, so it keeps no connection open.
         let fds: Vec<String> = std::fs::read_dir(format!("/proc/{holder}/fd"))
             .expect("the holder's descriptors")

@@ -51,6 +51,11 @@ pub(crate) fn this_process_holder() -> Option<i32> {
     Some(HOLDER.load(Ordering::Relaxed)).filter(|pid| *pid > 0)
 }
 
+/// Forgets a holder pid inherited across a fork: a forked process starts without a holder.
+pub(crate) fn forget_inherited() {
+    HOLDER.store(0, Ordering::Relaxed);
+}
+
 /// Starts the holder of the calling process's memory. Returns its pid.
 ///
 /// # Contract
@@ -63,7 +68,7 @@ pub(crate) fn start() -> io::Result<i32> {
 }
 
 fn start_holder() -> io::Result<i32> {
-    if !cfg!(any(target_arch = "x86_64", target_arch = "aarch64")) {
+    if !cfg!(any(target_arch = "x86_64", target_arch = "aarch64")) || !libc_clone_is_clean() {
         return Err(io::Error::from(io::ErrorKind::Unsupported));
     }
     // Its own process, whose whole thread group's exit makes this readable.
@@ -75,39 +80,67 @@ fn start_holder() -> io::Result<i32> {
     if stack.is_null() {
         return Err(io::Error::from(io::ErrorKind::OutOfMemory));
     }
-    // Every signal blocked across the clone: the holder inherits the mask and keeps it.
-    let mut kept_mask = nix::sys::signal::SigSet::empty();
-    nix::sys::signal::pthread_sigmask(
-        nix::sys::signal::SigmaskHow::SIG_SETMASK,
-        Some(&nix::sys::signal::SigSet::all()),
-        Some(&mut kept_mask),
-    )?;
-    let linger_ms = LINGER.as_millis() as u64;
-    let arg = (linger_ms << 32) | pidfd.as_raw_fd() as u64;
-    // SAFETY: `holder_main` runs on the block that `stack` starts (the top is one past its end,
-    // in bounds), which is never freed once the holder runs: it may outlive everything of this
-    // process but the memory it shares. It makes only raw system calls and touches only its own
-    // frame, so sharing this thread's memory and thread pointer is sound; with every signal
-    // blocked no handler runs in it. No `CLONE_FILES` (its table is a copy, which it empties
-    // but for the pidfd) and exit signal 0.
-    let pid = unsafe {
-        libc::clone(
-            holder_main,
-            stack.add(STACK_SIZE).cast(),
-            libc::CLONE_VM,
-            arg as usize as *mut libc::c_void,
+    // Every signal blocked across the clone, with the system call itself: libc's
+    // `pthread_sigmask` leaves its own two (cancellation, set*id) unblocked, and a handler of
+    // theirs running in the holder would run on this thread's state. The holder inherits the
+    // mask and keeps it; this thread gets its own back at once.
+    let all: u64 = !0;
+    let mut kept_mask: u64 = 0;
+    // SAFETY: rt_sigprocmask reads and writes the two 8-byte sets passed, which live here.
+    let blocked = unsafe {
+        raw::syscall(
+            libc::SYS_rt_sigprocmask as u64,
+            [
+                libc::SIG_SETMASK as u64,
+                &all as *const u64 as u64,
+                &mut kept_mask as *mut u64 as u64,
+                8,
+                0,
+                0,
+            ],
         )
     };
-    let started = if pid > 0 {
-        Ok(pid)
+    let started = if blocked != 0 {
+        Err(io::Error::from_raw_os_error(-blocked as i32))
     } else {
-        Err(io::Error::last_os_error())
+        let linger_ms = LINGER.as_millis() as u64;
+        let arg = (linger_ms << 32) | pidfd.as_raw_fd() as u64;
+        // SAFETY: `holder_main` runs on the block that `stack` starts (the top is one past its
+        // end, in bounds), which is never freed once the holder runs: it may outlive
+        // everything of this process but the memory it shares. It makes only raw system calls
+        // and touches only its own frame, so sharing this thread's memory and thread pointer is
+        // sound (`libc_clone_is_clean`: the wrapper's child path touches neither); with every
+        // signal blocked no handler runs in it. No `CLONE_FILES` (its table is a copy, which it
+        // empties but for the pidfd) and exit signal 0.
+        let pid = unsafe {
+            libc::clone(
+                holder_main,
+                stack.add(STACK_SIZE).cast(),
+                libc::CLONE_VM,
+                arg as usize as *mut libc::c_void,
+            )
+        };
+        let started = if pid > 0 {
+            Ok(pid)
+        } else {
+            Err(io::Error::last_os_error())
+        };
+        // SAFETY: as above; only the mask this thread had is written back.
+        unsafe {
+            raw::syscall(
+                libc::SYS_rt_sigprocmask as u64,
+                [
+                    libc::SIG_SETMASK as u64,
+                    &kept_mask as *const u64 as u64,
+                    0,
+                    8,
+                    0,
+                    0,
+                ],
+            );
+        }
+        started
     };
-    let _ = nix::sys::signal::pthread_sigmask(
-        nix::sys::signal::SigmaskHow::SIG_SETMASK,
-        Some(&kept_mask),
-        None,
-    );
     if started.is_err() {
         // SAFETY: no holder started; the block is this thread's again, allocated with `layout`.
         unsafe { std::alloc::dealloc(stack, layout) };
@@ -115,6 +148,28 @@ fn start_holder() -> io::Result<i32> {
     // This process's copy of the pidfd closes here; the holder's copy is its own.
     drop(pidfd);
     started
+}
+
+/// Whether libc's `clone` wrapper leaves the caller's thread-local state alone in a `CLONE_VM`
+/// child: glibc before 2.25 wrote the child's pid into the caller's thread block (its pid
+/// cache), which would corrupt this thread's; later glibc and musl do not.
+fn libc_clone_is_clean() -> bool {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: gnu_get_libc_version returns a static NUL-terminated string.
+        let version = unsafe { std::ffi::CStr::from_ptr(libc::gnu_get_libc_version()) };
+        let mut parts = version
+            .to_str()
+            .unwrap_or("")
+            .split('.')
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        (major, minor) >= (2, 25)
+    }
+    #[cfg(not(target_env = "gnu"))]
+    {
+        true
+    }
 }
 
 /// The holder: empties its descriptor table but for the pidfd, names itself, waits until the
@@ -145,6 +200,31 @@ extern "C" fn holder_main(arg: *mut libc::c_void) -> libc::c_int {
                 0,
             ],
         );
+        // What it may do from now on: wait, sleep, exit. A worker that turns hostile (it shares
+        // this memory and could rewrite this stack) gains nothing from the holder, whatever
+        // sandbox the app puts itself in after the holder started.
+        let filter = allowed_calls();
+        let program = libc::sock_fprog {
+            len: filter.len() as u16,
+            filter: filter.as_ptr() as *mut libc::sock_filter,
+        };
+        if raw::syscall(
+            libc::SYS_prctl as u64,
+            [libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0, 0],
+        ) == 0
+        {
+            raw::syscall(
+                libc::SYS_prctl as u64,
+                [
+                    libc::PR_SET_SECCOMP as u64,
+                    libc::SECCOMP_MODE_FILTER as u64,
+                    &program as *const libc::sock_fprog as u64,
+                    0,
+                    0,
+                    0,
+                ],
+            );
+        }
         let mut poll = libc::pollfd {
             fd: pidfd as i32,
             events: libc::POLLIN,
@@ -171,6 +251,37 @@ extern "C" fn holder_main(arg: *mut libc::c_void) -> libc::c_int {
         );
     }
     0
+}
+
+/// The holder's seccomp filter: the system calls it makes from its wait on (`ppoll`,
+/// `nanosleep`, `restart_syscall` after a stop, `exit` from the clone wrapper, `exit_group`,
+/// `rt_sigreturn`), for this architecture only; anything else kills it.
+fn allowed_calls() -> [libc::sock_filter; 12] {
+    #[cfg(target_arch = "x86_64")]
+    const ARCH: u32 = 0xC000_003E; // AUDIT_ARCH_X86_64
+    #[cfg(target_arch = "aarch64")]
+    const ARCH: u32 = 0xC000_00B7; // AUDIT_ARCH_AARCH64
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    const ARCH: u32 = 0;
+    const LOAD: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const RET: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    let op = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
+    // seccomp_data: nr at offset 0, arch at 4.
+    [
+        op(LOAD, 0, 0, 4),
+        op(JEQ, 1, 0, ARCH),
+        op(RET, 0, 0, libc::SECCOMP_RET_KILL_PROCESS),
+        op(LOAD, 0, 0, 0),
+        op(JEQ, 6, 0, libc::SYS_ppoll as u32),
+        op(JEQ, 5, 0, libc::SYS_nanosleep as u32),
+        op(JEQ, 4, 0, libc::SYS_restart_syscall as u32),
+        op(JEQ, 3, 0, libc::SYS_exit as u32),
+        op(JEQ, 2, 0, libc::SYS_exit_group as u32),
+        op(JEQ, 1, 0, libc::SYS_rt_sigreturn as u32),
+        op(RET, 0, 0, libc::SECCOMP_RET_KILL_PROCESS),
+        op(RET, 0, 0, libc::SECCOMP_RET_ALLOW),
+    ]
 }
 
 mod raw {

@@ -104,21 +104,6 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
     };
     let pid = std::process::id() as i32;
     slot_writer.claim(pid, Role::Worker, generation, nr, State::Booting);
-    // The holder of this process's memory, started from this thread (the process's main one,
-    // whose child it is) while it is the only thread: when this process dies, the holder's
-    // later exit tears the memory down (see `sys::holder`). Its pid in the slot tells the
-    // monitor, which adopts it then, what it is.
-    let holder = match config.teardown_holder.then(crate::sys::holder::start) {
-        Some(Ok(pid)) => pid,
-        Some(Err(e)) => {
-            tracing::debug!(error = %e, "no holder of this worker's memory: its last thread tears it down");
-            0
-        }
-        None => 0,
-    };
-    if let Some(word) = scoreboard::global().holder_word(slot) {
-        word.store(holder as u32, std::sync::atomic::Ordering::Release);
-    }
     // Started while this is the only thread (its descriptor table is copied then emptied); the
     // monitor's end goes with `Hello`. Without it the monitor hears of a death by the channel.
     let robust = scoreboard::global().owner_word(slot);
@@ -139,6 +124,26 @@ pub(crate) fn run<A: App>(app: &A, start: Start<'_>) -> Outcome {
     // spare moves back for a moment while it stands by and starts serving (see `policy`).
     if config.sched_batch {
         policy::enter_sched_batch();
+    }
+    // The holder of this process's memory, started from this thread (the process's main one,
+    // whose child it is; its policy, inherited, is the worker's): when this process dies, the
+    // holder's later exit tears the memory down (see `sys::holder`). Its pid in the slot tells
+    // the monitor, which adopts it then, what it is.
+    crate::sys::holder::forget_inherited();
+    let holder = match config.teardown_holder.then(crate::sys::holder::start) {
+        Some(Ok(pid)) => pid,
+        Some(Err(e)) if e.kind() == std::io::ErrorKind::Unsupported => {
+            tracing::debug!("no holder of this worker's memory on this platform (an old glibc?): its last thread tears it down");
+            0
+        }
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "no holder of this worker's memory (a process limit?): this worker serves, and its last thread tears its memory down when it exits");
+            0
+        }
+        None => 0,
+    };
+    if let Some(word) = scoreboard::global().holder_word(slot) {
+        word.store(holder as u32, std::sync::atomic::Ordering::Release);
     }
     let notice_fds: Vec<_> = notice.iter().map(std::os::fd::AsFd::as_fd).collect();
     if channel.send(&Report::Hello { pid }, &notice_fds).is_err() {
