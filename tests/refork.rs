@@ -722,8 +722,15 @@ fn repeated_reforks_leak_nothing_with(monitor_reaps: &str) {
     let orphans = server.log.count("reaped an orphan");
     assert_eq!(
         orphans, 0,
-        "double-fork middles must be reaped by their mold"
+        "double-fork middles are reaped by their mold; holders are known to the monitor"
     );
+    // One holder each for the worker, the spare and the mold (promoted from a worker, it kept
+    // its own): those of 200 generations of retired processes went with them.
+    let holders = poll_until(Duration::from_secs(5), || {
+        let h = server.holders();
+        (h.len() == 3).then_some(h)
+    });
+    assert!(holders.is_some(), "holders: {:?}", server.holders());
     eprintln!("monitor_reaps={monitor_reaps}: {REFORKS} reforks in {elapsed:?}; monitor fds {fds_before} -> {fds_after}, RSS {rss_before} -> {rss_after} KiB");
 }
 
