@@ -550,6 +550,27 @@ fn an_activated_spare_takes_its_number_everywhere() {
     );
 }
 
+/// Has worker `worker` leak (and touch) 1 GiB on a kept-alive connection (`--debug-routes`),
+/// checked to be served by it; returns that connection.
+fn leak_a_gib(server: &Server, worker: i32, headers: &[(&str, &str)]) -> Client {
+    // Touching 1 GiB in a debug build on a loaded machine can take longer than IO_TIMEOUT.
+    let mut client = Client::connect(&server.addr()).expect("connect");
+    client
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("a read timeout");
+    let leaked = client
+        .request("GET", "/leak/1048576", headers, b"")
+        .expect("GET /leak");
+    assert_eq!(leaked.status, 200, "GET /leak: {}", leaked.text());
+    assert_eq!(
+        leaked.header("x-tine-worker"),
+        Some(worker.to_string().as_str()),
+        "the connection is the worker's"
+    );
+    client
+}
+
 /// A worker killed while the kernel has much to tear down (a 1 GiB heap) is replaced while that
 /// teardown still runs: the monitor hears of the death from the worker's death notice, which hangs
 /// up as its threads start exiting, not from its channel, which closes only once the address
@@ -569,20 +590,7 @@ fn a_spare_serves_while_the_killed_worker_is_still_being_torn_down() {
         ],
     );
     let worker = server.wait_workers(1, READY_TIMEOUT)[0];
-    // Touching 1 GiB in a debug build on a loaded machine can take longer than IO_TIMEOUT.
-    let mut client = Client::connect(&server.addr()).expect("connect");
-    client
-        .stream
-        .set_read_timeout(Some(Duration::from_secs(120)))
-        .expect("a read timeout");
-    let leaked = client
-        .request("GET", "/leak/1048576", &[("Connection", "close")], b"")
-        .expect("GET /leak");
-    assert_eq!(leaked.status, 200, "GET /leak: {}", leaked.text());
-    assert_eq!(
-        leaked.header("x-tine-worker"),
-        Some(worker.to_string().as_str())
-    );
+    leak_a_gib(&server, worker, &[("Connection", "close")]);
     let spare = wait_spare(&server, "at start", |_| true);
     let victim = pidfd::ProcessHandle::descendant_of(worker, server.pid).expect("the worker");
     let killed = std::time::Instant::now();
@@ -620,20 +628,7 @@ fn a_spare_serves_while_the_killed_worker_is_still_being_torn_down() {
 fn a_killed_workers_connections_close_before_its_memory_is_torn_down() {
     let server = launch(1, &["--spare-workers", "1", "--debug-routes"]);
     let worker = server.wait_workers(1, READY_TIMEOUT)[0];
-    let mut client = Client::connect(&server.addr()).expect("connect");
-    client
-        .stream
-        .set_read_timeout(Some(Duration::from_secs(120)))
-        .expect("a read timeout");
-    let leaked = client
-        .request("GET", "/leak/1048576", &[], b"")
-        .expect("GET /leak");
-    assert_eq!(leaked.status, 200, "GET /leak: {}", leaked.text());
-    assert_eq!(
-        leaked.header("x-tine-worker"),
-        Some(worker.to_string().as_str()),
-        "the kept-alive connection is the worker's"
-    );
+    let mut client = leak_a_gib(&server, worker, &[]);
     let holders = server.holders();
     let holder = holders
         .iter()

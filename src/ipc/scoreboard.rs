@@ -534,24 +534,22 @@ impl Scoreboard {
         (slot < self.capacity).then(|| &self.words(slot)[word])
     }
 
-    /// The robust futex word of `slot` (see [`OWNER`]).
-    pub fn owner_word(&self, slot: usize) -> Option<&AtomicU32> {
+    /// The two halves of `slot`'s [`OWNER`] word.
+    fn owner_halves(&self, slot: usize) -> Option<&[AtomicU32; 2]> {
         if slot >= self.capacity {
             return None;
         }
-        self.mem
-            .halves(HEADER_WORDS + slot * SLOT_WORDS + OWNER)
-            .map(|h| &h[0])
+        self.mem.halves(HEADER_WORDS + slot * SLOT_WORDS + OWNER)
+    }
+
+    /// The robust futex word of `slot` (see [`OWNER`]).
+    pub fn owner_word(&self, slot: usize) -> Option<&AtomicU32> {
+        self.owner_halves(slot).map(|h| &h[0])
     }
 
     /// The word of `slot` that names the holder of its process's memory (see [`OWNER`]).
     pub fn holder_word(&self, slot: usize) -> Option<&AtomicU32> {
-        if slot >= self.capacity {
-            return None;
-        }
-        self.mem
-            .halves(HEADER_WORDS + slot * SLOT_WORDS + OWNER)
-            .map(|h| &h[1])
+        self.owner_halves(slot).map(|h| &h[1])
     }
 
     /// The pid of the holder of the memory of the process in `slot`, if it said it has one.
