@@ -695,7 +695,7 @@ fn each_worker_has_a_holder_of_its_memory_that_goes_after_it() {
     };
     for monitor_reaps in [false, true] {
         let server = Launch::tine()
-            .args(["--workers", "1"])
+            .args(["--workers", "1", "--log-level", "debug"])
             .env("TINE_MONITOR_REAPS", monitor_reaps.to_string())
             .start();
         let worker = server.wait_workers(1, READY_TIMEOUT)[0];
@@ -753,6 +753,17 @@ fn each_worker_has_a_holder_of_its_memory_that_goes_after_it() {
             "monitor_reaps={monitor_reaps}: the dead worker's holder is still there: {:?}",
             proc_info(holder)
         );
+        // It exited of itself (code 0), not killed by its own seccomp filter: what the
+        // monitor's `waitpid` saw.
+        if monitor_reaps {
+            server.log.wait_for_log_since(
+                mark,
+                &format!(
+                    "reaped the holder of a dead worker's memory pid={holder} how=exit code 0"
+                ),
+                Duration::from_secs(5),
+            );
+        }
         // The replacement has its own.
         let replacement = server.wait_workers(1, Duration::from_secs(10))[0];
         assert_eq!(holders_of(replacement).len(), 1);
