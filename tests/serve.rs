@@ -687,12 +687,8 @@ fn pid_file_is_written_and_removed() {
 /// with `teardown_holder = false` there is none.
 #[test]
 fn each_worker_has_a_holder_of_its_memory_that_goes_after_it() {
-    let holders_of = |pid: i32| -> Vec<Proc> {
-        descendants(pid)
-            .into_iter()
-            .filter(|p| is_holder(p.pid))
-            .collect()
-    };
+    let holders_of =
+        |pid: i32| -> Vec<Proc> { descendants(pid).into_iter().filter(is_holder).collect() };
     for monitor_reaps in [false, true] {
         let server = Launch::tine()
             .args(["--workers", "1", "--log-level", "debug"])

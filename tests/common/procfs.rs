@@ -17,12 +17,15 @@ pub struct Proc {
     pub start_time: u64,
     /// The title `ps` shows (cmdline, NULs as spaces, trimmed).
     pub title: String,
+    /// The command name (`comm`, from the same read of `/proc/PID/stat` as the state).
+    pub comm: String,
 }
 
 /// Reads one process; `None` if it does not exist (any more).
 pub fn proc_info(pid: i32) -> Option<Proc> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name is in parentheses and may contain spaces and parentheses.
+    let comm = stat.get(stat.find('(')? + 1..stat.rfind(')')?)?.to_string();
     let rest = stat.get(stat.rfind(')')? + 2..)?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // `rest` starts at field 3 (state) of proc_pid_stat(5).
@@ -34,6 +37,7 @@ pub fn proc_info(pid: i32) -> Option<Proc> {
         pgid: field(5)?.parse().ok()?,
         start_time: field(22)?.parse().ok()?,
         title: title(pid).unwrap_or_default(),
+        comm,
     })
 }
 
@@ -63,11 +67,11 @@ pub fn comm(pid: i32) -> Option<String> {
     Some(text.trim_end().to_string())
 }
 
-/// Whether `pid` is the holder of a worker's memory (`teardown_holder`): a child of the worker
-/// that shares its address space, so its title and memory figures are the worker's; only its
-/// command name tells it apart.
-pub fn is_holder(pid: i32) -> bool {
-    comm(pid).as_deref() == Some("tine-holder")
+/// Whether `p` is the holder of a worker's memory (`teardown_holder`): a child of the worker
+/// that shares its address space, so its title and memory figures are the worker's (or empty,
+/// while it exits); only its command name tells it apart.
+pub fn is_holder(p: &Proc) -> bool {
+    p.comm == "tine-holder"
 }
 
 /// The title `ps` shows for `pid`: `/proc/PID/cmdline` with NULs as spaces, trimmed.

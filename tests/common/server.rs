@@ -424,7 +424,7 @@ impl Server {
         for p in &procs {
             self.remember(p.pid);
         }
-        procs.into_iter().filter(|p| !is_holder(p.pid)).collect()
+        procs.into_iter().filter(|p| !is_holder(p)).collect()
     }
 
     /// The holders of workers' memory under the monitor (see [`Server::tree`]).
@@ -433,7 +433,7 @@ impl Server {
         for p in &procs {
             self.remember(p.pid);
         }
-        procs.into_iter().filter(|p| is_holder(p.pid)).collect()
+        procs.into_iter().filter(is_holder).collect()
     }
 
     /// The monitor and its tree.
