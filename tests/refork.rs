@@ -687,7 +687,14 @@ fn repeated_reforks_leak_nothing() {
 fn repeated_reforks_leak_nothing_with(monitor_reaps: &str) {
     const REFORKS: u64 = 200;
     let server = Launch::tine()
-        .args(["--app", "hello", "--workers", "1"])
+        .args([
+            "--app",
+            "hello",
+            "--workers",
+            "1",
+            "--teardown-holder",
+            "true",
+        ])
         .env("TINE_MONITOR_REAPS", monitor_reaps)
         .start();
     wait_generation(&server, 0, 1, Duration::from_secs(20));

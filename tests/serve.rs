@@ -691,7 +691,14 @@ fn each_worker_has_a_holder_of_its_memory_that_goes_after_it() {
         |pid: i32| -> Vec<Proc> { descendants(pid).into_iter().filter(is_holder).collect() };
     for monitor_reaps in [false, true] {
         let server = Launch::tine()
-            .args(["--workers", "1", "--log-level", "debug"])
+            .args([
+                "--workers",
+                "1",
+                "--log-level",
+                "debug",
+                "--teardown-holder",
+                "true",
+            ])
             .env("TINE_MONITOR_REAPS", monitor_reaps.to_string())
             .start();
         let worker = server.wait_workers(1, READY_TIMEOUT)[0];
@@ -770,9 +777,8 @@ fn each_worker_has_a_holder_of_its_memory_that_goes_after_it() {
             server.log.text()
         );
     }
-    let server = Launch::tine()
-        .args(["--workers", "1", "--teardown-holder", "false"])
-        .start();
+    // Off by default (docs/DEPLOYMENT.md says why, for now).
+    let server = Launch::tine().args(["--workers", "1"]).start();
     let worker = server.wait_workers(1, READY_TIMEOUT)[0];
     assert!(holders_of(worker).is_empty(), "teardown_holder = false");
 }

@@ -620,13 +620,22 @@ fn a_spare_serves_while_the_killed_worker_is_still_being_torn_down() {
     );
 }
 
-/// With the holder of a worker's memory (`teardown_holder`, the default), a worker killed with a
+/// With the holder of a worker's memory (`teardown_holder = true`), a worker killed with a
 /// 1 GiB heap is gone, its clients' connections closed, while the memory is still mapped: the
 /// kernel tears it down when the holder exits, after the worker. Its kept-alive client learns of
 /// the death (its connection ends) while the holder still holds that memory.
 #[test]
 fn a_killed_workers_connections_close_before_its_memory_is_torn_down() {
-    let server = launch(1, &["--spare-workers", "1", "--debug-routes"]);
+    let server = launch(
+        1,
+        &[
+            "--spare-workers",
+            "1",
+            "--debug-routes",
+            "--teardown-holder",
+            "true",
+        ],
+    );
     let worker = server.wait_workers(1, READY_TIMEOUT)[0];
     let mut client = leak_a_gib(&server, worker, &[]);
     let holders = server.holders();
