@@ -69,14 +69,7 @@ fn a_burst_of_keep_alive_connections_is_spread_over_idle_workers() {
         let server = two_balanced_workers();
         let workers = server.wait_workers(2, READY_TIMEOUT);
         // Idle means idle: the spare (and its holder) booted, not booting beside the burst.
-        let standing_by = poll_until(READY_TIMEOUT, || {
-            server.status()["processes"]
-                .as_array()?
-                .iter()
-                .any(|p| p["role"] == "spare" && p["state"] == "standby")
-                .then_some(())
-        });
-        assert!(standing_by.is_some(), "no spare stood by");
+        server.wait_spare_standing_by(READY_TIMEOUT);
         let (clients, taken) = burst(&server.addr(), BURST);
         let most = taken.values().copied().max().unwrap_or(0);
         assert!(

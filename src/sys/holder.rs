@@ -136,22 +136,8 @@ fn start_holder() -> io::Result<i32> {
     // `pthread_sigmask` leaves its own two (cancellation, set*id) unblocked, and a handler of
     // theirs running in the holder would run on this thread's state. The holder inherits the
     // mask and keeps it; this thread gets its own back at once.
-    let all: u64 = !0;
     let mut kept_mask: u64 = 0;
-    // SAFETY: rt_sigprocmask reads and writes the two 8-byte sets passed, which live here.
-    let blocked = unsafe {
-        raw::syscall(
-            libc::SYS_rt_sigprocmask as u64,
-            [
-                libc::SIG_SETMASK as u64,
-                &all as *const u64 as u64,
-                &mut kept_mask as *mut u64 as u64,
-                8,
-                0,
-                0,
-            ],
-        )
-    };
+    let blocked = set_signal_mask(!0, Some(&mut kept_mask));
     let cloned = if blocked != 0 {
         Err(io::Error::from_raw_os_error(-blocked as i32))
     } else {
@@ -175,20 +161,7 @@ fn start_holder() -> io::Result<i32> {
         } else {
             Err(io::Error::last_os_error())
         };
-        // SAFETY: as above; only the mask this thread had is written back.
-        unsafe {
-            raw::syscall(
-                libc::SYS_rt_sigprocmask as u64,
-                [
-                    libc::SIG_SETMASK as u64,
-                    &kept_mask as *const u64 as u64,
-                    0,
-                    8,
-                    0,
-                    0,
-                ],
-            );
-        }
+        set_signal_mask(kept_mask, None);
         cloned
     };
     // This process's copy of the pidfd closes here; the holder's copy is its own.
@@ -229,6 +202,27 @@ fn start_holder() -> io::Result<i32> {
     let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::__WCLONE));
     BLOCK.store(std::ptr::null_mut(), Ordering::Relaxed);
     Err(refused)
+}
+
+/// Sets the calling thread's signal mask to `mask` (all 64 signals, libc's own too) by the system
+/// call, the previous one into `old`; returns the kernel's result (0, or a negative errno).
+fn set_signal_mask(mask: u64, old: Option<&mut u64>) -> i64 {
+    let old = old.map_or(0, |o| o as *mut u64 as u64);
+    // SAFETY: rt_sigprocmask reads the 8-byte set `mask` and writes the one `old` points to (or
+    // none), both alive for the call.
+    unsafe {
+        raw::syscall(
+            libc::SYS_rt_sigprocmask as u64,
+            [
+                libc::SIG_SETMASK as u64,
+                &mask as *const u64 as u64,
+                old,
+                8,
+                0,
+                0,
+            ],
+        )
+    }
 }
 
 /// Whether libc's `clone` wrapper leaves the caller's thread-local state alone in a `CLONE_VM`

@@ -61,12 +61,6 @@ pub fn status_number(pid: i32, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
 }
 
-/// The command name of `pid` (`/proc/PID/comm`, as `ps -o comm` shows it), if it exists.
-pub fn comm(pid: i32) -> Option<String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-    Some(text.trim_end().to_string())
-}
-
 /// Whether `p` is the holder of a worker's memory (`teardown_holder`): a child of the worker
 /// that shares its address space, so its title and memory figures are the worker's (or empty,
 /// while it exits); only its command name tells it apart.

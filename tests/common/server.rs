@@ -420,20 +420,42 @@ impl Server {
     /// Without the holders of workers' memory (`teardown_holder`), each of which shows its
     /// worker's title and memory figures: [`Server::holders`] lists them.
     pub fn tree(&self) -> Vec<Proc> {
-        let procs = descendants(self.pid);
-        for p in &procs {
-            self.remember(p.pid);
-        }
-        procs.into_iter().filter(|p| !is_holder(p)).collect()
+        self.descendants_remembered()
+            .into_iter()
+            .filter(|p| !is_holder(p))
+            .collect()
     }
 
     /// The holders of workers' memory under the monitor (see [`Server::tree`]).
     pub fn holders(&self) -> Vec<Proc> {
+        self.descendants_remembered()
+            .into_iter()
+            .filter(is_holder)
+            .collect()
+    }
+
+    /// Every process under the monitor, remembered for the kill guard.
+    fn descendants_remembered(&self) -> Vec<Proc> {
         let procs = descendants(self.pid);
         for p in &procs {
             self.remember(p.pid);
         }
-        procs.into_iter().filter(is_holder).collect()
+        procs
+    }
+
+    /// Waits until `ctl status` shows a spare standing by; panics on timeout.
+    pub fn wait_spare_standing_by(&self, timeout: Duration) {
+        let standing_by = poll_until(timeout, || {
+            self.status()["processes"]
+                .as_array()?
+                .iter()
+                .any(|p| p["role"] == "spare" && p["state"] == "standby")
+                .then_some(())
+        });
+        assert!(
+            standing_by.is_some(),
+            "no spare stood by within {timeout:?}"
+        );
     }
 
     /// The monitor and its tree.
