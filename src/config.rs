@@ -342,7 +342,7 @@ options! {
     /// Give each worker a holder of its memory: a sleeping process that shares the worker's
     /// address space, so that when the worker dies its connections close at once and the
     /// kernel's teardown of its memory runs in the holder a moment later, off the path of its
-    /// replacement (see docs/DEPLOYMENT.md) [default: false]
+    /// replacement (see docs/DEPLOYMENT.md) [default: true]
     #[arg(num_args = 0..=1, default_missing_value = "true")]
     teardown_holder: bool,
     /// Nice levels the monitor raises its own CPU priority above the tree's (0 to 39; 0 = none):
@@ -900,7 +900,7 @@ impl Options {
             accept_balance: self.accept_balance.unwrap_or(true),
             sched_batch: self.sched_batch.unwrap_or(true),
             monitor_reaps: self.monitor_reaps.unwrap_or(false),
-            teardown_holder: self.teardown_holder.unwrap_or(false),
+            teardown_holder: self.teardown_holder.unwrap_or(true),
             monitor_nice_boost,
             unix_mode,
             graceful_timeout: secs(self.graceful_timeout, 30),

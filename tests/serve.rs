@@ -777,8 +777,14 @@ fn each_worker_has_a_holder_of_its_memory_that_goes_after_it() {
             server.log.text()
         );
     }
-    // Off by default (docs/DEPLOYMENT.md says why, for now).
+    // On by default; `--teardown-holder false` starts none.
     let server = Launch::tine().args(["--workers", "1"]).start();
+    let worker = server.wait_workers(1, READY_TIMEOUT)[0];
+    assert_eq!(holders_of(worker).len(), 1, "teardown_holder's default");
+    drop(server);
+    let server = Launch::tine()
+        .args(["--workers", "1", "--teardown-holder", "false"])
+        .start();
     let worker = server.wait_workers(1, READY_TIMEOUT)[0];
     assert!(holders_of(worker).is_empty(), "teardown_holder = false");
 }
