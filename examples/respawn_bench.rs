@@ -82,13 +82,26 @@ fn main() {
         "never" => Probe::Never,
         other => panic!("--probe alternate|always|never, not {other}"),
     };
+    // `--server-cpus LIST`: the server runs on these CPUs only (through `taskset -c LIST`), as in
+    // bench/peers' pinned phase; pin the driver to the others (`taskset -c` in ab.sh) so that the
+    // clients' wake-ups do not wait for the server's CPUs. Empty: shared CPUs.
+    let server_cpus = opt("--server-cpus", "");
+    let launch = |program: &str| {
+        if server_cpus.is_empty() {
+            Command::new(program)
+        } else {
+            let mut c = Command::new("taskset");
+            c.args(["-c", &server_cpus, program]);
+            c
+        }
+    };
     let work = std::env::temp_dir().join(format!("respawn-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work).expect("work dir");
     let port = free_port();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let control = work.join("ctl.sock");
     let mut child = match server.as_str() {
-        "tine" => Command::new(&tine)
+        "tine" => launch(&tine)
             .args([
                 "serve",
                 "--workers",
@@ -114,7 +127,7 @@ fn main() {
             })
             .spawn()
             .expect("start tine"),
-        "nginx" => start_nginx(&work, port),
+        "nginx" => start_nginx(launch("nginx"), &work, port),
         other => panic!("--server tine|nginx, not {other}"),
     };
     let result = std::panic::catch_unwind(|| {
@@ -465,7 +478,7 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-fn start_nginx(work: &std::path::Path, port: u16) -> Child {
+fn start_nginx(mut nginx: Command, work: &std::path::Path, port: u16) -> Child {
     let p = work.join("nginx");
     std::fs::create_dir_all(p.join("logs")).expect("nginx dir");
     std::fs::create_dir_all(p.join("tmp")).expect("nginx dir");
@@ -495,7 +508,7 @@ http {{
     );
     let path = work.join("nginx.conf");
     std::fs::write(&path, conf).expect("nginx.conf");
-    Command::new("nginx")
+    nginx
         .arg("-p")
         .arg(work.join("nginx"))
         .arg("-c")

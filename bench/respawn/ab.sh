@@ -6,10 +6,17 @@
 #
 #   bench/respawn/ab.sh OLD_TINE NEW_TINE [DRIVER]     # e.g. binaries copied aside
 #   ENV_A='TINE_RESPAWN_AB=...' ...                    # environment for A's runs, if any
+#   PIN=0:1 ...      # servers on CPU 0 (taskset), the driver and its clients on CPU 1: the
+#                    # server's replacement apart from the clients' own wake-ups (shared: unset)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 a=$1 b=$2 driver=${3:-target/release/examples/respawn_bench}
 rounds=${ROUNDS:-20} blocks=${BLOCKS:-3}
+pin=() driver_args=()
+if [ -n "${PIN:-}" ]; then
+  pin=(taskset -c "${PIN#*:}")
+  driver_args=(--server-cpus "${PIN%%:*}")
+fi
 out=${OUT:-bench/results/tmp/respawn-ab.jsonl}
 mkdir -p "$(dirname "$out")"
 : > "$out"
@@ -17,9 +24,9 @@ for block in $(seq "$blocks"); do
   for variant in A B nginx; do
     echo "block $block: $variant" >&2
     case $variant in
-      A) env ${ENV_A:-} "$driver" --server tine --spares 1 --rounds "$rounds" --tine "$a" | sed 's/^{/{"variant":"A",/' >> "$out" ;;
-      B) env ${ENV_B:-} "$driver" --server tine --spares 1 --rounds "$rounds" --tine "$b" | sed 's/^{/{"variant":"B",/' >> "$out" ;;
-      nginx) "$driver" --server nginx --rounds "$rounds" | sed 's/^{/{"variant":"nginx",/' >> "$out" ;;
+      A) env ${ENV_A:-} "${pin[@]}" "$driver" "${driver_args[@]}" --server tine --spares 1 --rounds "$rounds" --tine "$a" | sed 's/^{/{"variant":"A",/' >> "$out" ;;
+      B) env ${ENV_B:-} "${pin[@]}" "$driver" "${driver_args[@]}" --server tine --spares 1 --rounds "$rounds" --tine "$b" | sed 's/^{/{"variant":"B",/' >> "$out" ;;
+      nginx) "${pin[@]}" "$driver" "${driver_args[@]}" --server nginx --rounds "$rounds" | sed 's/^{/{"variant":"nginx",/' >> "$out" ;;
     esac
   done
 done
