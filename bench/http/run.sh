@@ -223,11 +223,13 @@ start_hyper
 cmdline() { tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | sed 's/ *$//'; }
 pss_kb() { awk '/^Pss:/ {print $2}' "/proc/$1/smaps_rollup" 2>/dev/null || echo NA; }
 rss_kb() { awk '/^Rss:/ {print $2}' "/proc/$1/smaps_rollup" 2>/dev/null || echo NA; }
-# First descendant of $1 whose title (cmdline) starts with $2.
+# A worker's holder of its memory (`teardown_holder`): same title and memory as its worker.
+is_holder() { [[ "$(cat "/proc/$1/comm" 2>/dev/null)" == tine-holder ]]; }
+# First descendant of $1 (not a holder) whose title (cmdline) starts with $2.
 find_titled() {
     local p
     for p in $(descendants "$1"); do
-        if [[ "$(cmdline "$p")" == "$2"* ]]; then
+        if [[ "$(cmdline "$p")" == "$2"* ]] && ! is_holder "$p"; then
             echo "$p"
             return 0
         fi
@@ -269,7 +271,7 @@ tree_ticks() {
 
 if [[ -n "$TINE_PID" ]]; then
     nworkers=0
-    for p in $(descendants "$TINE_PID"); do [[ "$(cmdline "$p")" == "tine worker["* ]] && nworkers=$((nworkers + 1)); done
+    for p in $(descendants "$TINE_PID"); do [[ "$(cmdline "$p")" == "tine worker["* ]] && ! is_holder "$p" && nworkers=$((nworkers + 1)); done
     [[ "$nworkers" == 2 ]] || log "warning: found $nworkers tine worker processes, expected 2"
 fi
 

@@ -93,6 +93,16 @@ def cmdline(pid):
         return ""
 
 
+def is_holder(pid):
+    """A tine worker's holder of its memory (`teardown_holder`): it shares its worker's address
+    space and title, so it is neither a worker nor overhead, and its memory is its worker's."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(" (", 1)[1].rsplit(")", 1)[0] == "tine-holder"
+    except (OSError, IndexError):
+        return False
+
+
 def smaps_kb(pid, key):
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
@@ -198,15 +208,16 @@ class Server:
             return [self.pid]
         kids = descendants(self.pid) if self.kind == "tine" else children(self.pid)
         if self.kind == "tine":
-            return [p for p in kids if cmdline(p).startswith("tine worker[")]
+            return [p for p in kids if cmdline(p).startswith("tine worker[") and not is_holder(p)]
         return kids
 
     def overhead(self):
-        """Pids that are not workers (master/monitor, molds, spares)."""
+        """Pids that are not workers (master/monitor, molds, spares; not holders, whose memory
+        is their worker's)."""
         if self.kind == "hyper":
             return []
         w = set(self.workers())
-        return [self.pid] + [p for p in descendants(self.pid) if p not in w]
+        return [self.pid] + [p for p in descendants(self.pid) if p not in w and not is_holder(p)]
 
     def wait_ready(self, timeout=60):
         deadline = time.monotonic() + timeout

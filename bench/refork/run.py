@@ -112,9 +112,21 @@ def title(pid):
         return "?"
 
 
+def is_holder(pid):
+    """A worker's holder of its memory (`teardown_holder`): its address space is its worker's,
+    so its PSS is the worker's again and is left out of the totals."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(" (", 1)[1].rsplit(")", 1)[0] == "tine-holder"
+    except (OSError, IndexError):
+        return False
+
+
 def sample_tree(root):
     procs = []
     for pid in tree(root):
+        if is_holder(pid):
+            continue
         m = smaps_rollup(pid)
         if m is not None:
             procs.append({"pid": pid, "title": title(pid), **m})
