@@ -84,7 +84,9 @@ fn main() {
     };
     // `--server-cpus LIST`: the server runs on these CPUs only (through `taskset -c LIST`), as in
     // bench/peers' pinned phase; pin the driver to the others (`taskset -c` in ab.sh) so that the
-    // clients' wake-ups do not wait for the server's CPUs. Empty: shared CPUs.
+    // clients' wake-ups do not wait for the server's CPUs. Empty: shared CPUs. (The worker count,
+    // whose default follows the CPUs tine may use, is given: one. A worker's runtime threads
+    // default to one either way.)
     let server_cpus = opt("--server-cpus", "");
     let launch = |program: &str| {
         if server_cpus.is_empty() {
@@ -149,8 +151,14 @@ fn main() {
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&work);
+    // What the line cannot tell otherwise: where the server ran, and the holder setting it got
+    // from this environment (bench/respawn/ab.sh's ENV_A/ENV_B).
+    let setup = format!(
+        "\"server_cpus\":\"{server_cpus}\",\"tine_teardown_holder\":\"{}\",",
+        std::env::var("TINE_TEARDOWN_HOLDER").unwrap_or_else(|_| "default".into())
+    );
     match result {
-        Ok(line) => println!("{line}"),
+        Ok(line) => println!("{{{setup}{}", &line[1..]),
         Err(_) => std::process::exit(1),
     }
 }

@@ -14,6 +14,7 @@ a=$1 b=$2 driver=${3:-target/release/examples/respawn_bench}
 rounds=${ROUNDS:-20} blocks=${BLOCKS:-3}
 pin=() driver_args=()
 if [ -n "${PIN:-}" ]; then
+  [[ $PIN =~ ^[0-9,-]+:[0-9,-]+$ ]] || { echo "PIN=SERVER_CPUS:DRIVER_CPUS (e.g. 0:1), not $PIN" >&2; exit 2; }
   pin=(taskset -c "${PIN#*:}")
   driver_args=(--server-cpus "${PIN%%:*}")
 fi
