@@ -669,10 +669,13 @@ impl Probe {
                 .and_then(|rest| rest.chars().next())
                 .unwrap_or('?')
         };
+        // A number, `-1` (blocked outside any system call: in a page fault, read as
+        // [`FAULTING`]) or `running` (`None`).
         let syscall = |pid: i32| {
             std::fs::read_to_string(format!("/proc/{pid}/syscall"))
                 .ok()
-                .and_then(|s| s.split_whitespace().next()?.parse().ok())
+                .and_then(|s| s.split_whitespace().next()?.parse::<i64>().ok())
+                .map(|call| call as u64)
         };
         let cpu = std::fs::read_to_string(format!("/proc/{monitor}/schedstat"))
             .ok()
@@ -693,6 +696,11 @@ impl Probe {
 const SYS_POLL: u64 = libc::SYS_poll as u64;
 /// `exit_group(2)`: a `ctl` client in it has printed its reply and is ending.
 const SYS_EXIT_GROUP: u64 = libc::SYS_exit_group as u64;
+/// What `/proc/PID/syscall` says (`-1`) of a thread blocked outside any system call: in a page
+/// fault. A `ctl` client asleep (`D`) in one waits for the kernel to read a page of a file it maps
+/// (its executable, a library) from disk: seen for 10 s in a CI run whose disk writeback was
+/// throttled (`folio_wait_bit_common < filemap_fault`), with the monitor idle in `poll`.
+const FAULTING: u64 = u64::MAX;
 /// `mmap(2)`: its fifth argument is the descriptor of the file it maps.
 const SYS_MMAP: u64 = libc::SYS_mmap as u64;
 /// The system calls in which a process maps or unmaps files (`mmap`, `mprotect`,
@@ -729,11 +737,12 @@ fn starved_not_stalled(probes: &[(Duration, Probe)]) -> Result<String, String> {
         // mapping every process of the tree shares: the tine executable), with its reply
         // printed and the monitor idle. The kernel's, not the monitor's.
         let client_exiting = p.client_syscall == Some(SYS_EXIT_GROUP);
-        // The client blocked mapping a file while it starts (see [`SYS_MAPPING`]): the monitor
-        // was not asked yet.
+        // The client blocked mapping a file while it starts (see [`SYS_MAPPING`]), or reading a
+        // page of one in a fault (see [`FAULTING`]): held by the kernel while it runs its own code,
+        // not waiting for the monitor.
         let client_starting = p.client_state == 'D'
             && p.client_syscall
-                .is_some_and(|call| SYS_MAPPING.contains(&call));
+                .is_some_and(|call| SYS_MAPPING.contains(&call) || call == FAULTING);
         held_starting += usize::from(monitor_idle && client_starting);
         if !(monitor_waits_for_cpu
             || client_waits_for_cpu
@@ -760,7 +769,7 @@ fn starved_not_stalled(probes: &[(Duration, Probe)]) -> Result<String, String> {
         ));
     }
     Ok(format!(
-        "in all {} samples the monitor or the client was runnable (waiting for a CPU), or the monitor idle while the client was exiting after its reply or blocked mapping a file as it started ({held_starting} samples: the kernel held it, see SYS_MAPPING); the monitor computed {cpu} ms of {sampled:.2?}",
+        "in all {} samples the monitor or the client was runnable (waiting for a CPU), or the monitor idle while the client was exiting after its reply or blocked mapping a file or faulting in a page of one ({held_starting} samples: the kernel held it, see SYS_MAPPING and FAULTING); the monitor computed {cpu} ms of {sampled:.2?}",
         probes.len()
     ))
 }
@@ -2016,7 +2025,8 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
 
 /// A `ctl` call that timed out is the machine's only when the monitor was not what kept it:
 /// idle with its client blocked mapping a file as it started (the VM's `kdamond` holding the
-/// file's mapping lock), or either of them waiting for a CPU; never with the monitor blocked.
+/// file's mapping lock) or faulting in a page of one (a throttled disk), or either of them
+/// waiting for a CPU; never with the monitor blocked.
 #[test]
 fn a_client_blocked_mapping_a_file_is_the_machines_not_the_monitors() {
     let probe = |monitor_state, monitor_syscall, client_state, client_syscall| Probe {
@@ -2058,6 +2068,22 @@ fn a_client_blocked_mapping_a_file_is_the_machines_not_the_monitors() {
     // The client in D in a read (not mapping a file): not excused.
     let read = [(at(1000), probe('S', Some(SYS_POLL), 'D', Some(0)))];
     assert!(starved_not_stalled(&read).is_err());
+    // The client in D in a page fault (reading its executable from a throttled disk), the monitor
+    // idle: excused, as in mmap.
+    let faulting = [
+        (at(1000), probe('S', Some(SYS_POLL), 'D', Some(FAULTING))),
+        (at(9000), probe('S', Some(SYS_POLL), 'D', Some(FAULTING))),
+    ];
+    assert!(starved_not_stalled(&faulting).is_ok());
+    // The same fault, then waiting for a reply the idle monitor never sends: not excused.
+    let faulted_then_unanswered = [
+        (at(1000), probe('S', Some(SYS_POLL), 'D', Some(FAULTING))),
+        (at(9000), probe('S', Some(SYS_POLL), 'S', Some(0))),
+    ];
+    assert!(starved_not_stalled(&faulted_then_unanswered).is_err());
+    // The monitor itself in D in a fault: blocked, not excused.
+    let monitor_faulting = [(at(1000), probe('D', Some(FAULTING), 'S', Some(0)))];
+    assert!(starved_not_stalled(&monitor_faulting).is_err());
 }
 
 /// The kernel's reports of starving its own threads are read as the windows they describe.
