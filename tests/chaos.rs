@@ -669,13 +669,10 @@ impl Probe {
                 .and_then(|rest| rest.chars().next())
                 .unwrap_or('?')
         };
-        // A number, `-1` (blocked outside any system call: in a page fault, read as
-        // [`FAULTING`]) or `running` (`None`).
         let syscall = |pid: i32| {
             std::fs::read_to_string(format!("/proc/{pid}/syscall"))
                 .ok()
-                .and_then(|s| s.split_whitespace().next()?.parse::<i64>().ok())
-                .map(|call| call as u64)
+                .and_then(|text| syscall_number(&text))
         };
         let cpu = std::fs::read_to_string(format!("/proc/{monitor}/schedstat"))
             .ok()
@@ -690,6 +687,13 @@ impl Probe {
             client_syscall: syscall(client),
         }
     }
+}
+
+/// The system call that `/proc/PID/syscall` names: its number, [`FAULTING`] for `-1` (blocked
+/// outside any system call: in a page fault), `None` for `running`.
+fn syscall_number(text: &str) -> Option<u64> {
+    let call: i64 = text.split_whitespace().next()?.parse().ok()?;
+    Some(if call < 0 { FAULTING } else { call as u64 })
 }
 
 /// `poll(2)`: the monitor's loop sleeps in it between events.
@@ -719,15 +723,16 @@ const SYS_MAPPING: [u64; 4] = [
 /// Whether a `ctl` call that timed out was only kept waiting for a CPU (`Ok`, with the evidence),
 /// or the monitor stalled (`Err`, with what it was seen doing). Starved: in every sample the
 /// monitor or the client was runnable (waiting for a CPU, or running), or the monitor was idle
-/// with the client in `exit_group` (its reply printed, the kernel tearing it down), and the
-/// monitor did not spend the time computing (a busy loop would be a stall too). Stalled: a sample with both
+/// with the client in `exit_group` (its reply printed, the kernel tearing it down) or held by the
+/// kernel (`D`) mapping a file or paging one in (see [`SYS_MAPPING`], [`FAULTING`]: running its own
+/// code, not waiting for a reply), and the monitor did not spend the time computing (a busy loop would be a stall too). Stalled: a sample with both
 /// asleep in something other than the monitor's `poll` with the client waiting for its reply
 /// (the monitor blocked in a system call, or not woken for a request it had), or no sample at all.
 fn starved_not_stalled(probes: &[(Duration, Probe)]) -> Result<String, String> {
     let (Some((first_at, first)), Some((last_at, last))) = (probes.first(), probes.last()) else {
         return Err("not sampled".into());
     };
-    let mut held_starting = 0;
+    let mut held_by_kernel = 0;
     for (at, p) in probes {
         let monitor_waits_for_cpu = p.monitor_state == 'R';
         let client_waits_for_cpu = p.client_state == 'R';
@@ -740,18 +745,18 @@ fn starved_not_stalled(probes: &[(Duration, Probe)]) -> Result<String, String> {
         // The client blocked mapping a file while it starts (see [`SYS_MAPPING`]), or reading a
         // page of one in a fault (see [`FAULTING`]): held by the kernel while it runs its own code,
         // not waiting for the monitor.
-        let client_starting = p.client_state == 'D'
+        let client_held_by_kernel = p.client_state == 'D'
             && p.client_syscall
                 .is_some_and(|call| SYS_MAPPING.contains(&call) || call == FAULTING);
-        held_starting += usize::from(monitor_idle && client_starting);
+        held_by_kernel += usize::from(monitor_idle && client_held_by_kernel);
         if !(monitor_waits_for_cpu
             || client_waits_for_cpu
-            || (monitor_idle && (client_exiting || client_starting)))
+            || (monitor_idle && (client_exiting || client_held_by_kernel)))
         {
             return Err(format!(
                 "at {at:.2?} the monitor was {} (syscall {:?}) and the client {}: {}",
                 p.monitor_state,
-                p.monitor_syscall,
+                p.monitor_syscall.map(|call| call as i64),
                 p.client_state,
                 if monitor_idle {
                     "the monitor sleeps in poll while the client waits for its reply"
@@ -769,7 +774,7 @@ fn starved_not_stalled(probes: &[(Duration, Probe)]) -> Result<String, String> {
         ));
     }
     Ok(format!(
-        "in all {} samples the monitor or the client was runnable (waiting for a CPU), or the monitor idle while the client was exiting after its reply or blocked mapping a file or faulting in a page of one ({held_starting} samples: the kernel held it, see SYS_MAPPING and FAULTING); the monitor computed {cpu} ms of {sampled:.2?}",
+        "in all {} samples the monitor or the client was runnable (waiting for a CPU), or the monitor idle while the client was exiting after its reply or blocked mapping a file or faulting in a page of one ({held_by_kernel} samples: the kernel held it, see SYS_MAPPING and FAULTING); the monitor computed {cpu} ms of {sampled:.2?}",
         probes.len()
     ))
 }
@@ -1944,7 +1949,7 @@ fn the_tree_survives_chaos_converges_and_loses_only_what_kill_9_took() {
     }
     let starved_ctl = std::mem::take(&mut *STARVED_CTL.lock().unwrap_or_else(|e| e.into_inner()));
     eprintln!(
-        "chaos: ctl calls that timed out for want of a CPU, or held by the kernel as the client started (excused): {}",
+        "chaos: ctl calls that timed out for want of a CPU, or with the client held by the kernel mapping or paging in a file (excused): {}",
         starved_ctl.len()
     );
     for s in &starved_ctl {
@@ -2081,6 +2086,16 @@ fn a_client_blocked_mapping_a_file_is_the_machines_not_the_monitors() {
         (at(9000), probe('S', Some(SYS_POLL), 'S', Some(0))),
     ];
     assert!(starved_not_stalled(&faulted_then_unanswered).is_err());
+    // What /proc/PID/syscall says, read: a fault, running, a system call with its arguments.
+    assert_eq!(
+        syscall_number("-1 0x7ffd2d48f9a8 0x5580d9ecaaa0\n"),
+        Some(FAULTING)
+    );
+    assert_eq!(syscall_number("running\n"), None);
+    assert_eq!(
+        syscall_number("7 0x5580d9ecaaa0 0x3 0x64 0x0 0x0 0x0 0x7ffd2d48f9a8 0x7f0\n"),
+        Some(SYS_POLL)
+    );
     // The monitor itself in D in a fault: blocked, not excused.
     let monitor_faulting = [(at(1000), probe('D', Some(FAULTING), 'S', Some(0)))];
     assert!(starved_not_stalled(&monitor_faulting).is_err());
