@@ -7,6 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use socket2::{Domain, Socket, Type};
 
 use crate::config::{Config, ListenAddr};
+use crate::sys::bpf::op;
 
 /// A bound, listening socket.
 #[derive(Debug)]
@@ -224,24 +225,14 @@ pub fn remove_stale_socket(path: &std::path::Path) -> io::Result<()> {
 /// `tcp_filter`), whose byte 13 holds the flags; SYN is 0x02.
 const DROP_SYN_FILTER: [libc::sock_filter; 4] = [
     // A = the flags byte.
-    bpf(libc::BPF_LD | libc::BPF_B | libc::BPF_ABS, 0, 0, 13),
+    op(libc::BPF_LD | libc::BPF_B | libc::BPF_ABS, 0, 0, 13),
     // SYN set: on to "drop", else skip it.
-    bpf(libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K, 0, 1, 0x02),
+    op(libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K, 0, 1, 0x02),
     // Drop: keep 0 bytes.
-    bpf(libc::BPF_RET | libc::BPF_K, 0, 0, 0),
+    op(libc::BPF_RET | libc::BPF_K, 0, 0, 0),
     // Keep the whole segment.
-    bpf(libc::BPF_RET | libc::BPF_K, 0, 0, u32::MAX),
+    op(libc::BPF_RET | libc::BPF_K, 0, 0, u32::MAX),
 ];
-
-/// One BPF instruction.
-const fn bpf(code: u32, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
-    libc::sock_filter {
-        code: code as u16,
-        jt,
-        jf,
-        k,
-    }
-}
 
 #[cfg(test)]
 mod tests {

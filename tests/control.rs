@@ -218,18 +218,7 @@ fn status_json_is_complete_and_agrees_with_proc() {
         .args(["--workers", "3", "--debug-headers"])
         .start();
     server.wait_workers(3, READY_TIMEOUT);
-    let standby = poll_until(READY_TIMEOUT, || {
-        server.status()["processes"]
-            .as_array()?
-            .iter()
-            .any(|p| p["role"] == "spare" && p["state"] == "standby")
-            .then_some(())
-    });
-    assert!(
-        standby.is_some(),
-        "no spare standing by: {}",
-        server.status()
-    );
+    server.wait_spare_standing_by(READY_TIMEOUT);
     let report = load(&server.addr(), "/", 3, 40, false, Duration::from_secs(30));
     assert_eq!(report.status(200), 120, "{report:?}");
 

@@ -32,6 +32,8 @@
 //! let _ = tine::sys::epoll::Switch::new(std::net::TcpListener::bind("127.0.0.1:0").unwrap());
 //! ```
 
+#[cfg(any(feature = "server", test))]
+pub(crate) mod bpf;
 pub mod epoll;
 #[cfg(feature = "server")]
 pub(crate) mod exe;

@@ -443,7 +443,7 @@ impl Server {
         procs
     }
 
-    /// Waits until `ctl status` shows a spare standing by; panics on timeout.
+    /// Waits until `ctl status` shows a spare standing by; panics on timeout, with the status.
     pub fn wait_spare_standing_by(&self, timeout: Duration) {
         let standing_by = poll_until(timeout, || {
             self.status()["processes"]
@@ -454,7 +454,8 @@ impl Server {
         });
         assert!(
             standing_by.is_some(),
-            "no spare stood by within {timeout:?}"
+            "no spare stood by within {timeout:?}: {}",
+            self.status()
         );
     }
 
