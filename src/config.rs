@@ -324,8 +324,8 @@ options! {
     #[arg(num_args = 0..=1, default_missing_value = "true")]
     exclusive_accept: bool,
     /// Spread new connections over the workers: a worker holding clearly more connections than
-    /// another serving worker (more than twice its count, plus 2), none of whose connections
-    /// closed in the last 5 ms, leaves new ones to it for a few milliseconds at most
+    /// another serving worker (more than twice its count, plus 2), at most one of whose
+    /// connections closed in the last 5 ms, leaves new ones to it for a few milliseconds at most
     /// [default: true]
     #[arg(num_args = 0..=1, default_missing_value = "true")]
     accept_balance: bool,

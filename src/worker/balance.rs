@@ -10,8 +10,8 @@
 //! them all while the other idles. Without exclusive wake-ups the race is the same.
 //!
 //! The rule, in the spirit of nginx's `accept_disabled` but across workers: before each accept, a
-//! worker holding more than twice the connections of the least loaded serving peer, plus 2, none
-//! of whose connections closed in the last [`QUIET`], stops accepting — it leaves the reactor, as
+//! worker holding more than twice the connections of the least loaded serving peer, plus 2, at
+//! most one of whose connections closed in the last [`QUIET`], stops accepting — it leaves the reactor, as
 //! it does at `max_connections` (see [`super::http::Gate`]: a worker that stayed registered would
 //! keep taking the exclusive wake-ups) — so that the kernel wakes the peer for what comes, and the
 //! peer, which was woken for the burst already, takes what is queued. It comes back as soon as the
@@ -26,7 +26,11 @@
 //! dropped (`hello`, `wrk -H "Connection: close" -c16`: ~2.9k req/s against ~21k). Under churn
 //! the counts say nothing durable (a connection that closes is replaced by one the kernel gives to
 //! whichever worker waits), so a worker whose connections are closing does not defer: churn
-//! closes one every few hundred microseconds, a burst of connections that stay closes none. A
+//! closes one every few hundred microseconds, a burst of connections that stay closes none. One
+//! close alone is not churn: `wrk` connects once and closes to check the address just before it
+//! opens its connections, as a load balancer's health check may before its pool does, and when
+//! one close held deferrals up the worker that took it took the whole burst (64/0 or 63/1 of
+//! `wrk -c64`, a quarter less throughput on shared cores). A
 //! deferral that does start ends the moment a close of its own restores the balance, not at the
 //! next tick; and leaving costs one `epoll_ctl` each way (the listener's registration taken out of
 //! the reactor's epoll instance and put back, read from fdinfo once:
@@ -61,9 +65,10 @@ pub(super) const LONGEST: Duration = Duration::from_millis(10);
 pub(super) const PASSED_OVER: Duration = Duration::from_millis(250);
 /// A worker may always hold this many connections more than twice its lightest peer's.
 const MIN_SLACK: u64 = 2;
-/// A deferral starts only when no connection of this worker has closed for this long: under churn
-/// the counts say nothing durable (a connection that closes is replaced by one the kernel gives to
-/// whichever worker waits), while a burst of connections that stay closes none.
+/// A deferral starts only when at most one connection of this worker has closed in this long:
+/// under churn the counts say nothing durable (a connection that closes is replaced by one the
+/// kernel gives to whichever worker waits), while a burst of connections that stay closes none,
+/// and one close alone (a client checking the address, a health check) is no churn.
 pub(super) const QUIET: Duration = Duration::from_millis(5);
 
 /// What a worker weighs itself against: the scoreboard, and what it knows of itself.
@@ -155,12 +160,13 @@ impl Balance {
     }
 
     /// Whether the accept loop holding `mine` connections accepts now, given its `deferral` (kept
-    /// and updated here), the peers it gave up on, and when a connection of this worker last
-    /// closed (`None`: never; a deferral starts only [`QUIET`] after one).
+    /// and updated here), the peers it gave up on, and when the connection of this worker that
+    /// closed before the last one closed (`None`: fewer than two closed yet; a deferral starts
+    /// only [`QUIET`] after it, so that one close alone never holds one up).
     pub(super) fn verdict(
         &self,
         mine: u64,
-        last_close: Option<Instant>,
+        close_before_last: Option<Instant>,
         deferral: &mut Option<Deferral>,
         passed_over: &mut PassedOver,
     ) -> Verdict {
@@ -170,7 +176,7 @@ impl Balance {
         };
         let now = Instant::now();
         let Some(d) = deferral else {
-            if last_close.is_some_and(|at| now.saturating_duration_since(at) < QUIET) {
+            if close_before_last.is_some_and(|at| now.saturating_duration_since(at) < QUIET) {
                 return Verdict::Accept;
             }
             tracing::debug!(

@@ -222,9 +222,10 @@ pub(super) struct Capacity {
     slot: SlotWriter<'static>,
     /// With `accept_balance`: how this worker weighs itself against its peers before an accept.
     balance: Option<super::balance::Balance>,
-    /// With `accept_balance`: when a connection last closed, in nanoseconds after `epoch`, plus
-    /// one (0: none yet), for [`super::balance::QUIET`].
+    /// With `accept_balance`: when a connection last closed, and when the one before it closed,
+    /// in nanoseconds after `epoch`, plus one (0: none yet), for [`super::balance::QUIET`].
     last_close: AtomicU64,
+    close_before_last: AtomicU64,
     epoch: std::time::Instant,
     /// Accept loops deferring to a lighter peer, woken through `closed` when a connection closes:
     /// this worker's count dropping may end their deferral at once.
@@ -243,6 +244,7 @@ impl Capacity {
             slot,
             balance: balance.then(|| super::balance::Balance::new(max)).flatten(),
             last_close: AtomicU64::new(0),
+            close_before_last: AtomicU64::new(0),
             epoch: std::time::Instant::now(),
             deferring: AtomicUsize::new(0),
             closed: tokio::sync::Notify::new(),
@@ -323,7 +325,10 @@ impl Drop for Admitted {
         let was = capacity.open.fetch_sub(1, Ordering::SeqCst);
         if capacity.balance.is_some() {
             let at = capacity.epoch.elapsed().as_nanos() as u64 + 1;
-            capacity.last_close.store(at, Ordering::Relaxed);
+            // Two words, not one pair: with more than one runtime thread two closes at once may
+            // leave a slightly stale pair, which only makes one accept decision on it.
+            let before = capacity.last_close.swap(at, Ordering::Relaxed);
+            capacity.close_before_last.store(before, Ordering::Relaxed);
             // Only while a loop defers: no wake-up per close otherwise.
             if capacity.deferring.load(Ordering::SeqCst) != 0 {
                 capacity.closed.notify_waiters();
@@ -444,11 +449,16 @@ impl Gate {
             return None;
         };
         let mine = self.capacity.open.load(Ordering::Relaxed);
-        let last_close = match self.capacity.last_close.load(Ordering::Relaxed) {
+        let close_before_last = match self.capacity.close_before_last.load(Ordering::Relaxed) {
             0 => None,
             at => Some(self.capacity.epoch + Duration::from_nanos(at - 1)),
         };
-        match balance.verdict(mine as u64, last_close, &mut self.deferral, passed_over) {
+        match balance.verdict(
+            mine as u64,
+            close_before_last,
+            &mut self.deferral,
+            passed_over,
+        ) {
             super::balance::Verdict::Accept => None,
             super::balance::Verdict::Wait => Some(mine),
             super::balance::Verdict::Leave => {
