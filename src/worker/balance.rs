@@ -11,8 +11,8 @@
 //!
 //! The rule, in the spirit of nginx's `accept_disabled` but across workers: before each accept, a
 //! worker holding more than twice the connections of the least loaded serving peer, plus 2, at
-//! most one of whose connections closed in the last [`QUIET`], stops accepting — it leaves the reactor, as
-//! it does at `max_connections` (see [`super::http::Gate`]: a worker that stayed registered would
+//! most one of whose connections closed in the last [`QUIET`], stops accepting — it leaves the
+//! reactor, as it does at `max_connections` (see [`super::http::Gate`]: a worker that stayed registered would
 //! keep taking the exclusive wake-ups) — so that the kernel wakes the peer for what comes, and the
 //! peer, which was woken for the burst already, takes what is queued. It comes back as soon as the
 //! balance is restored: looked at again each time one of its own connections closes, and every
@@ -28,10 +28,12 @@
 //! whichever worker waits), so a worker whose connections are closing does not defer: churn
 //! closes one every few hundred microseconds, a burst of connections that stay closes none. One
 //! close alone is not churn: `wrk` connects once and closes to check the address just before it
-//! opens its connections, as a load balancer's health check may before its pool does, and when
-//! one close held deferrals up the worker that took it took the whole burst (64/0 or 63/1 of
-//! `wrk -c64`, a quarter less throughput on shared cores). A
-//! deferral that does start ends the moment a close of its own restores the balance, not at the
+//! opens its connections (a health check before a pool connects is alike), and while one close
+//! held deferrals up, the worker that took it took the whole burst in some runs (64/0 or 63/1 of
+//! `wrk -c64`). It is a count, not a rate: two closes just before a burst still hold its
+//! deferrals up, and churn slower than two closes per [`QUIET`] per worker is weighed as
+//! keep-alive connections are (its deferrals are then few: each waits for the count to move).
+//! A deferral that does start ends the moment a close of its own restores the balance, not at the
 //! next tick; and leaving costs one `epoll_ctl` each way (the listener's registration taken out of
 //! the reactor's epoll instance and put back, read from fdinfo once:
 //! [`crate::sys::epoll::Switch`]), not a duplicate registered anew and read back every time.
@@ -47,7 +49,7 @@
 //! a stopped or hung peer costs one bounded deferral now and then, not one per connection. One
 //! worker, or a worker not that far above its peers, never defers: the check is then a few loads of
 //! shared words per accept (none while it holds no more than the minimal slack), no system call,
-//! no lock; a close costs a clock read.
+//! no lock; a close costs a clock read and two atomic writes.
 
 use std::time::{Duration, Instant};
 

@@ -222,9 +222,11 @@ pub(super) struct Capacity {
     slot: SlotWriter<'static>,
     /// With `accept_balance`: how this worker weighs itself against its peers before an accept.
     balance: Option<super::balance::Balance>,
-    /// With `accept_balance`: when a connection last closed, and when the one before it closed,
-    /// in nanoseconds after `epoch`, plus one (0: none yet), for [`super::balance::QUIET`].
+    /// With `accept_balance`: when a connection last closed, in nanoseconds after `epoch`, plus
+    /// one (0: none yet).
     last_close: AtomicU64,
+    /// The same for the close before the last: within [`super::balance::QUIET`], no deferral
+    /// starts.
     close_before_last: AtomicU64,
     epoch: std::time::Instant,
     /// Accept loops deferring to a lighter peer, woken through `closed` when a connection closes:
@@ -325,10 +327,13 @@ impl Drop for Admitted {
         let was = capacity.open.fetch_sub(1, Ordering::SeqCst);
         if capacity.balance.is_some() {
             let at = capacity.epoch.elapsed().as_nanos() as u64 + 1;
-            // Two words, not one pair: with more than one runtime thread two closes at once may
-            // leave a slightly stale pair, which only makes one accept decision on it.
+            // Two words, not one pair. With more than one runtime thread two closes may cross
+            // here; `fetch_max` keeps the later of what each saw as the close before, so that
+            // crossing leaves the pair no older than it is (it errs towards no deferral).
             let before = capacity.last_close.swap(at, Ordering::Relaxed);
-            capacity.close_before_last.store(before, Ordering::Relaxed);
+            capacity
+                .close_before_last
+                .fetch_max(before, Ordering::Relaxed);
             // Only while a loop defers: no wake-up per close otherwise.
             if capacity.deferring.load(Ordering::SeqCst) != 0 {
                 capacity.closed.notify_waiters();
