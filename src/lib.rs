@@ -83,12 +83,12 @@
 //! with a descriptor table of its own, so it hangs up as the worker's threads start exiting,
 //! before the kernel has unmapped its memory (without the holder below, its channel and its
 //! clients' connections close only after that; without a notice the channel's EOF serves). That
-//! unmapping is not on the path of the replacement either (`teardown_holder`, on by default, see docs/DEPLOYMENT.md): each worker starts, at boot,
-//! a holder of its memory (`sys::holder`), a sleeping child process sharing its address space
-//! (`CLONE_VM`, another thread group), so the kill of the worker leaves the memory mapped, its
-//! threads exit and its connections close at once, and the holder lets go of the memory 20 ms
-//! later, its exit doing the teardown. Whenever `reconcile` finds a
-//! worker number missing — a death, a limit's replace-then-retire, a scale-up, a rollout's
+//! unmapping is not on the path of the replacement either (`teardown_holder`, on by default, see
+//! docs/DEPLOYMENT.md): each worker starts, at boot, a holder of its memory (`sys::holder`), a
+//! sleeping child process sharing its address space (`CLONE_VM`, another thread group), so the
+//! kill of the worker leaves the memory mapped, its threads exit and its connections close at
+//! once, and the holder lets go of the memory 20 ms later, its exit doing the teardown. Whenever
+//! `reconcile` finds a worker number missing — a death, a limit's replace-then-retire, a scale-up, a rollout's
 //! replacement — it first takes a ready spare (its standby word, so that a spare that took a place
 //! on its own is not activated twice) and sends it `Activate { nr }` with the listening sockets
 //! (more than 8 go ahead in `ListeningSockets`): the spare puts them back in place, points the

@@ -12,11 +12,11 @@
 //! The rule, in the spirit of nginx's `accept_disabled` but across workers: before each accept, a
 //! worker holding more than twice the connections of the least loaded serving peer, plus 2, at
 //! most one of whose connections closed in the last [`QUIET`], stops accepting — it leaves the
-//! reactor, as it does at `max_connections` (see [`super::http::Gate`]: a worker that stayed registered would
-//! keep taking the exclusive wake-ups) — so that the kernel wakes the peer for what comes, and the
-//! peer, which was woken for the burst already, takes what is queued. It comes back as soon as the
-//! balance is restored: looked at again each time one of its own connections closes, and every
-//! [`POLL`]. A burst of 16 on two idle workers ends 11/5 at worst (the rule's margin), mostly 7/9
+//! reactor, as it does at `max_connections` (see [`super::http::Gate`]: a worker that stayed
+//! registered would keep taking the exclusive wake-ups) — so that the kernel wakes the peer for
+//! what comes, and the peer, which was woken for the burst already, takes what is queued. It comes
+//! back as soon as the balance is restored: looked at again each time one of its own connections
+//! closes, and every [`POLL`]. A burst of 16 on two idle workers ends 11/5 at worst (the rule's margin), mostly 7/9
 //! (16/0 without it).
 //!
 //! Connection churn (a new connection per request) is left alone. There the counts wobble between

@@ -339,7 +339,7 @@ impl Server {
         let out = self
             .ctl(&["status", "--json"])
             .or_else(|first| {
-                if !first.contains("did not finish within") {
+                if !first.contains(CTL_TIMED_OUT) {
                     return Err(first);
                 }
                 eprintln!("ctl status: {first}; trying once more");
@@ -592,6 +592,9 @@ impl Drop for Server {
     }
 }
 
+/// What [`ctl_within`]'s error says of a call that did not finish in time.
+const CTL_TIMED_OUT: &str = "did not finish within";
+
 /// Runs `tine ctl --control-socket SOCKET ARGS…` (bounded by [`CTL_TIMEOUT`]): stdout on success,
 /// stderr on failure.
 pub fn ctl(socket: &Path, args: &[&str]) -> Result<String, String> {
@@ -606,17 +609,13 @@ pub fn ctl_within(socket: &Path, args: &[&str], patience: Duration) -> Result<St
         // Where the client was, before it goes: a client held by the machine (in `D`, waiting on
         // the disk for a page of its executable) tells a stalled VM from an unanswering monitor.
         let pid = child.id();
-        let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim().to_string()))
-            .and_then(|rest| rest.split(' ').next().map(str::to_string))
-            .unwrap_or_else(|| "?".into());
+        let state = proc_info(pid as i32).map_or('?', |p| p.state);
         let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
         let _ = child.kill();
         let _ = child.wait();
         return Err(format!(
-            "tine ctl {args:?} did not finish within {patience:?} (the client was in state \
-             {state}, wchan {wchan:?})"
+            "tine ctl {args:?} {CTL_TIMED_OUT} {patience:?} (the client was in state {state}, \
+             wchan {wchan:?})"
         ));
     };
     out.wait_eof(Duration::from_secs(2));
